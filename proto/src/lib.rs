@@ -1,0 +1,65 @@
+//! berth's wire contract. The `.proto` files under `proto/berth/v1` are the
+//! only definition of what crosses the network between CI, the coordinator and
+//! the agents; this crate compiles them and adds small conversions that every
+//! side needs (durations and timestamps).
+
+pub mod v1 {
+    #![allow(clippy::all, clippy::pedantic, missing_docs)]
+    tonic::include_proto!("berth.v1");
+
+    /// Encoded `FileDescriptorSet` for gRPC server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("berth_v1_descriptor");
+}
+
+pub use prost_types;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// A protobuf `Duration` as a std `Duration`; `None` if negative or out of range.
+pub fn to_duration(d: &prost_types::Duration) -> Option<Duration> {
+    if d.seconds < 0 || d.nanos < 0 || d.nanos >= 1_000_000_000 {
+        return None;
+    }
+    Some(Duration::new(u64::try_from(d.seconds).ok()?, u32::try_from(d.nanos).ok()?))
+}
+
+/// A std `Duration` as a protobuf `Duration` (saturating at i64::MAX seconds).
+pub fn from_duration(d: Duration) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
+    }
+}
+
+/// A protobuf `Timestamp` as a `SystemTime`; `None` if before the epoch or invalid.
+pub fn to_system_time(t: &prost_types::Timestamp) -> Option<SystemTime> {
+    let d = to_duration(&prost_types::Duration { seconds: t.seconds, nanos: t.nanos })?;
+    UNIX_EPOCH.checked_add(d)
+}
+
+/// A `SystemTime` as a protobuf `Timestamp` (times before the epoch become the epoch).
+pub fn from_system_time(t: SystemTime) -> prost_types::Timestamp {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let d = from_duration(d);
+    prost_types::Timestamp { seconds: d.seconds, nanos: d.nanos }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_round_trip_and_reject_negatives() {
+        let d = Duration::from_millis(1500);
+        assert_eq!(to_duration(&from_duration(d)), Some(d));
+        assert_eq!(to_duration(&prost_types::Duration { seconds: -1, nanos: 0 }), None);
+        assert_eq!(to_duration(&prost_types::Duration { seconds: 0, nanos: 1_000_000_000 }), None);
+    }
+
+    #[test]
+    fn timestamps_round_trip() {
+        let t = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        assert_eq!(to_system_time(&from_system_time(t)), Some(t));
+        assert_eq!(to_system_time(&prost_types::Timestamp { seconds: -5, nanos: 0 }), None);
+    }
+}
