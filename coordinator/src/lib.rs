@@ -1,1 +1,169 @@
-//! stub
+//! berth-coordinator: the thin control plane of a berth pool.
+//!
+//! It keeps the pool's hosts as their agents report them over one gRPC stream
+//! each, hands them to CI builds as leases (FIFO queue, idempotent per build
+//! id, deadlines), and tells agents when a lease starts and ends. The agents
+//! are the truth about their hosts; the coordinator never touches Docker.
+//!
+//! The crate also holds the `berth` CLI (`cli`), including `berth up`, which
+//! runs a whole local pool.
+
+#![forbid(unsafe_code)]
+
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod lease;
+pub mod pool;
+pub mod service;
+pub mod telemetry;
+pub mod validate;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use berth_proto::v1::admin_service_server::AdminServiceServer;
+use berth_proto::v1::agent_service_server::AgentServiceServer;
+use berth_proto::v1::lease_service_server::LeaseServiceServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+pub use config::CoordinatorConfig;
+use pool::Pool;
+use service::Services;
+
+/// How often the pool's timers are checked.
+pub const TICK: Duration = Duration::from_millis(100);
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot write the address file {path}: {source}")]
+    AddrFile {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("gRPC reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("gRPC server: {0}")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+/// Binds the listener; split from [`serve`] so callers learn the address
+/// (port 0) before serving.
+pub async fn bind(config: &CoordinatorConfig) -> Result<TcpListener, RunError> {
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| RunError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    if let Some(path) = &config.addr_file {
+        let addr = listener.local_addr().map_err(|source| RunError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+        write_atomic(path, addr.to_string().as_bytes()).map_err(|source| RunError::AddrFile {
+            path: path.clone(),
+            source,
+        })?;
+    }
+    Ok(listener)
+}
+
+/// Runs the coordinator until `shutdown` fires.
+pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Result<(), RunError> {
+    let listener = bind(&config).await?;
+    serve(config, listener, shutdown).await
+}
+
+/// Serves the gRPC API on `listener` until `shutdown` fires.
+pub async fn serve(
+    config: CoordinatorConfig,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
+    let pool = Arc::new(Pool::new(config.pool()));
+    let services = Services {
+        pool: pool.clone(),
+        shutdown: shutdown.clone(),
+    };
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<LeaseServiceServer<Services>>()
+        .await;
+    health_reporter
+        .set_serving::<AgentServiceServer<Services>>()
+        .await;
+    health_reporter
+        .set_serving::<AdminServiceServer<Services>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(berth_proto::v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+
+    let ticker = {
+        let pool = pool.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let mut interval = tokio::time::interval(TICK);
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = interval.tick() => pool.tick(tokio::time::Instant::now()),
+                    () = shutdown.cancelled() => break,
+                }
+            }
+        })
+    };
+
+    let addr = listener.local_addr().ok();
+    info!(addr = ?addr, "coordinator serving");
+    let result = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(LeaseServiceServer::new(services.clone()))
+        .add_service(AgentServiceServer::new(services.clone()))
+        .add_service(AdminServiceServer::new(services))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled())
+        .await;
+    shutdown.cancel();
+    let _ = ticker.await;
+    info!("coordinator stopped");
+    Ok(result?)
+}
+
+/// Writes a file by way of a temporary file and a rename, so readers never
+/// see it half-written.
+pub fn write_atomic(path: &std::path::Path, data: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, data)?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Resolves when SIGINT or SIGTERM arrives.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -8,7 +8,8 @@ pub mod v1 {
     tonic::include_proto!("berth.v1");
 
     /// Encoded `FileDescriptorSet` for gRPC server reflection.
-    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("berth_v1_descriptor");
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("berth_v1_descriptor");
 }
 
 pub use prost_types;
@@ -20,7 +21,10 @@ pub fn to_duration(d: &prost_types::Duration) -> Option<Duration> {
     if d.seconds < 0 || d.nanos < 0 || d.nanos >= 1_000_000_000 {
         return None;
     }
-    Some(Duration::new(u64::try_from(d.seconds).ok()?, u32::try_from(d.nanos).ok()?))
+    Some(Duration::new(
+        u64::try_from(d.seconds).ok()?,
+        u32::try_from(d.nanos).ok()?,
+    ))
 }
 
 /// A std `Duration` as a protobuf `Duration` (saturating at i64::MAX seconds).
@@ -33,7 +37,10 @@ pub fn from_duration(d: Duration) -> prost_types::Duration {
 
 /// A protobuf `Timestamp` as a `SystemTime`; `None` if before the epoch or invalid.
 pub fn to_system_time(t: &prost_types::Timestamp) -> Option<SystemTime> {
-    let d = to_duration(&prost_types::Duration { seconds: t.seconds, nanos: t.nanos })?;
+    let d = to_duration(&prost_types::Duration {
+        seconds: t.seconds,
+        nanos: t.nanos,
+    })?;
     UNIX_EPOCH.checked_add(d)
 }
 
@@ -41,7 +48,10 @@ pub fn to_system_time(t: &prost_types::Timestamp) -> Option<SystemTime> {
 pub fn from_system_time(t: SystemTime) -> prost_types::Timestamp {
     let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
     let d = from_duration(d);
-    prost_types::Timestamp { seconds: d.seconds, nanos: d.nanos }
+    prost_types::Timestamp {
+        seconds: d.seconds,
+        nanos: d.nanos,
+    }
 }
 
 #[cfg(test)]
@@ -52,14 +62,32 @@ mod tests {
     fn durations_round_trip_and_reject_negatives() {
         let d = Duration::from_millis(1500);
         assert_eq!(to_duration(&from_duration(d)), Some(d));
-        assert_eq!(to_duration(&prost_types::Duration { seconds: -1, nanos: 0 }), None);
-        assert_eq!(to_duration(&prost_types::Duration { seconds: 0, nanos: 1_000_000_000 }), None);
+        assert_eq!(
+            to_duration(&prost_types::Duration {
+                seconds: -1,
+                nanos: 0
+            }),
+            None
+        );
+        assert_eq!(
+            to_duration(&prost_types::Duration {
+                seconds: 0,
+                nanos: 1_000_000_000
+            }),
+            None
+        );
     }
 
     #[test]
     fn timestamps_round_trip() {
         let t = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
         assert_eq!(to_system_time(&from_system_time(t)), Some(t));
-        assert_eq!(to_system_time(&prost_types::Timestamp { seconds: -5, nanos: 0 }), None);
+        assert_eq!(
+            to_system_time(&prost_types::Timestamp {
+                seconds: -5,
+                nanos: 0
+            }),
+            None
+        );
     }
 }

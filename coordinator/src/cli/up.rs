@@ -1,0 +1,419 @@
+//! `berth up`: a whole pool on this machine. Runs `berth-coordinator` and N
+//! `berth-agent` processes (each agent is one local host: its own dockerd in
+//! its own network namespace), starts a fresh host whenever one terminates
+//! (standing in for the auto-scaling group), and on Ctrl-C stops everything
+//! and sweeps whatever a killed earlier run left behind.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+/// How long the coordinator has to write its address file.
+pub const COORDINATOR_START_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long agents have to clean up after SIGTERM before SIGKILL.
+pub const AGENT_STOP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the coordinator has to stop after SIGTERM.
+pub const COORDINATOR_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// An agent that exits sooner than this after starting is crash-looping;
+/// its slot waits before the next start.
+pub const CRASH_WINDOW: Duration = Duration::from_secs(5);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct UpArgs {
+    /// Number of hosts in the pool.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub hosts: u16,
+    /// Where hosts keep their data (dockerd data roots) and berth up its logs.
+    #[arg(long, env = "BERTH_STATE_DIR", default_value = "/var/lib/berth")]
+    pub state_dir: PathBuf,
+    /// Short paths for sockets, pid files and dockerd exec roots.
+    #[arg(long, env = "BERTH_RUN_DIR", default_value = "/run/berth")]
+    pub run_dir: PathBuf,
+    /// Prefix of host ids and network namespaces; leftovers with it are swept.
+    #[arg(long, env = "BERTH_PREFIX", default_value = "berth-")]
+    pub prefix: String,
+    /// Address for the coordinator (default: the --coordinator address).
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Return hosts to the pool after a verified wipe instead of replacing them.
+    #[arg(long)]
+    pub recycle: bool,
+    /// Directory holding berth-coordinator and berth-agent (default: next to this binary).
+    #[arg(long, env = "BERTH_BIN_DIR")]
+    pub bin_dir: Option<PathBuf>,
+    /// Extra argument for every agent (repeatable).
+    #[arg(long = "agent-arg", allow_hyphen_values = true)]
+    pub agent_args: Vec<String>,
+    /// Extra argument for the coordinator (repeatable).
+    #[arg(long = "coordinator-arg", allow_hyphen_values = true)]
+    pub coordinator_args: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpError {
+    #[error("berth up needs root: it creates network namespaces and runs dockerd")]
+    NotRoot,
+    #[error("{what} not found at {path}; build it with `cargo build --bins` or pass --bin-dir")]
+    MissingBinary { what: &'static str, path: PathBuf },
+    #[error("bad --coordinator address {0:?}; pass --listen ADDR:PORT")]
+    BadListen(String),
+    #[error("{action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the coordinator did not start: {0}")]
+    Coordinator(String),
+    #[error("sweeping leftovers failed: {0}")]
+    Sweep(String),
+}
+
+fn io_err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> UpError {
+    let path = path.to_owned();
+    move |source| UpError::Io {
+        action,
+        path,
+        source,
+    }
+}
+
+struct Bins {
+    coordinator: PathBuf,
+    agent: PathBuf,
+}
+
+impl Bins {
+    fn find(dir: Option<&Path>) -> Result<Self, UpError> {
+        let dir = match dir {
+            Some(d) => d.to_owned(),
+            None => std::env::current_exe()
+                .ok()
+                .and_then(|p| p.parent().map(Path::to_owned))
+                .unwrap_or_else(|| PathBuf::from(".")),
+        };
+        let check = |what: &'static str, name: &str| {
+            let path = dir.join(name);
+            if path.is_file() {
+                Ok(path)
+            } else {
+                Err(UpError::MissingBinary { what, path })
+            }
+        };
+        Ok(Self {
+            coordinator: check("berth-coordinator", "berth-coordinator")?,
+            agent: check("berth-agent", "berth-agent")?,
+        })
+    }
+}
+
+/// What a slot's watcher reports.
+enum Event {
+    Ready {
+        slot: usize,
+        line: String,
+    },
+    Exited {
+        slot: usize,
+        status: std::io::Result<ExitStatus>,
+    },
+}
+
+struct Slot {
+    pid: Option<u32>,
+    started: Instant,
+    backoff: Duration,
+}
+
+/// Runs the pool until `shutdown` fires, then stops it and cleans up.
+pub async fn run(
+    args: UpArgs,
+    coordinator: &str,
+    shutdown: CancellationToken,
+) -> Result<(), UpError> {
+    if !nix::unistd::geteuid().is_root() {
+        return Err(UpError::NotRoot);
+    }
+    let bins = Bins::find(args.bin_dir.as_deref())?;
+    let listen = match args.listen {
+        Some(l) => l,
+        None => coordinator
+            .trim_start_matches("http://")
+            .parse()
+            .map_err(|_| UpError::BadListen(coordinator.to_owned()))?,
+    };
+    let logs = args.state_dir.join("logs");
+    let hosts_dir = args.state_dir.join("hosts");
+    for d in [&logs, &hosts_dir, &args.run_dir] {
+        std::fs::create_dir_all(d).map_err(io_err("cannot create", d))?;
+    }
+
+    sweep(&bins, &args).await?;
+
+    let addr_file = args.state_dir.join("coordinator.addr");
+    let _ = std::fs::remove_file(&addr_file);
+    let mut coordinator_child = Command::new(&bins.coordinator)
+        .arg("--listen")
+        .arg(listen.to_string())
+        .arg("--addr-file")
+        .arg(&addr_file)
+        .args(&args.coordinator_args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log_file(&logs.join("coordinator.log"))?)
+        .spawn()
+        .map_err(io_err("cannot start", &bins.coordinator))?;
+    let addr = match wait_for_addr(&addr_file, &mut coordinator_child).await {
+        Ok(a) => a,
+        Err(e) => {
+            let _ = coordinator_child.kill().await;
+            return Err(e);
+        }
+    };
+    let url = format!("http://{addr}");
+    eprintln!(
+        "berth up: coordinator at {addr} (log: {})",
+        logs.join("coordinator.log").display()
+    );
+
+    let (tx, mut rx) = mpsc::channel::<Event>(64);
+    let n = usize::from(args.hosts);
+    let mut slots: HashMap<usize, Slot> = HashMap::new();
+    for slot in 0..n {
+        let pid = start_agent(&bins, &args, &url, &logs, slot, tx.clone())?;
+        slots.insert(
+            slot,
+            Slot {
+                pid: Some(pid),
+                started: Instant::now(),
+                backoff: Duration::from_millis(500),
+            },
+        );
+    }
+    let mut ready = 0usize;
+    let mut announced = false;
+    // Slots waiting to be restarted, and when.
+    let mut restart_at: HashMap<usize, Instant> = HashMap::new();
+
+    loop {
+        let next_restart = restart_at.values().min().copied();
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            () = sleep_until_opt(next_restart) => {
+                let now = Instant::now();
+                let due: Vec<usize> = restart_at.iter().filter(|(_, t)| **t <= now).map(|(s, _)| *s).collect();
+                for slot in due {
+                    restart_at.remove(&slot);
+                    let pid = start_agent(&bins, &args, &url, &logs, slot, tx.clone())?;
+                    if let Some(s) = slots.get_mut(&slot) {
+                        s.pid = Some(pid);
+                        s.started = Instant::now();
+                    }
+                }
+            }
+            Some(ev) = rx.recv() => match ev {
+                Event::Ready { slot, line } => {
+                    ready += 1;
+                    eprintln!("berth up: slot {slot}: {line}");
+                    if !announced && ready >= n {
+                        announced = true;
+                        eprintln!("berth up: pool of {n} hosts ready. In another shell:");
+                        let flag = if addr.to_string() == crate::config::DEFAULT_LISTEN {
+                            String::new()
+                        } else {
+                            format!("--coordinator {addr} ")
+                        };
+                        eprintln!("  eval \"$(berth {flag}acquire --build demo-1)\"   # then use docker; finally: berth {flag}release");
+                    }
+                }
+                Event::Exited { slot, status } => {
+                    let Some(s) = slots.get_mut(&slot) else { continue };
+                    s.pid = None;
+                    let lived = s.started.elapsed();
+                    let status = status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
+                    if lived < CRASH_WINDOW {
+                        s.backoff = (s.backoff * 2).min(MAX_BACKOFF);
+                    } else {
+                        s.backoff = Duration::from_millis(500);
+                    }
+                    let delay = if lived < CRASH_WINDOW { s.backoff } else { Duration::ZERO };
+                    eprintln!(
+                        "berth up: slot {slot}: host ended ({status}) after {}; starting a fresh host{}",
+                        humantime::format_duration(Duration::from_secs(lived.as_secs())),
+                        if delay.is_zero() { String::new() } else { format!(" in {}", humantime::format_duration(delay)) }
+                    );
+                    restart_at.insert(slot, Instant::now() + delay);
+                }
+            }
+        }
+    }
+
+    eprintln!(
+        "berth up: stopping {} hosts and the coordinator",
+        slots.values().filter(|s| s.pid.is_some()).count()
+    );
+    stop_agents(&mut slots, &mut rx).await;
+    signal(coordinator_child.id(), nix::sys::signal::Signal::SIGTERM);
+    if tokio::time::timeout(COORDINATOR_STOP_TIMEOUT, coordinator_child.wait())
+        .await
+        .is_err()
+    {
+        warn!("coordinator did not stop in time; killing it");
+        let _ = coordinator_child.kill().await;
+    }
+    sweep(&bins, &args).await?;
+    eprintln!("berth up: stopped; nothing left behind");
+    Ok(())
+}
+
+async fn sleep_until_opt(t: Option<Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn log_file(path: &Path) -> Result<std::fs::File, UpError> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(io_err("cannot open", path))
+}
+
+async fn wait_for_addr(path: &Path, child: &mut Child) -> Result<SocketAddr, UpError> {
+    let deadline = Instant::now() + COORDINATOR_START_TIMEOUT;
+    loop {
+        if let Ok(s) = std::fs::read_to_string(path)
+            && let Ok(a) = s.trim().parse()
+        {
+            return Ok(a);
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(UpError::Coordinator(format!(
+                "it exited with {status}; see its log"
+            )));
+        }
+        if Instant::now() > deadline {
+            return Err(UpError::Coordinator(format!(
+                "no address in {} after {}s",
+                path.display(),
+                COORDINATOR_START_TIMEOUT.as_secs()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn agent_command(bins: &Bins, args: &UpArgs, url: &str) -> Command {
+    let mut cmd = Command::new(&bins.agent);
+    cmd.arg("--coordinator")
+        .arg(url)
+        .arg("--state-dir")
+        .arg(args.state_dir.join("hosts"))
+        .arg("--run-dir")
+        .arg(&args.run_dir)
+        .arg("--prefix")
+        .arg(&args.prefix);
+    if args.recycle {
+        cmd.arg("--recycle");
+    }
+    cmd.args(&args.agent_args);
+    cmd
+}
+
+fn start_agent(
+    bins: &Bins,
+    args: &UpArgs,
+    url: &str,
+    logs: &Path,
+    slot: usize,
+    tx: mpsc::Sender<Event>,
+) -> Result<u32, UpError> {
+    let log = logs.join(format!("agent-{slot}.log"));
+    let mut child = agent_command(bins, args, url)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log_file(&log)?)
+        .spawn()
+        .map_err(io_err("cannot start", &bins.agent))?;
+    let pid = child.id().unwrap_or(0);
+    info!(slot, pid, "agent started");
+    let stdout = child.stdout.take();
+    tokio::spawn(async move {
+        if let Some(out) = stdout {
+            let mut lines = BufReader::new(out).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if line.starts_with("READY ") {
+                    let _ = tx.send(Event::Ready { slot, line }).await;
+                }
+            }
+        }
+        let status = child.wait().await;
+        let _ = tx.send(Event::Exited { slot, status }).await;
+    });
+    Ok(pid)
+}
+
+fn signal(pid: Option<u32>, sig: nix::sys::signal::Signal) {
+    if let Some(pid) = pid.and_then(|p| i32::try_from(p).ok()) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
+    }
+}
+
+async fn stop_agents(slots: &mut HashMap<usize, Slot>, rx: &mut mpsc::Receiver<Event>) {
+    for s in slots.values() {
+        signal(s.pid, nix::sys::signal::Signal::SIGTERM);
+    }
+    let deadline = Instant::now() + AGENT_STOP_TIMEOUT;
+    while slots.values().any(|s| s.pid.is_some()) {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(Event::Exited { slot, .. })) => {
+                if let Some(s) = slots.get_mut(&slot) {
+                    s.pid = None;
+                }
+            }
+            Ok(Some(Event::Ready { .. })) => {}
+            Ok(None) | Err(_) => break,
+        }
+    }
+    for s in slots.values_mut() {
+        if s.pid.is_some() {
+            warn!(pid = ?s.pid, "agent did not stop in time; killing it");
+            signal(s.pid.take(), nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+}
+
+/// Removes what killed earlier runs with this prefix left behind (dockerds,
+/// namespaces, mounts, cgroups), using the agent's own sweep.
+async fn sweep(bins: &Bins, args: &UpArgs) -> Result<(), UpError> {
+    let out = Command::new(&bins.agent)
+        .arg("sweep")
+        .arg("--state-dir")
+        .arg(args.state_dir.join("hosts"))
+        .arg("--run-dir")
+        .arg(&args.run_dir)
+        .arg("--prefix")
+        .arg(&args.prefix)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .map_err(io_err("cannot run", &bins.agent))?;
+    if !out.status.success() {
+        return Err(UpError::Sweep(
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ));
+    }
+    Ok(())
+}

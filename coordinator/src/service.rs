@@ -1,0 +1,220 @@
+//! The gRPC face of the pool: `LeaseService` for CI, `AgentService` for the
+//! agents' streams, `AdminService` for operators. Handlers validate input,
+//! call the pool and map its errors to status codes; they hold no state.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use berth_proto::v1 as pb;
+use berth_proto::v1::admin_service_server::AdminService;
+use berth_proto::v1::agent_service_server::AgentService;
+use berth_proto::v1::lease_service_server::LeaseService;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{Instrument, info_span, warn};
+
+use crate::error::Error;
+use crate::lease::LeaseState;
+use crate::pool::{Pool, Registration};
+use crate::validate;
+
+/// How long a new agent stream has to send its `Register`.
+pub const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Messages buffered towards one agent before it counts as too slow.
+pub const AGENT_CHANNEL_DEPTH: usize = 64;
+
+#[derive(Clone)]
+pub struct Services {
+    pub pool: Arc<Pool>,
+    pub shutdown: CancellationToken,
+}
+
+#[tonic::async_trait]
+impl LeaseService for Services {
+    async fn acquire(
+        &self,
+        req: Request<pb::AcquireRequest>,
+    ) -> Result<Response<pb::AcquireResponse>, Status> {
+        let req = req.into_inner();
+        let cfg = self.pool.config();
+        validate::id("build_id", &req.build_id)?;
+        let ttl = validate::duration(
+            "ttl",
+            req.ttl.as_ref(),
+            Some(cfg.default_ttl),
+            false,
+            cfg.max_ttl,
+        )?;
+        let wait = validate::duration(
+            "wait",
+            req.wait.as_ref(),
+            Some(Duration::ZERO),
+            true,
+            cfg.max_wait,
+        )?;
+        let mut pending = self
+            .pool
+            .acquire(&req.build_id, ttl, wait, Instant::now())?;
+        let span = info_span!("acquire", lease_id = %pending.lease_id, build_id = %req.build_id);
+        async {
+            loop {
+                let state = *pending.state.borrow_and_update();
+                if !matches!(state, LeaseState::Queued | LeaseState::Assigned) {
+                    break;
+                }
+                tokio::select! {
+                    changed = pending.state.changed() => {
+                        if changed.is_err() {
+                            // The lease record was dropped from history.
+                            break;
+                        }
+                    }
+                    () = self.shutdown.cancelled() => return Err(Error::ShuttingDown.into()),
+                }
+            }
+            let lease = self.pool.outcome(&pending.lease_id)?;
+            Ok(Response::new(pb::AcquireResponse { lease: Some(lease) }))
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn renew(
+        &self,
+        req: Request<pb::RenewRequest>,
+    ) -> Result<Response<pb::RenewResponse>, Status> {
+        let req = req.into_inner();
+        let cfg = self.pool.config();
+        let lid = validate::lease_id(&req.lease_id)?;
+        let ttl = validate::duration(
+            "ttl",
+            req.ttl.as_ref(),
+            Some(cfg.default_ttl),
+            false,
+            cfg.max_ttl,
+        )?;
+        let lease = self.pool.renew(&lid, ttl, Instant::now())?;
+        Ok(Response::new(pb::RenewResponse { lease: Some(lease) }))
+    }
+
+    async fn release(
+        &self,
+        req: Request<pb::ReleaseRequest>,
+    ) -> Result<Response<pb::ReleaseResponse>, Status> {
+        let lid = validate::lease_id(&req.into_inner().lease_id)?;
+        let lease = self.pool.release(&lid, Instant::now())?;
+        Ok(Response::new(pb::ReleaseResponse { lease: Some(lease) }))
+    }
+
+    async fn get(&self, req: Request<pb::GetRequest>) -> Result<Response<pb::GetResponse>, Status> {
+        let lid = validate::lease_id(&req.into_inner().lease_id)?;
+        let lease = self.pool.get(&lid)?;
+        Ok(Response::new(pb::GetResponse { lease: Some(lease) }))
+    }
+}
+
+type AgentStream = Pin<Box<dyn Stream<Item = Result<pb::CoordinatorMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AgentService for Services {
+    type ConnectStream = AgentStream;
+
+    async fn connect(
+        &self,
+        req: Request<Streaming<pb::AgentMessage>>,
+    ) -> Result<Response<Self::ConnectStream>, Status> {
+        let peer = req.remote_addr();
+        let mut inbound = req.into_inner();
+        let first = tokio::time::timeout(REGISTER_TIMEOUT, inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no register message within 10s"))??;
+        let reg = match first.and_then(|m| m.msg) {
+            Some(pb::agent_message::Msg::Register(r)) => Registration::from_proto(r)?,
+            Some(_) => {
+                return Err(Status::invalid_argument(
+                    "the first message on an agent stream must be register",
+                ));
+            }
+            None => {
+                return Err(Status::invalid_argument(
+                    "the agent stream ended before register",
+                ));
+            }
+        };
+        let host_id = reg.host_id.clone();
+        let (tx, rx) = mpsc::channel(AGENT_CHANNEL_DEPTH);
+        let conn_id = self.pool.register(reg, tx, Instant::now());
+        let pool = self.pool.clone();
+        let shutdown = self.shutdown.clone();
+        let span = info_span!("agent", host_id = %host_id, conn_id, peer = ?peer);
+        tokio::spawn(
+            async move {
+                loop {
+                    let msg = tokio::select! {
+                        m = inbound.message() => m,
+                        () = shutdown.cancelled() => break,
+                    };
+                    match msg {
+                        Ok(Some(pb::AgentMessage { msg: Some(msg) })) => {
+                            if let Err(e) =
+                                pool.agent_message(&host_id, conn_id, msg, Instant::now())
+                            {
+                                warn!(error = %e, "bad message from agent; closing its stream");
+                                break;
+                            }
+                        }
+                        Ok(Some(pb::AgentMessage { msg: None })) => {
+                            warn!("empty message from agent; closing its stream");
+                            break;
+                        }
+                        Ok(None) => break,
+                        Err(status) => {
+                            warn!(error = %status, "agent stream failed");
+                            break;
+                        }
+                    }
+                }
+                pool.disconnect(&host_id, conn_id, Instant::now());
+            }
+            .instrument(span),
+        );
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+#[tonic::async_trait]
+impl AdminService for Services {
+    async fn list_hosts(
+        &self,
+        _req: Request<pb::ListHostsRequest>,
+    ) -> Result<Response<pb::ListHostsResponse>, Status> {
+        Ok(Response::new(pb::ListHostsResponse {
+            hosts: self.pool.list_hosts(),
+        }))
+    }
+
+    async fn list_leases(
+        &self,
+        req: Request<pb::ListLeasesRequest>,
+    ) -> Result<Response<pb::ListLeasesResponse>, Status> {
+        Ok(Response::new(pb::ListLeasesResponse {
+            leases: self.pool.list_leases(req.into_inner().include_ended),
+        }))
+    }
+
+    async fn drain_host(
+        &self,
+        req: Request<pb::DrainHostRequest>,
+    ) -> Result<Response<pb::DrainHostResponse>, Status> {
+        let req = req.into_inner();
+        validate::id("host_id", &req.host_id)?;
+        validate::text("reason", &req.reason, 1024)?;
+        let host = self.pool.drain(&req.host_id, &req.reason)?;
+        Ok(Response::new(pb::DrainHostResponse { host: Some(host) }))
+    }
+}
