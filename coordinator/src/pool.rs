@@ -979,6 +979,7 @@ impl Inner {
             deadline: l.deadline_at.map(from_system_time),
             created_at: Some(from_system_time(l.created_at)),
             message: l.message.clone(),
+            wipe: l.wipe.clone(),
         })
     }
 }

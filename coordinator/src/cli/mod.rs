@@ -358,6 +358,33 @@ fn describe_lease(l: Option<&pb::Lease>) -> String {
     if !l.message.is_empty() {
         let _ = writeln!(s, "  note      {}", l.message);
     }
+    if let Some(w) = &l.wipe {
+        let _ = writeln!(
+            s,
+            "  wipe      {} in {} ms: removed {} containers, {} images, {} volumes, {} networks, {} bytes of build cache; left {}/{}/{}/{}/{} (containers/images/volumes/networks/cache){}",
+            if w.verified {
+                "verified"
+            } else {
+                "NOT verified"
+            },
+            w.duration_ms,
+            w.containers_removed,
+            w.images_removed,
+            w.volumes_removed,
+            w.networks_removed,
+            w.build_cache_reclaimed_bytes,
+            w.containers_left,
+            w.images_left,
+            w.volumes_left,
+            w.networks_left,
+            w.build_cache_left,
+            if w.error.is_empty() {
+                String::new()
+            } else {
+                format!("; error: {}", w.error)
+            }
+        );
+    }
     s
 }
 

@@ -77,6 +77,8 @@ pub enum UpError {
     Coordinator(String),
     #[error("sweeping leftovers failed: {0}")]
     Sweep(String),
+    #[error("another berth up is running with state dir {0}")]
+    AlreadyRunning(PathBuf),
 }
 
 fn io_err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> UpError {
@@ -157,6 +159,17 @@ pub async fn run(
     for d in [&logs, &hosts_dir, &args.run_dir] {
         std::fs::create_dir_all(d).map_err(io_err("cannot create", d))?;
     }
+
+    // One `berth up` per state dir: a second one would sweep the first's hosts.
+    let lock_path = args.state_dir.join("up.lock");
+    let lock_file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(io_err("cannot open", &lock_path))?;
+    let _lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .map_err(|_| UpError::AlreadyRunning(args.state_dir.clone()))?;
 
     sweep(&bins, &args).await?;
 

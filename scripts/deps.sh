@@ -1,0 +1,26 @@
+# Installs what berth needs on a fresh Debian/Ubuntu machine, if missing.
+# Sourced by scripts/up.sh and scripts/test.sh.
+
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+# ensure_apt PACKAGE... : installs the Debian packages that are not installed yet.
+ensure_apt() {
+  local missing=()
+  for p in "$@"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    echo "installing ${missing[*]}" >&2
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+}
+
+# Packages the pool itself needs: dockerd and its CLI, a static busybox for
+# images built FROM scratch, iproute2 for network namespaces, nsenter.
+ensure_runtime_deps() {
+  ensure_apt docker.io busybox-static iproute2 util-linux ca-certificates
+  command -v cargo >/dev/null || { echo "cargo is missing: install Rust (https://rustup.rs)" >&2; exit 1; }
+}

@@ -1,0 +1,197 @@
+//! One lease end to end on real dockerds: `berth up` with real agents in
+//! network namespaces, `berth acquire`, the stock docker CLI against the
+//! lease's DOCKER_HOST, `berth release`, the wipe and the replacement host.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::time::Duration;
+
+use berth_proto::v1 as pb;
+use berth_tests::*;
+
+fn addr(host: &str, port: u16) -> SocketAddr {
+    format!("{host}:{port}").parse().unwrap()
+}
+
+#[test]
+fn two_builds_get_two_hosts_docker_works_and_release_wipes_and_replaces() {
+    if !preflight() {
+        return;
+    }
+    let pool = Pool::start("bte1-", 2, &[]);
+
+    // Two builds at once get two different hosts.
+    let (a, b) = std::thread::scope(|s| {
+        let a = s.spawn(|| pool.acquire("ci-a", "30m", "1m"));
+        let b = s.spawn(|| pool.acquire("ci-b", "30m", "1m"));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    assert_ne!(a.get("BERTH_HOST_ID"), b.get("BERTH_HOST_ID"));
+    assert_ne!(a.host_addr(), b.host_addr());
+    assert!(a.host_addr().starts_with("198.18."), "{}", a.host_addr());
+    assert_eq!(a.docker_host(), format!("tcp://{}:2376", a.host_addr()));
+
+    // A retry of the same build gets the same lease.
+    let retry = pool.acquire("ci-a", "30m", "1m");
+    assert_eq!(retry.lease_id(), a.lease_id());
+
+    // The stock docker CLI builds FROM scratch with COPY from a local dir.
+    let ctx = pool.state_dir.join("ctx");
+    busybox_context(&ctx, "hello from berth\n");
+    ok(
+        run(a.docker().args(["build", "-q", "-t", "app"]).arg(&ctx)),
+        "docker build",
+    );
+    let id = stdout(&ok(
+        run(a
+            .docker()
+            .args(["run", "-d", "-p", "8080:80", "--name", "web", "app"])),
+        "docker run -p",
+    ));
+    assert!(!id.trim().is_empty());
+
+    // The published port answers at the host's address.
+    let page = wait_for("the published port", Duration::from_secs(20), || {
+        http_get(addr(a.host_addr(), 8080)).ok()
+    });
+    assert!(page.contains("hello from berth"), "{page}");
+    // ... and only at that host's address.
+    assert!(http_get(addr(b.host_addr(), 8080)).is_err());
+
+    // exec, logs, volumes, networks.
+    let hostname = stdout(&ok(
+        run(a.docker().args(["exec", "web", "cat", "/www/index.html"])),
+        "docker exec",
+    ));
+    assert_eq!(hostname, "hello from berth\n");
+    ok(
+        run(a
+            .docker()
+            .args(["run", "--name", "talker", "app", "echo", "said-something"])),
+        "docker run echo",
+    );
+    let logs = stdout(&ok(run(a.docker().args(["logs", "talker"])), "docker logs"));
+    assert_eq!(logs.trim(), "said-something");
+    ok(
+        run(a.docker().args(["volume", "create", "data"])),
+        "docker volume create",
+    );
+    ok(
+        run(a.docker().args(["network", "create", "appnet"])),
+        "docker network create",
+    );
+    ok(
+        run(a.docker().args([
+            "run",
+            "-d",
+            "--network",
+            "appnet",
+            "-v",
+            "data:/data",
+            "app",
+        ])),
+        "docker run with volume and network",
+    );
+
+    // The other build's host is untouched.
+    let other = stdout(&ok(run(b.docker().args(["ps", "-aq"])), "docker ps on b"));
+    assert!(other.trim().is_empty(), "build b sees containers: {other}");
+
+    // A `docker logs -f` that is open when the lease ends gets cut.
+    let mut follow = a
+        .docker()
+        .args(["logs", "-f", "web"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        follow.try_wait().unwrap().is_none(),
+        "docker logs -f ended early"
+    );
+
+    let old_host = a.get("BERTH_HOST_ID").to_owned();
+    let socket = pool.docker_socket(&old_host);
+    ok(
+        pool.berth(&["release", "--lease", a.lease_id()]),
+        "berth release",
+    );
+
+    wait_for("docker logs -f to be cut", Duration::from_secs(20), || {
+        follow.try_wait().unwrap()
+    });
+    // The old DOCKER_HOST refuses connections.
+    let refused = run(a
+        .docker()
+        .args(["version", "--format", "{{.Server.Version}}"]));
+    assert!(!refused.status.success(), "old DOCKER_HOST still answers");
+    assert!(
+        std::net::TcpStream::connect_timeout(&addr(a.host_addr(), 2376), Duration::from_secs(2))
+            .is_err(),
+        "the front still accepts connections after release"
+    );
+
+    // The wipe report says nothing is left, and it says so after removing things.
+    let lease = wait_for("the wipe report", Duration::from_secs(60), || {
+        let l = pool.lease(a.lease_id());
+        l.wipe.is_some().then_some(l)
+    });
+    assert_eq!(lease.state, pb::LeaseState::Released as i32);
+    let w = lease.wipe.unwrap();
+    assert!(w.verified, "wipe not verified: {w:?}");
+    assert_eq!(
+        (
+            w.containers_left,
+            w.images_left,
+            w.volumes_left,
+            w.networks_left,
+            w.build_cache_left
+        ),
+        (0, 0, 0, 0, 0),
+        "{w:?}"
+    );
+    assert!(w.containers_removed >= 3, "{w:?}");
+    assert!(w.images_removed >= 1, "{w:?}");
+    assert!(w.volumes_removed >= 1, "{w:?}");
+    assert!(w.networks_removed >= 1, "{w:?}");
+
+    // The host is destroyed (its socket is gone) and a fresh one replaces it.
+    wait_for(
+        "the old host's dockerd to go",
+        Duration::from_secs(60),
+        || (!socket.exists()).then_some(()),
+    );
+    wait_for(
+        "a replacement host, and the old one gone",
+        Duration::from_secs(90),
+        || {
+            let hosts = pool.hosts();
+            let old_connected = hosts.iter().any(|h| h.host_id == old_host && h.connected);
+            let fresh_ready = hosts.iter().any(|h| {
+                h.host_id != old_host
+                    && h.host_id != b.get("BERTH_HOST_ID")
+                    && h.state == pb::HostState::Ready as i32
+            });
+            (!old_connected && fresh_ready).then_some(())
+        },
+    );
+
+    // The next build gets a clean host, never the old one.
+    let c = pool.acquire("ci-c", "30m", "1m");
+    assert_ne!(c.get("BERTH_HOST_ID"), old_host);
+    for what in [["ps", "-aq"], ["images", "-q"], ["volume", "ls"]] {
+        let out = stdout(&ok(run(c.docker().args(what).arg("-q")), "docker ls"));
+        assert!(out.trim().is_empty(), "{what:?} on a fresh host: {out}");
+    }
+    ok(
+        pool.berth(&["release", "--lease", c.lease_id()]),
+        "release c",
+    );
+    ok(
+        pool.berth(&["release", "--lease", b.lease_id()]),
+        "release b",
+    );
+}

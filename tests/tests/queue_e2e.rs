@@ -1,0 +1,187 @@
+//! The queue and deadlines on real hosts: an empty pool makes acquire wait
+//! and then fail; a release during the wait hands the waiter the replacement
+//! host; a lease whose deadline passes is ended by the agent on its own, even
+//! with the coordinator frozen.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use berth_proto::v1 as pb;
+use berth_tests::*;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+#[test]
+fn an_empty_pool_waits_then_fails_and_a_release_serves_the_waiter() {
+    if !preflight() {
+        return;
+    }
+    let pool = Pool::start("bte2-", 1, &[]);
+    let first = pool.acquire("q-first", "30m", "1m");
+
+    let started = Instant::now();
+    let o = pool.berth(&["acquire", "--build", "q-late", "--wait", "2s"]);
+    let waited = started.elapsed();
+    assert_eq!(o.status.code(), Some(3), "stderr: {}", stderr(&o));
+    assert!(
+        stderr(&o).contains("no host became ready within 2s"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(
+        waited >= Duration::from_secs(2),
+        "failed before the wait ran out: {waited:?}"
+    );
+
+    std::thread::scope(|s| {
+        let waiter = s.spawn(|| pool.acquire("q-waiter", "30m", "2m"));
+        wait_for("the waiter to be queued", Duration::from_secs(20), || {
+            let o = pool.berth(&["leases"]);
+            let out = stdout(&o);
+            out.lines()
+                .any(|l| l.contains("q-waiter") && l.contains("queued"))
+                .then_some(())
+        });
+        ok(
+            pool.berth(&["release", "--lease", first.lease_id()]),
+            "release",
+        );
+        let got = waiter.join().unwrap();
+        assert_ne!(
+            got.get("BERTH_HOST_ID"),
+            first.get("BERTH_HOST_ID"),
+            "the waiter got the released host instead of its replacement"
+        );
+        let l = pool.lease(got.lease_id());
+        assert_eq!(l.state, pb::LeaseState::Active as i32);
+        ok(
+            pool.berth(&["release", "--lease", got.lease_id()]),
+            "release waiter",
+        );
+    });
+}
+
+/// Resumes a stopped process when dropped, so a failing test never leaves
+/// the coordinator frozen.
+struct Frozen(Pid);
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        let _ = kill(self.0, Signal::SIGCONT);
+    }
+}
+
+#[test]
+fn an_expired_lease_is_ended_and_wiped_by_the_agent_on_its_own() {
+    if !preflight() {
+        return;
+    }
+    let pool = Pool::start("bte3-", 1, &[]);
+    let lease = pool.acquire("ttl-short", "6s", "1m");
+    let front: SocketAddr = lease
+        .docker_host()
+        .trim_start_matches("tcp://")
+        .parse()
+        .unwrap();
+    ok(
+        run(lease.docker().args(["volume", "create", "left-behind"])),
+        "volume create",
+    );
+    let host = lease.get("BERTH_HOST_ID").to_owned();
+    let socket = pool.docker_socket(&host);
+    assert!(socket.exists(), "no dockerd socket at {}", socket.display());
+
+    // Freeze the coordinator: from here on only the agent can end the lease.
+    let coordinator = processes_mentioning("berth-coordinator")
+        .into_iter()
+        .find(|p| p.contains(&pool.state_dir.to_string_lossy().into_owned()))
+        .expect("coordinator process");
+    let pid = Pid::from_raw(coordinator.split(':').next().unwrap().parse().unwrap());
+    kill(pid, Signal::SIGSTOP).unwrap();
+    let frozen = Frozen(pid);
+
+    wait_for(
+        "the front to close at the deadline",
+        Duration::from_secs(30),
+        || {
+            TcpStream::connect_timeout(&front, Duration::from_secs(1))
+                .is_err()
+                .then_some(())
+        },
+    );
+    wait_for(
+        "the host to be wiped and destroyed",
+        Duration::from_secs(60),
+        || (!socket.exists()).then_some(()),
+    );
+    drop(frozen);
+
+    // Once the coordinator runs again it agrees that the lease is over.
+    let l = wait_for(
+        "the coordinator to see the lease end",
+        Duration::from_secs(30),
+        || {
+            let l = pool.lease(lease.lease_id());
+            (l.state != pb::LeaseState::Active as i32).then_some(l)
+        },
+    );
+    assert!(
+        l.state == pb::LeaseState::Expired as i32 || l.state == pb::LeaseState::HostLost as i32,
+        "{l:?}"
+    );
+}
+
+#[test]
+fn recycle_mode_returns_a_verified_clean_host() {
+    if !preflight() {
+        return;
+    }
+    let pool = Pool::start("bte4-", 1, &["--recycle"]);
+    let a = pool.acquire("r-1", "30m", "1m");
+    let host = a.get("BERTH_HOST_ID").to_owned();
+    let ctx = pool.state_dir.join("ctx");
+    busybox_context(&ctx, "recycled\n");
+    ok(
+        run(a.docker().args(["build", "-q", "-t", "app"]).arg(&ctx)),
+        "build",
+    );
+    ok(run(a.docker().args(["run", "-d", "app"])), "run");
+    ok(run(a.docker().args(["volume", "create", "v1"])), "volume");
+    ok(run(a.docker().args(["network", "create", "n1"])), "network");
+    ok(pool.berth(&["release", "--lease", a.lease_id()]), "release");
+
+    let w = wait_for("the wipe report", Duration::from_secs(60), || {
+        pool.lease(a.lease_id()).wipe
+    });
+    assert!(w.verified, "{w:?}");
+
+    // The same host comes back Ready, and a direct look at its dockerd
+    // socket (behind the front) agrees with the report.
+    let mut pool = pool;
+    let ready = pool.wait_ready_hosts(1, Duration::from_secs(60));
+    assert_eq!(ready[0].host_id, host);
+    let sock = format!("unix://{}", pool.docker_socket(&host).display());
+    for what in [
+        &["ps", "-aq"][..],
+        &["images", "-aq"],
+        &["volume", "ls", "-q"],
+        &["network", "ls", "-q", "--filter", "type=custom"],
+    ] {
+        let out = stdout(&ok(
+            run(docker_cli(&sock).args(what)),
+            "docker on the socket",
+        ));
+        assert!(out.trim().is_empty(), "{what:?} after wipe: {out}");
+    }
+
+    let b = pool.acquire("r-2", "30m", "1m");
+    assert_eq!(b.get("BERTH_HOST_ID"), host);
+    let out = stdout(&ok(run(b.docker().args(["ps", "-aq"])), "ps"));
+    assert!(out.trim().is_empty());
+    ok(
+        pool.berth(&["release", "--lease", b.lease_id()]),
+        "release b",
+    );
+}
