@@ -282,6 +282,9 @@ impl Pool {
     pub fn start(prefix: &str, hosts: u16, extra: &[&str]) -> Self {
         sweep(prefix);
         let (state_dir, run_dir) = dirs(prefix);
+        // Start from nothing: a stale coordinator.addr would point at a
+        // coordinator of an earlier run.
+        let _ = std::fs::remove_dir_all(&state_dir);
         std::fs::create_dir_all(&state_dir).unwrap();
         let log = std::fs::File::create(state_dir.join("up.log")).unwrap();
         let child = Command::new(bin("berth"))

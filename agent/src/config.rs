@@ -1,0 +1,307 @@
+//! The agent's configuration: one clap-derived struct, every flag with a
+//! `BERTH_*` environment twin, and defaults that work for `berth up` on one
+//! machine. Validation that clap cannot express (prefix charset, URL shape)
+//! lives in [`Config::validate`] so a bad value fails before anything is
+//! created on the machine.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::builder::BoolishValueParser;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Coordinator URL used when neither `--coordinator` nor `BERTH_COORDINATOR` is set.
+pub const DEFAULT_COORDINATOR: &str = "http://127.0.0.1:7070";
+/// Where hosts keep their state (dockerd's data root lives in `STATE_DIR/HOST_ID`).
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/berth/hosts";
+/// Where hosts keep short-lived, short paths (exec root, socket, pidfile).
+pub const DEFAULT_RUN_DIR: &str = "/run/berth";
+/// Prefix of host ids, network namespaces and cgroups.
+pub const DEFAULT_PREFIX: &str = "berth-";
+/// TCP port of the Docker front (the conventional Docker TLS port).
+pub const DEFAULT_FRONT_PORT: u16 = 2376;
+/// How long bootstrapping (netns, dockerd start, `/_ping`, `info`) may take.
+pub const DEFAULT_BOOT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest prefix accepted. Host ids end up in netns names, cgroup names and
+/// unix socket paths (108 bytes at most), so they are kept short.
+pub const MAX_PREFIX_LEN: usize = 24;
+
+/// How log lines are written to stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Plain,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// The command line: the agent by default, or a maintenance subcommand.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "berth-agent",
+    version,
+    about = "Turns this machine into a single-use remote Docker host for CI"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub config: Config,
+}
+
+/// What the binary does besides being an agent.
+#[derive(Debug, Clone, PartialEq, Eq, Subcommand)]
+pub enum Command {
+    /// Remove what killed agents left behind (processes, mounts, cgroups,
+    /// network namespaces, directories) for `--prefix` under `--state-dir`
+    /// and `--run-dir`, then exit.
+    Sweep,
+}
+
+/// Everything the agent needs to know at start. The flags `sweep` also uses
+/// are global, so they may follow the subcommand.
+#[derive(Debug, Clone, Args)]
+pub struct Config {
+    /// gRPC URL of the coordinator.
+    #[arg(long, env = "BERTH_COORDINATOR", default_value = DEFAULT_COORDINATOR)]
+    pub coordinator: String,
+
+    /// Directory holding one sub-directory per host (dockerd's data root inside).
+    #[arg(long, global = true, env = "BERTH_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+
+    /// Directory for short paths: dockerd's exec root, socket and pidfile.
+    #[arg(long, global = true, env = "BERTH_RUN_DIR", default_value = DEFAULT_RUN_DIR)]
+    pub run_dir: PathBuf,
+
+    /// Prefix of host ids, network namespaces and cgroups; `sweep` only
+    /// touches things carrying it.
+    #[arg(long, global = true, env = "BERTH_PREFIX", default_value = DEFAULT_PREFIX)]
+    pub prefix: String,
+
+    /// TCP port of the Docker front on the host address.
+    #[arg(long, env = "BERTH_FRONT_PORT", default_value_t = DEFAULT_FRONT_PORT)]
+    pub front_port: u16,
+
+    /// After a verified wipe, offer the host again instead of destroying it.
+    #[arg(long, env = "BERTH_RECYCLE", value_parser = BoolishValueParser::new())]
+    pub recycle: bool,
+
+    /// dockerd binary to start.
+    #[arg(long, env = "BERTH_DOCKERD", default_value = "dockerd")]
+    pub dockerd: PathBuf,
+
+    /// Run dockerd in the agent's own network namespace and use `--host-addr`
+    /// (the EC2 shape) instead of creating a namespace per host.
+    #[arg(long, env = "BERTH_NO_NETNS", value_parser = BoolishValueParser::new())]
+    pub no_netns: bool,
+
+    /// Host address with `--no-netns`.
+    #[arg(long, env = "BERTH_HOST_ADDR", default_value_t = IpAddr::V4(Ipv4Addr::LOCALHOST))]
+    pub host_addr: IpAddr,
+
+    /// How long bootstrapping may take (e.g. `30s`).
+    #[arg(long, env = "BERTH_BOOT_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub boot_timeout: Duration,
+
+    /// Log format on stderr; the filter comes from `RUST_LOG` (default `info`).
+    #[arg(long, global = true, env = "BERTH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Plain)]
+    pub log_format: LogFormat,
+}
+
+impl Default for Config {
+    /// The same values as the flag defaults, without reading the environment
+    /// (tests and `berth up` build configs in code).
+    fn default() -> Self {
+        Config {
+            coordinator: DEFAULT_COORDINATOR.to_owned(),
+            state_dir: PathBuf::from(DEFAULT_STATE_DIR),
+            run_dir: PathBuf::from(DEFAULT_RUN_DIR),
+            prefix: DEFAULT_PREFIX.to_owned(),
+            front_port: DEFAULT_FRONT_PORT,
+            recycle: false,
+            dockerd: PathBuf::from("dockerd"),
+            no_netns: false,
+            host_addr: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            boot_timeout: DEFAULT_BOOT_TIMEOUT,
+            log_format: LogFormat::Plain,
+        }
+    }
+}
+
+/// What is wrong with a configuration.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("prefix {0:?} must be 1..={MAX_PREFIX_LEN} characters of [A-Za-z0-9_-]")]
+    BadPrefix(String),
+    #[error("coordinator URL {0:?} must start with http:// or https://")]
+    BadCoordinator(String),
+    #[error("{name} {path:?} must be an absolute path")]
+    RelativePath { name: &'static str, path: PathBuf },
+    #[error("front port must not be 0")]
+    ZeroPort,
+    #[error("boot timeout must be more than zero")]
+    ZeroBootTimeout,
+}
+
+impl Config {
+    /// Checks what clap cannot: a prefix that is safe in interface, cgroup and
+    /// path names, absolute directories (sweep matches them textually), and a
+    /// URL tonic can dial.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        validate_prefix(&self.prefix)?;
+        if !(self.coordinator.starts_with("http://") || self.coordinator.starts_with("https://")) {
+            return Err(ConfigError::BadCoordinator(self.coordinator.clone()));
+        }
+        for (name, path) in [("state dir", &self.state_dir), ("run dir", &self.run_dir)] {
+            if !path.is_absolute() {
+                return Err(ConfigError::RelativePath {
+                    name,
+                    path: path.clone(),
+                });
+            }
+        }
+        if self.front_port == 0 {
+            return Err(ConfigError::ZeroPort);
+        }
+        if self.boot_timeout.is_zero() {
+            return Err(ConfigError::ZeroBootTimeout);
+        }
+        Ok(())
+    }
+}
+
+/// A prefix is safe when it is short and made of characters that mean nothing
+/// to `ip`, cgroupfs or a shell.
+pub fn validate_prefix(prefix: &str) -> Result<(), ConfigError> {
+    let ok = !prefix.is_empty()
+        && prefix.len() <= MAX_PREFIX_LEN
+        && prefix
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::BadPrefix(prefix.to_owned()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flag_defaults_match_default_impl() {
+        // Parse with no flags; env twins could leak in from the test runner's
+        // environment, so only compare when none is set.
+        if std::env::vars().any(|(k, _)| k.starts_with("BERTH_")) {
+            return;
+        }
+        let cli = Cli::parse_from(["berth-agent"]);
+        assert_eq!(cli.command, None);
+        let parsed = cli.config;
+        let default = Config::default();
+        assert_eq!(parsed.coordinator, default.coordinator);
+        assert_eq!(parsed.state_dir, default.state_dir);
+        assert_eq!(parsed.run_dir, default.run_dir);
+        assert_eq!(parsed.prefix, default.prefix);
+        assert_eq!(parsed.front_port, default.front_port);
+        assert_eq!(parsed.recycle, default.recycle);
+        assert_eq!(parsed.dockerd, default.dockerd);
+        assert_eq!(parsed.no_netns, default.no_netns);
+        assert_eq!(parsed.host_addr, default.host_addr);
+        assert_eq!(parsed.boot_timeout, default.boot_timeout);
+        assert_eq!(parsed.log_format, default.log_format);
+    }
+
+    #[test]
+    fn flags_parse() {
+        let c = Cli::parse_from([
+            "berth-agent",
+            "--coordinator",
+            "http://127.0.0.1:9",
+            "--prefix",
+            "bta-",
+            "--front-port",
+            "12376",
+            "--recycle",
+            "--no-netns",
+            "--host-addr",
+            "10.1.2.3",
+            "--boot-timeout",
+            "1500ms",
+            "--log-format",
+            "json",
+        ])
+        .config;
+        assert_eq!(c.coordinator, "http://127.0.0.1:9");
+        assert_eq!(c.prefix, "bta-");
+        assert_eq!(c.front_port, 12376);
+        assert!(c.recycle && c.no_netns);
+        assert_eq!(c.host_addr, "10.1.2.3".parse::<IpAddr>().unwrap());
+        assert_eq!(c.boot_timeout, Duration::from_millis(1500));
+        assert_eq!(c.log_format, LogFormat::Json);
+        assert_eq!(c.validate(), Ok(()));
+    }
+
+    #[test]
+    fn sweep_subcommand_takes_the_dirs_after_it() {
+        let cli = Cli::parse_from([
+            "berth-agent",
+            "sweep",
+            "--state-dir",
+            "/s",
+            "--run-dir",
+            "/r",
+            "--prefix",
+            "bt-",
+        ]);
+        assert_eq!(cli.command, Some(Command::Sweep));
+        assert_eq!(cli.config.state_dir, PathBuf::from("/s"));
+        assert_eq!(cli.config.run_dir, PathBuf::from("/r"));
+        assert_eq!(cli.config.prefix, "bt-");
+        assert!(Cli::try_parse_from(["berth-agent", "sweep", "--bogus"]).is_err());
+    }
+
+    #[test]
+    fn validation_rejects_unsafe_values() {
+        let bad_prefixes = [
+            "",
+            "a b",
+            "x/y",
+            "semi;colon",
+            &"p".repeat(MAX_PREFIX_LEN + 1),
+        ];
+        for p in bad_prefixes {
+            let c = Config {
+                prefix: p.to_owned(),
+                ..Config::default()
+            };
+            assert_eq!(
+                c.validate(),
+                Err(ConfigError::BadPrefix(p.to_owned())),
+                "{p:?}"
+            );
+        }
+        let c = Config {
+            coordinator: "127.0.0.1:7070".into(),
+            ..Config::default()
+        };
+        assert!(matches!(c.validate(), Err(ConfigError::BadCoordinator(_))));
+        let c = Config {
+            state_dir: "rel/dir".into(),
+            ..Config::default()
+        };
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::RelativePath { .. })
+        ));
+        let c = Config {
+            front_port: 0,
+            ..Config::default()
+        };
+        assert_eq!(c.validate(), Err(ConfigError::ZeroPort));
+        assert_eq!(Config::default().validate(), Ok(()));
+    }
+}

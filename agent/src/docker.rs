@@ -1,0 +1,357 @@
+//! The agent's view of its dockerd: the [`DockerOps`] trait (the operations
+//! wiping needs, so the driver and the wipe can be tested with a fake) and its
+//! bollard implementation over the host's unix socket, plus the boot-time
+//! checks (`/_ping`, `info`). Every call is bounded by [`DOCKER_CALL_TIMEOUT`].
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bollard::query_parameters::{
+    ListContainersOptions, ListImagesOptions, ListNetworksOptions, ListVolumesOptions,
+    PruneBuildOptions, RemoveContainerOptions, RemoveImageOptions, RemoveVolumeOptions,
+};
+use bollard::{ClientVersion, Docker};
+
+/// Bound on one Docker API call. Image removal of a large image and a
+/// force-kill of a container both finish well inside this.
+pub const DOCKER_CALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// Bound on one `/_ping` while waiting for dockerd to come up.
+pub const PING_TIMEOUT: Duration = Duration::from_secs(1);
+/// API version the agent speaks. dockerd 20.10 (Debian 12) supports at most
+/// 1.41 and rejects every request with a higher version in its path, including
+/// `/_ping`; newer daemons still accept 1.41, and `negotiate_version` lowers it
+/// further for older ones.
+pub const DOCKER_API_VERSION: ClientVersion = ClientVersion {
+    major_version: 1,
+    minor_version: 41,
+};
+
+/// Networks dockerd creates itself; they cannot and need not be removed.
+pub const DEFAULT_NETWORKS: [&str; 3] = ["bridge", "host", "none"];
+
+/// What a Docker call failed with.
+#[derive(Debug, thiserror::Error)]
+pub enum DockerError {
+    #[error("docker {op} {target:?}: not found")]
+    NotFound { op: &'static str, target: String },
+    #[error("docker {op} {target:?}: conflict: {message}")]
+    Conflict {
+        op: &'static str,
+        target: String,
+        message: String,
+    },
+    #[error("docker {op} {target:?} timed out after {timeout:?}")]
+    Timeout {
+        op: &'static str,
+        target: String,
+        timeout: Duration,
+    },
+    #[error("docker {op} {target:?} failed: {source}")]
+    Api {
+        op: &'static str,
+        target: String,
+        #[source]
+        source: bollard::errors::Error,
+    },
+    #[error("connecting to dockerd at {path:?}: {source}")]
+    Connect {
+        path: PathBuf,
+        #[source]
+        source: bollard::errors::Error,
+    },
+}
+
+/// A network as the wipe needs to see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkRef {
+    pub id: String,
+    pub name: String,
+}
+
+impl NetworkRef {
+    /// dockerd's own networks, which a wipe keeps.
+    pub fn is_default(&self) -> bool {
+        DEFAULT_NETWORKS.contains(&self.name.as_str())
+    }
+}
+
+/// The Docker operations a wipe needs. Implementations must be cheap to share
+/// (`Arc`) and bound their own calls.
+pub trait DockerOps: Send + Sync + 'static {
+    /// Ids of all containers, running or not.
+    fn list_containers(&self) -> impl Future<Output = Result<Vec<String>, DockerError>> + Send;
+    /// Kills (if running) and removes a container with its anonymous volumes.
+    fn remove_container(&self, id: &str) -> impl Future<Output = Result<(), DockerError>> + Send;
+    /// Ids of all images, including intermediate ones.
+    fn list_images(&self) -> impl Future<Output = Result<Vec<String>, DockerError>> + Send;
+    /// Removes an image by id, with all its tags.
+    fn remove_image(&self, id: &str) -> impl Future<Output = Result<(), DockerError>> + Send;
+    /// Names of all volumes.
+    fn list_volumes(&self) -> impl Future<Output = Result<Vec<String>, DockerError>> + Send;
+    fn remove_volume(&self, name: &str) -> impl Future<Output = Result<(), DockerError>> + Send;
+    /// All networks, default ones included.
+    fn list_networks(&self) -> impl Future<Output = Result<Vec<NetworkRef>, DockerError>> + Send;
+    fn remove_network(&self, id: &str) -> impl Future<Output = Result<(), DockerError>> + Send;
+    /// Removes all build cache; returns the bytes reclaimed.
+    fn prune_build_cache(&self) -> impl Future<Output = Result<u64, DockerError>> + Send;
+    /// Number of build cache records dockerd still holds.
+    fn count_build_cache(&self) -> impl Future<Output = Result<usize, DockerError>> + Send;
+}
+
+/// [`DockerOps`] over a dockerd unix socket, through bollard.
+#[derive(Clone)]
+pub struct BollardDocker {
+    docker: Docker,
+    socket: PathBuf,
+}
+
+impl std::fmt::Debug for BollardDocker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BollardDocker")
+            .field("socket", &self.socket)
+            .finish()
+    }
+}
+
+/// What the boot self-check learned from `info`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DaemonInfo {
+    pub server_version: String,
+    pub storage_driver: String,
+    pub containers: i64,
+    pub images: i64,
+}
+
+impl BollardDocker {
+    /// A client for the socket (no I/O yet).
+    pub fn new(socket: &Path) -> Result<Self, DockerError> {
+        let path = socket.to_string_lossy();
+        let docker =
+            Docker::connect_with_unix(&path, DOCKER_CALL_TIMEOUT.as_secs(), &DOCKER_API_VERSION)
+                .map_err(|source| DockerError::Connect {
+                    path: socket.to_owned(),
+                    source,
+                })?;
+        Ok(BollardDocker {
+            docker,
+            socket: socket.to_owned(),
+        })
+    }
+
+    /// One `/_ping`, bounded by [`PING_TIMEOUT`].
+    pub async fn ping(&self) -> Result<(), DockerError> {
+        call("ping", "", PING_TIMEOUT, self.docker.ping())
+            .await
+            .map(drop)
+    }
+
+    /// Lowers the API version if the daemon is older than ours.
+    pub async fn negotiate(self) -> Result<Self, DockerError> {
+        let socket = self.socket.clone();
+        let docker = call(
+            "negotiate version",
+            "",
+            DOCKER_CALL_TIMEOUT,
+            self.docker.negotiate_version(),
+        )
+        .await?;
+        Ok(BollardDocker { docker, socket })
+    }
+
+    /// The `info` self-check: the daemon must answer and name its version.
+    pub async fn info(&self) -> Result<DaemonInfo, DockerError> {
+        let info = call("info", "", DOCKER_CALL_TIMEOUT, self.docker.info()).await?;
+        Ok(DaemonInfo {
+            server_version: info.server_version.unwrap_or_default(),
+            storage_driver: info.driver.unwrap_or_default(),
+            containers: info.containers.unwrap_or_default(),
+            images: info.images.unwrap_or_default(),
+        })
+    }
+}
+
+/// Runs one bollard call under a timeout and classifies its error.
+async fn call<T>(
+    op: &'static str,
+    target: &str,
+    timeout: Duration,
+    fut: impl Future<Output = Result<T, bollard::errors::Error>>,
+) -> Result<T, DockerError> {
+    match tokio::time::timeout(timeout, fut).await {
+        Err(_) => Err(DockerError::Timeout {
+            op,
+            target: target.to_owned(),
+            timeout,
+        }),
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(source)) => Err(classify(op, target, source)),
+    }
+}
+
+fn classify(op: &'static str, target: &str, source: bollard::errors::Error) -> DockerError {
+    use bollard::errors::Error as E;
+    match source {
+        E::DockerResponseServerError {
+            status_code: 404, ..
+        } => DockerError::NotFound {
+            op,
+            target: target.to_owned(),
+        },
+        E::DockerResponseServerError {
+            status_code: 409,
+            message,
+        } => DockerError::Conflict {
+            op,
+            target: target.to_owned(),
+            message,
+        },
+        source => DockerError::Api {
+            op,
+            target: target.to_owned(),
+            source,
+        },
+    }
+}
+
+impl DockerOps for BollardDocker {
+    async fn list_containers(&self) -> Result<Vec<String>, DockerError> {
+        let opts = ListContainersOptions {
+            all: true,
+            ..Default::default()
+        };
+        let list = call(
+            "list containers",
+            "",
+            DOCKER_CALL_TIMEOUT,
+            self.docker.list_containers(Some(opts)),
+        )
+        .await?;
+        Ok(list.into_iter().filter_map(|c| c.id).collect())
+    }
+
+    async fn remove_container(&self, id: &str) -> Result<(), DockerError> {
+        // force = SIGKILL first; v = take the container's anonymous volumes too.
+        let opts = RemoveContainerOptions {
+            force: true,
+            v: true,
+            link: false,
+        };
+        call(
+            "remove container",
+            id,
+            DOCKER_CALL_TIMEOUT,
+            self.docker.remove_container(id, Some(opts)),
+        )
+        .await
+    }
+
+    async fn list_images(&self) -> Result<Vec<String>, DockerError> {
+        let opts = ListImagesOptions {
+            all: true,
+            ..Default::default()
+        };
+        let list = call(
+            "list images",
+            "",
+            DOCKER_CALL_TIMEOUT,
+            self.docker.list_images(Some(opts)),
+        )
+        .await?;
+        Ok(list.into_iter().map(|i| i.id).collect())
+    }
+
+    async fn remove_image(&self, id: &str) -> Result<(), DockerError> {
+        let opts = RemoveImageOptions {
+            force: true,
+            noprune: false,
+        };
+        call(
+            "remove image",
+            id,
+            DOCKER_CALL_TIMEOUT,
+            self.docker.remove_image(id, Some(opts), None),
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn list_volumes(&self) -> Result<Vec<String>, DockerError> {
+        let list = call(
+            "list volumes",
+            "",
+            DOCKER_CALL_TIMEOUT,
+            self.docker.list_volumes(None::<ListVolumesOptions>),
+        )
+        .await?;
+        Ok(list
+            .volumes
+            .unwrap_or_default()
+            .into_iter()
+            .map(|v| v.name)
+            .collect())
+    }
+
+    async fn remove_volume(&self, name: &str) -> Result<(), DockerError> {
+        let opts = RemoveVolumeOptions { force: true };
+        call(
+            "remove volume",
+            name,
+            DOCKER_CALL_TIMEOUT,
+            self.docker.remove_volume(name, Some(opts)),
+        )
+        .await
+    }
+
+    async fn list_networks(&self) -> Result<Vec<NetworkRef>, DockerError> {
+        let list = call(
+            "list networks",
+            "",
+            DOCKER_CALL_TIMEOUT,
+            self.docker.list_networks(None::<ListNetworksOptions>),
+        )
+        .await?;
+        Ok(list
+            .into_iter()
+            .filter_map(|n| {
+                Some(NetworkRef {
+                    id: n.id?,
+                    name: n.name.unwrap_or_default(),
+                })
+            })
+            .collect())
+    }
+
+    async fn remove_network(&self, id: &str) -> Result<(), DockerError> {
+        call(
+            "remove network",
+            id,
+            DOCKER_CALL_TIMEOUT,
+            self.docker.remove_network(id),
+        )
+        .await
+    }
+
+    async fn prune_build_cache(&self) -> Result<u64, DockerError> {
+        let opts = PruneBuildOptions {
+            all: Some(true),
+            ..Default::default()
+        };
+        let res = call(
+            "prune build cache",
+            "",
+            DOCKER_CALL_TIMEOUT,
+            self.docker.prune_build(Some(opts)),
+        )
+        .await?;
+        Ok(res
+            .space_reclaimed
+            .and_then(|b| u64::try_from(b).ok())
+            .unwrap_or(0))
+    }
+
+    async fn count_build_cache(&self) -> Result<usize, DockerError> {
+        let df = call("system df", "", DOCKER_CALL_TIMEOUT, self.docker.df(None)).await?;
+        Ok(df.build_cache.map(|b| b.len()).unwrap_or(0))
+    }
+}

@@ -1,0 +1,411 @@
+//! The Docker front: the only way into a host's dockerd. A TCP listener on
+//! `HOST_ADDR:PORT` that exists only while a lease is active and forwards
+//! bytes both ways to dockerd's unix socket. A byte-level proxy needs no
+//! knowledge of HTTP, so hijacked and upgraded connections (`run -it`,
+//! `attach`, `exec`, `build`) work as they are.
+//!
+//! Each lease gets a `CancellationToken`; each connection a child token.
+//! Closing the front cancels the lease token: the listener is dropped (new
+//! connections are refused) and every open connection is cut, including a
+//! `docker logs -f` in the middle of streaming.
+//!
+//! The host address lives in the host's network namespace while the agent
+//! stays in the root namespace (to reach the coordinator on loopback). A
+//! socket belongs to the namespace it was created in, so the listener is
+//! created on a short-lived thread that first joins the host's namespace.
+//!
+//! The accept -> stream -> proxy seam is [`serve_connection`], generic over
+//! the client stream, so per-lease mutual TLS can wrap the accepted stream
+//! without touching the proxy.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nix::sched::CloneFlags;
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, UnixStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+/// Bound on creating the listener (thread start, setns, bind).
+pub const FRONT_BIND_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bound on waiting for the accept loop and every connection to end after
+/// the front is closed. They only have to notice a cancelled token.
+pub const FRONT_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bound on connecting to dockerd's socket for one client connection.
+pub const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Pause after a failed accept (e.g. out of file descriptors) so the loop
+/// does not spin.
+pub const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
+/// Listen backlog: a CI job's `docker compose up` opens a burst of connections.
+const LISTEN_BACKLOG: i32 = 1024;
+
+/// What failed in the front.
+#[derive(Debug, thiserror::Error)]
+pub enum FrontError {
+    #[error("entering network namespace {path:?}: {source}")]
+    Netns {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("binding {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("creating the listener for {addr} timed out after {FRONT_BIND_TIMEOUT:?}")]
+    BindTimeout { addr: SocketAddr },
+    #[error("the bind thread for {addr} died")]
+    BindThread { addr: SocketAddr },
+    #[error("connecting to dockerd at {path:?}: {source}")]
+    Upstream {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("connecting to dockerd at {path:?} timed out after {UPSTREAM_CONNECT_TIMEOUT:?}")]
+    UpstreamTimeout { path: PathBuf },
+}
+
+/// What the driver needs from a front; the fake in the driver tests records calls.
+pub trait FrontControl: Send + 'static {
+    /// Starts serving `lease_id`; replaces any previous lease's front.
+    fn open(
+        &mut self,
+        lease_id: &str,
+    ) -> impl std::future::Future<Output = Result<(), FrontError>> + Send;
+    /// Stops accepting and cuts every connection; returns once they are gone.
+    fn close(&mut self) -> impl std::future::Future<Output = ()> + Send;
+}
+
+/// The real front.
+#[derive(Debug)]
+pub struct DockerFront {
+    addr: SocketAddr,
+    netns: Option<PathBuf>,
+    upstream: PathBuf,
+    active: Option<Active>,
+}
+
+#[derive(Debug)]
+struct Active {
+    token: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl DockerFront {
+    /// A closed front for `addr` (in `netns`, if given) forwarding to the
+    /// dockerd socket `upstream`.
+    pub fn new(addr: SocketAddr, netns: Option<PathBuf>, upstream: PathBuf) -> Self {
+        DockerFront {
+            addr,
+            netns,
+            upstream,
+            active: None,
+        }
+    }
+
+    /// Whether a lease's listener is up.
+    pub fn is_open(&self) -> bool {
+        self.active.is_some()
+    }
+}
+
+impl FrontControl for DockerFront {
+    #[tracing::instrument(skip(self), err)]
+    async fn open(&mut self, lease_id: &str) -> Result<(), FrontError> {
+        self.close().await;
+        let std_listener = bind_in_netns(self.addr, self.netns.clone()).await?;
+        let listener = TcpListener::from_std(std_listener).map_err(|source| FrontError::Bind {
+            addr: self.addr,
+            source,
+        })?;
+        let token = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let span = tracing::info_span!("front", lease_id = %lease_id, addr = %self.addr);
+        tracker.spawn(
+            accept_loop(
+                listener,
+                self.upstream.clone(),
+                token.clone(),
+                tracker.clone(),
+            )
+            .instrument(span),
+        );
+        tracing::info!(lease_id, addr = %self.addr, "docker front open");
+        self.active = Some(Active { token, tracker });
+        Ok(())
+    }
+
+    async fn close(&mut self) {
+        let Some(active) = self.active.take() else {
+            return;
+        };
+        active.token.cancel();
+        active.tracker.close();
+        if tokio::time::timeout(FRONT_CLOSE_TIMEOUT, active.tracker.wait())
+            .await
+            .is_err()
+        {
+            // Tasks that ignore cancellation for this long are stuck in the
+            // kernel; their sockets go when the tasks finally notice.
+            tracing::warn!("docker front connections still closing after {FRONT_CLOSE_TIMEOUT:?}");
+        } else {
+            tracing::info!("docker front closed; all connections cut");
+        }
+    }
+}
+
+/// Creates the listening socket inside `netns` (or here without one).
+///
+/// `setns` changes the namespace of the calling thread only, and a socket
+/// stays in the namespace it was created in; a dedicated std thread (not the
+/// tokio blocking pool, whose threads are reused) is created, moved into
+/// the namespace, binds, and ends.
+pub async fn bind_in_netns(
+    addr: SocketAddr,
+    netns: Option<PathBuf>,
+) -> Result<std::net::TcpListener, FrontError> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("berth-front-bind".to_owned())
+        .spawn(move || {
+            let _ = tx.send(bind_blocking(addr, netns.as_deref()));
+        })
+        .map_err(|source| FrontError::Bind { addr, source })?;
+    match tokio::time::timeout(FRONT_BIND_TIMEOUT, rx).await {
+        Err(_) => Err(FrontError::BindTimeout { addr }),
+        Ok(Err(_)) => Err(FrontError::BindThread { addr }),
+        Ok(Ok(result)) => result,
+    }
+}
+
+fn bind_blocking(
+    addr: SocketAddr,
+    netns: Option<&Path>,
+) -> Result<std::net::TcpListener, FrontError> {
+    if let Some(path) = netns {
+        let file = std::fs::File::open(path).map_err(|source| FrontError::Netns {
+            path: path.to_owned(),
+            source,
+        })?;
+        nix::sched::setns(&file, CloneFlags::CLONE_NEWNET).map_err(|errno| FrontError::Netns {
+            path: path.to_owned(),
+            source: errno.into(),
+        })?;
+    }
+    let bind_err = |source| FrontError::Bind { addr, source };
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
+        .map_err(bind_err)?;
+    // Recycle mode rebinds right after the previous lease's connections were
+    // cut; their TIME_WAIT entries must not block the new listener.
+    socket.set_reuse_address(true).map_err(bind_err)?;
+    socket.bind(&addr.into()).map_err(bind_err)?;
+    socket.listen(LISTEN_BACKLOG).map_err(bind_err)?;
+    socket.set_nonblocking(true).map_err(bind_err)?;
+    Ok(socket.into())
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    upstream: PathBuf,
+    token: CancellationToken,
+    tracker: TaskTracker,
+) {
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = token.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                let child = token.child_token();
+                let upstream = upstream.clone();
+                let span = tracing::debug_span!("conn", %peer);
+                tracker.spawn(
+                    async move {
+                        match serve_connection(stream, &upstream, child).await {
+                            Ok(()) => tracing::debug!("connection closed"),
+                            Err(e) => tracing::warn!(error = %e, "connection failed"),
+                        }
+                    }
+                    .instrument(span),
+                );
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::select! {
+                    _ = token.cancelled() => break,
+                    _ = tokio::time::sleep(ACCEPT_ERROR_BACKOFF) => {}
+                }
+            }
+        }
+    }
+    // Dropping the listener here closes the port: new connections get RST.
+    drop(listener);
+}
+
+/// Proxies one client connection to dockerd until either side closes or
+/// `cancel` fires. Generic over the client stream so a TLS stream can be
+/// passed in as well as a plain TCP one.
+pub async fn serve_connection<C>(
+    mut client: C,
+    upstream: &Path,
+    cancel: CancellationToken,
+) -> Result<(), FrontError>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+{
+    let connect = UnixStream::connect(upstream);
+    let mut daemon = tokio::select! {
+        _ = cancel.cancelled() => return Ok(()),
+        r = tokio::time::timeout(UPSTREAM_CONNECT_TIMEOUT, connect) => match r {
+            Err(_) => return Err(FrontError::UpstreamTimeout { path: upstream.to_owned() }),
+            Ok(Err(source)) => return Err(FrontError::Upstream { path: upstream.to_owned(), source }),
+            Ok(Ok(s)) => s,
+        },
+    };
+    tokio::select! {
+        // Returning drops both streams: the client sees its connection end.
+        _ = cancel.cancelled() => Ok(()),
+        r = tokio::io::copy_bidirectional(&mut client, &mut daemon) => {
+            if let Ok((up, down)) = r {
+                tracing::debug!(bytes_to_daemon = up, bytes_to_client = down, "proxied");
+            }
+            // An I/O error here is a client or daemon hanging up mid-stream:
+            // normal for Docker clients, not worth a warning.
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpStream, UnixListener};
+
+    /// A stand-in dockerd: echoes every byte back, forever.
+    fn echo_daemon(dir: &Path) -> PathBuf {
+        let sock = dir.join("d.sock");
+        let listener = UnixListener::bind(&sock).unwrap();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = listener.accept().await else {
+                    return;
+                };
+                tokio::spawn(async move {
+                    let (mut r, mut w) = s.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+        });
+        sock
+    }
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("berth-front-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    async fn free_addr() -> SocketAddr {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    }
+
+    #[tokio::test]
+    async fn proxies_while_open_and_cuts_everything_on_close() {
+        let dir = temp_dir("cut");
+        let sock = echo_daemon(&dir);
+        let addr = free_addr().await;
+        let mut front = DockerFront::new(addr, None, sock);
+
+        // Closed: nothing listens.
+        assert!(TcpStream::connect(addr).await.is_err());
+
+        front.open("l1").await.unwrap();
+        assert!(front.is_open());
+        let mut conn = TcpStream::connect(addr).await.unwrap();
+        conn.write_all(b"ping").await.unwrap();
+        let mut buf = [0u8; 4];
+        conn.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"ping");
+
+        // A long-lived stream (like `docker logs -f`) is cut at close.
+        front.close().await;
+        assert!(!front.is_open());
+        let mut rest = vec![];
+        let n = tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut rest)).await;
+        assert!(
+            matches!(n, Ok(Ok(0)) | Ok(Err(_))),
+            "connection must be cut, got {n:?}"
+        );
+        assert!(
+            TcpStream::connect(addr).await.is_err(),
+            "listener must be gone"
+        );
+
+        // Reopen at once on the same port (recycle mode).
+        front.open("l2").await.unwrap();
+        let mut conn = TcpStream::connect(addr).await.unwrap();
+        conn.write_all(b"again").await.unwrap();
+        let mut buf = [0u8; 5];
+        conn.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"again");
+        front.close().await;
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn serve_connection_works_over_any_stream() {
+        let dir = temp_dir("generic");
+        let sock = echo_daemon(&dir);
+        let (mut client, server) = tokio::io::duplex(64);
+        let token = CancellationToken::new();
+        let task = tokio::spawn({
+            let token = token.clone();
+            async move { serve_connection(server, &sock, token).await }
+        });
+        client.write_all(b"hello").await.unwrap();
+        let mut buf = [0u8; 5];
+        client.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"hello");
+        token.cancel();
+        // Cancellation alone must end the proxy: the client is still open.
+        let ended = tokio::time::timeout(Duration::from_secs(5), task).await;
+        assert!(matches!(ended, Ok(Ok(Ok(())))), "{ended:?}");
+        drop(client);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn missing_daemon_is_an_upstream_error() {
+        let (_client, server) = tokio::io::duplex(64);
+        let r = serve_connection(
+            server,
+            Path::new("/nonexistent/berth.sock"),
+            CancellationToken::new(),
+        )
+        .await;
+        assert!(matches!(r, Err(FrontError::Upstream { .. })), "{r:?}");
+    }
+
+    #[tokio::test]
+    async fn bind_conflict_is_reported() {
+        let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = held.local_addr().unwrap();
+        let r = bind_in_netns(addr, None).await;
+        assert!(matches!(r, Err(FrontError::Bind { .. })), "{r:?}");
+        let r = bind_in_netns(addr, Some(PathBuf::from("/nonexistent/netns"))).await;
+        assert!(matches!(r, Err(FrontError::Netns { .. })), "{r:?}");
+    }
+}

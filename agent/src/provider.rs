@@ -1,0 +1,282 @@
+//! Where hosts come from and how they end. [`Provider`] is the seam; only
+//! [`Local`] exists so far (EC2 comes with its own issue): a local host is a
+//! network namespace with an address of its own (or the agent's namespace
+//! with `--no-netns`), a dockerd started by the agent, and directories under
+//! the state and run dirs. Terminating a local host destroys all of that;
+//! the supervisor (`berth up`) then starts a fresh agent, i.e. a fresh host.
+
+use std::future::Future;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use rand::Rng;
+
+use crate::cleanup::{self, CleanupError, Scope};
+use crate::config::Config;
+use crate::dockerd::{self, HostPaths};
+use crate::netns::{self, Block, NetnsError};
+
+/// How long dockerd gets after SIGTERM before SIGKILL. It was started with
+/// `--shutdown-timeout 2` (containers get 2 s), plus its own teardown.
+pub const DOCKERD_STOP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often to check whether dockerd has exited.
+const STOP_POLL: Duration = Duration::from_millis(20);
+/// Attempts at a free host id with `--no-netns` (the run dir is the lock).
+const MAX_ID_ATTEMPTS: usize = 64;
+
+/// Who this host is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub host_id: String,
+    pub host_addr: IpAddr,
+    /// `/run/netns/NAME` of the host's namespace; `None` without one.
+    pub netns: Option<PathBuf>,
+    pub instance_type: String,
+    pub zone: String,
+}
+
+/// What a provider failed at.
+#[derive(Debug, thiserror::Error)]
+pub enum ProviderError {
+    #[error("creating the host's network namespace: {0}")]
+    Netns(#[from] NetnsError),
+    #[error("claiming a host directory under {dir:?}: {source}")]
+    Claim {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("no free host id under {0:?}")]
+    NoFreeId(PathBuf),
+    #[error("tearing the host down: {0}")]
+    Cleanup(#[from] CleanupError),
+    #[error("terminate called before identity")]
+    NoIdentity,
+}
+
+/// Where hosts come from and how they end.
+pub trait Provider: Send + Sync + 'static {
+    /// The value of `Register.provider`.
+    fn name(&self) -> &'static str;
+    /// Learns (locally: creates) the host's identity. Called once, at boot.
+    fn identity(&self) -> impl Future<Output = Result<Identity, ProviderError>> + Send;
+    /// Ends the host for good. Locally: stops dockerd and removes everything
+    /// the host created; the agent exits afterwards.
+    fn terminate(&self) -> impl Future<Output = Result<(), ProviderError>> + Send;
+}
+
+/// The development and test provider: hosts on this machine.
+#[derive(Debug)]
+pub struct Local {
+    state_dir: PathBuf,
+    run_dir: PathBuf,
+    prefix: String,
+    no_netns: bool,
+    host_addr: IpAddr,
+    /// Set by `identity`, read by `terminate`.
+    host: Mutex<Option<LocalHost>>,
+}
+
+#[derive(Debug, Clone)]
+struct LocalHost {
+    host_id: String,
+    block: Option<Block>,
+}
+
+impl Local {
+    pub fn new(config: &Config) -> Self {
+        Local {
+            state_dir: config.state_dir.clone(),
+            run_dir: config.run_dir.clone(),
+            prefix: config.prefix.clone(),
+            no_netns: config.no_netns,
+            host_addr: config.host_addr,
+            host: Mutex::new(None),
+        }
+    }
+
+    fn remember(&self, host: LocalHost) {
+        *self.host.lock().unwrap_or_else(|p| p.into_inner()) = Some(host);
+    }
+
+    fn remembered(&self) -> Option<LocalHost> {
+        self.host.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Without a namespace there is no veth to lock a block; creating the
+    /// host's run directory is the lock instead.
+    fn claim_without_netns(&self) -> Result<String, ProviderError> {
+        std::fs::create_dir_all(&self.run_dir).map_err(|source| ProviderError::Claim {
+            dir: self.run_dir.clone(),
+            source,
+        })?;
+        for _ in 0..MAX_ID_ATTEMPTS {
+            let n: u32 = rand::rng().random_range(0..netns::BLOCKS);
+            let host_id = format!("{}{n:04x}", self.prefix);
+            let dir = self.run_dir.join(&host_id);
+            match std::fs::create_dir(&dir) {
+                Ok(()) => return Ok(host_id),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(source) => return Err(ProviderError::Claim { dir, source }),
+            }
+        }
+        Err(ProviderError::NoFreeId(self.run_dir.clone()))
+    }
+
+    /// Everything a local host owns, for `cleanup::destroy`.
+    fn scope(&self, host: &LocalHost) -> Scope {
+        let paths = HostPaths::new(&self.state_dir, &self.run_dir, &host.host_id);
+        // Trailing slash: `berth-1a2b/` must not match `berth-1a2bc`.
+        let mut path_prefixes = cleanup::path_prefixes(&paths.host_dir, "");
+        path_prefixes.extend(cleanup::path_prefixes(&paths.run_dir, ""));
+        Scope {
+            path_prefixes,
+            netns: host.block.iter().map(|b| b.name.clone()).collect(),
+            veths: host.block.iter().map(|b| b.veth.clone()).collect(),
+            cgroups: vec![cleanup::cgroup_name(&host.host_id)],
+            dirs: vec![paths.host_dir, paths.run_dir],
+        }
+    }
+}
+
+impl Provider for Local {
+    fn name(&self) -> &'static str {
+        "local"
+    }
+
+    #[tracing::instrument(skip(self), err)]
+    async fn identity(&self) -> Result<Identity, ProviderError> {
+        if self.no_netns {
+            let host_id = self.claim_without_netns()?;
+            self.remember(LocalHost {
+                host_id: host_id.clone(),
+                block: None,
+            });
+            return Ok(Identity {
+                host_id,
+                host_addr: self.host_addr,
+                netns: None,
+                instance_type: String::new(),
+                zone: String::new(),
+            });
+        }
+        let block = netns::create(&self.prefix).await?;
+        self.remember(LocalHost {
+            host_id: block.name.clone(),
+            block: Some(block.clone()),
+        });
+        Ok(Identity {
+            host_id: block.name.clone(),
+            host_addr: IpAddr::V4(block.host_addr),
+            netns: Some(block.path()),
+            instance_type: String::new(),
+            zone: String::new(),
+        })
+    }
+
+    #[tracing::instrument(skip(self), err)]
+    async fn terminate(&self) -> Result<(), ProviderError> {
+        let host = self.remembered().ok_or(ProviderError::NoIdentity)?;
+        let paths = HostPaths::new(&self.state_dir, &self.run_dir, &host.host_id);
+        stop_dockerd(&paths).await;
+        let report = cleanup::destroy(&self.scope(&host)).await?;
+        tracing::info!(?report, "host destroyed");
+        Ok(())
+    }
+}
+
+/// SIGTERM to dockerd (per its pidfile), then SIGKILL after
+/// [`DOCKERD_STOP_TIMEOUT`]. Whatever it leaves (containerd, shims) is
+/// killed by the clean-up that follows.
+pub async fn stop_dockerd(paths: &HostPaths) {
+    let Some(pid) = dockerd::read_pid(&paths.pidfile) else {
+        return;
+    };
+    // The pidfile could be stale and the pid reused: only signal a process
+    // that is a dockerd of this host.
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let mine = format!("{}/", paths.run_dir.display());
+    if !cleanup::cmdline_matches(&cmdline, &[mine]) {
+        return;
+    }
+    if kill(Pid::from_raw(pid), Signal::SIGTERM).is_err() {
+        return;
+    }
+    let deadline = tokio::time::Instant::now() + DOCKERD_STOP_TIMEOUT;
+    while cleanup::alive(pid) {
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(pid, "dockerd ignored SIGTERM; killing it");
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            break;
+        }
+        tokio::time::sleep(STOP_POLL).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_scope_is_limited_to_the_host() {
+        let config = Config {
+            state_dir: "/var/lib/berth/hosts".into(),
+            run_dir: "/run/berth".into(),
+            prefix: "bta-".into(),
+            ..Config::default()
+        };
+        let local = Local::new(&config);
+        let host = LocalHost {
+            host_id: "bta-0001".into(),
+            block: Some(Block::new("bta-", 1)),
+        };
+        let scope = local.scope(&host);
+        assert_eq!(
+            scope.path_prefixes,
+            vec!["/var/lib/berth/hosts/bta-0001/", "/run/berth/bta-0001/"]
+        );
+        assert_eq!(scope.netns, vec!["bta-0001"]);
+        assert_eq!(scope.veths, vec!["bb0001"]);
+        assert_eq!(scope.cgroups, vec!["berth-bta-0001"]);
+        assert_eq!(
+            scope.dirs,
+            vec![
+                PathBuf::from("/var/lib/berth/hosts/bta-0001"),
+                PathBuf::from("/run/berth/bta-0001")
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn no_netns_identity_claims_a_directory() {
+        let run = std::env::temp_dir().join(format!("berth-provider-test-{}", std::process::id()));
+        let config = Config {
+            run_dir: run.clone(),
+            state_dir: run.join("state"),
+            prefix: "btp-".into(),
+            no_netns: true,
+            host_addr: "127.0.0.1".parse().unwrap(),
+            ..Config::default()
+        };
+        let local = Local::new(&config);
+        assert!(matches!(
+            local.terminate().await,
+            Err(ProviderError::NoIdentity)
+        ));
+        let id = local.identity().await.unwrap();
+        assert!(
+            id.host_id.starts_with("btp-") && id.host_id.len() == 8,
+            "{}",
+            id.host_id
+        );
+        assert_eq!(id.netns, None);
+        assert!(run.join(&id.host_id).is_dir());
+        local.terminate().await.unwrap();
+        assert!(!run.join(&id.host_id).exists());
+        std::fs::remove_dir_all(&run).unwrap();
+    }
+}

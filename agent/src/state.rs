@@ -1,0 +1,1073 @@
+//! The host lifecycle as data: the [`HostState`] enum, what can happen to a
+//! host ([`Event`]), what the agent must do about it ([`Action`]) and the pure
+//! transition function [`next`]. Nothing here does I/O or reads a clock; the
+//! driver (`driver.rs`) feeds events in and carries the actions out, so every
+//! protocol rule the coordinator relies on is pinned down by the table tests at
+//! the bottom of this file.
+
+use std::time::{Duration, SystemTime};
+
+use berth_proto::v1::{
+    self as pb, CoordinatorMessage, EndReason, LeaseAccepted, LeaseEnded, LeaseRejected,
+    StateChanged, WipeReport, agent_message::Msg, coordinator_message,
+};
+
+/// Longest a wipe may take before the host is declared unhealthy. Generous:
+/// removing many large images on a slow disk takes a while, but a stuck
+/// dockerd must not hold a host forever.
+pub const WIPE_TIMEOUT: Duration = Duration::from_secs(300);
+/// Longest tearing a host down (stop dockerd, unmount, delete netns and
+/// directories) may take before the agent gives up and exits anyway.
+pub const TERMINATE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Where a host is in its life. The agent owns this; the coordinator mirrors
+/// what the agent reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HostState {
+    /// Learning identity, starting dockerd, self-checking. Bounded by the
+    /// configured boot timeout; failing it ends the agent with an error.
+    Booting,
+    /// Bootstrapped for an EC2 warm pool and not offered to builds; only the
+    /// EC2 provider uses it (not reachable with the local provider).
+    Warming,
+    /// Registered (or trying to be) and idle: can be assigned a lease. No
+    /// timeout: an idle host waits for work or a drain.
+    Ready,
+    /// Serving exactly one lease through the Docker front. Bounded by the
+    /// lease's own deadline, which the agent enforces itself.
+    Leased,
+    /// Lease over: front closed, Docker state being removed and verified.
+    /// Bounded by [`WIPE_TIMEOUT`].
+    Wiping,
+    /// Being destroyed through the provider; never offered again. Bounded by
+    /// [`TERMINATE_TIMEOUT`].
+    Terminating,
+    /// Something is wrong (dockerd died, wipe failed or timed out, the front
+    /// could not open). Reported, then the host goes straight on to
+    /// Terminating: a broken host is replaced, never repaired.
+    Unhealthy,
+}
+
+impl HostState {
+    /// The wire value of this state.
+    pub fn to_proto(self) -> pb::HostState {
+        match self {
+            HostState::Booting => pb::HostState::Booting,
+            HostState::Warming => pb::HostState::Warming,
+            HostState::Ready => pb::HostState::Ready,
+            HostState::Leased => pb::HostState::Leased,
+            HostState::Wiping => pb::HostState::Wiping,
+            HostState::Terminating => pb::HostState::Terminating,
+            HostState::Unhealthy => pb::HostState::Unhealthy,
+        }
+    }
+
+    /// How long the host may stay in this state before the driver feeds
+    /// [`Event::Timeout`]. `None`: no limit of its own (Ready waits for work;
+    /// Leased is bounded by the lease deadline; Booting by the configured boot
+    /// timeout, applied by the bootstrap code before the machine runs).
+    pub fn timeout(self) -> Option<Duration> {
+        match self {
+            HostState::Wiping => Some(WIPE_TIMEOUT),
+            HostState::Terminating | HostState::Unhealthy => Some(TERMINATE_TIMEOUT),
+            HostState::Booting | HostState::Warming | HostState::Ready | HostState::Leased => None,
+        }
+    }
+}
+
+/// The lease a host is serving (or wiping after).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub id: String,
+    pub build_id: String,
+    /// Wall-clock deadline as the coordinator set it.
+    pub deadline: SystemTime,
+    /// The front is open and `LeaseAccepted` was sent.
+    pub accepted: bool,
+}
+
+/// Everything the transition function needs to know about a host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Host {
+    pub state: HostState,
+    pub lease: Option<Lease>,
+    /// No new leases; terminate once idle.
+    pub draining: bool,
+    /// After a verified wipe go back to Ready instead of terminating.
+    pub recycle: bool,
+}
+
+impl Host {
+    /// A host that has just started booting.
+    pub fn booting(recycle: bool) -> Self {
+        Host {
+            state: HostState::Booting,
+            lease: None,
+            draining: false,
+            recycle,
+        }
+    }
+
+    /// The current lease id, if any.
+    pub fn lease_id(&self) -> Option<&str> {
+        self.lease.as_ref().map(|l| l.id.as_str())
+    }
+}
+
+/// Something that happened to the host.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// dockerd answers and passed its self-check.
+    Booted,
+    /// The coordinator assigns a lease. `deadline` is `None` when the message
+    /// carried none or an invalid one.
+    Assign {
+        lease_id: String,
+        build_id: String,
+        deadline: Option<SystemTime>,
+    },
+    /// The coordinator moves a lease's deadline.
+    Renew {
+        lease_id: String,
+        deadline: Option<SystemTime>,
+    },
+    /// The coordinator ends a lease.
+    End { lease_id: String, reason: EndReason },
+    /// The coordinator asks the host to stop taking leases and go away.
+    Drain { reason: String },
+    /// The Docker front is listening for this lease.
+    FrontOpened { lease_id: String },
+    /// The Docker front could not be opened for this lease.
+    FrontFailed { lease_id: String, error: String },
+    /// The lease's deadline passed (measured by the agent's own clock).
+    DeadlinePassed { lease_id: String },
+    /// The wipe finished (successfully or not; the report says).
+    WipeDone(WipeReport),
+    /// dockerd exited on its own.
+    DaemonExited { detail: String },
+    /// The host stayed in this state longer than [`HostState::timeout`].
+    Timeout(HostState),
+    /// SIGTERM/SIGINT: clean up and exit.
+    Shutdown,
+}
+
+impl Event {
+    /// The event a coordinator message means, or `None` for messages that are
+    /// the link's business (`Registered`) or empty.
+    pub fn from_coordinator(msg: CoordinatorMessage) -> Option<Event> {
+        let deadline =
+            |t: Option<prost_types::Timestamp>| t.as_ref().and_then(berth_proto::to_system_time);
+        match msg.msg? {
+            coordinator_message::Msg::Registered(_) => None,
+            coordinator_message::Msg::AssignLease(a) => Some(Event::Assign {
+                lease_id: a.lease_id,
+                build_id: a.build_id,
+                deadline: deadline(a.deadline),
+            }),
+            coordinator_message::Msg::RenewLease(r) => Some(Event::Renew {
+                lease_id: r.lease_id,
+                deadline: deadline(r.deadline),
+            }),
+            coordinator_message::Msg::EndLease(e) => Some(Event::End {
+                lease_id: e.lease_id,
+                // An unknown enum value from a newer coordinator still ends the lease.
+                reason: EndReason::try_from(e.reason).unwrap_or(EndReason::Unspecified),
+            }),
+            coordinator_message::Msg::Drain(d) => Some(Event::Drain { reason: d.reason }),
+        }
+    }
+}
+
+/// Something the driver must do.
+// `Send` carries a whole message (a wipe report is the largest); actions live
+// for one transition, a handful at a time, so boxing would only add noise.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Bind the Docker front for this lease; answer with `FrontOpened` or `FrontFailed`.
+    OpenFront { lease_id: String },
+    /// Drop the front's listener and cut every open connection.
+    CloseFront,
+    /// (Re)arm the lease deadline timer.
+    ArmDeadline {
+        lease_id: String,
+        deadline: SystemTime,
+    },
+    /// Stop the lease deadline timer.
+    DisarmDeadline,
+    /// Start wiping; answer with `WipeDone`.
+    StartWipe { lease_id: String },
+    /// Send this to the coordinator (queued if disconnected).
+    Send(Msg),
+    /// Destroy the host through the provider; the agent then exits.
+    Terminate { reason: String },
+}
+
+/// The pure transition function: given where the host is and what happened,
+/// where it goes and what must be done, in order.
+pub fn next(host: Host, event: Event) -> (Host, Vec<Action>) {
+    use HostState as S;
+
+    // Shutdown, a dead dockerd and exhausted timeouts end the host from any
+    // live state; handle them once here instead of in every arm.
+    match (&host.state, &event) {
+        (S::Terminating | S::Unhealthy, Event::Assign { lease_id, .. }) => {
+            return (host, vec![reject(lease_id, "host is terminating")]);
+        }
+        (S::Terminating | S::Unhealthy, _) => return (host, vec![]),
+        (_, Event::Shutdown) => return terminate(host, "agent shutting down", false),
+        (_, Event::DaemonExited { detail }) => {
+            let reason = format!("dockerd exited: {detail}");
+            return terminate(host, &reason, true);
+        }
+        (state, Event::Timeout(timed_out)) if state == timed_out => {
+            let reason = format!(
+                "{state:?} took longer than {:?}",
+                state.timeout().unwrap_or_default()
+            );
+            return terminate(host, &reason, true);
+        }
+        _ => {}
+    }
+
+    match (host.state, event) {
+        (S::Booting, Event::Booted) if host.draining => {
+            terminate(host, "drained while booting", false)
+        }
+        (S::Booting, Event::Booted) => {
+            let host = Host {
+                state: S::Ready,
+                ..host
+            };
+            // Nothing to send: the link registers only once the host has
+            // booted, and `Register` carries the state.
+            (host, vec![])
+        }
+
+        // Leases: only an idle, non-draining host takes one; the same lease
+        // again is acknowledged again (the coordinator may retry).
+        (S::Ready, Event::Assign { lease_id, .. }) if host.draining => {
+            (host, vec![reject(&lease_id, "host is draining")])
+        }
+        (
+            S::Ready,
+            Event::Assign {
+                lease_id,
+                build_id,
+                deadline,
+            },
+        ) => {
+            if lease_id.is_empty() {
+                return (host, vec![reject(&lease_id, "empty lease id")]);
+            }
+            let Some(deadline) = deadline else {
+                return (host, vec![reject(&lease_id, "lease has no valid deadline")]);
+            };
+            let lease = Lease {
+                id: lease_id.clone(),
+                build_id,
+                deadline,
+                accepted: false,
+            };
+            let host = Host {
+                state: S::Leased,
+                lease: Some(lease),
+                ..host
+            };
+            (host, vec![Action::OpenFront { lease_id }])
+        }
+        (S::Leased, Event::Assign { lease_id, .. }) => {
+            let (same, accepted) = match &host.lease {
+                Some(l) => (l.id == lease_id, l.accepted),
+                None => (false, false),
+            };
+            match (same, accepted) {
+                (true, true) => (
+                    host,
+                    vec![Action::Send(Msg::LeaseAccepted(LeaseAccepted { lease_id }))],
+                ),
+                // Acceptance of this very lease is under way.
+                (true, false) => (host, vec![]),
+                (false, _) => (
+                    host,
+                    vec![reject(&lease_id, "host is serving another lease")],
+                ),
+            }
+        }
+        (state, Event::Assign { lease_id, .. }) => {
+            let reason = format!("host is {}", state_name(state));
+            (host, vec![reject(&lease_id, &reason)])
+        }
+
+        (S::Leased, Event::FrontOpened { lease_id }) if holds(&host, &lease_id) => {
+            let mut host = host;
+            let mut actions = Vec::with_capacity(3);
+            if let Some(lease) = host.lease.as_mut() {
+                lease.accepted = true;
+                actions.push(Action::ArmDeadline {
+                    lease_id: lease_id.clone(),
+                    deadline: lease.deadline,
+                });
+            }
+            actions.push(state_changed(&host, "lease accepted"));
+            actions.push(Action::Send(Msg::LeaseAccepted(LeaseAccepted { lease_id })));
+            (host, actions)
+        }
+        (S::Leased, Event::FrontFailed { lease_id, error }) if holds(&host, &lease_id) => {
+            let reason = format!("docker front failed to open: {error}");
+            let mut host = host;
+            host.lease = None;
+            let (host, mut actions) = terminate(host, &reason, true);
+            actions.insert(0, reject(&lease_id, &reason));
+            (host, actions)
+        }
+
+        (
+            S::Leased,
+            Event::Renew {
+                lease_id,
+                deadline: Some(deadline),
+            },
+        ) if holds(&host, &lease_id) => {
+            let mut host = host;
+            let mut actions = vec![];
+            if let Some(lease) = host.lease.as_mut() {
+                lease.deadline = deadline;
+                // Before acceptance the deadline is armed by FrontOpened.
+                if lease.accepted {
+                    actions.push(Action::ArmDeadline { lease_id, deadline });
+                }
+            }
+            (host, actions)
+        }
+
+        (S::Leased, Event::End { lease_id, reason }) if holds(&host, &lease_id) => {
+            let why = format!("lease ended by coordinator ({})", reason.as_str_name());
+            begin_wipe(host, &why, None)
+        }
+        (S::Leased, Event::DeadlinePassed { lease_id }) if holds(&host, &lease_id) => {
+            let ended = LeaseEnded {
+                lease_id,
+                reason: EndReason::Expired as i32,
+            };
+            begin_wipe(
+                host,
+                "lease deadline passed",
+                Some(Action::Send(Msg::LeaseEnded(ended))),
+            )
+        }
+
+        (S::Wiping, Event::WipeDone(report)) => {
+            let mut actions = vec![Action::Send(Msg::WipeReport(report.clone()))];
+            let mut host = Host {
+                lease: None,
+                ..host
+            };
+            if !report.verified {
+                let reason = if report.error.is_empty() {
+                    "wipe left Docker objects behind".to_owned()
+                } else {
+                    format!("wipe not verified: {}", report.error)
+                };
+                let (host, more) = terminate(host, &reason, true);
+                actions.extend(more);
+                return (host, actions);
+            }
+            if host.recycle && !host.draining {
+                host.state = S::Ready;
+                actions.push(state_changed(&host, "wiped and verified; recycled"));
+                return (host, actions);
+            }
+            let reason = if host.draining {
+                "drained"
+            } else {
+                "lease over; single-use host"
+            };
+            let (host, more) = terminate(host, reason, false);
+            actions.extend(more);
+            (host, actions)
+        }
+
+        (S::Ready, Event::Drain { reason }) => {
+            terminate(host, &format!("drained: {reason}"), false)
+        }
+        (_, Event::Drain { .. }) => (
+            Host {
+                draining: true,
+                ..host
+            },
+            vec![],
+        ),
+
+        // Everything else (stale lease ids, renewals for leases not held,
+        // front events that raced a state change) is ignored on purpose.
+        (_, _) => (host, vec![]),
+    }
+}
+
+fn holds(host: &Host, lease_id: &str) -> bool {
+    host.lease_id() == Some(lease_id)
+}
+
+fn state_name(state: HostState) -> &'static str {
+    match state {
+        HostState::Booting => "booting",
+        HostState::Warming => "warming",
+        HostState::Ready => "ready",
+        HostState::Leased => "leased",
+        HostState::Wiping => "wiping",
+        HostState::Terminating => "terminating",
+        HostState::Unhealthy => "unhealthy",
+    }
+}
+
+fn reject(lease_id: &str, reason: &str) -> Action {
+    Action::Send(Msg::LeaseRejected(LeaseRejected {
+        lease_id: lease_id.to_owned(),
+        reason: reason.to_owned(),
+    }))
+}
+
+fn state_changed(host: &Host, reason: &str) -> Action {
+    Action::Send(Msg::StateChanged(StateChanged {
+        state: host.state.to_proto() as i32,
+        lease_id: host.lease_id().unwrap_or_default().to_owned(),
+        reason: reason.to_owned(),
+    }))
+}
+
+/// Leased -> Wiping: stop the deadline, cut the front, report, wipe.
+fn begin_wipe(host: Host, reason: &str, first: Option<Action>) -> (Host, Vec<Action>) {
+    let host = Host {
+        state: HostState::Wiping,
+        ..host
+    };
+    let lease_id = host.lease_id().unwrap_or_default().to_owned();
+    let mut actions: Vec<Action> = vec![Action::DisarmDeadline];
+    actions.extend(first);
+    actions.push(Action::CloseFront);
+    actions.push(state_changed(&host, reason));
+    actions.push(Action::StartWipe { lease_id });
+    (host, actions)
+}
+
+/// Any state -> (Unhealthy ->) Terminating.
+fn terminate(host: Host, reason: &str, unhealthy: bool) -> (Host, Vec<Action>) {
+    let mut actions = vec![];
+    if host.state == HostState::Leased {
+        actions.push(Action::DisarmDeadline);
+        actions.push(Action::CloseFront);
+    }
+    let mut host = host;
+    if unhealthy {
+        host.state = HostState::Unhealthy;
+        actions.push(state_changed(&host, reason));
+    }
+    host.state = HostState::Terminating;
+    actions.push(state_changed(&host, reason));
+    actions.push(Action::Terminate {
+        reason: reason.to_owned(),
+    });
+    (host, actions)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::UNIX_EPOCH;
+
+    const L: &str = "lease-1";
+
+    fn t(secs: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(1_800_000_000 + secs)
+    }
+
+    fn host(state: HostState) -> Host {
+        let lease = match state {
+            HostState::Leased | HostState::Wiping => Some(Lease {
+                id: L.into(),
+                build_id: "b".into(),
+                deadline: t(60),
+                accepted: true,
+            }),
+            _ => None,
+        };
+        Host {
+            state,
+            lease,
+            draining: false,
+            recycle: false,
+        }
+    }
+
+    fn sc(state: pb::HostState, lease: &str, reason: &str) -> Action {
+        Action::Send(Msg::StateChanged(StateChanged {
+            state: state as i32,
+            lease_id: lease.into(),
+            reason: reason.into(),
+        }))
+    }
+
+    fn rej(lease: &str, reason: &str) -> Action {
+        reject(lease, reason)
+    }
+
+    fn accepted(lease: &str) -> Action {
+        Action::Send(Msg::LeaseAccepted(LeaseAccepted {
+            lease_id: lease.into(),
+        }))
+    }
+
+    fn assign(lease: &str, deadline: Option<SystemTime>) -> Event {
+        Event::Assign {
+            lease_id: lease.into(),
+            build_id: "b".into(),
+            deadline,
+        }
+    }
+
+    fn report(verified: bool, error: &str) -> WipeReport {
+        WipeReport {
+            lease_id: L.into(),
+            verified,
+            containers_removed: 1,
+            error: error.into(),
+            ..WipeReport::default()
+        }
+    }
+
+    fn term(reason: &str) -> Action {
+        Action::Terminate {
+            reason: reason.into(),
+        }
+    }
+
+    /// (name, start, event, expected state, expected actions)
+    type Row = (&'static str, Host, Event, HostState, Vec<Action>);
+
+    fn table() -> Vec<Row> {
+        use HostState as S;
+        use pb::HostState as P;
+        let leased_unaccepted = Host {
+            lease: Some(Lease {
+                id: L.into(),
+                build_id: "b".into(),
+                deadline: t(60),
+                accepted: false,
+            }),
+            ..host(S::Leased)
+        };
+        vec![
+            (
+                "boot -> ready",
+                host(S::Booting),
+                Event::Booted,
+                S::Ready,
+                vec![],
+            ),
+            (
+                "boot while draining -> terminate",
+                Host {
+                    draining: true,
+                    ..host(S::Booting)
+                },
+                Event::Booted,
+                S::Terminating,
+                vec![
+                    sc(P::Terminating, "", "drained while booting"),
+                    term("drained while booting"),
+                ],
+            ),
+            (
+                "assign while booting",
+                host(S::Booting),
+                assign(L, Some(t(60))),
+                S::Booting,
+                vec![rej(L, "host is booting")],
+            ),
+            (
+                "assign while ready opens front",
+                host(S::Ready),
+                assign(L, Some(t(60))),
+                S::Leased,
+                vec![Action::OpenFront { lease_id: L.into() }],
+            ),
+            (
+                "assign without deadline",
+                host(S::Ready),
+                assign(L, None),
+                S::Ready,
+                vec![rej(L, "lease has no valid deadline")],
+            ),
+            (
+                "assign with empty id",
+                host(S::Ready),
+                assign("", Some(t(60))),
+                S::Ready,
+                vec![rej("", "empty lease id")],
+            ),
+            (
+                "assign while draining",
+                Host {
+                    draining: true,
+                    ..host(S::Ready)
+                },
+                assign(L, Some(t(60))),
+                S::Ready,
+                vec![rej(L, "host is draining")],
+            ),
+            (
+                "front opened -> leased, accepted",
+                leased_unaccepted.clone(),
+                Event::FrontOpened { lease_id: L.into() },
+                S::Leased,
+                vec![
+                    Action::ArmDeadline {
+                        lease_id: L.into(),
+                        deadline: t(60),
+                    },
+                    sc(P::Leased, L, "lease accepted"),
+                    accepted(L),
+                ],
+            ),
+            (
+                "front failed -> reject, unhealthy, terminate",
+                leased_unaccepted.clone(),
+                Event::FrontFailed {
+                    lease_id: L.into(),
+                    error: "EADDRINUSE".into(),
+                },
+                S::Terminating,
+                vec![
+                    rej(L, "docker front failed to open: EADDRINUSE"),
+                    Action::DisarmDeadline,
+                    Action::CloseFront,
+                    sc(P::Unhealthy, "", "docker front failed to open: EADDRINUSE"),
+                    sc(
+                        P::Terminating,
+                        "",
+                        "docker front failed to open: EADDRINUSE",
+                    ),
+                    term("docker front failed to open: EADDRINUSE"),
+                ],
+            ),
+            (
+                "same assign again is idempotent",
+                host(S::Leased),
+                assign(L, Some(t(60))),
+                S::Leased,
+                vec![accepted(L)],
+            ),
+            (
+                "same assign before acceptance is quiet",
+                leased_unaccepted.clone(),
+                assign(L, Some(t(60))),
+                S::Leased,
+                vec![],
+            ),
+            (
+                "other assign while leased",
+                host(S::Leased),
+                assign("other", Some(t(60))),
+                S::Leased,
+                vec![rej("other", "host is serving another lease")],
+            ),
+            (
+                "assign while wiping",
+                host(S::Wiping),
+                assign("other", Some(t(60))),
+                S::Wiping,
+                vec![rej("other", "host is wiping")],
+            ),
+            (
+                "assign while terminating",
+                host(S::Terminating),
+                assign("x", Some(t(60))),
+                S::Terminating,
+                vec![rej("x", "host is terminating")],
+            ),
+            (
+                "renew current lease re-arms",
+                host(S::Leased),
+                Event::Renew {
+                    lease_id: L.into(),
+                    deadline: Some(t(120)),
+                },
+                S::Leased,
+                vec![Action::ArmDeadline {
+                    lease_id: L.into(),
+                    deadline: t(120),
+                }],
+            ),
+            (
+                "renew other lease ignored",
+                host(S::Leased),
+                Event::Renew {
+                    lease_id: "x".into(),
+                    deadline: Some(t(120)),
+                },
+                S::Leased,
+                vec![],
+            ),
+            (
+                "renew without deadline ignored",
+                host(S::Leased),
+                Event::Renew {
+                    lease_id: L.into(),
+                    deadline: None,
+                },
+                S::Leased,
+                vec![],
+            ),
+            (
+                "renew while ready ignored",
+                host(S::Ready),
+                Event::Renew {
+                    lease_id: L.into(),
+                    deadline: Some(t(1)),
+                },
+                S::Ready,
+                vec![],
+            ),
+            (
+                "end current lease -> wipe",
+                host(S::Leased),
+                Event::End {
+                    lease_id: L.into(),
+                    reason: EndReason::Released,
+                },
+                S::Wiping,
+                vec![
+                    Action::DisarmDeadline,
+                    Action::CloseFront,
+                    sc(
+                        P::Wiping,
+                        L,
+                        "lease ended by coordinator (END_REASON_RELEASED)",
+                    ),
+                    Action::StartWipe { lease_id: L.into() },
+                ],
+            ),
+            (
+                "end other lease ignored",
+                host(S::Leased),
+                Event::End {
+                    lease_id: "x".into(),
+                    reason: EndReason::Released,
+                },
+                S::Leased,
+                vec![],
+            ),
+            (
+                "end while wiping ignored",
+                host(S::Wiping),
+                Event::End {
+                    lease_id: L.into(),
+                    reason: EndReason::Released,
+                },
+                S::Wiping,
+                vec![],
+            ),
+            (
+                "deadline -> lease ended expired, wipe",
+                host(S::Leased),
+                Event::DeadlinePassed { lease_id: L.into() },
+                S::Wiping,
+                vec![
+                    Action::DisarmDeadline,
+                    Action::Send(Msg::LeaseEnded(LeaseEnded {
+                        lease_id: L.into(),
+                        reason: EndReason::Expired as i32,
+                    })),
+                    Action::CloseFront,
+                    sc(P::Wiping, L, "lease deadline passed"),
+                    Action::StartWipe { lease_id: L.into() },
+                ],
+            ),
+            (
+                "stale deadline ignored",
+                host(S::Leased),
+                Event::DeadlinePassed {
+                    lease_id: "old".into(),
+                },
+                S::Leased,
+                vec![],
+            ),
+            (
+                "verified wipe, single-use -> terminate",
+                host(S::Wiping),
+                Event::WipeDone(report(true, "")),
+                S::Terminating,
+                vec![
+                    Action::Send(Msg::WipeReport(report(true, ""))),
+                    sc(P::Terminating, "", "lease over; single-use host"),
+                    term("lease over; single-use host"),
+                ],
+            ),
+            (
+                "verified wipe, recycle -> ready",
+                Host {
+                    recycle: true,
+                    ..host(S::Wiping)
+                },
+                Event::WipeDone(report(true, "")),
+                S::Ready,
+                vec![
+                    Action::Send(Msg::WipeReport(report(true, ""))),
+                    sc(P::Ready, "", "wiped and verified; recycled"),
+                ],
+            ),
+            (
+                "verified wipe, recycle but draining -> terminate",
+                Host {
+                    recycle: true,
+                    draining: true,
+                    ..host(S::Wiping)
+                },
+                Event::WipeDone(report(true, "")),
+                S::Terminating,
+                vec![
+                    Action::Send(Msg::WipeReport(report(true, ""))),
+                    sc(P::Terminating, "", "drained"),
+                    term("drained"),
+                ],
+            ),
+            (
+                "unverified wipe -> unhealthy -> terminate even in recycle mode",
+                Host {
+                    recycle: true,
+                    ..host(S::Wiping)
+                },
+                Event::WipeDone(report(false, "1 image left")),
+                S::Terminating,
+                vec![
+                    Action::Send(Msg::WipeReport(report(false, "1 image left"))),
+                    sc(P::Unhealthy, "", "wipe not verified: 1 image left"),
+                    sc(P::Terminating, "", "wipe not verified: 1 image left"),
+                    term("wipe not verified: 1 image left"),
+                ],
+            ),
+            (
+                "drain while ready -> terminate now",
+                host(S::Ready),
+                Event::Drain {
+                    reason: "scale in".into(),
+                },
+                S::Terminating,
+                vec![
+                    sc(P::Terminating, "", "drained: scale in"),
+                    term("drained: scale in"),
+                ],
+            ),
+            (
+                "drain while leased waits",
+                host(S::Leased),
+                Event::Drain { reason: "x".into() },
+                S::Leased,
+                vec![],
+            ),
+            (
+                "drain while wiping waits",
+                host(S::Wiping),
+                Event::Drain { reason: "x".into() },
+                S::Wiping,
+                vec![],
+            ),
+            (
+                "shutdown while leased closes front and terminates",
+                host(S::Leased),
+                Event::Shutdown,
+                S::Terminating,
+                vec![
+                    Action::DisarmDeadline,
+                    Action::CloseFront,
+                    sc(P::Terminating, L, "agent shutting down"),
+                    term("agent shutting down"),
+                ],
+            ),
+            (
+                "shutdown while terminating ignored",
+                host(S::Terminating),
+                Event::Shutdown,
+                S::Terminating,
+                vec![],
+            ),
+            (
+                "dockerd died while ready -> unhealthy",
+                host(S::Ready),
+                Event::DaemonExited {
+                    detail: "exit status: 1".into(),
+                },
+                S::Terminating,
+                vec![
+                    sc(P::Unhealthy, "", "dockerd exited: exit status: 1"),
+                    sc(P::Terminating, "", "dockerd exited: exit status: 1"),
+                    term("dockerd exited: exit status: 1"),
+                ],
+            ),
+            (
+                "wipe timeout -> unhealthy",
+                host(S::Wiping),
+                Event::Timeout(S::Wiping),
+                S::Terminating,
+                vec![
+                    sc(P::Unhealthy, L, "Wiping took longer than 300s"),
+                    sc(P::Terminating, L, "Wiping took longer than 300s"),
+                    term("Wiping took longer than 300s"),
+                ],
+            ),
+            (
+                "timeout of a state already left is ignored",
+                host(S::Ready),
+                Event::Timeout(S::Wiping),
+                S::Ready,
+                vec![],
+            ),
+            (
+                "wipe done outside wiping ignored",
+                host(S::Ready),
+                Event::WipeDone(report(true, "")),
+                S::Ready,
+                vec![],
+            ),
+        ]
+    }
+
+    #[test]
+    fn transition_table() {
+        for (name, start, event, want_state, want_actions) in table() {
+            let (got, actions) = next(start, event);
+            assert_eq!(got.state, want_state, "{name}: state");
+            assert_eq!(actions, want_actions, "{name}: actions");
+        }
+    }
+
+    #[test]
+    fn lease_bookkeeping() {
+        // Assign records the lease unaccepted; FrontOpened accepts it; renew
+        // moves the deadline; the wipe result clears it.
+        let (h, _) = next(host(HostState::Ready), assign(L, Some(t(60))));
+        let lease = h.lease.clone().unwrap();
+        assert_eq!(
+            (lease.id.as_str(), lease.accepted, lease.deadline),
+            (L, false, t(60))
+        );
+        let (h, _) = next(h, Event::FrontOpened { lease_id: L.into() });
+        assert!(h.lease.as_ref().unwrap().accepted);
+        let (h, _) = next(
+            h,
+            Event::Renew {
+                lease_id: L.into(),
+                deadline: Some(t(90)),
+            },
+        );
+        assert_eq!(h.lease.as_ref().unwrap().deadline, t(90));
+        let (h, _) = next(
+            h,
+            Event::End {
+                lease_id: L.into(),
+                reason: EndReason::Released,
+            },
+        );
+        assert_eq!(
+            h.lease_id(),
+            Some(L),
+            "lease id kept while wiping for the report"
+        );
+        let (h, _) = next(
+            Host { recycle: true, ..h },
+            Event::WipeDone(report(true, "")),
+        );
+        assert_eq!((h.state, h.lease_id()), (HostState::Ready, None));
+        // Drain while leased is remembered and honoured after the lease.
+        let (h, _) = next(h, assign("l2", Some(t(100))));
+        let (h, _) = next(h, Event::Drain { reason: "x".into() });
+        assert!(h.draining);
+        let (h, _) = next(
+            h,
+            Event::End {
+                lease_id: "l2".into(),
+                reason: EndReason::Released,
+            },
+        );
+        let (h, actions) = next(h, Event::WipeDone(report(true, "")));
+        assert_eq!(h.state, HostState::Terminating);
+        assert!(actions.contains(&term("drained")));
+    }
+
+    #[test]
+    fn every_state_has_a_wire_value_and_documented_timeout() {
+        use HostState as S;
+        let all = [
+            S::Booting,
+            S::Warming,
+            S::Ready,
+            S::Leased,
+            S::Wiping,
+            S::Terminating,
+            S::Unhealthy,
+        ];
+        for s in all {
+            assert_ne!(s.to_proto(), pb::HostState::Unspecified);
+        }
+        assert_eq!(S::Wiping.timeout(), Some(WIPE_TIMEOUT));
+        assert_eq!(S::Ready.timeout(), None);
+        assert_eq!(S::Leased.timeout(), None);
+    }
+
+    #[test]
+    fn coordinator_messages_become_events() {
+        use pb::{AssignLease, Drain, EndLease, Registered, RenewLease};
+        let ts = berth_proto::from_system_time(t(5));
+        let m = |msg| CoordinatorMessage { msg: Some(msg) };
+        assert_eq!(
+            Event::from_coordinator(m(coordinator_message::Msg::AssignLease(AssignLease {
+                lease_id: L.into(),
+                build_id: "b".into(),
+                deadline: Some(ts),
+            }))),
+            Some(assign(L, Some(t(5))))
+        );
+        // A negative timestamp is not a deadline.
+        let bad = prost_types::Timestamp {
+            seconds: -1,
+            nanos: 0,
+        };
+        assert_eq!(
+            Event::from_coordinator(m(coordinator_message::Msg::RenewLease(RenewLease {
+                lease_id: L.into(),
+                deadline: Some(bad),
+            }))),
+            Some(Event::Renew {
+                lease_id: L.into(),
+                deadline: None
+            })
+        );
+        assert_eq!(
+            Event::from_coordinator(m(coordinator_message::Msg::EndLease(EndLease {
+                lease_id: L.into(),
+                reason: 99
+            }))),
+            Some(Event::End {
+                lease_id: L.into(),
+                reason: EndReason::Unspecified
+            })
+        );
+        assert_eq!(
+            Event::from_coordinator(m(coordinator_message::Msg::Drain(Drain {
+                reason: "r".into()
+            }))),
+            Some(Event::Drain { reason: "r".into() })
+        );
+        assert_eq!(
+            Event::from_coordinator(m(coordinator_message::Msg::Registered(Registered {
+                heartbeat_interval_ms: 5
+            }))),
+            None
+        );
+        assert_eq!(
+            Event::from_coordinator(CoordinatorMessage { msg: None }),
+            None
+        );
+    }
+}
