@@ -170,13 +170,24 @@ fn busybox() -> Option<PathBuf> {
 /// failing assertion leaves nothing behind either.
 struct Guard {
     base: PathBuf,
-    prefix: &'static str,
+    prefix: String,
 }
 
 impl Guard {
     /// Temp dirs for `prefix`, after sweeping whatever earlier, killed runs
     /// of the same test left.
-    fn new(prefix: &'static str) -> Self {
+    fn new(base_prefix: &'static str) -> Self {
+        // BERTH_TEST_TAG keeps two checkouts running these tests at once
+        // from sweeping each other's hosts.
+        let tag = std::env::var("BERTH_TEST_TAG").unwrap_or_default();
+        assert!(
+            tag.len() <= 4
+                && tag
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit()),
+            "BERTH_TEST_TAG must be at most 4 lowercase letters or digits"
+        );
+        let prefix = format!("{tag}{base_prefix}");
         let base = PathBuf::from(format!("/tmp/{prefix}{}", std::process::id()));
         let guard = Guard { base, prefix };
         guard.sweep();
@@ -190,14 +201,14 @@ impl Guard {
         self.base.join("run")
     }
     fn sweep(&self) -> berth_agent::CleanupReport {
-        let (state, run, prefix) = (self.state(), self.run(), self.prefix);
+        let (state, run, prefix) = (self.state(), self.run(), self.prefix.clone());
         // Its own thread and runtime: Drop may run inside or outside a runtime.
         std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .unwrap();
-            rt.block_on(berth_agent::sweep(&state, &run, prefix))
+            rt.block_on(berth_agent::sweep(&state, &run, &prefix))
         })
         .join()
         .expect("sweep thread")
@@ -319,7 +330,7 @@ struct Agent {
 async fn start_agent(guard: &Guard, coordinator: &str, extra: &[&str]) -> Agent {
     let started = Instant::now();
     let mut child = Command::new(env!("CARGO_BIN_EXE_berth-agent"))
-        .args(["--coordinator", coordinator, "--prefix", guard.prefix])
+        .args(["--coordinator", coordinator, "--prefix", &guard.prefix])
         .args(["--front-port", &FRONT_PORT.to_string()])
         .arg("--state-dir")
         .arg(guard.state())
@@ -340,7 +351,7 @@ async fn start_agent(guard: &Guard, coordinator: &str, extra: &[&str]) -> Agent 
         .expect("read stdout")
         .expect("a READY line");
     let boot_time = started.elapsed();
-    eprintln!("[{}] boot to READY: {boot_time:?}: {ready}", guard.prefix);
+    eprintln!("[{}] boot to READY: {boot_time:?}: {ready}", &guard.prefix);
     Agent {
         child,
         ready,
@@ -458,14 +469,17 @@ async fn assert_clean_exit(guard: &Guard, mut agent: Agent, register: &Register)
         .expect("wait");
     eprintln!(
         "[{}] Terminating -> exit: {:?}",
-        guard.prefix,
+        &guard.prefix,
         waiting.elapsed()
     );
     assert!(status.success(), "agent exit status {status}");
 
-    let block = register.host_id.trim_start_matches(guard.prefix).to_owned();
+    let block = register
+        .host_id
+        .trim_start_matches(&guard.prefix)
+        .to_owned();
     assert_eq!(
-        netns_with_prefix(guard.prefix),
+        netns_with_prefix(&guard.prefix),
         Vec::<String>::new(),
         "network namespaces left"
     );
@@ -481,7 +495,7 @@ async fn assert_clean_exit(guard: &Guard, mut agent: Agent, register: &Register)
         "mounts left"
     );
     assert_eq!(
-        cgroups_with_prefix(guard.prefix),
+        cgroups_with_prefix(&guard.prefix),
         Vec::<PathBuf>::new(),
         "cgroups left"
     );
@@ -539,7 +553,7 @@ async fn host_serves_one_lease_then_wipes_and_destroys_itself() {
     let (url, mut seen) = start_coordinator(fake.clone()).await;
     let agent = start_agent(&guard, &url, &[]).await;
     assert!(agent.boot_time < BOOT_TIMEOUT);
-    let (register, front) = expect_register(&mut seen, &agent, guard.prefix).await;
+    let (register, front) = expect_register(&mut seen, &agent, &guard.prefix).await;
     let docker_host = register.docker_host.clone();
 
     // A heartbeat at the negotiated interval.
@@ -653,7 +667,7 @@ async fn recycled_host_expires_a_lease_serves_another_and_cleans_up_on_sigterm()
     let fake = FakeCoordinator::default();
     let (url, mut seen) = start_coordinator(fake.clone()).await;
     let agent = start_agent(&guard, &url, &["--recycle"]).await;
-    let (register, front) = expect_register(&mut seen, &agent, guard.prefix).await;
+    let (register, front) = expect_register(&mut seen, &agent, &guard.prefix).await;
     let docker_host = register.docker_host.clone();
 
     // A short lease that nobody ends: the agent's own clock does.
@@ -699,7 +713,7 @@ async fn sweep_removes_what_a_killed_agent_left() {
     let fake = FakeCoordinator::default();
     let (url, mut seen) = start_coordinator(fake.clone()).await;
     let mut agent = start_agent(&guard, &url, &[]).await;
-    let (register, _front) = expect_register(&mut seen, &agent, guard.prefix).await;
+    let (register, _front) = expect_register(&mut seen, &agent, &guard.prefix).await;
     let docker_host = register.docker_host.clone();
     assign(&fake, "lease-1", Duration::from_secs(600)).await;
     expect_accepted(&mut seen, "lease-1").await;
@@ -727,7 +741,7 @@ async fn sweep_removes_what_a_killed_agent_left() {
         .await
         .expect("agent dies");
     assert_eq!(
-        netns_with_prefix(guard.prefix),
+        netns_with_prefix(&guard.prefix),
         vec![register.host_id.clone()],
         "a namespace is left"
     );
@@ -737,7 +751,7 @@ async fn sweep_removes_what_a_killed_agent_left() {
     );
     assert!(!mounts_under(&guard.base).is_empty(), "mounts are left");
     assert!(
-        !cgroups_with_prefix(guard.prefix).is_empty(),
+        !cgroups_with_prefix(&guard.prefix).is_empty(),
         "cgroups are left"
     );
 
@@ -752,9 +766,12 @@ async fn sweep_removes_what_a_killed_agent_left() {
     assert_eq!(report.netns_deleted, 1, "{report:?}");
     assert_eq!(report.dirs_removed, 2, "{report:?}");
 
-    let block = register.host_id.trim_start_matches(guard.prefix).to_owned();
+    let block = register
+        .host_id
+        .trim_start_matches(&guard.prefix)
+        .to_owned();
     assert_eq!(
-        netns_with_prefix(guard.prefix),
+        netns_with_prefix(&guard.prefix),
         Vec::<String>::new(),
         "network namespaces left"
     );
@@ -770,7 +787,7 @@ async fn sweep_removes_what_a_killed_agent_left() {
         "mounts left"
     );
     assert_eq!(
-        cgroups_with_prefix(guard.prefix),
+        cgroups_with_prefix(&guard.prefix),
         Vec::<PathBuf>::new(),
         "cgroups left"
     );

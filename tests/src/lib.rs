@@ -142,6 +142,22 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
     }
 }
 
+/// The test's own prefix for host ids, namespaces and directories:
+/// `BERTH_TEST_TAG` (up to 4 lowercase letters or digits) in front of `base`,
+/// so two checkouts can run the same tests side by side without sweeping
+/// each other's hosts.
+pub fn test_prefix(base: &str) -> String {
+    let tag = std::env::var("BERTH_TEST_TAG").unwrap_or_default();
+    assert!(
+        tag.len() <= 4
+            && tag
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit()),
+        "BERTH_TEST_TAG must be at most 4 lowercase letters or digits, got {tag:?}"
+    );
+    format!("{tag}{base}")
+}
+
 /// Removes what an earlier, killed run with this prefix left behind: first
 /// any process still running from this test's directories (a `berth up`
 /// that outlived its test would restart agents), then the agent's sweep of
@@ -279,7 +295,8 @@ pub struct Pool {
 impl Pool {
     /// Starts `berth up --hosts N` with this test's own prefix and waits
     /// until N hosts are Ready.
-    pub fn start(prefix: &str, hosts: u16, extra: &[&str]) -> Self {
+    pub fn start(base_prefix: &str, hosts: u16, extra: &[&str]) -> Self {
+        let prefix = &test_prefix(base_prefix);
         sweep(prefix);
         let (state_dir, run_dir) = dirs(prefix);
         // Start from nothing: a stale coordinator.addr would point at a

@@ -27,8 +27,8 @@ fn ctrl_c_stops_the_pool_and_leaves_nothing_behind() {
     if !preflight() {
         return;
     }
-    let prefix = "bte5-";
-    let mut pool = Pool::start(prefix, 2, &[]);
+    let mut pool = Pool::start("bte5-", 2, &[]);
+    let prefix = &pool.prefix.clone();
     let lease = pool.acquire("up-1", "30m", "1m");
     let ctx = pool.state_dir.join("ctx");
     busybox_context(&ctx, "x\n");
