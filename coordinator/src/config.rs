@@ -15,6 +15,13 @@ pub struct CoordinatorConfig {
     /// Address for the gRPC API (CI, agents, operators). Port 0 picks a free port.
     #[arg(long, env = "BERTH_LISTEN", default_value = DEFAULT_LISTEN)]
     pub listen: SocketAddr,
+    /// Where the coordinator keeps what must outlive it (created if missing).
+    #[arg(
+        long,
+        env = "BERTH_STATE_DIR",
+        default_value = "/var/lib/berth-coordinator"
+    )]
+    pub state_dir: PathBuf,
     /// Write the address actually bound to this file (useful with port 0).
     #[arg(long, env = "BERTH_ADDR_FILE")]
     pub addr_file: Option<PathBuf>,

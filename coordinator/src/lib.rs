@@ -45,6 +45,11 @@ pub enum RunError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("cannot create the state directory {path}: {source}")]
+    StateDir {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot write the address file {path}: {source}")]
     AddrFile {
         path: std::path::PathBuf,
@@ -59,6 +64,10 @@ pub enum RunError {
 /// Binds the listener; split from [`serve`] so callers learn the address
 /// (port 0) before serving.
 pub async fn bind(config: &CoordinatorConfig) -> Result<TcpListener, RunError> {
+    std::fs::create_dir_all(&config.state_dir).map_err(|source| RunError::StateDir {
+        path: config.state_dir.clone(),
+        source,
+    })?;
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|source| RunError::Bind {

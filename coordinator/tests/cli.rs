@@ -21,6 +21,8 @@ impl Coordinator {
         let child = Command::new(env!("CARGO_BIN_EXE_berth-coordinator"))
             .args(["--listen", "127.0.0.1:0", "--addr-file"])
             .arg(&addr_file)
+            .arg("--state-dir")
+            .arg(dir.join("state"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

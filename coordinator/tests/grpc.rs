@@ -25,6 +25,7 @@ struct Args {
 }
 
 struct Server {
+    dir: String,
     channel: Channel,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<()>,
@@ -32,7 +33,20 @@ struct Server {
 
 impl Server {
     async fn start() -> Self {
-        let cfg = Args::parse_from(["t", "--listen", "127.0.0.1:0", "--max-ttl", "2h"]).c;
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("berth-grpc-{}-{n}", std::process::id()));
+        let dir = dir.to_string_lossy().into_owned();
+        let cfg = Args::parse_from([
+            "t",
+            "--listen",
+            "127.0.0.1:0",
+            "--max-ttl",
+            "2h",
+            "--state-dir",
+            &dir,
+        ])
+        .c;
         let listener = berth_coordinator::bind(&cfg).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
@@ -50,6 +64,7 @@ impl Server {
             .await
             .unwrap();
         Self {
+            dir,
             channel,
             shutdown,
             task,
@@ -63,6 +78,7 @@ impl Server {
     async fn stop(self) {
         self.shutdown.cancel();
         self.task.await.unwrap();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

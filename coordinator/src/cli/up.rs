@@ -180,6 +180,8 @@ pub async fn run(
         .arg(listen.to_string())
         .arg("--addr-file")
         .arg(&addr_file)
+        .arg("--state-dir")
+        .arg(args.state_dir.join("coordinator"))
         .args(&args.coordinator_args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
