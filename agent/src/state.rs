@@ -149,6 +149,21 @@ pub enum Event {
     Timeout(HostState),
     /// SIGTERM/SIGINT: clean up and exit.
     Shutdown,
+    /// Instead of `Booted`: the agent restarted and took over a host that
+    /// outlived its previous agent. `saved` is what the state file said the
+    /// host was doing (`None`: no readable state file, so unknown), `lease`
+    /// the lease it held, `now` the wall clock when the agent read it.
+    Resumed {
+        saved: Option<HostState>,
+        lease: Option<Lease>,
+        draining: bool,
+        now: SystemTime,
+    },
+    /// The coordinator has been unreachable for `for_` (longer than the
+    /// configured limit). An idle host terminates: it cannot be handed out
+    /// and nobody could tell it to go. A leased host keeps its lease to the
+    /// deadline.
+    Isolated { for_: Duration },
 }
 
 impl Event {
@@ -231,6 +246,31 @@ pub fn next(host: Host, event: Event) -> (Host, Vec<Action>) {
     }
 
     match (host.state, event) {
+        (
+            S::Booting,
+            Event::Resumed {
+                saved,
+                lease,
+                draining,
+                now,
+            },
+        ) => resume(
+            Host {
+                draining: host.draining || draining,
+                ..host
+            },
+            saved,
+            lease,
+            now,
+        ),
+        (S::Ready, Event::Isolated { for_ }) => terminate(
+            host,
+            &format!(
+                "coordinator unreachable for {} while idle",
+                humantime::format_duration(Duration::from_secs(for_.as_secs()))
+            ),
+            true,
+        ),
         (S::Booting, Event::Booted) if host.draining => {
             terminate(host, "drained while booting", false)
         }
@@ -359,6 +399,9 @@ pub fn next(host: Host, event: Event) -> (Host, Vec<Action>) {
 
         (S::Wiping, Event::WipeDone(report)) => {
             let mut actions = vec![Action::Send(Msg::WipeReport(report.clone()))];
+            // A wipe that ended no lease is the check of a host whose state
+            // was unknown after a restart: verified, it is as good as new.
+            let checked = host.lease.is_none();
             let mut host = Host {
                 lease: None,
                 ..host
@@ -373,9 +416,14 @@ pub fn next(host: Host, event: Event) -> (Host, Vec<Action>) {
                 actions.extend(more);
                 return (host, actions);
             }
-            if host.recycle && !host.draining {
+            if (host.recycle || checked) && !host.draining {
                 host.state = S::Ready;
-                actions.push(state_changed(&host, "wiped and verified; recycled"));
+                let why = if checked {
+                    "restarted; wiped and verified"
+                } else {
+                    "wiped and verified; recycled"
+                };
+                actions.push(state_changed(&host, why));
                 return (host, actions);
             }
             let reason = if host.draining {
@@ -402,6 +450,77 @@ pub fn next(host: Host, event: Event) -> (Host, Vec<Action>) {
         // Everything else (stale lease ids, renewals for leases not held,
         // front events that raced a state change) is ignored on purpose.
         (_, _) => (host, vec![]),
+    }
+}
+
+/// Booting -> wherever a host that outlived its agent must go. Nothing is
+/// trusted that the state file does not vouch for: a live, accepted lease
+/// resumes (front opened again, same deadline); a lease past its deadline or
+/// one being wiped is wiped; an idle or unknown host is wiped and verified
+/// before it can be Ready; a host that was ending ends.
+fn resume(
+    host: Host,
+    saved: Option<HostState>,
+    lease: Option<Lease>,
+    now: SystemTime,
+) -> (Host, Vec<Action>) {
+    use HostState as S;
+    match (saved, lease) {
+        (Some(S::Terminating | S::Unhealthy), _) => {
+            terminate(host, "restarted while the host was ending", true)
+        }
+        (Some(S::Leased), Some(lease)) if lease.deadline > now => {
+            let lease_id = lease.id.clone();
+            let host = Host {
+                state: S::Leased,
+                lease: Some(Lease {
+                    accepted: false,
+                    ..lease
+                }),
+                ..host
+            };
+            (host, vec![Action::OpenFront { lease_id }])
+        }
+        (Some(S::Leased), Some(lease)) => {
+            let ended = LeaseEnded {
+                lease_id: lease.id.clone(),
+                reason: EndReason::Expired as i32,
+            };
+            let host = Host {
+                state: S::Leased,
+                lease: Some(lease),
+                ..host
+            };
+            begin_wipe(
+                host,
+                "restarted after the lease deadline",
+                Some(Action::Send(Msg::LeaseEnded(ended))),
+            )
+        }
+        (Some(S::Wiping), Some(lease)) => {
+            let host = Host {
+                state: S::Leased,
+                lease: Some(lease),
+                ..host
+            };
+            begin_wipe(host, "restarted while wiping", None)
+        }
+        // Ready, Booting, Warming, or no state file at all: the host may
+        // have been handed a lease we never recorded. Wipe and verify.
+        _ => {
+            let host = Host {
+                state: S::Wiping,
+                lease: None,
+                ..host
+            };
+            let actions = vec![
+                state_changed(&host, "restarted; checking the host is clean"),
+                Action::StartWipe {
+                    lease_id: String::new(),
+                },
+            ];
+            (host, actions)
+        }
     }
 }
 
