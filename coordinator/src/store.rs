@@ -59,7 +59,7 @@ fn db_err(op: &'static str) -> impl FnOnce(redb::Error) -> StoreError {
     }
 }
 
-/// One lease as it is kept on disk. Times are wall-clock milliseconds since
+/// One lease as it is kept on disk. Times are wall-clock nanoseconds since
 /// the Unix epoch: the monotonic clock means nothing to the next process.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LeaseRecord {
@@ -74,10 +74,10 @@ pub struct LeaseRecord {
     pub host_id: String,
     pub host_addr: String,
     pub docker_host: String,
-    pub ttl_ms: u64,
+    pub ttl_ns: u64,
     /// When the lease ends unless renewed; `None` until a host is chosen.
-    pub deadline_ms: Option<u64>,
-    pub created_ms: u64,
+    pub deadline_ns: Option<u64>,
+    pub created_ns: u64,
     pub message: String,
     /// The agent's wipe report, protobuf-encoded.
     #[serde(default)]
@@ -277,9 +277,9 @@ mod tests {
             host_id: "h1".into(),
             host_addr: "198.18.0.2".into(),
             docker_host: "tcp://198.18.0.2:2376".into(),
-            ttl_ms: 60_000,
-            deadline_ms: Some(1_900_000_000_000),
-            created_ms: 1_800_000_000_000,
+            ttl_ns: 60_000,
+            deadline_ns: Some(1_900_000_000_000),
+            created_ns: 1_800_000_000_000,
             message: String::new(),
             wipe: Some(LeaseRecord::encode_wipe(&pb::WipeReport {
                 lease_id: id.into(),

@@ -22,14 +22,15 @@ use crate::lease::LeaseState;
 use crate::store::{LeaseRecord, LeaseStore};
 use berth_proto::v1 as pb;
 
-fn to_ms(t: SystemTime) -> u64 {
+// Nanoseconds, so a restored deadline is exactly the one the agent holds.
+fn to_ns(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
         .unwrap_or(0)
 }
 
-fn from_ms(ms: u64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_millis(ms)
+fn from_ns(ns: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_nanos(ns)
 }
 
 /// The lease state a record names; unknown names (a newer coordinator's
@@ -56,9 +57,9 @@ fn record(l: &Lease) -> LeaseRecord {
         host_id: l.host.clone().unwrap_or_default(),
         host_addr: l.host_addr.clone(),
         docker_host: l.docker_host.clone(),
-        ttl_ms: u64::try_from(l.ttl.as_millis()).unwrap_or(u64::MAX),
-        deadline_ms: l.deadline_at.map(to_ms),
-        created_ms: to_ms(l.created_at),
+        ttl_ns: u64::try_from(l.ttl.as_nanos()).unwrap_or(u64::MAX),
+        deadline_ns: l.deadline_at.map(to_ns),
+        created_ns: to_ns(l.created_at),
         message: l.message.clone(),
         wipe: l.wipe.as_ref().map(LeaseRecord::encode_wipe),
     }
@@ -96,7 +97,7 @@ pub(super) fn restore(
     now: Instant,
     wall: SystemTime,
 ) {
-    records.sort_by_key(|r| r.created_ms);
+    records.sort_by_key(|r| r.created_ns);
     let (mut live, mut ended) = (0usize, 0usize);
     for r in records {
         let mut state = state_from_name(&r.state).unwrap_or_else(|| {
@@ -110,10 +111,10 @@ pub(super) fn restore(
                 .to_owned();
             g.dirty.insert(r.id.clone());
         }
-        let created_at = from_ms(r.created_ms);
+        let created_at = from_ns(r.created_ns);
         let age = wall.duration_since(created_at).unwrap_or_default();
         let created = now.checked_sub(age).unwrap_or(now);
-        let deadline_at = r.deadline_ms.map(from_ms);
+        let deadline_at = r.deadline_ns.map(from_ns);
         let deadline = deadline_at.map(|d| now + d.duration_since(wall).unwrap_or(Duration::ZERO));
         let host = (!r.host_id.is_empty()).then(|| r.host_id.clone());
         let (tx, _) = watch::channel(state);
@@ -124,7 +125,7 @@ pub(super) fn restore(
             host: host.clone(),
             host_addr: r.host_addr.clone(),
             docker_host: r.docker_host.clone(),
-            ttl: Duration::from_millis(r.ttl_ms),
+            ttl: Duration::from_nanos(r.ttl_ns),
             created,
             created_at,
             queued_until: now,
@@ -181,7 +182,7 @@ fn placeholder(hid: &str, r: &LeaseRecord, now: Instant, wall: SystemTime) -> Ho
             docker_version: String::new(),
             state: pb::HostState::Unspecified,
             lease_id: r.id.clone(),
-            lease_deadline: r.deadline_ms.map(from_ms),
+            lease_deadline: r.deadline_ns.map(from_ns),
         },
         reported: pb::HostState::Unspecified,
         lease: Some(r.id.clone()),
