@@ -542,7 +542,9 @@ impl Pool {
                 if p.file_name()
                     .is_some_and(|n| n.to_string_lossy().starts_with("agent-"))
                 {
-                    out.push_str(&std::fs::read_to_string(&p).unwrap_or_default());
+                    out.push_str(&strip_ansi(
+                        &std::fs::read_to_string(&p).unwrap_or_default(),
+                    ));
                 }
             }
         }
@@ -551,8 +553,10 @@ impl Pool {
 
     /// The coordinator's log.
     pub fn coordinator_log(&self) -> String {
-        std::fs::read_to_string(self.state_dir.join("logs").join("coordinator.log"))
-            .unwrap_or_default()
+        strip_ansi(
+            &std::fs::read_to_string(self.state_dir.join("logs").join("coordinator.log"))
+                .unwrap_or_default(),
+        )
     }
 
     /// Runs `ip -n HOST ARGS` (inside the host's network namespace).
@@ -626,6 +630,24 @@ impl Drop for Pool {
         }
         sweep(&self.prefix);
     }
+}
+
+/// Log text without terminal colour codes (`ESC [ ... m`).
+pub fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// Network namespaces whose names start with `prefix`.

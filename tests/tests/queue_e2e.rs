@@ -118,70 +118,22 @@ fn an_expired_lease_is_ended_and_wiped_by_the_agent_on_its_own() {
     );
     drop(frozen);
 
-    // Once the coordinator runs again it agrees that the lease is over.
-    let l = wait_for(
+    // Once the coordinator runs again it agrees that the lease is over:
+    // expired, or (if it saw the host go first) host-lost, which Get
+    // reports as FAILED_PRECONDITION.
+    let outcome = wait_for(
         "the coordinator to see the lease end",
         Duration::from_secs(30),
-        || {
-            let l = pool.lease(lease.lease_id());
-            (l.state != pb::LeaseState::Active as i32).then_some(l)
+        || match pool.try_lease(lease.lease_id()) {
+            Ok(l) if l.state == pb::LeaseState::Active as i32 => None,
+            other => Some(other),
         },
     );
-    assert!(
-        l.state == pb::LeaseState::Expired as i32 || l.state == pb::LeaseState::HostLost as i32,
-        "{l:?}"
-    );
-}
-
-#[test]
-fn recycle_mode_returns_a_verified_clean_host() {
-    if !preflight() {
-        return;
+    match outcome {
+        Ok(l) => assert_eq!(l.state, pb::LeaseState::Expired as i32, "{l:?}"),
+        Err(s) => {
+            assert_eq!(s.code(), tonic::Code::FailedPrecondition, "{s}");
+            assert!(s.message().contains("host-lost"), "{s}");
+        }
     }
-    let pool = Pool::start("bte4-", 1, &["--recycle"]);
-    let a = pool.acquire("r-1", "30m", "1m");
-    let host = a.get("BERTH_HOST_ID").to_owned();
-    let ctx = pool.state_dir.join("ctx");
-    busybox_context(&ctx, "recycled\n");
-    ok(
-        run(a.docker().args(["build", "-q", "-t", "app"]).arg(&ctx)),
-        "build",
-    );
-    ok(run(a.docker().args(["run", "-d", "app"])), "run");
-    ok(run(a.docker().args(["volume", "create", "v1"])), "volume");
-    ok(run(a.docker().args(["network", "create", "n1"])), "network");
-    ok(pool.berth(&["release", "--lease", a.lease_id()]), "release");
-
-    let w = wait_for("the wipe report", Duration::from_secs(60), || {
-        pool.lease(a.lease_id()).wipe
-    });
-    assert!(w.verified, "{w:?}");
-
-    // The same host comes back Ready, and a direct look at its dockerd
-    // socket (behind the front) agrees with the report.
-    let mut pool = pool;
-    let ready = pool.wait_ready_hosts(1, Duration::from_secs(60));
-    assert_eq!(ready[0].host_id, host);
-    let sock = format!("unix://{}", pool.docker_socket(&host).display());
-    for what in [
-        &["ps", "-aq"][..],
-        &["images", "-aq"],
-        &["volume", "ls", "-q"],
-        &["network", "ls", "-q", "--filter", "type=custom"],
-    ] {
-        let out = stdout(&ok(
-            run(docker_cli(&sock).args(what)),
-            "docker on the socket",
-        ));
-        assert!(out.trim().is_empty(), "{what:?} after wipe: {out}");
-    }
-
-    let b = pool.acquire("r-2", "30m", "1m");
-    assert_eq!(b.get("BERTH_HOST_ID"), host);
-    let out = stdout(&ok(run(b.docker().args(["ps", "-aq"])), "ps"));
-    assert!(out.trim().is_empty());
-    ok(
-        pool.berth(&["release", "--lease", b.lease_id()]),
-        "release b",
-    );
 }
