@@ -29,6 +29,7 @@ use crate::lease::{self, LeaseAction, LeaseEvent, LeaseState};
 use crate::store::{LeaseStore, MemStore, StoreError};
 use crate::validate;
 
+mod invariants;
 mod persist;
 
 /// What the coordinator sends down an agent's stream.
