@@ -13,6 +13,7 @@
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod fuzzing;
 pub mod lease;
 pub mod pool;
 pub mod service;

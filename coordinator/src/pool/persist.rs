@@ -195,3 +195,89 @@ fn placeholder(hid: &str, r: &LeaseRecord, now: Instant, wall: SystemTime) -> Ho
         last_wipe: None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::pool::Pool;
+    use crate::store::MemStore;
+
+    fn rec(id: &str, build: &str, state: LeaseState, host: &str) -> LeaseRecord {
+        let now = SystemTime::now();
+        LeaseRecord {
+            id: id.into(),
+            build_id: build.into(),
+            tenant: String::new(),
+            state: state.name().into(),
+            host_id: host.into(),
+            host_addr: "198.18.0.2".into(),
+            docker_host: "tcp://198.18.0.2:2376".into(),
+            ttl_ns: 60_000_000_000,
+            deadline_ns: (!host.is_empty()).then(|| to_ns(now + Duration::from_secs(60))),
+            created_ns: to_ns(now),
+            message: String::new(),
+            wipe: None,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn restoring_keeps_live_leases_fails_queued_ones_and_rewrites_them() {
+        let (q, a, r) = (
+            "00000000-0000-4000-8000-000000000001",
+            "00000000-0000-4000-8000-000000000002",
+            "00000000-0000-4000-8000-000000000003",
+        );
+        let store = Arc::new(MemStore::default());
+        store
+            .commit(
+                &[
+                    rec(q, "bq", LeaseState::Queued, ""),
+                    rec(a, "ba", LeaseState::Active, "h1"),
+                    rec(r, "br", LeaseState::Released, "h2"),
+                ],
+                &[],
+            )
+            .unwrap();
+        let pool = Pool::with_store(PoolConfig::default(), store.clone()).unwrap();
+        pool.check_invariants().unwrap();
+        assert_eq!(pool.get(q).unwrap().state, pb::LeaseState::Failed as i32);
+        assert!(pool.get(q).unwrap().message.contains("restarted"));
+        assert_eq!(pool.get(a).unwrap().state, pb::LeaseState::Active as i32);
+        assert_eq!(pool.get(r).unwrap().state, pb::LeaseState::Released as i32);
+        // The failed queued lease was written back as failed.
+        let stored = store.load().unwrap();
+        assert!(stored.iter().any(|x| x.id == q && x.state == "failed"));
+        // The active lease's build is still idempotent; the queued one's is free.
+        let retry = pool
+            .acquire(
+                "ba",
+                Duration::from_secs(60),
+                Duration::ZERO,
+                Instant::now(),
+            )
+            .unwrap();
+        assert_eq!(retry.lease_id, a);
+        let fresh = pool
+            .acquire(
+                "bq",
+                Duration::from_secs(60),
+                Duration::ZERO,
+                Instant::now(),
+            )
+            .unwrap();
+        assert_ne!(fresh.lease_id, q);
+        // Its host is a disconnected placeholder holding the lease; past the
+        // grace it is forgotten and the lease is lost.
+        let hosts = pool.list_hosts();
+        assert_eq!(hosts.len(), 1);
+        assert!(!hosts[0].connected && hosts[0].lease_id == a);
+        pool.tick(Instant::now() + PoolConfig::default().lost_grace);
+        assert_eq!(
+            pool.get(a).unwrap_err().code(),
+            tonic::Code::FailedPrecondition
+        );
+        pool.check_invariants().unwrap();
+    }
+}
