@@ -41,9 +41,7 @@ fn dur(d: Duration) -> prost_types::Duration {
 fn agent_transitions(logs: &str) -> Vec<(String, String, String)> {
     let field = |line: &str, key: &str| -> Option<String> {
         let rest = &line[line.find(key)? + key.len()..];
-        let end = rest
-            .find(|c: char| c == ' ' || c == '}' || c == ':')
-            .unwrap_or(rest.len());
+        let end = rest.find([' ', '}', ':']).unwrap_or(rest.len());
         Some(rest[..end].trim_matches('"').to_owned())
     };
     logs.lines()
