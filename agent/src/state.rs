@@ -1062,6 +1062,154 @@ mod tests {
     }
 
     #[test]
+    fn resumed_and_isolated_hosts() {
+        use HostState as S;
+        use pb::HostState as P;
+        let held = Lease {
+            id: L.into(),
+            build_id: "b".into(),
+            deadline: t(60),
+            accepted: true,
+        };
+        let resumed = |saved, lease, now| Event::Resumed {
+            saved,
+            lease,
+            draining: false,
+            now,
+        };
+        let rows: Vec<Row> = vec![
+            (
+                "leased, deadline ahead: the lease resumes behind a new front",
+                host(S::Booting),
+                resumed(Some(S::Leased), Some(held.clone()), t(10)),
+                S::Leased,
+                vec![Action::OpenFront { lease_id: L.into() }],
+            ),
+            (
+                "leased, deadline passed: ended as expired, wiped",
+                host(S::Booting),
+                resumed(Some(S::Leased), Some(held.clone()), t(61)),
+                S::Wiping,
+                vec![
+                    Action::DisarmDeadline,
+                    Action::Send(Msg::LeaseEnded(LeaseEnded {
+                        lease_id: L.into(),
+                        reason: EndReason::Expired as i32,
+                    })),
+                    Action::CloseFront,
+                    sc(P::Wiping, L, "restarted after the lease deadline"),
+                    Action::StartWipe { lease_id: L.into() },
+                ],
+            ),
+            (
+                "wiping: wiped again",
+                host(S::Booting),
+                resumed(Some(S::Wiping), Some(held.clone()), t(10)),
+                S::Wiping,
+                vec![
+                    Action::DisarmDeadline,
+                    Action::CloseFront,
+                    sc(P::Wiping, L, "restarted while wiping"),
+                    Action::StartWipe { lease_id: L.into() },
+                ],
+            ),
+            (
+                "ready or unknown: checked by a wipe before Ready",
+                host(S::Booting),
+                resumed(None, None, t(10)),
+                S::Wiping,
+                vec![
+                    sc(P::Wiping, "", "restarted; checking the host is clean"),
+                    Action::StartWipe {
+                        lease_id: String::new(),
+                    },
+                ],
+            ),
+            (
+                "terminating: ends",
+                host(S::Booting),
+                resumed(Some(S::Terminating), None, t(10)),
+                S::Terminating,
+                vec![
+                    sc(P::Unhealthy, "", "restarted while the host was ending"),
+                    sc(P::Terminating, "", "restarted while the host was ending"),
+                    term("restarted while the host was ending"),
+                ],
+            ),
+            (
+                "verified check wipe: Ready even single-use",
+                Host {
+                    lease: None,
+                    ..host(S::Wiping)
+                },
+                Event::WipeDone(report(true, "")),
+                S::Ready,
+                vec![
+                    Action::Send(Msg::WipeReport(report(true, ""))),
+                    sc(P::Ready, "", "restarted; wiped and verified"),
+                ],
+            ),
+            (
+                "unverified check wipe: terminates",
+                Host {
+                    lease: None,
+                    ..host(S::Wiping)
+                },
+                Event::WipeDone(report(false, "1 volume left")),
+                S::Terminating,
+                vec![
+                    Action::Send(Msg::WipeReport(report(false, "1 volume left"))),
+                    sc(P::Unhealthy, "", "wipe not verified: 1 volume left"),
+                    sc(P::Terminating, "", "wipe not verified: 1 volume left"),
+                    term("wipe not verified: 1 volume left"),
+                ],
+            ),
+            (
+                "isolated while idle: ends",
+                host(S::Ready),
+                Event::Isolated {
+                    for_: Duration::from_secs(301),
+                },
+                S::Terminating,
+                vec![
+                    sc(
+                        P::Unhealthy,
+                        "",
+                        "coordinator unreachable for 5m 1s while idle",
+                    ),
+                    sc(
+                        P::Terminating,
+                        "",
+                        "coordinator unreachable for 5m 1s while idle",
+                    ),
+                    term("coordinator unreachable for 5m 1s while idle"),
+                ],
+            ),
+            (
+                "isolated while leased: keeps the lease",
+                host(S::Leased),
+                Event::Isolated {
+                    for_: Duration::from_secs(301),
+                },
+                S::Leased,
+                vec![],
+            ),
+            (
+                "resumed outside booting is ignored",
+                host(S::Ready),
+                resumed(None, None, t(10)),
+                S::Ready,
+                vec![],
+            ),
+        ];
+        for (name, start, event, want_state, want_actions) in rows {
+            let (got, actions) = next(start, event);
+            assert_eq!(got.state, want_state, "{name}: state");
+            assert_eq!(actions, want_actions, "{name}: actions");
+        }
+    }
+
+    #[test]
     fn lease_bookkeeping() {
         // Assign records the lease unaccepted; FrontOpened accepts it; renew
         // moves the deadline; the wipe result clears it.
