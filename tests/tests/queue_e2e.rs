@@ -137,3 +137,56 @@ fn an_expired_lease_is_ended_and_wiped_by_the_agent_on_its_own() {
         }
     }
 }
+
+#[test]
+fn recycle_mode_returns_a_verified_clean_host() {
+    if !preflight() {
+        return;
+    }
+    let pool = Pool::start("bte4-", 1, &["--recycle"]);
+    let a = pool.acquire("r-1", "30m", "1m");
+    let host = a.get("BERTH_HOST_ID").to_owned();
+    let ctx = pool.state_dir.join("ctx");
+    busybox_context(&ctx, "recycled\n");
+    ok(
+        run(a.docker().args(["build", "-q", "-t", "app"]).arg(&ctx)),
+        "build",
+    );
+    ok(run(a.docker().args(["run", "-d", "app"])), "run");
+    ok(run(a.docker().args(["volume", "create", "v1"])), "volume");
+    ok(run(a.docker().args(["network", "create", "n1"])), "network");
+    ok(pool.berth(&["release", "--lease", a.lease_id()]), "release");
+
+    let w = wait_for("the wipe report", Duration::from_secs(60), || {
+        pool.lease(a.lease_id()).wipe
+    });
+    assert!(w.verified, "{w:?}");
+
+    // The same host comes back Ready, and a direct look at its dockerd
+    // socket (behind the front) agrees with the report.
+    let mut pool = pool;
+    let ready = pool.wait_ready_hosts(1, Duration::from_secs(60));
+    assert_eq!(ready[0].host_id, host);
+    let sock = format!("unix://{}", pool.docker_socket(&host).display());
+    for what in [
+        &["ps", "-aq"][..],
+        &["images", "-aq"],
+        &["volume", "ls", "-q"],
+        &["network", "ls", "-q", "--filter", "type=custom"],
+    ] {
+        let out = stdout(&ok(
+            run(docker_cli(&sock).args(what)),
+            "docker on the socket",
+        ));
+        assert!(out.trim().is_empty(), "{what:?} after wipe: {out}");
+    }
+
+    let b = pool.acquire("r-2", "30m", "1m");
+    assert_eq!(b.get("BERTH_HOST_ID"), host);
+    let out = stdout(&ok(run(b.docker().args(["ps", "-aq"])), "ps"));
+    assert!(out.trim().is_empty());
+    ok(
+        pool.berth(&["release", "--lease", b.lease_id()]),
+        "release b",
+    );
+}
