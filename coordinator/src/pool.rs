@@ -253,6 +253,12 @@ impl Pool {
         &self.cfg
     }
 
+    /// The store the pool writes its leases to; other state that must
+    /// outlive the process (e.g. a CA) goes in with `LeaseStore::put_meta`.
+    pub fn store(&self) -> &Arc<dyn LeaseStore> {
+        &self.store
+    }
+
     fn lock(&self) -> Locked<'_> {
         // A panic while holding the lock is a bug, but the data is still the
         // best record there is: keep serving rather than poison every call.
