@@ -23,6 +23,9 @@ pub const DEFAULT_PREFIX: &str = "berth-";
 pub const DEFAULT_FRONT_PORT: u16 = 2376;
 /// How long bootstrapping (netns, dockerd start, `/_ping`, `info`) may take.
 pub const DEFAULT_BOOT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long an idle host may be cut off from the coordinator before it
+/// terminates itself.
+pub const DEFAULT_ISOLATION_LIMIT: Duration = Duration::from_secs(300);
 /// Longest prefix accepted. Host ids end up in netns names, cgroup names and
 /// unix socket paths (108 bytes at most), so they are kept short.
 pub const MAX_PREFIX_LEN: usize = 24;
@@ -108,6 +111,21 @@ pub struct Config {
     /// Log format on stderr; the filter comes from `RUST_LOG` (default `info`).
     #[arg(long, global = true, env = "BERTH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Plain)]
     pub log_format: LogFormat,
+
+    /// Take over this host, left behind by an agent that died (its state
+    /// file says what it was doing), instead of creating a fresh one.
+    #[arg(long, env = "BERTH_RESUME_HOST")]
+    pub resume_host: Option<String>,
+
+    /// An idle host cut off from the coordinator this long terminates itself.
+    #[arg(long, env = "BERTH_ISOLATION_LIMIT", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub isolation_limit: Duration,
+
+    /// Reach the coordinator through the host's own network namespace (as
+    /// on EC2, where the link leaves through the instance's NIC), so cutting
+    /// the host's network cuts the link too.
+    #[arg(long, env = "BERTH_LINK_VIA_HOST_NET", value_parser = BoolishValueParser::new())]
+    pub link_via_host_net: bool,
 }
 
 impl Default for Config {
@@ -126,6 +144,9 @@ impl Default for Config {
             host_addr: IpAddr::V4(Ipv4Addr::LOCALHOST),
             boot_timeout: DEFAULT_BOOT_TIMEOUT,
             log_format: LogFormat::Plain,
+            resume_host: None,
+            isolation_limit: DEFAULT_ISOLATION_LIMIT,
+            link_via_host_net: false,
         }
     }
 }
@@ -143,6 +164,10 @@ pub enum ConfigError {
     ZeroPort,
     #[error("boot timeout must be more than zero")]
     ZeroBootTimeout,
+    #[error("isolation limit must be more than zero")]
+    ZeroIsolationLimit,
+    #[error("--resume-host {0:?} is not a host id of the configured prefix")]
+    BadResumeHost(String),
 }
 
 impl Config {
@@ -167,6 +192,19 @@ impl Config {
         }
         if self.boot_timeout.is_zero() {
             return Err(ConfigError::ZeroBootTimeout);
+        }
+        if self.isolation_limit.is_zero() {
+            return Err(ConfigError::ZeroIsolationLimit);
+        }
+        if let Some(h) = &self.resume_host {
+            // It names directories and a namespace to take over: only a
+            // well-formed id of our own prefix.
+            let ok = h.strip_prefix(&self.prefix).is_some_and(|rest| {
+                !rest.is_empty() && rest.len() <= 8 && rest.bytes().all(|b| b.is_ascii_hexdigit())
+            });
+            if !ok {
+                return Err(ConfigError::BadResumeHost(h.clone()));
+            }
         }
         Ok(())
     }

@@ -23,6 +23,7 @@ use crate::front::FrontControl;
 use crate::link::Status;
 use crate::provider::{Provider, ProviderError};
 use crate::state::{self, Action, Event, Host, HostState};
+use crate::statefile;
 use crate::wipe;
 
 /// Wall-clock time, for turning the coordinator's deadlines into timers.
@@ -72,6 +73,14 @@ pub struct Driver<D, F, P, C> {
     wipe_task: Option<tokio::task::JoinHandle<()>>,
     wipe_tx: mpsc::Sender<WipeReport>,
     wipe_rx: mpsc::Receiver<WipeReport>,
+    /// Where the host's state is kept for a restarted agent, if anywhere.
+    state_file: Option<StateFile>,
+}
+
+struct StateFile {
+    host_id: String,
+    path: std::path::PathBuf,
+    last: Option<statefile::Saved>,
 }
 
 impl<D, F, P, C> std::fmt::Debug for Driver<D, F, P, C> {
@@ -123,6 +132,36 @@ where
             wipe_task: None,
             wipe_tx,
             wipe_rx,
+            state_file: None,
+        }
+    }
+
+    /// Keeps the host's state in `path` (see [`statefile`]), written after
+    /// every transition that changes it and before its actions run.
+    pub fn with_state_file(mut self, host_id: &str, path: std::path::PathBuf) -> Self {
+        self.state_file = Some(StateFile {
+            host_id: host_id.to_owned(),
+            path,
+            last: None,
+        });
+        self
+    }
+
+    async fn save(&mut self) {
+        let Some(sf) = self.state_file.as_mut() else {
+            return;
+        };
+        let saved = statefile::Saved::of(&sf.host_id, &self.host);
+        if sf.last.as_ref() == Some(&saved) {
+            return;
+        }
+        let path = sf.path.clone();
+        let to_write = saved.clone();
+        let result = tokio::task::spawn_blocking(move || statefile::write(&path, &to_write)).await;
+        match result {
+            Ok(Ok(())) => sf.last = Some(saved),
+            Ok(Err(e)) => tracing::error!(error = %e, "saving the host state failed"),
+            Err(e) => tracing::error!(error = %e, "saving the host state failed"),
         }
     }
 
@@ -178,6 +217,7 @@ where
                     .map(|t| (self.host.state, Instant::now() + t));
             }
             self.status.send_replace(status_of(&self.host));
+            self.save().await;
             for action in actions {
                 if let Some(outcome) = self.execute(action, &mut queue).await {
                     return outcome;

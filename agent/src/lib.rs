@@ -20,10 +20,13 @@ pub mod docker;
 pub mod dockerd;
 pub mod driver;
 pub mod front;
+pub mod health;
 pub mod link;
+pub mod linknet;
 pub mod netns;
 pub mod provider;
 pub mod state;
+pub mod statefile;
 pub mod stats;
 pub mod wipe;
 
@@ -75,6 +78,10 @@ pub enum AgentError {
     Driver(#[from] driver::DriverError),
     #[error("destroying the host after a failed boot: {0}")]
     Teardown(#[source] provider::ProviderError),
+    #[error("taking over host {host_id}: {reason}")]
+    Resume { host_id: String, reason: String },
+    #[error("setting up the link through the host's network: {0}")]
+    LinkNet(#[from] linknet::LinkNetError),
 }
 
 /// Runs the agent until its host is terminated (drained, lease over, wipe
@@ -85,23 +92,80 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
     config.validate()?;
     let started = Instant::now();
     let provider = Arc::new(Local::new(&config));
-    let identity = tokio::select! {
-        _ = shutdown.cancelled() => return Ok(()),
-        r = provider.identity() => r.map_err(AgentError::Identity)?,
+    let identity = match &config.resume_host {
+        Some(host_id) => match provider.resume(host_id) {
+            Ok(identity) => identity,
+            Err(e) => {
+                // What is left of the host cannot be trusted or used:
+                // destroy it, so the next start is a fresh host.
+                tracing::error!(error = %e, "cannot take the host over; destroying what is left of it");
+                let _ = provider.terminate().await;
+                return Err(AgentError::Identity(e));
+            }
+        },
+        None => tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            r = provider.identity() => r.map_err(AgentError::Identity)?,
+        },
     };
     let span = tracing::info_span!("host", host_id = %identity.host_id);
-    run_host(config, provider, identity, started, shutdown)
+    let relay_stop = CancellationToken::new();
+    let _relay_guard = relay_stop.clone().drop_guard();
+    let dialer = match (
+        config.link_via_host_net,
+        &identity.netns,
+        provider.gateway(),
+    ) {
+        (true, Some(netns), Some(gateway)) => {
+            let upstream = linknet::coordinator_addr(&config.coordinator).await?;
+            let bind = SocketAddr::new(std::net::IpAddr::V4(gateway), 0);
+            let relay = linknet::start_relay(bind, upstream, relay_stop).await?;
+            tracing::info!(%relay, %upstream, "coordinator link goes through the host's network");
+            Some(linknet::NetnsDialer {
+                netns: netns.clone(),
+                target: relay,
+            })
+        }
+        _ => None,
+    };
+    run_host(config, provider, identity, dialer, started, shutdown)
         .instrument(span)
         .await
+}
+
+/// Uses the dockerd a previous agent of this host started, if it still
+/// runs and answers; a host without a working dockerd cannot be trusted.
+async fn adopt(paths: &HostPaths) -> Result<(BollardDocker, DaemonInfo), AgentError> {
+    let fail = |reason: String| AgentError::Resume {
+        host_id: paths
+            .host_dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        reason,
+    };
+    if !dockerd::running(paths) {
+        return Err(fail("its dockerd is not running".into()));
+    }
+    let docker = BollardDocker::new(&paths.socket).map_err(|e| fail(e.to_string()))?;
+    docker
+        .ping()
+        .await
+        .map_err(|e| fail(format!("its dockerd does not answer: {e}")))?;
+    let docker = docker.negotiate().await.map_err(|e| fail(e.to_string()))?;
+    let info = docker.info().await.map_err(|e| fail(e.to_string()))?;
+    Ok((docker, info))
 }
 
 async fn run_host<P: Provider>(
     config: Config,
     provider: Arc<P>,
     identity: Identity,
+    dialer: Option<linknet::NetnsDialer>,
     started: Instant,
     shutdown: CancellationToken,
 ) -> Result<(), AgentError> {
+    let resuming = config.resume_host.is_some();
     // Network namespace and address, before dockerd starts.
     let identity_ms = started.elapsed().as_millis();
     let paths = HostPaths::new(&config.state_dir, &config.run_dir, &identity.host_id);
@@ -115,7 +179,13 @@ async fn run_host<P: Provider>(
         _ = shutdown.cancelled() => None,
         // The outer bound also covers spawning; `wait_ready` gives the more
         // useful error (with dockerd's log tail) when it runs out first.
-        r = tokio::time::timeout(config.boot_timeout + BOOT_TIMEOUT_SLACK, boot(&spec, config.boot_timeout)) => Some(match r {
+        r = tokio::time::timeout(config.boot_timeout + BOOT_TIMEOUT_SLACK, async {
+            if resuming {
+                adopt(&spec.paths).await.map(|(d, i)| (None, d, i))
+            } else {
+                boot(&spec, config.boot_timeout).await.map(|(c, d, i)| (Some(c), d, i))
+            }
+        }) => Some(match r {
             Err(_) => Err(AgentError::BootTimeout(config.boot_timeout)),
             Ok(r) => r,
         }),
@@ -160,16 +230,45 @@ async fn run_host<P: Provider>(
     let (inbox_tx, inbox_rx) = mpsc::channel(INBOX_CAPACITY);
     let host = Host::booting(config.recycle);
     let (status_tx, status_rx) = watch::channel(driver::status_of(&host));
-    // Booted goes first: it is what moves the machine to Ready.
-    let _ = inbox_tx.try_send(Event::Booted);
+    let state_file = statefile::path(&paths.host_dir);
+    // Booted (or Resumed) goes first: it is what moves the machine on.
+    let first = if resuming {
+        let saved = match statefile::read(&state_file) {
+            Ok(saved) => saved,
+            Err(e) => {
+                tracing::warn!(error = %e, "unreadable state file; the host's state is unknown");
+                None
+            }
+        };
+        tracing::info!(?saved, "taking over a host that outlived its agent");
+        statefile::Saved::resumed(saved.as_ref(), std::time::SystemTime::now())
+    } else {
+        Event::Booted
+    };
+    let _ = inbox_tx.try_send(first);
 
-    let watcher_tx = inbox_tx.clone();
+    if let Some(child) = child {
+        let watcher_tx = inbox_tx.clone();
+        tokio::spawn(
+            async move {
+                let detail = dockerd::wait_exit(child).await;
+                tracing::info!(%detail, "dockerd exited");
+                let _ = watcher_tx.send(Event::DaemonExited { detail }).await;
+            }
+            .in_current_span(),
+        );
+    }
+    let health_stop = CancellationToken::new();
+    let _health_guard = health_stop.clone().drop_guard();
     tokio::spawn(
-        async move {
-            let detail = dockerd::wait_exit(child).await;
-            tracing::info!(%detail, "dockerd exited");
-            let _ = watcher_tx.send(Event::DaemonExited { detail }).await;
-        }
+        health::watch(
+            health::DaemonProbe {
+                docker: docker.clone(),
+                pidfile: paths.pidfile.clone(),
+            },
+            inbox_tx.clone(),
+            health_stop,
+        )
         .in_current_span(),
     );
 
@@ -184,13 +283,21 @@ async fn run_host<P: Provider>(
         docker_version: info.server_version.clone(),
     };
     let sampler = stats::Sampler::new(&paths.data_root);
-    let (link, _link_status) = Link::new(
+    let isolation_tx = inbox_tx.clone();
+    let (link, link_status) = Link::new(
         config.coordinator.clone(),
         registration,
         sampler,
         status_rx,
         outbox_rx,
         inbox_tx,
+    );
+    let link = match dialer {
+        Some(d) => link.dial_through(d),
+        None => link,
+    };
+    tokio::spawn(
+        watch_isolation(link_status, config.isolation_limit, isolation_tx).in_current_span(),
     );
     let link_stop = CancellationToken::new();
     let mut link_task = tokio::spawn(link.run(link_stop.clone()).in_current_span());
@@ -204,7 +311,8 @@ async fn run_host<P: Provider>(
         SystemClock,
         outbox_tx,
         status_tx,
-    );
+    )
+    .with_state_file(&identity.host_id, state_file);
     let result = driver.run(inbox_rx, shutdown).await;
 
     // The driver dropped its outbox: the link sends what is left and ends.
@@ -218,6 +326,42 @@ async fn run_host<P: Provider>(
     let reason = result?;
     tracing::info!(%reason, "host terminated");
     Ok(())
+}
+
+/// Tells the driver, every `limit`, while the link stays down. Ends when the
+/// link or the driver is gone.
+async fn watch_isolation(
+    mut link: watch::Receiver<link::LinkStatus>,
+    limit: Duration,
+    to_driver: mpsc::Sender<Event>,
+) {
+    // The link republishes its status on every failed attempt; the clock
+    // runs from the first moment it was down, not from the latest attempt.
+    let mut down_since: Option<tokio::time::Instant> = None;
+    let mut last_told: Option<tokio::time::Instant> = None;
+    loop {
+        if link.borrow_and_update().connected {
+            down_since = None;
+            last_told = None;
+            if link.changed().await.is_err() {
+                return;
+            }
+            continue;
+        }
+        let since = *down_since.get_or_insert_with(tokio::time::Instant::now);
+        let due = last_told.unwrap_or(since) + limit;
+        tokio::select! {
+            r = link.changed() => if r.is_err() { return },
+            _ = tokio::time::sleep_until(due) => {
+                let for_ = since.elapsed();
+                tracing::warn!(?for_, "coordinator unreachable past the isolation limit");
+                last_told = Some(tokio::time::Instant::now());
+                if to_driver.send(Event::Isolated { for_ }).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
 }
 
 /// Starts dockerd and waits until it answers and passes its self-check.

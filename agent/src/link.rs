@@ -174,6 +174,8 @@ pub struct Link {
     to_driver: mpsc::Sender<Event>,
     published: watch::Sender<LinkStatus>,
     pending: VecDeque<AgentMessage>,
+    /// Dial through the host's network instead of directly (see `linknet`).
+    dialer: Option<crate::linknet::NetnsDialer>,
 }
 
 impl std::fmt::Debug for Link {
@@ -204,8 +206,15 @@ impl Link {
             to_driver,
             published,
             pending: VecDeque::new(),
+            dialer: None,
         };
         (link, link_status)
+    }
+
+    /// Makes every connection through `dialer` (the host's own network).
+    pub fn dial_through(mut self, dialer: crate::linknet::NetnsDialer) -> Self {
+        self.dialer = Some(dialer);
+        self
     }
 
     /// Runs until `stop` fires, or the driver's outbox closes and everything
@@ -323,7 +332,12 @@ impl Link {
         };
         let channel = tokio::select! {
             _ = stop.cancelled() => return SessionEnd::Stopped,
-            r = tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect()) => match r {
+            r = tokio::time::timeout(CONNECT_TIMEOUT, async {
+                match self.dialer.clone() {
+                    Some(d) => endpoint.connect_with_connector(d).await,
+                    None => endpoint.connect().await,
+                }
+            }) => match r {
                 Err(_) => return failed(format!("connect timed out after {CONNECT_TIMEOUT:?}")),
                 Ok(Err(e)) => return failed(format!("connect: {}", error_chain(&e))),
                 Ok(Ok(c)) => c,

@@ -56,6 +56,8 @@ pub enum ProviderError {
     Cleanup(#[from] CleanupError),
     #[error("terminate called before identity")]
     NoIdentity,
+    #[error("host {0} cannot be taken over: {1}")]
+    Resume(String, String),
 }
 
 /// Where hosts come from and how they end.
@@ -125,6 +127,62 @@ impl Local {
             }
         }
         Err(ProviderError::NoFreeId(self.run_dir.clone()))
+    }
+
+    /// Takes over host `host_id`, left behind by an agent that died. The
+    /// host is remembered even when it cannot be taken over, so that
+    /// `terminate` destroys what is left of it.
+    pub fn resume(&self, host_id: &str) -> Result<Identity, ProviderError> {
+        let block = if self.no_netns {
+            None
+        } else {
+            let index = netns::block_of(&self.prefix, host_id).ok_or_else(|| {
+                ProviderError::Resume(host_id.to_owned(), "not a host id of this prefix".into())
+            })?;
+            Some(Block::new(&self.prefix, index))
+        };
+        self.remember(LocalHost {
+            host_id: host_id.to_owned(),
+            block: block.clone(),
+        });
+        match &block {
+            Some(b) => {
+                if !b.path().exists() {
+                    return Err(ProviderError::Resume(
+                        host_id.to_owned(),
+                        format!("its network namespace {} is gone", b.path().display()),
+                    ));
+                }
+                Ok(Identity {
+                    host_id: host_id.to_owned(),
+                    host_addr: IpAddr::V4(b.host_addr),
+                    netns: Some(b.path()),
+                    instance_type: String::new(),
+                    zone: String::new(),
+                })
+            }
+            None => {
+                let dir = self.run_dir.join(host_id);
+                if !dir.is_dir() {
+                    return Err(ProviderError::Resume(
+                        host_id.to_owned(),
+                        format!("{} is gone", dir.display()),
+                    ));
+                }
+                Ok(Identity {
+                    host_id: host_id.to_owned(),
+                    host_addr: self.host_addr,
+                    netns: None,
+                    instance_type: String::new(),
+                    zone: String::new(),
+                })
+            }
+        }
+    }
+
+    /// The gateway (root-side veth address) of the host, if it has a namespace.
+    pub fn gateway(&self) -> Option<std::net::Ipv4Addr> {
+        self.remembered()?.block.map(|b| b.gateway)
     }
 
     /// Everything a local host owns, for `cleanup::destroy`.

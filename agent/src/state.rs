@@ -149,6 +149,21 @@ pub enum Event {
     Timeout(HostState),
     /// SIGTERM/SIGINT: clean up and exit.
     Shutdown,
+    /// Instead of `Booted`: the agent restarted and took over a host that
+    /// outlived its previous agent. `saved` is what the state file said the
+    /// host was doing (`None`: no readable state file, so unknown), `lease`
+    /// the lease it held, `now` the wall clock when the agent read it.
+    Resumed {
+        saved: Option<HostState>,
+        lease: Option<Lease>,
+        draining: bool,
+        now: SystemTime,
+    },
+    /// The coordinator has been unreachable for `for_` (longer than the
+    /// configured limit). An idle host terminates: it cannot be handed out
+    /// and nobody could tell it to go. A leased host keeps its lease to the
+    /// deadline.
+    Isolated { for_: Duration },
 }
 
 impl Event {
@@ -231,6 +246,31 @@ pub fn next(host: Host, event: Event) -> (Host, Vec<Action>) {
     }
 
     match (host.state, event) {
+        (
+            S::Booting,
+            Event::Resumed {
+                saved,
+                lease,
+                draining,
+                now,
+            },
+        ) => resume(
+            Host {
+                draining: host.draining || draining,
+                ..host
+            },
+            saved,
+            lease,
+            now,
+        ),
+        (S::Ready, Event::Isolated { for_ }) => terminate(
+            host,
+            &format!(
+                "coordinator unreachable for {} while idle",
+                humantime::format_duration(Duration::from_secs(for_.as_secs()))
+            ),
+            true,
+        ),
         (S::Booting, Event::Booted) if host.draining => {
             terminate(host, "drained while booting", false)
         }
@@ -359,6 +399,9 @@ pub fn next(host: Host, event: Event) -> (Host, Vec<Action>) {
 
         (S::Wiping, Event::WipeDone(report)) => {
             let mut actions = vec![Action::Send(Msg::WipeReport(report.clone()))];
+            // A wipe that ended no lease is the check of a host whose state
+            // was unknown after a restart: verified, it is as good as new.
+            let checked = host.lease.is_none();
             let mut host = Host {
                 lease: None,
                 ..host
@@ -373,9 +416,14 @@ pub fn next(host: Host, event: Event) -> (Host, Vec<Action>) {
                 actions.extend(more);
                 return (host, actions);
             }
-            if host.recycle && !host.draining {
+            if (host.recycle || checked) && !host.draining {
                 host.state = S::Ready;
-                actions.push(state_changed(&host, "wiped and verified; recycled"));
+                let why = if checked {
+                    "restarted; wiped and verified"
+                } else {
+                    "wiped and verified; recycled"
+                };
+                actions.push(state_changed(&host, why));
                 return (host, actions);
             }
             let reason = if host.draining {
@@ -402,6 +450,77 @@ pub fn next(host: Host, event: Event) -> (Host, Vec<Action>) {
         // Everything else (stale lease ids, renewals for leases not held,
         // front events that raced a state change) is ignored on purpose.
         (_, _) => (host, vec![]),
+    }
+}
+
+/// Booting -> wherever a host that outlived its agent must go. Nothing is
+/// trusted that the state file does not vouch for: a live, accepted lease
+/// resumes (front opened again, same deadline); a lease past its deadline or
+/// one being wiped is wiped; an idle or unknown host is wiped and verified
+/// before it can be Ready; a host that was ending ends.
+fn resume(
+    host: Host,
+    saved: Option<HostState>,
+    lease: Option<Lease>,
+    now: SystemTime,
+) -> (Host, Vec<Action>) {
+    use HostState as S;
+    match (saved, lease) {
+        (Some(S::Terminating | S::Unhealthy), _) => {
+            terminate(host, "restarted while the host was ending", true)
+        }
+        (Some(S::Leased), Some(lease)) if lease.deadline > now => {
+            let lease_id = lease.id.clone();
+            let host = Host {
+                state: S::Leased,
+                lease: Some(Lease {
+                    accepted: false,
+                    ..lease
+                }),
+                ..host
+            };
+            (host, vec![Action::OpenFront { lease_id }])
+        }
+        (Some(S::Leased), Some(lease)) => {
+            let ended = LeaseEnded {
+                lease_id: lease.id.clone(),
+                reason: EndReason::Expired as i32,
+            };
+            let host = Host {
+                state: S::Leased,
+                lease: Some(lease),
+                ..host
+            };
+            begin_wipe(
+                host,
+                "restarted after the lease deadline",
+                Some(Action::Send(Msg::LeaseEnded(ended))),
+            )
+        }
+        (Some(S::Wiping), Some(lease)) => {
+            let host = Host {
+                state: S::Leased,
+                lease: Some(lease),
+                ..host
+            };
+            begin_wipe(host, "restarted while wiping", None)
+        }
+        // Ready, Booting, Warming, or no state file at all: the host may
+        // have been handed a lease we never recorded. Wipe and verify.
+        _ => {
+            let host = Host {
+                state: S::Wiping,
+                lease: None,
+                ..host
+            };
+            let actions = vec![
+                state_changed(&host, "restarted; checking the host is clean"),
+                Action::StartWipe {
+                    lease_id: String::new(),
+                },
+            ];
+            (host, actions)
+        }
     }
 }
 
@@ -936,6 +1055,154 @@ mod tests {
     #[test]
     fn transition_table() {
         for (name, start, event, want_state, want_actions) in table() {
+            let (got, actions) = next(start, event);
+            assert_eq!(got.state, want_state, "{name}: state");
+            assert_eq!(actions, want_actions, "{name}: actions");
+        }
+    }
+
+    #[test]
+    fn resumed_and_isolated_hosts() {
+        use HostState as S;
+        use pb::HostState as P;
+        let held = Lease {
+            id: L.into(),
+            build_id: "b".into(),
+            deadline: t(60),
+            accepted: true,
+        };
+        let resumed = |saved, lease, now| Event::Resumed {
+            saved,
+            lease,
+            draining: false,
+            now,
+        };
+        let rows: Vec<Row> = vec![
+            (
+                "leased, deadline ahead: the lease resumes behind a new front",
+                host(S::Booting),
+                resumed(Some(S::Leased), Some(held.clone()), t(10)),
+                S::Leased,
+                vec![Action::OpenFront { lease_id: L.into() }],
+            ),
+            (
+                "leased, deadline passed: ended as expired, wiped",
+                host(S::Booting),
+                resumed(Some(S::Leased), Some(held.clone()), t(61)),
+                S::Wiping,
+                vec![
+                    Action::DisarmDeadline,
+                    Action::Send(Msg::LeaseEnded(LeaseEnded {
+                        lease_id: L.into(),
+                        reason: EndReason::Expired as i32,
+                    })),
+                    Action::CloseFront,
+                    sc(P::Wiping, L, "restarted after the lease deadline"),
+                    Action::StartWipe { lease_id: L.into() },
+                ],
+            ),
+            (
+                "wiping: wiped again",
+                host(S::Booting),
+                resumed(Some(S::Wiping), Some(held.clone()), t(10)),
+                S::Wiping,
+                vec![
+                    Action::DisarmDeadline,
+                    Action::CloseFront,
+                    sc(P::Wiping, L, "restarted while wiping"),
+                    Action::StartWipe { lease_id: L.into() },
+                ],
+            ),
+            (
+                "ready or unknown: checked by a wipe before Ready",
+                host(S::Booting),
+                resumed(None, None, t(10)),
+                S::Wiping,
+                vec![
+                    sc(P::Wiping, "", "restarted; checking the host is clean"),
+                    Action::StartWipe {
+                        lease_id: String::new(),
+                    },
+                ],
+            ),
+            (
+                "terminating: ends",
+                host(S::Booting),
+                resumed(Some(S::Terminating), None, t(10)),
+                S::Terminating,
+                vec![
+                    sc(P::Unhealthy, "", "restarted while the host was ending"),
+                    sc(P::Terminating, "", "restarted while the host was ending"),
+                    term("restarted while the host was ending"),
+                ],
+            ),
+            (
+                "verified check wipe: Ready even single-use",
+                Host {
+                    lease: None,
+                    ..host(S::Wiping)
+                },
+                Event::WipeDone(report(true, "")),
+                S::Ready,
+                vec![
+                    Action::Send(Msg::WipeReport(report(true, ""))),
+                    sc(P::Ready, "", "restarted; wiped and verified"),
+                ],
+            ),
+            (
+                "unverified check wipe: terminates",
+                Host {
+                    lease: None,
+                    ..host(S::Wiping)
+                },
+                Event::WipeDone(report(false, "1 volume left")),
+                S::Terminating,
+                vec![
+                    Action::Send(Msg::WipeReport(report(false, "1 volume left"))),
+                    sc(P::Unhealthy, "", "wipe not verified: 1 volume left"),
+                    sc(P::Terminating, "", "wipe not verified: 1 volume left"),
+                    term("wipe not verified: 1 volume left"),
+                ],
+            ),
+            (
+                "isolated while idle: ends",
+                host(S::Ready),
+                Event::Isolated {
+                    for_: Duration::from_secs(301),
+                },
+                S::Terminating,
+                vec![
+                    sc(
+                        P::Unhealthy,
+                        "",
+                        "coordinator unreachable for 5m 1s while idle",
+                    ),
+                    sc(
+                        P::Terminating,
+                        "",
+                        "coordinator unreachable for 5m 1s while idle",
+                    ),
+                    term("coordinator unreachable for 5m 1s while idle"),
+                ],
+            ),
+            (
+                "isolated while leased: keeps the lease",
+                host(S::Leased),
+                Event::Isolated {
+                    for_: Duration::from_secs(301),
+                },
+                S::Leased,
+                vec![],
+            ),
+            (
+                "resumed outside booting is ignored",
+                host(S::Ready),
+                resumed(None, None, t(10)),
+                S::Ready,
+                vec![],
+            ),
+        ];
+        for (name, start, event, want_state, want_actions) in rows {
             let (got, actions) = next(start, event);
             assert_eq!(got.state, want_state, "{name}: state");
             assert_eq!(actions, want_actions, "{name}: actions");

@@ -13,9 +13,11 @@
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod fuzzing;
 pub mod lease;
 pub mod pool;
 pub mod service;
+pub mod store;
 pub mod telemetry;
 pub mod validate;
 
@@ -55,6 +57,8 @@ pub enum RunError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
     #[error("gRPC reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("gRPC server: {0}")]
@@ -99,7 +103,11 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
-    let pool = Arc::new(Pool::new(config.pool()));
+    // Leases written through to disk: a restart (even after kill -9) picks
+    // up where the last process left off.
+    let store = Arc::new(store::RedbStore::open(&config.state_dir)?);
+    info!(path = %store.path().display(), "lease store open");
+    let pool = Arc::new(Pool::with_store(config.pool(), store)?);
     let services = Services {
         pool: pool.clone(),
         shutdown: shutdown.clone(),
@@ -149,7 +157,10 @@ pub async fn serve(
         .await;
     shutdown.cancel();
     let _ = ticker.await;
-    info!("coordinator stopped");
+    // Every change was committed when it happened; dropping the last handle
+    // closes the store file cleanly.
+    drop(pool);
+    info!("coordinator stopped; lease store closed");
     Ok(result?)
 }
 

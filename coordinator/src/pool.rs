@@ -13,8 +13,8 @@
 //! agent last reported Ready, it holds no lease here, it is connected, recently
 //! heard from and not draining; the agent itself refuses a second lease.
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::{Mutex, MutexGuard};
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use berth_proto::v1 as pb;
@@ -26,7 +26,11 @@ use tracing::{info, warn};
 
 use crate::error::Error;
 use crate::lease::{self, LeaseAction, LeaseEvent, LeaseState};
+use crate::store::{LeaseStore, MemStore, StoreError};
 use crate::validate;
+
+mod invariants;
+mod persist;
 
 /// What the coordinator sends down an agent's stream.
 pub type AgentTx = mpsc::Sender<Result<pb::CoordinatorMessage, Status>>;
@@ -173,12 +177,43 @@ struct Inner {
     /// Ended lease ids, oldest first, for bounding the history.
     ended: VecDeque<String>,
     next_conn: u64,
+    /// Lease ids changed since the last write to the store.
+    dirty: BTreeSet<String>,
+    /// Lease ids dropped from history since the last write to the store.
+    removed: Vec<String>,
 }
 
 /// The coordinator's view of the pool.
 pub struct Pool {
     cfg: PoolConfig,
     inner: Mutex<Inner>,
+    store: Arc<dyn LeaseStore>,
+}
+
+/// The pool's lock. Dropping it writes every lease changed under it to the
+/// store (write-through), so nothing the caller answers is lost to a crash.
+struct Locked<'a> {
+    g: MutexGuard<'a, Inner>,
+    store: &'a dyn LeaseStore,
+}
+
+impl std::ops::Deref for Locked<'_> {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.g
+    }
+}
+
+impl std::ops::DerefMut for Locked<'_> {
+    fn deref_mut(&mut self) -> &mut Inner {
+        &mut self.g
+    }
+}
+
+impl Drop for Locked<'_> {
+    fn drop(&mut self) {
+        persist::flush(&mut self.g, self.store);
+    }
 }
 
 /// What an acquire caller waits on.
@@ -189,21 +224,48 @@ pub struct Pending {
 }
 
 impl Pool {
+    /// A pool that keeps its leases in memory only.
     pub fn new(cfg: PoolConfig) -> Self {
         Self {
             cfg,
             inner: Mutex::new(Inner::default()),
+            store: Arc::new(MemStore::default()),
         }
+    }
+
+    /// A pool that writes every lease change through to `store`, starting
+    /// from what the store holds (see `persist::restore`).
+    pub fn with_store(cfg: PoolConfig, store: Arc<dyn LeaseStore>) -> Result<Self, StoreError> {
+        let records = store.load()?;
+        let mut inner = Inner::default();
+        persist::restore(&mut inner, &cfg, records, Instant::now(), SystemTime::now());
+        let pool = Self {
+            cfg,
+            inner: Mutex::new(inner),
+            store,
+        };
+        // Writes what restoring changed (queued leases that failed).
+        drop(pool.lock());
+        Ok(pool)
     }
 
     pub fn config(&self) -> &PoolConfig {
         &self.cfg
     }
 
-    fn lock(&self) -> MutexGuard<'_, Inner> {
+    /// The store the pool writes its leases to; other state that must
+    /// outlive the process (e.g. a CA) goes in with `LeaseStore::put_meta`.
+    pub fn store(&self) -> &Arc<dyn LeaseStore> {
+        &self.store
+    }
+
+    fn lock(&self) -> Locked<'_> {
         // A panic while holding the lock is a bug, but the data is still the
         // best record there is: keep serving rather than poison every call.
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+        Locked {
+            g: self.inner.lock().unwrap_or_else(|e| e.into_inner()),
+            store: &*self.store,
+        }
     }
 
     // ----- LeaseService -----
@@ -249,6 +311,7 @@ impl Pool {
             },
         );
         g.live_by_build.insert(build_id.to_owned(), id.clone());
+        g.dirty.insert(id.clone());
         g.queue.push_back(id.clone());
         info!(lease_id = %id, build_id, ttl = ?ttl, wait = ?wait, "lease requested");
         g.try_assign(&self.cfg, now);
@@ -274,6 +337,7 @@ impl Pool {
             return Err(ended_error(l));
         }
         l.ttl = ttl;
+        let lid = l.id.clone();
         if l.state.holds_host() {
             let latest = l.created + max_lease;
             let deadline = (now + ttl).min(latest);
@@ -289,14 +353,18 @@ impl Pool {
                 g.send(&hid, msg);
             }
         }
+        g.dirty.insert(lid);
         g.lease_view(lease_id)
             .ok_or_else(|| Error::LeaseNotFound(lease_id.to_owned()))
     }
 
     pub fn release(&self, lease_id: &str, now: Instant) -> Result<pb::Lease, Error> {
         let mut g = self.lock();
-        if !g.leases.contains_key(lease_id) {
-            return Err(Error::LeaseNotFound(lease_id.to_owned()));
+        match g.leases.get(lease_id) {
+            None => return Err(Error::LeaseNotFound(lease_id.to_owned())),
+            // The build must learn that its host is gone, not that all went well.
+            Some(l) if l.state == LeaseState::HostLost => return Err(ended_error(l)),
+            Some(_) => {}
         }
         g.apply(&self.cfg, lease_id, LeaseEvent::Release);
         g.try_assign(&self.cfg, now);
@@ -304,9 +372,17 @@ impl Pool {
             .ok_or_else(|| Error::LeaseNotFound(lease_id.to_owned()))
     }
 
+    /// Reports a lease. A lease whose host was lost is an error
+    /// (FAILED_PRECONDITION with the reason), so a build's next call learns
+    /// that its Docker host is gone.
     pub fn get(&self, lease_id: &str) -> Result<pb::Lease, Error> {
-        self.lock()
-            .lease_view(lease_id)
+        let g = self.lock();
+        if let Some(l) = g.leases.get(lease_id)
+            && l.state == LeaseState::HostLost
+        {
+            return Err(ended_error(l));
+        }
+        g.lease_view(lease_id)
             .ok_or_else(|| Error::LeaseNotFound(lease_id.to_owned()))
     }
 
@@ -483,7 +559,17 @@ impl Pool {
                 if matches!(state, pb::HostState::Terminating | pb::HostState::Unhealthy)
                     && let Some(lid) = h.lease.clone()
                 {
-                    g.set_message(&lid, format!("the host is {}", state.as_str_name()));
+                    let what = if state == pb::HostState::Unhealthy {
+                        "unhealthy"
+                    } else {
+                        "terminating"
+                    };
+                    let why = if sc.reason.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({})", sc.reason)
+                    };
+                    g.set_message(&lid, format!("the host became {what}{why}"));
                     g.apply(&self.cfg, &lid, LeaseEvent::HostLost);
                 }
                 g.mark_idle_if_offerable(&self.cfg, host_id, now);
@@ -540,6 +626,8 @@ impl Pool {
                     && l.host.as_deref() == Some(host_id)
                 {
                     l.wipe = Some(w.clone());
+                    let lid = l.id.clone();
+                    g.dirty.insert(lid);
                 }
                 if let Some(h) = g.hosts.get_mut(host_id) {
                     h.last_wipe = Some(w);
@@ -672,6 +760,7 @@ impl Inner {
             let (to, actions) = lease::next(from, event);
             l.state = to;
             let host = l.host.clone();
+            self.dirty.insert(lid.clone());
             if from != to {
                 info!(
                     lease_id = %lid,
@@ -870,6 +959,14 @@ impl Inner {
     ) {
         match self.leases.get(lid) {
             Some(l) if l.host.as_deref() == Some(hid) => {
+                if l.state.holds_host()
+                    && let Some(h) = self.hosts.get_mut(hid)
+                {
+                    h.lease = Some(lid.to_owned());
+                }
+                let Some(l) = self.leases.get(lid) else {
+                    return;
+                };
                 if l.state == LeaseState::Assigned {
                     self.apply(cfg, lid, LeaseEvent::Accepted);
                 } else if l.state.is_ended() {
@@ -918,6 +1015,7 @@ impl Inner {
                 if let Some(h) = self.hosts.get_mut(hid) {
                     h.lease = Some(lid.to_owned());
                 }
+                self.dirty.insert(lid.to_owned());
                 info!(
                     host_id = hid,
                     lease_id = lid,
@@ -939,6 +1037,7 @@ impl Inner {
     fn set_message(&mut self, lid: &str, msg: String) {
         if let Some(l) = self.leases.get_mut(lid) {
             l.message = msg;
+            self.dirty.insert(lid.to_owned());
         }
     }
 
@@ -963,6 +1062,8 @@ impl Inner {
                 && self.leases.get(&old).is_some_and(|l| l.state.is_ended())
             {
                 self.leases.remove(&old);
+                self.dirty.remove(&old);
+                self.removed.push(old);
             }
         }
     }

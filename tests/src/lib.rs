@@ -401,15 +401,172 @@ impl Pool {
     }
 
     pub fn lease(&self, lease_id: &str) -> pb::Lease {
+        self.try_lease(lease_id)
+            .unwrap_or_else(|s| panic!("Get {lease_id}: {s}"))
+    }
+
+    /// `Get` of a lease, with the status on failure.
+    pub fn try_lease(&self, lease_id: &str) -> Result<pb::Lease, tonic::Status> {
         let ch = self.channel();
         self.rt
             .block_on(LeaseServiceClient::new(ch).get(pb::GetRequest {
                 lease_id: lease_id.to_owned(),
             }))
+            .map(|r| r.into_inner().lease.unwrap_or_default())
+    }
+
+    /// Every lease the coordinator knows, ended ones included.
+    pub fn all_leases(&self) -> Vec<pb::Lease> {
+        let ch = self.channel();
+        self.rt
+            .block_on(
+                AdminServiceClient::new(ch).list_leases(pb::ListLeasesRequest {
+                    include_ended: true,
+                }),
+            )
             .unwrap()
             .into_inner()
-            .lease
-            .unwrap()
+            .leases
+    }
+
+    /// Whether the coordinator answers at all (it may be restarting).
+    pub fn coordinator_answers(&self) -> bool {
+        let url = format!("http://{}", self.addr);
+        self.rt.block_on(async {
+            let Ok(ch) = tonic::transport::Endpoint::from_shared(url)
+                .unwrap()
+                .connect_timeout(Duration::from_secs(1))
+                .connect()
+                .await
+            else {
+                return false;
+            };
+            AdminServiceClient::new(ch)
+                .list_hosts(pb::ListHostsRequest {})
+                .await
+                .is_ok()
+        })
+    }
+
+    /// The pid of this pool's coordinator process.
+    pub fn coordinator_pid(&self) -> Option<Pid> {
+        let state = self.state_dir.to_string_lossy().into_owned();
+        processes_mentioning(&state)
+            .into_iter()
+            .find(|p| {
+                p.split_once(": ")
+                    .is_some_and(|(_, cmd)| cmd.contains("berth-coordinator "))
+            })
+            .and_then(|p| p.split(':').next()?.parse().ok())
+            .map(Pid::from_raw)
+    }
+
+    /// The pid of `berth up` itself.
+    pub fn up_pid(&self) -> Option<Pid> {
+        self.child
+            .as_ref()
+            .and_then(|c| i32::try_from(c.id()).ok())
+            .map(Pid::from_raw)
+    }
+
+    /// The pid of a host's dockerd, per its pidfile.
+    pub fn dockerd_pid(&self, host_id: &str) -> Option<Pid> {
+        let pidfile = self.run_dir.join(host_id).join("dockerd.pid");
+        let pid: i32 = std::fs::read_to_string(pidfile).ok()?.trim().parse().ok()?;
+        std::path::Path::new(&format!("/proc/{pid}"))
+            .exists()
+            .then_some(Pid::from_raw(pid))
+    }
+
+    /// The pid of the agent serving a host: one started to take the host
+    /// over (`--resume-host HOST`), or else its dockerd's parent (an agent
+    /// starts its host's dockerd as its child).
+    pub fn agent_pid(&self, host_id: &str) -> Option<Pid> {
+        let state = self.state_dir.to_string_lossy().into_owned();
+        let resumer = processes_mentioning(&state).into_iter().find(|p| {
+            p.split_once(": ").is_some_and(|(_, cmd)| {
+                cmd.contains("berth-agent ") && cmd.contains(&format!("--resume-host {host_id}"))
+            })
+        });
+        if let Some(p) = resumer {
+            return p.split(':').next()?.parse().ok().map(Pid::from_raw);
+        }
+        let dockerd = self.dockerd_pid(host_id)?;
+        let stat = std::fs::read_to_string(format!("/proc/{dockerd}/stat")).ok()?;
+        // "pid (comm) state ppid ...": comm may hold spaces, so split after ')'.
+        let ppid: i32 = stat
+            .rsplit_once(')')?
+            .1
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()?;
+        let cmd = std::fs::read(format!("/proc/{ppid}/cmdline")).unwrap_or_default();
+        String::from_utf8_lossy(&cmd)
+            .contains("berth-agent")
+            .then_some(Pid::from_raw(ppid))
+    }
+
+    /// Pids of this pool's agent processes (not sweeps).
+    pub fn agent_pids(&self) -> Vec<Pid> {
+        let state = self.state_dir.to_string_lossy().into_owned();
+        processes_mentioning(&state)
+            .into_iter()
+            .filter(|p| {
+                p.split_once(": ").is_some_and(|(_, cmd)| {
+                    cmd.contains("berth-agent ") && !cmd.contains(" sweep ")
+                })
+            })
+            .filter_map(|p| p.split(':').next()?.parse().ok())
+            .map(Pid::from_raw)
+            .collect()
+    }
+
+    /// The agent state file of a host, if the host still exists.
+    pub fn agent_state(&self, host_id: &str) -> Option<serde_json::Value> {
+        let f = self
+            .state_dir
+            .join("hosts")
+            .join(host_id)
+            .join("agent-state.json");
+        serde_json::from_slice(&std::fs::read(f).ok()?).ok()
+    }
+
+    /// The agents' logs (one per slot), concatenated.
+    pub fn agent_logs(&self) -> String {
+        let mut out = String::new();
+        if let Ok(entries) = std::fs::read_dir(self.state_dir.join("logs")) {
+            let mut paths: Vec<_> = entries.flatten().map(|e| e.path()).collect();
+            paths.sort();
+            for p in paths {
+                if p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("agent-"))
+                {
+                    out.push_str(&strip_ansi(
+                        &std::fs::read_to_string(&p).unwrap_or_default(),
+                    ));
+                }
+            }
+        }
+        out
+    }
+
+    /// The coordinator's log.
+    pub fn coordinator_log(&self) -> String {
+        strip_ansi(
+            &std::fs::read_to_string(self.state_dir.join("logs").join("coordinator.log"))
+                .unwrap_or_default(),
+        )
+    }
+
+    /// Runs `ip -n HOST ARGS` (inside the host's network namespace).
+    pub fn ip_in_host(&self, host_id: &str, args: &[&str]) -> Output {
+        run(Command::new("ip").arg("-n").arg(host_id).args(args))
+    }
+
+    /// Whether the host still exists on this machine (its namespace).
+    pub fn host_exists(&self, host_id: &str) -> bool {
+        Path::new("/run/netns").join(host_id).exists()
     }
 
     pub fn ready_hosts(&self) -> Vec<pb::Host> {
@@ -433,6 +590,11 @@ impl Pool {
     /// The dockerd socket of a host of this pool, for looking behind the front.
     pub fn docker_socket(&self, host_id: &str) -> PathBuf {
         self.run_dir.join(host_id).join("docker.sock")
+    }
+
+    /// The stock docker CLI on a host's dockerd socket, behind the front.
+    pub fn docker_behind_front(&self, host_id: &str) -> Command {
+        docker_cli(&format!("unix://{}", self.docker_socket(host_id).display()))
     }
 
     /// Stops the pool the way an operator would (SIGTERM, like Ctrl-C) and
@@ -468,6 +630,24 @@ impl Drop for Pool {
         }
         sweep(&self.prefix);
     }
+}
+
+/// Log text without terminal colour codes (`ESC [ ... m`).
+pub fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// Network namespaces whose names start with `prefix`.

@@ -118,19 +118,24 @@ fn an_expired_lease_is_ended_and_wiped_by_the_agent_on_its_own() {
     );
     drop(frozen);
 
-    // Once the coordinator runs again it agrees that the lease is over.
-    let l = wait_for(
+    // Once the coordinator runs again it agrees that the lease is over:
+    // expired, or (if it saw the host go first) host-lost, which Get
+    // reports as FAILED_PRECONDITION.
+    let outcome = wait_for(
         "the coordinator to see the lease end",
         Duration::from_secs(30),
-        || {
-            let l = pool.lease(lease.lease_id());
-            (l.state != pb::LeaseState::Active as i32).then_some(l)
+        || match pool.try_lease(lease.lease_id()) {
+            Ok(l) if l.state == pb::LeaseState::Active as i32 => None,
+            other => Some(other),
         },
     );
-    assert!(
-        l.state == pb::LeaseState::Expired as i32 || l.state == pb::LeaseState::HostLost as i32,
-        "{l:?}"
-    );
+    match outcome {
+        Ok(l) => assert_eq!(l.state, pb::LeaseState::Expired as i32, "{l:?}"),
+        Err(s) => {
+            assert_eq!(s.code(), tonic::Code::FailedPrecondition, "{s}");
+            assert!(s.message().contains("host-lost"), "{s}");
+        }
+    }
 }
 
 #[test]

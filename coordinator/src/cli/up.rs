@@ -1,8 +1,16 @@
 //! `berth up`: a whole pool on this machine. Runs `berth-coordinator` and N
 //! `berth-agent` processes (each agent is one local host: its own dockerd in
 //! its own network namespace), starts a fresh host whenever one terminates
-//! (standing in for the auto-scaling group), and on Ctrl-C stops everything
-//! and sweeps whatever a killed earlier run left behind.
+//! (standing in for the auto-scaling group), restarts the coordinator if it
+//! dies (as systemd would, on the same address and state dir), and on Ctrl-C
+//! stops everything and sweeps whatever a killed earlier run left behind.
+//!
+//! An agent that died without destroying its host (killed, crashed) leaves
+//! the host's state file behind (`HOSTS_DIR/HOST_ID/agent-state.json`); the
+//! slot's next agent then gets `--resume-host HOST_ID` and takes that host
+//! over (resuming its lease or wiping it), as a restarted agent on an EC2
+//! instance would. An agent that ended its host cleanly removed the file, and
+//! the slot gets a fresh host.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -27,6 +35,11 @@ pub const COORDINATOR_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// its slot waits before the next start.
 pub const CRASH_WINDOW: Duration = Duration::from_secs(5);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Pause before restarting a coordinator that died.
+pub const COORDINATOR_RESTART_DELAY: Duration = Duration::from_millis(500);
+/// The agent's state file inside its host directory (see berth-agent's
+/// `statefile` module): its presence means the host outlived its agent.
+pub const AGENT_STATE_FILE: &str = "agent-state.json";
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct UpArgs {
@@ -135,6 +148,8 @@ struct Slot {
     pid: Option<u32>,
     started: Instant,
     backoff: Duration,
+    /// The host the slot's agent announced in its READY line.
+    host_id: Option<String>,
 }
 
 /// Runs the pool until `shutdown` fires, then stops it and cleans up.
@@ -175,19 +190,7 @@ pub async fn run(
 
     let addr_file = args.state_dir.join("coordinator.addr");
     let _ = std::fs::remove_file(&addr_file);
-    let mut coordinator_child = Command::new(&bins.coordinator)
-        .arg("--listen")
-        .arg(listen.to_string())
-        .arg("--addr-file")
-        .arg(&addr_file)
-        .arg("--state-dir")
-        .arg(args.state_dir.join("coordinator"))
-        .args(&args.coordinator_args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log_file(&logs.join("coordinator.log"))?)
-        .spawn()
-        .map_err(io_err("cannot start", &bins.coordinator))?;
+    let mut coordinator_child = start_coordinator(&bins, &args, listen, &addr_file, &logs)?;
     let addr = match wait_for_addr(&addr_file, &mut coordinator_child).await {
         Ok(a) => a,
         Err(e) => {
@@ -205,13 +208,14 @@ pub async fn run(
     let n = usize::from(args.hosts);
     let mut slots: HashMap<usize, Slot> = HashMap::new();
     for slot in 0..n {
-        let pid = start_agent(&bins, &args, &url, &logs, slot, tx.clone())?;
+        let pid = start_agent(&bins, &args, &url, &logs, slot, None, tx.clone())?;
         slots.insert(
             slot,
             Slot {
                 pid: Some(pid),
                 started: Instant::now(),
                 backoff: Duration::from_millis(500),
+                host_id: None,
             },
         );
     }
@@ -224,12 +228,34 @@ pub async fn run(
         let next_restart = restart_at.values().min().copied();
         tokio::select! {
             () = shutdown.cancelled() => break,
+            status = coordinator_child.wait() => {
+                // Like systemd's Restart=always: same address (agents dial
+                // it), same state dir (the lease store).
+                let status = status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
+                eprintln!("berth up: coordinator exited ({status}); restarting it on {addr}");
+                tokio::time::sleep(COORDINATOR_RESTART_DELAY).await;
+                let _ = std::fs::remove_file(&addr_file);
+                coordinator_child = start_coordinator(&bins, &args, addr, &addr_file, &logs)?;
+                match wait_for_addr(&addr_file, &mut coordinator_child).await {
+                    Ok(a) => eprintln!("berth up: coordinator back at {a}"),
+                    Err(e) => warn!(error = %e, "restarted coordinator did not come up; trying again"),
+                }
+            }
             () = sleep_until_opt(next_restart) => {
                 let now = Instant::now();
                 let due: Vec<usize> = restart_at.iter().filter(|(_, t)| **t <= now).map(|(s, _)| *s).collect();
                 for slot in due {
                     restart_at.remove(&slot);
-                    let pid = start_agent(&bins, &args, &url, &logs, slot, tx.clone())?;
+                    // A host that outlived its agent is taken over by the
+                    // slot's next agent; otherwise the slot gets a fresh host.
+                    let resume = slots
+                        .get(&slot)
+                        .and_then(|s| s.host_id.clone())
+                        .filter(|h| hosts_dir.join(h).join(AGENT_STATE_FILE).is_file());
+                    if let Some(h) = &resume {
+                        eprintln!("berth up: slot {slot}: host {h} outlived its agent; resuming it");
+                    }
+                    let pid = start_agent(&bins, &args, &url, &logs, slot, resume, tx.clone())?;
                     if let Some(s) = slots.get_mut(&slot) {
                         s.pid = Some(pid);
                         s.started = Instant::now();
@@ -239,6 +265,12 @@ pub async fn run(
             Some(ev) = rx.recv() => match ev {
                 Event::Ready { slot, line } => {
                     ready += 1;
+                    if let Some(s) = slots.get_mut(&slot) {
+                        s.host_id = line
+                            .split_whitespace()
+                            .find_map(|w| w.strip_prefix("host_id="))
+                            .map(str::to_owned);
+                    }
                     eprintln!("berth up: slot {slot}: {line}");
                     if !announced && ready >= n {
                         announced = true;
@@ -330,6 +362,28 @@ async fn wait_for_addr(path: &Path, child: &mut Child) -> Result<SocketAddr, UpE
     }
 }
 
+fn start_coordinator(
+    bins: &Bins,
+    args: &UpArgs,
+    listen: SocketAddr,
+    addr_file: &Path,
+    logs: &Path,
+) -> Result<Child, UpError> {
+    Command::new(&bins.coordinator)
+        .arg("--listen")
+        .arg(listen.to_string())
+        .arg("--addr-file")
+        .arg(addr_file)
+        .arg("--state-dir")
+        .arg(args.state_dir.join("coordinator"))
+        .args(&args.coordinator_args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log_file(&logs.join("coordinator.log"))?)
+        .spawn()
+        .map_err(io_err("cannot start", &bins.coordinator))
+}
+
 fn agent_command(bins: &Bins, args: &UpArgs, url: &str) -> Command {
     let mut cmd = Command::new(&bins.agent);
     cmd.arg("--coordinator")
@@ -353,10 +407,15 @@ fn start_agent(
     url: &str,
     logs: &Path,
     slot: usize,
+    resume: Option<String>,
     tx: mpsc::Sender<Event>,
 ) -> Result<u32, UpError> {
     let log = logs.join(format!("agent-{slot}.log"));
-    let mut child = agent_command(bins, args, url)
+    let mut cmd = agent_command(bins, args, url);
+    if let Some(h) = &resume {
+        cmd.arg("--resume-host").arg(h);
+    }
+    let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(log_file(&log)?)

@@ -1,0 +1,283 @@
+//! The pool's side of persistence: turning leases into store records
+//! (written through whenever the pool's lock is released) and rebuilding the
+//! pool from the records at start.
+//!
+//! Restoring follows one rule: the agents are the truth about their hosts,
+//! the store is the truth about leases. A lease that held a host gets a
+//! placeholder for that host, disconnected since the restart: when the agent
+//! re-registers, the usual reconciliation runs (the agent's report wins); when
+//! it does not come back within the lost-host grace, the lease ends as
+//! host-lost. A lease that was still queued cannot be waited for any more
+//! (its caller's call died with the old process), so it ends as failed and a
+//! retry of Acquire with the same build id starts a new one.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tracing::{error, info, warn};
+
+use super::{Host, Inner, Lease, PoolConfig, Registration};
+use crate::lease::LeaseState;
+use crate::store::{LeaseRecord, LeaseStore};
+use berth_proto::v1 as pb;
+
+// Nanoseconds, so a restored deadline is exactly the one the agent holds.
+fn to_ns(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+fn from_ns(ns: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_nanos(ns)
+}
+
+/// The lease state a record names; unknown names (a newer coordinator's
+/// file) count as failed rather than stopping the coordinator.
+pub(crate) fn state_from_name(name: &str) -> Option<LeaseState> {
+    Some(match name {
+        "queued" => LeaseState::Queued,
+        "assigned" => LeaseState::Assigned,
+        "active" => LeaseState::Active,
+        "released" => LeaseState::Released,
+        "expired" => LeaseState::Expired,
+        "host-lost" => LeaseState::HostLost,
+        "failed" => LeaseState::Failed,
+        _ => return None,
+    })
+}
+
+fn record(l: &Lease) -> LeaseRecord {
+    LeaseRecord {
+        id: l.id.clone(),
+        build_id: l.build_id.clone(),
+        tenant: String::new(),
+        state: l.state.name().to_owned(),
+        host_id: l.host.clone().unwrap_or_default(),
+        host_addr: l.host_addr.clone(),
+        docker_host: l.docker_host.clone(),
+        ttl_ns: u64::try_from(l.ttl.as_nanos()).unwrap_or(u64::MAX),
+        deadline_ns: l.deadline_at.map(to_ns),
+        created_ns: to_ns(l.created_at),
+        message: l.message.clone(),
+        wipe: l.wipe.as_ref().map(LeaseRecord::encode_wipe),
+    }
+}
+
+/// Writes the leases changed under the lock. A failed write is logged and
+/// kept dirty for the next flush: the pool keeps serving from memory.
+pub(super) fn flush(g: &mut Inner, store: &dyn LeaseStore) {
+    if g.dirty.is_empty() && g.removed.is_empty() {
+        return;
+    }
+    let put: Vec<LeaseRecord> = g
+        .dirty
+        .iter()
+        .filter_map(|id| g.leases.get(id))
+        .map(record)
+        .collect();
+    match store.commit(&put, &g.removed) {
+        Ok(()) => {
+            g.dirty.clear();
+            g.removed.clear();
+        }
+        Err(e) => {
+            error!(error = %e, leases = put.len(), "writing leases to the store failed; will retry")
+        }
+    }
+}
+
+/// Rebuilds `g` from stored records. `now`/`wall` are the monotonic and wall
+/// clocks at the same moment.
+pub(super) fn restore(
+    g: &mut Inner,
+    cfg: &PoolConfig,
+    mut records: Vec<LeaseRecord>,
+    now: Instant,
+    wall: SystemTime,
+) {
+    records.sort_by_key(|r| r.created_ns);
+    let (mut live, mut ended) = (0usize, 0usize);
+    for r in records {
+        let mut state = state_from_name(&r.state).unwrap_or_else(|| {
+            warn!(lease_id = %r.id, state = %r.state, "stored lease in an unknown state; counting it as failed");
+            LeaseState::Failed
+        });
+        let mut message = r.message.clone();
+        if state == LeaseState::Queued {
+            state = LeaseState::Failed;
+            message = "the coordinator restarted while this lease was queued; retry the acquire"
+                .to_owned();
+            g.dirty.insert(r.id.clone());
+        }
+        let created_at = from_ns(r.created_ns);
+        let age = wall.duration_since(created_at).unwrap_or_default();
+        let created = now.checked_sub(age).unwrap_or(now);
+        let deadline_at = r.deadline_ns.map(from_ns);
+        let deadline = deadline_at.map(|d| now + d.duration_since(wall).unwrap_or(Duration::ZERO));
+        let host = (!r.host_id.is_empty()).then(|| r.host_id.clone());
+        let (tx, _) = watch::channel(state);
+        let lease = Lease {
+            id: r.id.clone(),
+            build_id: r.build_id.clone(),
+            state,
+            host: host.clone(),
+            host_addr: r.host_addr.clone(),
+            docker_host: r.docker_host.clone(),
+            ttl: Duration::from_nanos(r.ttl_ns),
+            created,
+            created_at,
+            queued_until: now,
+            // An agent that does not confirm an assignment made before the
+            // restart within the usual time loses it.
+            assigned_at: (state == LeaseState::Assigned).then_some(now),
+            deadline,
+            deadline_at,
+            message,
+            wipe: r.wipe_report(),
+            watch: tx,
+        };
+        if state.is_ended() {
+            ended += 1;
+            g.ended.push_back(r.id.clone());
+        } else {
+            live += 1;
+            if !r.build_id.is_empty() {
+                g.live_by_build.insert(r.build_id.clone(), r.id.clone());
+            }
+        }
+        if state.holds_host()
+            && let Some(hid) = host
+        {
+            g.hosts
+                .entry(hid.clone())
+                .or_insert_with(|| placeholder(&hid, &r, now, wall));
+            if let Some(h) = g.hosts.get_mut(&hid) {
+                h.lease = Some(r.id.clone());
+            }
+        }
+        g.leases.insert(r.id.clone(), lease);
+    }
+    g.trim_history(cfg);
+    info!(
+        live,
+        ended,
+        hosts = g.hosts.len(),
+        "restored leases from the store"
+    );
+}
+
+/// A host known only from a lease record: not connected, not offerable, and
+/// forgotten (its lease lost) unless its agent registers within the grace.
+fn placeholder(hid: &str, r: &LeaseRecord, now: Instant, wall: SystemTime) -> Host {
+    Host {
+        reg: Registration {
+            host_id: hid.to_owned(),
+            host_addr: r.host_addr.clone(),
+            docker_host: r.docker_host.clone(),
+            provider: String::new(),
+            resources: None,
+            agent_version: String::new(),
+            docker_version: String::new(),
+            state: pb::HostState::Unspecified,
+            lease_id: r.id.clone(),
+            lease_deadline: r.deadline_ns.map(from_ns),
+        },
+        reported: pb::HostState::Unspecified,
+        lease: Some(r.id.clone()),
+        conn: None,
+        draining: false,
+        registered_at: wall,
+        last_heartbeat: wall,
+        last_seen: now,
+        disconnected_at: Some(now),
+        last_wipe: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::pool::Pool;
+    use crate::store::MemStore;
+
+    fn rec(id: &str, build: &str, state: LeaseState, host: &str) -> LeaseRecord {
+        let now = SystemTime::now();
+        LeaseRecord {
+            id: id.into(),
+            build_id: build.into(),
+            tenant: String::new(),
+            state: state.name().into(),
+            host_id: host.into(),
+            host_addr: "198.18.0.2".into(),
+            docker_host: "tcp://198.18.0.2:2376".into(),
+            ttl_ns: 60_000_000_000,
+            deadline_ns: (!host.is_empty()).then(|| to_ns(now + Duration::from_secs(60))),
+            created_ns: to_ns(now),
+            message: String::new(),
+            wipe: None,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn restoring_keeps_live_leases_fails_queued_ones_and_rewrites_them() {
+        let (q, a, r) = (
+            "00000000-0000-4000-8000-000000000001",
+            "00000000-0000-4000-8000-000000000002",
+            "00000000-0000-4000-8000-000000000003",
+        );
+        let store = Arc::new(MemStore::default());
+        store
+            .commit(
+                &[
+                    rec(q, "bq", LeaseState::Queued, ""),
+                    rec(a, "ba", LeaseState::Active, "h1"),
+                    rec(r, "br", LeaseState::Released, "h2"),
+                ],
+                &[],
+            )
+            .unwrap();
+        let pool = Pool::with_store(PoolConfig::default(), store.clone()).unwrap();
+        pool.check_invariants().unwrap();
+        assert_eq!(pool.get(q).unwrap().state, pb::LeaseState::Failed as i32);
+        assert!(pool.get(q).unwrap().message.contains("restarted"));
+        assert_eq!(pool.get(a).unwrap().state, pb::LeaseState::Active as i32);
+        assert_eq!(pool.get(r).unwrap().state, pb::LeaseState::Released as i32);
+        // The failed queued lease was written back as failed.
+        let stored = store.load().unwrap();
+        assert!(stored.iter().any(|x| x.id == q && x.state == "failed"));
+        // The active lease's build is still idempotent; the queued one's is free.
+        let retry = pool
+            .acquire(
+                "ba",
+                Duration::from_secs(60),
+                Duration::ZERO,
+                Instant::now(),
+            )
+            .unwrap();
+        assert_eq!(retry.lease_id, a);
+        let fresh = pool
+            .acquire(
+                "bq",
+                Duration::from_secs(60),
+                Duration::ZERO,
+                Instant::now(),
+            )
+            .unwrap();
+        assert_ne!(fresh.lease_id, q);
+        // Its host is a disconnected placeholder holding the lease; past the
+        // grace it is forgotten and the lease is lost.
+        let hosts = pool.list_hosts();
+        assert_eq!(hosts.len(), 1);
+        assert!(!hosts[0].connected && hosts[0].lease_id == a);
+        pool.tick(Instant::now() + PoolConfig::default().lost_grace);
+        assert_eq!(
+            pool.get(a).unwrap_err().code(),
+            tonic::Code::FailedPrecondition
+        );
+        pool.check_invariants().unwrap();
+    }
+}

@@ -1,0 +1,322 @@
+//! What the coordinator keeps on disk so that a restart (even `kill -9`)
+//! loses no lease: one record per lease (id, build id, tenant, state, host,
+//! deadline, creation time, message, wipe report), written through on every
+//! change, and a small key/value table for other state that must outlive the
+//! process (e.g. a CA). Idempotency keys (build id -> live lease) are not
+//! stored separately: they are rebuilt from the live lease records at start.
+//!
+//! [`LeaseStore`] is the seam; [`RedbStore`] is the embedded store (redb: pure
+//! Rust, one file, crash-safe commits; it builds in seconds with no C
+//! toolchain, where rusqlite's `bundled` feature compiles all of SQLite), and
+//! [`MemStore`] keeps records in memory for unit tests and for pools that are
+//! not meant to survive their process.
+//!
+//! Every commit is durable (fsync) before the call returns, so a record the
+//! pool wrote is on disk before the gRPC answer that depends on it leaves.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use berth_proto::v1 as pb;
+use redb::{ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+/// Lease records by lease id; the value is the record as JSON.
+const LEASES: TableDefinition<&str, &[u8]> = TableDefinition::new("leases");
+/// Anything else that must outlive the process, by key.
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+/// File name of the store inside the coordinator's state directory.
+pub const STORE_FILE: &str = "coordinator.redb";
+
+/// What the store failed at.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("opening the store {path}: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: Box<redb::Error>,
+    },
+    #[error("store {op}: {source}")]
+    Db {
+        op: &'static str,
+        #[source]
+        source: Box<redb::Error>,
+    },
+    #[error("lease record {id:?} is unreadable: {source}")]
+    Decode {
+        id: String,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+fn db_err(op: &'static str) -> impl FnOnce(redb::Error) -> StoreError {
+    move |e| StoreError::Db {
+        op,
+        source: Box::new(e),
+    }
+}
+
+/// One lease as it is kept on disk. Times are wall-clock nanoseconds since
+/// the Unix epoch: the monotonic clock means nothing to the next process.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseRecord {
+    pub id: String,
+    pub build_id: String,
+    /// Who asked for the lease; empty until tenants exist.
+    #[serde(default)]
+    pub tenant: String,
+    /// `LeaseState::name()` of the lease.
+    pub state: String,
+    /// Empty while queued.
+    pub host_id: String,
+    pub host_addr: String,
+    pub docker_host: String,
+    pub ttl_ns: u64,
+    /// When the lease ends unless renewed; `None` until a host is chosen.
+    pub deadline_ns: Option<u64>,
+    pub created_ns: u64,
+    pub message: String,
+    /// The agent's wipe report, protobuf-encoded.
+    #[serde(default)]
+    pub wipe: Option<Vec<u8>>,
+}
+
+impl LeaseRecord {
+    /// The wipe report, if one was stored and it still decodes.
+    pub fn wipe_report(&self) -> Option<pb::WipeReport> {
+        use prost::Message;
+        self.wipe
+            .as_deref()
+            .and_then(|b| pb::WipeReport::decode(b).ok())
+    }
+
+    /// Encodes a wipe report for [`LeaseRecord::wipe`].
+    pub fn encode_wipe(w: &pb::WipeReport) -> Vec<u8> {
+        use prost::Message;
+        w.encode_to_vec()
+    }
+}
+
+/// Where lease records live.
+pub trait LeaseStore: Send + Sync + 'static {
+    /// Writes (inserts or replaces) these records and removes those ids, in
+    /// one durable commit.
+    fn commit(&self, put: &[LeaseRecord], delete: &[String]) -> Result<(), StoreError>;
+    /// Every stored lease record.
+    fn load(&self) -> Result<Vec<LeaseRecord>, StoreError>;
+    /// Stores a value that must outlive the process.
+    fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), StoreError>;
+    /// Reads a value stored with [`LeaseStore::put_meta`].
+    fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
+}
+
+/// Records in memory: for unit tests and throwaway pools.
+#[derive(Debug, Default)]
+pub struct MemStore {
+    leases: Mutex<BTreeMap<String, LeaseRecord>>,
+    meta: Mutex<BTreeMap<String, Vec<u8>>>,
+}
+
+impl LeaseStore for MemStore {
+    fn commit(&self, put: &[LeaseRecord], delete: &[String]) -> Result<(), StoreError> {
+        let mut g = self.leases.lock().unwrap_or_else(|e| e.into_inner());
+        for r in put {
+            g.insert(r.id.clone(), r.clone());
+        }
+        for id in delete {
+            g.remove(id);
+        }
+        Ok(())
+    }
+
+    fn load(&self) -> Result<Vec<LeaseRecord>, StoreError> {
+        let g = self.leases.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(g.values().cloned().collect())
+    }
+
+    fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        let mut g = self.meta.lock().unwrap_or_else(|e| e.into_inner());
+        g.insert(key.to_owned(), value.to_vec());
+        Ok(())
+    }
+
+    fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let g = self.meta.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(g.get(key).cloned())
+    }
+}
+
+/// The embedded, on-disk store.
+pub struct RedbStore {
+    path: PathBuf,
+    db: redb::Database,
+}
+
+impl std::fmt::Debug for RedbStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedbStore")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedbStore {
+    /// Opens (or creates) the store in `state_dir`. After an unclean stop
+    /// redb repairs the file here, before the coordinator serves anything.
+    pub fn open(state_dir: &Path) -> Result<Self, StoreError> {
+        let path = state_dir.join(STORE_FILE);
+        let open_err = |e: redb::Error| StoreError::Open {
+            path: path.clone(),
+            source: Box::new(e),
+        };
+        let db = redb::Database::create(&path).map_err(|e| open_err(e.into()))?;
+        // Create both tables up front so reads never meet a missing table.
+        let txn = db.begin_write().map_err(|e| open_err(e.into()))?;
+        {
+            txn.open_table(LEASES).map_err(|e| open_err(e.into()))?;
+            txn.open_table(META).map_err(|e| open_err(e.into()))?;
+        }
+        txn.commit().map_err(|e| open_err(e.into()))?;
+        Ok(Self { path, db })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl LeaseStore for RedbStore {
+    fn commit(&self, put: &[LeaseRecord], delete: &[String]) -> Result<(), StoreError> {
+        if put.is_empty() && delete.is_empty() {
+            return Ok(());
+        }
+        let txn = self
+            .db
+            .begin_write()
+            .map_err(|e| db_err("begin write")(e.into()))?;
+        {
+            let mut t = txn
+                .open_table(LEASES)
+                .map_err(|e| db_err("open leases")(e.into()))?;
+            for r in put {
+                // Serialising a struct of strings and numbers cannot fail.
+                let bytes = serde_json::to_vec(r).unwrap_or_default();
+                t.insert(r.id.as_str(), bytes.as_slice())
+                    .map_err(|e| db_err("insert lease")(e.into()))?;
+            }
+            for id in delete {
+                t.remove(id.as_str())
+                    .map_err(|e| db_err("remove lease")(e.into()))?;
+            }
+        }
+        txn.commit().map_err(|e| db_err("commit")(e.into()))
+    }
+
+    fn load(&self) -> Result<Vec<LeaseRecord>, StoreError> {
+        let txn = self
+            .db
+            .begin_read()
+            .map_err(|e| db_err("begin read")(e.into()))?;
+        let t = txn
+            .open_table(LEASES)
+            .map_err(|e| db_err("open leases")(e.into()))?;
+        let mut out = Vec::new();
+        for item in t.iter().map_err(|e| db_err("iterate leases")(e.into()))? {
+            let (k, v) = item.map_err(|e| db_err("read lease")(e.into()))?;
+            let rec: LeaseRecord =
+                serde_json::from_slice(v.value()).map_err(|source| StoreError::Decode {
+                    id: k.value().to_owned(),
+                    source,
+                })?;
+            out.push(rec);
+        }
+        Ok(out)
+    }
+
+    fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        let txn = self
+            .db
+            .begin_write()
+            .map_err(|e| db_err("begin write")(e.into()))?;
+        {
+            let mut t = txn
+                .open_table(META)
+                .map_err(|e| db_err("open meta")(e.into()))?;
+            t.insert(key, value)
+                .map_err(|e| db_err("insert meta")(e.into()))?;
+        }
+        txn.commit().map_err(|e| db_err("commit")(e.into()))
+    }
+
+    fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let txn = self
+            .db
+            .begin_read()
+            .map_err(|e| db_err("begin read")(e.into()))?;
+        let t = txn
+            .open_table(META)
+            .map_err(|e| db_err("open meta")(e.into()))?;
+        let v = t.get(key).map_err(|e| db_err("read meta")(e.into()))?;
+        Ok(v.map(|v| v.value().to_vec()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(id: &str, state: &str) -> LeaseRecord {
+        LeaseRecord {
+            id: id.into(),
+            build_id: format!("b-{id}"),
+            tenant: String::new(),
+            state: state.into(),
+            host_id: "h1".into(),
+            host_addr: "198.18.0.2".into(),
+            docker_host: "tcp://198.18.0.2:2376".into(),
+            ttl_ns: 60_000,
+            deadline_ns: Some(1_900_000_000_000),
+            created_ns: 1_800_000_000_000,
+            message: String::new(),
+            wipe: Some(LeaseRecord::encode_wipe(&pb::WipeReport {
+                lease_id: id.into(),
+                verified: true,
+                ..Default::default()
+            })),
+        }
+    }
+
+    #[test]
+    fn records_survive_reopening_the_file() {
+        let dir = std::env::temp_dir().join(format!("berth-store-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        {
+            let s = RedbStore::open(&dir).unwrap();
+            s.commit(&[rec("a", "active"), rec("b", "queued")], &[])
+                .unwrap();
+            s.commit(&[rec("b", "released")], &["a".into()]).unwrap();
+            s.put_meta("ca", b"pem").unwrap();
+        }
+        let s = RedbStore::open(&dir).unwrap();
+        let all = s.load().unwrap();
+        assert_eq!(all, vec![rec("b", "released")]);
+        assert!(all[0].wipe_report().unwrap().verified);
+        assert_eq!(s.get_meta("ca").unwrap().as_deref(), Some(&b"pem"[..]));
+        assert_eq!(s.get_meta("nope").unwrap(), None);
+        drop(s);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn mem_store_behaves_the_same() {
+        let s = MemStore::default();
+        s.commit(&[rec("a", "active"), rec("b", "queued")], &[])
+            .unwrap();
+        s.commit(&[rec("b", "released")], &["a".into()]).unwrap();
+        assert_eq!(s.load().unwrap(), vec![rec("b", "released")]);
+    }
+}

@@ -1,0 +1,281 @@
+//! Coordinator restarts in-process, over real sockets and the real on-disk
+//! store: a graceful stop (the shutdown token, as SIGTERM triggers it) ends
+//! the agent streams and returns; a new coordinator on the same state dir
+//! still knows the lease, takes the agent's re-registration as the truth,
+//! and serves Get/Renew/Release and an Acquire retry. A restored lease whose
+//! host never comes back ends as host-lost after the grace period.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use berth_coordinator::CoordinatorConfig;
+use berth_proto::from_duration;
+use berth_proto::v1 as pb;
+use berth_proto::v1::admin_service_client::AdminServiceClient;
+use berth_proto::v1::agent_service_client::AgentServiceClient;
+use berth_proto::v1::lease_service_client::LeaseServiceClient;
+use clap::Parser;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::Code;
+use tonic::transport::Channel;
+
+#[derive(Parser)]
+struct Args {
+    #[command(flatten)]
+    c: CoordinatorConfig,
+}
+
+struct Server {
+    channel: Channel,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+async fn start(dir: &Path, extra: &[&str]) -> Server {
+    let d = dir.to_string_lossy().into_owned();
+    let mut args = vec!["t", "--listen", "127.0.0.1:0", "--state-dir", &d];
+    args.extend_from_slice(extra);
+    let cfg = Args::parse_from(args).c;
+    let listener = berth_coordinator::bind(&cfg).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move {
+            berth_coordinator::serve(cfg, listener, shutdown)
+                .await
+                .unwrap();
+        }
+    });
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    Server {
+        channel,
+        shutdown,
+        task,
+    }
+}
+
+fn dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("berth-restart-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+fn register(
+    state: pb::HostState,
+    lease: &str,
+    deadline: Option<prost_types::Timestamp>,
+) -> pb::AgentMessage {
+    pb::AgentMessage {
+        msg: Some(pb::agent_message::Msg::Register(pb::Register {
+            host_id: "agent-1".into(),
+            host_addr: "198.18.0.2".into(),
+            docker_host: "tcp://198.18.0.2:2376".into(),
+            provider: "fake".into(),
+            state: state as i32,
+            lease_id: lease.into(),
+            lease_deadline: deadline,
+            ..Default::default()
+        })),
+    }
+}
+
+type Inbound = tonic::Streaming<pb::CoordinatorMessage>;
+
+async fn connect(s: &Server, first: pb::AgentMessage) -> (mpsc::Sender<pb::AgentMessage>, Inbound) {
+    let (tx, rx) = mpsc::channel(8);
+    tx.send(first).await.unwrap();
+    let mut inbound = AgentServiceClient::new(s.channel.clone())
+        .connect(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let m = inbound.message().await.unwrap().unwrap().msg;
+    assert!(
+        matches!(m, Some(pb::coordinator_message::Msg::Registered(_))),
+        "{m:?}"
+    );
+    (tx, inbound)
+}
+
+async fn next(inbound: &mut Inbound) -> Option<pb::coordinator_message::Msg> {
+    tokio::time::timeout(Duration::from_secs(10), inbound.message())
+        .await
+        .expect("a message in time")
+        .unwrap()
+        .and_then(|m| m.msg)
+}
+
+fn acquire(build: &str) -> pb::AcquireRequest {
+    pb::AcquireRequest {
+        build_id: build.into(),
+        ttl: Some(from_duration(Duration::from_secs(600))),
+        wait: Some(from_duration(Duration::from_secs(10))),
+    }
+}
+
+#[tokio::test]
+async fn a_graceful_stop_and_a_new_coordinator_keep_the_lease() {
+    let d = dir("graceful");
+    let s = start(&d, &[]).await;
+    let (tx, mut inbound) = connect(&s, register(pb::HostState::Ready, "", None)).await;
+    let mut leases = LeaseServiceClient::new(s.channel.clone());
+    let pending = tokio::spawn(async move { leases.acquire(acquire("r-1")).await });
+    let Some(pb::coordinator_message::Msg::AssignLease(assign)) = next(&mut inbound).await else {
+        panic!("no assignment")
+    };
+    tx.send(pb::AgentMessage {
+        msg: Some(pb::agent_message::Msg::LeaseAccepted(pb::LeaseAccepted {
+            lease_id: assign.lease_id.clone(),
+        })),
+    })
+    .await
+    .unwrap();
+    let lease = pending.await.unwrap().unwrap().into_inner().lease.unwrap();
+
+    // Graceful stop: the agent's stream ends and serve returns.
+    s.shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(15), s.task)
+        .await
+        .expect("the coordinator did not stop")
+        .unwrap();
+    let end = tokio::time::timeout(Duration::from_secs(5), inbound.message()).await;
+    assert!(matches!(end, Ok(Ok(None)) | Ok(Err(_))), "{end:?}");
+    drop(tx);
+
+    // A new coordinator on the same state dir.
+    let s = start(&d, &[]).await;
+    let mut c = LeaseServiceClient::new(s.channel.clone());
+    let got = c
+        .get(pb::GetRequest {
+            lease_id: lease.lease_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .lease
+        .unwrap();
+    assert_eq!(got.state, pb::LeaseState::Active as i32);
+    assert_eq!(
+        (got.host_id.as_str(), got.deadline),
+        ("agent-1", lease.deadline)
+    );
+    // The host is known from the lease, as not connected, until its agent returns.
+    let hosts = AdminServiceClient::new(s.channel.clone())
+        .list_hosts(pb::ListHostsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .hosts;
+    assert_eq!(hosts.len(), 1);
+    assert!(!hosts[0].connected && hosts[0].lease_id == lease.lease_id);
+    // An Acquire retry joins the lease instead of taking a host.
+    let retry = c
+        .acquire(acquire("r-1"))
+        .await
+        .unwrap()
+        .into_inner()
+        .lease
+        .unwrap();
+    assert_eq!(retry.lease_id, lease.lease_id);
+
+    // The agent re-registers with the lease: it carries on.
+    let (_tx, mut inbound) = connect(
+        &s,
+        register(pb::HostState::Leased, &lease.lease_id, lease.deadline),
+    )
+    .await;
+    let renewed = c
+        .renew(pb::RenewRequest {
+            lease_id: lease.lease_id.clone(),
+            ttl: Some(from_duration(Duration::from_secs(900))),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .lease
+        .unwrap();
+    assert!(
+        matches!(next(&mut inbound).await, Some(pb::coordinator_message::Msg::RenewLease(r)) if r.deadline == renewed.deadline)
+    );
+    let released = c
+        .release(pb::ReleaseRequest {
+            lease_id: lease.lease_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .lease
+        .unwrap();
+    assert_eq!(released.state, pb::LeaseState::Released as i32);
+    assert!(
+        matches!(next(&mut inbound).await, Some(pb::coordinator_message::Msg::EndLease(e)) if e.lease_id == lease.lease_id)
+    );
+    s.shutdown.cancel();
+    let _ = s.task.await;
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+#[tokio::test]
+async fn a_restored_lease_whose_host_never_returns_ends_as_host_lost() {
+    let d = dir("lost");
+    let s = start(&d, &["--lost-grace", "1s"]).await;
+    let (tx, mut inbound) = connect(&s, register(pb::HostState::Ready, "", None)).await;
+    let mut leases = LeaseServiceClient::new(s.channel.clone());
+    let pending = tokio::spawn(async move { leases.acquire(acquire("r-2")).await });
+    let Some(pb::coordinator_message::Msg::AssignLease(assign)) = next(&mut inbound).await else {
+        panic!("no assignment")
+    };
+    tx.send(pb::AgentMessage {
+        msg: Some(pb::agent_message::Msg::LeaseAccepted(pb::LeaseAccepted {
+            lease_id: assign.lease_id.clone(),
+        })),
+    })
+    .await
+    .unwrap();
+    let lease = pending.await.unwrap().unwrap().into_inner().lease.unwrap();
+    s.shutdown.cancel();
+    let _ = s.task.await;
+    drop(tx);
+
+    let s = start(&d, &["--lost-grace", "1s"]).await;
+    let mut c = LeaseServiceClient::new(s.channel.clone());
+    let status = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match c
+                .get(pb::GetRequest {
+                    lease_id: lease.lease_id.clone(),
+                })
+                .await
+            {
+                Ok(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                Err(s) => return s,
+            }
+        }
+    })
+    .await
+    .expect("the lease outlived its lost host");
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status}");
+    assert!(status.message().contains("host-lost"), "{status}");
+    // The build id is free again: a retry gets a new lease (and waits).
+    let err = c
+        .acquire(pb::AcquireRequest {
+            build_id: "r-2".into(),
+            ttl: None,
+            wait: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    s.shutdown.cancel();
+    let _ = s.task.await;
+    let _ = std::fs::remove_dir_all(&d);
+}
