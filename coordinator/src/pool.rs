@@ -81,6 +81,16 @@ pub struct Registration {
     pub state: pb::HostState,
     pub lease_id: String,
     pub lease_deadline: Option<SystemTime>,
+    /// What `Registered` hands back: the front's server certificate and the
+    /// pool CA (signed by the service before the host joins the pool).
+    pub tls: RegisteredTls,
+}
+
+/// The TLS part of `Registered`.
+#[derive(Debug, Clone, Default)]
+pub struct RegisteredTls {
+    pub server_cert_pem: String,
+    pub ca_pem: String,
 }
 
 impl Registration {
@@ -115,6 +125,7 @@ impl Registration {
             state,
             lease_id: r.lease_id,
             lease_deadline,
+            tls: RegisteredTls::default(),
         })
     }
 }
@@ -141,6 +152,9 @@ struct Host {
 
 struct Lease {
     id: String,
+    /// The tenant that acquired it; only that tenant sees it through
+    /// LeaseService. Empty for leases adopted from agents after a restart.
+    tenant: String,
     build_id: String,
     state: LeaseState,
     host: Option<String>,
@@ -162,8 +176,9 @@ struct Lease {
 struct Inner {
     hosts: HashMap<String, Host>,
     leases: HashMap<String, Lease>,
-    /// Build id -> its lease that has not ended (Acquire idempotency).
-    live_by_build: HashMap<String, String>,
+    /// (tenant, build id) -> its lease that has not ended (Acquire
+    /// idempotency; two tenants may use the same build id).
+    live_by_build: HashMap<(String, String), String>,
     /// Queued lease ids, oldest first. May hold ids that are no longer
     /// queued; they are skipped when met.
     queue: VecDeque<String>,
@@ -211,13 +226,15 @@ impl Pool {
     /// Starts or joins the acquisition for `build_id`.
     pub fn acquire(
         &self,
+        tenant: &str,
         build_id: &str,
         ttl: Duration,
         wait: Duration,
         now: Instant,
     ) -> Result<Pending, Error> {
         let mut g = self.lock();
-        if let Some(lid) = g.live_by_build.get(build_id).cloned()
+        let key = (tenant.to_owned(), build_id.to_owned());
+        if let Some(lid) = g.live_by_build.get(&key).cloned()
             && let Some(l) = g.leases.get(&lid)
         {
             return Ok(Pending {
@@ -231,6 +248,7 @@ impl Pool {
             id.clone(),
             Lease {
                 id: id.clone(),
+                tenant: tenant.to_owned(),
                 build_id: build_id.to_owned(),
                 state: LeaseState::Queued,
                 host: None,
@@ -248,9 +266,9 @@ impl Pool {
                 watch: tx,
             },
         );
-        g.live_by_build.insert(build_id.to_owned(), id.clone());
+        g.live_by_build.insert(key, id.clone());
         g.queue.push_back(id.clone());
-        info!(lease_id = %id, build_id, ttl = ?ttl, wait = ?wait, "lease requested");
+        info!(lease_id = %id, tenant, build_id, ttl = ?ttl, wait = ?wait, "lease requested");
         g.try_assign(&self.cfg, now);
         if wait.is_zero() && g.leases.get(&id).map(|l| l.state) == Some(LeaseState::Queued) {
             let msg = g.no_host_message(&id, wait);
@@ -263,12 +281,19 @@ impl Pool {
         })
     }
 
-    pub fn renew(&self, lease_id: &str, ttl: Duration, now: Instant) -> Result<pb::Lease, Error> {
+    pub fn renew(
+        &self,
+        tenant: &str,
+        lease_id: &str,
+        ttl: Duration,
+        now: Instant,
+    ) -> Result<pb::Lease, Error> {
         let mut g = self.lock();
         let max_lease = self.cfg.max_lease;
         let l = g
             .leases
             .get_mut(lease_id)
+            .filter(|l| l.tenant == tenant)
             .ok_or_else(|| Error::LeaseNotFound(lease_id.to_owned()))?;
         if l.state.is_ended() {
             return Err(ended_error(l));
@@ -293,9 +318,9 @@ impl Pool {
             .ok_or_else(|| Error::LeaseNotFound(lease_id.to_owned()))
     }
 
-    pub fn release(&self, lease_id: &str, now: Instant) -> Result<pb::Lease, Error> {
+    pub fn release(&self, tenant: &str, lease_id: &str, now: Instant) -> Result<pb::Lease, Error> {
         let mut g = self.lock();
-        if !g.leases.contains_key(lease_id) {
+        if g.leases.get(lease_id).is_none_or(|l| l.tenant != tenant) {
             return Err(Error::LeaseNotFound(lease_id.to_owned()));
         }
         g.apply(&self.cfg, lease_id, LeaseEvent::Release);
@@ -304,9 +329,14 @@ impl Pool {
             .ok_or_else(|| Error::LeaseNotFound(lease_id.to_owned()))
     }
 
-    pub fn get(&self, lease_id: &str) -> Result<pb::Lease, Error> {
-        self.lock()
-            .lease_view(lease_id)
+    /// A lease of `tenant`; another tenant's lease is not found, exactly as
+    /// if it did not exist, so lease ids of others cannot even be probed.
+    pub fn get(&self, tenant: &str, lease_id: &str) -> Result<pb::Lease, Error> {
+        let g = self.lock();
+        g.leases
+            .get(lease_id)
+            .filter(|l| l.tenant == tenant)
+            .and_then(|_| g.lease_view(lease_id))
             .ok_or_else(|| Error::LeaseNotFound(lease_id.to_owned()))
     }
 
@@ -385,6 +415,8 @@ impl Pool {
         let hb = self.cfg.heartbeat_interval;
         let registered = pb::coordinator_message::Msg::Registered(pb::Registered {
             heartbeat_interval_ms: u32::try_from(hb.as_millis()).unwrap_or(u32::MAX),
+            server_cert_pem: reg.tls.server_cert_pem.clone(),
+            ca_pem: reg.tls.ca_pem.clone(),
         });
         let known_lease = match g.hosts.get_mut(&host_id) {
             Some(h) => {
@@ -741,9 +773,9 @@ impl Inner {
             {
                 l.watch.send_replace(to);
                 if to.is_ended() {
-                    let build = l.build_id.clone();
-                    if self.live_by_build.get(&build) == Some(&lid) {
-                        self.live_by_build.remove(&build);
+                    let key = (l.tenant.clone(), l.build_id.clone());
+                    if self.live_by_build.get(&key) == Some(&lid) {
+                        self.live_by_build.remove(&key);
                     }
                     self.ended.push_back(lid.clone());
                     self.trim_history(cfg);
@@ -898,6 +930,7 @@ impl Inner {
                     lid.to_owned(),
                     Lease {
                         id: lid.to_owned(),
+                        tenant: String::new(),
                         build_id: String::new(),
                         state: LeaseState::Active,
                         host: Some(hid.to_owned()),
@@ -980,6 +1013,7 @@ impl Inner {
             created_at: Some(from_system_time(l.created_at)),
             message: l.message.clone(),
             wipe: l.wipe.clone(),
+            tenant: l.tenant.clone(),
         })
     }
 }
@@ -1008,6 +1042,8 @@ mod tests {
     use pb::coordinator_message::Msg as Out;
 
     const SECOND: Duration = Duration::from_secs(1);
+    /// The tenant of every lease in these tests.
+    const T: &str = "t1";
 
     struct Agent {
         id: String,
@@ -1029,6 +1065,7 @@ mod tests {
                 state: pb::HostState::Ready,
                 lease_id: String::new(),
                 lease_deadline: None,
+                tls: RegisteredTls::default(),
             };
             let conn = pool.register(reg, tx, now);
             let mut a = Self {
@@ -1096,8 +1133,8 @@ mod tests {
         let now = Instant::now();
         let mut a = Agent::join(&pool, "h1", now);
         let mut b = Agent::join(&pool, "h2", now);
-        let p1 = pool.acquire("b1", 60 * SECOND, SECOND, now).unwrap();
-        let p2 = pool.acquire("b2", 60 * SECOND, SECOND, now).unwrap();
+        let p1 = pool.acquire(T, "b1", 60 * SECOND, SECOND, now).unwrap();
+        let p2 = pool.acquire(T, "b2", 60 * SECOND, SECOND, now).unwrap();
         let l1 = a.expect_assign();
         let l2 = b.expect_assign();
         assert_eq!(l1.lease_id, p1.lease_id);
@@ -1118,8 +1155,8 @@ mod tests {
         let now = Instant::now();
         let mut a = Agent::join(&pool, "h1", now);
         let mut b = Agent::join(&pool, "h2", now);
-        let p1 = pool.acquire("b1", 60 * SECOND, SECOND, now).unwrap();
-        let retry = pool.acquire("b1", 60 * SECOND, SECOND, now).unwrap();
+        let p1 = pool.acquire(T, "b1", 60 * SECOND, SECOND, now).unwrap();
+        let retry = pool.acquire(T, "b1", 60 * SECOND, SECOND, now).unwrap();
         assert_eq!(p1.lease_id, retry.lease_id);
         let assigned = a.next().or_else(|| b.next());
         assert!(matches!(assigned, Some(Out::AssignLease(_))));
@@ -1133,7 +1170,7 @@ mod tests {
     async fn empty_pool_with_no_wait_fails_at_once() {
         let pool = pool();
         let p = pool
-            .acquire("b1", 60 * SECOND, Duration::ZERO, Instant::now())
+            .acquire(T, "b1", 60 * SECOND, Duration::ZERO, Instant::now())
             .unwrap();
         assert_eq!(state_of(&p), LeaseState::Failed);
         let err = pool.outcome(&p.lease_id).unwrap_err();
@@ -1141,7 +1178,7 @@ mod tests {
         assert!(err.to_string().contains("no host became ready"), "{err}");
         // The failed lease does not block a new attempt with the same build id.
         let again = pool
-            .acquire("b1", 60 * SECOND, SECOND, Instant::now())
+            .acquire(T, "b1", 60 * SECOND, SECOND, Instant::now())
             .unwrap();
         assert_ne!(again.lease_id, p.lease_id);
     }
@@ -1150,7 +1187,7 @@ mod tests {
     async fn queue_wait_runs_out() {
         let pool = pool();
         let now = Instant::now();
-        let p = pool.acquire("b1", 60 * SECOND, 2 * SECOND, now).unwrap();
+        let p = pool.acquire(T, "b1", 60 * SECOND, 2 * SECOND, now).unwrap();
         pool.tick(now + SECOND);
         assert_eq!(state_of(&p), LeaseState::Queued);
         pool.tick(now + 2 * SECOND);
@@ -1166,14 +1203,14 @@ mod tests {
         let pool = pool();
         let now = Instant::now();
         let mut h1 = Agent::join(&pool, "h1", now);
-        let first = pool.acquire("b1", 60 * SECOND, SECOND, now).unwrap();
+        let first = pool.acquire(T, "b1", 60 * SECOND, SECOND, now).unwrap();
         let l1 = h1.expect_assign();
         h1.accept(&pool, &l1.lease_id, now);
-        let second = pool.acquire("b2", 60 * SECOND, 30 * SECOND, now).unwrap();
-        let third = pool.acquire("b3", 60 * SECOND, 30 * SECOND, now).unwrap();
+        let second = pool.acquire(T, "b2", 60 * SECOND, 30 * SECOND, now).unwrap();
+        let third = pool.acquire(T, "b3", 60 * SECOND, 30 * SECOND, now).unwrap();
         assert_eq!(pool.queue_len(), 2);
 
-        pool.release(&first.lease_id, now).unwrap();
+        pool.release(T, &first.lease_id, now).unwrap();
         match h1.next() {
             Some(Out::EndLease(e)) => {
                 assert_eq!(e.lease_id, first.lease_id);
@@ -1198,12 +1235,12 @@ mod tests {
         let pool = pool();
         let now = Instant::now();
         let mut h1 = Agent::join(&pool, "h1", now);
-        let first = pool.acquire("b1", 60 * SECOND, SECOND, now).unwrap();
+        let first = pool.acquire(T, "b1", 60 * SECOND, SECOND, now).unwrap();
         h1.expect_assign();
         h1.accept(&pool, &first.lease_id, now);
         h1.state(&pool, pb::HostState::Leased, now);
-        let second = pool.acquire("b2", 60 * SECOND, 30 * SECOND, now).unwrap();
-        pool.release(&first.lease_id, now).unwrap();
+        let second = pool.acquire(T, "b2", 60 * SECOND, 30 * SECOND, now).unwrap();
+        pool.release(T, &first.lease_id, now).unwrap();
         assert!(matches!(h1.next(), Some(Out::EndLease(_))));
         h1.state(&pool, pb::HostState::Wiping, now);
         assert!(h1.next().is_none());
@@ -1216,7 +1253,7 @@ mod tests {
         let pool = pool();
         let now = Instant::now();
         let mut h1 = Agent::join(&pool, "h1", now);
-        let p = pool.acquire("b1", 60 * SECOND, 30 * SECOND, now).unwrap();
+        let p = pool.acquire(T, "b1", 60 * SECOND, 30 * SECOND, now).unwrap();
         let l = h1.expect_assign();
         h1.say(
             &pool,
@@ -1253,11 +1290,11 @@ mod tests {
         let pool = Pool::new(cfg);
         let now = Instant::now();
         let mut h1 = Agent::join(&pool, "h1", now);
-        let p = pool.acquire("b1", 10 * SECOND, SECOND, now).unwrap();
+        let p = pool.acquire(T, "b1", 10 * SECOND, SECOND, now).unwrap();
         h1.expect_assign();
         h1.accept(&pool, &p.lease_id, now);
 
-        let renewed = pool.renew(&p.lease_id, 500 * SECOND, now).unwrap();
+        let renewed = pool.renew(T, &p.lease_id, 500 * SECOND, now).unwrap();
         let Some(Out::RenewLease(r)) = h1.next() else {
             panic!("no RenewLease sent")
         };
@@ -1278,7 +1315,7 @@ mod tests {
         assert!(
             matches!(h1.next(), Some(Out::EndLease(e)) if e.reason == pb::EndReason::Expired as i32)
         );
-        let err = pool.renew(&p.lease_id, 10 * SECOND, now).unwrap_err();
+        let err = pool.renew(T, &p.lease_id, 10 * SECOND, now).unwrap_err();
         assert_eq!(err.code(), tonic::Code::FailedPrecondition);
         assert!(err.to_string().contains("expired"), "{err}");
     }
@@ -1287,13 +1324,13 @@ mod tests {
     async fn unknown_leases_are_not_found() {
         let pool = pool();
         let id = uuid::Uuid::new_v4().to_string();
-        assert_eq!(pool.get(&id).unwrap_err().code(), tonic::Code::NotFound);
+        assert_eq!(pool.get(T, &id).unwrap_err().code(), tonic::Code::NotFound);
         assert_eq!(
-            pool.release(&id, Instant::now()).unwrap_err().code(),
+            pool.release(T, &id, Instant::now()).unwrap_err().code(),
             tonic::Code::NotFound
         );
         assert_eq!(
-            pool.renew(&id, SECOND, Instant::now()).unwrap_err().code(),
+            pool.renew(T, &id, SECOND, Instant::now()).unwrap_err().code(),
             tonic::Code::NotFound
         );
     }
@@ -1302,15 +1339,15 @@ mod tests {
     async fn abandoned_waiters_are_skipped() {
         let pool = pool();
         let now = Instant::now();
-        let gone = pool.acquire("gone", 60 * SECOND, 30 * SECOND, now).unwrap();
+        let gone = pool.acquire(T, "gone", 60 * SECOND, 30 * SECOND, now).unwrap();
         let gone_id = gone.lease_id.clone();
         drop(gone);
         let waiting = pool
-            .acquire("waiting", 60 * SECOND, 30 * SECOND, now)
+            .acquire(T, "waiting", 60 * SECOND, 30 * SECOND, now)
             .unwrap();
         let mut h1 = Agent::join(&pool, "h1", now);
         assert_eq!(h1.expect_assign().lease_id, waiting.lease_id);
-        let l = pool.get(&gone_id).unwrap();
+        let l = pool.get(T, &gone_id).unwrap();
         assert_eq!(l.state, pb::LeaseState::Failed as i32);
     }
 
@@ -1319,7 +1356,7 @@ mod tests {
         let pool = pool();
         let now = Instant::now();
         let mut h1 = Agent::join(&pool, "h1", now);
-        let p = pool.acquire("b1", 60 * SECOND, SECOND, now).unwrap();
+        let p = pool.acquire(T, "b1", 60 * SECOND, SECOND, now).unwrap();
         h1.expect_assign();
         h1.accept(&pool, &p.lease_id, now);
         h1.state(&pool, pb::HostState::Terminating, now);
@@ -1344,7 +1381,7 @@ mod tests {
         let now = Instant::now();
         let mut h1 = Agent::join(&pool, "h1", now);
         let later = now + 10 * SECOND;
-        let p = pool.acquire("b1", 60 * SECOND, 30 * SECOND, later).unwrap();
+        let p = pool.acquire(T, "b1", 60 * SECOND, 30 * SECOND, later).unwrap();
         assert!(h1.next().is_none());
         assert_eq!(state_of(&p), LeaseState::Queued);
         h1.say(
@@ -1361,7 +1398,7 @@ mod tests {
         let pool = pool();
         let now = Instant::now();
         let mut h1 = Agent::join(&pool, "h1", now);
-        let p = pool.acquire("b1", 60 * SECOND, SECOND, now).unwrap();
+        let p = pool.acquire(T, "b1", 60 * SECOND, SECOND, now).unwrap();
         let assign = h1.expect_assign();
         h1.accept(&pool, &p.lease_id, now);
         pool.disconnect("h1", h1.conn, now);
@@ -1378,6 +1415,7 @@ mod tests {
                 state: pb::HostState::Leased,
                 lease_id: p.lease_id.clone(),
                 lease_deadline: assign.deadline.as_ref().and_then(to_system_time),
+                tls: RegisteredTls::default(),
             },
             tx,
             now + SECOND,
@@ -1389,5 +1427,34 @@ mod tests {
             LeaseState::Active,
             "lost grace applied to a connected host"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn leases_belong_to_their_tenant() {
+        let pool = pool();
+        let now = Instant::now();
+        let mut h1 = Agent::join(&pool, "h1", now);
+        let mut h2 = Agent::join(&pool, "h2", now);
+        let mine = pool.acquire("a", "ci-1", 60 * SECOND, SECOND, now).unwrap();
+        // The same build id under another tenant is another build.
+        let theirs = pool.acquire("b", "ci-1", 60 * SECOND, SECOND, now).unwrap();
+        assert_ne!(mine.lease_id, theirs.lease_id);
+        let (l1, l2) = (h1.expect_assign(), h2.expect_assign());
+        h1.accept(&pool, &l1.lease_id, now);
+        h2.accept(&pool, &l2.lease_id, now);
+        let id = &mine.lease_id;
+        assert_eq!(pool.get("a", id).unwrap().tenant, "a");
+        assert_eq!(pool.get("b", id).unwrap_err().code(), tonic::Code::NotFound);
+        assert_eq!(
+            pool.renew("b", id, SECOND, now).unwrap_err().code(),
+            tonic::Code::NotFound
+        );
+        assert_eq!(
+            pool.release("b", id, now).unwrap_err().code(),
+            tonic::Code::NotFound
+        );
+        assert_eq!(state_of(&mine), LeaseState::Active, "another tenant ended it");
+        pool.release("a", id, now).unwrap();
+        assert_eq!(state_of(&mine), LeaseState::Released);
     }
 }

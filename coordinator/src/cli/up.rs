@@ -3,6 +3,17 @@
 //! its own network namespace), starts a fresh host whenever one terminates
 //! (standing in for the auto-scaling group), and on Ctrl-C stops everything
 //! and sweeps whatever a killed earlier run left behind.
+//!
+//! It also makes the pool's credentials on first start, under its state dir
+//! (all secrets 0600), so the demo needs no setup:
+//! - `tenants` (one admin tenant, `local`) and `cli/token`, its token;
+//! - `join-token` (agents) and `join-token.sha256` (coordinator);
+//! - `cli/ca.pem`, a copy of the pool CA the coordinator keeps under
+//!   `coordinator/`.
+//!
+//! `cli/` is what the `berth` CLI reads by default; when `berth up` runs
+//! under sudo it belongs to the invoking user, so `berth acquire` works
+//! from that user's shell.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -79,6 +90,92 @@ pub enum UpError {
     Sweep(String),
     #[error("another berth up is running with state dir {0}")]
     AlreadyRunning(PathBuf),
+    #[error("pool credentials: {0}")]
+    Credentials(#[from] berth_tls::TlsError),
+}
+
+/// Where the pool's credentials live under the state dir.
+#[derive(Debug, Clone)]
+pub struct Credentials {
+    pub tenants: PathBuf,
+    pub join_token: PathBuf,
+    pub join_token_hash: PathBuf,
+    pub cli_dir: PathBuf,
+    pub cli_token: PathBuf,
+    pub cli_ca: PathBuf,
+    /// The CA certificate the coordinator keeps in its own state dir.
+    pub coordinator_ca: PathBuf,
+}
+
+impl Credentials {
+    pub fn paths(state_dir: &Path) -> Self {
+        let cli_dir = state_dir.join("cli");
+        Self {
+            tenants: state_dir.join("tenants"),
+            join_token: state_dir.join("join-token"),
+            join_token_hash: state_dir.join("join-token.sha256"),
+            cli_token: cli_dir.join("token"),
+            cli_ca: cli_dir.join("ca.pem"),
+            cli_dir,
+            coordinator_ca: state_dir
+                .join("coordinator")
+                .join(berth_tls::ca::CA_CERT_FILE),
+        }
+    }
+
+    /// Creates what is missing; tokens made by an earlier run are kept, so
+    /// a CLI set up once keeps working across restarts.
+    pub fn ensure(state_dir: &Path) -> Result<Self, UpError> {
+        use berth_tls::files;
+        let c = Self::paths(state_dir);
+        files::create_private_dir(&c.cli_dir)?;
+        let cli_token = match files::read_secret(&c.cli_token) {
+            Ok(t) => t,
+            Err(_) => {
+                let t = berth_tls::token::generate();
+                files::write_private(&c.cli_token, format!("{t}\n").as_bytes())?;
+                t
+            }
+        };
+        files::write_private(
+            &c.tenants,
+            berth_tls::Tenants::line("local", &cli_token, true).as_bytes(),
+        )?;
+        let join = match files::read_secret(&c.join_token) {
+            Ok(t) => t,
+            Err(_) => {
+                let t = berth_tls::token::generate();
+                files::write_private(&c.join_token, format!("{t}\n").as_bytes())?;
+                t
+            }
+        };
+        let hash = berth_tls::TokenHash::of(&join).to_hex();
+        files::write_private(&c.join_token_hash, format!("{hash}\n").as_bytes())?;
+        Ok(c)
+    }
+
+    /// Copies the pool CA for the CLI and hands `cli/` to the user who ran
+    /// sudo, if anyone did.
+    fn publish_ca(&self) -> Result<(), UpError> {
+        let pem = berth_tls::files::read_pem(&self.coordinator_ca)?;
+        berth_tls::files::write_private(&self.cli_ca, pem.as_bytes())?;
+        let id = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u32>().ok());
+        if let (Some(uid), Some(gid)) = (id("SUDO_UID"), id("SUDO_GID")) {
+            for p in [&self.cli_dir, &self.cli_token, &self.cli_ca] {
+                nix::unistd::chown(
+                    p.as_path(),
+                    Some(nix::unistd::Uid::from_raw(uid)),
+                    Some(nix::unistd::Gid::from_raw(gid)),
+                )
+                .map_err(|e| UpError::Io {
+                    action: "cannot chown",
+                    path: p.clone(),
+                    source: e.into(),
+                })?;
+            }
+        }
+        Ok(())
+    }
 }
 
 fn io_err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> UpError {
@@ -150,6 +247,7 @@ pub async fn run(
     let listen = match args.listen {
         Some(l) => l,
         None => coordinator
+            .trim_start_matches("https://")
             .trim_start_matches("http://")
             .parse()
             .map_err(|_| UpError::BadListen(coordinator.to_owned()))?,
@@ -172,6 +270,7 @@ pub async fn run(
         .map_err(|_| UpError::AlreadyRunning(args.state_dir.clone()))?;
 
     sweep(&bins, &args).await?;
+    let creds = Credentials::ensure(&args.state_dir)?;
 
     let addr_file = args.state_dir.join("coordinator.addr");
     let _ = std::fs::remove_file(&addr_file);
@@ -182,6 +281,10 @@ pub async fn run(
         .arg(&addr_file)
         .arg("--state-dir")
         .arg(args.state_dir.join("coordinator"))
+        .arg("--tenants")
+        .arg(&creds.tenants)
+        .arg("--join-token-hash-file")
+        .arg(&creds.join_token_hash)
         .args(&args.coordinator_args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -195,7 +298,11 @@ pub async fn run(
             return Err(e);
         }
     };
-    let url = format!("http://{addr}");
+    if let Err(e) = creds.publish_ca() {
+        let _ = coordinator_child.kill().await;
+        return Err(e);
+    }
+    let url = format!("https://{addr}");
     eprintln!(
         "berth up: coordinator at {addr} (log: {})",
         logs.join("coordinator.log").display()
@@ -205,7 +312,7 @@ pub async fn run(
     let n = usize::from(args.hosts);
     let mut slots: HashMap<usize, Slot> = HashMap::new();
     for slot in 0..n {
-        let pid = start_agent(&bins, &args, &url, &logs, slot, tx.clone())?;
+        let pid = start_agent(&bins, &args, &creds, &url, &logs, slot, tx.clone())?;
         slots.insert(
             slot,
             Slot {
@@ -229,7 +336,7 @@ pub async fn run(
                 let due: Vec<usize> = restart_at.iter().filter(|(_, t)| **t <= now).map(|(s, _)| *s).collect();
                 for slot in due {
                     restart_at.remove(&slot);
-                    let pid = start_agent(&bins, &args, &url, &logs, slot, tx.clone())?;
+                    let pid = start_agent(&bins, &args, &creds, &url, &logs, slot, tx.clone())?;
                     if let Some(s) = slots.get_mut(&slot) {
                         s.pid = Some(pid);
                         s.started = Instant::now();
@@ -243,11 +350,18 @@ pub async fn run(
                     if !announced && ready >= n {
                         announced = true;
                         eprintln!("berth up: pool of {n} hosts ready. In another shell:");
-                        let flag = if addr.to_string() == crate::config::DEFAULT_LISTEN {
+                        let mut flag = if addr.to_string() == crate::config::DEFAULT_LISTEN {
                             String::new()
                         } else {
                             format!("--coordinator {addr} ")
                         };
+                        if creds.cli_ca != Path::new(super::DEFAULT_CA) {
+                            flag.push_str(&format!(
+                                "--ca {} --token-file {} ",
+                                creds.cli_ca.display(),
+                                creds.cli_token.display()
+                            ));
+                        }
                         eprintln!("  eval \"$(berth {flag}acquire --build demo-1)\"   # then use docker; finally: berth {flag}release");
                     }
                 }
@@ -330,10 +444,14 @@ async fn wait_for_addr(path: &Path, child: &mut Child) -> Result<SocketAddr, UpE
     }
 }
 
-fn agent_command(bins: &Bins, args: &UpArgs, url: &str) -> Command {
+fn agent_command(bins: &Bins, args: &UpArgs, creds: &Credentials, url: &str) -> Command {
     let mut cmd = Command::new(&bins.agent);
     cmd.arg("--coordinator")
         .arg(url)
+        .arg("--ca")
+        .arg(&creds.coordinator_ca)
+        .arg("--join-token-file")
+        .arg(&creds.join_token)
         .arg("--state-dir")
         .arg(args.state_dir.join("hosts"))
         .arg("--run-dir")
@@ -350,13 +468,14 @@ fn agent_command(bins: &Bins, args: &UpArgs, url: &str) -> Command {
 fn start_agent(
     bins: &Bins,
     args: &UpArgs,
+    creds: &Credentials,
     url: &str,
     logs: &Path,
     slot: usize,
     tx: mpsc::Sender<Event>,
 ) -> Result<u32, UpError> {
     let log = logs.join(format!("agent-{slot}.log"));
-    let mut child = agent_command(bins, args, url)
+    let mut child = agent_command(bins, args, creds, url)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(log_file(&log)?)
