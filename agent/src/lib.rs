@@ -2,7 +2,8 @@
 //! single-use remote Docker host for CI.
 //!
 //! [`run`] is the whole agent: learn the host's identity through the
-//! [`Provider`], start the host's own dockerd and self-check it, print the
+//! [`Provider`], start the host's own dockerd and self-check it (it must
+//! answer, and it must listen on no TCP port: [`listeners`]), print the
 //! `READY` line, then run the [`driver`] (the host state machine of
 //! [`state`]) and the coordinator [`link`] side by side until the host is
 //! terminated or the shutdown token fires; either way everything the host
@@ -13,6 +14,11 @@
 //! and signals; Docker access goes through [`docker::DockerOps`], hosts come
 //! from and end through [`Provider`], and the coordinator is only reached
 //! through the link's channels, so each part is testable with fakes.
+//!
+//! Credentials: the agent reaches the coordinator over TLS (trusting
+//! `--ca`) with the pool join token (`--join-token-file`). It makes the
+//! Docker front's key pair at start and sends only a CSR; the certificate
+//! the coordinator signs (SAN = host address) comes back at registration.
 
 pub mod cleanup;
 pub mod config;
@@ -21,6 +27,7 @@ pub mod dockerd;
 pub mod driver;
 pub mod front;
 pub mod link;
+pub mod listeners;
 pub mod netns;
 pub mod provider;
 pub mod state;
@@ -46,7 +53,7 @@ use crate::docker::{BollardDocker, DaemonInfo};
 use crate::dockerd::{DockerdSpec, HostPaths};
 use crate::driver::{Driver, SystemClock};
 use crate::front::DockerFront;
-use crate::link::{Link, Registration};
+use crate::link::{Credentials, Link, Registration};
 use crate::state::{Event, Host};
 
 /// The agent's version, as registered.
@@ -75,6 +82,26 @@ pub enum AgentError {
     Driver(#[from] driver::DriverError),
     #[error("destroying the host after a failed boot: {0}")]
     Teardown(#[source] provider::ProviderError),
+    #[error("{0} is required: the agent cannot reach the coordinator without it")]
+    MissingCredential(&'static str),
+    #[error("credentials: {0}")]
+    Credentials(#[from] berth_tls::TlsError),
+}
+
+/// Reads the coordinator's CA and the join token named in the config.
+pub fn load_credentials(config: &Config) -> Result<Credentials, AgentError> {
+    let ca = config
+        .ca
+        .as_deref()
+        .ok_or(AgentError::MissingCredential("--ca"))?;
+    let token = config
+        .join_token_file
+        .as_deref()
+        .ok_or(AgentError::MissingCredential("--join-token-file"))?;
+    Ok(Credentials {
+        ca_pem: berth_tls::files::read_pem(ca)?,
+        join_token: berth_tls::files::read_secret(token)?,
+    })
 }
 
 /// Runs the agent until its host is terminated (drained, lease over, wipe
@@ -83,6 +110,9 @@ pub enum AgentError {
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), AgentError> {
     tracing::info!(?config, version = AGENT_VERSION, "berth-agent starting");
     config.validate()?;
+    // Before anything is created on the machine: without credentials the
+    // host could never be offered.
+    let credentials = load_credentials(&config)?;
     let started = Instant::now();
     let provider = Arc::new(Local::new(&config));
     let identity = tokio::select! {
@@ -90,13 +120,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
         r = provider.identity() => r.map_err(AgentError::Identity)?,
     };
     let span = tracing::info_span!("host", host_id = %identity.host_id);
-    run_host(config, provider, identity, started, shutdown)
+    run_host(config, credentials, provider, identity, started, shutdown)
         .instrument(span)
         .await
 }
 
 async fn run_host<P: Provider>(
     config: Config,
+    credentials: Credentials,
     provider: Arc<P>,
     identity: Identity,
     started: Instant,
@@ -173,6 +204,15 @@ async fn run_host<P: Provider>(
         .in_current_span(),
     );
 
+    // The front's key is made here and never leaves the host; the
+    // coordinator signs its CSR at registration.
+    let front_key = match berth_tls::KeyAndCsr::generate(&identity.host_id) {
+        Ok(k) => k,
+        Err(e) => {
+            let _ = provider.terminate().await;
+            return Err(e.into());
+        }
+    };
     let registration = Registration {
         host_id: identity.host_id.clone(),
         host_addr: identity.host_addr,
@@ -182,10 +222,12 @@ async fn run_host<P: Provider>(
         zone: identity.zone.clone(),
         agent_version: AGENT_VERSION.to_owned(),
         docker_version: info.server_version.clone(),
+        csr_pem: front_key.csr_pem.clone(),
     };
     let sampler = stats::Sampler::new(&paths.data_root);
-    let (link, _link_status) = Link::new(
+    let (link, link_status) = Link::new(
         config.coordinator.clone(),
+        credentials,
         registration,
         sampler,
         status_rx,
@@ -195,7 +237,13 @@ async fn run_host<P: Provider>(
     let link_stop = CancellationToken::new();
     let mut link_task = tokio::spawn(link.run(link_stop.clone()).in_current_span());
 
-    let front = DockerFront::new(front_addr, identity.netns.clone(), paths.socket.clone());
+    let front = DockerFront::new(
+        front_addr,
+        identity.netns.clone(),
+        paths.socket.clone(),
+        front_key.key_pem,
+        link_status,
+    );
     let driver = Driver::new(
         host,
         Arc::new(docker),
@@ -227,6 +275,13 @@ async fn boot(
 ) -> Result<(tokio::process::Child, BollardDocker, DaemonInfo), AgentError> {
     let mut child = spec.spawn().await?;
     let (docker, info) = dockerd::wait_ready(&mut child, &spec.paths, timeout).await?;
+    // dockerd opens every `-H` listener before it answers /_ping, so a TCP
+    // listener, if any, is there by now.
+    let pid = dockerd::read_pid(&spec.paths.pidfile)
+        .or_else(|| child.id().and_then(|p| i32::try_from(p).ok()))
+        .ok_or_else(|| dockerd::DockerdError::NoPid(spec.paths.pidfile.clone()))?;
+    listeners::ensure_no_tcp(pid).map_err(dockerd::DockerdError::from)?;
+    tracing::info!(pid, "dockerd listens on no TCP port");
     Ok((child, docker, info))
 }
 
