@@ -409,7 +409,12 @@ mod tests {
         let (ca, _) = berth_tls::Ca::generate("test CA").unwrap();
         let k = berth_tls::KeyAndCsr::generate("front").unwrap();
         let cert = ca
-            .sign_host(&k.csr_pem, "h", "127.0.0.1".parse().unwrap(), std::time::SystemTime::now())
+            .sign_host(
+                &k.csr_pem,
+                "h",
+                "127.0.0.1".parse().unwrap(),
+                std::time::SystemTime::now(),
+            )
             .unwrap();
         let status = LinkStatus {
             issued: Some(crate::link::Issued {
@@ -444,10 +449,13 @@ mod tests {
                 .ca
                 .sign_lease(&k.csr_pem, lease, now, now + Duration::from_secs(60))
                 .unwrap();
-            let cfg = berth_tls::lease_client_config(self.ca.cert_pem(), &cert, &k.key_pem).unwrap();
+            let cfg =
+                berth_tls::lease_client_config(self.ca.cert_pem(), &cert, &k.key_pem).unwrap();
             let tcp = TcpStream::connect(addr).await?;
             let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
-            let mut tls = tokio_rustls::TlsConnector::from(cfg).connect(name, tcp).await?;
+            let mut tls = tokio_rustls::TlsConnector::from(cfg)
+                .connect(name, tcp)
+                .await?;
             // TLS 1.3: a refused client certificate shows on the first read.
             tls.write_all(b"ping").await?;
             let mut buf = [0u8; 4];
@@ -476,10 +484,16 @@ mod tests {
         // they send reaches dockerd.
         assert!(pki.connect(addr, "l2").await.is_err());
         let mut plain = TcpStream::connect(addr).await.unwrap();
-        plain.write_all(b"GET /_ping HTTP/1.0\r\n\r\n").await.unwrap();
+        plain
+            .write_all(b"GET /_ping HTTP/1.0\r\n\r\n")
+            .await
+            .unwrap();
         let mut got = vec![];
         let _ = tokio::time::timeout(Duration::from_secs(5), plain.read_to_end(&mut got)).await;
-        assert!(!got.windows(4).any(|w| w == b"GET "), "plaintext was echoed");
+        assert!(
+            !got.windows(4).any(|w| w == b"GET "),
+            "plaintext was echoed"
+        );
 
         // A long-lived stream (like `docker logs -f`) is cut at close.
         front.close().await;

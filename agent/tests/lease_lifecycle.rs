@@ -669,12 +669,9 @@ async fn host_serves_one_lease_then_wipes_and_destroys_itself() {
     let client = fake.lease_client(&guard.base, &docker_host, "lease-1");
 
     // The stock CLI through the front.
-    let version = docker(
-        &client,
-        &["version", "--format", "{{.Server.Version}}"],
-    )
-    .await
-    .expect("docker version");
+    let version = docker(&client, &["version", "--format", "{{.Server.Version}}"])
+        .await
+        .expect("docker version");
     assert_eq!(version, register.docker_version);
     build_busybox_image(&guard, &client, "bta-busybox").await;
     docker(&client, &["volume", "create", "bta-vol"])
@@ -786,7 +783,10 @@ async fn recycled_host_expires_a_lease_serves_another_and_cleans_up_on_sigterm()
     expect_accepted(&mut seen, "lease-2").await;
     // The ended lease's certificate no longer opens the front; the new one does.
     let refused = docker(&client, &["version"]).await;
-    assert!(refused.is_err(), "lease-1's certificate opened lease-2's front");
+    assert!(
+        refused.is_err(),
+        "lease-1's certificate opened lease-2's front"
+    );
     let client = fake.lease_client(&guard.base, &docker_host, "lease-2");
     let volumes = docker(&client, &["volume", "ls", "-q"])
         .await
@@ -944,7 +944,10 @@ async fn a_dockerd_listening_on_tcp_is_refused_before_the_host_registers() {
         "{stderr}"
     );
     // Never registered, so never offered to a build.
-    assert!(seen.try_recv().is_err(), "the coordinator heard from the host");
+    assert!(
+        seen.try_recv().is_err(),
+        "the coordinator heard from the host"
+    );
     // And the refused host was destroyed like any other.
     assert_eq!(netns_with_prefix(&guard.prefix), Vec::<String>::new());
     assert_eq!(processes_mentioning(&guard.base), Vec::<String>::new());

@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use berth_tls::{TokenHash, Tenants};
+use berth_tls::{Tenants, TokenHash};
 use tonic::{Request, Status};
 
 /// Who is calling, as established by the interceptor; handlers find it in

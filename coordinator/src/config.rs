@@ -71,9 +71,7 @@ pub struct CoordinatorConfig {
 impl CoordinatorConfig {
     /// The names the gRPC server certificate carries.
     pub fn server_names(&self) -> Vec<String> {
-        let mut names: Vec<String> = ["localhost", "127.0.0.1", "::1"]
-            .map(String::from)
-            .into();
+        let mut names: Vec<String> = ["localhost", "127.0.0.1", "::1"].map(String::from).into();
         if !self.listen.ip().is_unspecified() {
             names.push(self.listen.ip().to_string());
         }

@@ -91,7 +91,10 @@ pub async fn bind(config: &CoordinatorConfig) -> Result<TcpListener, RunError> {
         source,
     })?;
     load_ca(config)?;
-    auth::Auth::load(config.tenants.as_deref(), config.join_token_hash_file.as_deref())?;
+    auth::Auth::load(
+        config.tenants.as_deref(),
+        config.join_token_hash_file.as_deref(),
+    )?;
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|source| RunError::Bind {
@@ -128,9 +131,12 @@ pub async fn serve(
         config.tenants.as_deref(),
         config.join_token_hash_file.as_deref(),
     )?);
-    let (server_cert, server_key) = ca.issue_server(&config.server_names()).map_err(RunError::Ca)?;
-    let tls = tonic::transport::ServerTlsConfig::new()
-        .identity(tonic::transport::Identity::from_pem(server_cert, server_key));
+    let (server_cert, server_key) = ca
+        .issue_server(&config.server_names())
+        .map_err(RunError::Ca)?;
+    let tls = tonic::transport::ServerTlsConfig::new().identity(
+        tonic::transport::Identity::from_pem(server_cert, server_key),
+    );
     let pool = Arc::new(Pool::new(config.pool()));
     let services = Services {
         pool: pool.clone(),

@@ -1206,8 +1206,12 @@ mod tests {
         let first = pool.acquire(T, "b1", 60 * SECOND, SECOND, now).unwrap();
         let l1 = h1.expect_assign();
         h1.accept(&pool, &l1.lease_id, now);
-        let second = pool.acquire(T, "b2", 60 * SECOND, 30 * SECOND, now).unwrap();
-        let third = pool.acquire(T, "b3", 60 * SECOND, 30 * SECOND, now).unwrap();
+        let second = pool
+            .acquire(T, "b2", 60 * SECOND, 30 * SECOND, now)
+            .unwrap();
+        let third = pool
+            .acquire(T, "b3", 60 * SECOND, 30 * SECOND, now)
+            .unwrap();
         assert_eq!(pool.queue_len(), 2);
 
         pool.release(T, &first.lease_id, now).unwrap();
@@ -1239,7 +1243,9 @@ mod tests {
         h1.expect_assign();
         h1.accept(&pool, &first.lease_id, now);
         h1.state(&pool, pb::HostState::Leased, now);
-        let second = pool.acquire(T, "b2", 60 * SECOND, 30 * SECOND, now).unwrap();
+        let second = pool
+            .acquire(T, "b2", 60 * SECOND, 30 * SECOND, now)
+            .unwrap();
         pool.release(T, &first.lease_id, now).unwrap();
         assert!(matches!(h1.next(), Some(Out::EndLease(_))));
         h1.state(&pool, pb::HostState::Wiping, now);
@@ -1253,7 +1259,9 @@ mod tests {
         let pool = pool();
         let now = Instant::now();
         let mut h1 = Agent::join(&pool, "h1", now);
-        let p = pool.acquire(T, "b1", 60 * SECOND, 30 * SECOND, now).unwrap();
+        let p = pool
+            .acquire(T, "b1", 60 * SECOND, 30 * SECOND, now)
+            .unwrap();
         let l = h1.expect_assign();
         h1.say(
             &pool,
@@ -1330,7 +1338,9 @@ mod tests {
             tonic::Code::NotFound
         );
         assert_eq!(
-            pool.renew(T, &id, SECOND, Instant::now()).unwrap_err().code(),
+            pool.renew(T, &id, SECOND, Instant::now())
+                .unwrap_err()
+                .code(),
             tonic::Code::NotFound
         );
     }
@@ -1339,7 +1349,9 @@ mod tests {
     async fn abandoned_waiters_are_skipped() {
         let pool = pool();
         let now = Instant::now();
-        let gone = pool.acquire(T, "gone", 60 * SECOND, 30 * SECOND, now).unwrap();
+        let gone = pool
+            .acquire(T, "gone", 60 * SECOND, 30 * SECOND, now)
+            .unwrap();
         let gone_id = gone.lease_id.clone();
         drop(gone);
         let waiting = pool
@@ -1381,7 +1393,9 @@ mod tests {
         let now = Instant::now();
         let mut h1 = Agent::join(&pool, "h1", now);
         let later = now + 10 * SECOND;
-        let p = pool.acquire(T, "b1", 60 * SECOND, 30 * SECOND, later).unwrap();
+        let p = pool
+            .acquire(T, "b1", 60 * SECOND, 30 * SECOND, later)
+            .unwrap();
         assert!(h1.next().is_none());
         assert_eq!(state_of(&p), LeaseState::Queued);
         h1.say(
@@ -1453,7 +1467,11 @@ mod tests {
             pool.release("b", id, now).unwrap_err().code(),
             tonic::Code::NotFound
         );
-        assert_eq!(state_of(&mine), LeaseState::Active, "another tenant ended it");
+        assert_eq!(
+            state_of(&mine),
+            LeaseState::Active,
+            "another tenant ended it"
+        );
         pool.release("a", id, now).unwrap();
         assert_eq!(state_of(&mine), LeaseState::Released);
     }

@@ -137,19 +137,16 @@ impl LeaseService for Services {
             false,
             cfg.max_ttl,
         )?;
-        let lease = self
-            .pool
-            .renew(&caller.tenant, &lid, ttl, Instant::now())?;
-        let (client_cert_pem, ca_pem) = if req.csr_pem.is_empty()
-            || lease.state != pb::LeaseState::Active as i32
-        {
-            (String::new(), String::new())
-        } else {
-            (
-                self.lease_cert(&lease, &req.csr_pem)?,
-                self.ca.cert_pem().to_owned(),
-            )
-        };
+        let lease = self.pool.renew(&caller.tenant, &lid, ttl, Instant::now())?;
+        let (client_cert_pem, ca_pem) =
+            if req.csr_pem.is_empty() || lease.state != pb::LeaseState::Active as i32 {
+                (String::new(), String::new())
+            } else {
+                (
+                    self.lease_cert(&lease, &req.csr_pem)?,
+                    self.ca.cert_pem().to_owned(),
+                )
+            };
         Ok(Response::new(pb::RenewResponse {
             lease: Some(lease),
             client_cert_pem,

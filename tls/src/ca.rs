@@ -11,8 +11,7 @@ use std::time::{Duration, SystemTime};
 use rand::RngCore;
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
-    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
-    SerialNumber,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
 
 use crate::TlsError;
@@ -266,7 +265,8 @@ pub fn self_signed_lease(lease_id: &str) -> Result<(String, String), TlsError> {
     let mut p = Ca::leaf(
         &format!("berth lease {lease_id}"),
         vec![SanType::DnsName(
-            name.try_into().map_err(|e| TlsError::cert("lease name", e))?,
+            name.try_into()
+                .map_err(|e| TlsError::cert("lease name", e))?,
         )],
         ExtendedKeyUsagePurpose::ClientAuth,
         now - CLOCK_SKEW,
@@ -299,7 +299,12 @@ mod tests {
         // A certificate signed by the reloaded CA chains to the first.
         let kc = KeyAndCsr::generate("c").unwrap();
         let pem = b
-            .sign_host(&kc.csr_pem, "h1", "198.18.0.2".parse().unwrap(), SystemTime::now())
+            .sign_host(
+                &kc.csr_pem,
+                "h1",
+                "198.18.0.2".parse().unwrap(),
+                SystemTime::now(),
+            )
             .unwrap();
         assert!(pem.starts_with("-----BEGIN CERTIFICATE-----"));
         std::fs::remove_dir_all(&dir).unwrap();

@@ -10,8 +10,8 @@ use std::sync::Arc;
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, RootCertStore,
     ServerConfig, SignatureScheme,
@@ -160,32 +160,44 @@ pub fn lease_client_config(
     Ok(Arc::new(config))
 }
 
+/// Runs one TLS handshake in memory between `server` and `client`, the
+/// client expecting `server_name`; Ok once both sides complete. For tests
+/// and diagnostics: what the front would admit, without a socket.
+pub fn handshake_in_memory(
+    server: Arc<ServerConfig>,
+    client: Arc<ClientConfig>,
+    server_name: &str,
+) -> Result<(), String> {
+    let name = ServerName::try_from(server_name.to_owned()).map_err(|e| e.to_string())?;
+    let mut c = rustls::ClientConnection::new(client, name).map_err(|e| e.to_string())?;
+    let mut s = rustls::ServerConnection::new(server).map_err(|e| e.to_string())?;
+    for _ in 0..10 {
+        let mut buf = Vec::new();
+        c.write_tls(&mut buf).map_err(|e| e.to_string())?;
+        s.read_tls(&mut buf.as_slice()).map_err(|e| e.to_string())?;
+        s.process_new_packets()
+            .map_err(|e| format!("server: {e}"))?;
+        let mut buf = Vec::new();
+        s.write_tls(&mut buf).map_err(|e| e.to_string())?;
+        c.read_tls(&mut buf.as_slice()).map_err(|e| e.to_string())?;
+        c.process_new_packets()
+            .map_err(|e| format!("client: {e}"))?;
+        if !c.is_handshaking() && !s.is_handshaking() {
+            return Ok(());
+        }
+    }
+    Err("handshake did not finish".into())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn handshake(server: Arc<ServerConfig>, client: Arc<ClientConfig>) -> Result<(), String> {
+        handshake_in_memory(server, client, "198.18.0.2")
+    }
     use crate::{Ca, KeyAndCsr};
     use std::time::{Duration, SystemTime};
-
-    /// Runs one in-memory handshake; Ok if both sides complete.
-    fn handshake(server: Arc<ServerConfig>, client: Arc<ClientConfig>) -> Result<(), String> {
-        let name = ServerName::try_from("198.18.0.2").unwrap();
-        let mut c = rustls::ClientConnection::new(client, name).map_err(|e| e.to_string())?;
-        let mut s = rustls::ServerConnection::new(server).map_err(|e| e.to_string())?;
-        for _ in 0..10 {
-            let mut buf = Vec::new();
-            c.write_tls(&mut buf).map_err(|e| e.to_string())?;
-            s.read_tls(&mut buf.as_slice()).map_err(|e| e.to_string())?;
-            s.process_new_packets().map_err(|e| format!("server: {e}"))?;
-            let mut buf = Vec::new();
-            s.write_tls(&mut buf).map_err(|e| e.to_string())?;
-            c.read_tls(&mut buf.as_slice()).map_err(|e| e.to_string())?;
-            c.process_new_packets().map_err(|e| format!("client: {e}"))?;
-            if !c.is_handshaking() && !s.is_handshaking() {
-                return Ok(());
-            }
-        }
-        Err("handshake did not finish".into())
-    }
 
     struct Rig {
         ca: Ca,
@@ -207,7 +219,12 @@ mod tests {
         Rig { ca, server }
     }
 
-    fn client_for(ca: &Ca, lease: &str, before: SystemTime, after: SystemTime) -> Arc<ClientConfig> {
+    fn client_for(
+        ca: &Ca,
+        lease: &str,
+        before: SystemTime,
+        after: SystemTime,
+    ) -> Arc<ClientConfig> {
         let k = KeyAndCsr::generate("ci").unwrap();
         let cert = ca
             .sign_lease_between(&k.csr_pem, lease, before, after)

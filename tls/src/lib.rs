@@ -33,7 +33,7 @@ use std::path::PathBuf;
 pub use ca::Ca;
 pub use csr::KeyAndCsr;
 pub use lease::{ServerIdentity, lease_client_config, lease_dns_name, lease_server_config};
-pub use token::{TokenHash, Tenant, Tenants};
+pub use token::{Tenant, Tenants, TokenHash};
 
 /// What went wrong with a certificate, key, CSR, token or their files.
 #[derive(Debug, thiserror::Error)]

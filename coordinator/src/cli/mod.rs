@@ -238,7 +238,8 @@ pub fn write_cert_dir(
     cert_pem: &str,
     key_pem: &str,
 ) -> Result<(), CliError> {
-    let err = |e: berth_tls::TlsError| CliError::Other(format!("writing the lease's certificates: {e}"));
+    let err =
+        |e: berth_tls::TlsError| CliError::Other(format!("writing the lease's certificates: {e}"));
     berth_tls::files::create_private_dir(dir).map_err(err)?;
     for (name, data) in [
         ("key.pem", key_pem),
