@@ -6,7 +6,8 @@
 //!
 //! It also makes the pool's credentials on first start, under its state dir
 //! (all secrets 0600), so the demo needs no setup:
-//! - `tenants` (one admin tenant, `local`) and `cli/token`, its token;
+//! - `tenants` (one admin tenant, `local`; tenants an operator adds to the
+//!   file are kept) and `cli/token`, `local`'s token;
 //! - `join-token` (agents) and `join-token.sha256` (coordinator);
 //! - `cli/ca.pem`, a copy of the pool CA the coordinator keeps under
 //!   `coordinator/`.
@@ -137,10 +138,17 @@ impl Credentials {
                 t
             }
         };
-        files::write_private(
-            &c.tenants,
-            berth_tls::Tenants::line("local", &cli_token, true).as_bytes(),
-        )?;
+        // Tenants an operator added to the file stay; `local` is rewritten.
+        let mut tenants = berth_tls::Tenants::line("local", &cli_token, true);
+        if let Ok(old) = std::fs::read_to_string(&c.tenants) {
+            for line in old.lines() {
+                if line.split_whitespace().next() != Some("local") && !line.trim().is_empty() {
+                    tenants.push_str(line);
+                    tenants.push('\n');
+                }
+            }
+        }
+        files::write_private(&c.tenants, tenants.as_bytes())?;
         let join = match files::read_secret(&c.join_token) {
             Ok(t) => t,
             Err(_) => {
