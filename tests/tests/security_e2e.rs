@@ -50,6 +50,22 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
+/// `curl` presenting the certificate in `dir`: the docker CLI (Go) does not
+/// even send a certificate whose issuer the server did not name, so this is
+/// what makes the front itself judge a forged certificate.
+fn curl_with(dir: &Path, url: &str) -> (bool, String) {
+    let p = |f: &str| dir.join(f).to_string_lossy().into_owned();
+    curl(&[
+        "--cacert",
+        &p("ca.pem"),
+        "--cert",
+        &p("cert.pem"),
+        "--key",
+        &p("key.pem"),
+        url,
+    ])
+}
+
 fn assert_refused(what: &str, r: Result<String, String>) {
     match r {
         Ok(v) => panic!("{what}: the Docker API answered (server {v})"),
@@ -155,6 +171,11 @@ fn only_the_current_lease_certificate_opens_a_host() {
     let (cert_pem, key_pem) = berth_tls::ca::self_signed_lease(a.lease_id()).unwrap();
     let forged = cert_dir(&scratch, "self-signed", &ca_pem, &cert_pem, &key_pem);
     assert_refused("self-signed cert naming a", docker_version(host_a, &forged));
+    let (good, out) = curl_with(&forged, &url);
+    assert!(
+        !good && !out.contains("OK"),
+        "curl, self-signed cert: {out}"
+    );
 
     // A certificate of another CA with the right lease id.
     let (other_ca, _) = berth_tls::Ca::generate("another CA").unwrap();
@@ -177,6 +198,8 @@ fn only_the_current_lease_certificate_opens_a_host() {
         .unwrap();
     let expired = cert_dir(&scratch, "expired", &ca_pem, &cert_pem, &k.key_pem);
     assert_refused("expired cert for a", docker_version(host_a, &expired));
+    let (good, out) = curl_with(&expired, &url);
+    assert!(!good && !out.contains("OK"), "curl, expired cert: {out}");
     // ... while the same key with a current certificate gets in: the
     // refusal above was the validity, nothing else.
     let cert_pem = pool_ca
@@ -184,6 +207,8 @@ fn only_the_current_lease_certificate_opens_a_host() {
         .unwrap();
     let current = cert_dir(&scratch, "current", &ca_pem, &cert_pem, &k.key_pem);
     docker_version(host_a, &current).expect("a current pool certificate for a");
+    let (good, out) = curl_with(&current, &url);
+    assert!(good && out.trim() == "OK", "curl, current cert: {out}");
 
     // Renew re-issues the certificate for the same key; the host takes it.
     let before = std::fs::read_to_string(a.cert_dir().join("cert.pem")).unwrap();
