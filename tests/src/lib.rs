@@ -13,6 +13,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod bench;
+
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -73,28 +75,37 @@ fn which(tool: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// The directory holding the workspace's binaries, built on first use.
+/// The directory holding the workspace's binaries, built on first use with
+/// the profile of the running executable (a test in `target/debug/deps`,
+/// or `berth-bench` in `target/release`).
 pub fn bin_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
+        let exe = std::env::current_exe().unwrap();
+        let mut dir = exe.parent().unwrap().to_owned();
+        if dir.file_name().is_some_and(|n| n == "deps") {
+            dir = dir.parent().unwrap().to_owned();
+        }
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let status = Command::new(cargo)
-            .args([
-                "build",
-                "--quiet",
-                "--bins",
-                "-p",
-                "berth-agent",
-                "-p",
-                "berth-coordinator",
-            ])
+        let mut build = Command::new(cargo);
+        build.args([
+            "build",
+            "--quiet",
+            "--bins",
+            "-p",
+            "berth-agent",
+            "-p",
+            "berth-coordinator",
+        ]);
+        if dir.file_name().is_some_and(|n| n == "release") {
+            build.arg("--release");
+        }
+        let status = build
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .status()
             .expect("cannot run cargo to build the berth binaries");
         assert!(status.success(), "building the berth binaries failed");
-        // This test binary lives in target/<profile>/deps.
-        let exe = std::env::current_exe().unwrap();
-        exe.parent().and_then(Path::parent).unwrap().to_owned()
+        dir
     })
 }
 
