@@ -376,8 +376,14 @@ impl Pool {
             pgid: None,
             rt,
         };
+        // berth up copies the pool CA for the CLI once the coordinator has
+        // written its address; both must be there before the first call.
+        let ca = pool.ca_pem_path();
         pool.addr = wait_for("the coordinator address", Duration::from_secs(60), || {
             pool.assert_running();
+            if !ca.exists() {
+                return None;
+            }
             std::fs::read_to_string(&addr_file)
                 .ok()?
                 .trim()
