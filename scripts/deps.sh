@@ -19,8 +19,10 @@ ensure_apt() {
 }
 
 # Packages the pool itself needs: dockerd and its CLI, a static busybox for
-# images built FROM scratch, iproute2 for network namespaces, nsenter.
+# images built FROM scratch, iproute2 for network namespaces (and `ss`),
+# nsenter; curl and openssl are the stock TLS clients the security tests
+# probe the Docker front with.
 ensure_runtime_deps() {
-  ensure_apt docker.io busybox-static iproute2 util-linux ca-certificates
+  ensure_apt docker.io busybox-static iproute2 util-linux ca-certificates curl openssl
   command -v cargo >/dev/null || { echo "cargo is missing: install Rust (https://rustup.rs)" >&2; exit 1; }
 }

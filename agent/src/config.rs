@@ -12,7 +12,7 @@ use clap::builder::BoolishValueParser;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// Coordinator URL used when neither `--coordinator` nor `BERTH_COORDINATOR` is set.
-pub const DEFAULT_COORDINATOR: &str = "http://127.0.0.1:7070";
+pub const DEFAULT_COORDINATOR: &str = "https://127.0.0.1:7070";
 /// Where hosts keep their state (dockerd's data root lives in `STATE_DIR/HOST_ID`).
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/berth/hosts";
 /// Where hosts keep short-lived, short paths (exec root, socket, pidfile).
@@ -66,9 +66,17 @@ pub enum Command {
 /// are global, so they may follow the subcommand.
 #[derive(Debug, Clone, Args)]
 pub struct Config {
-    /// gRPC URL of the coordinator.
+    /// gRPC URL of the coordinator (TLS: https:// only).
     #[arg(long, env = "BERTH_COORDINATOR", default_value = DEFAULT_COORDINATOR)]
     pub coordinator: String,
+
+    /// CA certificate the coordinator's TLS certificate must chain to.
+    #[arg(long, env = "BERTH_CA")]
+    pub ca: Option<PathBuf>,
+
+    /// File holding the pool join token the coordinator admits agents with.
+    #[arg(long, env = "BERTH_JOIN_TOKEN_FILE")]
+    pub join_token_file: Option<PathBuf>,
 
     /// Directory holding one sub-directory per host (dockerd's data root inside).
     #[arg(long, global = true, env = "BERTH_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
@@ -134,6 +142,8 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             coordinator: DEFAULT_COORDINATOR.to_owned(),
+            ca: None,
+            join_token_file: None,
             state_dir: PathBuf::from(DEFAULT_STATE_DIR),
             run_dir: PathBuf::from(DEFAULT_RUN_DIR),
             prefix: DEFAULT_PREFIX.to_owned(),
@@ -156,7 +166,7 @@ impl Default for Config {
 pub enum ConfigError {
     #[error("prefix {0:?} must be 1..={MAX_PREFIX_LEN} characters of [A-Za-z0-9_-]")]
     BadPrefix(String),
-    #[error("coordinator URL {0:?} must start with http:// or https://")]
+    #[error("coordinator URL {0:?} must start with https:// (the coordinator speaks TLS only)")]
     BadCoordinator(String),
     #[error("{name} {path:?} must be an absolute path")]
     RelativePath { name: &'static str, path: PathBuf },
@@ -176,7 +186,7 @@ impl Config {
     /// URL tonic can dial.
     pub fn validate(&self) -> Result<(), ConfigError> {
         validate_prefix(&self.prefix)?;
-        if !(self.coordinator.starts_with("http://") || self.coordinator.starts_with("https://")) {
+        if !self.coordinator.starts_with("https://") {
             return Err(ConfigError::BadCoordinator(self.coordinator.clone()));
         }
         for (name, path) in [("state dir", &self.state_dir), ("run dir", &self.run_dir)] {
@@ -258,7 +268,7 @@ mod tests {
         let c = Cli::parse_from([
             "berth-agent",
             "--coordinator",
-            "http://127.0.0.1:9",
+            "https://127.0.0.1:9",
             "--prefix",
             "bta-",
             "--front-port",
@@ -273,7 +283,7 @@ mod tests {
             "json",
         ])
         .config;
-        assert_eq!(c.coordinator, "http://127.0.0.1:9");
+        assert_eq!(c.coordinator, "https://127.0.0.1:9");
         assert_eq!(c.prefix, "bta-");
         assert_eq!(c.front_port, 12376);
         assert!(c.recycle && c.no_netns);
@@ -322,11 +332,16 @@ mod tests {
                 "{p:?}"
             );
         }
-        let c = Config {
-            coordinator: "127.0.0.1:7070".into(),
-            ..Config::default()
-        };
-        assert!(matches!(c.validate(), Err(ConfigError::BadCoordinator(_))));
+        for url in ["127.0.0.1:7070", "http://127.0.0.1:7070"] {
+            let c = Config {
+                coordinator: url.into(),
+                ..Config::default()
+            };
+            assert!(
+                matches!(c.validate(), Err(ConfigError::BadCoordinator(_))),
+                "{url}"
+            );
+        }
         let c = Config {
             state_dir: "rel/dir".into(),
             ..Config::default()

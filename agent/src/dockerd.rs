@@ -56,6 +56,10 @@ pub enum DockerdError {
     },
     #[error("dockerd self-check failed: {0}")]
     SelfCheck(#[from] DockerError),
+    #[error(transparent)]
+    TcpListener(#[from] crate::listeners::ListenerError),
+    #[error("dockerd wrote no pid to {0:?}; cannot check its listeners")]
+    NoPid(PathBuf),
 }
 
 /// Every path one host uses.

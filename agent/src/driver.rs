@@ -209,7 +209,18 @@ where
             let (host, actions) = state::next(self.host.clone(), event);
             self.host = host;
             if self.host.state != before {
-                tracing::info!(from = ?before, to = ?self.host.state, lease_id = self.host.lease_id().unwrap_or(""), "host state");
+                // The reason the coordinator is told, in the agent's own log
+                // too: the link may be down when it is sent.
+                let reason = actions
+                    .iter()
+                    .find_map(|a| match a {
+                        Action::Send(berth_proto::v1::agent_message::Msg::StateChanged(sc)) => {
+                            Some(sc.reason.as_str())
+                        }
+                        _ => None,
+                    })
+                    .unwrap_or("");
+                tracing::info!(from = ?before, to = ?self.host.state, lease_id = self.host.lease_id().unwrap_or(""), reason, "host state");
                 self.state_deadline = self
                     .host
                     .state

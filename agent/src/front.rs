@@ -1,8 +1,18 @@
-//! The Docker front: the only way into a host's dockerd. A TCP listener on
-//! `HOST_ADDR:PORT` that exists only while a lease is active and forwards
-//! bytes both ways to dockerd's unix socket. A byte-level proxy needs no
-//! knowledge of HTTP, so hijacked and upgraded connections (`run -it`,
-//! `attach`, `exec`, `build`) work as they are.
+//! The Docker front: the only way into a host's dockerd. A mutual-TLS
+//! listener on `HOST_ADDR:PORT` that exists only while a lease is active and,
+//! once a client is admitted, forwards bytes both ways to dockerd's unix
+//! socket. A byte-level proxy needs no knowledge of HTTP, so hijacked and
+//! upgraded connections (`run -it`, `attach`, `exec`, `build`) work as they
+//! are, inside TLS.
+//!
+//! Admission happens in the TLS handshake (`berth_tls::lease_server_config`):
+//! the client certificate must chain to the pool CA and name the lease the
+//! front was opened for. No certificate, another lease's, an expired or
+//! self-signed one, or plaintext: the handshake fails and nothing reaches
+//! dockerd. The server certificate is the one the coordinator issued at
+//! registration (read from the link's status when a lease opens the front);
+//! its key never leaves the agent. A renewed lease certificate names the same
+//! lease, so it is admitted without reopening anything.
 //!
 //! Each lease gets a `CancellationToken`; each connection a child token.
 //! Closing the front cancels the lease token: the listener is dropped (new
@@ -14,9 +24,8 @@
 //! socket belongs to the namespace it was created in, so the listener is
 //! created on a short-lived thread that first joins the host's namespace.
 //!
-//! The accept -> stream -> proxy seam is [`serve_connection`], generic over
-//! the client stream, so per-lease mutual TLS can wrap the accepted stream
-//! without touching the proxy.
+//! The accept -> handshake -> proxy seam is [`serve_connection`], generic
+//! over the client stream (a TLS stream in production, anything in tests).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -26,9 +35,13 @@ use nix::sched::CloneFlags;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixStream};
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
+
+use crate::link::LinkStatus;
 
 /// Bound on creating the listener (thread start, setns, bind).
 pub const FRONT_BIND_TIMEOUT: Duration = Duration::from_secs(5);
@@ -37,6 +50,16 @@ pub const FRONT_BIND_TIMEOUT: Duration = Duration::from_secs(5);
 pub const FRONT_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Bound on connecting to dockerd's socket for one client connection.
 pub const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bound on one client's TLS handshake: a client that connects and says
+/// nothing must not hold a task.
+pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest opening a front waits for the coordinator to issue the host's
+/// server certificate. Only an agent that resumes a lease after a restart
+/// opens the front before its registration is answered.
+pub const FRONT_CERT_WAIT: Duration = Duration::from_secs(30);
+/// Copy buffer per direction: bulk transfers (`docker load`, build contexts)
+/// go through the front, and TLS records hold up to 16 KiB.
+const COPY_BUFFER: usize = 64 * 1024;
 /// Pause after a failed accept (e.g. out of file descriptors) so the loop
 /// does not spin.
 pub const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
@@ -70,6 +93,10 @@ pub enum FrontError {
     },
     #[error("connecting to dockerd at {path:?} timed out after {UPSTREAM_CONNECT_TIMEOUT:?}")]
     UpstreamTimeout { path: PathBuf },
+    #[error("no server certificate yet: the coordinator has not answered the registration")]
+    NoCertificate,
+    #[error("TLS configuration for the lease: {0}")]
+    Tls(#[from] berth_tls::TlsError),
 }
 
 /// What the driver needs from a front; the fake in the driver tests records calls.
@@ -84,12 +111,23 @@ pub trait FrontControl: Send + 'static {
 }
 
 /// The real front.
-#[derive(Debug)]
 pub struct DockerFront {
     addr: SocketAddr,
     netns: Option<PathBuf>,
     upstream: PathBuf,
+    /// The front's private key; its certificate comes from the link.
+    key_pem: String,
+    link: watch::Receiver<LinkStatus>,
     active: Option<Active>,
+}
+
+impl std::fmt::Debug for DockerFront {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DockerFront")
+            .field("addr", &self.addr)
+            .field("open", &self.active.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug)]
@@ -100,12 +138,21 @@ struct Active {
 
 impl DockerFront {
     /// A closed front for `addr` (in `netns`, if given) forwarding to the
-    /// dockerd socket `upstream`.
-    pub fn new(addr: SocketAddr, netns: Option<PathBuf>, upstream: PathBuf) -> Self {
+    /// dockerd socket `upstream`, serving TLS with `key_pem` and the
+    /// certificate the link publishes.
+    pub fn new(
+        addr: SocketAddr,
+        netns: Option<PathBuf>,
+        upstream: PathBuf,
+        key_pem: String,
+        link: watch::Receiver<LinkStatus>,
+    ) -> Self {
         DockerFront {
             addr,
             netns,
             upstream,
+            key_pem,
+            link,
             active: None,
         }
     }
@@ -120,6 +167,18 @@ impl FrontControl for DockerFront {
     #[tracing::instrument(skip(self), err)]
     async fn open(&mut self, lease_id: &str) -> Result<(), FrontError> {
         self.close().await;
+        let mut link = self.link.clone();
+        let issued = tokio::time::timeout(FRONT_CERT_WAIT, link.wait_for(|s| s.issued.is_some()))
+            .await
+            .ok()
+            .and_then(|r| r.ok().and_then(|s| s.issued.clone()))
+            .ok_or(FrontError::NoCertificate)?;
+        let identity = berth_tls::ServerIdentity {
+            cert_pem: issued.server_cert_pem,
+            key_pem: self.key_pem.clone(),
+            ca_pem: issued.ca_pem,
+        };
+        let acceptor = TlsAcceptor::from(berth_tls::lease_server_config(&identity, lease_id)?);
         let std_listener = bind_in_netns(self.addr, self.netns.clone()).await?;
         let listener = TcpListener::from_std(std_listener).map_err(|source| FrontError::Bind {
             addr: self.addr,
@@ -131,6 +190,7 @@ impl FrontControl for DockerFront {
         tracker.spawn(
             accept_loop(
                 listener,
+                acceptor,
                 self.upstream.clone(),
                 token.clone(),
                 tracker.clone(),
@@ -213,6 +273,7 @@ fn bind_blocking(
 
 async fn accept_loop(
     listener: TcpListener,
+    acceptor: TlsAcceptor,
     upstream: PathBuf,
     token: CancellationToken,
     tracker: TaskTracker,
@@ -228,10 +289,28 @@ async fn accept_loop(
                 let _ = stream.set_nodelay(true);
                 let child = token.child_token();
                 let upstream = upstream.clone();
+                let acceptor = acceptor.clone();
                 let span = tracing::debug_span!("conn", %peer);
                 tracker.spawn(
                     async move {
-                        match serve_connection(stream, &upstream, child).await {
+                        let handshake =
+                            tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream));
+                        let tls = tokio::select! {
+                            _ = child.cancelled() => return,
+                            r = handshake => match r {
+                                Err(_) => {
+                                    tracing::info!("TLS handshake timed out; connection dropped");
+                                    return;
+                                }
+                                Ok(Err(e)) => {
+                                    // Wrong or missing certificate, plaintext, a scan.
+                                    tracing::info!(error = %e, "client refused in the TLS handshake");
+                                    return;
+                                }
+                                Ok(Ok(tls)) => tls,
+                            },
+                        };
+                        match serve_connection(tls, &upstream, child).await {
                             Ok(()) => tracing::debug!("connection closed"),
                             Err(e) => tracing::warn!(error = %e, "connection failed"),
                         }
@@ -275,7 +354,7 @@ where
     tokio::select! {
         // Returning drops both streams: the client sees its connection end.
         _ = cancel.cancelled() => Ok(()),
-        r = tokio::io::copy_bidirectional(&mut client, &mut daemon) => {
+        r = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut daemon, COPY_BUFFER, COPY_BUFFER) => {
             if let Ok((up, down)) = r {
                 tracing::debug!(bytes_to_daemon = up, bytes_to_client = down, "proxied");
             }
@@ -322,23 +401,103 @@ mod tests {
         l.local_addr().unwrap()
     }
 
+    /// A pool CA, a front identity issued by it, and lease certificates.
+    struct Pki {
+        ca: berth_tls::Ca,
+        key_pem: String,
+        link: watch::Receiver<LinkStatus>,
+        _link_tx: watch::Sender<LinkStatus>,
+    }
+
+    fn pki() -> Pki {
+        let (ca, _) = berth_tls::Ca::generate("test CA").unwrap();
+        let k = berth_tls::KeyAndCsr::generate("front").unwrap();
+        let cert = ca
+            .sign_host(
+                &k.csr_pem,
+                "h",
+                "127.0.0.1".parse().unwrap(),
+                std::time::SystemTime::now(),
+            )
+            .unwrap();
+        let status = LinkStatus {
+            issued: Some(crate::link::Issued {
+                server_cert_pem: cert,
+                ca_pem: ca.cert_pem().to_owned(),
+            }),
+            ..LinkStatus::default()
+        };
+        let (tx, rx) = watch::channel(status);
+        Pki {
+            ca,
+            key_pem: k.key_pem,
+            link: rx,
+            _link_tx: tx,
+        }
+    }
+
+    impl Pki {
+        fn front(&self, addr: SocketAddr, sock: PathBuf) -> DockerFront {
+            DockerFront::new(addr, None, sock, self.key_pem.clone(), self.link.clone())
+        }
+
+        /// Connects with a certificate for `lease`; Err if refused.
+        async fn connect(
+            &self,
+            addr: SocketAddr,
+            lease: &str,
+        ) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+            let k = berth_tls::KeyAndCsr::generate("ci").unwrap();
+            let now = std::time::SystemTime::now();
+            let cert = self
+                .ca
+                .sign_lease(&k.csr_pem, lease, now, now + Duration::from_secs(60))
+                .unwrap();
+            let cfg =
+                berth_tls::lease_client_config(self.ca.cert_pem(), &cert, &k.key_pem).unwrap();
+            let tcp = TcpStream::connect(addr).await?;
+            let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+            let mut tls = tokio_rustls::TlsConnector::from(cfg)
+                .connect(name, tcp)
+                .await?;
+            // TLS 1.3: a refused client certificate shows on the first read.
+            tls.write_all(b"ping").await?;
+            let mut buf = [0u8; 4];
+            tls.read_exact(&mut buf).await?;
+            assert_eq!(&buf, b"ping");
+            Ok(tls)
+        }
+    }
+
     #[tokio::test]
     async fn proxies_while_open_and_cuts_everything_on_close() {
         let dir = temp_dir("cut");
         let sock = echo_daemon(&dir);
         let addr = free_addr().await;
-        let mut front = DockerFront::new(addr, None, sock);
+        let pki = pki();
+        let mut front = pki.front(addr, sock);
 
         // Closed: nothing listens.
         assert!(TcpStream::connect(addr).await.is_err());
 
         front.open("l1").await.unwrap();
         assert!(front.is_open());
-        let mut conn = TcpStream::connect(addr).await.unwrap();
-        conn.write_all(b"ping").await.unwrap();
-        let mut buf = [0u8; 4];
-        conn.read_exact(&mut buf).await.unwrap();
-        assert_eq!(&buf, b"ping");
+        let mut conn = pki.connect(addr, "l1").await.unwrap();
+
+        // Another lease's certificate and plaintext are refused; nothing
+        // they send reaches dockerd.
+        assert!(pki.connect(addr, "l2").await.is_err());
+        let mut plain = TcpStream::connect(addr).await.unwrap();
+        plain
+            .write_all(b"GET /_ping HTTP/1.0\r\n\r\n")
+            .await
+            .unwrap();
+        let mut got = vec![];
+        let _ = tokio::time::timeout(Duration::from_secs(5), plain.read_to_end(&mut got)).await;
+        assert!(
+            !got.windows(4).any(|w| w == b"GET "),
+            "plaintext was echoed"
+        );
 
         // A long-lived stream (like `docker logs -f`) is cut at close.
         front.close().await;
@@ -354,15 +513,23 @@ mod tests {
             "listener must be gone"
         );
 
-        // Reopen at once on the same port (recycle mode).
+        // Reopen at once on the same port (recycle mode) for the next lease:
+        // the previous lease's certificate no longer gets in.
         front.open("l2").await.unwrap();
-        let mut conn = TcpStream::connect(addr).await.unwrap();
-        conn.write_all(b"again").await.unwrap();
-        let mut buf = [0u8; 5];
-        conn.read_exact(&mut buf).await.unwrap();
-        assert_eq!(&buf, b"again");
+        assert!(pki.connect(addr, "l1").await.is_err());
+        pki.connect(addr, "l2").await.unwrap();
         front.close().await;
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_certificate_from_the_coordinator_means_no_front() {
+        let (_tx, rx) = watch::channel(LinkStatus::default());
+        let addr = free_addr().await;
+        let mut front = DockerFront::new(addr, None, "/nonexistent".into(), String::new(), rx);
+        let r = front.open("l1").await;
+        assert!(matches!(r, Err(FrontError::NoCertificate)), "{r:?}");
+        assert!(TcpStream::connect(addr).await.is_err());
     }
 
     #[tokio::test]

@@ -2,7 +2,8 @@
 //! single-use remote Docker host for CI.
 //!
 //! [`run`] is the whole agent: learn the host's identity through the
-//! [`Provider`], start the host's own dockerd and self-check it, print the
+//! [`Provider`], start the host's own dockerd and self-check it (it must
+//! answer, and it must listen on no TCP port: [`listeners`]), print the
 //! `READY` line, then run the [`driver`] (the host state machine of
 //! [`state`]) and the coordinator [`link`] side by side until the host is
 //! terminated or the shutdown token fires; either way everything the host
@@ -13,6 +14,11 @@
 //! and signals; Docker access goes through [`docker::DockerOps`], hosts come
 //! from and end through [`Provider`], and the coordinator is only reached
 //! through the link's channels, so each part is testable with fakes.
+//!
+//! Credentials: the agent reaches the coordinator over TLS (trusting
+//! `--ca`) with the pool join token (`--join-token-file`). It makes the
+//! Docker front's key pair at start and sends only a CSR; the certificate
+//! the coordinator signs (SAN = host address) comes back at registration.
 
 pub mod cleanup;
 pub mod config;
@@ -23,6 +29,7 @@ pub mod front;
 pub mod health;
 pub mod link;
 pub mod linknet;
+pub mod listeners;
 pub mod netns;
 pub mod provider;
 pub mod state;
@@ -49,7 +56,7 @@ use crate::docker::{BollardDocker, DaemonInfo};
 use crate::dockerd::{DockerdSpec, HostPaths};
 use crate::driver::{Driver, SystemClock};
 use crate::front::DockerFront;
-use crate::link::{Link, Registration};
+use crate::link::{Credentials, Link, Registration};
 use crate::state::{Event, Host};
 
 /// The agent's version, as registered.
@@ -82,6 +89,26 @@ pub enum AgentError {
     Resume { host_id: String, reason: String },
     #[error("setting up the link through the host's network: {0}")]
     LinkNet(#[from] linknet::LinkNetError),
+    #[error("{0} is required: the agent cannot reach the coordinator without it")]
+    MissingCredential(&'static str),
+    #[error("credentials: {0}")]
+    Credentials(#[from] berth_tls::TlsError),
+}
+
+/// Reads the coordinator's CA and the join token named in the config.
+pub fn load_credentials(config: &Config) -> Result<Credentials, AgentError> {
+    let ca = config
+        .ca
+        .as_deref()
+        .ok_or(AgentError::MissingCredential("--ca"))?;
+    let token = config
+        .join_token_file
+        .as_deref()
+        .ok_or(AgentError::MissingCredential("--join-token-file"))?;
+    Ok(Credentials {
+        ca_pem: berth_tls::files::read_pem(ca)?,
+        join_token: berth_tls::files::read_secret(token)?,
+    })
 }
 
 /// Runs the agent until its host is terminated (drained, lease over, wipe
@@ -90,6 +117,9 @@ pub enum AgentError {
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), AgentError> {
     tracing::info!(?config, version = AGENT_VERSION, "berth-agent starting");
     config.validate()?;
+    // Before anything is created on the machine: without credentials the
+    // host could never be offered.
+    let credentials = load_credentials(&config)?;
     let started = Instant::now();
     let provider = Arc::new(Local::new(&config));
     let identity = match &config.resume_host {
@@ -128,9 +158,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
         }
         _ => None,
     };
-    run_host(config, provider, identity, dialer, started, shutdown)
-        .instrument(span)
-        .await
+    run_host(
+        config,
+        credentials,
+        provider,
+        identity,
+        dialer,
+        started,
+        shutdown,
+    )
+    .instrument(span)
+    .await
 }
 
 /// Uses the dockerd a previous agent of this host started, if it still
@@ -159,6 +197,7 @@ async fn adopt(paths: &HostPaths) -> Result<(BollardDocker, DaemonInfo), AgentEr
 
 async fn run_host<P: Provider>(
     config: Config,
+    credentials: Credentials,
     provider: Arc<P>,
     identity: Identity,
     dialer: Option<linknet::NetnsDialer>,
@@ -272,6 +311,15 @@ async fn run_host<P: Provider>(
         .in_current_span(),
     );
 
+    // The front's key is made here and never leaves the host; the
+    // coordinator signs its CSR at registration.
+    let front_key = match berth_tls::KeyAndCsr::generate(&identity.host_id) {
+        Ok(k) => k,
+        Err(e) => {
+            let _ = provider.terminate().await;
+            return Err(e.into());
+        }
+    };
     let registration = Registration {
         host_id: identity.host_id.clone(),
         host_addr: identity.host_addr,
@@ -281,11 +329,13 @@ async fn run_host<P: Provider>(
         zone: identity.zone.clone(),
         agent_version: AGENT_VERSION.to_owned(),
         docker_version: info.server_version.clone(),
+        csr_pem: front_key.csr_pem.clone(),
     };
     let sampler = stats::Sampler::new(&paths.data_root);
     let isolation_tx = inbox_tx.clone();
     let (link, link_status) = Link::new(
         config.coordinator.clone(),
+        credentials,
         registration,
         sampler,
         status_rx,
@@ -297,12 +347,19 @@ async fn run_host<P: Provider>(
         None => link,
     };
     tokio::spawn(
-        watch_isolation(link_status, config.isolation_limit, isolation_tx).in_current_span(),
+        watch_isolation(link_status.clone(), config.isolation_limit, isolation_tx)
+            .in_current_span(),
     );
     let link_stop = CancellationToken::new();
     let mut link_task = tokio::spawn(link.run(link_stop.clone()).in_current_span());
 
-    let front = DockerFront::new(front_addr, identity.netns.clone(), paths.socket.clone());
+    let front = DockerFront::new(
+        front_addr,
+        identity.netns.clone(),
+        paths.socket.clone(),
+        front_key.key_pem,
+        link_status,
+    );
     let driver = Driver::new(
         host,
         Arc::new(docker),
@@ -371,6 +428,13 @@ async fn boot(
 ) -> Result<(tokio::process::Child, BollardDocker, DaemonInfo), AgentError> {
     let mut child = spec.spawn().await?;
     let (docker, info) = dockerd::wait_ready(&mut child, &spec.paths, timeout).await?;
+    // dockerd opens every `-H` listener before it answers /_ping, so a TCP
+    // listener, if any, is there by now.
+    let pid = dockerd::read_pid(&spec.paths.pidfile)
+        .or_else(|| child.id().and_then(|p| i32::try_from(p).ok()))
+        .ok_or_else(|| dockerd::DockerdError::NoPid(spec.paths.pidfile.clone()))?;
+    listeners::ensure_no_tcp(pid).map_err(dockerd::DockerdError::from)?;
+    tracing::info!(pid, "dockerd listens on no TCP port");
     Ok((child, docker, info))
 }
 

@@ -15,6 +15,12 @@
 //! changes are dropped (the next `Register` carries the current state), but
 //! reports (`WipeReport`, `LeaseEnded`) are kept, a bounded few, and sent
 //! right after the next registration.
+//!
+//! The connection is TLS (the coordinator's certificate must chain to the CA
+//! the agent was given) and the stream carries the pool join token as bearer
+//! metadata. `Register` carries a CSR for the Docker front's key; the
+//! server certificate and pool CA that come back in `Registered` are
+//! published in [`LinkStatus::issued`], where the front picks them up.
 
 use std::collections::VecDeque;
 use std::net::IpAddr;
@@ -28,7 +34,7 @@ use rand::Rng;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Endpoint;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 
 use crate::state::{Event, HostState};
 use crate::stats::Sampler;
@@ -70,6 +76,33 @@ pub struct Registration {
     pub zone: String,
     pub agent_version: String,
     pub docker_version: String,
+    /// CSR for the Docker front's key (the key stays with the agent).
+    pub csr_pem: String,
+}
+
+/// What the agent authenticates with and whom it trusts.
+#[derive(Clone)]
+pub struct Credentials {
+    /// The CA the coordinator's certificate must chain to.
+    pub ca_pem: String,
+    /// The pool join token.
+    pub join_token: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the token.
+        f.debug_struct("Credentials").finish_non_exhaustive()
+    }
+}
+
+/// What the coordinator issued at the last registration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Issued {
+    /// The Docker front's server certificate (SAN = host address).
+    pub server_cert_pem: String,
+    /// The pool CA that lease certificates must chain to.
+    pub ca_pem: String,
 }
 
 /// What the driver publishes about the host for `Register` and heartbeats.
@@ -81,12 +114,14 @@ pub struct Status {
 }
 
 /// What the link publishes about itself.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct LinkStatus {
     pub connected: bool,
     pub heartbeat_interval: Option<Duration>,
     /// Successful registrations so far (reconnects = registrations - 1).
     pub registrations: u64,
+    /// The certificate from the last `Registered`; kept while disconnected.
+    pub issued: Option<Issued>,
 }
 
 /// Jittered exponential backoff: each delay is drawn from [d/2, d], where d
@@ -166,6 +201,7 @@ impl Drop for AbortOnDrop {
 /// The link task.
 pub struct Link {
     coordinator: String,
+    credentials: Credentials,
     registration: Registration,
     sampler: Sampler,
     status: watch::Receiver<Status>,
@@ -189,6 +225,7 @@ impl std::fmt::Debug for Link {
 impl Link {
     pub fn new(
         coordinator: String,
+        credentials: Credentials,
         registration: Registration,
         sampler: Sampler,
         status: watch::Receiver<Status>,
@@ -198,6 +235,7 @@ impl Link {
         let (published, link_status) = watch::channel(LinkStatus::default());
         let link = Link {
             coordinator,
+            credentials,
             registration,
             sampler,
             status,
@@ -286,6 +324,7 @@ impl Link {
                 state: status.state.to_proto() as i32,
                 lease_id: status.lease_id.unwrap_or_default(),
                 lease_deadline: status.lease_deadline.map(berth_proto::from_system_time),
+                csr_pem: r.csr_pem.clone(),
             })),
         }
     }
@@ -321,7 +360,11 @@ impl Link {
             error,
             registered: false,
         };
-        let endpoint = match Endpoint::from_shared(self.coordinator.clone()) {
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(self.credentials.ca_pem.clone()));
+        let endpoint = match Endpoint::from_shared(self.coordinator.clone())
+            .and_then(|e| e.tls_config(tls))
+        {
             Ok(e) => e
                 .connect_timeout(CONNECT_TIMEOUT)
                 .tcp_nodelay(true)
@@ -358,9 +401,16 @@ impl Link {
         if tx.try_send(register).is_err() {
             return failed("request stream closed before register".to_owned());
         }
+        let mut request = tonic::Request::new(ReceiverStream::new(rx));
+        match format!("Bearer {}", self.credentials.join_token).parse() {
+            Ok(v) => {
+                request.metadata_mut().insert("authorization", v);
+            }
+            Err(_) => return failed("the join token is not valid header text".to_owned()),
+        }
         let response = tokio::select! {
             _ = stop.cancelled() => return SessionEnd::Stopped,
-            r = tokio::time::timeout(REGISTER_TIMEOUT, client.connect(ReceiverStream::new(rx))) => match r {
+            r = tokio::time::timeout(REGISTER_TIMEOUT, client.connect(request)) => match r {
                 Err(_) => return failed(format!("stream not accepted within {REGISTER_TIMEOUT:?}")),
                 Ok(Err(status)) => return failed(format!("connect rpc: {status}")),
                 Ok(Ok(r)) => r,
@@ -399,6 +449,14 @@ impl Link {
                 Some(Ok(CoordinatorMessage {
                     msg: Some(coordinator_message::Msg::Registered(r)),
                 })) => {
+                    if r.server_cert_pem.is_empty() || r.ca_pem.is_empty() {
+                        return failed("Registered carried no server certificate".to_owned());
+                    }
+                    let issued = Issued {
+                        server_cert_pem: r.server_cert_pem,
+                        ca_pem: r.ca_pem,
+                    };
+                    self.published.send_modify(|s| s.issued = Some(issued));
                     break heartbeat_interval(r.heartbeat_interval_ms);
                 }
                 Some(Ok(other)) => self.dispatch(other),
@@ -513,6 +571,8 @@ mod tests {
             pub seen: mpsc::UnboundedSender<AgentMessage>,
             pub current: Arc<Mutex<Option<ToAgent>>>,
             pub refuse: Arc<AtomicBool>,
+            pub ca: Arc<berth_tls::Ca>,
+            pub join_token: String,
         }
 
         #[tonic::async_trait]
@@ -526,15 +586,27 @@ mod tests {
                 if self.refuse.load(Ordering::SeqCst) {
                     return Err(Status::unavailable("coordinator restarting"));
                 }
+                let expected = format!("Bearer {}", self.join_token);
+                let presented = request.metadata().get("authorization");
+                if presented.and_then(|v| v.to_str().ok()) != Some(expected.as_str()) {
+                    return Err(Status::unauthenticated("invalid pool join token"));
+                }
                 let mut inbound = request.into_inner();
+                let ca = self.ca.clone();
                 let (tx, rx) = mpsc::channel(16);
                 *self.current.lock().unwrap() = Some(tx.clone());
                 let seen = self.seen.clone();
                 tokio::spawn(async move {
                     while let Ok(Some(msg)) = inbound.message().await {
-                        if matches!(msg.msg, Some(Msg::Register(_))) {
+                        if let Some(Msg::Register(reg)) = &msg.msg {
+                            let addr = reg.host_addr.parse().unwrap();
+                            let now = std::time::SystemTime::now();
                             let r = Registered {
                                 heartbeat_interval_ms: 100,
+                                server_cert_pem: ca
+                                    .sign_host(&reg.csr_pem, &reg.host_id, addr, now)
+                                    .unwrap(),
+                                ca_pem: ca.cert_pem().to_owned(),
                             };
                             let reply = CoordinatorMessage {
                                 msg: Some(coordinator_message::Msg::Registered(r)),
@@ -572,18 +644,34 @@ mod tests {
         use tokio_stream::wrappers::TcpListenerStream;
 
         let (seen_tx, mut seen) = mpsc::unbounded_channel();
+        let (ca, _) = berth_tls::Ca::generate("test CA").unwrap();
+        let ca = Arc::new(ca);
         let fake = fake::Fake {
             seen: seen_tx,
             current: Arc::new(Mutex::new(None)),
             refuse: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            ca: ca.clone(),
+            join_token: berth_tls::token::generate(),
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
+        let url = format!("https://{}", listener.local_addr().unwrap());
+        let (cert, key) = ca.issue_server(&["127.0.0.1".into()]).unwrap();
+        let tls = tonic::transport::ServerTlsConfig::new()
+            .identity(tonic::transport::Identity::from_pem(cert, key));
         let server = tokio::spawn(
             tonic::transport::Server::builder()
+                .tls_config(tls)
+                .unwrap()
                 .add_service(AgentServiceServer::new(fake.clone()))
                 .serve_with_incoming(TcpListenerStream::new(listener)),
         );
+        let front_key = berth_tls::KeyAndCsr::generate("front").unwrap();
+
+        // A wrong join token is refused: the link never registers.
+        let wrong = Credentials {
+            ca_pem: ca.cert_pem().to_owned(),
+            join_token: berth_tls::token::generate(),
+        };
 
         let ready = Status {
             state: HostState::Ready,
@@ -602,10 +690,46 @@ mod tests {
             zone: String::new(),
             agent_version: "0.1.0".into(),
             docker_version: "20.10".into(),
+            csr_pem: front_key.csr_pem.clone(),
+        };
+        {
+            let (_s, status) = watch::channel(status_rx.borrow().clone());
+            let (_o, outbox) = mpsc::unbounded_channel();
+            let (to_driver, _d) = mpsc::channel(8);
+            let sampler = Sampler::new(std::path::Path::new("/"));
+            let (link, refused) = Link::new(
+                url.clone(),
+                wrong,
+                registration.clone(),
+                sampler,
+                status,
+                outbox,
+                to_driver,
+            );
+            let stop = CancellationToken::new();
+            let task = tokio::spawn(link.run(stop.clone()));
+            tokio::time::sleep(Duration::from_millis(800)).await;
+            assert_eq!(refused.borrow().registrations, 0);
+            assert!(refused.borrow().issued.is_none());
+            assert!(seen.try_recv().is_err(), "a refused agent was heard");
+            stop.cancel();
+            task.await.unwrap();
+        }
+
+        let credentials = Credentials {
+            ca_pem: ca.cert_pem().to_owned(),
+            join_token: fake.join_token.clone(),
         };
         let sampler = Sampler::new(std::path::Path::new("/"));
-        let (link, mut link_status) =
-            Link::new(url, registration, sampler, status_rx, out_rx, driver_tx);
+        let (link, mut link_status) = Link::new(
+            url,
+            credentials,
+            registration,
+            sampler,
+            status_rx,
+            out_rx,
+            driver_tx,
+        );
         let link_task = tokio::spawn(link.run(CancellationToken::new()));
 
         // First registration carries the identity and the current state.
@@ -618,6 +742,22 @@ mod tests {
         );
         assert_eq!(P::try_from(r.state), Ok(P::Ready));
         assert!(r.resources.unwrap().cpus >= 1);
+        assert_eq!(r.csr_pem, front_key.csr_pem);
+        // The issued certificate is published for the front.
+        let issued = link_status
+            .wait_for(|s| s.issued.is_some())
+            .await
+            .unwrap()
+            .issued
+            .clone()
+            .unwrap();
+        assert_eq!(issued.ca_pem, ca.cert_pem());
+        let identity = berth_tls::ServerIdentity {
+            cert_pem: issued.server_cert_pem,
+            key_pem: front_key.key_pem.clone(),
+            ca_pem: issued.ca_pem,
+        };
+        assert!(berth_tls::lease_server_config(&identity, "l1").is_ok());
         // Heartbeats follow at the coordinator's interval.
         let hb = tokio::time::timeout(Duration::from_secs(5), async {
             loop {

@@ -1328,7 +1328,8 @@ mod tests {
         );
         assert_eq!(
             Event::from_coordinator(m(coordinator_message::Msg::Registered(Registered {
-                heartbeat_interval_ms: 5
+                heartbeat_interval_ms: 5,
+                ..Registered::default()
             }))),
             None
         );

@@ -1,9 +1,11 @@
 //! One host's whole life against the real dockerd: the `berth-agent` binary
 //! boots a host in its own network namespace, registers with an in-process
 //! fake coordinator (the generated `AgentService` server trait on
-//! 127.0.0.1:0), takes a lease, serves the stock docker CLI through its
-//! front, is released, wipes and verifies, and destroys itself, leaving
-//! nothing behind.
+//! 127.0.0.1:0, over TLS, checking the join token and signing the agent's
+//! CSR with a test CA), takes a lease, serves the stock docker CLI through
+//! its mutual-TLS front (a lease certificate signed by the same CA), is
+//! released, wipes and verifies, and destroys itself, leaving nothing behind.
+//! A dockerd that listens on TCP is refused before the host registers.
 //!
 //! Needs root, dockerd, the docker CLI, iproute2, nsenter and a static
 //! busybox. Without them it fails when `CI=true` and skips otherwise.
@@ -44,11 +46,26 @@ const HEARTBEAT_MS: u32 = 200;
 type ToAgent = mpsc::Sender<Result<CoordinatorMessage, Status>>;
 
 /// Records every agent message and lets the test push coordinator messages
-/// into the current stream.
-#[derive(Clone, Default)]
+/// into the current stream. Admits only the join token; signs the agent's
+/// CSR like the real coordinator.
+#[derive(Clone)]
 struct FakeCoordinator {
     seen: Arc<Mutex<Option<mpsc::UnboundedSender<AgentMessage>>>>,
     current: Arc<Mutex<Option<ToAgent>>>,
+    ca: Arc<berth_tls::Ca>,
+    join_token: String,
+}
+
+impl Default for FakeCoordinator {
+    fn default() -> Self {
+        let (ca, _) = berth_tls::Ca::generate("test pool CA").unwrap();
+        FakeCoordinator {
+            seen: Arc::default(),
+            current: Arc::default(),
+            ca: Arc::new(ca),
+            join_token: berth_tls::token::generate(),
+        }
+    }
 }
 
 #[tonic::async_trait]
@@ -59,15 +76,27 @@ impl AgentService for FakeCoordinator {
         &self,
         request: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<Self::ConnectStream>, Status> {
+        let expected = format!("Bearer {}", self.join_token);
+        let presented = request.metadata().get("authorization");
+        if presented.and_then(|v| v.to_str().ok()) != Some(expected.as_str()) {
+            return Err(Status::unauthenticated("invalid pool join token"));
+        }
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(16);
         *self.current.lock().unwrap() = Some(tx.clone());
         let seen = self.seen.lock().unwrap().clone();
+        let ca = self.ca.clone();
         tokio::spawn(async move {
             while let Ok(Some(msg)) = inbound.message().await {
-                if matches!(msg.msg, Some(Msg::Register(_))) {
+                if let Some(Msg::Register(r)) = &msg.msg {
+                    let addr = r.host_addr.parse().unwrap();
+                    let cert = ca
+                        .sign_host(&r.csr_pem, &r.host_id, addr, SystemTime::now())
+                        .unwrap();
                     let registered = Registered {
                         heartbeat_interval_ms: HEARTBEAT_MS,
+                        server_cert_pem: cert,
+                        ca_pem: ca.cert_pem().to_owned(),
                     };
                     let reply = CoordinatorMessage {
                         msg: Some(coordinator_message::Msg::Registered(registered)),
@@ -95,6 +124,59 @@ impl FakeCoordinator {
             .await
             .expect("stream open");
     }
+
+    /// Writes the coordinator's CA and the join token where the agent reads
+    /// them; returns the agent's flags for them.
+    fn agent_credentials(&self, dir: &Path) -> Vec<String> {
+        std::fs::create_dir_all(dir).unwrap();
+        let (ca, token) = (dir.join("coordinator-ca.pem"), dir.join("join-token"));
+        std::fs::write(&ca, self.ca.cert_pem()).unwrap();
+        std::fs::write(&token, &self.join_token).unwrap();
+        vec![
+            "--ca".into(),
+            ca.display().to_string(),
+            "--join-token-file".into(),
+            token.display().to_string(),
+        ]
+    }
+
+    /// A lease certificate like `berth acquire` writes: the key made here,
+    /// the certificate signed by the pool CA for `lease_id`.
+    fn lease_client(&self, dir: &Path, docker_host: &str, lease_id: &str) -> Client {
+        let cert_dir = dir.join(format!("certs-{lease_id}"));
+        std::fs::create_dir_all(&cert_dir).unwrap();
+        let k = berth_tls::KeyAndCsr::generate("ci").unwrap();
+        let now = SystemTime::now();
+        let cert = self
+            .ca
+            .sign_lease(&k.csr_pem, lease_id, now, now + Duration::from_secs(3600))
+            .unwrap();
+        std::fs::write(cert_dir.join("ca.pem"), self.ca.cert_pem()).unwrap();
+        std::fs::write(cert_dir.join("cert.pem"), cert).unwrap();
+        std::fs::write(cert_dir.join("key.pem"), k.key_pem).unwrap();
+        Client {
+            docker_host: docker_host.to_owned(),
+            cert_dir,
+        }
+    }
+}
+
+/// The docker CLI's view of one lease: where and with which certificate.
+struct Client {
+    docker_host: String,
+    cert_dir: PathBuf,
+}
+
+impl Client {
+    fn command(&self) -> Command {
+        let mut c = Command::new("docker");
+        c.env("DOCKER_HOST", &self.docker_host)
+            .env("DOCKER_TLS_VERIFY", "1")
+            .env("DOCKER_CERT_PATH", &self.cert_dir)
+            .env("DOCKER_BUILDKIT", "0")
+            .env_remove("DOCKER_CONTEXT");
+        c
+    }
 }
 
 /// Starts the fake on 127.0.0.1:0; returns its URL and the message feed.
@@ -105,12 +187,17 @@ async fn start_coordinator(
     *fake.seen.lock().unwrap() = Some(seen_tx);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let (cert, key) = fake.ca.issue_server(&["127.0.0.1".into()]).unwrap();
+    let tls = tonic::transport::ServerTlsConfig::new()
+        .identity(tonic::transport::Identity::from_pem(cert, key));
     tokio::spawn(
         tonic::transport::Server::builder()
+            .tls_config(tls)
+            .unwrap()
             .add_service(AgentServiceServer::new(fake))
             .serve_with_incoming(TcpListenerStream::new(listener)),
     );
-    (format!("http://{addr}"), seen_rx)
+    (format!("https://{addr}"), seen_rx)
 }
 
 /// The next message that is not a heartbeat.
@@ -290,13 +377,10 @@ fn link_exists(name: &str) -> bool {
 }
 
 /// Runs the docker CLI against the host's front.
-async fn docker(docker_host: &str, args: &[&str]) -> Result<String, String> {
-    let child = Command::new("docker")
-        .args(["-H", docker_host])
+async fn docker(client: &Client, args: &[&str]) -> Result<String, String> {
+    let child = client
+        .command()
         .args(args)
-        .env("DOCKER_BUILDKIT", "0")
-        .env_remove("DOCKER_TLS_VERIFY")
-        .env_remove("DOCKER_CONTEXT")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -327,10 +411,16 @@ struct Agent {
 }
 
 /// Starts the binary for `guard`'s prefix and dirs and waits for READY.
-async fn start_agent(guard: &Guard, coordinator: &str, extra: &[&str]) -> Agent {
+async fn start_agent(
+    guard: &Guard,
+    fake: &FakeCoordinator,
+    coordinator: &str,
+    extra: &[&str],
+) -> Agent {
     let started = Instant::now();
     let mut child = Command::new(env!("CARGO_BIN_EXE_berth-agent"))
         .args(["--coordinator", coordinator, "--prefix", &guard.prefix])
+        .args(fake.agent_credentials(&guard.base.join("creds")))
         .args(["--front-port", &FRONT_PORT.to_string()])
         .arg("--state-dir")
         .arg(guard.state())
@@ -513,7 +603,7 @@ async fn assert_clean_exit(guard: &Guard, mut agent: Agent, register: &Register)
 
 /// Builds a busybox image FROM scratch through the front (legacy builder:
 /// there is no buildx here).
-async fn build_busybox_image(guard: &Guard, docker_host: &str, tag: &str) {
+async fn build_busybox_image(guard: &Guard, client: &Client, tag: &str) {
     let ctx = guard.base.join("ctx");
     std::fs::copy(busybox().unwrap(), ctx.join("busybox")).unwrap();
     std::fs::write(
@@ -522,7 +612,7 @@ async fn build_busybox_image(guard: &Guard, docker_host: &str, tag: &str) {
     )
     .unwrap();
     let ctx = ctx.to_string_lossy().into_owned();
-    docker(docker_host, &["build", "-q", "-t", tag, &ctx])
+    docker(client, &["build", "-q", "-t", tag, &ctx])
         .await
         .expect("docker build");
 }
@@ -551,7 +641,7 @@ async fn host_serves_one_lease_then_wipes_and_destroys_itself() {
     let guard = Guard::new("bta-");
     let fake = FakeCoordinator::default();
     let (url, mut seen) = start_coordinator(fake.clone()).await;
-    let agent = start_agent(&guard, &url, &[]).await;
+    let agent = start_agent(&guard, &fake, &url, &[]).await;
     assert!(agent.boot_time < BOOT_TIMEOUT);
     let (register, front) = expect_register(&mut seen, &agent, &guard.prefix).await;
     let docker_host = register.docker_host.clone();
@@ -576,25 +666,23 @@ async fn host_serves_one_lease_then_wipes_and_destroys_itself() {
 
     assign(&fake, "lease-1", Duration::from_secs(600)).await;
     expect_accepted(&mut seen, "lease-1").await;
+    let client = fake.lease_client(&guard.base, &docker_host, "lease-1");
 
     // The stock CLI through the front.
-    let version = docker(
-        &docker_host,
-        &["version", "--format", "{{.Server.Version}}"],
-    )
-    .await
-    .expect("docker version");
+    let version = docker(&client, &["version", "--format", "{{.Server.Version}}"])
+        .await
+        .expect("docker version");
     assert_eq!(version, register.docker_version);
-    build_busybox_image(&guard, &docker_host, "bta-busybox").await;
-    docker(&docker_host, &["volume", "create", "bta-vol"])
+    build_busybox_image(&guard, &client, "bta-busybox").await;
+    docker(&client, &["volume", "create", "bta-vol"])
         .await
         .expect("volume create");
-    docker(&docker_host, &["network", "create", "bta-net"])
+    docker(&client, &["network", "create", "bta-net"])
         .await
         .expect("network create");
     let loop_cmd = "while true; do echo tick; sleep 1; done";
     docker(
-        &docker_host,
+        &client,
         &[
             "run",
             "-d",
@@ -613,15 +701,16 @@ async fn host_serves_one_lease_then_wipes_and_destroys_itself() {
     .await
     .expect("docker run");
     docker(
-        &docker_host,
+        &client,
         &["create", "--name", "bta-c2", "bta-busybox", "true"],
     )
     .await
     .expect("docker create");
 
     // A streaming connection that the end of the lease must cut.
-    let mut follow = Command::new("docker")
-        .args(["-H", &docker_host, "logs", "-f", "bta-c1"])
+    let mut follow = client
+        .command()
+        .args(["logs", "-f", "bta-c1"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -666,14 +755,15 @@ async fn recycled_host_expires_a_lease_serves_another_and_cleans_up_on_sigterm()
     let guard = Guard::new("btr-");
     let fake = FakeCoordinator::default();
     let (url, mut seen) = start_coordinator(fake.clone()).await;
-    let agent = start_agent(&guard, &url, &["--recycle"]).await;
+    let agent = start_agent(&guard, &fake, &url, &["--recycle"]).await;
     let (register, front) = expect_register(&mut seen, &agent, &guard.prefix).await;
     let docker_host = register.docker_host.clone();
 
     // A short lease that nobody ends: the agent's own clock does.
     assign(&fake, "lease-1", Duration::from_secs(5)).await;
     expect_accepted(&mut seen, "lease-1").await;
-    docker(&docker_host, &["volume", "create", "btr-vol"])
+    let client = fake.lease_client(&guard.base, &docker_host, "lease-1");
+    docker(&client, &["volume", "create", "btr-vol"])
         .await
         .expect("volume create");
     let m = next_message(&mut seen).await;
@@ -691,7 +781,14 @@ async fn recycled_host_expires_a_lease_serves_another_and_cleans_up_on_sigterm()
     // The next lease rebinds the front at once and finds a clean host.
     assign(&fake, "lease-2", Duration::from_secs(600)).await;
     expect_accepted(&mut seen, "lease-2").await;
-    let volumes = docker(&docker_host, &["volume", "ls", "-q"])
+    // The ended lease's certificate no longer opens the front; the new one does.
+    let refused = docker(&client, &["version"]).await;
+    assert!(
+        refused.is_err(),
+        "lease-1's certificate opened lease-2's front"
+    );
+    let client = fake.lease_client(&guard.base, &docker_host, "lease-2");
+    let volumes = docker(&client, &["volume", "ls", "-q"])
         .await
         .expect("volume ls");
     assert_eq!(volumes, "", "the previous lease's volume must be gone");
@@ -712,16 +809,17 @@ async fn sweep_removes_what_a_killed_agent_left() {
     let guard = Guard::new("bts-");
     let fake = FakeCoordinator::default();
     let (url, mut seen) = start_coordinator(fake.clone()).await;
-    let mut agent = start_agent(&guard, &url, &[]).await;
+    let mut agent = start_agent(&guard, &fake, &url, &[]).await;
     let (register, _front) = expect_register(&mut seen, &agent, &guard.prefix).await;
     let docker_host = register.docker_host.clone();
     assign(&fake, "lease-1", Duration::from_secs(600)).await;
     expect_accepted(&mut seen, "lease-1").await;
-    build_busybox_image(&guard, &docker_host, "bts-busybox").await;
+    let client = fake.lease_client(&guard.base, &docker_host, "lease-1");
+    build_busybox_image(&guard, &client, "bts-busybox").await;
     // A running container (shim, container cgroup, overlay mount) with a
     // published port (docker-proxy inside the namespace).
     docker(
-        &docker_host,
+        &client,
         &[
             "run",
             "-d",
@@ -796,4 +894,62 @@ async fn sweep_removes_what_a_killed_agent_left() {
         berth_agent::CleanupReport::default(),
         "a second sweep finds nothing"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dockerd_listening_on_tcp_is_refused_before_the_host_registers() {
+    if !can_run() {
+        return;
+    }
+    let guard = Guard::new("btt-");
+    let fake = FakeCoordinator::default();
+    let (url, mut seen) = start_coordinator(fake.clone()).await;
+    // A dockerd that someone configured with an extra TCP host.
+    let wrapper = guard.base.join("dockerd-with-tcp");
+    std::fs::write(
+        &wrapper,
+        "#!/bin/sh\nexec dockerd \"$@\" --host=tcp://0.0.0.0:23750\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_berth-agent"))
+        .args(["--coordinator", &url, "--prefix", &guard.prefix])
+        .args(fake.agent_credentials(&guard.base.join("creds")))
+        .arg("--dockerd")
+        .arg(&wrapper)
+        .arg("--state-dir")
+        .arg(guard.state())
+        .arg("--run-dir")
+        .arg(guard.run())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start berth-agent");
+    let out = tokio::time::timeout(BOOT_TIMEOUT + EXIT_TIMEOUT, child.wait_with_output())
+        .await
+        .expect("the agent gives up")
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "agent exited 0; stderr:\n{stderr}");
+    assert!(!stdout.contains("READY"), "the host went Ready: {stdout}");
+    assert!(
+        stderr.contains("listens on TCP") && stderr.contains(":23750"),
+        "{stderr}"
+    );
+    // Never registered, so never offered to a build.
+    assert!(
+        seen.try_recv().is_err(),
+        "the coordinator heard from the host"
+    );
+    // And the refused host was destroyed like any other.
+    assert_eq!(netns_with_prefix(&guard.prefix), Vec::<String>::new());
+    assert_eq!(processes_mentioning(&guard.base), Vec::<String>::new());
+    assert_eq!(mounts_under(&guard.base), Vec::<String>::new());
 }

@@ -46,9 +46,44 @@ pub struct CoordinatorConfig {
     /// How long a disconnected host keeps its lease before it counts as lost.
     #[arg(long, env = "BERTH_LOST_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
     pub lost_grace: Duration,
+    /// Tenants file: one `NAME SHA256_OF_TOKEN [admin]` per line. CI calls
+    /// need one of these tenants' tokens; the admin API an `admin` tenant's.
+    #[arg(long, env = "BERTH_TENANTS")]
+    pub tenants: Option<PathBuf>,
+    /// File holding the sha256 (64 hex digits) of the pool join token that
+    /// agents present.
+    #[arg(long, env = "BERTH_JOIN_TOKEN_HASH_FILE")]
+    pub join_token_hash_file: Option<PathBuf>,
+    /// Pool CA certificate supplied by operators (with --ca-key); by default
+    /// the coordinator creates its own CA under --state-dir on first start.
+    #[arg(long, env = "BERTH_CA_CERT", requires = "ca_key")]
+    pub ca_cert: Option<PathBuf>,
+    /// Private key of --ca-cert.
+    #[arg(long, env = "BERTH_CA_KEY", requires = "ca_cert")]
+    pub ca_key: Option<PathBuf>,
+    /// Extra name or address for the gRPC server certificate (repeatable or
+    /// comma-separated); localhost, 127.0.0.1, ::1 and the --listen address
+    /// are always in it.
+    #[arg(long, env = "BERTH_TLS_SAN", value_delimiter = ',')]
+    pub tls_san: Vec<String>,
 }
 
 impl CoordinatorConfig {
+    /// The names the gRPC server certificate carries.
+    pub fn server_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = ["localhost", "127.0.0.1", "::1"].map(String::from).into();
+        if !self.listen.ip().is_unspecified() {
+            names.push(self.listen.ip().to_string());
+        }
+        for n in &self.tls_san {
+            let n = n.trim();
+            if !n.is_empty() && !names.iter().any(|x| x == n) {
+                names.push(n.to_owned());
+            }
+        }
+        names
+    }
+
     pub fn pool(&self) -> PoolConfig {
         PoolConfig {
             heartbeat_interval: self.heartbeat_interval,

@@ -13,6 +13,9 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+/// The one tenant the fuzzed builds belong to.
+const FUZZ_TENANT: &str = "fuzz";
+
 use berth_proto::v1 as pb;
 use prost::Message;
 use tokio::sync::mpsc;
@@ -59,6 +62,7 @@ pub fn agent_stream(data: &[u8]) {
             1 => {
                 let wait = Duration::from_secs(u64::from(arg % 3) * 5);
                 if let Ok(p) = pool.acquire(
+                    FUZZ_TENANT,
                     &format!("fz-build-{}", arg % 8),
                     Duration::from_secs(60),
                     wait,
@@ -73,7 +77,7 @@ pub fn agent_stream(data: &[u8]) {
             2 => {
                 if !leases.is_empty() {
                     let l = &leases[usize::from(arg) % leases.len()];
-                    let _ = pool.release(l, now);
+                    let _ = pool.release(FUZZ_TENANT, l, now);
                 }
             }
             3 => {

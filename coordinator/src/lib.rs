@@ -5,11 +5,18 @@
 //! id, deadlines), and tells agents when a lease starts and ends. The agents
 //! are the truth about their hosts; the coordinator never touches Docker.
 //!
+//! Every path in is authenticated: gRPC is TLS with a server certificate
+//! from the pool CA (`berth_tls::Ca`, kept under `--state-dir` or supplied by
+//! operators), CI presents a tenant token, agents the pool join token
+//! (`auth`). The CA also signs the agents' server certificates and one client
+//! certificate per lease, the only key to a host's Docker API.
+//!
 //! The crate also holds the `berth` CLI (`cli`), including `berth up`, which
 //! runs a whole local pool.
 
 #![forbid(unsafe_code)]
 
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod error;
@@ -59,19 +66,39 @@ pub enum RunError {
     },
     #[error(transparent)]
     Store(#[from] store::StoreError),
+    #[error("pool CA: {0}")]
+    Ca(#[source] berth_tls::TlsError),
+    #[error(transparent)]
+    Auth(#[from] auth::AuthError),
     #[error("gRPC reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("gRPC server: {0}")]
     Serve(#[from] tonic::transport::Error),
 }
 
+/// The pool CA: supplied by operators, or kept under the state dir
+/// (created on first start).
+pub fn load_ca(config: &CoordinatorConfig) -> Result<berth_tls::Ca, RunError> {
+    match (&config.ca_cert, &config.ca_key) {
+        (Some(cert), Some(key)) => berth_tls::Ca::load(cert, key),
+        _ => berth_tls::Ca::load_or_create(&config.state_dir),
+    }
+    .map_err(RunError::Ca)
+}
+
 /// Binds the listener; split from [`serve`] so callers learn the address
-/// (port 0) before serving.
+/// (port 0) before serving. The CA and the credentials are checked first,
+/// so once the address file exists the CA file does too.
 pub async fn bind(config: &CoordinatorConfig) -> Result<TcpListener, RunError> {
     std::fs::create_dir_all(&config.state_dir).map_err(|source| RunError::StateDir {
         path: config.state_dir.clone(),
         source,
     })?;
+    load_ca(config)?;
+    auth::Auth::load(
+        config.tenants.as_deref(),
+        config.join_token_hash_file.as_deref(),
+    )?;
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|source| RunError::Bind {
@@ -103,6 +130,17 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
+    let ca = Arc::new(load_ca(&config)?);
+    let auth = Arc::new(auth::Auth::load(
+        config.tenants.as_deref(),
+        config.join_token_hash_file.as_deref(),
+    )?);
+    let (server_cert, server_key) = ca
+        .issue_server(&config.server_names())
+        .map_err(RunError::Ca)?;
+    let tls = tonic::transport::ServerTlsConfig::new().identity(
+        tonic::transport::Identity::from_pem(server_cert, server_key),
+    );
     // Leases written through to disk: a restart (even after kill -9) picks
     // up where the last process left off.
     let store = Arc::new(store::RedbStore::open(&config.state_dir)?);
@@ -110,8 +148,18 @@ pub async fn serve(
     let pool = Arc::new(Pool::with_store(config.pool(), store)?);
     let services = Services {
         pool: pool.clone(),
+        ca,
         shutdown: shutdown.clone(),
     };
+    let tenant_auth = auth::TenantAuth {
+        auth: auth.clone(),
+        admin_only: false,
+    };
+    let admin_auth = auth::TenantAuth {
+        auth: auth.clone(),
+        admin_only: true,
+    };
+    let agent_auth = auth::AgentAuth(auth);
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
@@ -146,13 +194,20 @@ pub async fn serve(
     let addr = listener.local_addr().ok();
     info!(addr = ?addr, "coordinator serving");
     let result = tonic::transport::Server::builder()
+        .tls_config(tls)?
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(LeaseServiceServer::new(services.clone()))
-        .add_service(AgentServiceServer::new(services.clone()))
-        .add_service(AdminServiceServer::new(services))
+        .add_service(LeaseServiceServer::with_interceptor(
+            services.clone(),
+            tenant_auth,
+        ))
+        .add_service(AgentServiceServer::with_interceptor(
+            services.clone(),
+            agent_auth,
+        ))
+        .add_service(AdminServiceServer::with_interceptor(services, admin_auth))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled())
         .await;
     shutdown.cancel();

@@ -85,6 +85,16 @@ pub struct Registration {
     pub state: pb::HostState,
     pub lease_id: String,
     pub lease_deadline: Option<SystemTime>,
+    /// What `Registered` hands back: the front's server certificate and the
+    /// pool CA (signed by the service before the host joins the pool).
+    pub tls: RegisteredTls,
+}
+
+/// The TLS part of `Registered`.
+#[derive(Debug, Clone, Default)]
+pub struct RegisteredTls {
+    pub server_cert_pem: String,
+    pub ca_pem: String,
 }
 
 impl Registration {
@@ -119,6 +129,7 @@ impl Registration {
             state,
             lease_id: r.lease_id,
             lease_deadline,
+            tls: RegisteredTls::default(),
         })
     }
 }
@@ -145,6 +156,9 @@ struct Host {
 
 struct Lease {
     id: String,
+    /// The tenant that acquired it; only that tenant sees it through
+    /// LeaseService. Empty for leases adopted from agents after a restart.
+    tenant: String,
     build_id: String,
     state: LeaseState,
     host: Option<String>,
@@ -166,8 +180,9 @@ struct Lease {
 struct Inner {
     hosts: HashMap<String, Host>,
     leases: HashMap<String, Lease>,
-    /// Build id -> its lease that has not ended (Acquire idempotency).
-    live_by_build: HashMap<String, String>,
+    /// (tenant, build id) -> its lease that has not ended (Acquire
+    /// idempotency; two tenants may use the same build id).
+    live_by_build: HashMap<(String, String), String>,
     /// Queued lease ids, oldest first. May hold ids that are no longer
     /// queued; they are skipped when met.
     queue: VecDeque<String>,
@@ -273,13 +288,15 @@ impl Pool {
     /// Starts or joins the acquisition for `build_id`.
     pub fn acquire(
         &self,
+        tenant: &str,
         build_id: &str,
         ttl: Duration,
         wait: Duration,
         now: Instant,
     ) -> Result<Pending, Error> {
         let mut g = self.lock();
-        if let Some(lid) = g.live_by_build.get(build_id).cloned()
+        let key = (tenant.to_owned(), build_id.to_owned());
+        if let Some(lid) = g.live_by_build.get(&key).cloned()
             && let Some(l) = g.leases.get(&lid)
         {
             return Ok(Pending {
@@ -293,6 +310,7 @@ impl Pool {
             id.clone(),
             Lease {
                 id: id.clone(),
+                tenant: tenant.to_owned(),
                 build_id: build_id.to_owned(),
                 state: LeaseState::Queued,
                 host: None,
@@ -310,10 +328,10 @@ impl Pool {
                 watch: tx,
             },
         );
-        g.live_by_build.insert(build_id.to_owned(), id.clone());
+        g.live_by_build.insert(key, id.clone());
         g.dirty.insert(id.clone());
         g.queue.push_back(id.clone());
-        info!(lease_id = %id, build_id, ttl = ?ttl, wait = ?wait, "lease requested");
+        info!(lease_id = %id, tenant, build_id, ttl = ?ttl, wait = ?wait, "lease requested");
         g.try_assign(&self.cfg, now);
         if wait.is_zero() && g.leases.get(&id).map(|l| l.state) == Some(LeaseState::Queued) {
             let msg = g.no_host_message(&id, wait);
@@ -326,12 +344,19 @@ impl Pool {
         })
     }
 
-    pub fn renew(&self, lease_id: &str, ttl: Duration, now: Instant) -> Result<pb::Lease, Error> {
+    pub fn renew(
+        &self,
+        tenant: &str,
+        lease_id: &str,
+        ttl: Duration,
+        now: Instant,
+    ) -> Result<pb::Lease, Error> {
         let mut g = self.lock();
         let max_lease = self.cfg.max_lease;
         let l = g
             .leases
             .get_mut(lease_id)
+            .filter(|l| l.tenant == tenant)
             .ok_or_else(|| Error::LeaseNotFound(lease_id.to_owned()))?;
         if l.state.is_ended() {
             return Err(ended_error(l));
@@ -358,9 +383,9 @@ impl Pool {
             .ok_or_else(|| Error::LeaseNotFound(lease_id.to_owned()))
     }
 
-    pub fn release(&self, lease_id: &str, now: Instant) -> Result<pb::Lease, Error> {
+    pub fn release(&self, tenant: &str, lease_id: &str, now: Instant) -> Result<pb::Lease, Error> {
         let mut g = self.lock();
-        match g.leases.get(lease_id) {
+        match g.leases.get(lease_id).filter(|l| l.tenant == tenant) {
             None => return Err(Error::LeaseNotFound(lease_id.to_owned())),
             // The build must learn that its host is gone, not that all went well.
             Some(l) if l.state == LeaseState::HostLost => return Err(ended_error(l)),
@@ -372,14 +397,18 @@ impl Pool {
             .ok_or_else(|| Error::LeaseNotFound(lease_id.to_owned()))
     }
 
-    /// Reports a lease. A lease whose host was lost is an error
-    /// (FAILED_PRECONDITION with the reason), so a build's next call learns
-    /// that its Docker host is gone.
-    pub fn get(&self, lease_id: &str) -> Result<pb::Lease, Error> {
+    /// Reports a lease of `tenant`. Another tenant's lease is not found,
+    /// exactly as if it did not exist, so lease ids of others cannot even be
+    /// probed. A lease whose host was lost is an error (FAILED_PRECONDITION
+    /// with the reason), so a build's next call learns its host is gone.
+    pub fn get(&self, tenant: &str, lease_id: &str) -> Result<pb::Lease, Error> {
         let g = self.lock();
-        if let Some(l) = g.leases.get(lease_id)
-            && l.state == LeaseState::HostLost
-        {
+        let l = g
+            .leases
+            .get(lease_id)
+            .filter(|l| l.tenant == tenant)
+            .ok_or_else(|| Error::LeaseNotFound(lease_id.to_owned()))?;
+        if l.state == LeaseState::HostLost {
             return Err(ended_error(l));
         }
         g.lease_view(lease_id)
@@ -461,6 +490,8 @@ impl Pool {
         let hb = self.cfg.heartbeat_interval;
         let registered = pb::coordinator_message::Msg::Registered(pb::Registered {
             heartbeat_interval_ms: u32::try_from(hb.as_millis()).unwrap_or(u32::MAX),
+            server_cert_pem: reg.tls.server_cert_pem.clone(),
+            ca_pem: reg.tls.ca_pem.clone(),
         });
         let known_lease = match g.hosts.get_mut(&host_id) {
             Some(h) => {
@@ -830,9 +861,9 @@ impl Inner {
             {
                 l.watch.send_replace(to);
                 if to.is_ended() {
-                    let build = l.build_id.clone();
-                    if self.live_by_build.get(&build) == Some(&lid) {
-                        self.live_by_build.remove(&build);
+                    let key = (l.tenant.clone(), l.build_id.clone());
+                    if self.live_by_build.get(&key) == Some(&lid) {
+                        self.live_by_build.remove(&key);
                     }
                     self.ended.push_back(lid.clone());
                     self.trim_history(cfg);
@@ -995,6 +1026,7 @@ impl Inner {
                     lid.to_owned(),
                     Lease {
                         id: lid.to_owned(),
+                        tenant: String::new(),
                         build_id: String::new(),
                         state: LeaseState::Active,
                         host: Some(hid.to_owned()),
@@ -1081,6 +1113,7 @@ impl Inner {
             created_at: Some(from_system_time(l.created_at)),
             message: l.message.clone(),
             wipe: l.wipe.clone(),
+            tenant: l.tenant.clone(),
         })
     }
 }
@@ -1109,6 +1142,8 @@ mod tests {
     use pb::coordinator_message::Msg as Out;
 
     const SECOND: Duration = Duration::from_secs(1);
+    /// The tenant of every lease in these tests.
+    const T: &str = "t1";
 
     struct Agent {
         id: String,
@@ -1130,6 +1165,7 @@ mod tests {
                 state: pb::HostState::Ready,
                 lease_id: String::new(),
                 lease_deadline: None,
+                tls: RegisteredTls::default(),
             };
             let conn = pool.register(reg, tx, now);
             let mut a = Self {
@@ -1197,8 +1233,8 @@ mod tests {
         let now = Instant::now();
         let mut a = Agent::join(&pool, "h1", now);
         let mut b = Agent::join(&pool, "h2", now);
-        let p1 = pool.acquire("b1", 60 * SECOND, SECOND, now).unwrap();
-        let p2 = pool.acquire("b2", 60 * SECOND, SECOND, now).unwrap();
+        let p1 = pool.acquire(T, "b1", 60 * SECOND, SECOND, now).unwrap();
+        let p2 = pool.acquire(T, "b2", 60 * SECOND, SECOND, now).unwrap();
         let l1 = a.expect_assign();
         let l2 = b.expect_assign();
         assert_eq!(l1.lease_id, p1.lease_id);
@@ -1219,8 +1255,8 @@ mod tests {
         let now = Instant::now();
         let mut a = Agent::join(&pool, "h1", now);
         let mut b = Agent::join(&pool, "h2", now);
-        let p1 = pool.acquire("b1", 60 * SECOND, SECOND, now).unwrap();
-        let retry = pool.acquire("b1", 60 * SECOND, SECOND, now).unwrap();
+        let p1 = pool.acquire(T, "b1", 60 * SECOND, SECOND, now).unwrap();
+        let retry = pool.acquire(T, "b1", 60 * SECOND, SECOND, now).unwrap();
         assert_eq!(p1.lease_id, retry.lease_id);
         let assigned = a.next().or_else(|| b.next());
         assert!(matches!(assigned, Some(Out::AssignLease(_))));
@@ -1234,7 +1270,7 @@ mod tests {
     async fn empty_pool_with_no_wait_fails_at_once() {
         let pool = pool();
         let p = pool
-            .acquire("b1", 60 * SECOND, Duration::ZERO, Instant::now())
+            .acquire(T, "b1", 60 * SECOND, Duration::ZERO, Instant::now())
             .unwrap();
         assert_eq!(state_of(&p), LeaseState::Failed);
         let err = pool.outcome(&p.lease_id).unwrap_err();
@@ -1242,7 +1278,7 @@ mod tests {
         assert!(err.to_string().contains("no host became ready"), "{err}");
         // The failed lease does not block a new attempt with the same build id.
         let again = pool
-            .acquire("b1", 60 * SECOND, SECOND, Instant::now())
+            .acquire(T, "b1", 60 * SECOND, SECOND, Instant::now())
             .unwrap();
         assert_ne!(again.lease_id, p.lease_id);
     }
@@ -1251,7 +1287,7 @@ mod tests {
     async fn queue_wait_runs_out() {
         let pool = pool();
         let now = Instant::now();
-        let p = pool.acquire("b1", 60 * SECOND, 2 * SECOND, now).unwrap();
+        let p = pool.acquire(T, "b1", 60 * SECOND, 2 * SECOND, now).unwrap();
         pool.tick(now + SECOND);
         assert_eq!(state_of(&p), LeaseState::Queued);
         pool.tick(now + 2 * SECOND);
@@ -1267,14 +1303,18 @@ mod tests {
         let pool = pool();
         let now = Instant::now();
         let mut h1 = Agent::join(&pool, "h1", now);
-        let first = pool.acquire("b1", 60 * SECOND, SECOND, now).unwrap();
+        let first = pool.acquire(T, "b1", 60 * SECOND, SECOND, now).unwrap();
         let l1 = h1.expect_assign();
         h1.accept(&pool, &l1.lease_id, now);
-        let second = pool.acquire("b2", 60 * SECOND, 30 * SECOND, now).unwrap();
-        let third = pool.acquire("b3", 60 * SECOND, 30 * SECOND, now).unwrap();
+        let second = pool
+            .acquire(T, "b2", 60 * SECOND, 30 * SECOND, now)
+            .unwrap();
+        let third = pool
+            .acquire(T, "b3", 60 * SECOND, 30 * SECOND, now)
+            .unwrap();
         assert_eq!(pool.queue_len(), 2);
 
-        pool.release(&first.lease_id, now).unwrap();
+        pool.release(T, &first.lease_id, now).unwrap();
         match h1.next() {
             Some(Out::EndLease(e)) => {
                 assert_eq!(e.lease_id, first.lease_id);
@@ -1299,12 +1339,14 @@ mod tests {
         let pool = pool();
         let now = Instant::now();
         let mut h1 = Agent::join(&pool, "h1", now);
-        let first = pool.acquire("b1", 60 * SECOND, SECOND, now).unwrap();
+        let first = pool.acquire(T, "b1", 60 * SECOND, SECOND, now).unwrap();
         h1.expect_assign();
         h1.accept(&pool, &first.lease_id, now);
         h1.state(&pool, pb::HostState::Leased, now);
-        let second = pool.acquire("b2", 60 * SECOND, 30 * SECOND, now).unwrap();
-        pool.release(&first.lease_id, now).unwrap();
+        let second = pool
+            .acquire(T, "b2", 60 * SECOND, 30 * SECOND, now)
+            .unwrap();
+        pool.release(T, &first.lease_id, now).unwrap();
         assert!(matches!(h1.next(), Some(Out::EndLease(_))));
         h1.state(&pool, pb::HostState::Wiping, now);
         assert!(h1.next().is_none());
@@ -1317,7 +1359,9 @@ mod tests {
         let pool = pool();
         let now = Instant::now();
         let mut h1 = Agent::join(&pool, "h1", now);
-        let p = pool.acquire("b1", 60 * SECOND, 30 * SECOND, now).unwrap();
+        let p = pool
+            .acquire(T, "b1", 60 * SECOND, 30 * SECOND, now)
+            .unwrap();
         let l = h1.expect_assign();
         h1.say(
             &pool,
@@ -1354,11 +1398,11 @@ mod tests {
         let pool = Pool::new(cfg);
         let now = Instant::now();
         let mut h1 = Agent::join(&pool, "h1", now);
-        let p = pool.acquire("b1", 10 * SECOND, SECOND, now).unwrap();
+        let p = pool.acquire(T, "b1", 10 * SECOND, SECOND, now).unwrap();
         h1.expect_assign();
         h1.accept(&pool, &p.lease_id, now);
 
-        let renewed = pool.renew(&p.lease_id, 500 * SECOND, now).unwrap();
+        let renewed = pool.renew(T, &p.lease_id, 500 * SECOND, now).unwrap();
         let Some(Out::RenewLease(r)) = h1.next() else {
             panic!("no RenewLease sent")
         };
@@ -1379,7 +1423,7 @@ mod tests {
         assert!(
             matches!(h1.next(), Some(Out::EndLease(e)) if e.reason == pb::EndReason::Expired as i32)
         );
-        let err = pool.renew(&p.lease_id, 10 * SECOND, now).unwrap_err();
+        let err = pool.renew(T, &p.lease_id, 10 * SECOND, now).unwrap_err();
         assert_eq!(err.code(), tonic::Code::FailedPrecondition);
         assert!(err.to_string().contains("expired"), "{err}");
     }
@@ -1388,13 +1432,15 @@ mod tests {
     async fn unknown_leases_are_not_found() {
         let pool = pool();
         let id = uuid::Uuid::new_v4().to_string();
-        assert_eq!(pool.get(&id).unwrap_err().code(), tonic::Code::NotFound);
+        assert_eq!(pool.get(T, &id).unwrap_err().code(), tonic::Code::NotFound);
         assert_eq!(
-            pool.release(&id, Instant::now()).unwrap_err().code(),
+            pool.release(T, &id, Instant::now()).unwrap_err().code(),
             tonic::Code::NotFound
         );
         assert_eq!(
-            pool.renew(&id, SECOND, Instant::now()).unwrap_err().code(),
+            pool.renew(T, &id, SECOND, Instant::now())
+                .unwrap_err()
+                .code(),
             tonic::Code::NotFound
         );
     }
@@ -1403,15 +1449,17 @@ mod tests {
     async fn abandoned_waiters_are_skipped() {
         let pool = pool();
         let now = Instant::now();
-        let gone = pool.acquire("gone", 60 * SECOND, 30 * SECOND, now).unwrap();
+        let gone = pool
+            .acquire(T, "gone", 60 * SECOND, 30 * SECOND, now)
+            .unwrap();
         let gone_id = gone.lease_id.clone();
         drop(gone);
         let waiting = pool
-            .acquire("waiting", 60 * SECOND, 30 * SECOND, now)
+            .acquire(T, "waiting", 60 * SECOND, 30 * SECOND, now)
             .unwrap();
         let mut h1 = Agent::join(&pool, "h1", now);
         assert_eq!(h1.expect_assign().lease_id, waiting.lease_id);
-        let l = pool.get(&gone_id).unwrap();
+        let l = pool.get(T, &gone_id).unwrap();
         assert_eq!(l.state, pb::LeaseState::Failed as i32);
     }
 
@@ -1420,7 +1468,7 @@ mod tests {
         let pool = pool();
         let now = Instant::now();
         let mut h1 = Agent::join(&pool, "h1", now);
-        let p = pool.acquire("b1", 60 * SECOND, SECOND, now).unwrap();
+        let p = pool.acquire(T, "b1", 60 * SECOND, SECOND, now).unwrap();
         h1.expect_assign();
         h1.accept(&pool, &p.lease_id, now);
         h1.state(&pool, pb::HostState::Terminating, now);
@@ -1445,7 +1493,9 @@ mod tests {
         let now = Instant::now();
         let mut h1 = Agent::join(&pool, "h1", now);
         let later = now + 10 * SECOND;
-        let p = pool.acquire("b1", 60 * SECOND, 30 * SECOND, later).unwrap();
+        let p = pool
+            .acquire(T, "b1", 60 * SECOND, 30 * SECOND, later)
+            .unwrap();
         assert!(h1.next().is_none());
         assert_eq!(state_of(&p), LeaseState::Queued);
         h1.say(
@@ -1462,7 +1512,7 @@ mod tests {
         let pool = pool();
         let now = Instant::now();
         let mut h1 = Agent::join(&pool, "h1", now);
-        let p = pool.acquire("b1", 60 * SECOND, SECOND, now).unwrap();
+        let p = pool.acquire(T, "b1", 60 * SECOND, SECOND, now).unwrap();
         let assign = h1.expect_assign();
         h1.accept(&pool, &p.lease_id, now);
         pool.disconnect("h1", h1.conn, now);
@@ -1479,6 +1529,7 @@ mod tests {
                 state: pb::HostState::Leased,
                 lease_id: p.lease_id.clone(),
                 lease_deadline: assign.deadline.as_ref().and_then(to_system_time),
+                tls: RegisteredTls::default(),
             },
             tx,
             now + SECOND,
@@ -1490,5 +1541,38 @@ mod tests {
             LeaseState::Active,
             "lost grace applied to a connected host"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn leases_belong_to_their_tenant() {
+        let pool = pool();
+        let now = Instant::now();
+        let mut h1 = Agent::join(&pool, "h1", now);
+        let mut h2 = Agent::join(&pool, "h2", now);
+        let mine = pool.acquire("a", "ci-1", 60 * SECOND, SECOND, now).unwrap();
+        // The same build id under another tenant is another build.
+        let theirs = pool.acquire("b", "ci-1", 60 * SECOND, SECOND, now).unwrap();
+        assert_ne!(mine.lease_id, theirs.lease_id);
+        let (l1, l2) = (h1.expect_assign(), h2.expect_assign());
+        h1.accept(&pool, &l1.lease_id, now);
+        h2.accept(&pool, &l2.lease_id, now);
+        let id = &mine.lease_id;
+        assert_eq!(pool.get("a", id).unwrap().tenant, "a");
+        assert_eq!(pool.get("b", id).unwrap_err().code(), tonic::Code::NotFound);
+        assert_eq!(
+            pool.renew("b", id, SECOND, now).unwrap_err().code(),
+            tonic::Code::NotFound
+        );
+        assert_eq!(
+            pool.release("b", id, now).unwrap_err().code(),
+            tonic::Code::NotFound
+        );
+        assert_eq!(
+            state_of(&mine),
+            LeaseState::Active,
+            "another tenant ended it"
+        );
+        pool.release("a", id, now).unwrap();
+        assert_eq!(state_of(&mine), LeaseState::Released);
     }
 }

@@ -1,10 +1,13 @@
 //! The gRPC face of the pool: `LeaseService` for CI, `AgentService` for the
 //! agents' streams, `AdminService` for operators. Handlers validate input,
 //! call the pool and map its errors to status codes; they hold no state.
+//! Authentication happened before a handler runs (`crate::auth`); the
+//! handlers sign what the pool CA signs: the agent's server certificate at
+//! registration, the lease's client certificate at acquire and renew.
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use berth_proto::v1 as pb;
 use berth_proto::v1::admin_service_server::AdminService;
@@ -18,9 +21,10 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument, info_span, warn};
 
+use crate::auth;
 use crate::error::Error;
 use crate::lease::LeaseState;
-use crate::pool::{Pool, Registration};
+use crate::pool::{Pool, RegisteredTls, Registration};
 use crate::validate;
 
 /// How long a new agent stream has to send its `Register`.
@@ -31,7 +35,30 @@ pub const AGENT_CHANNEL_DEPTH: usize = 64;
 #[derive(Clone)]
 pub struct Services {
     pub pool: Arc<Pool>,
+    pub ca: Arc<berth_tls::Ca>,
     pub shutdown: CancellationToken,
+}
+
+/// A CSR problem is the caller's; anything else in signing is ours.
+fn tls_status(e: berth_tls::TlsError) -> Status {
+    match e {
+        berth_tls::TlsError::BadCsr(reason) => Error::invalid("csr_pem", reason).into(),
+        other => Status::internal(format!("signing failed: {other}")),
+    }
+}
+
+impl Services {
+    /// The lease's client certificate, valid until its deadline.
+    fn lease_cert(&self, lease: &pb::Lease, csr_pem: &str) -> Result<String, Status> {
+        let deadline = lease
+            .deadline
+            .as_ref()
+            .and_then(berth_proto::to_system_time)
+            .ok_or_else(|| Status::internal("an active lease without a deadline"))?;
+        self.ca
+            .sign_lease(csr_pem, &lease.lease_id, SystemTime::now(), deadline)
+            .map_err(tls_status)
+    }
 }
 
 #[tonic::async_trait]
@@ -40,9 +67,12 @@ impl LeaseService for Services {
         &self,
         req: Request<pb::AcquireRequest>,
     ) -> Result<Response<pb::AcquireResponse>, Status> {
+        let caller = auth::caller(&req)?;
         let req = req.into_inner();
         let cfg = self.pool.config();
         validate::id("build_id", &req.build_id)?;
+        // Checked before queueing: a bad CSR must not cost a host.
+        berth_tls::ca::parse_csr(&req.csr_pem).map_err(tls_status)?;
         let ttl = validate::duration(
             "ttl",
             req.ttl.as_ref(),
@@ -57,9 +87,9 @@ impl LeaseService for Services {
             true,
             cfg.max_wait,
         )?;
-        let mut pending = self
-            .pool
-            .acquire(&req.build_id, ttl, wait, Instant::now())?;
+        let mut pending =
+            self.pool
+                .acquire(&caller.tenant, &req.build_id, ttl, wait, Instant::now())?;
         let span = info_span!("acquire", lease_id = %pending.lease_id, build_id = %req.build_id);
         async {
             loop {
@@ -78,7 +108,12 @@ impl LeaseService for Services {
                 }
             }
             let lease = self.pool.outcome(&pending.lease_id)?;
-            Ok(Response::new(pb::AcquireResponse { lease: Some(lease) }))
+            let client_cert_pem = self.lease_cert(&lease, &req.csr_pem)?;
+            Ok(Response::new(pb::AcquireResponse {
+                lease: Some(lease),
+                client_cert_pem,
+                ca_pem: self.ca.cert_pem().to_owned(),
+            }))
         }
         .instrument(span)
         .await
@@ -88,9 +123,13 @@ impl LeaseService for Services {
         &self,
         req: Request<pb::RenewRequest>,
     ) -> Result<Response<pb::RenewResponse>, Status> {
+        let caller = auth::caller(&req)?;
         let req = req.into_inner();
         let cfg = self.pool.config();
         let lid = validate::lease_id(&req.lease_id)?;
+        if !req.csr_pem.is_empty() {
+            berth_tls::ca::parse_csr(&req.csr_pem).map_err(tls_status)?;
+        }
         let ttl = validate::duration(
             "ttl",
             req.ttl.as_ref(),
@@ -98,22 +137,37 @@ impl LeaseService for Services {
             false,
             cfg.max_ttl,
         )?;
-        let lease = self.pool.renew(&lid, ttl, Instant::now())?;
-        Ok(Response::new(pb::RenewResponse { lease: Some(lease) }))
+        let lease = self.pool.renew(&caller.tenant, &lid, ttl, Instant::now())?;
+        let (client_cert_pem, ca_pem) =
+            if req.csr_pem.is_empty() || lease.state != pb::LeaseState::Active as i32 {
+                (String::new(), String::new())
+            } else {
+                (
+                    self.lease_cert(&lease, &req.csr_pem)?,
+                    self.ca.cert_pem().to_owned(),
+                )
+            };
+        Ok(Response::new(pb::RenewResponse {
+            lease: Some(lease),
+            client_cert_pem,
+            ca_pem,
+        }))
     }
 
     async fn release(
         &self,
         req: Request<pb::ReleaseRequest>,
     ) -> Result<Response<pb::ReleaseResponse>, Status> {
+        let caller = auth::caller(&req)?;
         let lid = validate::lease_id(&req.into_inner().lease_id)?;
-        let lease = self.pool.release(&lid, Instant::now())?;
+        let lease = self.pool.release(&caller.tenant, &lid, Instant::now())?;
         Ok(Response::new(pb::ReleaseResponse { lease: Some(lease) }))
     }
 
     async fn get(&self, req: Request<pb::GetRequest>) -> Result<Response<pb::GetResponse>, Status> {
+        let caller = auth::caller(&req)?;
         let lid = validate::lease_id(&req.into_inner().lease_id)?;
-        let lease = self.pool.get(&lid)?;
+        let lease = self.pool.get(&caller.tenant, &lid)?;
         Ok(Response::new(pb::GetResponse { lease: Some(lease) }))
     }
 }
@@ -134,7 +188,20 @@ impl AgentService for Services {
             .await
             .map_err(|_| Status::deadline_exceeded("no register message within 10s"))??;
         let reg = match first.and_then(|m| m.msg) {
-            Some(pb::agent_message::Msg::Register(r)) => Registration::from_proto(r)?,
+            Some(pb::agent_message::Msg::Register(r)) => {
+                let csr_pem = r.csr_pem.clone();
+                let mut reg = Registration::from_proto(r)?;
+                let addr = validate::host_addr(&reg.host_addr)?;
+                let server_cert_pem = self
+                    .ca
+                    .sign_host(&csr_pem, &reg.host_id, addr, SystemTime::now())
+                    .map_err(tls_status)?;
+                reg.tls = RegisteredTls {
+                    server_cert_pem,
+                    ca_pem: self.ca.cert_pem().to_owned(),
+                };
+                reg
+            }
             Some(_) => {
                 return Err(Status::invalid_argument(
                     "the first message on an agent stream must be register",

@@ -65,7 +65,7 @@ fn db_err(op: &'static str) -> impl FnOnce(redb::Error) -> StoreError {
 pub struct LeaseRecord {
     pub id: String,
     pub build_id: String,
-    /// Who asked for the lease; empty until tenants exist.
+    /// The tenant that acquired the lease; only it may see or end it.
     #[serde(default)]
     pub tenant: String,
     /// `LeaseState::name()` of the lease.

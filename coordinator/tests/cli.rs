@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 struct Coordinator {
     child: Child,
     addr: String,
+    ca: PathBuf,
+    token: PathBuf,
     _dir: PathBuf,
 }
 
@@ -18,11 +20,28 @@ impl Coordinator {
         let dir = std::env::temp_dir().join(format!("berth-cli-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let addr_file = dir.join("addr");
+        let token = berth_tls::token::generate();
+        let token_file = dir.join("token");
+        std::fs::write(&token_file, &token).unwrap();
+        std::fs::write(
+            dir.join("tenants"),
+            berth_tls::Tenants::line("ci", &token, true),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("join.sha256"),
+            berth_tls::TokenHash::of(&berth_tls::token::generate()).to_hex(),
+        )
+        .unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_berth-coordinator"))
             .args(["--listen", "127.0.0.1:0", "--addr-file"])
             .arg(&addr_file)
             .arg("--state-dir")
             .arg(dir.join("state"))
+            .arg("--tenants")
+            .arg(dir.join("tenants"))
+            .arg("--join-token-hash-file")
+            .arg(dir.join("join.sha256"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -38,12 +57,25 @@ impl Coordinator {
         Self {
             child,
             addr,
+            ca: dir.join("state").join("ca.pem"),
+            token: token_file,
             _dir: dir,
         }
     }
 
     fn berth(&self, args: &[&str]) -> Output {
-        berth(&["--coordinator", &self.addr], args)
+        let (ca, token) = (self.ca.to_string_lossy(), self.token.to_string_lossy());
+        berth(
+            &[
+                "--coordinator",
+                &self.addr,
+                "--ca",
+                &ca,
+                "--token-file",
+                &token,
+            ],
+            args,
+        )
     }
 }
 
@@ -61,6 +93,10 @@ fn berth(pre: &[&str], args: &[&str]) -> Output {
         .args(args)
         .env_remove("BERTH_LEASE_ID")
         .env_remove("BERTH_COORDINATOR")
+        .env_remove("BERTH_CA")
+        .env_remove("BERTH_TOKEN")
+        .env_remove("BERTH_TOKEN_FILE")
+        .env_remove("DOCKER_CERT_PATH")
         .stdin(Stdio::null())
         .output()
         .unwrap()
@@ -104,7 +140,100 @@ fn common_mistakes_get_clear_messages_and_exit_codes() {
 
 #[test]
 fn an_unreachable_coordinator_is_named() {
+    let c = Coordinator::start("unreachable");
+    let (ca, token) = (c.ca.to_string_lossy(), c.token.to_string_lossy());
     // Port 9 on loopback: nothing listens there.
-    let o = berth(&["--coordinator", "127.0.0.1:9"], &["hosts"]);
-    expect(&o, 5, "cannot reach the coordinator at http://127.0.0.1:9");
+    let o = berth(
+        &[
+            "--coordinator",
+            "127.0.0.1:9",
+            "--ca",
+            &ca,
+            "--token-file",
+            &token,
+        ],
+        &["hosts"],
+    );
+    expect(&o, 5, "cannot reach the coordinator at https://127.0.0.1:9");
+}
+
+#[test]
+fn missing_or_wrong_credentials_are_named_with_exit_code_7() {
+    let c = Coordinator::start("creds");
+    let (ca, token) = (c.ca.to_string_lossy(), c.token.to_string_lossy());
+    let addr = c.addr.as_str();
+    // No token file where it is looked for.
+    expect(
+        &berth(
+            &[
+                "--coordinator",
+                addr,
+                "--ca",
+                &ca,
+                "--token-file",
+                "/nonexistent/token",
+            ],
+            &["hosts"],
+        ),
+        7,
+        "tenant token",
+    );
+    // A token the coordinator does not know, from the environment.
+    let o = Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args(["--coordinator", addr, "--ca", &ca, "hosts"])
+        .env_remove("BERTH_TOKEN_FILE")
+        .env("BERTH_TOKEN", berth_tls::token::generate())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    expect(&o, 7, "invalid tenant token");
+    // No CA to check the coordinator against.
+    expect(
+        &berth(
+            &[
+                "--coordinator",
+                addr,
+                "--ca",
+                "/nonexistent/ca.pem",
+                "--token-file",
+                &token,
+            ],
+            &["hosts"],
+        ),
+        7,
+        "CA",
+    );
+    // A CA the coordinator's certificate does not chain to.
+    let (other, _) = berth_tls::Ca::generate("other").unwrap();
+    let other_ca = c._dir.join("other-ca.pem");
+    std::fs::write(&other_ca, other.cert_pem()).unwrap();
+    let other_ca = other_ca.to_string_lossy();
+    let o = berth(
+        &[
+            "--coordinator",
+            addr,
+            "--ca",
+            &other_ca,
+            "--token-file",
+            &token,
+        ],
+        &["hosts"],
+    );
+    expect(&o, 5, "cannot reach the coordinator");
+    // A plaintext URL is refused outright.
+    expect(
+        &berth(
+            &[
+                "--coordinator",
+                &format!("http://{addr}"),
+                "--ca",
+                &ca,
+                "--token-file",
+                &token,
+            ],
+            &["hosts"],
+        ),
+        1,
+        "TLS only",
+    );
 }

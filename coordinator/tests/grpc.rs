@@ -1,89 +1,28 @@
-//! The coordinator's gRPC API over a real socket on 127.0.0.1: input
-//! validation and status codes, and one lease carried by a fake agent that
-//! speaks the real agent stream.
+//! The coordinator's gRPC API over a real TLS socket on 127.0.0.1: input
+//! validation and status codes, authentication (tenant tokens, the join
+//! token, tenants owning their leases), the certificates it signs, and one
+//! lease carried by a fake agent that speaks the real agent stream.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::Duration;
 
-use berth_coordinator::CoordinatorConfig;
 use berth_proto::from_duration;
 use berth_proto::v1 as pb;
-use berth_proto::v1::agent_service_client::AgentServiceClient;
+use berth_proto::v1::admin_service_client::AdminServiceClient;
 use berth_proto::v1::lease_service_client::LeaseServiceClient;
-use clap::Parser;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tokio_util::sync::CancellationToken;
 use tonic::Code;
-use tonic::transport::Channel;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 
-#[derive(Parser)]
-struct Args {
-    #[command(flatten)]
-    c: CoordinatorConfig,
-}
-
-struct Server {
-    dir: String,
-    channel: Channel,
-    shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Server {
-    async fn start() -> Self {
-        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("berth-grpc-{}-{n}", std::process::id()));
-        let dir = dir.to_string_lossy().into_owned();
-        let cfg = Args::parse_from([
-            "t",
-            "--listen",
-            "127.0.0.1:0",
-            "--max-ttl",
-            "2h",
-            "--state-dir",
-            &dir,
-        ])
-        .c;
-        let listener = berth_coordinator::bind(&cfg).await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn({
-            let shutdown = shutdown.clone();
-            async move {
-                berth_coordinator::serve(cfg, listener, shutdown)
-                    .await
-                    .unwrap();
-            }
-        });
-        let channel = Channel::from_shared(format!("http://{addr}"))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        Self {
-            dir,
-            channel,
-            shutdown,
-            task,
-        }
-    }
-
-    fn leases(&self) -> LeaseServiceClient<Channel> {
-        LeaseServiceClient::new(self.channel.clone())
-    }
-
-    async fn stop(self) {
-        self.shutdown.cancel();
-        self.task.await.unwrap();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
+mod support;
+use support::{Bearer, Server, csr, host_csr};
 
 fn acquire_req(build: &str, ttl_s: i64, wait_s: i64) -> pb::AcquireRequest {
     pb::AcquireRequest {
+        csr_pem: csr(),
         build_id: build.into(),
         ttl: Some(prost_types::Duration {
             seconds: ttl_s,
@@ -98,7 +37,7 @@ fn acquire_req(build: &str, ttl_s: i64, wait_s: i64) -> pb::AcquireRequest {
 
 #[tokio::test]
 async fn bad_requests_get_clear_status_codes() {
-    let s = Server::start().await;
+    let s = Server::start("grpc").await;
     let mut c = s.leases();
     let cases = [
         (acquire_req("", 60, 0), Code::InvalidArgument, "build_id"),
@@ -120,6 +59,24 @@ async fn bad_requests_get_clear_status_codes() {
             "maximum",
         ),
         (acquire_req("b", 60, -1), Code::InvalidArgument, "wait"),
+        (
+            pb::AcquireRequest {
+                csr_pem: String::new(),
+                ..acquire_req("b", 60, 0)
+            },
+            Code::InvalidArgument,
+            "csr_pem",
+        ),
+        (
+            pb::AcquireRequest {
+                csr_pem:
+                    "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n"
+                        .into(),
+                ..acquire_req("b", 60, 0)
+            },
+            Code::InvalidArgument,
+            "csr_pem",
+        ),
         (acquire_req("b", 60, 0), Code::ResourceExhausted, "no host"),
     ];
     for (req, code, needle) in cases {
@@ -146,6 +103,7 @@ async fn bad_requests_get_clear_status_codes() {
         .renew(pb::RenewRequest {
             lease_id: unknown,
             ttl: Some(from_duration(Duration::from_secs(60))),
+            csr_pem: String::new(),
         })
         .await
         .unwrap_err();
@@ -174,6 +132,7 @@ fn uuid_like() -> String {
 fn register(host: &str) -> pb::AgentMessage {
     pb::AgentMessage {
         msg: Some(pb::agent_message::Msg::Register(pb::Register {
+            csr_pem: host_csr(),
             host_id: host.into(),
             host_addr: "198.18.0.2".into(),
             docker_host: "tcp://198.18.0.2:2376".into(),
@@ -186,21 +145,30 @@ fn register(host: &str) -> pb::AgentMessage {
 
 #[tokio::test]
 async fn a_fake_agent_carries_a_lease_from_acquire_to_release() {
-    let s = Server::start().await;
+    let s = Server::start("grpc").await;
     let (tx, rx) = mpsc::channel(8);
     tx.send(register("fake-1")).await.unwrap();
-    let mut inbound = AgentServiceClient::new(s.channel.clone())
+    let mut inbound = s
+        .agents_as(Some(&s.tokens.join))
         .connect(ReceiverStream::new(rx))
         .await
         .unwrap()
         .into_inner();
     let first = inbound.message().await.unwrap().unwrap().msg;
-    assert!(
-        matches!(first, Some(pb::coordinator_message::Msg::Registered(r)) if r.heartbeat_interval_ms > 0)
-    );
+    let Some(pb::coordinator_message::Msg::Registered(registered)) = first else {
+        panic!("expected Registered, got {first:?}")
+    };
+    assert!(registered.heartbeat_interval_ms > 0);
+    assert_eq!(registered.ca_pem, s.ca_pem);
+    assert!(registered.server_cert_pem.contains("BEGIN CERTIFICATE"));
 
     let mut leases = s.leases();
-    let acquire = tokio::spawn(async move { leases.acquire(acquire_req("ci-1", 600, 5)).await });
+    let ci_key = berth_tls::KeyAndCsr::generate("ci").unwrap();
+    let req = pb::AcquireRequest {
+        csr_pem: ci_key.csr_pem.clone(),
+        ..acquire_req("ci-1", 600, 5)
+    };
+    let acquire = tokio::spawn(async move { leases.acquire(req).await });
     let assign = match inbound.message().await.unwrap().unwrap().msg {
         Some(pb::coordinator_message::Msg::AssignLease(a)) => a,
         other => panic!("expected AssignLease, got {other:?}"),
@@ -213,8 +181,62 @@ async fn a_fake_agent_carries_a_lease_from_acquire_to_release() {
     })
     .await
     .unwrap();
-    let lease = acquire.await.unwrap().unwrap().into_inner().lease.unwrap();
+    let resp = acquire.await.unwrap().unwrap().into_inner();
+    let lease = resp.lease.unwrap();
     assert_eq!(lease.lease_id, assign.lease_id);
+    assert_eq!(lease.tenant, "ci");
+    assert_eq!(resp.ca_pem, s.ca_pem);
+
+    // The client certificate opens this lease's front (agent identity from
+    // the registration) and no other lease's.
+    let host_key = berth_tls::KeyAndCsr::generate("host").unwrap();
+    let ca =
+        berth_tls::Ca::load(&s.dir.join("state/ca.pem"), &s.dir.join("state/ca-key.pem")).unwrap();
+    let identity = berth_tls::ServerIdentity {
+        cert_pem: ca
+            .sign_host(
+                &host_key.csr_pem,
+                "fake-1",
+                "198.18.0.2".parse().unwrap(),
+                std::time::SystemTime::now(),
+            )
+            .unwrap(),
+        key_pem: host_key.key_pem,
+        ca_pem: s.ca_pem.clone(),
+    };
+    let client =
+        berth_tls::lease_client_config(&resp.ca_pem, &resp.client_cert_pem, &ci_key.key_pem)
+            .unwrap();
+    let front = berth_tls::lease_server_config(&identity, &lease.lease_id).unwrap();
+    berth_tls::lease::handshake_in_memory(front, client.clone(), "198.18.0.2").unwrap();
+    let elsewhere = berth_tls::lease_server_config(&identity, &uuid_like()).unwrap();
+    assert!(berth_tls::lease::handshake_in_memory(elsewhere, client, "198.18.0.2").is_err());
+
+    // Renew with a CSR re-issues a certificate for the same lease.
+    let renewed = s
+        .leases()
+        .renew(pb::RenewRequest {
+            lease_id: lease.lease_id.clone(),
+            ttl: Some(from_duration(Duration::from_secs(1200))),
+            csr_pem: ci_key.csr_pem.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(renewed.client_cert_pem.contains("BEGIN CERTIFICATE"));
+    assert_ne!(renewed.client_cert_pem, resp.client_cert_pem);
+    let client =
+        berth_tls::lease_client_config(&renewed.ca_pem, &renewed.client_cert_pem, &ci_key.key_pem)
+            .unwrap();
+    let front = berth_tls::lease_server_config(&identity, &lease.lease_id).unwrap();
+    berth_tls::lease::handshake_in_memory(front, client, "198.18.0.2").unwrap();
+    match inbound.message().await.unwrap().unwrap().msg {
+        Some(pb::coordinator_message::Msg::RenewLease(r)) => {
+            assert_eq!(r.lease_id, lease.lease_id);
+            assert_eq!(r.deadline, renewed.lease.as_ref().unwrap().deadline);
+        }
+        other => panic!("expected RenewLease, got {other:?}"),
+    }
     assert_eq!(lease.docker_host, "tcp://198.18.0.2:2376");
     assert_eq!(lease.host_addr, "198.18.0.2");
     assert_eq!(lease.state, pb::LeaseState::Active as i32);
@@ -260,8 +282,8 @@ async fn a_fake_agent_carries_a_lease_from_acquire_to_release() {
 
 #[tokio::test]
 async fn an_agent_stream_must_start_with_a_valid_register() {
-    let s = Server::start().await;
-    let mut client = AgentServiceClient::new(s.channel.clone());
+    let s = Server::start("grpc").await;
+    let mut client = s.agents_as(Some(&s.tokens.join));
 
     let (tx, rx) = mpsc::channel(8);
     tx.send(pb::AgentMessage {
@@ -291,5 +313,164 @@ async fn an_agent_stream_must_start_with_a_valid_register() {
     tx.send(bad).await.unwrap();
     let err = client.connect(ReceiverStream::new(rx)).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn every_call_needs_the_right_credential_and_leases_belong_to_their_tenant() {
+    let s = Server::start("grpc").await;
+    let get = |lease_id: &str| pb::GetRequest {
+        lease_id: lease_id.to_owned(),
+    };
+
+    // No token, a wrong token, the join token: UNAUTHENTICATED, and the
+    // token never appears in the answer.
+    let wrong = berth_tls::token::generate();
+    for token in [None, Some(wrong.as_str()), Some(s.tokens.join.as_str())] {
+        let err = s
+            .leases_as(token)
+            .acquire(acquire_req("b", 60, 0))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated, "{token:?}: {err}");
+        if let Some(t) = token {
+            assert!(!err.message().contains(t));
+        }
+        let err = s.leases_as(token).get(get(&uuid_like())).await.unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated);
+    }
+
+    // The admin API needs an admin tenant.
+    let mut as_ci = AdminServiceClient::new(s.authed(Some(&s.tokens.ci)));
+    let err = as_ci.list_hosts(pb::ListHostsRequest {}).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    let mut as_ops = AdminServiceClient::new(s.authed(Some(&s.tokens.ops)));
+    as_ops.list_hosts(pb::ListHostsRequest {}).await.unwrap();
+    let err = AdminServiceClient::new(s.authed(None))
+        .list_hosts(pb::ListHostsRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+
+    // Agents need the join token; a tenant token is not one.
+    for token in [None, Some(s.tokens.ci.as_str()), Some(wrong.as_str())] {
+        let (tx, rx) = mpsc::channel(8);
+        tx.send(register("intruder")).await.unwrap();
+        let err = s
+            .agents_as(token)
+            .connect(ReceiverStream::new(rx))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated, "{token:?}");
+    }
+    let hosts = as_ops
+        .list_hosts(pb::ListHostsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .hosts;
+    assert!(
+        hosts.is_empty(),
+        "a refused agent joined the pool: {hosts:?}"
+    );
+
+    // A lease of tenant ci is invisible to tenant other.
+    let (tx, rx) = mpsc::channel(8);
+    tx.send(register("h1")).await.unwrap();
+    let mut inbound = s
+        .agents_as(Some(&s.tokens.join))
+        .connect(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    inbound.message().await.unwrap().unwrap();
+    let mut leases = s.leases();
+    let acquire =
+        tokio::spawn(async move { leases.acquire(acquire_req("shared-id", 600, 5)).await });
+    let Some(pb::coordinator_message::Msg::AssignLease(assign)) =
+        inbound.message().await.unwrap().unwrap().msg
+    else {
+        panic!("expected AssignLease")
+    };
+    tx.send(pb::AgentMessage {
+        msg: Some(pb::agent_message::Msg::LeaseAccepted(pb::LeaseAccepted {
+            lease_id: assign.lease_id.clone(),
+        })),
+    })
+    .await
+    .unwrap();
+    let lease = acquire.await.unwrap().unwrap().into_inner().lease.unwrap();
+    let mut other = s.leases_as(Some(&s.tokens.other));
+    let err = other.get(get(&lease.lease_id)).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let err = other
+        .release(pb::ReleaseRequest {
+            lease_id: lease.lease_id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let err = other
+        .renew(pb::RenewRequest {
+            lease_id: lease.lease_id.clone(),
+            ttl: Some(from_duration(Duration::from_secs(60))),
+            csr_pem: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    // The same build id under another tenant is another build: it queues
+    // for its own host instead of joining ci's lease.
+    let err = other
+        .acquire(acquire_req("shared-id", 600, 0))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    let mine = s
+        .leases()
+        .get(get(&lease.lease_id))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(mine.lease.unwrap().state, pb::LeaseState::Active as i32);
+    drop(tx);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn plaintext_grpc_is_refused() {
+    let s = Server::start("grpc").await;
+    let plain = Channel::from_shared(format!("http://{}", s.addr))
+        .unwrap()
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(5));
+    let r = match plain.connect().await {
+        Err(e) => Err(e.to_string()),
+        Ok(ch) => {
+            let mut c = LeaseServiceClient::new(InterceptedService::new(
+                ch,
+                Bearer(Some(s.tokens.ci.clone())),
+            ));
+            c.get(pb::GetRequest {
+                lease_id: uuid_like(),
+            })
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+        }
+    };
+    assert!(r.is_err(), "a plaintext call was answered");
+    // A client that does not trust the pool CA refuses the server.
+    let (other_ca, _) = berth_tls::Ca::generate("other").unwrap();
+    let r = Channel::from_shared(format!("https://{}", s.addr))
+        .unwrap()
+        .tls_config(
+            ClientTlsConfig::new().ca_certificate(Certificate::from_pem(other_ca.cert_pem())),
+        )
+        .unwrap()
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await;
+    assert!(r.is_err(), "connected while trusting another CA");
     s.stop().await;
 }

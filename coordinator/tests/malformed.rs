@@ -10,107 +10,57 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use berth_coordinator::CoordinatorConfig;
 use berth_proto::v1 as pb;
-use berth_proto::v1::agent_service_client::AgentServiceClient;
-use berth_proto::v1::lease_service_client::LeaseServiceClient;
 use bytes::Bytes;
-use clap::Parser;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tokio_util::sync::CancellationToken;
 use tonic::Code;
-use tonic::transport::Channel;
 
 static PANICS: AtomicUsize = AtomicUsize::new(0);
 
-#[derive(Parser)]
-struct Args {
-    #[command(flatten)]
-    c: CoordinatorConfig,
+mod support;
+use support::{Server, csr, host_csr};
+
+/// A coordinator for test `name`, with a panic hook that counts panics.
+async fn start(name: &str) -> Server {
+    let prev = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        PANICS.fetch_add(1, Ordering::SeqCst);
+        prev(info);
+    }));
+    Server::start(&format!("malformed-{name}")).await
 }
 
-struct Server {
-    dir: std::path::PathBuf,
-    addr: std::net::SocketAddr,
-    channel: Channel,
-    shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
+/// A normal request still gets its normal answer.
+async fn assert_serving(s: &Server) {
+    let err = s
+        .leases()
+        .acquire(pb::AcquireRequest {
+            build_id: "still-serving".into(),
+            csr_pem: csr(),
+            ttl: None,
+            wait: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err}");
+    assert!(err.message().contains("no host became ready"), "{err}");
 }
 
-impl Server {
-    async fn start(name: &str) -> Self {
-        let prev = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            PANICS.fetch_add(1, Ordering::SeqCst);
-            prev(info);
-        }));
-        let dir =
-            std::env::temp_dir().join(format!("berth-malformed-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let cfg = Args::parse_from([
-            "t",
-            "--listen",
-            "127.0.0.1:0",
-            "--state-dir",
-            &dir.to_string_lossy(),
-        ])
-        .c;
-        let listener = berth_coordinator::bind(&cfg).await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn({
-            let shutdown = shutdown.clone();
-            async move {
-                berth_coordinator::serve(cfg, listener, shutdown)
-                    .await
-                    .unwrap();
-            }
-        });
-        let channel = Channel::from_shared(format!("http://{addr}"))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        Self {
-            dir,
-            addr,
-            channel,
-            shutdown,
-            task,
-        }
-    }
-
-    /// A normal request still gets its normal answer.
-    async fn assert_serving(&self) {
-        let err = LeaseServiceClient::new(self.channel.clone())
-            .acquire(pb::AcquireRequest {
-                build_id: "still-serving".into(),
-                ttl: None,
-                wait: None,
-            })
-            .await
-            .unwrap_err();
-        assert_eq!(err.code(), Code::ResourceExhausted, "{err}");
-        assert!(err.message().contains("no host became ready"), "{err}");
-    }
-
-    async fn stop(self) {
-        self.shutdown.cancel();
-        self.task.await.unwrap();
-        let _ = std::fs::remove_dir_all(&self.dir);
-        assert_eq!(PANICS.load(Ordering::SeqCst), 0, "something panicked");
-    }
+async fn stop(s: Server) {
+    s.stop().await;
+    assert_eq!(PANICS.load(Ordering::SeqCst), 0, "something panicked");
 }
 
 #[tokio::test]
 async fn oversized_messages_get_a_clean_status() {
-    let s = Server::start("big").await;
-    let mut c = LeaseServiceClient::new(s.channel.clone());
+    let s = start("big").await;
+    let mut c = s.leases();
     // 10 MB: over the server's message limit, refused before decoding.
     let err = c
         .acquire(pb::AcquireRequest {
             build_id: "x".repeat(10 << 20),
+            csr_pem: csr(),
             ttl: None,
             wait: None,
         })
@@ -125,6 +75,7 @@ async fn oversized_messages_get_a_clean_status() {
     let err = c
         .acquire(pb::AcquireRequest {
             build_id: "y".repeat(1 << 20),
+            csr_pem: csr(),
             ttl: None,
             wait: None,
         })
@@ -139,13 +90,14 @@ async fn oversized_messages_get_a_clean_status() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err}");
-    s.assert_serving().await;
-    s.stop().await;
+    assert_serving(&s).await;
+    stop(s).await;
 }
 
 fn register(host: &str, state: i32) -> pb::AgentMessage {
     pb::AgentMessage {
         msg: Some(pb::agent_message::Msg::Register(pb::Register {
+            csr_pem: host_csr(),
             host_id: host.into(),
             host_addr: "198.18.0.2".into(),
             docker_host: "tcp://198.18.0.2:2376".into(),
@@ -158,11 +110,12 @@ fn register(host: &str, state: i32) -> pb::AgentMessage {
 
 #[tokio::test]
 async fn unknown_enum_values_on_the_agent_stream_are_refused_cleanly() {
-    let s = Server::start("enum").await;
+    let s = start("enum").await;
     // Register with a host state no version of berth has.
     let (tx, rx) = mpsc::channel(4);
     tx.send(register("bad-enum", 99)).await.unwrap();
-    let err = AgentServiceClient::new(s.channel.clone())
+    let err = s
+        .agents()
         .connect(ReceiverStream::new(rx))
         .await
         .unwrap_err();
@@ -174,7 +127,8 @@ async fn unknown_enum_values_on_the_agent_stream_are_refused_cleanly() {
     tx.send(register("later-bad", pb::HostState::Ready as i32))
         .await
         .unwrap();
-    let mut inbound = AgentServiceClient::new(s.channel.clone())
+    let mut inbound = s
+        .agents()
         .connect(ReceiverStream::new(rx))
         .await
         .unwrap()
@@ -210,28 +164,33 @@ async fn unknown_enum_values_on_the_agent_stream_are_refused_cleanly() {
     .await
     .expect("the coordinator kept a stream that sent garbage");
     assert!(matches!(end, Ok(None) | Err(_)), "{end:?}");
-    s.assert_serving().await;
-    s.stop().await;
+    assert_serving(&s).await;
+    stop(s).await;
 }
 
-/// Sends one raw gRPC call over HTTP/2 and returns its grpc-status (from
-/// the headers of a trailers-only answer, or from the trailers).
-async fn raw_call(
-    addr: std::net::SocketAddr,
-    path: &str,
-    content_type: &str,
-    body: Vec<u8>,
-) -> Option<u32> {
+/// Sends one raw gRPC call over HTTP/2 (TLS, with the credential the
+/// method needs, so the body is really decoded) and returns its grpc-status
+/// (from the headers of a trailers-only answer, or from the trailers).
+async fn raw_call(s: &Server, path: &str, content_type: &str, body: Vec<u8>) -> Option<u32> {
+    let addr = s.addr;
+    let token = if path.starts_with("/berth.v1.AgentService/") {
+        &s.tokens.join
+    } else {
+        &s.tokens.ci
+    };
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (h2, conn) = h2::client::handshake(tcp).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let tls = s.raw_tls().connect(name, tcp).await.unwrap();
+    let (h2, conn) = h2::client::handshake(tls).await.unwrap();
     tokio::spawn(async move {
         let _ = conn.await;
     });
     let mut h2 = h2.ready().await.unwrap();
     let req = http::Request::builder()
         .method("POST")
-        .uri(format!("http://{addr}{path}"))
+        .uri(format!("https://{addr}{path}"))
         .header("content-type", content_type)
+        .header("authorization", format!("Bearer {token}"))
         .header("te", "trailers")
         .body(())
         .unwrap();
@@ -268,7 +227,7 @@ fn frame(compressed: u8, len: u32, payload: &[u8]) -> Vec<u8> {
 
 #[tokio::test]
 async fn garbage_sent_raw_over_http2_gets_a_status_and_the_coordinator_keeps_serving() {
-    let s = Server::start("raw").await;
+    let s = start("raw").await;
     const ACQUIRE: &str = "/berth.v1.LeaseService/Acquire";
     const CONNECT: &str = "/berth.v1.AgentService/Connect";
     const GRPC: &str = "application/grpc";
@@ -297,7 +256,7 @@ async fn garbage_sent_raw_over_http2_gets_a_status_and_the_coordinator_keeps_ser
         (CONNECT, GRPC, frame(0, 0, &[]), &[3]),
     ];
     for (path, ct, body, codes) in cases {
-        let got = raw_call(s.addr, path, ct, body.clone()).await;
+        let got = raw_call(&s, path, ct, body.clone()).await;
         let code = got.unwrap_or_else(|| panic!("{path} {body:?}: no grpc-status"));
         assert!(
             codes.contains(&code),
@@ -317,9 +276,9 @@ async fn garbage_sent_raw_over_http2_gets_a_status_and_the_coordinator_keeps_ser
             })
             .collect();
         let path = if i % 2 == 0 { ACQUIRE } else { CONNECT };
-        let code = raw_call(s.addr, path, GRPC, body.clone()).await;
+        let code = raw_call(&s, path, GRPC, body.clone()).await;
         assert!(code.is_some_and(|c| c != 0), "{path} {body:?}: {code:?}");
     }
-    s.assert_serving().await;
-    s.stop().await;
+    assert_serving(&s).await;
+    stop(s).await;
 }

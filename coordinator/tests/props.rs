@@ -9,6 +9,9 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+/// The tenant every simulated build belongs to.
+const TENANT: &str = "t";
+
 use berth_coordinator::lease::{self, LeaseAction, LeaseEvent, LeaseState};
 use berth_coordinator::pool::{AgentTx, Pool, PoolConfig, Registration};
 use berth_coordinator::validate;
@@ -125,7 +128,7 @@ proptest! {
         let mut sim = Sim::new();
         let mut order = Vec::new();
         for i in 0..n {
-            let p = sim.pool.acquire(&format!("w{i}"), Duration::from_secs(600), Duration::from_secs(600), sim.now).unwrap();
+            let p = sim.pool.acquire(TENANT, &format!("w{i}"), Duration::from_secs(600), Duration::from_secs(600), sim.now).unwrap();
             order.push(p.lease_id.clone());
             sim.pending.push(p);
         }
@@ -240,6 +243,7 @@ impl Sim {
             _ => (pb::HostState::Ready, None),
         };
         let reg = Registration {
+            tls: Default::default(),
             host_id: format!("h{k}"),
             host_addr: "198.18.0.2".into(),
             docker_host: "tcp://198.18.0.2:2376".into(),
@@ -341,10 +345,13 @@ impl Sim {
             }
             Op::Acquire(b, w) => {
                 let wait = Duration::from_secs(u64::from(w) * 10);
-                if let Ok(p) =
-                    self.pool
-                        .acquire(&format!("b{b}"), Duration::from_secs(60), wait, self.now)
-                {
+                if let Ok(p) = self.pool.acquire(
+                    TENANT,
+                    &format!("b{b}"),
+                    Duration::from_secs(60),
+                    wait,
+                    self.now,
+                ) {
                     if !self.leases.contains(&p.lease_id) {
                         self.leases.push(p.lease_id.clone());
                     }
@@ -353,12 +360,14 @@ impl Sim {
             }
             Op::Release(n) => {
                 if let Some(l) = self.pick(n) {
-                    let _ = self.pool.release(&l, self.now);
+                    let _ = self.pool.release(TENANT, &l, self.now);
                 }
             }
             Op::Renew(n) => {
                 if let Some(l) = self.pick(n) {
-                    let _ = self.pool.renew(&l, Duration::from_secs(30), self.now);
+                    let _ = self
+                        .pool
+                        .renew(TENANT, &l, Duration::from_secs(30), self.now);
                 }
             }
             Op::Drain(k) => {

@@ -7,67 +7,16 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use berth_coordinator::CoordinatorConfig;
 use berth_proto::from_duration;
 use berth_proto::v1 as pb;
-use berth_proto::v1::admin_service_client::AdminServiceClient;
-use berth_proto::v1::agent_service_client::AgentServiceClient;
-use berth_proto::v1::lease_service_client::LeaseServiceClient;
-use clap::Parser;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tokio_util::sync::CancellationToken;
 use tonic::Code;
-use tonic::transport::Channel;
 
-#[derive(Parser)]
-struct Args {
-    #[command(flatten)]
-    c: CoordinatorConfig,
-}
-
-struct Server {
-    channel: Channel,
-    shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
-}
-
-async fn start(dir: &Path, extra: &[&str]) -> Server {
-    let d = dir.to_string_lossy().into_owned();
-    let mut args = vec!["t", "--listen", "127.0.0.1:0", "--state-dir", &d];
-    args.extend_from_slice(extra);
-    let cfg = Args::parse_from(args).c;
-    let listener = berth_coordinator::bind(&cfg).await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn({
-        let shutdown = shutdown.clone();
-        async move {
-            berth_coordinator::serve(cfg, listener, shutdown)
-                .await
-                .unwrap();
-        }
-    });
-    let channel = Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    Server {
-        channel,
-        shutdown,
-        task,
-    }
-}
-
-fn dir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("berth-restart-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
-}
+mod support;
+use support::{Server, csr, fresh_dir, host_csr};
 
 fn register(
     state: pb::HostState,
@@ -76,6 +25,7 @@ fn register(
 ) -> pb::AgentMessage {
     pb::AgentMessage {
         msg: Some(pb::agent_message::Msg::Register(pb::Register {
+            csr_pem: host_csr(),
             host_id: "agent-1".into(),
             host_addr: "198.18.0.2".into(),
             docker_host: "tcp://198.18.0.2:2376".into(),
@@ -93,7 +43,8 @@ type Inbound = tonic::Streaming<pb::CoordinatorMessage>;
 async fn connect(s: &Server, first: pb::AgentMessage) -> (mpsc::Sender<pb::AgentMessage>, Inbound) {
     let (tx, rx) = mpsc::channel(8);
     tx.send(first).await.unwrap();
-    let mut inbound = AgentServiceClient::new(s.channel.clone())
+    let mut inbound = s
+        .agents()
         .connect(ReceiverStream::new(rx))
         .await
         .unwrap()
@@ -116,6 +67,7 @@ async fn next(inbound: &mut Inbound) -> Option<pb::coordinator_message::Msg> {
 
 fn acquire(build: &str) -> pb::AcquireRequest {
     pb::AcquireRequest {
+        csr_pem: csr(),
         build_id: build.into(),
         ttl: Some(from_duration(Duration::from_secs(600))),
         wait: Some(from_duration(Duration::from_secs(10))),
@@ -124,10 +76,10 @@ fn acquire(build: &str) -> pb::AcquireRequest {
 
 #[tokio::test]
 async fn a_graceful_stop_and_a_new_coordinator_keep_the_lease() {
-    let d = dir("graceful");
-    let s = start(&d, &[]).await;
+    let d = fresh_dir("restart-graceful");
+    let s = Server::start_in(&d, &[]).await;
     let (tx, mut inbound) = connect(&s, register(pb::HostState::Ready, "", None)).await;
-    let mut leases = LeaseServiceClient::new(s.channel.clone());
+    let mut leases = s.leases();
     let pending = tokio::spawn(async move { leases.acquire(acquire("r-1")).await });
     let Some(pb::coordinator_message::Msg::AssignLease(assign)) = next(&mut inbound).await else {
         panic!("no assignment")
@@ -142,18 +94,16 @@ async fn a_graceful_stop_and_a_new_coordinator_keep_the_lease() {
     let lease = pending.await.unwrap().unwrap().into_inner().lease.unwrap();
 
     // Graceful stop: the agent's stream ends and serve returns.
-    s.shutdown.cancel();
-    tokio::time::timeout(Duration::from_secs(15), s.task)
+    tokio::time::timeout(Duration::from_secs(15), s.stop_keep())
         .await
-        .expect("the coordinator did not stop")
-        .unwrap();
+        .expect("the coordinator did not stop");
     let end = tokio::time::timeout(Duration::from_secs(5), inbound.message()).await;
     assert!(matches!(end, Ok(Ok(None)) | Ok(Err(_))), "{end:?}");
     drop(tx);
 
     // A new coordinator on the same state dir.
-    let s = start(&d, &[]).await;
-    let mut c = LeaseServiceClient::new(s.channel.clone());
+    let s = Server::start_in(&d, &[]).await;
+    let mut c = s.leases();
     let got = c
         .get(pb::GetRequest {
             lease_id: lease.lease_id.clone(),
@@ -169,7 +119,8 @@ async fn a_graceful_stop_and_a_new_coordinator_keep_the_lease() {
         ("agent-1", lease.deadline)
     );
     // The host is known from the lease, as not connected, until its agent returns.
-    let hosts = AdminServiceClient::new(s.channel.clone())
+    let hosts = s
+        .admin()
         .list_hosts(pb::ListHostsRequest {})
         .await
         .unwrap()
@@ -197,6 +148,7 @@ async fn a_graceful_stop_and_a_new_coordinator_keep_the_lease() {
         .renew(pb::RenewRequest {
             lease_id: lease.lease_id.clone(),
             ttl: Some(from_duration(Duration::from_secs(900))),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -219,17 +171,15 @@ async fn a_graceful_stop_and_a_new_coordinator_keep_the_lease() {
     assert!(
         matches!(next(&mut inbound).await, Some(pb::coordinator_message::Msg::EndLease(e)) if e.lease_id == lease.lease_id)
     );
-    s.shutdown.cancel();
-    let _ = s.task.await;
-    let _ = std::fs::remove_dir_all(&d);
+    s.stop().await;
 }
 
 #[tokio::test]
 async fn a_restored_lease_whose_host_never_returns_ends_as_host_lost() {
-    let d = dir("lost");
-    let s = start(&d, &["--lost-grace", "1s"]).await;
+    let d = fresh_dir("restart-lost");
+    let s = Server::start_in(&d, &["--lost-grace", "1s"]).await;
     let (tx, mut inbound) = connect(&s, register(pb::HostState::Ready, "", None)).await;
-    let mut leases = LeaseServiceClient::new(s.channel.clone());
+    let mut leases = s.leases();
     let pending = tokio::spawn(async move { leases.acquire(acquire("r-2")).await });
     let Some(pb::coordinator_message::Msg::AssignLease(assign)) = next(&mut inbound).await else {
         panic!("no assignment")
@@ -242,12 +192,11 @@ async fn a_restored_lease_whose_host_never_returns_ends_as_host_lost() {
     .await
     .unwrap();
     let lease = pending.await.unwrap().unwrap().into_inner().lease.unwrap();
-    s.shutdown.cancel();
-    let _ = s.task.await;
+    s.stop_keep().await;
     drop(tx);
 
-    let s = start(&d, &["--lost-grace", "1s"]).await;
-    let mut c = LeaseServiceClient::new(s.channel.clone());
+    let s = Server::start_in(&d, &["--lost-grace", "1s"]).await;
+    let mut c = s.leases();
     let status = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
             match c
@@ -269,13 +218,12 @@ async fn a_restored_lease_whose_host_never_returns_ends_as_host_lost() {
     let err = c
         .acquire(pb::AcquireRequest {
             build_id: "r-2".into(),
+            csr_pem: csr(),
             ttl: None,
             wait: None,
         })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted);
-    s.shutdown.cancel();
-    let _ = s.task.await;
-    let _ = std::fs::remove_dir_all(&d);
+    s.stop().await;
 }

@@ -1,7 +1,10 @@
 //! Support for berth's end-to-end tests: a `berth up` pool started as a real
 //! process tree (coordinator, agents, dockerds in network namespaces), the
-//! stock `docker` CLI pointed at a lease, and guards that stop and sweep
-//! everything a test started, also when it fails.
+//! stock `docker` CLI pointed at a lease (mutual TLS with the certificates
+//! `berth acquire` wrote), and guards that stop and sweep everything a test
+//! started, also when it fails. The harness talks to the coordinator like
+//! the CLI does: TLS against the pool CA, with the tenant token `berth up`
+//! made.
 //!
 //! The binaries under test are built by `cargo build` from the test itself,
 //! so a test never runs stale code. Tests need root, dockerd, the docker CLI,
@@ -9,6 +12,8 @@
 //! message naming it (set `BERTH_SKIP_E2E=1` to skip them deliberately).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+pub mod bench;
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -43,7 +48,9 @@ pub fn preflight() -> bool {
         nix::unistd::geteuid().is_root(),
         "end-to-end tests need root (network namespaces, dockerd); run them as root or set BERTH_SKIP_E2E=1"
     );
-    for tool in ["dockerd", "docker", "ip", "nsenter"] {
+    for tool in [
+        "dockerd", "docker", "ip", "nsenter", "ss", "curl", "openssl",
+    ] {
         assert!(
             which(tool).is_some(),
             "end-to-end tests need `{tool}` on PATH; run scripts/test.sh, which installs it"
@@ -68,28 +75,37 @@ fn which(tool: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// The directory holding the workspace's binaries, built on first use.
+/// The directory holding the workspace's binaries, built on first use with
+/// the profile of the running executable (a test in `target/debug/deps`,
+/// or `berth-bench` in `target/release`).
 pub fn bin_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
+        let exe = std::env::current_exe().unwrap();
+        let mut dir = exe.parent().unwrap().to_owned();
+        if dir.file_name().is_some_and(|n| n == "deps") {
+            dir = dir.parent().unwrap().to_owned();
+        }
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let status = Command::new(cargo)
-            .args([
-                "build",
-                "--quiet",
-                "--bins",
-                "-p",
-                "berth-agent",
-                "-p",
-                "berth-coordinator",
-            ])
+        let mut build = Command::new(cargo);
+        build.args([
+            "build",
+            "--quiet",
+            "--bins",
+            "-p",
+            "berth-agent",
+            "-p",
+            "berth-coordinator",
+        ]);
+        if dir.file_name().is_some_and(|n| n == "release") {
+            build.arg("--release");
+        }
+        let status = build
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .status()
             .expect("cannot run cargo to build the berth binaries");
         assert!(status.success(), "building the berth binaries failed");
-        // This test binary lives in target/<profile>/deps.
-        let exe = std::env::current_exe().unwrap();
-        exe.parent().and_then(Path::parent).unwrap().to_owned()
+        dir
     })
 }
 
@@ -225,9 +241,19 @@ impl LeaseEnv {
         self.get("DOCKER_HOST")
     }
 
-    /// The stock docker CLI, pointed at this lease's host.
+    /// The directory `berth acquire` wrote ca.pem, cert.pem and key.pem to.
+    pub fn cert_dir(&self) -> &Path {
+        Path::new(self.get("DOCKER_CERT_PATH"))
+    }
+
+    /// The stock docker CLI, pointed at this lease's host with its
+    /// certificates, exactly as after `eval "$(berth acquire ...)"`.
     pub fn docker(&self) -> Command {
-        docker_cli(self.docker_host())
+        assert_eq!(self.get("DOCKER_TLS_VERIFY"), "1");
+        let mut c = docker_cli(self.docker_host());
+        c.env("DOCKER_TLS_VERIFY", "1")
+            .env("DOCKER_CERT_PATH", self.cert_dir());
+        c
     }
 }
 
@@ -296,6 +322,17 @@ impl Pool {
     /// Starts `berth up --hosts N` with this test's own prefix and waits
     /// until N hosts are Ready.
     pub fn start(base_prefix: &str, hosts: u16, extra: &[&str]) -> Self {
+        Self::start_with(base_prefix, hosts, extra, |_| {})
+    }
+
+    /// [`Pool::start`], with `setup` run on the fresh state dir before
+    /// `berth up` starts (e.g. to add a tenant to its tenants file).
+    pub fn start_with(
+        base_prefix: &str,
+        hosts: u16,
+        extra: &[&str],
+        setup: impl FnOnce(&Path),
+    ) -> Self {
         let prefix = &test_prefix(base_prefix);
         sweep(prefix);
         let (state_dir, run_dir) = dirs(prefix);
@@ -303,6 +340,7 @@ impl Pool {
         // coordinator of an earlier run.
         let _ = std::fs::remove_dir_all(&state_dir);
         std::fs::create_dir_all(&state_dir).unwrap();
+        setup(&state_dir);
         let log = std::fs::File::create(state_dir.join("up.log")).unwrap();
         let child = Command::new(bin("berth"))
             .arg("up")
@@ -338,8 +376,14 @@ impl Pool {
             pgid: None,
             rt,
         };
+        // berth up copies the pool CA for the CLI once the coordinator has
+        // written its address; both must be there before the first call.
+        let ca = pool.ca_pem_path();
         pool.addr = wait_for("the coordinator address", Duration::from_secs(60), || {
             pool.assert_running();
+            if !ca.exists() {
+                return None;
+            }
             std::fs::read_to_string(&addr_file)
                 .ok()?
                 .trim()
@@ -363,12 +407,40 @@ impl Pool {
         std::fs::read_to_string(self.state_dir.join("up.log")).unwrap_or_default()
     }
 
+    /// The pool CA as `berth up` publishes it for the CLI.
+    pub fn ca_pem_path(&self) -> PathBuf {
+        self.state_dir.join("cli").join("ca.pem")
+    }
+
+    /// The CLI's tenant token file `berth up` made.
+    pub fn token_path(&self) -> PathBuf {
+        self.state_dir.join("cli").join("token")
+    }
+
+    /// The pool CA with its key, as the coordinator keeps it (tests use it
+    /// to forge what an attacker could not: e.g. an expired certificate).
+    pub fn ca(&self) -> berth_tls::Ca {
+        let (cert, key) = berth_tls::Ca::paths(&self.state_dir.join("coordinator"));
+        berth_tls::Ca::load(&cert, &key).expect("the pool CA")
+    }
+
+    /// The `berth` CLI against this pool, with its CA and tenant token.
+    pub fn berth_cmd(&self) -> Command {
+        let mut c = Command::new(bin("berth"));
+        c.arg("--coordinator")
+            .arg(self.addr.to_string())
+            .env("BERTH_CA", self.ca_pem_path())
+            .env("BERTH_TOKEN_FILE", self.token_path())
+            .env("HOME", self.state_dir.join("home"))
+            .env_remove("BERTH_TOKEN")
+            .env_remove("BERTH_LEASE_ID")
+            .env_remove("DOCKER_CERT_PATH");
+        c
+    }
+
     /// Runs the `berth` CLI against this pool.
     pub fn berth(&self, args: &[&str]) -> Output {
-        run(Command::new(bin("berth"))
-            .arg("--coordinator")
-            .arg(self.addr.to_string())
-            .args(args))
+        run(self.berth_cmd().args(args))
     }
 
     /// `berth acquire`, which must succeed.
@@ -380,21 +452,41 @@ impl Pool {
         LeaseEnv::parse(&stdout(&o))
     }
 
+    /// The coordinator's gRPC endpoint, over TLS with the pool CA.
+    pub fn endpoint(&self) -> tonic::transport::Endpoint {
+        let url = format!("https://{}", self.addr);
+        let ca = std::fs::read_to_string(self.ca_pem_path()).expect("the pool CA for the CLI");
+        let tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(ca));
+        tonic::transport::Endpoint::from_shared(url)
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+    }
+
     fn channel(&self) -> tonic::transport::Channel {
-        let url = format!("http://{}", self.addr);
         self.rt
-            .block_on(
-                tonic::transport::Endpoint::from_shared(url)
-                    .unwrap()
-                    .connect(),
-            )
+            .block_on(self.endpoint().connect())
             .expect("cannot reach the coordinator")
+    }
+
+    /// The CLI's tenant token (an admin tenant), as `berth up` made it.
+    pub fn token(&self) -> String {
+        std::fs::read_to_string(self.token_path())
+            .unwrap()
+            .trim()
+            .to_owned()
+    }
+
+    /// A request carrying the CLI's tenant token.
+    pub fn authed<T>(&self, msg: T) -> tonic::Request<T> {
+        with_token(msg, &self.token())
     }
 
     pub fn hosts(&self) -> Vec<pb::Host> {
         let ch = self.channel();
         self.rt
-            .block_on(AdminServiceClient::new(ch).list_hosts(pb::ListHostsRequest {}))
+            .block_on(AdminServiceClient::new(ch).list_hosts(self.authed(pb::ListHostsRequest {})))
             .unwrap()
             .into_inner()
             .hosts
@@ -409,9 +501,9 @@ impl Pool {
     pub fn try_lease(&self, lease_id: &str) -> Result<pb::Lease, tonic::Status> {
         let ch = self.channel();
         self.rt
-            .block_on(LeaseServiceClient::new(ch).get(pb::GetRequest {
+            .block_on(LeaseServiceClient::new(ch).get(self.authed(pb::GetRequest {
                 lease_id: lease_id.to_owned(),
-            }))
+            })))
             .map(|r| r.into_inner().lease.unwrap_or_default())
     }
 
@@ -420,9 +512,9 @@ impl Pool {
         let ch = self.channel();
         self.rt
             .block_on(
-                AdminServiceClient::new(ch).list_leases(pb::ListLeasesRequest {
+                AdminServiceClient::new(ch).list_leases(self.authed(pb::ListLeasesRequest {
                     include_ended: true,
-                }),
+                })),
             )
             .unwrap()
             .into_inner()
@@ -431,20 +523,13 @@ impl Pool {
 
     /// Whether the coordinator answers at all (it may be restarting).
     pub fn coordinator_answers(&self) -> bool {
-        let url = format!("http://{}", self.addr);
+        let endpoint = self.endpoint().connect_timeout(Duration::from_secs(1));
+        let req = self.authed(pb::ListHostsRequest {});
         self.rt.block_on(async {
-            let Ok(ch) = tonic::transport::Endpoint::from_shared(url)
-                .unwrap()
-                .connect_timeout(Duration::from_secs(1))
-                .connect()
-                .await
-            else {
+            let Ok(ch) = endpoint.connect().await else {
                 return false;
             };
-            AdminServiceClient::new(ch)
-                .list_hosts(pb::ListHostsRequest {})
-                .await
-                .is_ok()
+            AdminServiceClient::new(ch).list_hosts(req).await.is_ok()
         })
     }
 
@@ -650,6 +735,14 @@ pub fn strip_ansi(s: &str) -> String {
     out
 }
 
+/// `msg` as a request carrying a tenant token.
+pub fn with_token<T>(msg: T, token: &str) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    req
+}
+
 /// Network namespaces whose names start with `prefix`.
 pub fn netns_with_prefix(prefix: &str) -> Vec<String> {
     let o = run(Command::new("ip").args(["netns", "list"]));
@@ -700,4 +793,24 @@ pub fn mounts_under(root: &Path) -> Vec<String> {
         .filter(|m| m.starts_with(&root))
         .map(str::to_owned)
         .collect()
+}
+
+/// TCP listeners inside a network namespace, as `ss -Htlnp` run in it
+/// reports them (one line per socket, with the owning process).
+pub fn tcp_listeners_in_netns(netns: &str) -> Vec<String> {
+    let o = ok(
+        run(Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{netns}"))
+            .args(["--", "ss", "-Htlnp"])),
+        "ss in the host's namespace",
+    );
+    stdout(&o).lines().map(str::to_owned).collect()
+}
+
+/// `curl` against a host's Docker front; returns (success, stdout+stderr).
+pub fn curl(args: &[&str]) -> (bool, String) {
+    let o = run(Command::new("curl")
+        .args(["-sS", "--max-time", "10"])
+        .args(args));
+    (o.status.success(), format!("{}{}", stdout(&o), stderr(&o)))
 }

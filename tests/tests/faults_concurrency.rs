@@ -62,7 +62,10 @@ fn two_hundred_builds_race_for_four_hosts_and_no_host_is_ever_in_two_leases() {
         return;
     }
     let pool = Pool::start("bfk1-", 4, &["--recycle"]);
-    let url = format!("http://{}", pool.addr);
+    let endpoint = pool.endpoint();
+    let token = pool.token();
+    // One key for every build: the race is about hosts, not certificates.
+    let csr = berth_tls::KeyAndCsr::generate("race").unwrap().csr_pem;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -73,16 +76,24 @@ fn two_hundred_builds_race_for_four_hosts_and_no_host_is_ever_in_two_leases() {
     let stop = Arc::new(AtomicBool::new(false));
     let samples = Arc::new(AtomicUsize::new(0));
     let monitor = {
-        let (stop, samples, url) = (stop.clone(), samples.clone(), url.clone());
+        let (stop, samples, endpoint, token) = (
+            stop.clone(),
+            samples.clone(),
+            endpoint.clone(),
+            token.clone(),
+        );
         rt.spawn(async move {
-            let ch = Channel::from_shared(url).unwrap().connect().await.unwrap();
+            let ch = endpoint.connect().await.unwrap();
             let mut admin = AdminServiceClient::new(ch);
             let mut violations = Vec::new();
             while !stop.load(Ordering::SeqCst) {
                 let leases = admin
-                    .list_leases(pb::ListLeasesRequest {
-                        include_ended: false,
-                    })
+                    .list_leases(with_token(
+                        pb::ListLeasesRequest {
+                            include_ended: false,
+                        },
+                        &token,
+                    ))
                     .await
                     .unwrap()
                     .into_inner()
@@ -109,13 +120,7 @@ fn two_hundred_builds_race_for_four_hosts_and_no_host_is_ever_in_two_leases() {
     let channels: Vec<Channel> = rt.block_on(async {
         let mut v = Vec::new();
         for _ in 0..4 {
-            v.push(
-                Channel::from_shared(url.clone())
-                    .unwrap()
-                    .connect()
-                    .await
-                    .unwrap(),
-            );
+            v.push(endpoint.connect().await.unwrap());
         }
         v
     });
@@ -123,15 +128,20 @@ fn two_hundred_builds_race_for_four_hosts_and_no_host_is_ever_in_two_leases() {
         let mut tasks = Vec::new();
         for i in 0..BUILDS {
             let mut c = LeaseServiceClient::new(channels[i % channels.len()].clone());
+            let (token, csr) = (token.clone(), csr.clone());
             tasks.push(tokio::spawn(async move {
                 // Half the builds are impatient: they meet the queue's limit.
                 let wait = if i % 2 == 0 { 40 } else { 2 };
                 let r = c
-                    .acquire(pb::AcquireRequest {
-                        build_id: format!("fk-{i}"),
-                        ttl: Some(dur(TTL)),
-                        wait: Some(dur(Duration::from_secs(wait))),
-                    })
+                    .acquire(with_token(
+                        pb::AcquireRequest {
+                            build_id: format!("fk-{i}"),
+                            ttl: Some(dur(TTL)),
+                            wait: Some(dur(Duration::from_secs(wait))),
+                            csr_pem: csr,
+                        },
+                        &token,
+                    ))
                     .await;
                 match r {
                     Ok(resp) => {
@@ -148,9 +158,12 @@ fn two_hundred_builds_race_for_four_hosts_and_no_host_is_ever_in_two_leases() {
                         } else {
                             tokio::time::sleep(Duration::from_millis(50 * (i % 8) as u64)).await;
                             let to = SystemTime::now();
-                            c.release(pb::ReleaseRequest {
-                                lease_id: l.lease_id.clone(),
-                            })
+                            c.release(with_token(
+                                pb::ReleaseRequest {
+                                    lease_id: l.lease_id.clone(),
+                                },
+                                &token,
+                            ))
                             .await
                             .unwrap();
                             to.min(deadline)

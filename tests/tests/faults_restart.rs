@@ -269,8 +269,10 @@ fn agent_killed_and_back_after_the_deadline_wipes_and_destroys_the_host() {
     wait_for("the host to be destroyed", Duration::from_secs(90), || {
         (!pool.host_exists(&host)).then_some(())
     });
-    // The agent said why it wiped (the coordinator logs agents' reasons).
-    let logs = pool.coordinator_log();
+    // The restarted agent says why it wiped. (It tells the coordinator too,
+    // but only if its link is up by then; its registration carries the
+    // Wiping state either way.)
+    let logs = pool.agent_logs();
     assert!(
         logs.contains("restarted after the lease deadline"),
         "{logs}"
@@ -323,7 +325,7 @@ fn idle_agent_killed_leaves_an_unknown_host_that_is_wiped_before_it_is_ready() {
         "volume ls",
     ));
     assert!(vols.trim().is_empty(), "left on a Ready host: {vols}");
-    let logs = pool.coordinator_log();
+    let logs = pool.agent_logs();
     assert!(
         logs.contains("restarted; checking the host is clean"),
         "{logs}"

@@ -4,11 +4,19 @@
 //!
 //! Exit codes: 0 success, 1 any other failure, 2 bad usage, 3 no host within
 //! the wait, 4 lease or host not found, 5 coordinator unreachable, 6 the lease
-//! has already ended.
+//! has already ended, 7 not authenticated or not allowed.
+//!
+//! Credentials: the coordinator's CA (`--ca`) to verify its TLS certificate,
+//! and a tenant token (`--token-file`, or `BERTH_TOKEN`) sent as bearer
+//! metadata. `acquire` makes the lease's key pair here, sends only a CSR, and
+//! writes `ca.pem`, `cert.pem`, `key.pem` into a private directory (0700,
+//! files 0600) for `DOCKER_CERT_PATH`; `renew` re-issues `cert.pem` for the
+//! same key; `release` deletes the directory.
 
 pub mod up;
 
 use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use berth_proto::v1 as pb;
@@ -16,7 +24,7 @@ use berth_proto::v1::admin_service_client::AdminServiceClient;
 use berth_proto::v1::lease_service_client::LeaseServiceClient;
 use berth_proto::{from_duration, to_system_time};
 use clap::{Parser, Subcommand};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 use crate::config::{DEFAULT_LISTEN, LogConfig};
 
@@ -24,14 +32,28 @@ use crate::config::{DEFAULT_LISTEN, LogConfig};
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Deadline for calls that do not wait for hosts.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Where `berth up` (default state dir) leaves the CLI's credentials.
+pub const DEFAULT_CLI_DIR: &str = "/var/lib/berth/cli";
+pub const DEFAULT_CA: &str = "/var/lib/berth/cli/ca.pem";
+pub const DEFAULT_TOKEN_FILE: &str = "/var/lib/berth/cli/token";
+/// The file in a lease's certificate directory naming the lease, so that
+/// `release` only ever deletes a directory `acquire` made for that lease.
+pub const LEASE_MARKER: &str = "berth-lease";
 
 /// berth: single-use remote Docker hosts for CI.
 #[derive(Debug, Parser)]
 #[command(name = "berth", version)]
 pub struct Cli {
-    /// Coordinator address (host:port or http://host:port).
+    /// Coordinator address (host:port or https://host:port).
     #[arg(long, env = "BERTH_COORDINATOR", default_value = DEFAULT_LISTEN, global = true)]
     pub coordinator: String,
+    /// CA certificate the coordinator's TLS certificate must chain to.
+    #[arg(long, env = "BERTH_CA", default_value = DEFAULT_CA, global = true)]
+    pub ca: PathBuf,
+    /// File holding the tenant token. Without it, BERTH_TOKEN holds the token
+    /// itself, else /var/lib/berth/cli/token (what `berth up` writes).
+    #[arg(long, env = "BERTH_TOKEN_FILE", global = true)]
+    pub token_file: Option<PathBuf>,
     #[command(flatten)]
     pub log: LogConfig,
     #[command(subcommand)]
@@ -53,19 +75,32 @@ pub enum Command {
         /// How long to wait for a host when none is ready.
         #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
         wait: Duration,
+        /// Where to write ca.pem, cert.pem and key.pem (default
+        /// $HOME/.berth/leases/LEASE_ID); printed as DOCKER_CERT_PATH.
+        #[arg(long)]
+        cert_dir: Option<PathBuf>,
     },
-    /// Extend a lease.
+    /// Extend a lease; re-issues its client certificate for the same key.
     Renew {
         #[arg(long, env = "BERTH_LEASE_ID")]
         lease: String,
         /// New time to live, counted from now.
         #[arg(long, default_value = "30m", value_parser = humantime::parse_duration)]
         ttl: Duration,
+        /// The lease's certificate directory (default: DOCKER_CERT_PATH, else
+        /// $HOME/.berth/leases/LEASE_ID).
+        #[arg(long, env = "DOCKER_CERT_PATH")]
+        cert_dir: Option<PathBuf>,
     },
-    /// Give a host back: it is cut off, wiped and destroyed.
+    /// Give a host back: it is cut off, wiped and destroyed; the lease's
+    /// certificate directory is deleted.
     Release {
         #[arg(long, env = "BERTH_LEASE_ID")]
         lease: String,
+        /// The lease's certificate directory (default: DOCKER_CERT_PATH, else
+        /// $HOME/.berth/leases/LEASE_ID).
+        #[arg(long, env = "DOCKER_CERT_PATH")]
+        cert_dir: Option<PathBuf>,
     },
     /// Show one lease.
     Get {
@@ -98,6 +133,8 @@ pub enum CliError {
     #[error("{0}")]
     Status(tonic::Status),
     #[error("{0}")]
+    Credentials(String),
+    #[error("{0}")]
     Other(String),
 }
 
@@ -111,8 +148,10 @@ impl CliError {
                 tonic::Code::FailedPrecondition => 6,
                 tonic::Code::InvalidArgument => 2,
                 tonic::Code::Unavailable => 5,
+                tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => 7,
                 _ => 1,
             },
+            Self::Credentials(_) => 7,
             Self::Other(_) => 1,
         }
     }
@@ -124,27 +163,108 @@ impl From<tonic::Status> for CliError {
     }
 }
 
-/// Adds `http://` when the address has no scheme.
+/// Adds `https://` when the address has no scheme.
 pub fn coordinator_url(addr: &str) -> String {
     if addr.contains("://") {
         addr.to_owned()
     } else {
-        format!("http://{addr}")
+        format!("https://{addr}")
     }
 }
 
-pub async fn channel(addr: &str) -> Result<Channel, CliError> {
+/// A TLS channel to the coordinator, whose certificate must chain to `ca`.
+pub async fn channel(addr: &str, ca: &Path) -> Result<Channel, CliError> {
     let url = coordinator_url(addr);
+    if !url.starts_with("https://") {
+        return Err(CliError::Other(format!(
+            "the coordinator speaks TLS only; use https:// (got {url})"
+        )));
+    }
+    let ca_pem = berth_tls::files::read_pem(ca).map_err(|e| {
+        CliError::Credentials(format!(
+            "the coordinator's CA: {e}\n  set --ca or BERTH_CA (berth up writes {DEFAULT_CA})"
+        ))
+    })?;
     let unreachable = |reason: String| CliError::Unreachable {
         addr: url.clone(),
         reason,
     };
     Endpoint::from_shared(url.clone())
         .map_err(|e| unreachable(e.to_string()))?
+        .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca_pem)))
+        .map_err(|e| unreachable(error_chain(&e)))?
         .connect_timeout(CONNECT_TIMEOUT)
         .connect()
         .await
         .map_err(|e| unreachable(error_chain(&e)))
+}
+
+/// The tenant token: `--token-file`/`BERTH_TOKEN_FILE`, else `BERTH_TOKEN`,
+/// else the file `berth up` writes.
+pub fn token(token_file: Option<&Path>) -> Result<String, CliError> {
+    let from_file = |p: &Path| {
+        berth_tls::files::read_secret(p).map_err(|e| {
+            CliError::Credentials(format!(
+                "the tenant token: {e}\n  set --token-file, BERTH_TOKEN_FILE or BERTH_TOKEN"
+            ))
+        })
+    };
+    if let Some(p) = token_file {
+        return from_file(p);
+    }
+    if let Ok(t) = std::env::var("BERTH_TOKEN")
+        && !t.trim().is_empty()
+    {
+        return Ok(t.trim().to_owned());
+    }
+    from_file(Path::new(DEFAULT_TOKEN_FILE))
+}
+
+/// Where a lease's certificates go unless `--cert-dir` says otherwise.
+pub fn default_cert_dir(lease_id: &str) -> PathBuf {
+    let home = std::env::var_os("HOME")
+        .filter(|h| !h.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/tmp"));
+    home.join(".berth").join("leases").join(lease_id)
+}
+
+/// Writes a lease's credentials for the docker CLI: `ca.pem`, `cert.pem`,
+/// `key.pem` and the lease marker, in a 0700 directory, files 0600.
+pub fn write_cert_dir(
+    dir: &Path,
+    lease_id: &str,
+    ca_pem: &str,
+    cert_pem: &str,
+    key_pem: &str,
+) -> Result<(), CliError> {
+    let err =
+        |e: berth_tls::TlsError| CliError::Other(format!("writing the lease's certificates: {e}"));
+    berth_tls::files::create_private_dir(dir).map_err(err)?;
+    for (name, data) in [
+        ("key.pem", key_pem),
+        ("cert.pem", cert_pem),
+        ("ca.pem", ca_pem),
+        (LEASE_MARKER, lease_id),
+    ] {
+        berth_tls::files::write_private(&dir.join(name), data.as_bytes()).map_err(err)?;
+    }
+    Ok(())
+}
+
+/// The directory of `lease_id`: the one given (if its marker names this
+/// lease) or the default one. `None` when there is none to use.
+fn lease_cert_dir(given: Option<&Path>, lease_id: &str) -> Option<PathBuf> {
+    let marked = |d: &Path| {
+        std::fs::read_to_string(d.join(LEASE_MARKER)).is_ok_and(|m| m.trim() == lease_id)
+    };
+    if let Some(d) = given
+        && marked(d)
+    {
+        return Some(d.to_owned());
+    }
+    let d = default_cert_dir(lease_id);
+    marked(&d).then_some(d)
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -157,10 +277,15 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-fn with_timeout<T>(msg: T, timeout: Duration) -> tonic::Request<T> {
+/// A request with a deadline and the tenant token.
+fn request<T>(msg: T, timeout: Duration, token: &str) -> Result<tonic::Request<T>, CliError> {
     let mut req = tonic::Request::new(msg);
     req.set_timeout(timeout);
-    req
+    let value = format!("Bearer {token}")
+        .parse()
+        .map_err(|_| CliError::Credentials("the tenant token is not valid header text".into()))?;
+    req.metadata_mut().insert("authorization", value);
+    Ok(req)
 }
 
 /// Runs one non-`up` subcommand, printing its result to stdout.
@@ -172,74 +297,140 @@ pub async fn run_client(cli: &Cli) -> Result<(), CliError> {
 
 /// Runs one non-`up` subcommand and returns what it prints.
 pub async fn client_output(cli: &Cli) -> Result<String, CliError> {
-    let ch = channel(&cli.coordinator).await?;
+    if matches!(cli.command, Command::Up(_)) {
+        return Err(CliError::Other("`up` is not a client command".into()));
+    }
+    let token = token(cli.token_file.as_deref())?;
+    let ch = channel(&cli.coordinator, &cli.ca).await?;
     let mut leases = LeaseServiceClient::new(ch.clone());
     let mut admin = AdminServiceClient::new(ch);
     match &cli.command {
         Command::Up(_) => Err(CliError::Other("`up` is not a client command".into())),
-        Command::Acquire { build, ttl, wait } => {
+        Command::Acquire {
+            build,
+            ttl,
+            wait,
+            cert_dir,
+        } => {
+            // The lease's key is made here and never sent anywhere.
+            let key = berth_tls::KeyAndCsr::generate(&format!("berth build {build}"))
+                .map_err(|e| CliError::Other(e.to_string()))?;
             let req = pb::AcquireRequest {
                 build_id: build.clone(),
                 ttl: Some(from_duration(*ttl)),
                 wait: Some(from_duration(*wait)),
+                csr_pem: key.csr_pem.clone(),
             };
             let resp = leases
-                .acquire(with_timeout(req, *wait + CALL_TIMEOUT))
+                .acquire(request(req, *wait + CALL_TIMEOUT, &token)?)
                 .await?
                 .into_inner();
             let lease = resp.lease.ok_or_else(|| {
                 CliError::Other("the coordinator answered without a lease".into())
             })?;
-            Ok(export_lines(&lease))
+            if resp.client_cert_pem.is_empty() || resp.ca_pem.is_empty() {
+                return Err(CliError::Other(
+                    "the coordinator answered without a client certificate".into(),
+                ));
+            }
+            let dir = cert_dir
+                .clone()
+                .unwrap_or_else(|| default_cert_dir(&lease.lease_id));
+            write_cert_dir(
+                &dir,
+                &lease.lease_id,
+                &resp.ca_pem,
+                &resp.client_cert_pem,
+                &key.key_pem,
+            )?;
+            Ok(export_lines(&lease, &dir))
         }
-        Command::Renew { lease, ttl } => {
+        Command::Renew {
+            lease,
+            ttl,
+            cert_dir,
+        } => {
+            let dir = lease_cert_dir(cert_dir.as_deref(), lease);
+            let key = match &dir {
+                Some(d) => {
+                    let pem = berth_tls::files::read_pem(&d.join("key.pem"))
+                        .map_err(|e| CliError::Other(e.to_string()))?;
+                    Some(
+                        berth_tls::KeyAndCsr::for_key(&pem, "berth renew")
+                            .map_err(|e| CliError::Other(e.to_string()))?,
+                    )
+                }
+                None => {
+                    eprintln!(
+                        "berth: no certificate directory for lease {lease}; the deadline moves but no certificate is re-issued"
+                    );
+                    None
+                }
+            };
             let req = pb::RenewRequest {
                 lease_id: lease.clone(),
                 ttl: Some(from_duration(*ttl)),
+                csr_pem: key.as_ref().map(|k| k.csr_pem.clone()).unwrap_or_default(),
             };
-            let resp = leases.renew(with_timeout(req, CALL_TIMEOUT)).await?;
-            Ok(describe_lease(resp.into_inner().lease.as_ref()))
+            let resp = leases
+                .renew(request(req, CALL_TIMEOUT, &token)?)
+                .await?
+                .into_inner();
+            if let (Some(d), Some(k)) = (&dir, &key)
+                && !resp.client_cert_pem.is_empty()
+            {
+                write_cert_dir(d, lease, &resp.ca_pem, &resp.client_cert_pem, &k.key_pem)?;
+            }
+            Ok(describe_lease(resp.lease.as_ref()))
         }
-        Command::Release { lease } => {
+        Command::Release { lease, cert_dir } => {
             let before = leases
-                .get(with_timeout(
+                .get(request(
                     pb::GetRequest {
                         lease_id: lease.clone(),
                     },
                     CALL_TIMEOUT,
-                ))
+                    &token,
+                )?)
                 .await?
                 .into_inner()
                 .lease;
             let resp = leases
-                .release(with_timeout(
+                .release(request(
                     pb::ReleaseRequest {
                         lease_id: lease.clone(),
                     },
                     CALL_TIMEOUT,
-                ))
+                    &token,
+                )?)
                 .await?
                 .into_inner();
             let already = before.as_ref().is_some_and(|l| is_ended(l.state));
             if already {
                 eprintln!("berth: lease {lease} had already ended; nothing to release");
             }
+            if let Some(d) = lease_cert_dir(cert_dir.as_deref(), lease)
+                && let Err(e) = std::fs::remove_dir_all(&d)
+            {
+                eprintln!("berth: cannot delete {}: {e}", d.display());
+            }
             Ok(describe_lease(resp.lease.as_ref()))
         }
         Command::Get { lease } => {
             let resp = leases
-                .get(with_timeout(
+                .get(request(
                     pb::GetRequest {
                         lease_id: lease.clone(),
                     },
                     CALL_TIMEOUT,
-                ))
+                    &token,
+                )?)
                 .await?;
             Ok(describe_lease(resp.into_inner().lease.as_ref()))
         }
         Command::Hosts => {
             let resp = admin
-                .list_hosts(with_timeout(pb::ListHostsRequest {}, CALL_TIMEOUT))
+                .list_hosts(request(pb::ListHostsRequest {}, CALL_TIMEOUT, &token)?)
                 .await?
                 .into_inner();
             let mut s = format!(
@@ -261,12 +452,13 @@ pub async fn client_output(cli: &Cli) -> Result<String, CliError> {
         }
         Command::Leases { all } => {
             let resp = admin
-                .list_leases(with_timeout(
+                .list_leases(request(
                     pb::ListLeasesRequest {
                         include_ended: *all,
                     },
                     CALL_TIMEOUT,
-                ))
+                    &token,
+                )?)
                 .await?
                 .into_inner();
             let mut s = format!(
@@ -288,13 +480,14 @@ pub async fn client_output(cli: &Cli) -> Result<String, CliError> {
         }
         Command::Drain { host, reason } => {
             let resp = admin
-                .drain_host(with_timeout(
+                .drain_host(request(
                     pb::DrainHostRequest {
                         host_id: host.clone(),
                         reason: reason.clone(),
                     },
                     CALL_TIMEOUT,
-                ))
+                    &token,
+                )?)
                 .await?
                 .into_inner();
             let h = resp.host.unwrap_or_default();
@@ -323,10 +516,13 @@ fn shell_quote(v: &str) -> String {
 }
 
 /// The `eval`-able lines `berth acquire` prints.
-pub fn export_lines(l: &pb::Lease) -> String {
+pub fn export_lines(l: &pb::Lease, cert_dir: &Path) -> String {
     let mut s = String::new();
+    let cert_dir = cert_dir.to_string_lossy();
     for (k, v) in [
         ("DOCKER_HOST", l.docker_host.as_str()),
+        ("DOCKER_TLS_VERIFY", "1"),
+        ("DOCKER_CERT_PATH", &cert_dir),
         ("BERTH_LEASE_ID", l.lease_id.as_str()),
         ("BERTH_HOST_ADDR", l.host_addr.as_str()),
         ("BERTH_HOST_ID", l.host_id.as_str()),
@@ -427,15 +623,17 @@ mod tests {
             host_id: "it's".into(),
             ..Default::default()
         };
-        let out = export_lines(&l);
+        let out = export_lines(&l, Path::new("/home/ci/.berth/leases/abc"));
         assert!(out.contains("export DOCKER_HOST='tcp://198.18.0.2:2376'\n"));
+        assert!(out.contains("export DOCKER_TLS_VERIFY='1'\n"));
+        assert!(out.contains("export DOCKER_CERT_PATH='/home/ci/.berth/leases/abc'\n"));
         assert!(out.contains("export BERTH_HOST_ADDR='198.18.0.2'\n"));
         assert!(out.contains(r"export BERTH_HOST_ID='it'\''s'"));
     }
 
     #[test]
     fn urls_get_a_scheme() {
-        assert_eq!(coordinator_url("127.0.0.1:7070"), "http://127.0.0.1:7070");
+        assert_eq!(coordinator_url("127.0.0.1:7070"), "https://127.0.0.1:7070");
         assert_eq!(coordinator_url("https://c:1"), "https://c:1");
     }
 
@@ -446,5 +644,7 @@ mod tests {
         assert_eq!(code(tonic::Code::NotFound), 4);
         assert_eq!(code(tonic::Code::FailedPrecondition), 6);
         assert_eq!(code(tonic::Code::Internal), 1);
+        assert_eq!(code(tonic::Code::Unauthenticated), 7);
+        assert_eq!(code(tonic::Code::PermissionDenied), 7);
     }
 }

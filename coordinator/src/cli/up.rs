@@ -11,6 +11,18 @@
 //! over (resuming its lease or wiping it), as a restarted agent on an EC2
 //! instance would. An agent that ended its host cleanly removed the file, and
 //! the slot gets a fresh host.
+//!
+//! It also makes the pool's credentials on first start, under its state dir
+//! (all secrets 0600), so the demo needs no setup:
+//! - `tenants` (one admin tenant, `local`; tenants an operator adds to the
+//!   file are kept) and `cli/token`, `local`'s token;
+//! - `join-token` (agents) and `join-token.sha256` (coordinator);
+//! - `cli/ca.pem`, a copy of the pool CA the coordinator keeps under
+//!   `coordinator/`.
+//!
+//! `cli/` is what the `berth` CLI reads by default; when `berth up` runs
+//! under sudo it belongs to the invoking user, so `berth acquire` works
+//! from that user's shell.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -92,6 +104,99 @@ pub enum UpError {
     Sweep(String),
     #[error("another berth up is running with state dir {0}")]
     AlreadyRunning(PathBuf),
+    #[error("pool credentials: {0}")]
+    Credentials(#[from] berth_tls::TlsError),
+}
+
+/// Where the pool's credentials live under the state dir.
+#[derive(Debug, Clone)]
+pub struct Credentials {
+    pub tenants: PathBuf,
+    pub join_token: PathBuf,
+    pub join_token_hash: PathBuf,
+    pub cli_dir: PathBuf,
+    pub cli_token: PathBuf,
+    pub cli_ca: PathBuf,
+    /// The CA certificate the coordinator keeps in its own state dir.
+    pub coordinator_ca: PathBuf,
+}
+
+impl Credentials {
+    pub fn paths(state_dir: &Path) -> Self {
+        let cli_dir = state_dir.join("cli");
+        Self {
+            tenants: state_dir.join("tenants"),
+            join_token: state_dir.join("join-token"),
+            join_token_hash: state_dir.join("join-token.sha256"),
+            cli_token: cli_dir.join("token"),
+            cli_ca: cli_dir.join("ca.pem"),
+            cli_dir,
+            coordinator_ca: state_dir
+                .join("coordinator")
+                .join(berth_tls::ca::CA_CERT_FILE),
+        }
+    }
+
+    /// Creates what is missing; tokens made by an earlier run are kept, so
+    /// a CLI set up once keeps working across restarts.
+    pub fn ensure(state_dir: &Path) -> Result<Self, UpError> {
+        use berth_tls::files;
+        let c = Self::paths(state_dir);
+        files::create_private_dir(&c.cli_dir)?;
+        let cli_token = match files::read_secret(&c.cli_token) {
+            Ok(t) => t,
+            Err(_) => {
+                let t = berth_tls::token::generate();
+                files::write_private(&c.cli_token, format!("{t}\n").as_bytes())?;
+                t
+            }
+        };
+        // Tenants an operator added to the file stay; `local` is rewritten.
+        let mut tenants = berth_tls::Tenants::line("local", &cli_token, true);
+        if let Ok(old) = std::fs::read_to_string(&c.tenants) {
+            for line in old.lines() {
+                if line.split_whitespace().next() != Some("local") && !line.trim().is_empty() {
+                    tenants.push_str(line);
+                    tenants.push('\n');
+                }
+            }
+        }
+        files::write_private(&c.tenants, tenants.as_bytes())?;
+        let join = match files::read_secret(&c.join_token) {
+            Ok(t) => t,
+            Err(_) => {
+                let t = berth_tls::token::generate();
+                files::write_private(&c.join_token, format!("{t}\n").as_bytes())?;
+                t
+            }
+        };
+        let hash = berth_tls::TokenHash::of(&join).to_hex();
+        files::write_private(&c.join_token_hash, format!("{hash}\n").as_bytes())?;
+        Ok(c)
+    }
+
+    /// Copies the pool CA for the CLI and hands `cli/` to the user who ran
+    /// sudo, if anyone did.
+    fn publish_ca(&self) -> Result<(), UpError> {
+        let pem = berth_tls::files::read_pem(&self.coordinator_ca)?;
+        berth_tls::files::write_private(&self.cli_ca, pem.as_bytes())?;
+        let id = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u32>().ok());
+        if let (Some(uid), Some(gid)) = (id("SUDO_UID"), id("SUDO_GID")) {
+            for p in [&self.cli_dir, &self.cli_token, &self.cli_ca] {
+                nix::unistd::chown(
+                    p.as_path(),
+                    Some(nix::unistd::Uid::from_raw(uid)),
+                    Some(nix::unistd::Gid::from_raw(gid)),
+                )
+                .map_err(|e| UpError::Io {
+                    action: "cannot chown",
+                    path: p.clone(),
+                    source: e.into(),
+                })?;
+            }
+        }
+        Ok(())
+    }
 }
 
 fn io_err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> UpError {
@@ -165,6 +270,7 @@ pub async fn run(
     let listen = match args.listen {
         Some(l) => l,
         None => coordinator
+            .trim_start_matches("https://")
             .trim_start_matches("http://")
             .parse()
             .map_err(|_| UpError::BadListen(coordinator.to_owned()))?,
@@ -187,10 +293,11 @@ pub async fn run(
         .map_err(|_| UpError::AlreadyRunning(args.state_dir.clone()))?;
 
     sweep(&bins, &args).await?;
+    let creds = Credentials::ensure(&args.state_dir)?;
 
     let addr_file = args.state_dir.join("coordinator.addr");
     let _ = std::fs::remove_file(&addr_file);
-    let mut coordinator_child = start_coordinator(&bins, &args, listen, &addr_file, &logs)?;
+    let mut coordinator_child = start_coordinator(&bins, &args, &creds, listen, &addr_file, &logs)?;
     let addr = match wait_for_addr(&addr_file, &mut coordinator_child).await {
         Ok(a) => a,
         Err(e) => {
@@ -198,17 +305,28 @@ pub async fn run(
             return Err(e);
         }
     };
-    let url = format!("http://{addr}");
+    if let Err(e) = creds.publish_ca() {
+        let _ = coordinator_child.kill().await;
+        return Err(e);
+    }
+    let url = format!("https://{addr}");
     eprintln!(
         "berth up: coordinator at {addr} (log: {})",
         logs.join("coordinator.log").display()
     );
 
+    let launch = AgentLaunch {
+        bins: &bins,
+        args: &args,
+        creds: &creds,
+        url: &url,
+        logs: &logs,
+    };
     let (tx, mut rx) = mpsc::channel::<Event>(64);
     let n = usize::from(args.hosts);
     let mut slots: HashMap<usize, Slot> = HashMap::new();
     for slot in 0..n {
-        let pid = start_agent(&bins, &args, &url, &logs, slot, None, tx.clone())?;
+        let pid = start_agent(&launch, slot, None, tx.clone())?;
         slots.insert(
             slot,
             Slot {
@@ -235,7 +353,7 @@ pub async fn run(
                 eprintln!("berth up: coordinator exited ({status}); restarting it on {addr}");
                 tokio::time::sleep(COORDINATOR_RESTART_DELAY).await;
                 let _ = std::fs::remove_file(&addr_file);
-                coordinator_child = start_coordinator(&bins, &args, addr, &addr_file, &logs)?;
+                coordinator_child = start_coordinator(&bins, &args, &creds, addr, &addr_file, &logs)?;
                 match wait_for_addr(&addr_file, &mut coordinator_child).await {
                     Ok(a) => eprintln!("berth up: coordinator back at {a}"),
                     Err(e) => warn!(error = %e, "restarted coordinator did not come up; trying again"),
@@ -255,7 +373,7 @@ pub async fn run(
                     if let Some(h) = &resume {
                         eprintln!("berth up: slot {slot}: host {h} outlived its agent; resuming it");
                     }
-                    let pid = start_agent(&bins, &args, &url, &logs, slot, resume, tx.clone())?;
+                    let pid = start_agent(&launch, slot, resume, tx.clone())?;
                     if let Some(s) = slots.get_mut(&slot) {
                         s.pid = Some(pid);
                         s.started = Instant::now();
@@ -275,11 +393,18 @@ pub async fn run(
                     if !announced && ready >= n {
                         announced = true;
                         eprintln!("berth up: pool of {n} hosts ready. In another shell:");
-                        let flag = if addr.to_string() == crate::config::DEFAULT_LISTEN {
+                        let mut flag = if addr.to_string() == crate::config::DEFAULT_LISTEN {
                             String::new()
                         } else {
                             format!("--coordinator {addr} ")
                         };
+                        if creds.cli_ca != Path::new(super::DEFAULT_CA) {
+                            flag.push_str(&format!(
+                                "--ca {} --token-file {} ",
+                                creds.cli_ca.display(),
+                                creds.cli_token.display()
+                            ));
+                        }
                         eprintln!("  eval \"$(berth {flag}acquire --build demo-1)\"   # then use docker; finally: berth {flag}release");
                     }
                 }
@@ -365,6 +490,7 @@ async fn wait_for_addr(path: &Path, child: &mut Child) -> Result<SocketAddr, UpE
 fn start_coordinator(
     bins: &Bins,
     args: &UpArgs,
+    creds: &Credentials,
     listen: SocketAddr,
     addr_file: &Path,
     logs: &Path,
@@ -376,6 +502,10 @@ fn start_coordinator(
         .arg(addr_file)
         .arg("--state-dir")
         .arg(args.state_dir.join("coordinator"))
+        .arg("--tenants")
+        .arg(&creds.tenants)
+        .arg("--join-token-hash-file")
+        .arg(&creds.join_token_hash)
         .args(&args.coordinator_args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -384,10 +514,14 @@ fn start_coordinator(
         .map_err(io_err("cannot start", &bins.coordinator))
 }
 
-fn agent_command(bins: &Bins, args: &UpArgs, url: &str) -> Command {
+fn agent_command(bins: &Bins, args: &UpArgs, creds: &Credentials, url: &str) -> Command {
     let mut cmd = Command::new(&bins.agent);
     cmd.arg("--coordinator")
         .arg(url)
+        .arg("--ca")
+        .arg(&creds.coordinator_ca)
+        .arg("--join-token-file")
+        .arg(&creds.join_token)
         .arg("--state-dir")
         .arg(args.state_dir.join("hosts"))
         .arg("--run-dir")
@@ -401,17 +535,30 @@ fn agent_command(bins: &Bins, args: &UpArgs, url: &str) -> Command {
     cmd
 }
 
+/// What every agent of this pool is started with.
+struct AgentLaunch<'a> {
+    bins: &'a Bins,
+    args: &'a UpArgs,
+    creds: &'a Credentials,
+    url: &'a str,
+    logs: &'a Path,
+}
+
 fn start_agent(
-    bins: &Bins,
-    args: &UpArgs,
-    url: &str,
-    logs: &Path,
+    launch: &AgentLaunch<'_>,
     slot: usize,
     resume: Option<String>,
     tx: mpsc::Sender<Event>,
 ) -> Result<u32, UpError> {
+    let AgentLaunch {
+        bins,
+        args,
+        creds,
+        url,
+        logs,
+    } = *launch;
     let log = logs.join(format!("agent-{slot}.log"));
-    let mut cmd = agent_command(bins, args, url);
+    let mut cmd = agent_command(bins, args, creds, url);
     if let Some(h) = &resume {
         cmd.arg("--resume-host").arg(h);
     }

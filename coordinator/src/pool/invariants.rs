@@ -62,12 +62,12 @@ fn check(g: &Inner) -> Result<(), String> {
             }
         }
     }
-    for (build, lid) in &g.live_by_build {
+    for ((tenant, build), lid) in &g.live_by_build {
         match g.leases.get(lid) {
-            Some(l) if !l.state.is_ended() && &l.build_id == build => {}
+            Some(l) if !l.state.is_ended() && &l.build_id == build && &l.tenant == tenant => {}
             _ => {
                 return Err(format!(
-                    "build {build} maps to {lid}, not a live lease of it"
+                    "build {build} of tenant {tenant:?} maps to {lid}, not a live lease of it"
                 ));
             }
         }

@@ -52,7 +52,7 @@ fn record(l: &Lease) -> LeaseRecord {
     LeaseRecord {
         id: l.id.clone(),
         build_id: l.build_id.clone(),
-        tenant: String::new(),
+        tenant: l.tenant.clone(),
         state: l.state.name().to_owned(),
         host_id: l.host.clone().unwrap_or_default(),
         host_addr: l.host_addr.clone(),
@@ -121,6 +121,7 @@ pub(super) fn restore(
         let lease = Lease {
             id: r.id.clone(),
             build_id: r.build_id.clone(),
+            tenant: r.tenant.clone(),
             state,
             host: host.clone(),
             host_addr: r.host_addr.clone(),
@@ -144,7 +145,8 @@ pub(super) fn restore(
         } else {
             live += 1;
             if !r.build_id.is_empty() {
-                g.live_by_build.insert(r.build_id.clone(), r.id.clone());
+                g.live_by_build
+                    .insert((r.tenant.clone(), r.build_id.clone()), r.id.clone());
             }
         }
         if state.holds_host()
@@ -183,6 +185,7 @@ fn placeholder(hid: &str, r: &LeaseRecord, now: Instant, wall: SystemTime) -> Ho
             state: pb::HostState::Unspecified,
             lease_id: r.id.clone(),
             lease_deadline: r.deadline_ns.map(from_ns),
+            tls: Default::default(),
         },
         reported: pb::HostState::Unspecified,
         lease: Some(r.id.clone()),
@@ -209,7 +212,7 @@ mod tests {
         LeaseRecord {
             id: id.into(),
             build_id: build.into(),
-            tenant: String::new(),
+            tenant: "t".into(),
             state: state.name().into(),
             host_id: host.into(),
             host_addr: "198.18.0.2".into(),
@@ -242,16 +245,26 @@ mod tests {
             .unwrap();
         let pool = Pool::with_store(PoolConfig::default(), store.clone()).unwrap();
         pool.check_invariants().unwrap();
-        assert_eq!(pool.get(q).unwrap().state, pb::LeaseState::Failed as i32);
-        assert!(pool.get(q).unwrap().message.contains("restarted"));
-        assert_eq!(pool.get(a).unwrap().state, pb::LeaseState::Active as i32);
-        assert_eq!(pool.get(r).unwrap().state, pb::LeaseState::Released as i32);
+        assert_eq!(
+            pool.get("t", q).unwrap().state,
+            pb::LeaseState::Failed as i32
+        );
+        assert!(pool.get("t", q).unwrap().message.contains("restarted"));
+        assert_eq!(
+            pool.get("t", a).unwrap().state,
+            pb::LeaseState::Active as i32
+        );
+        assert_eq!(
+            pool.get("t", r).unwrap().state,
+            pb::LeaseState::Released as i32
+        );
         // The failed queued lease was written back as failed.
         let stored = store.load().unwrap();
         assert!(stored.iter().any(|x| x.id == q && x.state == "failed"));
         // The active lease's build is still idempotent; the queued one's is free.
         let retry = pool
             .acquire(
+                "t",
                 "ba",
                 Duration::from_secs(60),
                 Duration::ZERO,
@@ -261,6 +274,7 @@ mod tests {
         assert_eq!(retry.lease_id, a);
         let fresh = pool
             .acquire(
+                "t",
                 "bq",
                 Duration::from_secs(60),
                 Duration::ZERO,
@@ -275,7 +289,7 @@ mod tests {
         assert!(!hosts[0].connected && hosts[0].lease_id == a);
         pool.tick(Instant::now() + PoolConfig::default().lost_grace);
         assert_eq!(
-            pool.get(a).unwrap_err().code(),
+            pool.get("t", a).unwrap_err().code(),
             tonic::Code::FailedPrecondition
         );
         pool.check_invariants().unwrap();

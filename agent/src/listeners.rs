@@ -1,0 +1,166 @@
+//! Proof that dockerd listens on no TCP port. The agent's front is the only
+//! way into a host; a dockerd with a `tcp://` host (from a stray
+//! daemon.json, a wrapper, a changed unit file) would be an unauthenticated
+//! root shell for anyone who reaches it.
+//!
+//! `/proc/PID/net/tcp{,6}` lists the sockets of PID's network namespace
+//! (the host's, for a dockerd started in it); the LISTEN entries' inodes are
+//! matched against the `socket:[INODE]` links in `/proc/PID/fd`, so only
+//! sockets that dockerd itself holds count.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+/// TCP state number of LISTEN in `/proc/net/tcp`.
+const TCP_LISTEN: &str = "0A";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ListenerError {
+    #[error("reading {path:?}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("dockerd (pid {pid}) listens on TCP {addrs:?}; refusing to serve this host")]
+    Listening { pid: i32, addrs: Vec<SocketAddr> },
+}
+
+/// Listening sockets in a `/proc/net/tcp` or `tcp6` table: inode -> address.
+pub fn parse_listening(table: &str) -> HashMap<u64, SocketAddr> {
+    let mut out = HashMap::new();
+    for line in table.lines().skip(1) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 10 || f[3] != TCP_LISTEN {
+            continue;
+        }
+        let (Some(addr), Ok(inode)) = (parse_addr(f[1]), f[9].parse::<u64>()) else {
+            continue;
+        };
+        if inode != 0 {
+            out.insert(inode, addr);
+        }
+    }
+    out
+}
+
+/// `0100007F:0016` (IPv4) or 32 hex digits (IPv6), each 32-bit word in host
+/// byte order (little-endian here), and the port in hex.
+fn parse_addr(s: &str) -> Option<SocketAddr> {
+    let (ip, port) = s.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    // The kernel prints each 32-bit word of the address as it sits in
+    // memory, read as a little-endian integer.
+    let word = |h: &str| u32::from_str_radix(h, 16).ok().map(u32::to_le_bytes);
+    let ip = match ip.len() {
+        8 => IpAddr::V4(Ipv4Addr::from(word(ip)?)),
+        32 => {
+            let mut b = [0u8; 16];
+            for i in 0..4 {
+                b[i * 4..i * 4 + 4].copy_from_slice(&word(&ip[i * 8..i * 8 + 8])?);
+            }
+            IpAddr::V6(Ipv6Addr::from(b))
+        }
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, port))
+}
+
+/// Socket inodes among a process's open file descriptors.
+fn socket_inodes(proc_root: &Path, pid: i32) -> Result<Vec<u64>, ListenerError> {
+    let dir = proc_root.join(pid.to_string()).join("fd");
+    let entries = std::fs::read_dir(&dir).map_err(|source| ListenerError::Read {
+        path: dir.clone(),
+        source,
+    })?;
+    Ok(entries
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .filter_map(|l| {
+            l.to_str()?
+                .strip_prefix("socket:[")?
+                .strip_suffix(']')?
+                .parse()
+                .ok()
+        })
+        .collect())
+}
+
+/// The TCP addresses `pid` listens on, in its own network namespace.
+pub fn tcp_listeners(proc_root: &Path, pid: i32) -> Result<Vec<SocketAddr>, ListenerError> {
+    let mut listening = HashMap::new();
+    for table in ["tcp", "tcp6"] {
+        let path = proc_root.join(pid.to_string()).join("net").join(table);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => listening.extend(parse_listening(&text)),
+            // No IPv6 in this kernel: nothing can listen there.
+            Err(e) if table == "tcp6" && e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(ListenerError::Read { path, source }),
+        }
+    }
+    let mut addrs: Vec<SocketAddr> = socket_inodes(proc_root, pid)?
+        .into_iter()
+        .filter_map(|i| listening.get(&i).copied())
+        .collect();
+    addrs.sort();
+    addrs.dedup();
+    Ok(addrs)
+}
+
+/// Fails if dockerd `pid` listens on any TCP port.
+pub fn ensure_no_tcp(pid: i32) -> Result<(), ListenerError> {
+    let addrs = tcp_listeners(Path::new("/proc"), pid)?;
+    if addrs.is_empty() {
+        Ok(())
+    } else {
+        Err(ListenerError::Listening { pid, addrs })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TCP: &str = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0100007F:0CEA 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 4242 1 0000000000000000 100 0 0 10 0
+   1: 0200007F:0050 0300007F:D431 01 00000000:00000000 00:00000000 00000000     0        0 4343 1 0000000000000000 20 4 30 10 -1
+   2: 00000000:0948 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 4444 1 0000000000000000 100 0 0 10 0
+";
+    const TCP6: &str = "  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 00000000000000000000000001000000:0948 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 4545 1 0000000000000000 100 0 0 10 0
+";
+
+    #[test]
+    fn parses_listening_sockets() {
+        let l = parse_listening(TCP);
+        assert_eq!(l.len(), 2, "{l:?}");
+        assert_eq!(l[&4242], "127.0.0.1:3306".parse().unwrap());
+        assert_eq!(l[&4444], "0.0.0.0:2376".parse().unwrap());
+        let l6 = parse_listening(TCP6);
+        assert_eq!(l6[&4545], "[::1]:2376".parse().unwrap());
+        assert!(parse_listening("header only\n").is_empty());
+    }
+
+    #[test]
+    fn finds_a_real_listener_of_this_process_and_not_others() {
+        let pid = i32::try_from(std::process::id()).unwrap();
+        let before = tcp_listeners(Path::new("/proc"), pid).unwrap();
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let after = tcp_listeners(Path::new("/proc"), pid).unwrap();
+        assert!(after.contains(&addr), "{after:?}");
+        assert!(!before.contains(&addr));
+        assert!(matches!(
+            ensure_no_tcp(pid),
+            Err(ListenerError::Listening { .. })
+        ));
+        drop(l);
+        // A connected (not listening) socket does not count.
+        let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = server.local_addr().unwrap();
+        let _c = std::net::TcpStream::connect(a).unwrap();
+        drop(server);
+        assert!(!tcp_listeners(Path::new("/proc"), pid).unwrap().contains(&a));
+    }
+}

@@ -1,0 +1,252 @@
+//! A real coordinator in-process on 127.0.0.1 for the integration tests:
+//! TLS with its own pool CA, a tenants file (tenants `ci` and `other`, the
+//! admin `ops`) and a pool join token, all under one temp dir. Starting
+//! again in the same dir reuses the credentials and the lease store, as a
+//! restarted coordinator would.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use berth_coordinator::CoordinatorConfig;
+use berth_proto::v1::admin_service_client::AdminServiceClient;
+use berth_proto::v1::agent_service_client::AgentServiceClient;
+use berth_proto::v1::lease_service_client::LeaseServiceClient;
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig};
+
+/// Adds `authorization: Bearer TOKEN` to every request.
+#[derive(Clone)]
+pub struct Bearer(pub Option<String>);
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(t) = &self.0 {
+            req.metadata_mut()
+                .insert("authorization", format!("Bearer {t}").parse().unwrap());
+        }
+        Ok(req)
+    }
+}
+
+pub type Authed = InterceptedService<Channel, Bearer>;
+
+#[derive(Parser)]
+struct Args {
+    #[command(flatten)]
+    c: CoordinatorConfig,
+}
+
+/// The tokens of one test coordinator.
+#[derive(Clone, Debug)]
+pub struct Tokens {
+    pub ci: String,
+    pub other: String,
+    pub ops: String,
+    pub join: String,
+}
+
+impl Tokens {
+    /// Makes the tokens and the files the coordinator reads, or reads them
+    /// back from an earlier start in the same dir.
+    fn in_dir(dir: &Path) -> Self {
+        let path = |n: &str| dir.join(format!("{n}.token"));
+        if let Ok(ci) = std::fs::read_to_string(path("ci")) {
+            let read = |n: &str| std::fs::read_to_string(path(n)).unwrap();
+            return Self {
+                ci,
+                other: read("other"),
+                ops: read("ops"),
+                join: read("join"),
+            };
+        }
+        let token = berth_tls::token::generate;
+        let t = Self {
+            ci: token(),
+            other: token(),
+            ops: token(),
+            join: token(),
+        };
+        std::fs::write(
+            dir.join("tenants"),
+            [
+                berth_tls::Tenants::line("ci", &t.ci, false),
+                berth_tls::Tenants::line("other", &t.other, false),
+                berth_tls::Tenants::line("ops", &t.ops, true),
+            ]
+            .concat(),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("join.sha256"),
+            berth_tls::TokenHash::of(&t.join).to_hex(),
+        )
+        .unwrap();
+        for (n, v) in [
+            ("ci", &t.ci),
+            ("other", &t.other),
+            ("ops", &t.ops),
+            ("join", &t.join),
+        ] {
+            std::fs::write(path(n), v).unwrap();
+        }
+        t
+    }
+}
+
+pub struct Server {
+    pub dir: PathBuf,
+    pub addr: std::net::SocketAddr,
+    pub channel: Channel,
+    pub ca_pem: String,
+    pub tokens: Tokens,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// A fresh temp dir for test `name` (an earlier run's is removed).
+pub fn fresh_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("berth-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+impl Server {
+    /// A coordinator in a fresh dir of its own.
+    pub async fn start(name: &str) -> Self {
+        Self::start_in(&fresh_dir(name), &[]).await
+    }
+
+    /// A coordinator on `dir` (credentials and lease store), with extra flags.
+    pub async fn start_in(dir: &Path, extra: &[&str]) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
+        let tokens = Tokens::in_dir(dir);
+        let s = |p: PathBuf| p.to_string_lossy().into_owned();
+        let (state, tenants, join) = (
+            s(dir.join("state")),
+            s(dir.join("tenants")),
+            s(dir.join("join.sha256")),
+        );
+        let mut args = vec![
+            "t",
+            "--listen",
+            "127.0.0.1:0",
+            "--max-ttl",
+            "2h",
+            "--state-dir",
+            &state,
+            "--tenants",
+            &tenants,
+            "--join-token-hash-file",
+            &join,
+        ];
+        args.extend_from_slice(extra);
+        let cfg = Args::parse_from(args).c;
+        let listener = berth_coordinator::bind(&cfg).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn({
+            let shutdown = shutdown.clone();
+            async move {
+                berth_coordinator::serve(cfg, listener, shutdown)
+                    .await
+                    .unwrap();
+            }
+        });
+        let ca_pem = std::fs::read_to_string(dir.join("state/ca.pem")).unwrap();
+        let channel = Channel::from_shared(format!("https://{addr}"))
+            .unwrap()
+            .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&ca_pem)))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        Self {
+            dir: dir.to_owned(),
+            addr,
+            channel,
+            ca_pem,
+            tokens,
+            shutdown,
+            task,
+        }
+    }
+
+    pub fn authed(&self, token: Option<&str>) -> Authed {
+        InterceptedService::new(self.channel.clone(), Bearer(token.map(str::to_owned)))
+    }
+
+    /// LeaseService as tenant `ci`.
+    pub fn leases(&self) -> LeaseServiceClient<Authed> {
+        LeaseServiceClient::new(self.authed(Some(&self.tokens.ci)))
+    }
+
+    pub fn leases_as(&self, token: Option<&str>) -> LeaseServiceClient<Authed> {
+        LeaseServiceClient::new(self.authed(token))
+    }
+
+    /// AdminService as the admin tenant `ops`.
+    pub fn admin(&self) -> AdminServiceClient<Authed> {
+        AdminServiceClient::new(self.authed(Some(&self.tokens.ops)))
+    }
+
+    /// AgentService with the pool join token.
+    pub fn agents(&self) -> AgentServiceClient<Authed> {
+        AgentServiceClient::new(self.authed(Some(&self.tokens.join)))
+    }
+
+    pub fn agents_as(&self, token: Option<&str>) -> AgentServiceClient<Authed> {
+        AgentServiceClient::new(self.authed(token))
+    }
+
+    /// A TLS connector trusting the pool CA and offering HTTP/2, for
+    /// speaking raw HTTP/2 to the coordinator.
+    pub fn raw_tls(&self) -> tokio_rustls::TlsConnector {
+        let mut roots = rustls::RootCertStore::empty();
+        use rustls::pki_types::pem::PemObject;
+        for cert in rustls::pki_types::CertificateDer::pem_slice_iter(self.ca_pem.as_bytes()) {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        cfg.alpn_protocols = vec![b"h2".to_vec()];
+        tokio_rustls::TlsConnector::from(Arc::new(cfg))
+    }
+
+    /// Stops gracefully (as SIGTERM would); the dir stays for a restart.
+    pub async fn stop_keep(self) -> PathBuf {
+        self.shutdown.cancel();
+        self.task.await.unwrap();
+        self.dir
+    }
+
+    /// Stops and removes the dir.
+    pub async fn stop(self) {
+        let dir = self.stop_keep().await;
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+/// One CSR for every acquire in a test process (the key stays here).
+pub fn csr() -> String {
+    static CSR: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    CSR.get_or_init(|| berth_tls::KeyAndCsr::generate("ci").unwrap().csr_pem)
+        .clone()
+}
+
+/// One CSR for every fake agent's registration in a test process.
+pub fn host_csr() -> String {
+    static CSR: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    CSR.get_or_init(|| berth_tls::KeyAndCsr::generate("host").unwrap().csr_pem)
+        .clone()
+}

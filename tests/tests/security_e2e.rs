@@ -1,0 +1,415 @@
+//! The security matrix on a real pool: the Docker API is reachable only with
+//! the current lease's certificate, the coordinator only with the right
+//! token, and dockerd listens on no TCP port. Every refusal is checked next
+//! to a success of the same client with the right credential, so a refusal
+//! for some unrelated reason cannot pass for the real thing.
+//!
+//! Clients: the stock docker CLI, `curl` and `openssl s_client` against the
+//! front; the `berth` CLI against the coordinator; a `berth-agent` with the
+//! wrong join token.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, SystemTime};
+
+use berth_proto::v1 as pb;
+use berth_tests::*;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+/// `docker version` with this certificate directory against `docker_host`;
+/// Ok(server version) or Err(what docker said).
+fn docker_version(docker_host: &str, cert_dir: &Path) -> Result<String, String> {
+    let o = run(docker_cli(docker_host)
+        .env("DOCKER_TLS_VERIFY", "1")
+        .env("DOCKER_CERT_PATH", cert_dir)
+        .args(["version", "--format", "{{.Server.Version}}"]));
+    if o.status.success() {
+        Ok(stdout(&o).trim().to_owned())
+    } else {
+        Err(stderr(&o))
+    }
+}
+
+/// A certificate directory with the pool CA and the given client pair.
+fn cert_dir(root: &Path, name: &str, ca_pem: &str, cert_pem: &str, key_pem: &str) -> PathBuf {
+    let d = root.join(name);
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::write(d.join("ca.pem"), ca_pem).unwrap();
+    std::fs::write(d.join("cert.pem"), cert_pem).unwrap();
+    std::fs::write(d.join("key.pem"), key_pem).unwrap();
+    d
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for f in ["ca.pem", "cert.pem", "key.pem"] {
+        std::fs::copy(from.join(f), to.join(f)).unwrap();
+    }
+}
+
+/// `curl` presenting the certificate in `dir`: the docker CLI (Go) does not
+/// even send a certificate whose issuer the server did not name, so this is
+/// what makes the front itself judge a forged certificate.
+fn curl_with(dir: &Path, url: &str) -> (bool, String) {
+    let p = |f: &str| dir.join(f).to_string_lossy().into_owned();
+    curl(&[
+        "--cacert",
+        &p("ca.pem"),
+        "--cert",
+        &p("cert.pem"),
+        "--key",
+        &p("key.pem"),
+        url,
+    ])
+}
+
+fn assert_refused(what: &str, r: Result<String, String>) {
+    match r {
+        Ok(v) => panic!("{what}: the Docker API answered (server {v})"),
+        Err(e) => eprintln!("{what}: refused as expected: {}", e.trim()),
+    }
+}
+
+#[test]
+fn only_the_current_lease_certificate_opens_a_host() {
+    if !preflight() {
+        return;
+    }
+    let pool = Pool::start("bte6-", 2, &["--recycle"]);
+    let scratch = pool.state_dir.join("scratch");
+    std::fs::create_dir_all(&scratch).unwrap();
+    let ca_pem = std::fs::read_to_string(pool.ca_pem_path()).unwrap();
+
+    let (a, b) = std::thread::scope(|s| {
+        let a = s.spawn(|| pool.acquire("sec-a", "30m", "1m"));
+        let b = s.spawn(|| pool.acquire("sec-b", "30m", "1m"));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    let (host_a, host_b) = (a.docker_host(), b.docker_host());
+    assert_ne!(host_a, host_b);
+    let front_a = format!("{}:2376", a.host_addr());
+
+    // The lease's own certificate works, with the stock CLI and with curl.
+    let version = docker_version(host_a, a.cert_dir()).expect("the lease's own certificate");
+    assert!(!version.is_empty());
+    let (cacert, cert, key) = (
+        a.cert_dir().join("ca.pem"),
+        a.cert_dir().join("cert.pem"),
+        a.cert_dir().join("key.pem"),
+    );
+    let url = format!("https://{front_a}/_ping");
+    let (good, out) = curl(&[
+        "--cacert",
+        cacert.to_str().unwrap(),
+        "--cert",
+        cert.to_str().unwrap(),
+        "--key",
+        key.to_str().unwrap(),
+        &url,
+    ]);
+    assert!(
+        good && out.trim() == "OK",
+        "curl with the lease cert: {out}"
+    );
+
+    // No client certificate.
+    let (good, out) = curl(&["--cacert", cacert.to_str().unwrap(), &url]);
+    assert!(!good && !out.contains("OK"), "curl without a cert: {out}");
+    let s_client = Command::new("openssl")
+        .args(["s_client", "-connect", &front_a, "-CAfile"])
+        .arg(&cacert)
+        .args(["-quiet", "-verify_return_error"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut s_client = s_client;
+    {
+        use std::io::Write;
+        let mut stdin = s_client.stdin.take().unwrap();
+        let _ = stdin.write_all(b"GET /_ping HTTP/1.0\r\nHost: berth\r\n\r\n");
+        // Let the request go out before EOF closes the connection.
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    let o = s_client.wait_with_output().unwrap();
+    let all = format!("{}{}", stdout(&o), stderr(&o));
+    assert!(
+        !stdout(&o).contains("OK") && !stdout(&o).contains("HTTP/1"),
+        "openssl s_client without a cert got an answer: {all}"
+    );
+    eprintln!(
+        "openssl s_client without a client certificate: {}",
+        all.trim()
+    );
+
+    // Plaintext: curl over http and the docker CLI without TLS.
+    let (good, out) = curl(&[&format!("http://{front_a}/_ping")]);
+    assert!(!good && !out.contains("OK"), "plaintext curl: {out}");
+    let o = run(docker_cli(host_a).args(["version", "--format", "{{.Server.Version}}"]));
+    assert!(
+        !o.status.success(),
+        "docker without TLS answered: {}",
+        stdout(&o)
+    );
+
+    // The certificate of a concurrent lease on another host.
+    assert_refused(
+        "b's certificate at a's host",
+        docker_version(host_a, b.cert_dir()),
+    );
+    assert_refused(
+        "a's certificate at b's host",
+        docker_version(host_b, a.cert_dir()),
+    );
+    docker_version(host_b, b.cert_dir()).expect("b's own certificate");
+
+    // A self-signed certificate with the right lease id.
+    let (cert_pem, key_pem) = berth_tls::ca::self_signed_lease(a.lease_id()).unwrap();
+    let forged = cert_dir(&scratch, "self-signed", &ca_pem, &cert_pem, &key_pem);
+    assert_refused("self-signed cert naming a", docker_version(host_a, &forged));
+    let (good, out) = curl_with(&forged, &url);
+    assert!(
+        !good && !out.contains("OK"),
+        "curl, self-signed cert: {out}"
+    );
+
+    // A certificate of another CA with the right lease id.
+    let (other_ca, _) = berth_tls::Ca::generate("another CA").unwrap();
+    let k = berth_tls::KeyAndCsr::generate("x").unwrap();
+    let now = SystemTime::now();
+    let hour = Duration::from_secs(3600);
+    let cert_pem = other_ca
+        .sign_lease(&k.csr_pem, a.lease_id(), now, now + hour)
+        .unwrap();
+    let foreign = cert_dir(&scratch, "other-ca", &ca_pem, &cert_pem, &k.key_pem);
+    assert_refused(
+        "another CA's cert naming a",
+        docker_version(host_a, &foreign),
+    );
+
+    // A pool certificate for the right lease, but past its validity.
+    let pool_ca = pool.ca();
+    let cert_pem = pool_ca
+        .sign_lease_between(&k.csr_pem, a.lease_id(), now - 2 * hour, now - hour)
+        .unwrap();
+    let expired = cert_dir(&scratch, "expired", &ca_pem, &cert_pem, &k.key_pem);
+    assert_refused("expired cert for a", docker_version(host_a, &expired));
+    let (good, out) = curl_with(&expired, &url);
+    assert!(!good && !out.contains("OK"), "curl, expired cert: {out}");
+    // ... while the same key with a current certificate gets in: the
+    // refusal above was the validity, nothing else.
+    let cert_pem = pool_ca
+        .sign_lease(&k.csr_pem, a.lease_id(), now, now + hour)
+        .unwrap();
+    let current = cert_dir(&scratch, "current", &ca_pem, &cert_pem, &k.key_pem);
+    docker_version(host_a, &current).expect("a current pool certificate for a");
+    let (good, out) = curl_with(&current, &url);
+    assert!(good && out.trim() == "OK", "curl, current cert: {out}");
+
+    // Renew re-issues the certificate for the same key; the host takes it.
+    let before = std::fs::read_to_string(a.cert_dir().join("cert.pem")).unwrap();
+    ok(
+        run(pool
+            .berth_cmd()
+            .args(["renew", "--lease", a.lease_id(), "--ttl", "40m"])
+            .env("DOCKER_CERT_PATH", a.cert_dir())),
+        "berth renew",
+    );
+    let after = std::fs::read_to_string(a.cert_dir().join("cert.pem")).unwrap();
+    assert_ne!(before, after, "renew did not re-issue the certificate");
+    docker_version(host_a, a.cert_dir()).expect("the renewed certificate");
+
+    // The certificate of a released lease, at the same host serving the
+    // next lease (recycle mode brings it back).
+    let released_copy = scratch.join("released-a");
+    copy_dir(a.cert_dir(), &released_copy);
+    let host_a_id = a.get("BERTH_HOST_ID").to_owned();
+    ok(
+        pool.berth(&["release", "--lease", a.lease_id()]),
+        "release a",
+    );
+    assert!(!a.cert_dir().exists(), "release left the cert dir");
+    // Waits (up to 2 minutes) for a's host to be wiped and Ready again.
+    let c = pool.acquire("sec-c", "30m", "2m");
+    assert_eq!(
+        c.get("BERTH_HOST_ID"),
+        host_a_id,
+        "c should get the recycled host"
+    );
+    assert_eq!(c.docker_host(), host_a);
+    docker_version(host_a, c.cert_dir()).expect("c's own certificate");
+    assert_refused(
+        "the released lease's certificate at its old host",
+        docker_version(host_a, &released_copy),
+    );
+
+    ok(
+        pool.berth(&["release", "--lease", c.lease_id()]),
+        "release c",
+    );
+    ok(
+        pool.berth(&["release", "--lease", b.lease_id()]),
+        "release b",
+    );
+}
+
+#[test]
+fn dockerd_listens_on_no_tcp_port_in_any_host() {
+    if !preflight() {
+        return;
+    }
+    let pool = Pool::start("bte7-", 2, &[]);
+    let lease = pool.acquire("ss-1", "30m", "1m");
+    let namespaces = netns_with_prefix(&pool.prefix);
+    assert_eq!(namespaces.len(), 2, "{namespaces:?}");
+    let leased_ns = lease.get("BERTH_HOST_ID");
+    for ns in &namespaces {
+        let listeners = tcp_listeners_in_netns(ns);
+        eprintln!("{ns}: {listeners:#?}");
+        assert!(
+            !listeners.iter().any(|l| l.contains("dockerd")),
+            "dockerd listens on TCP in {ns}: {listeners:?}"
+        );
+        // ss does see listeners here: the leased host's front is one.
+        let front = listeners
+            .iter()
+            .any(|l| l.contains(":2376") && l.contains("berth-agent"));
+        assert_eq!(front, ns == leased_ns, "{ns}: {listeners:?}");
+    }
+    ok(
+        pool.berth(&["release", "--lease", lease.lease_id()]),
+        "release",
+    );
+}
+
+#[test]
+fn the_coordinator_needs_the_right_token_and_keeps_tenants_apart() {
+    if !preflight() {
+        return;
+    }
+    let other_token = berth_tls::token::generate();
+    let pool = Pool::start_with("bte8-", 1, &[], |state| {
+        // A second tenant, added the way an operator would.
+        std::fs::write(
+            state.join("tenants"),
+            berth_tls::Tenants::line("team-b", &other_token, false),
+        )
+        .unwrap();
+    });
+    let mine = pool.acquire("t-1", "30m", "1m");
+
+    // No token and a wrong token: UNAUTHENTICATED (exit code 7).
+    let no_token = run(pool
+        .berth_cmd()
+        .env("BERTH_TOKEN_FILE", pool.state_dir.join("no-such-token"))
+        .args(["get", "--lease", mine.lease_id()]));
+    assert_eq!(no_token.status.code(), Some(7), "{}", stderr(&no_token));
+    let wrong = pool.state_dir.join("wrong-token");
+    std::fs::write(&wrong, berth_tls::token::generate()).unwrap();
+    let o = run(pool.berth_cmd().env("BERTH_TOKEN_FILE", &wrong).args([
+        "get",
+        "--lease",
+        mine.lease_id(),
+    ]));
+    assert_eq!(o.status.code(), Some(7), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("invalid tenant token"),
+        "{}",
+        stderr(&o)
+    );
+
+    // The other tenant: its own calls work, this lease is not found, and
+    // the admin API is closed to it.
+    let theirs = pool.state_dir.join("team-b-token");
+    std::fs::write(&theirs, &other_token).unwrap();
+    let as_b = |args: &[&str]| run(pool.berth_cmd().env("BERTH_TOKEN_FILE", &theirs).args(args));
+    for cmd in ["get", "renew", "release"] {
+        let o = as_b(&[cmd, "--lease", mine.lease_id()]);
+        assert_eq!(o.status.code(), Some(4), "{cmd}: {}", stderr(&o));
+        assert!(stderr(&o).contains("not found"), "{cmd}: {}", stderr(&o));
+    }
+    let o = as_b(&["hosts"]);
+    assert_eq!(o.status.code(), Some(7), "{}", stderr(&o));
+    // Its own acquire is authenticated (and finds no free host).
+    let o = as_b(&["acquire", "--build", "t-1", "--wait", "1s"]);
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    // The lease is untouched.
+    assert_eq!(
+        pool.lease(mine.lease_id()).state,
+        pb::LeaseState::Active as i32
+    );
+    ok(
+        pool.berth(&["release", "--lease", mine.lease_id()]),
+        "release by its tenant",
+    );
+}
+
+/// Stops the rogue agent when dropped.
+struct Rogue(std::process::Child);
+
+impl Drop for Rogue {
+    fn drop(&mut self) {
+        if let Ok(pid) = i32::try_from(self.0.id()) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn an_agent_with_the_wrong_join_token_is_never_offered() {
+    if !preflight() {
+        return;
+    }
+    let pool = Pool::start("bte9-", 1, &[]);
+    let first = pool.acquire("j-1", "30m", "1m");
+    let wrong = pool.state_dir.join("wrong-join-token");
+    std::fs::write(&wrong, berth_tls::token::generate()).unwrap();
+    let log = pool.state_dir.join("rogue.log");
+    let rogue = Command::new(bin("berth-agent"))
+        .arg("--coordinator")
+        .arg(format!("https://{}", pool.addr))
+        .arg("--ca")
+        .arg(pool.state_dir.join("coordinator").join("ca.pem"))
+        .arg("--join-token-file")
+        .arg(&wrong)
+        .arg("--state-dir")
+        .arg(pool.state_dir.join("hosts"))
+        .arg("--run-dir")
+        .arg(&pool.run_dir)
+        .arg("--prefix")
+        .arg(&pool.prefix)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let rogue = Rogue(rogue);
+    // The rogue boots its host and tries to register, again and again.
+    wait_for("the rogue's refusals", Duration::from_secs(60), || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        (text.matches("invalid pool join token").count() >= 2).then_some(())
+    });
+    let hosts = pool.hosts();
+    assert_eq!(hosts.len(), 1, "the rogue joined the pool: {hosts:?}");
+    // No build gets it: with the one real host leased, acquire finds nothing.
+    let o = pool.berth(&["acquire", "--build", "j-2", "--wait", "3s"]);
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    drop(rogue);
+    ok(
+        pool.berth(&["release", "--lease", first.lease_id()]),
+        "release",
+    );
+}

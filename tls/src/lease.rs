@@ -1,0 +1,285 @@
+//! TLS of an agent's Docker front. The server side presents the agent's
+//! certificate (signed by the pool CA, SAN = host address) and admits a
+//! client only if its certificate chains to the pool CA, is within its
+//! validity, is meant for client authentication, **and** names the lease the
+//! front was opened for. The lease check runs inside the handshake, so a
+//! wrong certificate never gets as far as the proxy.
+
+use std::sync::Arc;
+
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, RootCertStore,
+    ServerConfig, SignatureScheme,
+};
+
+use crate::TlsError;
+
+/// The DNS name a lease's client certificate carries as its SAN. `.invalid`
+/// is reserved: the name can never resolve or collide with a real host.
+pub fn lease_dns_name(lease_id: &str) -> String {
+    format!("{lease_id}.lease.berth.invalid")
+}
+
+/// An agent's TLS identity as the coordinator issued it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ServerIdentity {
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub ca_pem: String,
+}
+
+impl std::fmt::Debug for ServerIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerIdentity").finish_non_exhaustive()
+    }
+}
+
+fn certs(what: &'static str, pem: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .map_err(|e| TlsError::cert(what, e))?;
+    if certs.is_empty() {
+        return Err(TlsError::cert(what, "no certificate in the PEM"));
+    }
+    Ok(certs)
+}
+
+fn key(pem: &str) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(|e| TlsError::cert("private key", e))
+}
+
+/// A root store holding the pool CA.
+pub fn roots(ca_pem: &str) -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for c in certs("CA certificate", ca_pem)? {
+        roots
+            .add(c)
+            .map_err(|e| TlsError::cert("CA certificate", e))?;
+    }
+    Ok(roots)
+}
+
+/// Checks the chain with webpki, then that the certificate names the lease.
+#[derive(Debug)]
+struct LeaseVerifier {
+    chain: Arc<dyn ClientCertVerifier>,
+    lease_name: ServerName<'static>,
+}
+
+impl ClientCertVerifier for LeaseVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.chain.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.chain
+            .verify_client_cert(end_entity, intermediates, now)?;
+        let cert = webpki::EndEntityCert::try_from(end_entity)
+            .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
+        cert.verify_is_valid_for_subject_name(&self.lease_name)
+            .map_err(|_| {
+                // A valid pool certificate of another (or an ended) lease.
+                rustls::Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure)
+            })?;
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.chain.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.chain.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.chain.supported_verify_schemes()
+    }
+}
+
+/// The front's TLS configuration for one lease.
+pub fn lease_server_config(
+    identity: &ServerIdentity,
+    lease_id: &str,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let provider = crate::provider();
+    let chain = WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots(&identity.ca_pem)?),
+        provider.clone(),
+    )
+    .build()
+    .map_err(|e| TlsError::cert("client verifier", e))?;
+    let lease_name = ServerName::try_from(lease_dns_name(lease_id))
+        .map_err(|e| TlsError::cert("lease id", e))?;
+    let verifier = Arc::new(LeaseVerifier { chain, lease_name });
+    let config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::cert("protocol versions", e))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(
+            certs("server certificate", &identity.cert_pem)?,
+            key(&identity.key_pem)?,
+        )
+        .map_err(|e| TlsError::cert("server certificate", e))?;
+    Ok(Arc::new(config))
+}
+
+/// A client configuration that trusts the pool CA and presents a lease's
+/// certificate (tests and the benchmark; the docker CLI does the same).
+pub fn lease_client_config(
+    ca_pem: &str,
+    cert_pem: &str,
+    key_pem: &str,
+) -> Result<Arc<ClientConfig>, TlsError> {
+    let config = ClientConfig::builder_with_provider(crate::provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::cert("protocol versions", e))?
+        .with_root_certificates(roots(ca_pem)?)
+        .with_client_auth_cert(certs("client certificate", cert_pem)?, key(key_pem)?)
+        .map_err(|e| TlsError::cert("client certificate", e))?;
+    Ok(Arc::new(config))
+}
+
+/// Runs one TLS handshake in memory between `server` and `client`, the
+/// client expecting `server_name`; Ok once both sides complete. For tests
+/// and diagnostics: what the front would admit, without a socket.
+pub fn handshake_in_memory(
+    server: Arc<ServerConfig>,
+    client: Arc<ClientConfig>,
+    server_name: &str,
+) -> Result<(), String> {
+    let name = ServerName::try_from(server_name.to_owned()).map_err(|e| e.to_string())?;
+    let mut c = rustls::ClientConnection::new(client, name).map_err(|e| e.to_string())?;
+    let mut s = rustls::ServerConnection::new(server).map_err(|e| e.to_string())?;
+    for _ in 0..10 {
+        let mut buf = Vec::new();
+        c.write_tls(&mut buf).map_err(|e| e.to_string())?;
+        s.read_tls(&mut buf.as_slice()).map_err(|e| e.to_string())?;
+        s.process_new_packets()
+            .map_err(|e| format!("server: {e}"))?;
+        let mut buf = Vec::new();
+        s.write_tls(&mut buf).map_err(|e| e.to_string())?;
+        c.read_tls(&mut buf.as_slice()).map_err(|e| e.to_string())?;
+        c.process_new_packets()
+            .map_err(|e| format!("client: {e}"))?;
+        if !c.is_handshaking() && !s.is_handshaking() {
+            return Ok(());
+        }
+    }
+    Err("handshake did not finish".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn handshake(server: Arc<ServerConfig>, client: Arc<ClientConfig>) -> Result<(), String> {
+        handshake_in_memory(server, client, "198.18.0.2")
+    }
+    use crate::{Ca, KeyAndCsr};
+    use std::time::{Duration, SystemTime};
+
+    struct Rig {
+        ca: Ca,
+        server: ServerIdentity,
+    }
+
+    fn rig() -> Rig {
+        let (ca, _) = Ca::generate("test CA").unwrap();
+        let host = KeyAndCsr::generate("host").unwrap();
+        let now = SystemTime::now();
+        let cert_pem = ca
+            .sign_host(&host.csr_pem, "h", "198.18.0.2".parse().unwrap(), now)
+            .unwrap();
+        let server = ServerIdentity {
+            cert_pem,
+            key_pem: host.key_pem,
+            ca_pem: ca.cert_pem().to_owned(),
+        };
+        Rig { ca, server }
+    }
+
+    fn client_for(
+        ca: &Ca,
+        lease: &str,
+        before: SystemTime,
+        after: SystemTime,
+    ) -> Arc<ClientConfig> {
+        let k = KeyAndCsr::generate("ci").unwrap();
+        let cert = ca
+            .sign_lease_between(&k.csr_pem, lease, before, after)
+            .unwrap();
+        lease_client_config(ca.cert_pem(), &cert, &k.key_pem).unwrap()
+    }
+
+    #[test]
+    fn only_the_current_lease_certificate_gets_in() {
+        let r = rig();
+        let now = SystemTime::now();
+        let hour = Duration::from_secs(3600);
+        let server = lease_server_config(&r.server, "lease-a").unwrap();
+
+        let good = client_for(&r.ca, "lease-a", now - hour, now + hour);
+        handshake(server.clone(), good).unwrap();
+
+        let other = client_for(&r.ca, "lease-b", now - hour, now + hour);
+        let e = handshake(server.clone(), other).unwrap_err();
+        assert!(e.contains("server"), "{e}");
+
+        let expired = client_for(&r.ca, "lease-a", now - 2 * hour, now - hour);
+        assert!(handshake(server.clone(), expired).is_err());
+
+        let (cert, key) = crate::ca::self_signed_lease("lease-a").unwrap();
+        let forged = lease_client_config(r.ca.cert_pem(), &cert, &key).unwrap();
+        assert!(handshake(server.clone(), forged).is_err());
+
+        // Another CA's certificate for the right lease.
+        let (other_ca, _) = Ca::generate("other").unwrap();
+        let foreign = client_for(&other_ca, "lease-a", now - hour, now + hour);
+        assert!(handshake(server.clone(), foreign).is_err());
+
+        // The agent's own server certificate is not a client certificate.
+        let as_client =
+            lease_client_config(r.ca.cert_pem(), &r.server.cert_pem, &r.server.key_pem).unwrap();
+        assert!(handshake(server.clone(), as_client).is_err());
+
+        // No client certificate at all.
+        let anonymous = ClientConfig::builder_with_provider(crate::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots(r.ca.cert_pem()).unwrap())
+            .with_no_client_auth();
+        assert!(handshake(server, Arc::new(anonymous)).is_err());
+    }
+
+    #[test]
+    fn a_reissued_certificate_for_the_same_lease_gets_in() {
+        let r = rig();
+        let now = SystemTime::now();
+        let server = lease_server_config(&r.server, "lease-a").unwrap();
+        for _ in 0..2 {
+            let c = client_for(&r.ca, "lease-a", now, now + Duration::from_secs(60));
+            handshake(server.clone(), c).unwrap();
+        }
+    }
+}
