@@ -5,6 +5,9 @@
 //! id, deadlines), and tells agents when a lease starts and ends. The agents
 //! are the truth about their hosts; the coordinator never touches Docker.
 //!
+//! With `--provider ec2` it also verifies every registering agent with EC2
+//! and sweeps orphaned pool instances ([`ec2`]).
+//!
 //! The crate also holds the `berth` CLI (`cli`), including `berth up`, which
 //! runs a whole local pool.
 
@@ -12,6 +15,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod ec2;
 pub mod error;
 pub mod lease;
 pub mod pool;
@@ -40,6 +44,8 @@ pub const TICK: Duration = Duration::from_millis(100);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
+    #[error("invalid configuration: {0}")]
+    Config(#[from] config::ConfigError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -99,10 +105,31 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
+    config.validate()?;
     let pool = Arc::new(Pool::new(config.pool()));
+    let metrics = Arc::new(ec2::Ec2Metrics::default());
+    let verifier: Arc<dyn ec2::Verifier> = match config.provider {
+        config::Provider::Local => Arc::new(ec2::AllowAll),
+        config::Provider::Ec2 => {
+            // Boxed: the SDK's config loading is a deep future.
+            let api = Arc::new(Box::pin(berth_ec2::Ec2::from_env()).await);
+            if let Some(cfg) = config.sweep() {
+                let sweeper = ec2::Sweeper::new(api.clone(), pool.clone(), cfg, metrics.clone());
+                tokio::spawn(sweeper.run(shutdown.clone()));
+            }
+            info!(pool = %config.pool_name, "EC2 pool: agents are verified with DescribeInstances");
+            Arc::new(ec2::Ec2Verifier::new(
+                api,
+                config.pool_name.clone(),
+                metrics.clone(),
+            ))
+        }
+    };
     let services = Services {
         pool: pool.clone(),
         shutdown: shutdown.clone(),
+        verifier,
+        ec2_metrics: metrics,
     };
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();

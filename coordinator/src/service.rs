@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument, info_span, warn};
 
+use crate::ec2::{Ec2Metrics, Verifier};
 use crate::error::Error;
 use crate::lease::LeaseState;
 use crate::pool::{Pool, Registration};
@@ -32,6 +33,10 @@ pub const AGENT_CHANNEL_DEPTH: usize = 64;
 pub struct Services {
     pub pool: Arc<Pool>,
     pub shutdown: CancellationToken,
+    /// Admits or refuses each registering agent (EC2: DescribeInstances).
+    pub verifier: Arc<dyn Verifier>,
+    /// Counters of the EC2 verification and the orphan sweeper.
+    pub ec2_metrics: Arc<Ec2Metrics>,
 }
 
 #[tonic::async_trait]
@@ -146,9 +151,11 @@ impl AgentService for Services {
                 ));
             }
         };
+        // Before the pool hears of it: a refused agent is never offered.
+        self.verifier.verify(&reg, peer).await?;
         let host_id = reg.host_id.clone();
         let (tx, rx) = mpsc::channel(AGENT_CHANNEL_DEPTH);
-        let conn_id = self.pool.register(reg, tx, Instant::now());
+        let conn_id = self.pool.try_register(reg, tx, Instant::now())?;
         let pool = self.pool.clone();
         let shutdown = self.shutdown.clone();
         let span = info_span!("agent", host_id = %host_id, conn_id, peer = ?peer);
