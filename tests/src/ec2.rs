@@ -188,18 +188,22 @@ impl FakeImds {
     pub fn start(ip: IpAddr, state: ImdsState) -> Self {
         let listener = TcpListener::bind((ip, 0)).expect("bind the fake IMDS");
         let addr = listener.local_addr().unwrap();
+        // Polled, so that stopping never depends on reaching the address
+        // (the namespace's veth may already be gone).
+        listener.set_nonblocking(true).unwrap();
         let state = Arc::new(Mutex::new(state));
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
             let (state, stop) = (state.clone(), stop.clone());
             std::thread::spawn(move || {
-                for conn in listener.incoming() {
-                    if stop.load(Ordering::SeqCst) {
-                        return;
-                    }
-                    if let Ok(conn) = conn {
-                        let state = state.clone();
-                        std::thread::spawn(move || serve_imds(conn, &state));
+                while !stop.load(Ordering::SeqCst) {
+                    match listener.accept() {
+                        Ok((conn, _)) => {
+                            let _ = conn.set_nonblocking(false);
+                            let state = state.clone();
+                            std::thread::spawn(move || serve_imds(conn, &state));
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(20)),
                     }
                 }
             })
@@ -233,13 +237,19 @@ impl FakeImds {
     }
 }
 
-impl Drop for FakeImds {
-    fn drop(&mut self) {
+impl FakeImds {
+    /// Stops serving and waits for the accept loop to end.
+    pub fn stop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
-        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+impl Drop for FakeImds {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 
@@ -354,7 +364,10 @@ impl Ec2World {
         let (state_dir, run_dir) = dirs(&prefix);
         let _ = std::fs::remove_dir_all(&state_dir);
         std::fs::create_dir_all(&state_dir).unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread()
+        // A worker thread keeps gRPC connections serviced between calls, so
+        // dropped channels close and the coordinator can stop promptly.
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
             .enable_all()
             .build()
             .unwrap();
@@ -755,6 +768,7 @@ impl Drop for Ec2World {
             }
         }
         self.moto.stop();
+        self.imds.stop();
         sweep(&self.prefix);
     }
 }

@@ -313,7 +313,7 @@ fn terminate_falls_back_to_power_off_when_ec2_is_unreachable() {
     w.wait_registered(&c, &host, REGISTER_TIMEOUT);
     let lease = w.acquire(&c, "ci-fallback");
     ok(
-        run(lease.docker().args(["volume", "create", "v"])),
+        run(lease.docker().args(["volume", "create", "vol1"])),
         "docker volume create",
     );
     // EC2 goes away; the lease ends; TerminateInstances keeps failing.
