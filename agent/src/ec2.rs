@@ -235,7 +235,11 @@ mod tests {
         std::env::temp_dir().join(format!("berth-ec2-provider-{name}-{}", std::process::id()))
     }
 
-    fn provider(fail: bool, poweroff: &str, base: &std::path::Path) -> Ec2Provider<FakeMetadata, FakeEc2> {
+    fn provider(
+        fail: bool,
+        poweroff: &str,
+        base: &std::path::Path,
+    ) -> Ec2Provider<FakeMetadata, FakeEc2> {
         Ec2Provider::new(
             FakeMetadata(TargetLifecycle::Warmed("Pending".into())),
             FakeEc2 {
@@ -253,13 +257,19 @@ mod tests {
     async fn identity_is_the_instance() {
         let base = dir("identity");
         let p = provider(false, "true", &base);
-        assert!(matches!(p.terminate().await, Err(ProviderError::NoIdentity)));
+        assert!(matches!(
+            p.terminate().await,
+            Err(ProviderError::NoIdentity)
+        ));
         let id = p.identity().await.unwrap();
         assert_eq!(id.host_id, "i-0123456789abcdef0");
         assert_eq!(id.local_id, "bte-i-0123456789abcdef0");
         assert_eq!(id.host_addr, "10.1.2.3".parse::<IpAddr>().unwrap());
         assert_eq!(id.netns, None);
-        assert_eq!((id.instance_type.as_str(), id.zone.as_str()), ("m7i.large", "eu-west-1a"));
+        assert_eq!(
+            (id.instance_type.as_str(), id.zone.as_str()),
+            ("m7i.large", "eu-west-1a")
+        );
         assert_eq!(
             p.lifecycle().await.unwrap(),
             Some(TargetLifecycle::Warmed("Pending".into()))
@@ -295,7 +305,10 @@ mod tests {
         let p = provider(true, "false", &base);
         p.identity().await.unwrap();
         let e = p.terminate().await.unwrap_err().to_string();
-        assert!(e.contains("connection refused") && e.contains("\"false\" failed"), "{e}");
+        assert!(
+            e.contains("connection refused") && e.contains("\"false\" failed"),
+            "{e}"
+        );
         let _ = std::fs::remove_dir_all(&base);
     }
 

@@ -178,7 +178,12 @@ impl Local {
 /// Everything a host named `local_id` owns on this machine: its
 /// directories, what runs or is mounted below them, its cgroup, and its
 /// namespace and veth if it has a block.
-pub fn host_scope(state_dir: &Path, run_dir: &Path, local_id: &str, block: Option<&Block>) -> Scope {
+pub fn host_scope(
+    state_dir: &Path,
+    run_dir: &Path,
+    local_id: &str,
+    block: Option<&Block>,
+) -> Scope {
     let paths = HostPaths::new(state_dir, run_dir, local_id);
     // Trailing slash: `berth-1a2b/` must not match `berth-1a2bc`.
     let mut path_prefixes = cleanup::path_prefixes(&paths.host_dir, "");

@@ -281,7 +281,13 @@ pub fn next(host: Host, event: Event) -> (Host, Vec<Action>) {
         // in with instance reuse) stops being offered; Leased and later
         // states carry on, the instance ends with its lease anyway.
         (S::Booting, Event::Warmed { .. }) => (Host { warm: true, ..host }, vec![]),
-        (S::Booting, Event::InService) => (Host { warm: false, ..host }, vec![]),
+        (S::Booting, Event::InService) => (
+            Host {
+                warm: false,
+                ..host
+            },
+            vec![],
+        ),
         (S::Ready, Event::Warmed { target }) => {
             let host = Host {
                 state: S::Warming,
@@ -642,7 +648,11 @@ mod tests {
         };
         let stopped = |lease: &str| {
             vec![
-                sc(P::Terminating, lease, "agent shutting down; the machine stays"),
+                sc(
+                    P::Terminating,
+                    lease,
+                    "agent shutting down; the machine stays",
+                ),
                 Action::Stop {
                     reason: "agent shutting down; the machine stays".into(),
                 },

@@ -219,7 +219,8 @@ pub enum SweepAction {
 
 /// Why an instance is an orphan, if it is one.
 pub fn orphan_reason(seen: &Seen, cfg: &SweepConfig) -> Option<String> {
-    let fmt = |d: &Duration| humantime::format_duration(Duration::from_secs(d.as_secs())).to_string();
+    let fmt =
+        |d: &Duration| humantime::format_duration(Duration::from_secs(d.as_secs())).to_string();
     match seen {
         Seen::Leased | Seen::Connected => None,
         Seen::Gone(d) if *d >= cfg.gone_after => Some(format!(
@@ -414,7 +415,9 @@ impl<A: Ec2Api> Sweeper<A> {
         match p {
             Some(Presence::Leased) => Seen::Leased,
             Some(Presence::Connected) => Seen::Connected,
-            Some(Presence::Disconnected { since }) => Seen::Gone(now.saturating_duration_since(*since)),
+            Some(Presence::Disconnected { since }) => {
+                Seen::Gone(now.saturating_duration_since(*since))
+            }
             None => match self.last_seen.get(&i.instance_id) {
                 Some(at) => Seen::Gone(now.saturating_duration_since(*at)),
                 None => {
@@ -451,9 +454,21 @@ mod tests {
     fn orphans_are_tagged_then_terminated_and_leased_ones_never_touched() {
         let c = cfg();
         let rows = vec![
-            ("fresh".to_owned(), false, Seen::NeverRegistered(60 * SECOND)),
-            ("stale".to_owned(), false, Seen::NeverRegistered(601 * SECOND)),
-            ("stale-tagged".to_owned(), true, Seen::NeverRegistered(700 * SECOND)),
+            (
+                "fresh".to_owned(),
+                false,
+                Seen::NeverRegistered(60 * SECOND),
+            ),
+            (
+                "stale".to_owned(),
+                false,
+                Seen::NeverRegistered(601 * SECOND),
+            ),
+            (
+                "stale-tagged".to_owned(),
+                true,
+                Seen::NeverRegistered(700 * SECOND),
+            ),
             ("gone".to_owned(), false, Seen::Gone(300 * SECOND)),
             ("briefly-gone".to_owned(), true, Seen::Gone(10 * SECOND)),
             ("leased-tagged".to_owned(), true, Seen::Leased),
@@ -482,7 +497,10 @@ mod tests {
         let SweepAction::Tag { reason, .. } = &actions[0] else {
             panic!()
         };
-        assert_eq!(reason, "running for 10m 1s without its agent registering (limit 10m)");
+        assert_eq!(
+            reason,
+            "running for 10m 1s without its agent registering (limit 10m)"
+        );
     }
 
     #[test]
@@ -492,7 +510,11 @@ mod tests {
             .collect();
         let actions = plan(&rows, &cfg());
         assert_eq!(actions.len(), 2);
-        assert!(actions.iter().all(|a| matches!(a, SweepAction::Terminate { .. })));
+        assert!(
+            actions
+                .iter()
+                .all(|a| matches!(a, SweepAction::Terminate { .. }))
+        );
     }
 
     /// An in-memory EC2 that records calls.
@@ -608,24 +630,52 @@ mod tests {
         let v = Ec2Verifier::new(ec2.clone(), "ci".into(), metrics.clone());
         let peer = |ip: &str| Some(SocketAddr::new(ip.parse().unwrap(), 40000));
 
-        v.verify(&reg(A, "10.0.0.5"), peer("10.0.0.5")).await.unwrap();
+        v.verify(&reg(A, "10.0.0.5"), peer("10.0.0.5"))
+            .await
+            .unwrap();
         let refused = |r: Result<(), Error>| match r {
             Err(Error::Refused(why)) => why,
             other => panic!("expected a refusal, got {other:?}"),
         };
-        assert!(refused(v.verify(&reg(A, "10.0.0.5"), peer("127.0.0.1")).await).contains("connects from 127.0.0.1"));
-        assert!(refused(v.verify(&reg(B, "10.0.0.6"), peer("10.0.0.6")).await).contains("pool tag"));
+        assert!(
+            refused(v.verify(&reg(A, "10.0.0.5"), peer("127.0.0.1")).await)
+                .contains("connects from 127.0.0.1")
+        );
+        assert!(
+            refused(v.verify(&reg(B, "10.0.0.6"), peer("10.0.0.6")).await).contains("pool tag")
+        );
         assert!(refused(v.verify(&reg(C, "10.0.0.7"), peer("10.0.0.7")).await).contains("unknown"));
         // Junk ids never reach EC2.
-        assert!(refused(v.verify(&reg("local-1", "10.0.0.7"), peer("10.0.0.7")).await).contains("not an EC2 instance id"));
-        assert!(!ec2.calls.lock().unwrap().iter().any(|c| c.contains("local-1")));
-        assert_eq!(refused(v.verify(&reg(A, "10.0.0.5"), None).await), "the stream has no peer address");
+        assert!(
+            refused(
+                v.verify(&reg("local-1", "10.0.0.7"), peer("10.0.0.7"))
+                    .await
+            )
+            .contains("not an EC2 instance id")
+        );
+        assert!(
+            !ec2.calls
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|c| c.contains("local-1"))
+        );
+        assert_eq!(
+            refused(v.verify(&reg(A, "10.0.0.5"), None).await),
+            "the stream has no peer address"
+        );
         // EC2 down: no verdict, a retryable status.
         ec2.down.store(true, Ordering::SeqCst);
-        let e = v.verify(&reg(A, "10.0.0.5"), peer("10.0.0.5")).await.unwrap_err();
+        let e = v
+            .verify(&reg(A, "10.0.0.5"), peer("10.0.0.5"))
+            .await
+            .unwrap_err();
         assert_eq!(e.code(), tonic::Code::Unavailable);
         let m = metrics.snapshot();
-        assert_eq!((m.agents_verified, m.agents_refused, m.verify_errors), (1, 5, 1));
+        assert_eq!(
+            (m.agents_verified, m.agents_refused, m.verify_errors),
+            (1, 5, 1)
+        );
     }
 
     #[tokio::test]
@@ -635,7 +685,12 @@ mod tests {
         ec2.launch(A, "10.0.0.5", Some("ci"), 3600 * SECOND);
         ec2.launch(B, "10.0.0.6", Some("ci"), 3600 * SECOND);
         ec2.launch(C, "10.0.0.7", Some("ci"), 3600 * SECOND);
-        ec2.launch("i-000000000000000ff", "10.0.0.9", Some("other"), 3600 * SECOND);
+        ec2.launch(
+            "i-000000000000000ff",
+            "10.0.0.9",
+            Some("other"),
+            3600 * SECOND,
+        );
         let pool = Arc::new(Pool::new(PoolConfig::default()));
         let now = Instant::now();
         let (tx_a, _rx_a) = tokio::sync::mpsc::channel(16);
@@ -656,7 +711,11 @@ mod tests {
         assert_eq!(ec2.state(B), ("running".into(), true), "pass 1 tags B");
         assert_eq!(ec2.state(C), ("running".into(), false), "C is connected");
         sweeper.pass().await;
-        assert_eq!(ec2.state(B), ("terminated".into(), true), "pass 2 terminates B");
+        assert_eq!(
+            ec2.state(B),
+            ("terminated".into(), true),
+            "pass 2 terminates B"
+        );
 
         // C's agent goes away: tagged, then terminated; its late return is refused.
         pool.disconnect(C, conn_c, Instant::now());
@@ -671,7 +730,10 @@ mod tests {
         // A, leased all along, was never touched; nor was the other pool's instance.
         assert_eq!(ec2.state(A), ("running".into(), false));
         let calls = ec2.calls.lock().unwrap().clone();
-        assert!(!calls.iter().any(|c| c.contains(A) || c.contains("ff")), "{calls:?}");
+        assert!(
+            !calls.iter().any(|c| c.contains(A) || c.contains("ff")),
+            "{calls:?}"
+        );
         assert_eq!(pool.presences()[A], Presence::Leased);
         drop(lease);
         let m = metrics.snapshot();
@@ -695,13 +757,17 @@ mod tests {
         sweeper.pass().await;
         assert!(ec2.state(B).1);
         let (tx, _rx) = tokio::sync::mpsc::channel(16);
-        pool.try_register(reg(B, "10.0.0.6"), tx, Instant::now()).unwrap();
+        pool.try_register(reg(B, "10.0.0.6"), tx, Instant::now())
+            .unwrap();
         sweeper.pass().await;
         assert_eq!(ec2.state(B), ("running".into(), false));
         ec2.down.store(true, Ordering::SeqCst);
         sweeper.pass().await;
         let m = metrics.snapshot();
-        assert_eq!((m.orphans_untagged, m.sweep_errors, m.orphans_terminated), (1, 1, 0));
+        assert_eq!(
+            (m.orphans_untagged, m.sweep_errors, m.orphans_terminated),
+            (1, 1, 0)
+        );
     }
 
     #[tokio::test]

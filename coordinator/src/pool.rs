@@ -393,12 +393,7 @@ impl Pool {
     }
 
     /// [`Pool::register`], unless the orphan sweeper is ending this host.
-    pub fn try_register(
-        &self,
-        reg: Registration,
-        tx: AgentTx,
-        now: Instant,
-    ) -> Result<u64, Error> {
+    pub fn try_register(&self, reg: Registration, tx: AgentTx, now: Instant) -> Result<u64, Error> {
         let mut g = self.lock();
         if g.condemned.contains(&reg.host_id) {
             return Err(Error::Refused(format!(

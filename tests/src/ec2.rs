@@ -116,7 +116,11 @@ impl Moto {
             .region(aws_sdk_ec2::config::Region::new(REGION))
             .endpoint_url(self.url())
             .credentials_provider(aws_sdk_ec2::config::Credentials::new(
-                AWS_KEY, AWS_KEY, None, None, "berth-tests",
+                AWS_KEY,
+                AWS_KEY,
+                None,
+                None,
+                "berth-tests",
             ))
             .build();
         aws_sdk_ec2::Client::from_conf(config)
@@ -603,7 +607,11 @@ impl Ec2World {
         let child = cmd.spawn().expect("start berth-coordinator");
         self.children.push(("coordinator".into(), child));
         let addr: SocketAddr = wait_for("the coordinator address", Duration::from_secs(60), || {
-            std::fs::read_to_string(&addr_file).ok()?.trim().parse().ok()
+            std::fs::read_to_string(&addr_file)
+                .ok()?
+                .trim()
+                .parse()
+                .ok()
         });
         Coordinator {
             addr,
@@ -660,9 +668,7 @@ impl Ec2World {
             // Keep reading so the agent never blocks on a full pipe.
             for _ in lines {}
         });
-        let ready = rx
-            .recv_timeout(Duration::from_secs(90))
-            .unwrap_or_default();
+        let ready = rx.recv_timeout(Duration::from_secs(90)).unwrap_or_default();
         assert!(
             ready.starts_with("READY "),
             "the agent did not print READY (got {ready:?}); log:\n{}",
@@ -682,7 +688,10 @@ impl Ec2World {
 
     /// Sends SIGTERM to a child and waits for it; returns whether it exited 0.
     pub fn stop_child(&mut self, agent: &Agent, timeout: Duration) -> bool {
-        let _ = kill(Pid::from_raw(i32::try_from(agent.pid).unwrap()), Signal::SIGTERM);
+        let _ = kill(
+            Pid::from_raw(i32::try_from(agent.pid).unwrap()),
+            Signal::SIGTERM,
+        );
         self.wait_child(agent, timeout)
     }
 
@@ -743,7 +752,10 @@ impl Ec2World {
 
     pub fn acquire(&self, c: &Coordinator, build: &str) -> crate::LeaseEnv {
         let o = ok(
-            self.berth(c, &["acquire", "--build", build, "--ttl", "10m", "--wait", "1m"]),
+            self.berth(
+                c,
+                &["acquire", "--build", build, "--ttl", "10m", "--wait", "1m"],
+            ),
             "berth acquire",
         );
         crate::LeaseEnv::parse(&stdout(&o))

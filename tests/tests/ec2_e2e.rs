@@ -85,9 +85,11 @@ fn in_service_instance_serves_a_lease_and_ends_itself_while_the_sweeper_ends_an_
 
     // Meanwhile the sweeper: the instance that never registers is tagged on
     // one pass and terminated on a later one.
-    wait_for("the orphan to be terminated", Duration::from_secs(60), || {
-        (w.state_of(&orphan) == "terminated").then_some(())
-    });
+    wait_for(
+        "the orphan to be terminated",
+        Duration::from_secs(60),
+        || (w.state_of(&orphan) == "terminated").then_some(()),
+    );
     let (_, orphan_tags, _) = w.instance(&orphan);
     assert!(orphan_tags.contains_key(ORPHAN_TAG), "{orphan_tags:?}");
     let tagged = passes(&c, "orphan sweep: tagged", &orphan);
@@ -103,7 +105,10 @@ fn in_service_instance_serves_a_lease_and_ends_itself_while_the_sweeper_ends_an_
     // The leased instance, older than the limit too, was never touched; nor
     // was another pool's instance.
     let (state, tags, private) = w.instance(&host);
-    assert_eq!((state.as_str(), private.as_str()), ("running", addr.as_str()));
+    assert_eq!(
+        (state.as_str(), private.as_str()),
+        ("running", addr.as_str())
+    );
     assert!(!tags.contains_key(ORPHAN_TAG), "{tags:?}");
     assert!(passes(&c, "orphan sweep", &host).is_empty());
     assert_eq!(w.state_of(&outsider), "running");
@@ -130,9 +135,11 @@ fn in_service_instance_serves_a_lease_and_ends_itself_while_the_sweeper_ends_an_
         "berth get",
     ));
     assert!(released.contains("verified"), "{released}");
-    wait_for("the instance to be terminated", Duration::from_secs(30), || {
-        (w.state_of(&host) == "terminated").then_some(())
-    });
+    wait_for(
+        "the instance to be terminated",
+        Duration::from_secs(30),
+        || (w.state_of(&host) == "terminated").then_some(()),
+    );
     assert!(
         agent.log_text().contains("TerminateInstances accepted"),
         "{}",
@@ -175,9 +182,11 @@ fn warm_pool_instance_bootstraps_without_registering_survives_a_stop_and_registe
     });
     w.imds.set_lifecycle(Some("Warmed:Stopped"));
     let polled = w.imds.hits("lifecycle");
-    wait_for("lifecycle reads of Warmed:Stopped", Duration::from_secs(20), || {
-        (w.imds.hits("lifecycle") >= polled + 3).then_some(())
-    });
+    wait_for(
+        "lifecycle reads of Warmed:Stopped",
+        Duration::from_secs(20),
+        || (w.imds.hits("lifecycle") >= polled + 3).then_some(()),
+    );
     assert!(w.hosts(&c).is_empty(), "a warming instance registered");
     assert!(c.log_lines("agent verified").is_empty());
 
@@ -189,8 +198,15 @@ fn warm_pool_instance_bootstraps_without_registering_survives_a_stop_and_registe
         agent.log_text()
     );
     assert!(!socket.exists(), "dockerd's socket left after the stop");
-    assert_eq!(w.state_of(&host), "running", "the warm instance was terminated");
-    assert!(!w.poweroff_marker().exists(), "the warm instance was powered off");
+    assert_eq!(
+        w.state_of(&host),
+        "running",
+        "the warm instance was terminated"
+    );
+    assert!(
+        !w.poweroff_marker().exists(),
+        "the warm instance was powered off"
+    );
     assert!(w.hosts(&c).is_empty());
     assert!(!agent.log_text().contains("TerminateInstances"));
 
@@ -236,19 +252,38 @@ fn coordinator_refuses_unknown_untagged_stopped_and_misaddressed_instances() {
     // A fake agent speaking the real protocol from the test (the gateway
     // address, which no instance owns).
     let cases = [
-        ("i-0123456789abcdef0", "10.9.9.9".to_owned(), "is unknown to EC2"),
-        (untagged.as_str(), untagged_ip, "does not carry the pool tag"),
+        (
+            "i-0123456789abcdef0",
+            "10.9.9.9".to_owned(),
+            "is unknown to EC2",
+        ),
+        (
+            untagged.as_str(),
+            untagged_ip,
+            "does not carry the pool tag",
+        ),
         (other_pool.as_str(), other_ip, "does not carry the pool tag"),
         (stopped.as_str(), stopped_ip, "is stopped, not running"),
-        (elsewhere.as_str(), elsewhere_ip.clone(), "but the agent connects from"),
-        ("local-host-1", "10.9.9.9".to_owned(), "not an EC2 instance id"),
+        (
+            elsewhere.as_str(),
+            elsewhere_ip.clone(),
+            "but the agent connects from",
+        ),
+        (
+            "local-host-1",
+            "10.9.9.9".to_owned(),
+            "not an EC2 instance id",
+        ),
     ];
     for (id, addr, why) in &cases {
-        let status = w
-            .rt
-            .block_on(register(&c, id, addr))
-            .expect_err("the coordinator admitted an agent it should refuse");
-        assert_eq!(status.code(), tonic::Code::PermissionDenied, "{id}: {status:?}");
+        let status =
+            w.rt.block_on(register(&c, id, addr))
+                .expect_err("the coordinator admitted an agent it should refuse");
+        assert_eq!(
+            status.code(),
+            tonic::Code::PermissionDenied,
+            "{id}: {status:?}"
+        );
         assert!(status.message().contains(why), "{id}: {}", status.message());
         assert!(
             c.log_lines("agent refused")
@@ -263,10 +298,9 @@ fn coordinator_refuses_unknown_untagged_stopped_and_misaddressed_instances() {
     assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
     // With EC2 unreachable there is no verdict: UNAVAILABLE, to retry.
     w.moto.stop();
-    let status = w
-        .rt
-        .block_on(register(&c, &elsewhere, &elsewhere_ip))
-        .expect_err("admitted without EC2");
+    let status =
+        w.rt.block_on(register(&c, &elsewhere, &elsewhere_ip))
+            .expect_err("admitted without EC2");
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
 }
 
@@ -327,10 +361,17 @@ fn terminate_falls_back_to_power_off_when_ec2_is_unreachable() {
         "the agent failed; log:\n{}",
         agent.log_text()
     );
-    let marker = std::fs::read_to_string(w.poweroff_marker())
-        .unwrap_or_else(|_| panic!("the power-off fallback did not run; log:\n{}", agent.log_text()));
+    let marker = std::fs::read_to_string(w.poweroff_marker()).unwrap_or_else(|_| {
+        panic!(
+            "the power-off fallback did not run; log:\n{}",
+            agent.log_text()
+        )
+    });
     assert_eq!(marker.trim(), "now");
     let log = agent.log_text();
-    assert!(log.contains("TerminateInstances failed; powering off instead"), "{log}");
+    assert!(
+        log.contains("TerminateInstances failed; powering off instead"),
+        "{log}"
+    );
     assert!(log.contains("power-off requested"), "{log}");
 }

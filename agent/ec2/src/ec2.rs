@@ -104,8 +104,11 @@ pub trait Ec2Api: Send + Sync + 'static {
         value: &str,
     ) -> impl Future<Output = Result<(), Ec2Error>> + Send;
     /// Removes one tag.
-    fn untag(&self, instance_id: &str, key: &str)
-    -> impl Future<Output = Result<(), Ec2Error>> + Send;
+    fn untag(
+        &self,
+        instance_id: &str,
+        key: &str,
+    ) -> impl Future<Output = Result<(), Ec2Error>> + Send;
     /// TerminateInstances on one instance.
     fn terminate(&self, instance_id: &str) -> impl Future<Output = Result<(), Ec2Error>> + Send;
 }
@@ -146,10 +149,7 @@ where
     R: std::fmt::Debug + Send + Sync + 'static,
 {
     let retry = match &e {
-        SdkError::ServiceError(s) => s
-            .err()
-            .code()
-            .is_some_and(|c| RETRYABLE_CODES.contains(&c)),
+        SdkError::ServiceError(s) => s.err().code().is_some_and(|c| RETRYABLE_CODES.contains(&c)),
         // Timeouts, connection failures, unreadable responses.
         _ => true,
     };
@@ -175,13 +175,16 @@ fn info(i: &aws_sdk_ec2::types::Instance) -> Option<InstanceInfo> {
             .map(|n| n.as_str().to_owned())
             .unwrap_or_default(),
         private_ip: i.private_ip_address().and_then(|a| a.parse().ok()),
-        launch_time: i
-            .launch_time()
-            .and_then(|t| SystemTime::try_from(*t).ok()),
+        launch_time: i.launch_time().and_then(|t| SystemTime::try_from(*t).ok()),
         tags: i
             .tags()
             .iter()
-            .filter_map(|t| Some((t.key()?.to_owned(), t.value().unwrap_or_default().to_owned())))
+            .filter_map(|t| {
+                Some((
+                    t.key()?.to_owned(),
+                    t.value().unwrap_or_default().to_owned(),
+                ))
+            })
             .collect(),
     })
 }
@@ -254,7 +257,10 @@ impl Ec2Api for Ec2 {
                     .flat_map(|r| r.instances())
                     .filter_map(info),
             );
-            token = page.next_token().filter(|t| !t.is_empty()).map(str::to_owned);
+            token = page
+                .next_token()
+                .filter(|t| !t.is_empty())
+                .map(str::to_owned);
             if token.is_none() {
                 break;
             }

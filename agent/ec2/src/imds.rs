@@ -203,7 +203,9 @@ impl Metadata for Imds {
 pub fn valid_instance_id(id: &str) -> bool {
     id.strip_prefix("i-").is_some_and(|hex| {
         (hex.len() == 8 || hex.len() == 17)
-            && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            && hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
     })
 }
 
@@ -213,7 +215,10 @@ mod tests {
 
     #[test]
     fn lifecycle_values_parse() {
-        assert_eq!(TargetLifecycle::parse("InService\n"), TargetLifecycle::InService);
+        assert_eq!(
+            TargetLifecycle::parse("InService\n"),
+            TargetLifecycle::InService
+        );
         assert_eq!(
             TargetLifecycle::parse("Warmed:Stopped"),
             TargetLifecycle::Warmed("Stopped".into())
@@ -223,14 +228,24 @@ mod tests {
             TargetLifecycle::parse("Standby"),
             TargetLifecycle::Other("Standby".into())
         );
-        assert_eq!(TargetLifecycle::parse("Warmed:Running").to_string(), "Warmed:Running");
+        assert_eq!(
+            TargetLifecycle::parse("Warmed:Running").to_string(),
+            "Warmed:Running"
+        );
     }
 
     #[test]
     fn instance_ids_are_checked() {
         assert!(valid_instance_id("i-0123456789abcdef0"));
         assert!(valid_instance_id("i-12345678"));
-        for bad in ["", "i-", "i-XYZ", "x-0123456789abcdef0", "i-0123456789ABCDEF0", "i-123"] {
+        for bad in [
+            "",
+            "i-",
+            "i-XYZ",
+            "x-0123456789abcdef0",
+            "i-0123456789ABCDEF0",
+            "i-123",
+        ] {
             assert!(!valid_instance_id(bad), "{bad}");
         }
     }

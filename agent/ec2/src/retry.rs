@@ -146,7 +146,11 @@ mod tests {
             for _ in 0..50 {
                 let d = POLICY.delay(n, &mut rng);
                 let c = Duration::from_millis(ceiling);
-                assert!(d >= c / 2 && d <= c, "attempt {n}: {d:?} not in [{:?}, {c:?}]", c / 2);
+                assert!(
+                    d >= c / 2 && d <= c,
+                    "attempt {n}: {d:?} not in [{:?}, {c:?}]",
+                    c / 2
+                );
             }
         }
     }
@@ -156,7 +160,11 @@ mod tests {
         let calls = AtomicU32::new(0);
         let r: Result<u32, RetryError<String>> = with_retries("t", &POLICY, || async {
             let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
-            if n < 3 { Err(Outcome::Retry(format!("busy {n}"))) } else { Ok(n) }
+            if n < 3 {
+                Err(Outcome::Retry(format!("busy {n}")))
+            } else {
+                Ok(n)
+            }
         })
         .await;
         assert_eq!(r.unwrap(), 3);

@@ -14,7 +14,10 @@ pub enum Refusal {
     Unknown(String),
     #[error("instance {id} is {state}, not running")]
     NotRunning { id: String, state: String },
-    #[error("instance {id} does not carry the pool tag {}={pool} (found {found:?})", crate::POOL_TAG)]
+    #[error(
+        "instance {id} does not carry the pool tag {}={pool} (found {found:?})",
+        crate::POOL_TAG
+    )]
     NotInPool {
         id: String,
         pool: String,
