@@ -26,3 +26,18 @@ ensure_runtime_deps() {
   ensure_apt docker.io busybox-static iproute2 util-linux ca-certificates curl openssl
   command -v cargo >/dev/null || { echo "cargo is missing: install Rust (https://rustup.rs)" >&2; exit 1; }
 }
+
+# moto's server stands in for the EC2 API in the EC2 end-to-end tests.
+# Installed with pip; on a system Python that refuses (PEP 668), into it anyway,
+# since it is a test-only tool on a throwaway machine.
+ensure_moto() {
+  command -v moto_server >/dev/null && return 0
+  if ! command -v python3 >/dev/null || ! python3 -m pip --version >/dev/null 2>&1; then
+    ensure_apt python3 python3-pip
+  fi
+  echo "installing moto[server]" >&2
+  python3 -m pip install --quiet 'moto[server]' \
+    || python3 -m pip install --quiet --break-system-packages 'moto[server]'
+  hash -r
+  command -v moto_server >/dev/null || { echo "moto_server is not on PATH after installing moto[server]" >&2; exit 1; }
+}

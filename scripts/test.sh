@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test command: installs what is missing, then runs formatting and lint
-# checks and every test (unit, gRPC, and end-to-end with real dockerds).
+# checks and every test (unit, gRPC, and end-to-end with real dockerds, and
+# the EC2 path against moto's server).
 # Usage: scripts/test.sh [extra cargo-nextest arguments]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,6 +10,7 @@ cd "$(dirname "$0")/.."
 ensure_runtime_deps
 # The packaging tests: packer (fmt, validate), systemd-analyze and systemctl.
 ensure_apt packer systemd
+ensure_moto
 if ! cargo nextest --version >/dev/null 2>&1; then
   echo "installing cargo-nextest" >&2
   cargo install --locked cargo-nextest

@@ -30,6 +30,20 @@ pub const DEFAULT_ISOLATION_LIMIT: Duration = Duration::from_secs(300);
 /// unix socket paths (108 bytes at most), so they are kept short.
 pub const MAX_PREFIX_LEN: usize = 24;
 
+/// How often the EC2 provider reads the Auto Scaling target lifecycle.
+pub const DEFAULT_LIFECYCLE_POLL: Duration = Duration::from_secs(5);
+
+/// Where the host comes from and how it ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ProviderKind {
+    /// A host on this machine: a network namespace (or, with `--no-netns`,
+    /// the agent's own) and a dockerd the agent starts.
+    Local,
+    /// The EC2 instance the agent runs on: identity from IMDSv2, dockerd in
+    /// the instance's namespace, TerminateInstances at the end.
+    Ec2,
+}
+
 /// How log lines are written to stderr.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -66,6 +80,23 @@ pub enum Command {
 /// are global, so they may follow the subcommand.
 #[derive(Debug, Clone, Args)]
 pub struct Config {
+    /// Where the host comes from: `local` (development, tests) or `ec2`.
+    /// Endpoints and credentials for `ec2` follow the AWS SDK's settings
+    /// (`AWS_EC2_METADATA_SERVICE_ENDPOINT`, `AWS_ENDPOINT_URL_EC2`, ...).
+    #[arg(long, env = "BERTH_PROVIDER", value_enum, default_value_t = ProviderKind::Local)]
+    pub provider: ProviderKind,
+
+    /// EC2: command that powers the instance off when TerminateInstances
+    /// keeps failing (split on whitespace; the launch template's shutdown
+    /// behaviour `terminate` makes a power-off end the instance).
+    #[arg(long, env = "BERTH_POWEROFF_COMMAND", default_value = crate::ec2::DEFAULT_POWEROFF_COMMAND)]
+    pub poweroff_command: String,
+
+    /// EC2: how often to read the Auto Scaling target lifecycle (a warm
+    /// instance registers once it reads `InService`).
+    #[arg(long, env = "BERTH_LIFECYCLE_POLL", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub lifecycle_poll: Duration,
+
     /// gRPC URL of the coordinator (TLS: https:// only).
     #[arg(long, env = "BERTH_COORDINATOR", default_value = DEFAULT_COORDINATOR)]
     pub coordinator: String,
@@ -141,6 +172,9 @@ impl Default for Config {
     /// (tests and `berth up` build configs in code).
     fn default() -> Self {
         Config {
+            provider: ProviderKind::Local,
+            poweroff_command: crate::ec2::DEFAULT_POWEROFF_COMMAND.to_owned(),
+            lifecycle_poll: DEFAULT_LIFECYCLE_POLL,
             coordinator: DEFAULT_COORDINATOR.to_owned(),
             ca: None,
             join_token_file: None,
@@ -178,6 +212,14 @@ pub enum ConfigError {
     ZeroIsolationLimit,
     #[error("--resume-host {0:?} is not a host id of the configured prefix")]
     BadResumeHost(String),
+    #[error(
+        "--resume-host takes over local hosts only (an EC2 instance's agent restarts on its own instance)"
+    )]
+    ResumeNeedsLocal,
+    #[error("the ec2 provider needs a power-off command")]
+    NoPoweroffCommand,
+    #[error("lifecycle poll interval must be more than zero")]
+    ZeroLifecyclePoll,
 }
 
 impl Config {
@@ -214,6 +256,17 @@ impl Config {
             });
             if !ok {
                 return Err(ConfigError::BadResumeHost(h.clone()));
+            }
+        }
+        if self.provider == ProviderKind::Ec2 {
+            if self.resume_host.is_some() {
+                return Err(ConfigError::ResumeNeedsLocal);
+            }
+            if self.poweroff_command.split_whitespace().next().is_none() {
+                return Err(ConfigError::NoPoweroffCommand);
+            }
+            if self.lifecycle_poll.is_zero() {
+                return Err(ConfigError::ZeroLifecyclePoll);
             }
         }
         Ok(())
@@ -261,6 +314,33 @@ mod tests {
         assert_eq!(parsed.host_addr, default.host_addr);
         assert_eq!(parsed.boot_timeout, default.boot_timeout);
         assert_eq!(parsed.log_format, default.log_format);
+        assert_eq!(parsed.provider, default.provider);
+        assert_eq!(parsed.poweroff_command, default.poweroff_command);
+        assert_eq!(parsed.lifecycle_poll, default.lifecycle_poll);
+    }
+
+    #[test]
+    fn ec2_flags_parse_and_validate() {
+        let c = Cli::parse_from([
+            "berth-agent",
+            "--provider",
+            "ec2",
+            "--poweroff-command",
+            "/usr/local/bin/off now",
+            "--lifecycle-poll",
+            "250ms",
+        ])
+        .config;
+        assert_eq!(c.provider, ProviderKind::Ec2);
+        assert_eq!(c.poweroff_command, "/usr/local/bin/off now");
+        assert_eq!(c.lifecycle_poll, Duration::from_millis(250));
+        assert_eq!(c.validate(), Ok(()));
+        let c = Config {
+            poweroff_command: "  ".into(),
+            ..c
+        };
+        assert_eq!(c.validate(), Err(ConfigError::NoPoweroffCommand));
+        assert!(Cli::try_parse_from(["berth-agent", "--provider", "gcp"]).is_err());
     }
 
     #[test]

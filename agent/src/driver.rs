@@ -311,6 +311,17 @@ where
                 };
                 return Some(result);
             }
+            Action::Stop { reason } => {
+                self.front.close().await;
+                tracing::info!(%reason, "stopping; the machine is left running");
+                let timeout = state::TERMINATE_TIMEOUT;
+                let result = match tokio::time::timeout(timeout, self.provider.stop()).await {
+                    Err(_) => Err(DriverError::TerminateTimeout { reason, timeout }),
+                    Ok(Err(source)) => Err(DriverError::Terminate { reason, source }),
+                    Ok(Ok(())) => Ok(reason),
+                };
+                return Some(result);
+            }
         }
         None
     }
@@ -372,6 +383,7 @@ mod tests {
     #[derive(Default)]
     struct FakeProvider {
         terminated: AtomicUsize,
+        stopped: AtomicUsize,
     }
     impl Provider for FakeProvider {
         fn name(&self) -> &'static str {
@@ -382,6 +394,10 @@ mod tests {
         }
         async fn terminate(&self) -> Result<(), ProviderError> {
             self.terminated.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+        async fn stop(&self) -> Result<(), ProviderError> {
+            self.stopped.fetch_add(1, Ordering::SeqCst);
             Ok(())
         }
     }
@@ -398,14 +414,22 @@ mod tests {
     }
 
     fn rig(recycle: bool, front: FakeFront) -> Rig {
+        rig_with(Host::booting(recycle), vec![], front)
+    }
+
+    /// A driver for `host` that gets `before` ahead of `Booted`.
+    fn rig_with(host: Host, before: Vec<Event>, front: FakeFront) -> Rig {
         let (inbox_tx, inbox_rx) = mpsc::channel(16);
         let (out_tx, out_rx) = mpsc::unbounded_channel();
-        let (status_tx, status_rx) = watch::channel(status_of(&Host::booting(recycle)));
+        let (status_tx, status_rx) = watch::channel(status_of(&host));
         let provider = Arc::new(FakeProvider::default());
         let docker = Arc::new(FakeDocker::busy());
         let shutdown = CancellationToken::new();
+        for event in before {
+            inbox_tx.try_send(event).unwrap();
+        }
         let driver = Driver::new(
-            Host::booting(recycle),
+            host,
             docker.clone(),
             front.clone(),
             provider.clone(),
@@ -667,6 +691,57 @@ mod tests {
         );
         assert!(r.task.await.unwrap().is_ok());
         assert_eq!(r.provider.terminated.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn warm_instance_waits_unoffered_and_a_stop_keeps_the_machine() {
+        let host = Host::booting(false).keeping_on_shutdown(true);
+        let warmed = Event::Warmed {
+            target: "Pending".into(),
+        };
+        let mut r = rig_with(host, vec![warmed], FakeFront::default());
+        let mut status = r.status.clone();
+        status
+            .wait_for(|s| s.state == HostState::Warming)
+            .await
+            .unwrap();
+        // Not offered: an assignment (which a warm host never gets) is refused.
+        r.inbox.send(assign("l1", 30)).await.unwrap();
+        assert_eq!(next_names(&mut r.outbox, 1).await, ["rejected l1"]);
+        // Stopped into the warm pool: the host stops, the machine stays.
+        r.shutdown.cancel();
+        assert_eq!(next_names(&mut r.outbox, 1).await, ["state Terminating"]);
+        let reason = r.task.await.unwrap().unwrap();
+        assert_eq!(reason, "agent shutting down; the machine stays");
+        assert_eq!(r.provider.stopped.load(Ordering::SeqCst), 1);
+        assert_eq!(r.provider.terminated.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn warm_instance_put_in_service_becomes_ready_and_serves() {
+        let host = Host::booting(false).keeping_on_shutdown(true);
+        let warmed = Event::Warmed {
+            target: "Stopped".into(),
+        };
+        let mut r = rig_with(host, vec![warmed], FakeFront::default());
+        let mut status = r.status.clone();
+        status
+            .wait_for(|s| s.state == HostState::Warming)
+            .await
+            .unwrap();
+        r.inbox.send(Event::InService).await.unwrap();
+        assert_eq!(next_names(&mut r.outbox, 1).await, ["state Ready"]);
+        r.inbox.send(assign("l1", 30)).await.unwrap();
+        assert_eq!(
+            next_names(&mut r.outbox, 2).await,
+            ["state Leased", "accepted l1"]
+        );
+        // Once leased, a shutdown ends the machine after all.
+        r.shutdown.cancel();
+        assert_eq!(next_names(&mut r.outbox, 1).await, ["state Terminating"]);
+        assert_eq!(r.task.await.unwrap().unwrap(), "agent shutting down");
+        assert_eq!(r.provider.terminated.load(Ordering::SeqCst), 1);
+        assert_eq!(r.provider.stopped.load(Ordering::SeqCst), 0);
     }
 
     #[tokio::test(start_paused = true)]

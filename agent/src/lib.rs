@@ -2,13 +2,16 @@
 //! single-use remote Docker host for CI.
 //!
 //! [`run`] is the whole agent: learn the host's identity through the
-//! [`Provider`], start the host's own dockerd and self-check it (it must
-//! answer, and it must listen on no TCP port: [`listeners`]), print the
-//! `READY` line, then run the [`driver`] (the host state machine of
-//! [`state`]) and the coordinator [`link`] side by side until the host is
-//! terminated or the shutdown token fires; either way everything the host
-//! created is destroyed before `run` returns. [`sweep`] removes what killed
-//! runs left behind.
+//! [`Provider`] ([`Local`], or [`ec2::Ec2Provider`] with `--provider ec2`),
+//! start the host's own dockerd and self-check it (it must answer, and it
+//! must listen on no TCP port: [`listeners`]), print the `READY` line, then
+//! run the [`driver`] (the host state machine of [`state`]) and the
+//! coordinator [`link`] side by side until the host is terminated or the
+//! shutdown token fires; either way everything the host created is
+//! destroyed before `run` returns. On EC2 a lifecycle poller feeds the
+//! Auto Scaling target lifecycle in, so a warm-pool instance bootstraps but
+//! registers only once in service. [`sweep`] removes what killed runs left
+//! behind.
 //!
 //! Boundaries: the binary (`main.rs`) only parses [`Config`], sets up tracing
 //! and signals; Docker access goes through [`docker::DockerOps`], hosts come
@@ -25,6 +28,7 @@ pub mod config;
 pub mod docker;
 pub mod dockerd;
 pub mod driver;
+pub mod ec2;
 pub mod front;
 pub mod health;
 pub mod link;
@@ -43,12 +47,13 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use berth_ec2::TargetLifecycle;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 pub use cleanup::{CleanupReport, sweep};
-pub use config::{Cli, Command, Config, LogFormat};
+pub use config::{Cli, Command, Config, LogFormat, ProviderKind};
 pub use provider::{Identity, Local, Provider};
 pub use state::HostState;
 
@@ -93,6 +98,8 @@ pub enum AgentError {
     MissingCredential(&'static str),
     #[error("credentials: {0}")]
     Credentials(#[from] berth_tls::TlsError),
+    #[error("reading the Auto Scaling lifecycle: {0}")]
+    Lifecycle(#[source] provider::ProviderError),
 }
 
 /// Reads the coordinator's CA and the join token named in the config.
@@ -121,52 +128,115 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
     // host could never be offered.
     let credentials = load_credentials(&config)?;
     let started = Instant::now();
-    let provider = Arc::new(Local::new(&config));
-    let identity = match &config.resume_host {
-        Some(host_id) => match provider.resume(host_id) {
-            Ok(identity) => identity,
-            Err(e) => {
-                // What is left of the host cannot be trusted or used:
-                // destroy it, so the next start is a fresh host.
-                tracing::error!(error = %e, "cannot take the host over; destroying what is left of it");
-                let _ = provider.terminate().await;
-                return Err(AgentError::Identity(e));
-            }
-        },
+    match config.provider {
+        ProviderKind::Local => {
+            let provider = Arc::new(Local::new(&config));
+            let resumed = match &config.resume_host {
+                Some(host_id) => match provider.resume(host_id) {
+                    Ok(identity) => Some(identity),
+                    Err(e) => {
+                        // What is left of the host cannot be trusted or
+                        // used: destroy it, so the next start is a fresh host.
+                        tracing::error!(error = %e, "cannot take the host over; destroying what is left of it");
+                        let _ = provider.terminate().await;
+                        return Err(AgentError::Identity(e));
+                    }
+                },
+                None => None,
+            };
+            let boot = Boot {
+                credentials,
+                resumed,
+                started,
+            };
+            Box::pin(start(config, provider, boot, shutdown)).await
+        }
+        ProviderKind::Ec2 => {
+            let api = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                // Boxed: the SDK's futures are deep enough to overflow
+                // the compiler's layout query when nested inline.
+                api = Box::pin(berth_ec2::Ec2::from_env()) => api,
+            };
+            let provider = Arc::new(ec2::Ec2Provider::new(
+                berth_ec2::Imds::from_env(),
+                api,
+                config.state_dir.clone(),
+                config.run_dir.clone(),
+                config.prefix.clone(),
+                &config.poweroff_command,
+            ));
+            let boot = Boot {
+                credentials,
+                resumed: None,
+                started,
+            };
+            Box::pin(start(config, provider, boot, shutdown)).await
+        }
+    }
+}
+
+/// What `run` hands on to the host: the credentials, the identity of a host
+/// taken over (`--resume-host`), and when the agent started.
+struct Boot {
+    credentials: Credentials,
+    resumed: Option<Identity>,
+    started: Instant,
+}
+
+/// Learns the identity (and, where there is one, the lifecycle), then runs the host.
+async fn start<P: Provider>(
+    config: Config,
+    provider: Arc<P>,
+    boot: Boot,
+    shutdown: CancellationToken,
+) -> Result<(), AgentError> {
+    let identity = match boot.resumed {
+        Some(identity) => identity,
         None => tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
             r = provider.identity() => r.map_err(AgentError::Identity)?,
         },
     };
     let span = tracing::info_span!("host", host_id = %identity.host_id);
-    let relay_stop = CancellationToken::new();
-    let _relay_guard = relay_stop.clone().drop_guard();
-    let dialer = match (
-        config.link_via_host_net,
-        &identity.netns,
-        provider.gateway(),
-    ) {
-        (true, Some(netns), Some(gateway)) => {
-            let upstream = linknet::coordinator_addr(&config.coordinator).await?;
-            let bind = SocketAddr::new(std::net::IpAddr::V4(gateway), 0);
-            let relay = linknet::start_relay(bind, upstream, relay_stop).await?;
-            tracing::info!(%relay, %upstream, "coordinator link goes through the host's network");
-            Some(linknet::NetnsDialer {
-                netns: netns.clone(),
-                target: relay,
-            })
+    async {
+        let relay_stop = CancellationToken::new();
+        let _relay_guard = relay_stop.clone().drop_guard();
+        let dialer = match (
+            config.link_via_host_net,
+            &identity.netns,
+            provider.gateway(),
+        ) {
+            (true, Some(netns), Some(gateway)) => {
+                let upstream = linknet::coordinator_addr(&config.coordinator).await?;
+                let bind = SocketAddr::new(std::net::IpAddr::V4(gateway), 0);
+                let relay = linknet::start_relay(bind, upstream, relay_stop).await?;
+                tracing::info!(%relay, %upstream, "coordinator link goes through the host's network");
+                Some(linknet::NetnsDialer {
+                    netns: netns.clone(),
+                    target: relay,
+                })
+            }
+            _ => None,
+        };
+        // Read before dockerd starts: a warm-pool instance must not get as
+        // far as registering because of a stale or missing answer.
+        let lifecycle = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            r = provider.lifecycle() => r.map_err(AgentError::Lifecycle)?,
+        };
+        if let Some(l) = &lifecycle {
+            tracing::info!(target_lifecycle = %l, "Auto Scaling target lifecycle");
         }
-        _ => None,
-    };
-    run_host(
-        config,
-        credentials,
-        provider,
-        identity,
-        dialer,
-        started,
-        shutdown,
-    )
+        let host = HostStart {
+            credentials: boot.credentials,
+            identity,
+            dialer,
+            lifecycle,
+            started: boot.started,
+        };
+        run_host(config, provider, host, shutdown).await
+    }
     .instrument(span)
     .await
 }
@@ -195,24 +265,81 @@ async fn adopt(paths: &HostPaths) -> Result<(BollardDocker, DaemonInfo), AgentEr
     Ok((docker, info))
 }
 
+/// The driver event a lifecycle means, if any.
+fn lifecycle_event(l: &TargetLifecycle) -> Option<Event> {
+    match l {
+        TargetLifecycle::Warmed(target) => Some(Event::Warmed {
+            target: target.clone(),
+        }),
+        TargetLifecycle::InService | TargetLifecycle::NoGroup => Some(Event::InService),
+        // Standby, Detached, ...: nothing berth acts on.
+        TargetLifecycle::Other(_) => None,
+    }
+}
+
+/// Reads the lifecycle every `every` and hands changes to the driver,
+/// until `stop` fires or the driver is gone.
+async fn poll_lifecycle<P: Provider>(
+    provider: Arc<P>,
+    mut last: TargetLifecycle,
+    every: Duration,
+    inbox: mpsc::Sender<Event>,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        match provider.lifecycle().await {
+            Ok(Some(now)) if now != last => {
+                tracing::info!(from = %last, to = %now, "Auto Scaling target lifecycle changed");
+                if let Some(event) = lifecycle_event(&now)
+                    && inbox.send(event).await.is_err()
+                {
+                    return;
+                }
+                last = now;
+            }
+            Ok(_) => {}
+            // Transient: the next poll tries again; the state stays as it is.
+            Err(e) => tracing::warn!(error = %e, "reading the Auto Scaling lifecycle failed"),
+        }
+    }
+}
+
+/// What `run_host` starts from.
+struct HostStart {
+    credentials: Credentials,
+    identity: Identity,
+    /// Dials the coordinator through the host's own network, when set.
+    dialer: Option<linknet::NetnsDialer>,
+    lifecycle: Option<TargetLifecycle>,
+    started: Instant,
+}
+
 async fn run_host<P: Provider>(
     config: Config,
-    credentials: Credentials,
     provider: Arc<P>,
-    identity: Identity,
-    dialer: Option<linknet::NetnsDialer>,
-    started: Instant,
+    host_start: HostStart,
     shutdown: CancellationToken,
 ) -> Result<(), AgentError> {
+    let HostStart {
+        credentials,
+        identity,
+        dialer,
+        lifecycle,
+        started,
+    } = host_start;
     let resuming = config.resume_host.is_some();
     // Network namespace and address, before dockerd starts.
     let identity_ms = started.elapsed().as_millis();
-    let paths = HostPaths::new(&config.state_dir, &config.run_dir, &identity.host_id);
+    let paths = HostPaths::new(&config.state_dir, &config.run_dir, &identity.local_id);
     let spec = DockerdSpec {
         program: config.dockerd.clone(),
         paths: paths.clone(),
         netns: identity.netns.clone(),
-        cgroup_parent: cleanup::cgroup_name(&identity.host_id),
+        cgroup_parent: cleanup::cgroup_name(&identity.local_id),
     };
     let booted = tokio::select! {
         _ = shutdown.cancelled() => None,
@@ -233,8 +360,14 @@ async fn run_host<P: Provider>(
         Some(Ok(booted)) => booted,
         other => {
             // Shut down or failed while booting: the host never served
-            // anyone; destroy it and report why.
-            let teardown = provider.terminate().await;
+            // anyone; destroy it and report why. A shutdown of a machine
+            // that outlives its agent (an EC2 instance being stopped into
+            // the warm pool) leaves the machine alone.
+            let teardown = if other.is_none() && provider.machine_outlives_agent() {
+                provider.stop().await
+            } else {
+                provider.terminate().await
+            };
             return match (other, teardown) {
                 (Some(Err(e)), _) => Err(e),
                 (_, Err(e)) => Err(AgentError::Teardown(e)),
@@ -267,10 +400,9 @@ async fn run_host<P: Provider>(
 
     let (outbox_tx, outbox_rx) = mpsc::unbounded_channel();
     let (inbox_tx, inbox_rx) = mpsc::channel(INBOX_CAPACITY);
-    let host = Host::booting(config.recycle);
+    let host = Host::booting(config.recycle).keeping_on_shutdown(provider.machine_outlives_agent());
     let (status_tx, status_rx) = watch::channel(driver::status_of(&host));
     let state_file = statefile::path(&paths.host_dir);
-    // Booted (or Resumed) goes first: it is what moves the machine on.
     let first = if resuming {
         let saved = match statefile::read(&state_file) {
             Ok(saved) => saved,
@@ -284,6 +416,27 @@ async fn run_host<P: Provider>(
     } else {
         Event::Booted
     };
+    // Where Auto Scaling takes the instance goes first, then Booted (or
+    // Resumed), which moves the machine on to Ready (or Warming).
+    let poller_stop = CancellationToken::new();
+    if let Some(l) = lifecycle {
+        if l.is_warmed() {
+            tracing::info!(target_lifecycle = %l, "warm pool: bootstrapped; not registering until InService");
+        }
+        if let Some(event) = lifecycle_event(&l) {
+            let _ = inbox_tx.try_send(event);
+        }
+        tokio::spawn(
+            poll_lifecycle(
+                provider.clone(),
+                l,
+                config.lifecycle_poll,
+                inbox_tx.clone(),
+                poller_stop.clone(),
+            )
+            .in_current_span(),
+        );
+    }
     let _ = inbox_tx.try_send(first);
 
     if let Some(child) = child {
@@ -371,6 +524,7 @@ async fn run_host<P: Provider>(
     )
     .with_state_file(&identity.host_id, state_file);
     let result = driver.run(inbox_rx, shutdown).await;
+    poller_stop.cancel();
 
     // The driver dropped its outbox: the link sends what is left and ends.
     if tokio::time::timeout(LINK_FLUSH_TIMEOUT, &mut link_task)

@@ -1,16 +1,19 @@
-//! Where hosts come from and how they end. [`Provider`] is the seam; only
-//! [`Local`] exists so far (EC2 comes with its own issue): a local host is a
-//! network namespace with an address of its own (or the agent's namespace
-//! with `--no-netns`), a dockerd started by the agent, and directories under
-//! the state and run dirs. Terminating a local host destroys all of that;
-//! the supervisor (`berth up`) then starts a fresh agent, i.e. a fresh host.
+//! Where hosts come from and how they end. [`Provider`] is the seam, with
+//! two implementations: [`Local`] here, and the EC2 provider in `ec2.rs`.
+//! A local host is a network namespace with an address of its own (or the
+//! agent's namespace with `--no-netns`), a dockerd started by the agent, and
+//! directories under the state and run dirs. Terminating a local host
+//! destroys all of that; the supervisor (`berth up`) then starts a fresh
+//! agent, i.e. a fresh host. [`teardown`] is that destruction, shared with
+//! the EC2 provider (whose machine goes away on top).
 
 use std::future::Future;
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use berth_ec2::TargetLifecycle;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use rand::Rng;
@@ -31,7 +34,12 @@ const MAX_ID_ATTEMPTS: usize = 64;
 /// Who this host is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {
+    /// What the coordinator knows the host by (the EC2 instance id).
     pub host_id: String,
+    /// The name of the host's directories and cgroup on this machine; it
+    /// starts with the agent's prefix, so `berth-agent sweep` finds them.
+    /// Locally the same as `host_id`.
+    pub local_id: String,
     pub host_addr: IpAddr,
     /// `/run/netns/NAME` of the host's namespace; `None` without one.
     pub netns: Option<PathBuf>,
@@ -58,6 +66,16 @@ pub enum ProviderError {
     NoIdentity,
     #[error("host {0} cannot be taken over: {1}")]
     Resume(String, String),
+    #[error("instance metadata: {0}")]
+    Metadata(#[from] berth_ec2::ImdsError),
+    #[error(
+        "ending instance {instance_id}: {api}; and the power-off fallback failed too: {poweroff}"
+    )]
+    EndInstance {
+        instance_id: String,
+        api: Box<berth_ec2::Ec2Error>,
+        poweroff: String,
+    },
 }
 
 /// Where hosts come from and how they end.
@@ -69,6 +87,31 @@ pub trait Provider: Send + Sync + 'static {
     /// Ends the host for good. Locally: stops dockerd and removes everything
     /// the host created; the agent exits afterwards.
     fn terminate(&self) -> impl Future<Output = Result<(), ProviderError>> + Send;
+    /// Where Auto Scaling is taking the machine, for providers that have
+    /// warm pools; `None` (the default) means "always in service" and no
+    /// polling.
+    fn lifecycle(
+        &self,
+    ) -> impl Future<Output = Result<Option<TargetLifecycle>, ProviderError>> + Send {
+        async { Ok(None) }
+    }
+    /// Whether the machine outlives its agent, so that a shutdown signal
+    /// while idle must not end it (see `state::Host::keep_on_shutdown`).
+    fn machine_outlives_agent(&self) -> bool {
+        false
+    }
+    /// Stops this agent's host (dockerd, directories) and leaves the machine
+    /// running. Only called when [`Provider::machine_outlives_agent`]; by
+    /// default the same as `terminate`.
+    fn stop(&self) -> impl Future<Output = Result<(), ProviderError>> + Send {
+        self.terminate()
+    }
+    /// The root-side address of the host's own network, where a relay can
+    /// carry the coordinator link through it (`--link-via-host-net`); only
+    /// local hosts in a namespace have one.
+    fn gateway(&self) -> Option<std::net::Ipv4Addr> {
+        None
+    }
 }
 
 /// The development and test provider: hosts on this machine.
@@ -155,6 +198,7 @@ impl Local {
                 }
                 Ok(Identity {
                     host_id: host_id.to_owned(),
+                    local_id: host_id.to_owned(),
                     host_addr: IpAddr::V4(b.host_addr),
                     netns: Some(b.path()),
                     instance_type: String::new(),
@@ -171,6 +215,7 @@ impl Local {
                 }
                 Ok(Identity {
                     host_id: host_id.to_owned(),
+                    local_id: host_id.to_owned(),
                     host_addr: self.host_addr,
                     netns: None,
                     instance_type: String::new(),
@@ -180,30 +225,54 @@ impl Local {
         }
     }
 
-    /// The gateway (root-side veth address) of the host, if it has a namespace.
-    pub fn gateway(&self) -> Option<std::net::Ipv4Addr> {
-        self.remembered()?.block.map(|b| b.gateway)
-    }
-
     /// Everything a local host owns, for `cleanup::destroy`.
     fn scope(&self, host: &LocalHost) -> Scope {
-        let paths = HostPaths::new(&self.state_dir, &self.run_dir, &host.host_id);
-        // Trailing slash: `berth-1a2b/` must not match `berth-1a2bc`.
-        let mut path_prefixes = cleanup::path_prefixes(&paths.host_dir, "");
-        path_prefixes.extend(cleanup::path_prefixes(&paths.run_dir, ""));
-        Scope {
-            path_prefixes,
-            netns: host.block.iter().map(|b| b.name.clone()).collect(),
-            veths: host.block.iter().map(|b| b.veth.clone()).collect(),
-            cgroups: vec![cleanup::cgroup_name(&host.host_id)],
-            dirs: vec![paths.host_dir, paths.run_dir],
-        }
+        host_scope(
+            &self.state_dir,
+            &self.run_dir,
+            &host.host_id,
+            host.block.as_ref(),
+        )
     }
+}
+
+/// Everything a host named `local_id` owns on this machine: its
+/// directories, what runs or is mounted below them, its cgroup, and its
+/// namespace and veth if it has a block.
+pub fn host_scope(
+    state_dir: &Path,
+    run_dir: &Path,
+    local_id: &str,
+    block: Option<&Block>,
+) -> Scope {
+    let paths = HostPaths::new(state_dir, run_dir, local_id);
+    // Trailing slash: `berth-1a2b/` must not match `berth-1a2bc`.
+    let mut path_prefixes = cleanup::path_prefixes(&paths.host_dir, "");
+    path_prefixes.extend(cleanup::path_prefixes(&paths.run_dir, ""));
+    Scope {
+        path_prefixes,
+        netns: block.iter().map(|b| b.name.clone()).collect(),
+        veths: block.iter().map(|b| b.veth.clone()).collect(),
+        cgroups: vec![cleanup::cgroup_name(local_id)],
+        dirs: vec![paths.host_dir, paths.run_dir],
+    }
+}
+
+/// Stops the host's dockerd and removes everything in its scope.
+pub async fn teardown(scope: &Scope, paths: &HostPaths) -> Result<(), ProviderError> {
+    stop_dockerd(paths).await;
+    let report = cleanup::destroy(scope).await?;
+    tracing::info!(?report, "host destroyed");
+    Ok(())
 }
 
 impl Provider for Local {
     fn name(&self) -> &'static str {
         "local"
+    }
+
+    fn gateway(&self) -> Option<std::net::Ipv4Addr> {
+        self.remembered()?.block.map(|b| b.gateway)
     }
 
     #[tracing::instrument(skip(self), err)]
@@ -215,6 +284,7 @@ impl Provider for Local {
                 block: None,
             });
             return Ok(Identity {
+                local_id: host_id.clone(),
                 host_id,
                 host_addr: self.host_addr,
                 netns: None,
@@ -229,6 +299,7 @@ impl Provider for Local {
         });
         Ok(Identity {
             host_id: block.name.clone(),
+            local_id: block.name.clone(),
             host_addr: IpAddr::V4(block.host_addr),
             netns: Some(block.path()),
             instance_type: String::new(),
@@ -240,10 +311,7 @@ impl Provider for Local {
     async fn terminate(&self) -> Result<(), ProviderError> {
         let host = self.remembered().ok_or(ProviderError::NoIdentity)?;
         let paths = HostPaths::new(&self.state_dir, &self.run_dir, &host.host_id);
-        stop_dockerd(&paths).await;
-        let report = cleanup::destroy(&self.scope(&host)).await?;
-        tracing::info!(?report, "host destroyed");
-        Ok(())
+        teardown(&self.scope(&host), &paths).await
     }
 }
 

@@ -27,8 +27,12 @@ pub enum HostState {
     /// Learning identity, starting dockerd, self-checking. Bounded by the
     /// configured boot timeout; failing it ends the agent with an error.
     Booting,
-    /// Bootstrapped for an EC2 warm pool and not offered to builds; only the
-    /// EC2 provider uses it (not reachable with the local provider).
+    /// Bootstrapped (dockerd up, self-check passed) for an EC2 warm pool:
+    /// not registered and not offered to builds. Auto Scaling stops the
+    /// instance in this state; a stop is not a lease end and does not end
+    /// the instance. Left when IMDS says `InService` (-> Ready). No timeout:
+    /// a warm instance waits as long as the pool keeps it. Only the EC2
+    /// provider reports warm-pool lifecycles, so local hosts never get here.
     Warming,
     /// Registered (or trying to be) and idle: can be assigned a lease. No
     /// timeout: an idle host waits for work or a drain.
@@ -95,6 +99,16 @@ pub struct Host {
     pub draining: bool,
     /// After a verified wipe go back to Ready instead of terminating.
     pub recycle: bool,
+    /// Auto Scaling is taking the instance to the warm pool (IMDS said
+    /// `Warmed:*` last): after booting, warm instead of registering.
+    pub warm: bool,
+    /// A shutdown signal while idle (Booting, Warming, Ready) stops the
+    /// agent without ending the machine. On EC2 such a signal means the
+    /// instance is being stopped (into the warm pool) or the agent is being
+    /// restarted, and the instance must survive both; once a lease touched
+    /// the host, a shutdown ends it as always. Locally a host cannot outlive
+    /// its agent, so this is off.
+    pub keep_on_shutdown: bool,
 }
 
 impl Host {
@@ -105,6 +119,16 @@ impl Host {
             lease: None,
             draining: false,
             recycle,
+            warm: false,
+            keep_on_shutdown: false,
+        }
+    }
+
+    /// The same host, with `keep_on_shutdown` set as the provider wants.
+    pub fn keeping_on_shutdown(self, keep: bool) -> Self {
+        Host {
+            keep_on_shutdown: keep,
+            ..self
         }
     }
 
@@ -164,6 +188,11 @@ pub enum Event {
     /// and nobody could tell it to go. A leased host keeps its lease to the
     /// deadline.
     Isolated { for_: Duration },
+    /// IMDS says Auto Scaling is taking the instance to the warm pool
+    /// (`Warmed:TARGET`).
+    Warmed { target: String },
+    /// IMDS says the instance is in service (or in no Auto Scaling group).
+    InService,
 }
 
 impl Event {
@@ -216,6 +245,9 @@ pub enum Action {
     Send(Msg),
     /// Destroy the host through the provider; the agent then exits.
     Terminate { reason: String },
+    /// Stop this agent's host (dockerd, directories) but leave the machine
+    /// alone; the agent then exits. See [`Host::keep_on_shutdown`].
+    Stop { reason: String },
 }
 
 /// The pure transition function: given where the host is and what happened,
@@ -230,6 +262,9 @@ pub fn next(host: Host, event: Event) -> (Host, Vec<Action>) {
             return (host, vec![reject(lease_id, "host is terminating")]);
         }
         (S::Terminating | S::Unhealthy, _) => return (host, vec![]),
+        (S::Booting | S::Warming | S::Ready, Event::Shutdown) if host.keep_on_shutdown => {
+            return stop(host, "agent shutting down; the machine stays");
+        }
         (_, Event::Shutdown) => return terminate(host, "agent shutting down", false),
         (_, Event::DaemonExited { detail }) => {
             let reason = format!("dockerd exited: {detail}");
@@ -275,13 +310,42 @@ pub fn next(host: Host, event: Event) -> (Host, Vec<Action>) {
             terminate(host, "drained while booting", false)
         }
         (S::Booting, Event::Booted) => {
+            let state = if host.warm { S::Warming } else { S::Ready };
+            // Nothing to send: the link registers only once the host has
+            // booted and is not warming, and `Register` carries the state.
+            (Host { state, ..host }, vec![])
+        }
+
+        // Warm pool. Before booting only remember where the instance is
+        // going; a Ready host that Auto Scaling returns to the pool (scale
+        // in with instance reuse) stops being offered; Leased and later
+        // states carry on, the instance ends with its lease anyway.
+        (S::Booting, Event::Warmed { .. }) => (Host { warm: true, ..host }, vec![]),
+        (S::Booting, Event::InService) => (
+            Host {
+                warm: false,
+                ..host
+            },
+            vec![],
+        ),
+        (S::Ready, Event::Warmed { target }) => {
             let host = Host {
-                state: S::Ready,
+                state: S::Warming,
+                warm: true,
                 ..host
             };
-            // Nothing to send: the link registers only once the host has
-            // booted, and `Register` carries the state.
-            (host, vec![])
+            let reason = format!("returned to the warm pool (Warmed:{target})");
+            let actions = vec![state_changed(&host, &reason)];
+            (host, actions)
+        }
+        (S::Warming, Event::InService) => {
+            let host = Host {
+                state: S::Ready,
+                warm: false,
+                ..host
+            };
+            let actions = vec![state_changed(&host, "in service")];
+            (host, actions)
         }
 
         // Leases: only an idle, non-draining host takes one; the same lease
@@ -436,7 +500,7 @@ pub fn next(host: Host, event: Event) -> (Host, Vec<Action>) {
             (host, actions)
         }
 
-        (S::Ready, Event::Drain { reason }) => {
+        (S::Ready | S::Warming, Event::Drain { reason }) => {
             terminate(host, &format!("drained: {reason}"), false)
         }
         (_, Event::Drain { .. }) => (
@@ -570,6 +634,21 @@ fn begin_wipe(host: Host, reason: &str, first: Option<Action>) -> (Host, Vec<Act
     (host, actions)
 }
 
+/// An idle host -> Terminating, keeping the machine.
+fn stop(host: Host, reason: &str) -> (Host, Vec<Action>) {
+    let host = Host {
+        state: HostState::Terminating,
+        ..host
+    };
+    let actions = vec![
+        state_changed(&host, reason),
+        Action::Stop {
+            reason: reason.to_owned(),
+        },
+    ];
+    (host, actions)
+}
+
 /// Any state -> (Unhealthy ->) Terminating.
 fn terminate(host: Host, reason: &str, unhealthy: bool) -> (Host, Vec<Action>) {
     let mut actions = vec![];
@@ -616,6 +695,8 @@ mod tests {
             lease,
             draining: false,
             recycle: false,
+            warm: false,
+            keep_on_shutdown: false,
         }
     }
 
@@ -676,6 +757,26 @@ mod tests {
             }),
             ..host(S::Leased)
         };
+        let warm = |state| Host {
+            warm: true,
+            ..host(state)
+        };
+        let keeps = |state| Host {
+            keep_on_shutdown: true,
+            ..host(state)
+        };
+        let stopped = |lease: &str| {
+            vec![
+                sc(
+                    P::Terminating,
+                    lease,
+                    "agent shutting down; the machine stays",
+                ),
+                Action::Stop {
+                    reason: "agent shutting down; the machine stays".into(),
+                },
+            ]
+        };
         vec![
             (
                 "boot -> ready",
@@ -683,6 +784,159 @@ mod tests {
                 Event::Booted,
                 S::Ready,
                 vec![],
+            ),
+            // Warm pool.
+            (
+                "warmed while booting is remembered",
+                host(S::Booting),
+                Event::Warmed {
+                    target: "Pending".into(),
+                },
+                S::Booting,
+                vec![],
+            ),
+            (
+                "in service while booting clears it",
+                warm(S::Booting),
+                Event::InService,
+                S::Booting,
+                vec![],
+            ),
+            (
+                "boot of a warm instance -> warming, nothing sent",
+                warm(S::Booting),
+                Event::Booted,
+                S::Warming,
+                vec![],
+            ),
+            (
+                "warming stays warming while the pool keeps it",
+                warm(S::Warming),
+                Event::Warmed {
+                    target: "Stopped".into(),
+                },
+                S::Warming,
+                vec![],
+            ),
+            (
+                "warming -> ready when in service",
+                warm(S::Warming),
+                Event::InService,
+                S::Ready,
+                vec![sc(P::Ready, "", "in service")],
+            ),
+            (
+                "assign while warming is rejected",
+                warm(S::Warming),
+                assign(L, Some(t(60))),
+                S::Warming,
+                vec![rej(L, "host is warming")],
+            ),
+            (
+                "ready host returned to the warm pool is no longer offered",
+                host(S::Ready),
+                Event::Warmed {
+                    target: "Stopped".into(),
+                },
+                S::Warming,
+                vec![sc(
+                    P::Warming,
+                    "",
+                    "returned to the warm pool (Warmed:Stopped)",
+                )],
+            ),
+            (
+                "leased host ignores the warm pool",
+                host(S::Leased),
+                Event::Warmed {
+                    target: "Stopped".into(),
+                },
+                S::Leased,
+                vec![],
+            ),
+            (
+                "in service while ready is nothing new",
+                host(S::Ready),
+                Event::InService,
+                S::Ready,
+                vec![],
+            ),
+            (
+                "drain while warming -> terminate",
+                warm(S::Warming),
+                Event::Drain { reason: "x".into() },
+                S::Terminating,
+                vec![sc(P::Terminating, "", "drained: x"), term("drained: x")],
+            ),
+            (
+                "dockerd died while warming -> unhealthy, terminate",
+                warm(S::Warming),
+                Event::DaemonExited {
+                    detail: "signal: 9".into(),
+                },
+                S::Terminating,
+                vec![
+                    sc(P::Unhealthy, "", "dockerd exited: signal: 9"),
+                    sc(P::Terminating, "", "dockerd exited: signal: 9"),
+                    term("dockerd exited: signal: 9"),
+                ],
+            ),
+            // Shutdown signals on a provider whose machine outlives the agent.
+            (
+                "stopped while warming: the machine stays (a stop into the warm pool is no lease end)",
+                Host {
+                    keep_on_shutdown: true,
+                    ..warm(S::Warming)
+                },
+                Event::Shutdown,
+                S::Terminating,
+                stopped(""),
+            ),
+            (
+                "stopped while booting: the machine stays",
+                keeps(S::Booting),
+                Event::Shutdown,
+                S::Terminating,
+                stopped(""),
+            ),
+            (
+                "stopped while ready: the machine stays",
+                keeps(S::Ready),
+                Event::Shutdown,
+                S::Terminating,
+                stopped(""),
+            ),
+            (
+                "stopped while leased: the used host ends",
+                keeps(S::Leased),
+                Event::Shutdown,
+                S::Terminating,
+                vec![
+                    Action::DisarmDeadline,
+                    Action::CloseFront,
+                    sc(P::Terminating, L, "agent shutting down"),
+                    term("agent shutting down"),
+                ],
+            ),
+            (
+                "stopped while wiping: the used host ends",
+                keeps(S::Wiping),
+                Event::Shutdown,
+                S::Terminating,
+                vec![
+                    sc(P::Terminating, L, "agent shutting down"),
+                    term("agent shutting down"),
+                ],
+            ),
+            (
+                "local host: shutdown while warming still terminates",
+                warm(S::Warming),
+                Event::Shutdown,
+                S::Terminating,
+                vec![
+                    sc(P::Terminating, "", "agent shutting down"),
+                    term("agent shutting down"),
+                ],
             ),
             (
                 "boot while draining -> terminate",

@@ -196,6 +196,8 @@ mod tests {
             }),
             draining: true,
             recycle: false,
+            warm: false,
+            keep_on_shutdown: false,
         };
         write(&f, &Saved::of("h1", &host)).unwrap();
         let back = read(&f).unwrap().unwrap();

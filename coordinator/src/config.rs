@@ -7,6 +7,16 @@ use std::time::Duration;
 use crate::pool::PoolConfig;
 use crate::telemetry::LogFormat;
 
+/// Where the pool's hosts come from, as far as the coordinator cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Provider {
+    /// Hosts on this machine (`berth up`): every agent is admitted.
+    Local,
+    /// EC2 instances: agents are verified with DescribeInstances and an
+    /// orphan sweeper ends instances whose agent never came or went away.
+    Ec2,
+}
+
 /// Default gRPC address; the `berth` CLI uses the same default.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7070";
 
@@ -66,6 +76,36 @@ pub struct CoordinatorConfig {
     /// are always in it.
     #[arg(long, env = "BERTH_TLS_SAN", value_delimiter = ',')]
     pub tls_san: Vec<String>,
+    /// Where hosts come from: `local`, or `ec2` (agents verified with
+    /// DescribeInstances, orphan sweeper). EC2 endpoint and credentials
+    /// follow the AWS SDK's settings (`AWS_ENDPOINT_URL_EC2`, `AWS_REGION`, ...).
+    #[arg(long, env = "BERTH_PROVIDER", value_enum, default_value_t = Provider::Local)]
+    pub provider: Provider,
+    /// EC2: the pool's name; its instances carry the tag `berth:pool=NAME`.
+    #[arg(long, env = "BERTH_POOL_NAME", default_value = "")]
+    pub pool_name: String,
+    /// EC2: time between orphan sweeps; 0 turns the sweeper off.
+    #[arg(long, env = "BERTH_SWEEP_INTERVAL", default_value = "1m", value_parser = humantime::parse_duration)]
+    pub sweep_interval: Duration,
+    /// EC2: a pool instance running this long without its agent registering
+    /// is an orphan (counted from launch or coordinator start, whichever is later).
+    #[arg(long, env = "BERTH_ORPHAN_UNREGISTERED_AFTER", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub orphan_unregistered_after: Duration,
+    /// EC2: a pool instance whose agent has been gone this long is an orphan.
+    #[arg(long, env = "BERTH_ORPHAN_GONE_AFTER", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub orphan_gone_after: Duration,
+    /// EC2: at most this many orphans terminated per sweep.
+    #[arg(long, env = "BERTH_SWEEP_MAX_TERMINATIONS", default_value_t = 10)]
+    pub sweep_max_terminations: usize,
+}
+
+/// What is wrong with a coordinator configuration.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("--provider ec2 needs --pool-name (BERTH_POOL_NAME)")]
+    NoPoolName,
+    #[error("pool name {0:?} must be 1..=128 characters of [A-Za-z0-9_.:/=+@-]")]
+    BadPoolName(String),
 }
 
 impl CoordinatorConfig {
@@ -82,6 +122,38 @@ impl CoordinatorConfig {
             }
         }
         names
+    }
+
+    /// Checks what clap cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.provider == Provider::Ec2 {
+            if self.pool_name.is_empty() {
+                return Err(ConfigError::NoPoolName);
+            }
+            // The characters EC2 allows in tag values, minus spaces.
+            let ok = self.pool_name.len() <= 128
+                && self
+                    .pool_name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_.:/=+@-".contains(c));
+            if !ok {
+                return Err(ConfigError::BadPoolName(self.pool_name.clone()));
+            }
+        }
+        Ok(())
+    }
+
+    /// The orphan sweeper's settings, when it runs.
+    pub fn sweep(&self) -> Option<crate::ec2::SweepConfig> {
+        (self.provider == Provider::Ec2 && !self.sweep_interval.is_zero()).then(|| {
+            crate::ec2::SweepConfig {
+                pool_name: self.pool_name.clone(),
+                interval: self.sweep_interval,
+                unregistered_after: self.orphan_unregistered_after,
+                gone_after: self.orphan_gone_after,
+                max_terminations: self.sweep_max_terminations,
+            }
+        })
     }
 
     pub fn pool(&self) -> PoolConfig {

@@ -22,6 +22,10 @@ pub enum Error {
     Protocol(String),
     #[error("the coordinator is shutting down")]
     ShuttingDown,
+    #[error("agent refused: {0}")]
+    Refused(String),
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 impl Error {
@@ -38,7 +42,8 @@ impl Error {
             Self::LeaseNotFound(_) | Self::HostNotFound(_) => Code::NotFound,
             Self::NoHost(_) => Code::ResourceExhausted,
             Self::LeaseEnded { .. } => Code::FailedPrecondition,
-            Self::ShuttingDown => Code::Unavailable,
+            Self::ShuttingDown | Self::Unavailable(_) => Code::Unavailable,
+            Self::Refused(_) => Code::PermissionDenied,
         }
     }
 }

@@ -11,6 +11,9 @@
 //! (`auth`). The CA also signs the agents' server certificates and one client
 //! certificate per lease, the only key to a host's Docker API.
 //!
+//! With `--provider ec2` it also verifies every registering agent with EC2
+//! and sweeps orphaned pool instances ([`ec2`]).
+//!
 //! The crate also holds the `berth` CLI (`cli`), including `berth up`, which
 //! runs a whole local pool.
 
@@ -19,6 +22,7 @@
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod ec2;
 pub mod error;
 pub mod fuzzing;
 pub mod lease;
@@ -49,6 +53,8 @@ pub const TICK: Duration = Duration::from_millis(100);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
+    #[error("invalid configuration: {0}")]
+    Config(#[from] config::ConfigError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -130,6 +136,7 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
+    config.validate()?;
     let ca = Arc::new(load_ca(&config)?);
     let auth = Arc::new(auth::Auth::load(
         config.tenants.as_deref(),
@@ -146,10 +153,30 @@ pub async fn serve(
     let store = Arc::new(store::RedbStore::open(&config.state_dir)?);
     info!(path = %store.path().display(), "lease store open");
     let pool = Arc::new(Pool::with_store(config.pool(), store)?);
+    let metrics = Arc::new(ec2::Ec2Metrics::default());
+    let verifier: Arc<dyn ec2::Verifier> = match config.provider {
+        config::Provider::Local => Arc::new(ec2::AllowAll),
+        config::Provider::Ec2 => {
+            // Boxed: the SDK's config loading is a deep future.
+            let api = Arc::new(Box::pin(berth_ec2::Ec2::from_env()).await);
+            if let Some(cfg) = config.sweep() {
+                let sweeper = ec2::Sweeper::new(api.clone(), pool.clone(), cfg, metrics.clone());
+                tokio::spawn(sweeper.run(shutdown.clone()));
+            }
+            info!(pool = %config.pool_name, "EC2 pool: agents are verified with DescribeInstances");
+            Arc::new(ec2::Ec2Verifier::new(
+                api,
+                config.pool_name.clone(),
+                metrics.clone(),
+            ))
+        }
+    };
     let services = Services {
         pool: pool.clone(),
         ca,
         shutdown: shutdown.clone(),
+        verifier,
+        ec2_metrics: metrics,
     };
     let tenant_auth = auth::TenantAuth {
         auth: auth.clone(),

@@ -13,7 +13,7 @@
 //! agent last reported Ready, it holds no lease here, it is connected, recently
 //! heard from and not draining; the agent itself refuses a second lease.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
@@ -196,6 +196,19 @@ struct Inner {
     dirty: BTreeSet<String>,
     /// Lease ids dropped from history since the last write to the store.
     removed: Vec<String>,
+    /// Hosts the orphan sweeper is ending: they may not register.
+    condemned: HashSet<String>,
+}
+
+/// What the pool knows of one host, for the orphan sweeper.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Presence {
+    /// Holds a lease (assigned or active), connected or not: never touched.
+    Leased,
+    /// Its agent's stream is up.
+    Connected,
+    /// Registered once; its stream has been down since then.
+    Disconnected { since: Instant },
 }
 
 /// The coordinator's view of the pool.
@@ -481,6 +494,62 @@ impl Pool {
     /// previous stream of the same host, if any, is dropped.
     pub fn register(&self, reg: Registration, tx: AgentTx, now: Instant) -> u64 {
         let mut g = self.lock();
+        self.register_in(&mut g, reg, tx, now)
+    }
+
+    /// [`Pool::register`], unless the orphan sweeper is ending this host.
+    pub fn try_register(&self, reg: Registration, tx: AgentTx, now: Instant) -> Result<u64, Error> {
+        let mut g = self.lock();
+        if g.condemned.contains(&reg.host_id) {
+            return Err(Error::Refused(format!(
+                "host {} is being terminated as an orphan",
+                reg.host_id
+            )));
+        }
+        Ok(self.register_in(&mut g, reg, tx, now))
+    }
+
+    /// Every host the pool knows, with whether it holds a lease or is connected.
+    pub fn presences(&self) -> HashMap<String, Presence> {
+        let g = self.lock();
+        g.hosts
+            .iter()
+            .map(|(id, h)| {
+                let p = match (&h.lease, &h.conn, h.disconnected_at) {
+                    (Some(_), _, _) => Presence::Leased,
+                    (None, Some(_), _) => Presence::Connected,
+                    (None, None, Some(since)) => Presence::Disconnected { since },
+                    // Not connected and never disconnected cannot happen;
+                    // calling it connected keeps the sweeper off it.
+                    (None, None, None) => Presence::Connected,
+                };
+                (id.clone(), p)
+            })
+            .collect()
+    }
+
+    /// Marks a host as being ended by the orphan sweeper, unless it holds a
+    /// lease or is connected (checked under the same lock that registration
+    /// takes, so a host cannot slip in between). Returns whether it was marked.
+    pub fn condemn(&self, host_id: &str) -> bool {
+        let mut g = self.lock();
+        let busy = g
+            .hosts
+            .get(host_id)
+            .is_some_and(|h| h.lease.is_some() || h.conn.is_some());
+        if busy {
+            return false;
+        }
+        g.condemned.insert(host_id.to_owned());
+        true
+    }
+
+    /// Forgets condemned hosts that `keep` says are gone for good.
+    pub fn retain_condemned(&self, keep: impl Fn(&str) -> bool) {
+        self.lock().condemned.retain(|id| keep(id));
+    }
+
+    fn register_in(&self, g: &mut Locked<'_>, reg: Registration, tx: AgentTx, now: Instant) -> u64 {
         g.next_conn += 1;
         let conn_id = g.next_conn;
         let host_id = reg.host_id.clone();

@@ -22,6 +22,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument, info_span, warn};
 
 use crate::auth;
+use crate::ec2::{Ec2Metrics, Verifier};
 use crate::error::Error;
 use crate::lease::LeaseState;
 use crate::pool::{Pool, RegisteredTls, Registration};
@@ -37,6 +38,10 @@ pub struct Services {
     pub pool: Arc<Pool>,
     pub ca: Arc<berth_tls::Ca>,
     pub shutdown: CancellationToken,
+    /// Admits or refuses each registering agent (EC2: DescribeInstances).
+    pub verifier: Arc<dyn Verifier>,
+    /// Counters of the EC2 verification and the orphan sweeper.
+    pub ec2_metrics: Arc<Ec2Metrics>,
 }
 
 /// A CSR problem is the caller's; anything else in signing is ours.
@@ -187,20 +192,10 @@ impl AgentService for Services {
         let first = tokio::time::timeout(REGISTER_TIMEOUT, inbound.message())
             .await
             .map_err(|_| Status::deadline_exceeded("no register message within 10s"))??;
-        let reg = match first.and_then(|m| m.msg) {
+        let (mut reg, csr_pem) = match first.and_then(|m| m.msg) {
             Some(pb::agent_message::Msg::Register(r)) => {
                 let csr_pem = r.csr_pem.clone();
-                let mut reg = Registration::from_proto(r)?;
-                let addr = validate::host_addr(&reg.host_addr)?;
-                let server_cert_pem = self
-                    .ca
-                    .sign_host(&csr_pem, &reg.host_id, addr, SystemTime::now())
-                    .map_err(tls_status)?;
-                reg.tls = RegisteredTls {
-                    server_cert_pem,
-                    ca_pem: self.ca.cert_pem().to_owned(),
-                };
-                reg
+                (Registration::from_proto(r)?, csr_pem)
             }
             Some(_) => {
                 return Err(Status::invalid_argument(
@@ -213,9 +208,21 @@ impl AgentService for Services {
                 ));
             }
         };
+        let addr = validate::host_addr(&reg.host_addr)?;
+        // Before the CA signs anything and before the pool hears of it: a
+        // refused agent gets no certificate and is never offered.
+        self.verifier.verify(&reg, peer).await?;
+        let server_cert_pem = self
+            .ca
+            .sign_host(&csr_pem, &reg.host_id, addr, SystemTime::now())
+            .map_err(tls_status)?;
+        reg.tls = RegisteredTls {
+            server_cert_pem,
+            ca_pem: self.ca.cert_pem().to_owned(),
+        };
         let host_id = reg.host_id.clone();
         let (tx, rx) = mpsc::channel(AGENT_CHANNEL_DEPTH);
-        let conn_id = self.pool.register(reg, tx, Instant::now());
+        let conn_id = self.pool.try_register(reg, tx, Instant::now())?;
         let pool = self.pool.clone();
         let shutdown = self.shutdown.clone();
         let span = info_span!("agent", host_id = %host_id, conn_id, peer = ?peer);

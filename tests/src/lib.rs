@@ -14,6 +14,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod bench;
+pub mod ec2;
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -68,7 +69,7 @@ pub fn busybox() -> &'static str {
     "/bin/busybox"
 }
 
-fn which(tool: &str) -> Option<PathBuf> {
+pub(crate) fn which(tool: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
         .map(|d| d.join(tool))
@@ -199,7 +200,8 @@ pub fn sweep(prefix: &str) {
     ok(o, "berth-agent sweep");
 }
 
-fn dirs(prefix: &str) -> (PathBuf, PathBuf) {
+/// The state and run directories of a test prefix.
+pub fn dirs(prefix: &str) -> (PathBuf, PathBuf) {
     (
         Path::new(TEST_STATE_ROOT).join(prefix.trim_end_matches('-')),
         Path::new(TEST_RUN_ROOT).join(prefix.trim_end_matches('-')),
