@@ -341,6 +341,14 @@ mod tests {
         };
         assert_eq!(c.validate(), Err(ConfigError::NoPoweroffCommand));
         assert!(Cli::try_parse_from(["berth-agent", "--provider", "gcp"]).is_err());
+        // Taking over a host left behind is a local thing: an EC2 agent
+        // restarts on its own instance.
+        let c = Config {
+            poweroff_command: "/usr/local/bin/off now".into(),
+            resume_host: Some(format!("{}0", c.prefix)),
+            ..c
+        };
+        assert_eq!(c.validate(), Err(ConfigError::ResumeNeedsLocal));
     }
 
     #[test]
