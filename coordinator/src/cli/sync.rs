@@ -124,6 +124,8 @@ pub enum SyncError {
         #[source]
         source: io::Error,
     },
+    #[error("there is no volume {0:?} on the leased host")]
+    NoVolume(String),
     #[error("interrupted")]
     Interrupted,
 }
@@ -136,6 +138,7 @@ impl SyncError {
             Self::Endpoint(LeaseDockerError::Certs { .. }) => 7,
             Self::Endpoint(LeaseDockerError::BadHost(_)) => 2,
             Self::Docker { .. } | Self::Timeout { .. } | Self::Local { .. } => 1,
+            Self::NoVolume(_) => 4,
             Self::Interrupted => 130,
         }
     }
@@ -176,6 +179,9 @@ pub type TarStream = Pin<Box<dyn Stream<Item = io::Result<Bytes>> + Send>>;
 /// The Docker operations a sync needs, so the flow (and that the helper
 /// container always goes) is testable without dockerd.
 pub trait VolumeArchive: Send + Sync {
+    /// Whether the named volume exists (creating a helper container would
+    /// create it, so copying back checks first).
+    fn volume_exists(&self, volume: &str) -> impl Future<Output = Result<bool, SyncError>> + Send;
     /// Makes sure the empty helper image exists on the host.
     fn ensure_helper_image(&self) -> impl Future<Output = Result<(), SyncError>> + Send;
     /// Creates (never starts) a helper container mounting `volume` at
@@ -249,6 +255,19 @@ fn empty_tar() -> Bytes {
 }
 
 impl VolumeArchive for LeaseVolumes {
+    async fn volume_exists(&self, volume: &str) -> Result<bool, SyncError> {
+        retried(|| async move {
+            match self.call.inspect_volume(volume).await {
+                Ok(_) => Ok(true),
+                Err(bollard::errors::Error::DockerResponseServerError {
+                    status_code: 404, ..
+                }) => Ok(false),
+                Err(e) => Err(docker_err("inspect volume", e)),
+            }
+        })
+        .await
+    }
+
     async fn ensure_helper_image(&self) -> Result<(), SyncError> {
         let exists = retried(|| async move {
             match self.call.inspect_image(&helper_image()).await {
@@ -665,6 +684,9 @@ pub async fn sync_from<V: VolumeArchive>(
     shutdown: &CancellationToken,
 ) -> Result<Stats, SyncError> {
     check_volume_name(volume)?;
+    if !volumes.volume_exists(volume).await? {
+        return Err(SyncError::NoVolume(volume.to_owned()));
+    }
     std::fs::create_dir_all(dest)
         .map_err(|e| SyncError::local(format!("creating {}", dest.display()), e))?;
     volumes.ensure_helper_image().await?;
@@ -992,6 +1014,10 @@ mod tests {
     }
 
     impl VolumeArchive for DirVolumes {
+        async fn volume_exists(&self, volume: &str) -> Result<bool, SyncError> {
+            Ok(self.root.join(volume).is_dir())
+        }
+
         async fn ensure_helper_image(&self) -> Result<(), SyncError> {
             Ok(())
         }
@@ -1164,6 +1190,22 @@ mod tests {
             .unwrap_err();
         assert!(err.to_string().contains("no space left"), "{err}");
         assert_eq!(vols.removed.lock().unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn copying_back_a_missing_volume_creates_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let vols = DirVolumes::new(&tmp.path().join("volumes"));
+        let dest = tmp.path().join("dest");
+        let err = sync_from(&vols, "nope", MOUNT_POINT, &dest, &CancellationToken::new())
+            .await
+            .unwrap_err();
+        assert_eq!(err.exit_code(), 4, "{err}");
+        assert!(
+            vols.helpers.lock().unwrap().is_empty(),
+            "a helper was created"
+        );
+        assert!(!dest.exists(), "the destination was created");
     }
 
     #[tokio::test]
