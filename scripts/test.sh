@@ -8,8 +8,9 @@ cd "$(dirname "$0")/.."
 . scripts/deps.sh
 
 ensure_runtime_deps
-# The packaging tests: packer (fmt, validate), systemd-analyze and systemctl.
-ensure_apt packer systemd
+# The packaging tests: packer (fmt, validate), systemd-analyze and systemctl;
+# the workspace-sync test drives Debian's docker-compose against a lease.
+ensure_apt packer systemd docker-compose
 ensure_moto
 if ! cargo nextest --version >/dev/null 2>&1; then
   echo "installing cargo-nextest" >&2

@@ -3,7 +3,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use berth_tests::bench::tls_front;
+use berth_tests::bench::{sync, tls_front};
 use berth_tests::preflight;
 
 #[test]
@@ -42,4 +42,36 @@ fn tls_front_benchmark_produces_figures_for_every_path() {
     assert!(!report.docker_version.is_empty());
     let text = report.to_string();
     assert!(text.contains("ratios"), "{text}");
+}
+
+#[test]
+fn sync_benchmark_produces_figures_for_both_tools() {
+    if !preflight() {
+        return;
+    }
+    let opts = sync::Options {
+        tree_mib: 4,
+        files: 40,
+        large_files: 2,
+        rounds: 1,
+    };
+    let report = sync::run(&opts).expect("the benchmark runs");
+    println!("{report}");
+    assert_eq!(report.files, 40);
+    assert!(
+        report.tree_bytes >= 4 * 1024 * 1024 - 4096,
+        "{}",
+        report.tree_bytes
+    );
+    for s in [
+        report.berth_to,
+        report.docker_cp_to,
+        report.berth_from,
+        report.docker_cp_from,
+    ] {
+        assert_eq!(s.n, 1);
+        assert!(s.median.is_finite() && s.median > 0.0, "{s:?}");
+    }
+    let text = report.to_string();
+    assert!(text.contains("to the volume:"), "{text}");
 }

@@ -27,6 +27,43 @@ async fn main() {
                 }
             }
         }
+        Command::Sync(args) => {
+            berth_coordinator::telemetry::init(cli.log.log_format, "warn");
+            let shutdown = interrupt_token();
+            match cli::sync::run(args, &shutdown).await {
+                Ok(_) => 0,
+                Err(e) => {
+                    eprintln!("berth sync: {e}");
+                    e.exit_code()
+                }
+            }
+        }
+        Command::Forward(args) if args.background => match cli::forward::spawn_background(args) {
+            Ok(pid) => {
+                println!("{pid}");
+                0
+            }
+            Err(e) => {
+                eprintln!("berth forward: {e}");
+                e.exit_code()
+            }
+        },
+        Command::Forward(args) => {
+            berth_coordinator::telemetry::init(cli.log.log_format, "warn");
+            match cli::forward_watch(&cli, &args.lease).await {
+                Ok(watch) => match cli::forward::run(args, &watch, interrupt_token()).await {
+                    Ok(_) => 0,
+                    Err(e) => {
+                        eprintln!("berth forward: {e}");
+                        e.exit_code()
+                    }
+                },
+                Err(e) => {
+                    eprintln!("berth forward: {e}");
+                    e.exit_code()
+                }
+            }
+        }
         _ => {
             berth_coordinator::telemetry::init(cli.log.log_format, "warn");
             match cli::run_client(&cli).await {
@@ -43,4 +80,17 @@ async fn main() {
         }
     };
     std::process::exit(code);
+}
+
+/// A token cancelled by SIGINT or SIGTERM.
+fn interrupt_token() -> CancellationToken {
+    let token = CancellationToken::new();
+    tokio::spawn({
+        let token = token.clone();
+        async move {
+            berth_coordinator::shutdown_signal().await;
+            token.cancel();
+        }
+    });
+    token
 }

@@ -12,7 +12,15 @@
 //! writes `ca.pem`, `cert.pem`, `key.pem` into a private directory (0700,
 //! files 0600) for `DOCKER_CERT_PATH`; `renew` re-issues `cert.pem` for the
 //! same key; `release` deletes the directory.
+//!
+//! `sync` and `forward` make the leased host feel local: a directory into a
+//! named volume and back (through the Docker API the lease grants), and
+//! published ports on 127.0.0.1.
 
+pub mod forward;
+pub mod ignore;
+pub mod lease_docker;
+pub mod sync;
 pub mod up;
 
 use std::fmt::Write as _;
@@ -121,6 +129,12 @@ pub enum Command {
         #[arg(long, default_value = "drained by operator")]
         reason: String,
     },
+    /// Copy a local directory into a named volume on the leased host, or
+    /// (--from) a volume back into a local directory.
+    Sync(sync::SyncArgs),
+    /// Listen on 127.0.0.1 and forward to ports published on the leased
+    /// host, until the lease ends.
+    Forward(forward::ForwardArgs),
 }
 
 /// A CLI failure with the exit code it maps to.
@@ -278,7 +292,11 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 /// A request with a deadline and the tenant token.
-fn request<T>(msg: T, timeout: Duration, token: &str) -> Result<tonic::Request<T>, CliError> {
+pub(crate) fn request<T>(
+    msg: T,
+    timeout: Duration,
+    token: &str,
+) -> Result<tonic::Request<T>, CliError> {
     let mut req = tonic::Request::new(msg);
     req.set_timeout(timeout);
     let value = format!("Bearer {token}")
@@ -286,6 +304,21 @@ fn request<T>(msg: T, timeout: Duration, token: &str) -> Result<tonic::Request<T
         .map_err(|_| CliError::Credentials("the tenant token is not valid header text".into()))?;
     req.metadata_mut().insert("authorization", value);
     Ok(req)
+}
+
+/// The lease watch of `berth forward`: the coordinator, with the CLI's
+/// credentials.
+pub async fn forward_watch(
+    cli: &Cli,
+    lease_id: &str,
+) -> Result<forward::CoordinatorWatch, CliError> {
+    let token = token(cli.token_file.as_deref())?;
+    let channel = channel(&cli.coordinator, &cli.ca).await?;
+    Ok(forward::CoordinatorWatch {
+        channel,
+        token,
+        lease_id: lease_id.to_owned(),
+    })
 }
 
 /// Runs one non-`up` subcommand, printing its result to stdout.
@@ -297,15 +330,20 @@ pub async fn run_client(cli: &Cli) -> Result<(), CliError> {
 
 /// Runs one non-`up` subcommand and returns what it prints.
 pub async fn client_output(cli: &Cli) -> Result<String, CliError> {
-    if matches!(cli.command, Command::Up(_)) {
-        return Err(CliError::Other("`up` is not a client command".into()));
+    if matches!(
+        cli.command,
+        Command::Up(_) | Command::Sync(_) | Command::Forward(_)
+    ) {
+        return Err(CliError::Other("not a coordinator client command".into()));
     }
     let token = token(cli.token_file.as_deref())?;
     let ch = channel(&cli.coordinator, &cli.ca).await?;
     let mut leases = LeaseServiceClient::new(ch.clone());
     let mut admin = AdminServiceClient::new(ch);
     match &cli.command {
-        Command::Up(_) => Err(CliError::Other("`up` is not a client command".into())),
+        Command::Up(_) | Command::Sync(_) | Command::Forward(_) => {
+            Err(CliError::Other("not a coordinator client command".into()))
+        }
         Command::Acquire {
             build,
             ttl,
@@ -500,7 +538,7 @@ pub async fn client_output(cli: &Cli) -> Result<String, CliError> {
     }
 }
 
-fn is_ended(state: i32) -> bool {
+pub(crate) fn is_ended(state: i32) -> bool {
     matches!(
         pb::LeaseState::try_from(state),
         Ok(pb::LeaseState::Released

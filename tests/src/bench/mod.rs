@@ -10,6 +10,7 @@
 //! machine the figures came from.
 
 pub mod http;
+pub mod sync;
 pub mod tls_front;
 
 use std::fmt::Write as _;

@@ -1,6 +1,7 @@
 //! `berth-bench`: runs berth's benchmarks and prints their figures.
 //!
 //!     cargo build --release --bins && sudo target/release/berth-bench tls-front
+//!     sudo target/release/berth-bench sync
 //!
 //! Needs what the end-to-end tests need (root, dockerd, the docker CLI,
 //! iproute2, nsenter, busybox-static). Benchmarks live in
@@ -39,6 +40,22 @@ enum Bench {
         #[arg(long, env = "BERTH_BENCH_CONNECTS", default_value_t = 100)]
         connects: usize,
     },
+    /// `berth sync` against `docker cp` of the same tree into (and out of)
+    /// a named volume on a leased host.
+    Sync {
+        /// Size of the random tree, MiB.
+        #[arg(long, env = "BERTH_BENCH_TREE_MIB", default_value_t = 200)]
+        tree_mib: u64,
+        /// Files in the tree.
+        #[arg(long, env = "BERTH_BENCH_FILES", default_value_t = 2000)]
+        files: usize,
+        /// Of which large (half the bytes).
+        #[arg(long, env = "BERTH_BENCH_LARGE_FILES", default_value_t = 20)]
+        large_files: usize,
+        /// Rounds per tool and direction.
+        #[arg(long, env = "BERTH_BENCH_ROUNDS", default_value_t = 3)]
+        rounds: usize,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -65,6 +82,29 @@ fn main() -> std::process::ExitCode {
                 }
                 Err(e) => {
                     eprintln!("berth-bench tls-front: {e}");
+                    std::process::ExitCode::FAILURE
+                }
+            }
+        }
+        Bench::Sync {
+            tree_mib,
+            files,
+            large_files,
+            rounds,
+        } => {
+            let opts = berth_tests::bench::sync::Options {
+                tree_mib,
+                files,
+                large_files,
+                rounds,
+            };
+            match berth_tests::bench::sync::run(&opts) {
+                Ok(report) => {
+                    println!("{report}");
+                    std::process::ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("berth-bench sync: {e}");
                     std::process::ExitCode::FAILURE
                 }
             }
