@@ -19,7 +19,9 @@ fi
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
-cargo build --workspace --bins --locked
+# No separate `cargo build --bins`: nextest builds every package's binaries
+# for its integration tests, with the tests' feature set; a plain build
+# would compile the whole tree a second time with another one.
 profile=default
 [ "${CI:-}" = "true" ] && profile=ci
 # The fuzzer itself runs with scripts/fuzz.sh (nightly); here its harness
