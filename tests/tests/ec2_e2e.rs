@@ -92,6 +92,13 @@ fn in_service_instance_serves_a_lease_and_ends_itself_while_the_sweeper_ends_an_
     );
     let (_, orphan_tags, _) = w.instance(&orphan);
     assert!(orphan_tags.contains_key(ORPHAN_TAG), "{orphan_tags:?}");
+    // The coordinator logs the termination once TerminateInstances has
+    // answered, which can be just after moto shows the instance terminated.
+    wait_for(
+        "the sweeper to log the termination",
+        Duration::from_secs(10),
+        || (!passes(&c, "orphan sweep: terminated", &orphan).is_empty()).then_some(()),
+    );
     let tagged = passes(&c, "orphan sweep: tagged", &orphan);
     let terminated = passes(&c, "orphan sweep: terminated", &orphan);
     assert_eq!(tagged.len(), 1, "tagged once: {tagged:?}");
