@@ -1,0 +1,127 @@
+//! The benchmark suite in smoke mode: the same code as `berth-bench all`
+//! with tiny sizes, so the benchmarks never rot. It asserts that every
+//! figure was produced and is sane (samples present, finite, ordered, with
+//! their baselines); it makes no timing assertions, since speed is measured
+//! by the full run, not by tests.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use berth_tests::bench::{self, Scenario, Sizes};
+use berth_tests::preflight;
+
+fn figure<'a>(figures: &'a [bench::Figure], key: &str) -> &'a bench::Figure {
+    figures.iter().find(|f| f.key == key).unwrap_or_else(|| {
+        panic!(
+            "no figure {key}; have {:?}",
+            figures.iter().map(|f| &f.key).collect::<Vec<_>>()
+        )
+    })
+}
+
+fn sane(f: &bench::Figure, positive: bool) {
+    let s = f
+        .summary()
+        .unwrap_or_else(|| panic!("{}: no samples", f.key));
+    for v in &f.samples {
+        assert!(v.is_finite() && *v >= 0.0, "{}: sample {v}", f.key);
+    }
+    assert!(
+        s.min <= s.median && s.median <= s.p99 && s.p99 <= s.max,
+        "{}: {s:?}",
+        f.key
+    );
+    if positive {
+        assert!(s.min > 0.0, "{}: a zero sample {s:?}", f.key);
+    }
+    assert!(!f.render().is_empty());
+}
+
+fn with_baseline(f: &bench::Figure) {
+    sane(f, true);
+    let b = f
+        .baseline_summary()
+        .unwrap_or_else(|| panic!("{}: no baseline", f.key));
+    assert!(b.min > 0.0, "{}: baseline {b:?}", f.key);
+    let r = f.ratio().unwrap();
+    assert!(r.is_finite() && r > 0.0, "{}: ratio {r}", f.key);
+}
+
+#[test]
+fn benchmark_suite_smoke() {
+    if !preflight() {
+        return;
+    }
+    let sizes = Sizes::smoke();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let figures = rt
+        .block_on(bench::run(&[Scenario::All], &sizes))
+        .unwrap_or_else(|e| panic!("the benchmark suite failed: {e}"));
+    println!("{}", bench::summary_table(&figures));
+
+    // P1: every acquire went through the agent; the baseline too.
+    let p1 = figure(&figures, "P1");
+    with_baseline(p1);
+    assert_eq!(p1.samples.len(), sizes.p1_cycles);
+    assert_eq!(p1.checks.len(), 2);
+
+    // P2: both agent counts ran the load without errors.
+    let (small, big) = (sizes.p2_agents[0], sizes.p2_agents[1]);
+    for n in [small, big] {
+        let rate = figure(&figures, &format!("P2 cycles/s @{n}"));
+        sane(rate, false);
+        assert!(
+            rate.samples.iter().sum::<f64>() > 0.0,
+            "no cycle completed with {n} agents"
+        );
+        assert!(
+            rate.notes.iter().any(|n| n.contains(" 0 errors")),
+            "P2 with {n} agents had errors: {:?}",
+            rate.notes
+        );
+        sane(figure(&figures, &format!("P2 acquire @{n}")), true);
+        sane(figure(&figures, &format!("P2 release @{n}")), true);
+        sane(figure(&figures, &format!("P2 cpu @{n}")), false);
+        let rss = figure(&figures, &format!("P2 rss/agent @{n}"));
+        assert!(
+            rss.samples.iter().all(|v| v.is_finite()),
+            "{:?}",
+            rss.samples
+        );
+    }
+    assert!(
+        figure(&figures, &format!("P2 acquire @{big}"))
+            .baseline
+            .is_some()
+    );
+
+    // P3: the agent booted; dockerd alone booted.
+    with_baseline(figure(&figures, "P3"));
+    with_baseline(figure(&figures, "P3 registered"));
+    let p3 = figure(&figures, "P3");
+    let reg = figure(&figures, "P3 registered");
+    assert!(reg.samples[0] >= p3.samples[0], "registered before READY?");
+
+    // P4: both wipes ran and the agent's verified the host empty.
+    let p4 = figure(&figures, "P4");
+    with_baseline(p4);
+    assert!(
+        p4.checks
+            .iter()
+            .any(|c| c.target.starts_with("verified") && c.met),
+        "{p4:?}"
+    );
+
+    // P5: the host came back and its wipe report was read.
+    with_baseline(figure(&figures, "P5"));
+    sane(figure(&figures, "P5 wipe (agent report)"), false);
+
+    // Idle footprint: an RSS that a real process has.
+    let rss = figure(&figures, "idle RSS");
+    sane(rss, true);
+    assert!(
+        rss.samples.iter().all(|m| *m > 1.0 && *m < 4096.0),
+        "{:?}",
+        rss.samples
+    );
+    sane(figure(&figures, "idle CPU"), false);
+}
