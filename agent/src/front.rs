@@ -11,8 +11,12 @@
 //!
 //! The host address lives in the host's network namespace while the agent
 //! stays in the root namespace (to reach the coordinator on loopback). A
-//! socket belongs to the namespace it was created in, so the listener is
-//! created on a short-lived thread that first joins the host's namespace.
+//! socket belongs to the namespace it was created in, so the listener's
+//! socket is created on a short-lived thread that first joins the host's
+//! namespace. That thread and its `setns` cost milliseconds, so the socket
+//! for the next lease is made ahead of time ([`DockerFront::prepare`], and
+//! again after every close) and opening the front only binds and listens:
+//! an unbound socket accepts nothing, so nothing is open early.
 //!
 //! The accept -> stream -> proxy seam is [`serve_connection`], generic over
 //! the client stream, so per-lease mutual TLS can wrap the accepted stream
@@ -90,6 +94,9 @@ pub struct DockerFront {
     netns: Option<PathBuf>,
     upstream: PathBuf,
     active: Option<Active>,
+    /// A socket already in the host's namespace, not yet bound: the next
+    /// `open` binds it instead of paying for a thread and `setns`.
+    spare: Option<Socket>,
 }
 
 #[derive(Debug)]
@@ -107,7 +114,25 @@ impl DockerFront {
             netns,
             upstream,
             active: None,
+            spare: None,
         }
+    }
+
+    /// Makes the socket for the next lease now, off the acquire path. A
+    /// failure is only logged: `open` then makes one itself and reports.
+    pub async fn prepare(&mut self) {
+        if self.spare.is_some() {
+            return;
+        }
+        match socket_in_netns(self.addr, self.netns.clone()).await {
+            Ok(s) => self.spare = Some(s),
+            Err(e) => tracing::warn!(error = %e, "preparing the front's socket"),
+        }
+    }
+
+    /// Whether a socket for the next lease is ready.
+    pub fn is_prepared(&self) -> bool {
+        self.spare.is_some()
     }
 
     /// Whether a lease's listener is up.
@@ -120,7 +145,11 @@ impl FrontControl for DockerFront {
     #[tracing::instrument(skip(self), err)]
     async fn open(&mut self, lease_id: &str) -> Result<(), FrontError> {
         self.close().await;
-        let std_listener = bind_in_netns(self.addr, self.netns.clone()).await?;
+        let socket = match self.spare.take() {
+            Some(s) => s,
+            None => socket_in_netns(self.addr, self.netns.clone()).await?,
+        };
+        let std_listener = listen(socket, self.addr)?;
         let listener = TcpListener::from_std(std_listener).map_err(|source| FrontError::Bind {
             addr: self.addr,
             source,
@@ -158,24 +187,33 @@ impl FrontControl for DockerFront {
         } else {
             tracing::info!("docker front closed; all connections cut");
         }
+        self.prepare().await;
     }
 }
 
 /// Creates the listening socket inside `netns` (or here without one).
-///
-/// `setns` changes the namespace of the calling thread only, and a socket
-/// stays in the namespace it was created in; a dedicated std thread (not the
-/// tokio blocking pool, whose threads are reused) is created, moved into
-/// the namespace, binds, and ends.
 pub async fn bind_in_netns(
     addr: SocketAddr,
     netns: Option<PathBuf>,
 ) -> Result<std::net::TcpListener, FrontError> {
+    listen(socket_in_netns(addr, netns).await?, addr)
+}
+
+/// Creates an unbound TCP socket inside `netns` (or here without one).
+///
+/// `setns` changes the namespace of the calling thread only, and a socket
+/// stays in the namespace it was created in; a dedicated std thread (not the
+/// tokio blocking pool, whose threads are reused) is created, moved into
+/// the namespace, makes the socket, and ends.
+pub async fn socket_in_netns(
+    addr: SocketAddr,
+    netns: Option<PathBuf>,
+) -> Result<Socket, FrontError> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
         .name("berth-front-bind".to_owned())
         .spawn(move || {
-            let _ = tx.send(bind_blocking(addr, netns.as_deref()));
+            let _ = tx.send(socket_blocking(addr, netns.as_deref()));
         })
         .map_err(|source| FrontError::Bind { addr, source })?;
     match tokio::time::timeout(FRONT_BIND_TIMEOUT, rx).await {
@@ -185,10 +223,7 @@ pub async fn bind_in_netns(
     }
 }
 
-fn bind_blocking(
-    addr: SocketAddr,
-    netns: Option<&Path>,
-) -> Result<std::net::TcpListener, FrontError> {
+fn socket_blocking(addr: SocketAddr, netns: Option<&Path>) -> Result<Socket, FrontError> {
     if let Some(path) = netns {
         let file = std::fs::File::open(path).map_err(|source| FrontError::Netns {
             path: path.to_owned(),
@@ -199,12 +234,19 @@ fn bind_blocking(
             source: errno.into(),
         })?;
     }
-    let bind_err = |source| FrontError::Bind { addr, source };
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
-        .map_err(bind_err)?;
+        .map_err(|source| FrontError::Bind { addr, source })?;
     // Recycle mode rebinds right after the previous lease's connections were
     // cut; their TIME_WAIT entries must not block the new listener.
-    socket.set_reuse_address(true).map_err(bind_err)?;
+    socket
+        .set_reuse_address(true)
+        .map_err(|source| FrontError::Bind { addr, source })?;
+    Ok(socket)
+}
+
+/// Binds and listens on a socket from [`socket_in_netns`]; cheap, no thread.
+fn listen(socket: Socket, addr: SocketAddr) -> Result<std::net::TcpListener, FrontError> {
+    let bind_err = |source| FrontError::Bind { addr, source };
     socket.bind(&addr.into()).map_err(bind_err)?;
     socket.listen(LISTEN_BACKLOG).map_err(bind_err)?;
     socket.set_nonblocking(true).map_err(bind_err)?;
@@ -354,8 +396,13 @@ mod tests {
             "listener must be gone"
         );
 
-        // Reopen at once on the same port (recycle mode).
+        // The next lease's socket was made at close, unbound: still closed.
+        assert!(front.is_prepared());
+        assert!(TcpStream::connect(addr).await.is_err());
+
+        // Reopen at once on the same port (recycle mode), with that socket.
         front.open("l2").await.unwrap();
+        assert!(!front.is_prepared());
         let mut conn = TcpStream::connect(addr).await.unwrap();
         conn.write_all(b"again").await.unwrap();
         let mut buf = [0u8; 5];
