@@ -45,6 +45,8 @@ pub struct Run {
     /// CPU of the coordinator in % of one core.
     pub cpu_heartbeats_pct: f64,
     pub cpu_load_pct: f64,
+    /// CPU of this process (simulated agents + CI clients) during the load.
+    pub cpu_generator_pct: f64,
     pub heartbeats: u64,
 }
 
@@ -89,8 +91,11 @@ pub async fn measure(sizes: &Sizes, agents: usize, per_conn: usize, tag: &str) -
     }
     let hb0 = lg.counters.heartbeats.load(Ordering::Relaxed);
     let cpu0 = cpu_time(pid).unwrap_or_default();
+    let me = i32::try_from(std::process::id()).unwrap_or(0);
+    let gen0 = cpu_time(me).unwrap_or_default();
     let load = ci_load(&chans, sizes, tag).await;
     let cpu_load_pct = cpu_pct(pid, load.elapsed, cpu0);
+    let cpu_generator_pct = cpu_pct(me, load.elapsed, gen0);
     let heartbeats = lg.counters.heartbeats.load(Ordering::Relaxed) - hb0;
     let rss_after_kib = rss_kib(pid).unwrap_or(0.0);
     let failed = lg.counters.failed.load(Ordering::Relaxed);
@@ -115,6 +120,7 @@ pub async fn measure(sizes: &Sizes, agents: usize, per_conn: usize, tag: &str) -
         rss_after_kib,
         cpu_heartbeats_pct,
         cpu_load_pct,
+        cpu_generator_pct,
         heartbeats,
     })
 }
@@ -279,7 +285,7 @@ fn figures_for(sizes: &Sizes, r: &Run, base: &Run) -> Vec<Figure> {
     let is_base = r.agents == base.agents;
     let target_rate = sizes.p2_rate;
     let note = format!(
-        "{n} agents over {} HTTP/2 connections, heartbeat {:?}, {} CI clients, {} cycles in {:?}, {} errors{}; {} heartbeats during the load",
+        "{n} agents over {} HTTP/2 connections, heartbeat {:?}, {} CI clients, {} cycles in {:?}, {} errors{}; {} heartbeats during the load; load generator (this process) used {:.0}% of a core, coordinator {:.0}%",
         r.connections,
         sizes.p2_heartbeat,
         sizes.p2_clients,
@@ -291,6 +297,8 @@ fn figures_for(sizes: &Sizes, r: &Run, base: &Run) -> Vec<Figure> {
             .map(|e| format!(" (first: {e})"))
             .unwrap_or_default(),
         r.heartbeats,
+        r.cpu_generator_pct,
+        r.cpu_load_pct,
     );
     let with_base = |f: Figure, samples: Vec<f64>| {
         if is_base {
