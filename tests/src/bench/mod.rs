@@ -333,7 +333,7 @@ impl Sizes {
             p4_runs: 5,
             p4_population: Population::STANDARD,
             p4_growth: vec![1, 100],
-            p4_growth_runs: 3,
+            p4_growth_runs: 2,
             p5_runs: 5,
             idle_window: Duration::from_secs(30),
         }
