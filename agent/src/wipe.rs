@@ -31,6 +31,12 @@ pub const CONTAINER_CONCURRENCY: usize = 32;
 /// Image removal is repeated this many times at most: a parent image cannot
 /// be removed before its children (409), so each pass peels a layer off.
 pub const IMAGE_PASSES: usize = 5;
+/// Passes over the volumes and networks a prune left. dockerd lets go of a
+/// removed container's endpoints and volume references a moment after it
+/// answers, so one can still be "in use" just after; it is tried again.
+pub const LEFTOVER_PASSES: usize = 5;
+/// Pause before each pass after the first.
+pub const LEFTOVER_PAUSE: std::time::Duration = std::time::Duration::from_millis(50);
 /// How many error messages end up in the report (the rest are counted).
 const MAX_REPORTED_ERRORS: usize = 5;
 
@@ -215,39 +221,64 @@ pub async fn wipe<D: DockerOps>(docker: &D, lease_id: &str) -> WipeReport {
     };
     let volumes = async {
         let mut errs: Vec<DockerError> = docker.prune_volumes().await.err().into_iter().collect();
-        match docker.list_volumes().await {
-            Ok(names) => errs.extend(
-                remove_all(
-                    docker,
-                    names,
-                    |d, n| async move { d.remove_volume(&n).await },
-                )
-                .await,
-            ),
-            Err(e) => errs.push(e),
+        let mut last = vec![];
+        for pass in 0..LEFTOVER_PASSES {
+            let names = match docker.list_volumes().await {
+                Ok(n) if n.is_empty() => break,
+                Ok(n) => n,
+                Err(e) => {
+                    last = vec![e];
+                    break;
+                }
+            };
+            if pass > 0 {
+                tokio::time::sleep(LEFTOVER_PAUSE).await;
+            }
+            last = remove_all(
+                docker,
+                names,
+                |d, n| async move { d.remove_volume(&n).await },
+            )
+            .await;
+            if last.is_empty() {
+                break;
+            }
         }
+        errs.append(&mut last);
         errs
     };
     let networks = async {
         let mut errs: Vec<DockerError> = docker.prune_networks().await.err().into_iter().collect();
-        match docker.list_networks().await {
-            Ok(nets) => {
-                let ids = nets
+        let mut last = vec![];
+        for pass in 0..LEFTOVER_PASSES {
+            let ids: Vec<String> = match docker.list_networks().await {
+                Ok(nets) => nets
                     .into_iter()
                     .filter(|n| !n.is_default())
                     .map(|n| n.id)
-                    .collect();
-                errs.extend(
-                    remove_all(
-                        docker,
-                        ids,
-                        |d, id| async move { d.remove_network(&id).await },
-                    )
-                    .await,
-                );
+                    .collect(),
+                Err(e) => {
+                    last = vec![e];
+                    break;
+                }
+            };
+            if ids.is_empty() {
+                break;
             }
-            Err(e) => errs.push(e),
+            if pass > 0 {
+                tokio::time::sleep(LEFTOVER_PAUSE).await;
+            }
+            last = remove_all(
+                docker,
+                ids,
+                |d, id| async move { d.remove_network(&id).await },
+            )
+            .await;
+            if last.is_empty() {
+                break;
+            }
         }
+        errs.append(&mut last);
         errs
     };
     let (image_prune_error, volume_errors, network_errors, pruned) =
@@ -328,6 +359,9 @@ pub(crate) mod fake {
         /// Images that refuse to go (a stuck dockerd).
         pub sticky_images: BTreeSet<String>,
         pub fail_listing_volumes: bool,
+        /// Networks still "in use" for one more removal attempt (dockerd
+        /// releasing a removed container's endpoint late); prune skips them.
+        pub busy_once: BTreeSet<String>,
     }
 
     #[derive(Default)]
@@ -478,6 +512,9 @@ pub(crate) mod fake {
         }
         async fn remove_network(&self, id: &str) -> Result<(), DockerError> {
             self.op(|s| match s.networks.get(id).map(String::as_str) {
+                _ if s.busy_once.remove(id) => {
+                    Err(conflict("remove network", id, "has active endpoints"))
+                }
                 None => Err(nf("remove network", id)),
                 Some("bridge" | "host" | "none") => {
                     Err(conflict("remove network", id, "predefined"))
@@ -524,8 +561,10 @@ pub(crate) mod fake {
         async fn prune_networks(&self) -> Result<usize, DockerError> {
             self.op(|s| {
                 let before = s.networks.len();
-                s.networks
-                    .retain(|_, name| ["bridge", "host", "none"].contains(&name.as_str()));
+                let busy = s.busy_once.clone();
+                s.networks.retain(|id, name| {
+                    busy.contains(id) || ["bridge", "host", "none"].contains(&name.as_str())
+                });
                 Ok(before - s.networks.len())
             })
             .await
@@ -619,6 +658,15 @@ mod tests {
             "{}",
             r.error
         );
+    }
+
+    #[tokio::test]
+    async fn a_network_released_late_is_removed_on_a_later_pass() {
+        let d = FakeDocker::busy();
+        d.state.lock().unwrap().busy_once.insert("n3".into());
+        let r = wipe(&d, "l1").await;
+        assert!(r.verified, "{r:?}");
+        assert_eq!((r.networks_removed, r.networks_left), (2, 0));
     }
 
     #[tokio::test]
