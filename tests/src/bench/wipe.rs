@@ -263,6 +263,7 @@ async fn series(
             notes.push(format!(
                 "agent wipe left (containers, images, volumes, networks) {left:?}"
             ));
+            berth_agent::wipe::wipe(docker, "bench-reset").await;
         }
         populate(rootfs, &socket, pop).await?;
         cli.push(ms(cli_wipe(rootfs, &socket).await?));
