@@ -139,54 +139,63 @@ fn args(a: &[&str]) -> Vec<String> {
     a.iter().map(|s| (*s).to_owned()).collect()
 }
 
-/// Makes the dockerd behind `socket` busy with `pop`.
+/// Makes the dockerd behind `socket` busy with `pop`. Names carry a
+/// number of their own per call, so that something an earlier wipe left
+/// behind (which the run reports) does not stop the next population.
 pub async fn populate(rootfs: &Rootfs, socket: &Path, pop: Population) -> Result<()> {
+    static ROUND: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let r = ROUND.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let tar = rootfs.tar.to_string_lossy().into_owned();
     let imports = pop.images.saturating_sub(1).max(1);
+    let base = format!("bimg{r}-0");
     docker_ok(
         rootfs,
         socket,
-        &args(&["import", "-c", "ENV N=0", &tar, "bimg0"]),
+        &args(&["import", "-c", "ENV N=0", &tar, &base]),
     )
     .await?;
     let mut cmds: Vec<Vec<String>> = (1..imports)
         .map(|i| {
-            args(&[
-                "import",
-                "-c",
-                &format!("ENV N={i}"),
-                &tar,
-                &format!("bimg{i}"),
-            ])
+            let name = format!("bimg{r}-{i}");
+            args(&["import", "-c", &format!("ENV N={i}"), &tar, &name])
         })
         .collect();
-    cmds.extend((0..pop.volumes).map(|i| args(&["volume", "create", &format!("bvol{i}")])));
-    cmds.extend((0..pop.networks).map(|i| args(&["network", "create", &format!("bnet{i}")])));
+    cmds.extend((0..pop.volumes).map(|i| args(&["volume", "create", &format!("bvol{r}-{i}")])));
+    cmds.extend((0..pop.networks).map(|i| args(&["network", "create", &format!("bnet{r}-{i}")])));
     docker_all(rootfs, socket, cmds).await?;
     if pop.images >= 2 {
-        let ctx = rootfs.context.to_string_lossy().into_owned();
-        docker_ok(
-            rootfs,
-            socket,
-            &args(&["build", "-q", "-t", "bbuilt", &ctx]),
+        std::fs::write(
+            rootfs.context.join("Dockerfile"),
+            format!("FROM {base}\nRUN echo built > /built\nRUN echo again > /again\n"),
         )
-        .await?;
+        .map_err(BenchError::io("writing a Dockerfile"))?;
+        let ctx = rootfs.context.to_string_lossy().into_owned();
+        let tag = format!("bbuilt{r}");
+        docker_ok(rootfs, socket, &args(&["build", "-q", "-t", &tag, &ctx])).await?;
     }
     let runs = (0..pop.containers)
         .map(|i| {
             let mut a = args(&["run", "-d"]);
             if pop.networks > 0 {
-                a.extend(args(&["--network", &format!("bnet{}", i % pop.networks)]));
+                a.extend(args(&[
+                    "--network",
+                    &format!("bnet{r}-{}", i % pop.networks),
+                ]));
             }
             if pop.volumes > 0 {
-                a.extend(args(&["-v", &format!("bvol{}:/data", i % pop.volumes)]));
+                a.extend(args(&["-v", &format!("bvol{r}-{}:/data", i % pop.volumes)]));
             }
-            a.extend(args(&["bimg0", "sleep", "3600"]));
+            a.extend(args(&[&base, "sleep", "3600"]));
             a
         })
         .collect();
     docker_all(rootfs, socket, runs).await?;
-    let running = docker_ok(rootfs, socket, &args(&["ps", "-q"])).await?;
+    let running = docker_ok(
+        rootfs,
+        socket,
+        &args(&["ps", "-q", "--filter", &format!("ancestor={base}")]),
+    )
+    .await?;
     let n = running.lines().count();
     if n != pop.containers {
         return Err(BenchError::step(
