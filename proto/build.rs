@@ -22,6 +22,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // The agent stream rpc is called `Connect`; the transport helper would
         // generate a clashing `connect` constructor. Clients build channels.
         .build_transport(false)
+        // Small per-call buffers: see `codec` in lib.rs.
+        .codec_path("crate::codec::SmallBufferCodec")
         .file_descriptor_set_path(out.join("berth_v1_descriptor.bin"))
         .compile_with_config(config, &files, &[PathBuf::from("."), include])?;
     Ok(())

@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use bollard::query_parameters::{
     ListContainersOptions, ListImagesOptions, ListNetworksOptions, ListVolumesOptions,
-    PruneBuildOptions, RemoveContainerOptions, RemoveImageOptions, RemoveVolumeOptions,
+    PruneBuildOptions, PruneImagesOptions, PruneNetworksOptions, PruneVolumesOptions,
+    RemoveContainerOptions, RemoveImageOptions, RemoveVolumeOptions,
 };
 use bollard::{ClientVersion, Docker};
 
@@ -93,6 +94,14 @@ pub trait DockerOps: Send + Sync + 'static {
     /// All networks, default ones included.
     fn list_networks(&self) -> impl Future<Output = Result<Vec<NetworkRef>, DockerError>> + Send;
     fn remove_network(&self, id: &str) -> impl Future<Output = Result<(), DockerError>> + Send;
+    /// Removes every image no container uses (every image, once the
+    /// containers are gone) in one call; returns how many were deleted.
+    fn prune_images(&self) -> impl Future<Output = Result<usize, DockerError>> + Send;
+    /// Removes every volume no container uses, named ones included (API
+    /// 1.41 semantics, which the pinned API version keeps on newer daemons).
+    fn prune_volumes(&self) -> impl Future<Output = Result<usize, DockerError>> + Send;
+    /// Removes every user network no container uses.
+    fn prune_networks(&self) -> impl Future<Output = Result<usize, DockerError>> + Send;
     /// Removes all build cache; returns the bytes reclaimed.
     fn prune_build_cache(&self) -> impl Future<Output = Result<u64, DockerError>> + Send;
     /// Number of build cache records dockerd still holds.
@@ -330,6 +339,43 @@ impl DockerOps for BollardDocker {
             self.docker.remove_network(id),
         )
         .await
+    }
+
+    async fn prune_images(&self) -> Result<usize, DockerError> {
+        // dangling=false: every unused image, not only untagged ones.
+        let opts = PruneImagesOptions {
+            filters: Some([("dangling".to_owned(), vec!["false".to_owned()])].into()),
+        };
+        let res = call(
+            "prune images",
+            "",
+            DOCKER_CALL_TIMEOUT,
+            self.docker.prune_images(Some(opts)),
+        )
+        .await?;
+        Ok(res.images_deleted.map(|d| d.len()).unwrap_or(0))
+    }
+
+    async fn prune_volumes(&self) -> Result<usize, DockerError> {
+        let res = call(
+            "prune volumes",
+            "",
+            DOCKER_CALL_TIMEOUT,
+            self.docker.prune_volumes(None::<PruneVolumesOptions>),
+        )
+        .await?;
+        Ok(res.volumes_deleted.map(|d| d.len()).unwrap_or(0))
+    }
+
+    async fn prune_networks(&self) -> Result<usize, DockerError> {
+        let res = call(
+            "prune networks",
+            "",
+            DOCKER_CALL_TIMEOUT,
+            self.docker.prune_networks(None::<PruneNetworksOptions>),
+        )
+        .await?;
+        Ok(res.networks_deleted.map(|d| d.len()).unwrap_or(0))
     }
 
     async fn prune_build_cache(&self) -> Result<u64, DockerError> {

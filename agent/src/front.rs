@@ -21,8 +21,12 @@
 //!
 //! The host address lives in the host's network namespace while the agent
 //! stays in the root namespace (to reach the coordinator on loopback). A
-//! socket belongs to the namespace it was created in, so the listener is
-//! created on a short-lived thread that first joins the host's namespace.
+//! socket belongs to the namespace it was created in, so the listener's
+//! socket is created on a short-lived thread that first joins the host's
+//! namespace. That thread and its `setns` cost milliseconds, so the socket
+//! for the next lease is made ahead of time ([`DockerFront::prepare`], and
+//! again after every close) and opening the front only binds and listens:
+//! an unbound socket accepts nothing, so nothing is open early.
 //!
 //! The accept -> handshake -> proxy seam is [`serve_connection`], generic
 //! over the client stream (a TLS stream in production, anything in tests).
@@ -119,6 +123,9 @@ pub struct DockerFront {
     key_pem: String,
     link: watch::Receiver<LinkStatus>,
     active: Option<Active>,
+    /// A socket already in the host's namespace, not yet bound: the next
+    /// `open` binds it instead of paying for a thread and `setns`.
+    spare: Option<Socket>,
 }
 
 impl std::fmt::Debug for DockerFront {
@@ -154,7 +161,25 @@ impl DockerFront {
             key_pem,
             link,
             active: None,
+            spare: None,
         }
+    }
+
+    /// Makes the socket for the next lease now, off the acquire path. A
+    /// failure is only logged: `open` then makes one itself and reports.
+    pub async fn prepare(&mut self) {
+        if self.spare.is_some() {
+            return;
+        }
+        match socket_in_netns(self.addr, self.netns.clone()).await {
+            Ok(s) => self.spare = Some(s),
+            Err(e) => tracing::warn!(error = %e, "preparing the front's socket"),
+        }
+    }
+
+    /// Whether a socket for the next lease is ready.
+    pub fn is_prepared(&self) -> bool {
+        self.spare.is_some()
     }
 
     /// Whether a lease's listener is up.
@@ -179,7 +204,11 @@ impl FrontControl for DockerFront {
             ca_pem: issued.ca_pem,
         };
         let acceptor = TlsAcceptor::from(berth_tls::lease_server_config(&identity, lease_id)?);
-        let std_listener = bind_in_netns(self.addr, self.netns.clone()).await?;
+        let socket = match self.spare.take() {
+            Some(s) => s,
+            None => socket_in_netns(self.addr, self.netns.clone()).await?,
+        };
+        let std_listener = listen(socket, self.addr)?;
         let listener = TcpListener::from_std(std_listener).map_err(|source| FrontError::Bind {
             addr: self.addr,
             source,
@@ -218,24 +247,33 @@ impl FrontControl for DockerFront {
         } else {
             tracing::info!("docker front closed; all connections cut");
         }
+        self.prepare().await;
     }
 }
 
 /// Creates the listening socket inside `netns` (or here without one).
-///
-/// `setns` changes the namespace of the calling thread only, and a socket
-/// stays in the namespace it was created in; a dedicated std thread (not the
-/// tokio blocking pool, whose threads are reused) is created, moved into
-/// the namespace, binds, and ends.
 pub async fn bind_in_netns(
     addr: SocketAddr,
     netns: Option<PathBuf>,
 ) -> Result<std::net::TcpListener, FrontError> {
+    listen(socket_in_netns(addr, netns).await?, addr)
+}
+
+/// Creates an unbound TCP socket inside `netns` (or here without one).
+///
+/// `setns` changes the namespace of the calling thread only, and a socket
+/// stays in the namespace it was created in; a dedicated std thread (not the
+/// tokio blocking pool, whose threads are reused) is created, moved into
+/// the namespace, makes the socket, and ends.
+pub async fn socket_in_netns(
+    addr: SocketAddr,
+    netns: Option<PathBuf>,
+) -> Result<Socket, FrontError> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
         .name("berth-front-bind".to_owned())
         .spawn(move || {
-            let _ = tx.send(bind_blocking(addr, netns.as_deref()));
+            let _ = tx.send(socket_blocking(addr, netns.as_deref()));
         })
         .map_err(|source| FrontError::Bind { addr, source })?;
     match tokio::time::timeout(FRONT_BIND_TIMEOUT, rx).await {
@@ -245,10 +283,7 @@ pub async fn bind_in_netns(
     }
 }
 
-fn bind_blocking(
-    addr: SocketAddr,
-    netns: Option<&Path>,
-) -> Result<std::net::TcpListener, FrontError> {
+fn socket_blocking(addr: SocketAddr, netns: Option<&Path>) -> Result<Socket, FrontError> {
     if let Some(path) = netns {
         let file = std::fs::File::open(path).map_err(|source| FrontError::Netns {
             path: path.to_owned(),
@@ -259,12 +294,19 @@ fn bind_blocking(
             source: errno.into(),
         })?;
     }
-    let bind_err = |source| FrontError::Bind { addr, source };
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
-        .map_err(bind_err)?;
+        .map_err(|source| FrontError::Bind { addr, source })?;
     // Recycle mode rebinds right after the previous lease's connections were
     // cut; their TIME_WAIT entries must not block the new listener.
-    socket.set_reuse_address(true).map_err(bind_err)?;
+    socket
+        .set_reuse_address(true)
+        .map_err(|source| FrontError::Bind { addr, source })?;
+    Ok(socket)
+}
+
+/// Binds and listens on a socket from [`socket_in_netns`]; cheap, no thread.
+fn listen(socket: Socket, addr: SocketAddr) -> Result<std::net::TcpListener, FrontError> {
+    let bind_err = |source| FrontError::Bind { addr, source };
     socket.bind(&addr.into()).map_err(bind_err)?;
     socket.listen(LISTEN_BACKLOG).map_err(bind_err)?;
     socket.set_nonblocking(true).map_err(bind_err)?;
@@ -513,9 +555,14 @@ mod tests {
             "listener must be gone"
         );
 
-        // Reopen at once on the same port (recycle mode) for the next lease:
-        // the previous lease's certificate no longer gets in.
+        // The next lease's socket was made at close, unbound: still closed.
+        assert!(front.is_prepared());
+        assert!(TcpStream::connect(addr).await.is_err());
+
+        // Reopen at once on the same port (recycle mode) for the next lease,
+        // with that socket: the previous lease's certificate no longer gets in.
         front.open("l2").await.unwrap();
+        assert!(!front.is_prepared());
         assert!(pki.connect(addr, "l1").await.is_err());
         pki.connect(addr, "l2").await.unwrap();
         front.close().await;

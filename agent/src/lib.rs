@@ -506,13 +506,15 @@ async fn run_host<P: Provider>(
     let link_stop = CancellationToken::new();
     let mut link_task = tokio::spawn(link.run(link_stop.clone()).in_current_span());
 
-    let front = DockerFront::new(
+    let mut front = DockerFront::new(
         front_addr,
         identity.netns.clone(),
         paths.socket.clone(),
         front_key.key_pem,
         link_status,
     );
+    // The first lease's socket, made now so that accepting a lease only binds.
+    front.prepare().await;
     let driver = Driver::new(
         host,
         Arc::new(docker),

@@ -9,6 +9,10 @@
 //! another agent (of any prefix) holds it, and the agent picks another.
 //!
 //! Everything here shells out to `ip` (iproute2), bounded by [`IP_TIMEOUT`].
+//! Wiring a namespace takes eight `ip` commands; they run as two
+//! `ip -batch` invocations (root side, then namespace side), because on a
+//! loaded 2-core machine each `ip` process costs milliseconds of a boot
+//! that should take little more than dockerd's own start.
 
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
@@ -16,6 +20,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use rand::Rng;
+use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 
 /// Bound on one `ip` invocation.
@@ -190,16 +195,75 @@ async fn wire(block: &Block, peer: &str) -> Result<(), NetnsError> {
     let ns = block.name.as_str();
     let host_cidr = format!("{}/30", block.host_addr);
     let gw_cidr = format!("{}/30", block.gateway);
-    let gw = block.gateway.to_string();
-    ip(&["link", "set", peer, "netns", ns]).await?;
-    ip(&["-n", ns, "link", "set", peer, "name", "eth0"]).await?;
-    ip(&["-n", ns, "addr", "add", &host_cidr, "dev", "eth0"]).await?;
-    ip(&["-n", ns, "link", "set", "lo", "up"]).await?;
-    ip(&["-n", ns, "link", "set", "eth0", "up"]).await?;
-    ip(&["addr", "add", &gw_cidr, "dev", &block.veth]).await?;
-    ip(&["link", "set", &block.veth, "up"]).await?;
-    ip(&["-n", ns, "route", "add", "default", "via", &gw]).await?;
-    Ok(())
+    let gw = block.gateway;
+    let veth = &block.veth;
+    ip_batch(
+        None,
+        &[
+            format!("link set {peer} netns {ns}"),
+            format!("addr add {gw_cidr} dev {veth}"),
+            format!("link set {veth} up"),
+        ],
+    )
+    .await?;
+    ip_batch(
+        Some(ns),
+        &[
+            format!("link set {peer} name eth0"),
+            format!("addr add {host_cidr} dev eth0"),
+            "link set lo up".to_owned(),
+            "link set eth0 up".to_owned(),
+            format!("route add default via {gw}"),
+        ],
+    )
+    .await
+}
+
+/// Runs `ip [-n NETNS] -batch -` with `lines` on stdin, bounded; it stops at
+/// the first failing line and says which in stderr.
+pub async fn ip_batch(netns: Option<&str>, lines: &[String]) -> Result<(), NetnsError> {
+    let mut args: Vec<&str> = vec![];
+    if let Some(ns) = netns {
+        args.extend(["-n", ns]);
+    }
+    args.extend(["-batch", "-"]);
+    let shown = format!("{} <<< {}", args.join(" "), lines.join("; "));
+    let spawn_err = |source| NetnsError::Spawn {
+        args: shown.clone(),
+        source,
+    };
+    let mut child = Command::new("ip")
+        .args(&args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(spawn_err)?;
+    let mut input = lines.join("\n");
+    input.push('\n');
+    let run = async {
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin.write_all(input.as_bytes()).await?;
+            // Dropping stdin is the end of the batch.
+        }
+        child.wait_with_output().await
+    };
+    let out = tokio::time::timeout(IP_TIMEOUT, run)
+        .await
+        .map_err(|_| NetnsError::Timeout {
+            args: shown.clone(),
+        })?
+        .map_err(spawn_err)?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        let stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+        Err(NetnsError::Failed {
+            args: shown,
+            stderr,
+        })
+    }
 }
 
 /// Deletes a namespace and its root veth; missing ones are fine.

@@ -3,10 +3,14 @@
 //! report what is left. Written against [`DockerOps`] so it runs the same on
 //! the real dockerd and on the fake in the tests.
 //!
-//! Removals of one kind are independent and run concurrently (bounded by
-//! [`WIPE_CONCURRENCY`]); containers go first because they pin images,
-//! volumes and networks. Errors do not stop the wipe: it removes what it can
-//! and the verification decides, so a flaky call costs a host, never a leak.
+//! Containers go first because they pin images, volumes and networks; they
+//! are killed and removed concurrently (bounded by
+//! [`CONTAINER_CONCURRENCY`]). Then images, volumes, networks and build
+//! cache go side by side, each kind with one prune call (dockerd deletes
+//! the lot server-side, as `docker system prune` has it do) followed by
+//! one-by-one removal of whatever the prune left ([`WIPE_CONCURRENCY`] at a
+//! time). Errors do not stop the wipe: it removes what it can and the
+//! verification decides, so a flaky call costs a host, never a leak.
 
 use std::collections::HashSet;
 use std::time::Instant;
@@ -20,9 +24,19 @@ use crate::docker::{DockerError, DockerOps};
 /// Docker calls in flight at once during a wipe. dockerd serialises much of
 /// its own work; 8 keeps its queue full without drowning a 2-core host.
 pub const WIPE_CONCURRENCY: usize = 8;
+/// Containers killed and removed at once. A forced removal mostly waits for
+/// the process to die, so more of them overlap well; the docker CLI's
+/// `rm -f` runs them all at once.
+pub const CONTAINER_CONCURRENCY: usize = 32;
 /// Image removal is repeated this many times at most: a parent image cannot
 /// be removed before its children (409), so each pass peels a layer off.
 pub const IMAGE_PASSES: usize = 5;
+/// Passes over the volumes and networks a prune left. dockerd lets go of a
+/// removed container's endpoints and volume references a moment after it
+/// answers, so one can still be "in use" just after; it is tried again.
+pub const LEFTOVER_PASSES: usize = 5;
+/// Pause before each pass after the first.
+pub const LEFTOVER_PAUSE: std::time::Duration = std::time::Duration::from_millis(50);
 /// How many error messages end up in the report (the rest are counted).
 const MAX_REPORTED_ERRORS: usize = 5;
 
@@ -68,13 +82,26 @@ impl Counts {
 }
 
 /// Lists everything once; a failed listing counts as an error and as zero.
-async fn census<D: DockerOps>(docker: &D, errors: &mut Errors) -> (Counts, bool) {
+/// Counting build cache asks for `system df`, which sizes every image and
+/// volume: the verification needs it, the count before the wipe does not.
+async fn census<D: DockerOps>(
+    docker: &D,
+    errors: &mut Errors,
+    build_cache: bool,
+) -> (Counts, bool) {
+    let cache = async {
+        if build_cache {
+            docker.count_build_cache().await
+        } else {
+            Ok(0)
+        }
+    };
     let (c, i, v, n, b) = tokio::join!(
         docker.list_containers(),
         docker.list_images(),
         docker.list_volumes(),
         docker.list_networks(),
-        docker.count_build_cache(),
+        cache,
     );
     let mut complete = true;
     let mut count = |r: Result<usize, DockerError>| match r {
@@ -103,9 +130,23 @@ where
     F: Fn(&'a D, String) -> Fut,
     Fut: std::future::Future<Output = Result<(), DockerError>> + 'a,
 {
+    remove_bounded(docker, items, op, WIPE_CONCURRENCY).await
+}
+
+async fn remove_bounded<'a, D, F, Fut>(
+    docker: &'a D,
+    items: Vec<String>,
+    op: F,
+    concurrency: usize,
+) -> Vec<DockerError>
+where
+    D: DockerOps,
+    F: Fn(&'a D, String) -> Fut,
+    Fut: std::future::Future<Output = Result<(), DockerError>> + 'a,
+{
     stream::iter(items)
         .map(|item| op(docker, item))
-        .buffer_unordered(WIPE_CONCURRENCY)
+        .buffer_unordered(concurrency)
         .filter_map(|r| async move {
             match r {
                 Ok(()) | Err(DockerError::NotFound { .. }) => None,
@@ -151,15 +192,16 @@ async fn remove_images<D: DockerOps>(docker: &D, errors: &mut Errors) {
 pub async fn wipe<D: DockerOps>(docker: &D, lease_id: &str) -> WipeReport {
     let started = Instant::now();
     let mut errors = Errors::default();
-    let (before, _) = census(docker, &mut errors).await;
+    let (before, _) = census(docker, &mut errors, false).await;
 
     // Containers first: they hold images, volumes and networks in use.
     match docker.list_containers().await {
         Ok(ids) => {
-            for e in remove_all(
+            for e in remove_bounded(
                 docker,
                 ids,
                 |d, id| async move { d.remove_container(&id).await },
+                CONTAINER_CONCURRENCY,
             )
             .await
             {
@@ -169,46 +211,83 @@ pub async fn wipe<D: DockerOps>(docker: &D, lease_id: &str) -> WipeReport {
         Err(e) => errors.push(&e),
     }
 
-    // The rest is independent once no container is left.
+    // The rest is independent once no container is left: one prune per
+    // kind, then one by one whatever it left.
     let mut image_errors = Errors::default();
+    let images = async {
+        let pruned = docker.prune_images().await.err();
+        remove_images(docker, &mut image_errors).await;
+        pruned
+    };
     let volumes = async {
-        match docker.list_volumes().await {
-            Ok(names) => {
-                remove_all(
-                    docker,
-                    names,
-                    |d, n| async move { d.remove_volume(&n).await },
-                )
-                .await
+        let mut errs: Vec<DockerError> = docker.prune_volumes().await.err().into_iter().collect();
+        let mut last = vec![];
+        for pass in 0..LEFTOVER_PASSES {
+            let names = match docker.list_volumes().await {
+                Ok(n) if n.is_empty() => break,
+                Ok(n) => n,
+                Err(e) => {
+                    last = vec![e];
+                    break;
+                }
+            };
+            if pass > 0 {
+                tokio::time::sleep(LEFTOVER_PAUSE).await;
             }
-            Err(e) => vec![e],
+            last = remove_all(
+                docker,
+                names,
+                |d, n| async move { d.remove_volume(&n).await },
+            )
+            .await;
+            if last.is_empty() {
+                break;
+            }
         }
+        errs.append(&mut last);
+        errs
     };
     let networks = async {
-        match docker.list_networks().await {
-            Ok(nets) => {
-                let ids = nets
+        let mut errs: Vec<DockerError> = docker.prune_networks().await.err().into_iter().collect();
+        let mut last = vec![];
+        for pass in 0..LEFTOVER_PASSES {
+            let ids: Vec<String> = match docker.list_networks().await {
+                Ok(nets) => nets
                     .into_iter()
                     .filter(|n| !n.is_default())
                     .map(|n| n.id)
-                    .collect();
-                remove_all(
-                    docker,
-                    ids,
-                    |d, id| async move { d.remove_network(&id).await },
-                )
-                .await
+                    .collect(),
+                Err(e) => {
+                    last = vec![e];
+                    break;
+                }
+            };
+            if ids.is_empty() {
+                break;
             }
-            Err(e) => vec![e],
+            if pass > 0 {
+                tokio::time::sleep(LEFTOVER_PAUSE).await;
+            }
+            last = remove_all(
+                docker,
+                ids,
+                |d, id| async move { d.remove_network(&id).await },
+            )
+            .await;
+            if last.is_empty() {
+                break;
+            }
         }
+        errs.append(&mut last);
+        errs
     };
-    let (_, volume_errors, network_errors, pruned) = tokio::join!(
-        remove_images(docker, &mut image_errors),
-        volumes,
-        networks,
-        docker.prune_build_cache(),
-    );
-    for e in volume_errors.iter().chain(&network_errors) {
+    let (image_prune_error, volume_errors, network_errors, pruned) =
+        tokio::join!(images, volumes, networks, docker.prune_build_cache(),);
+    for e in image_prune_error
+        .iter()
+        .chain(&volume_errors)
+        .chain(&network_errors)
+    {
         errors.push(e);
     }
     errors.messages.extend(image_errors.messages);
@@ -223,7 +302,7 @@ pub async fn wipe<D: DockerOps>(docker: &D, lease_id: &str) -> WipeReport {
 
     // Verification: look again, from scratch.
     let mut verify_errors = Errors::default();
-    let (left, complete) = census(docker, &mut verify_errors).await;
+    let (left, complete) = census(docker, &mut verify_errors, true).await;
     for m in verify_errors.messages {
         errors.messages.push(format!("verify: {m}"));
     }
@@ -280,6 +359,9 @@ pub(crate) mod fake {
         /// Images that refuse to go (a stuck dockerd).
         pub sticky_images: BTreeSet<String>,
         pub fail_listing_volumes: bool,
+        /// Networks still "in use" for one more removal attempt (dockerd
+        /// releasing a removed container's endpoint late); prune skips them.
+        pub busy_once: BTreeSet<String>,
     }
 
     #[derive(Default)]
@@ -430,6 +512,9 @@ pub(crate) mod fake {
         }
         async fn remove_network(&self, id: &str) -> Result<(), DockerError> {
             self.op(|s| match s.networks.get(id).map(String::as_str) {
+                _ if s.busy_once.remove(id) => {
+                    Err(conflict("remove network", id, "has active endpoints"))
+                }
                 None => Err(nf("remove network", id)),
                 Some("bridge" | "host" | "none") => {
                     Err(conflict("remove network", id, "predefined"))
@@ -438,6 +523,49 @@ pub(crate) mod fake {
                     s.networks.remove(id);
                     Ok(())
                 }
+            })
+            .await
+        }
+        async fn prune_images(&self) -> Result<usize, DockerError> {
+            self.op(|s| {
+                // Like dockerd: every image that is not stuck and not the
+                // parent of one that stays.
+                let keep: std::collections::BTreeSet<String> = s
+                    .sticky_images
+                    .iter()
+                    .flat_map(|id| {
+                        let mut chain = vec![id.clone()];
+                        let mut cur = s.images.get(id).cloned().flatten();
+                        while let Some(p) = cur {
+                            chain.push(p.clone());
+                            cur = s.images.get(&p).cloned().flatten();
+                        }
+                        chain
+                    })
+                    .collect();
+                let before = s.images.len();
+                s.images.retain(|id, _| keep.contains(id));
+                Ok(before - s.images.len())
+            })
+            .await
+        }
+        async fn prune_volumes(&self) -> Result<usize, DockerError> {
+            self.op(|s| {
+                let before = s.volumes.len();
+                let used: BTreeSet<String> = s.volumes_in_use.keys().cloned().collect();
+                s.volumes.retain(|v| used.contains(v));
+                Ok(before - s.volumes.len())
+            })
+            .await
+        }
+        async fn prune_networks(&self) -> Result<usize, DockerError> {
+            self.op(|s| {
+                let before = s.networks.len();
+                let busy = s.busy_once.clone();
+                s.networks.retain(|id, name| {
+                    busy.contains(id) || ["bridge", "host", "none"].contains(&name.as_str())
+                });
+                Ok(before - s.networks.len())
             })
             .await
         }
@@ -499,9 +627,13 @@ mod tests {
         wipe(&d, "l1").await;
         let max = d.max_in_flight.load(Ordering::SeqCst);
         assert!(max > 1, "removals should overlap, max in flight {max}");
-        // Per kind at most WIPE_CONCURRENCY; images, volumes, networks and
-        // the prune run side by side after the containers.
-        assert!(max <= 3 * WIPE_CONCURRENCY + 1, "max in flight {max}");
+        // Containers at most CONTAINER_CONCURRENCY; then per kind at most
+        // WIPE_CONCURRENCY, images, volumes, networks and the build cache
+        // prune side by side.
+        assert!(
+            max <= CONTAINER_CONCURRENCY.max(3 * WIPE_CONCURRENCY + 1),
+            "max in flight {max}"
+        );
     }
 
     #[tokio::test]
@@ -526,6 +658,15 @@ mod tests {
             "{}",
             r.error
         );
+    }
+
+    #[tokio::test]
+    async fn a_network_released_late_is_removed_on_a_later_pass() {
+        let d = FakeDocker::busy();
+        d.state.lock().unwrap().busy_once.insert("n3".into());
+        let r = wipe(&d, "l1").await;
+        assert!(r.verified, "{r:?}");
+        assert_eq!((r.networks_removed, r.networks_left), (2, 0));
     }
 
     #[tokio::test]

@@ -152,6 +152,10 @@ struct Host {
     last_seen: Instant,
     disconnected_at: Option<Instant>,
     last_wipe: Option<pb::WipeReport>,
+    /// Whether `Inner::idle` holds an entry for this host that was pushed
+    /// since one was last popped: a host is queued at most once, so
+    /// taking an idle host never has to scan the queue for duplicates.
+    queued_idle: bool,
 }
 
 struct Lease {
@@ -187,7 +191,9 @@ struct Inner {
     /// queued; they are skipped when met.
     queue: VecDeque<String>,
     /// Host ids that became offerable, oldest first; checked again when
-    /// popped, so stale entries are harmless.
+    /// popped, so stale entries are harmless. A host is pushed only while
+    /// it has no entry waiting (`Host::queued_idle`), so this stays at
+    /// most one entry per host plus the stale ones of forgotten hosts.
     idle: VecDeque<String>,
     /// Ended lease ids, oldest first, for bounding the history.
     ended: VecDeque<String>,
@@ -586,6 +592,7 @@ impl Pool {
                         last_seen: now,
                         disconnected_at: None,
                         last_wipe: None,
+                        queued_idle: false,
                     },
                 );
                 None
@@ -993,24 +1000,22 @@ impl Inner {
     }
 
     fn mark_idle_if_offerable(&mut self, cfg: &PoolConfig, hid: &str, now: Instant) {
-        if self
-            .hosts
-            .get(hid)
-            .is_some_and(|h| Self::offerable(cfg, h, now))
+        if let Some(h) = self.hosts.get_mut(hid)
+            && !h.queued_idle
+            && Self::offerable(cfg, h, now)
         {
+            h.queued_idle = true;
             self.idle.push_back(hid.to_owned());
         }
     }
 
     fn pop_idle(&mut self, cfg: &PoolConfig, now: Instant) -> Option<String> {
         while let Some(hid) = self.idle.pop_front() {
-            if self
-                .hosts
-                .get(&hid)
-                .is_some_and(|h| Self::offerable(cfg, h, now))
-            {
-                // Drop duplicates of this host further back in the queue.
-                self.idle.retain(|x| x != &hid);
+            let Some(h) = self.hosts.get_mut(&hid) else {
+                continue;
+            };
+            h.queued_idle = false;
+            if Self::offerable(cfg, h, now) {
                 return Some(hid);
             }
         }
@@ -1574,6 +1579,39 @@ mod tests {
         );
         h1.state(&pool, pb::HostState::Ready, later);
         assert_eq!(h1.expect_assign().lease_id, p.lease_id);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn repeated_ready_reports_queue_a_host_once() {
+        let pool = pool();
+        let now = Instant::now();
+        let mut h1 = Agent::join(&pool, "h1", now);
+        let _h2 = Agent::join(&pool, "h2", now);
+        for _ in 0..100 {
+            h1.state(&pool, pb::HostState::Ready, now);
+        }
+        assert_eq!(pool.lock().idle.len(), 2, "one entry per idle host");
+        // The oldest idle host is offered first, once.
+        let p = pool.acquire(T, "b1", 60 * SECOND, SECOND, now).unwrap();
+        assert_eq!(h1.expect_assign().lease_id, p.lease_id);
+        assert_eq!(pool.lock().idle.len(), 1);
+
+        // A host forgotten with an entry still queued, then back under the
+        // same id: it is offered (once), never twice at the same time.
+        h1.accept(&pool, &p.lease_id, now);
+        pool.release(T, &p.lease_id, now).unwrap();
+        h1.state(&pool, pb::HostState::Terminating, now);
+        pool.disconnect("h1", h1.conn, now);
+        let mut h1 = Agent::join(&pool, "h1", now);
+        let a = pool.acquire(T, "b2", 60 * SECOND, SECOND, now).unwrap();
+        let b = pool.acquire(T, "b3", 60 * SECOND, SECOND, now).unwrap();
+        let c = pool
+            .acquire(T, "b4", 60 * SECOND, 10 * SECOND, now)
+            .unwrap();
+        let got = h1.expect_assign();
+        assert!(got.lease_id == a.lease_id || got.lease_id == b.lease_id);
+        assert!(h1.next().is_none(), "a host was assigned twice");
+        assert_eq!(state_of(&c), LeaseState::Queued);
     }
 
     #[tokio::test(start_paused = true)]

@@ -14,6 +14,57 @@ pub mod v1 {
 
 pub use prost_types;
 
+pub mod codec {
+    //! The codec every berth.v1 service uses: prost, with 1 KiB per-call
+    //! encode and decode buffers instead of tonic's default 8 KiB. Every
+    //! agent holds one `Connect` stream for its whole life, so the
+    //! coordinator keeps two such buffers per connected agent; berth's
+    //! messages are a few hundred bytes, and a larger one (a `ListHosts`
+    //! answer) still fits, because the buffers grow on demand.
+
+    use tonic::codec::{BufferSettings, Codec};
+    use tonic_prost::{ProstCodec, ProstDecoder, ProstEncoder};
+
+    /// Initial size of each call's encode and decode buffer.
+    pub const BUFFER_SIZE: usize = 1024;
+    /// Bytes encoded before a streaming call yields to other tasks
+    /// (tonic's default).
+    pub const YIELD_THRESHOLD: usize = 32 * 1024;
+
+    /// [`ProstCodec`] with [`BUFFER_SIZE`] buffers.
+    #[derive(Debug, Clone)]
+    pub struct SmallBufferCodec<T, U>(std::marker::PhantomData<(T, U)>);
+
+    impl<T, U> Default for SmallBufferCodec<T, U> {
+        fn default() -> Self {
+            Self(std::marker::PhantomData)
+        }
+    }
+
+    fn settings() -> BufferSettings {
+        BufferSettings::new(BUFFER_SIZE, YIELD_THRESHOLD)
+    }
+
+    impl<T, U> Codec for SmallBufferCodec<T, U>
+    where
+        T: prost::Message + Send + 'static,
+        U: prost::Message + Default + Send + 'static,
+    {
+        type Encode = T;
+        type Decode = U;
+        type Encoder = ProstEncoder<T>;
+        type Decoder = ProstDecoder<U>;
+
+        fn encoder(&mut self) -> Self::Encoder {
+            ProstCodec::<T, U>::raw_encoder(settings())
+        }
+
+        fn decoder(&mut self) -> Self::Decoder {
+            ProstCodec::<T, U>::raw_decoder(settings())
+        }
+    }
+}
+
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// A protobuf `Duration` as a std `Duration`; `None` if negative or out of range.

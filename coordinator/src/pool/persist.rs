@@ -196,6 +196,7 @@ fn placeholder(hid: &str, r: &LeaseRecord, now: Instant, wall: SystemTime) -> Ho
         last_seen: now,
         disconnected_at: Some(now),
         last_wipe: None,
+        queued_idle: false,
     }
 }
 

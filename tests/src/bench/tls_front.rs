@@ -29,7 +29,7 @@ use sha2::{Digest, Sha256};
 use tokio::net::{TcpStream, UnixStream};
 
 use super::http::{Conn, Stream};
-use super::{Summary, ms};
+use super::{BenchError, Figure, Summary, ms};
 use crate::{LeaseEnv, Pool, test_prefix};
 
 /// Tag of the image the benchmark loads and saves.
@@ -65,6 +65,19 @@ impl Default for Options {
     }
 }
 
+impl Options {
+    /// Tiny sizes for CI's smoke run.
+    pub fn smoke() -> Self {
+        Self {
+            bulk_mib: 4,
+            layers: 2,
+            rounds: 1,
+            requests: 50,
+            connects: 5,
+        }
+    }
+}
+
 /// The figures of one path.
 #[derive(Debug, Clone)]
 pub struct PathFigures {
@@ -75,6 +88,17 @@ pub struct PathFigures {
     /// Milliseconds per request.
     pub ping: Summary,
     pub connect_ping: Summary,
+    /// The samples behind the summaries, for [`figures`].
+    pub samples: PathSamples,
+}
+
+/// Every sample of one path, in the units of [`PathFigures`].
+#[derive(Debug, Clone, Default)]
+pub struct PathSamples {
+    pub load: Vec<f64>,
+    pub save: Vec<f64>,
+    pub ping: Vec<f64>,
+    pub connect_ping: Vec<f64>,
 }
 
 /// What [`run`] measured.
@@ -159,6 +183,108 @@ pub fn run(opts: &Options) -> std::io::Result<Report> {
         options: opts.clone(),
         paths,
     })
+}
+
+/// [`run`] on a thread of its own (it starts a `berth up` pool and runtimes
+/// of its own), for the async suite.
+pub async fn run_in_thread(opts: Options) -> Result<Report, BenchError> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("berth-bench-tls-front".into())
+        .spawn(move || {
+            let _ = tx.send(run(&opts));
+        })
+        .map_err(BenchError::io("starting the TLS front benchmark's thread"))?;
+    match rx.await {
+        Ok(r) => r.map_err(BenchError::io("the TLS front benchmark")),
+        Err(_) => Err(BenchError::step(
+            "the TLS front benchmark",
+            "it panicked (see the message above)",
+        )),
+    }
+}
+
+/// Bulk goals of the TLS issue: at least this share of the unix socket's
+/// throughput, and of dockerd's own TLS listener's.
+const BULK_VS_UNIX: f64 = 0.9;
+const BULK_VS_DOCKERD_TLS: f64 = 1.0;
+/// Goal for the p50 latency the front adds per small request.
+const ADDED_PING_MS: f64 = 0.3;
+
+/// The report as suite figures: the front against each baseline.
+pub fn figures(report: &Report) -> Vec<Figure> {
+    let (Some(u), Some(fr), Some(d)) = (
+        report.path(UNIX),
+        report.path(FRONT),
+        report.path(DOCKERD_TLS),
+    ) else {
+        return vec![];
+    };
+    let note = format!(
+        "image {:.0} MiB in {} random layers, {} rounds; {} sequential /_ping, {} new connections per path; dockerd {}",
+        report.image_bytes as f64 / 1048576.0,
+        report.options.layers,
+        report.options.rounds,
+        report.options.requests,
+        report.options.connects,
+        report.docker_version
+    );
+    let bulk = |key: &str, what: &str, pick: fn(&PathSamples) -> &Vec<f64>| {
+        let vs_unix = Figure::new(format!("{key} vs unix"), what.to_owned(), "MiB/s")
+            .samples(pick(&fr.samples).clone())
+            .baseline(UNIX, pick(&u.samples).clone());
+        let r = vs_unix.ratio();
+        let vs_unix = vs_unix.check(
+            format!(">= {BULK_VS_UNIX}x the unix socket"),
+            r.is_some_and(|r| r >= BULK_VS_UNIX),
+        );
+        let vs_tls = Figure::new(format!("{key} vs dockerd TLS"), what.to_owned(), "MiB/s")
+            .samples(pick(&fr.samples).clone())
+            .baseline(DOCKERD_TLS, pick(&d.samples).clone());
+        let r = vs_tls.ratio();
+        let vs_tls = vs_tls.check(
+            format!(">= {BULK_VS_DOCKERD_TLS}x dockerd's TLS"),
+            r.is_some_and(|r| r >= BULK_VS_DOCKERD_TLS),
+        );
+        [vs_unix, vs_tls]
+    };
+    let mut out = vec![];
+    out.extend(bulk(
+        "TLS front load",
+        "bulk upload through the front, POST /images/load (docker load)",
+        |s| &s.load,
+    ));
+    out.extend(bulk(
+        "TLS front save",
+        "bulk download through the front, GET /images/NAME/get (docker save)",
+        |s| &s.save,
+    ));
+    let added = fr.ping.median - u.ping.median;
+    out.push(
+        Figure::new(
+            "TLS front /_ping",
+            "sequential GET /_ping through the front on one keep-alive connection",
+            "ms",
+        )
+        .samples(fr.samples.ping.clone())
+        .baseline(UNIX, u.samples.ping.clone())
+        .check(
+            format!("p50 added <= {ADDED_PING_MS} ms"),
+            added <= ADDED_PING_MS,
+        )
+        .note(format!("added p50: {added:+.3} ms"))
+        .note(note),
+    );
+    out.push(
+        Figure::new(
+            "TLS front connect+/_ping",
+            "new connection (TCP + mutual TLS handshake) + GET /_ping through the front",
+            "ms",
+        )
+        .samples(fr.samples.connect_ping.clone())
+        .baseline(DOCKERD_TLS, d.samples.connect_ping.clone()),
+    );
+    out
 }
 
 fn ok_release(pool: &Pool, lease: &LeaseEnv) {
@@ -268,6 +394,12 @@ async fn measure(
             save: Summary::of(&save[i]).ok_or_else(none)?,
             ping: Summary::of(&samples).ok_or_else(none)?,
             connect_ping: Summary::of(&fresh).ok_or_else(none)?,
+            samples: PathSamples {
+                load: load[i].clone(),
+                save: save[i].clone(),
+                ping: samples,
+                connect_ping: fresh,
+            },
         });
     }
     Ok((out, version))

@@ -1,113 +1,163 @@
-//! `berth-bench`: runs berth's benchmarks and prints their figures.
+//! `berth-bench`: runs berth's benchmarks and prints every figure with its
+//! same-run baseline and ratio. Needs root, dockerd, the docker CLI,
+//! iproute2, nsenter and busybox-static, like the end-to-end tests.
 //!
-//!     cargo build --release --bins && sudo target/release/berth-bench tls-front
-//!     sudo target/release/berth-bench sync
+//! ```sh
+//! cargo run --release -p berth-tests --bin berth-bench -- all
+//! cargo run --release -p berth-tests --bin berth-bench -- tls-front --bulk-mib 512
+//! cargo run --release -p berth-tests --bin berth-bench -- sync --tree-mib 200
+//! ```
 //!
-//! Needs what the end-to-end tests need (root, dockerd, the docker CLI,
-//! iproute2, nsenter, busybox-static). Benchmarks live in
-//! `berth_tests::bench`; each has a smoke run in `tests/bench_smoke.rs`.
+//! The benchmarks live in `berth_tests::bench`; `tests/bench_smoke.rs` runs
+//! them with tiny sizes.
 
-use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+use berth_tests::bench::{self, Scenario, Sizes};
+use clap::Parser;
 
 #[derive(Debug, Parser)]
 #[command(
     name = "berth-bench",
-    about = "berth's benchmarks (figures, not pass/fail)"
+    about = "berth's benchmarks, each with a baseline measured in the same run"
 )]
-struct Cli {
-    #[command(subcommand)]
-    bench: Bench,
+struct Args {
+    /// Which scenarios to run.
+    #[arg(value_enum, default_value = "all")]
+    scenarios: Vec<Scenario>,
+    /// Tiny sizes (what CI runs): checks that the suite works, not speed.
+    #[arg(long, env = "BERTH_BENCH_SMOKE")]
+    smoke: bool,
+    /// Repeat P1 this many times (overrides the size).
+    #[arg(long, env = "BERTH_BENCH_P1_CYCLES")]
+    p1_cycles: Option<usize>,
+    /// Agent counts for P2, the first being the baseline (e.g. 100,1,10000).
+    #[arg(long, env = "BERTH_BENCH_P2_AGENTS", value_delimiter = ',')]
+    p2_agents: Option<Vec<usize>>,
+    /// Seconds of acquire/release load per P2 run.
+    #[arg(long, env = "BERTH_BENCH_P2_SECONDS")]
+    p2_seconds: Option<u64>,
+    /// Skip P2's extra run with one TCP connection per agent.
+    #[arg(long, env = "BERTH_BENCH_P2_NO_CONN_PER_AGENT")]
+    p2_no_conn_per_agent: bool,
+    /// Agent count of P2's run with one TCP (TLS) connection per agent
+    /// (default: the largest of --p2-agents).
+    #[arg(long, env = "BERTH_BENCH_P2_CONN_PER_AGENT_COUNT")]
+    p2_conn_per_agent_count: Option<usize>,
+    /// Runs of P3, P4 and P5 (overrides the sizes).
+    #[arg(long, env = "BERTH_BENCH_RUNS")]
+    runs: Option<usize>,
+    /// Container counts of P4's growth series (e.g. 1,100); empty for none.
+    #[arg(long, env = "BERTH_BENCH_P4_GROWTH", value_delimiter = ',')]
+    p4_growth: Option<Vec<usize>>,
+    /// Seconds the idle footprint is sampled.
+    #[arg(long, env = "BERTH_BENCH_IDLE_SECONDS")]
+    idle_seconds: Option<u64>,
+    /// TLS front: random image data, MiB.
+    #[arg(long, env = "BERTH_BENCH_BULK_MIB")]
+    bulk_mib: Option<u64>,
+    /// TLS front: layers the image data is split over.
+    #[arg(long, env = "BERTH_BENCH_LAYERS")]
+    layers: Option<u32>,
+    /// TLS front and sync: bulk rounds per path / per tool and direction.
+    #[arg(long, env = "BERTH_BENCH_ROUNDS")]
+    rounds: Option<usize>,
+    /// Sync: size of the random tree, MiB.
+    #[arg(long, env = "BERTH_BENCH_TREE_MIB")]
+    tree_mib: Option<u64>,
+    /// Sync: files in the tree.
+    #[arg(long, env = "BERTH_BENCH_FILES")]
+    files: Option<usize>,
+    /// TLS front: sequential /_ping requests per path.
+    #[arg(long, env = "BERTH_BENCH_REQUESTS")]
+    requests: Option<usize>,
+    /// TLS front: /_ping requests on a fresh connection each, per path.
+    #[arg(long, env = "BERTH_BENCH_CONNECTS")]
+    connects: Option<usize>,
 }
 
-#[derive(Debug, Subcommand)]
-enum Bench {
-    /// The agent's mutual-TLS Docker front against dockerd's unix socket and
-    /// dockerd's own --tlsverify TCP listener.
-    TlsFront {
-        /// Random image data, MiB.
-        #[arg(long, env = "BERTH_BENCH_BULK_MIB", default_value_t = 512)]
-        bulk_mib: u64,
-        /// Layers the image data is split over.
-        #[arg(long, env = "BERTH_BENCH_LAYERS", default_value_t = 4)]
-        layers: u32,
-        /// Bulk rounds per path.
-        #[arg(long, env = "BERTH_BENCH_ROUNDS", default_value_t = 3)]
-        rounds: usize,
-        /// Sequential /_ping requests per path.
-        #[arg(long, env = "BERTH_BENCH_REQUESTS", default_value_t = 1000)]
-        requests: usize,
-        /// /_ping requests on a fresh connection each, per path.
-        #[arg(long, env = "BERTH_BENCH_CONNECTS", default_value_t = 100)]
-        connects: usize,
-    },
-    /// `berth sync` against `docker cp` of the same tree into (and out of)
-    /// a named volume on a leased host.
-    Sync {
-        /// Size of the random tree, MiB.
-        #[arg(long, env = "BERTH_BENCH_TREE_MIB", default_value_t = 200)]
-        tree_mib: u64,
-        /// Files in the tree.
-        #[arg(long, env = "BERTH_BENCH_FILES", default_value_t = 2000)]
-        files: usize,
-        /// Of which large (half the bytes).
-        #[arg(long, env = "BERTH_BENCH_LARGE_FILES", default_value_t = 20)]
-        large_files: usize,
-        /// Rounds per tool and direction.
-        #[arg(long, env = "BERTH_BENCH_ROUNDS", default_value_t = 3)]
-        rounds: usize,
-    },
-}
-
-fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
-    match cli.bench {
-        Bench::TlsFront {
-            bulk_mib,
-            layers,
-            rounds,
-            requests,
-            connects,
-        } => {
-            let opts = berth_tests::bench::tls_front::Options {
-                bulk_mib,
-                layers,
-                rounds,
-                requests,
-                connects,
-            };
-            match berth_tests::bench::tls_front::run(&opts) {
-                Ok(report) => {
-                    println!("{report}");
-                    std::process::ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("berth-bench tls-front: {e}");
-                    std::process::ExitCode::FAILURE
-                }
-            }
+impl Args {
+    fn sizes(&self) -> Sizes {
+        let mut sizes = if self.smoke {
+            Sizes::smoke()
+        } else {
+            Sizes::full()
+        };
+        if let Some(n) = self.p1_cycles {
+            sizes.p1_cycles = n;
         }
-        Bench::Sync {
-            tree_mib,
-            files,
-            large_files,
-            rounds,
-        } => {
-            let opts = berth_tests::bench::sync::Options {
-                tree_mib,
-                files,
-                large_files,
-                rounds,
-            };
-            match berth_tests::bench::sync::run(&opts) {
-                Ok(report) => {
-                    println!("{report}");
-                    std::process::ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("berth-bench sync: {e}");
-                    std::process::ExitCode::FAILURE
-                }
-            }
+        if let Some(a) = &self.p2_agents {
+            sizes.p2_agents = a.clone();
+        }
+        if let Some(s) = self.p2_seconds {
+            sizes.p2_duration = std::time::Duration::from_secs(s);
+        }
+        if self.p2_no_conn_per_agent {
+            sizes.p2_conn_per_agent = None;
+        } else if let Some(n) = self.p2_conn_per_agent_count {
+            sizes.p2_conn_per_agent = Some(n);
+        } else if sizes.p2_conn_per_agent.is_some() {
+            sizes.p2_conn_per_agent = sizes.p2_agents.iter().max().copied();
+        }
+        if let Some(r) = self.runs {
+            sizes.p3_runs = r;
+            sizes.p4_runs = r;
+            sizes.p5_runs = r;
+        }
+        if let Some(g) = &self.p4_growth {
+            sizes.p4_growth = g.iter().copied().filter(|&c| c > 0).collect();
+        }
+        if let Some(s) = self.idle_seconds {
+            sizes.idle_window = std::time::Duration::from_secs(s);
+        }
+        let t = &mut sizes.tls_front;
+        if let Some(v) = self.bulk_mib {
+            t.bulk_mib = v;
+        }
+        if let Some(v) = self.layers {
+            t.layers = v;
+        }
+        if let Some(v) = self.rounds {
+            t.rounds = v;
+        }
+        if let Some(v) = self.requests {
+            t.requests = v;
+        }
+        if let Some(v) = self.connects {
+            t.connects = v;
+        }
+        if let Some(v) = self.rounds {
+            sizes.sync.rounds = v;
+        }
+        if let Some(v) = self.tree_mib {
+            sizes.sync.tree_mib = v;
+        }
+        if let Some(v) = self.files {
+            sizes.sync.files = v;
+        }
+        sizes
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    if !berth_tests::preflight() {
+        eprintln!(
+            "berth-bench: BERTH_SKIP_E2E=1 is set; the benchmarks need what the end-to-end tests need"
+        );
+        return ExitCode::FAILURE;
+    }
+    let sizes = args.sizes();
+    println!("machine: {}", bench::machine());
+    match bench::run(&args.scenarios, &sizes).await {
+        Ok(figures) => {
+            println!("{}", bench::summary_table(&figures));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("berth-bench failed: {e}");
+            ExitCode::FAILURE
         }
     }
 }
