@@ -11,6 +11,7 @@ ensure_runtime_deps
 # The packaging tests: packer (fmt, validate), systemd-analyze and systemctl.
 ensure_apt packer systemd
 ensure_moto
+ensure_ops_tools
 if ! cargo nextest --version >/dev/null 2>&1; then
   echo "installing cargo-nextest" >&2
   cargo install --locked cargo-nextest

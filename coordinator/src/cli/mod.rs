@@ -109,11 +109,15 @@ pub enum Command {
     },
     /// List the pool's hosts.
     Hosts,
-    /// List leases.
+    /// List leases, or show one with its timeline.
     Leases {
         /// Include ended leases.
         #[arg(long)]
         all: bool,
+        /// Show this lease (ended or not) with every step of its life and
+        /// the time between steps.
+        #[arg(long, value_name = "LEASE_ID")]
+        show: Option<String>,
     },
     /// Stop giving out a host; it terminates after its current lease.
     Drain {
@@ -450,7 +454,35 @@ pub async fn client_output(cli: &Cli) -> Result<String, CliError> {
             }
             Ok(s)
         }
-        Command::Leases { all } => {
+        Command::Leases {
+            all: _,
+            show: Some(id),
+        } => {
+            let resp = admin
+                .list_leases(request(
+                    pb::ListLeasesRequest {
+                        include_ended: true,
+                    },
+                    CALL_TIMEOUT,
+                    &token,
+                )?)
+                .await?
+                .into_inner();
+            let l = resp
+                .leases
+                .into_iter()
+                .find(|l| &l.lease_id == id)
+                .ok_or_else(|| {
+                    CliError::Status(tonic::Status::not_found(format!(
+                        "lease {id} is not known to the coordinator (ended leases are kept for a while only)"
+                    )))
+                })?;
+            let mut s = describe_lease(Some(&l));
+            s.push_str("  timeline\n");
+            s.push_str(&crate::timeline::format(&l.timeline));
+            Ok(s)
+        }
+        Command::Leases { all, show: None } => {
             let resp = admin
                 .list_leases(request(
                     pb::ListLeasesRequest {
