@@ -171,9 +171,7 @@ fn given_on_cmdline(cmdline: &[OsString], key: &str) -> bool {
 }
 
 fn given_in_env(arg: &Arg, env: &impl Fn(&OsStr) -> Option<OsString>) -> bool {
-    arg.get_env()
-        .and_then(env)
-        .is_some_and(|v| !v.is_empty())
+    arg.get_env().and_then(env).is_some_and(|v| !v.is_empty())
 }
 
 /// A TOML scalar as the text a flag takes.

@@ -28,16 +28,28 @@ fn status_formats_progress_and_exit_codes() {
     let o = ok(run(&mut berth(&["status"])), "berth status");
     let out = stdout(&o);
     assert!(out.contains(": reachable"), "{out}");
-    assert!(out.contains("hosts        1 (1 connected, 1 ready for a lease, 0 draining)"), "{out}");
+    assert!(
+        out.contains("hosts        1 (1 connected, 1 ready for a lease, 0 draining)"),
+        "{out}"
+    );
     assert!(out.contains("queue        0 builds waiting"), "{out}");
 
     // docker-context: the stock CLI uses the context by name.
     let o = ok(
-        run(&mut berth(&["acquire", "--build", "cli-1", "--format", "docker-context"])),
+        run(&mut berth(&[
+            "acquire",
+            "--build",
+            "cli-1",
+            "--format",
+            "docker-context",
+        ])),
         "acquire --format docker-context",
     );
     let name = stdout(&o).trim().to_owned();
-    assert!(name.starts_with("berth-") && !name.contains('\n'), "{name:?}");
+    assert!(
+        name.starts_with("berth-") && !name.contains('\n'),
+        "{name:?}"
+    );
     let lease_id = name.trim_start_matches("berth-").to_owned();
     let ps = run(Command::new("docker")
         .env("DOCKER_CONFIG", &docker_config)
@@ -49,32 +61,50 @@ fn status_formats_progress_and_exit_codes() {
 
     // A second build waits (one host, leased): progress on stderr only.
     let second = std::thread::spawn({
-        let mut c = berth(&["acquire", "--build", "cli-2", "--format", "json", "--wait", "2m"]);
+        let mut c = berth(&[
+            "acquire", "--build", "cli-2", "--format", "json", "--wait", "2m",
+        ]);
         move || run(&mut c)
     });
     std::thread::sleep(Duration::from_secs(7));
-    ok(run(&mut berth(&["release", "--lease", &lease_id])), "release");
+    ok(
+        run(&mut berth(&["release", "--lease", &lease_id])),
+        "release",
+    );
     let inspect = run(Command::new("docker")
         .env("DOCKER_CONFIG", &docker_config)
         .args(["context", "inspect", &name]));
-    assert!(!inspect.status.success(), "release left the docker context behind");
+    assert!(
+        !inspect.status.success(),
+        "release left the docker context behind"
+    );
     let o = ok(second.join().unwrap(), "the waiting acquire");
     let err = stderr(&o);
     assert!(
-        err.contains("berth: waiting for a host for build cli-2: 5s (queue: 1 builds waiting; 0 hosts ready)"),
+        err.contains(
+            "berth: waiting for a host for build cli-2: 5s (queue: 1 builds waiting; 0 hosts ready)"
+        ),
         "{err}"
     );
     let v: serde_json::Value = serde_json::from_str(&stdout(&o))
         .unwrap_or_else(|e| panic!("stdout is not one JSON object ({e}): {}", stdout(&o)));
-    assert!(v["docker_host"].as_str().unwrap().starts_with("tcp://"), "{v}");
+    assert!(
+        v["docker_host"].as_str().unwrap().starts_with("tcp://"),
+        "{v}"
+    );
     ok(
-        run(&mut berth(&["release", "--lease", v["lease_id"].as_str().unwrap()])),
+        run(&mut berth(&[
+            "release",
+            "--lease",
+            v["lease_id"].as_str().unwrap(),
+        ])),
         "release",
     );
 
     // Common mistakes get their exit codes.
     let mut c = berth(&["status"]);
-    c.env_remove("BERTH_TOKEN_FILE").env("BERTH_TOKEN", "berth_wrong");
+    c.env_remove("BERTH_TOKEN_FILE")
+        .env("BERTH_TOKEN", "berth_wrong");
     let o = run(&mut c);
     assert_eq!(o.status.code(), Some(7), "{}", stderr(&o));
     let mut c = Command::new(bin("berth"));
@@ -83,5 +113,9 @@ fn status_formats_progress_and_exit_codes() {
         .env("BERTH_TOKEN_FILE", pool.token_path());
     let o = run(&mut c);
     assert_eq!(o.status.code(), Some(5), "{}", stderr(&o));
-    assert!(stderr(&o).contains("cannot reach the coordinator"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("cannot reach the coordinator"),
+        "{}",
+        stderr(&o)
+    );
 }

@@ -86,7 +86,10 @@ fn bad_agent_configuration_is_one_line_and_exit_2() {
     let f = file("agent-coord.toml", "coordinator = \"http://x:1\"\n");
     let mut c = agent();
     c.env("BERTH_CONFIG", &f);
-    refused(c, &["coordinator URL \"http://x:1\" must start with https://"]);
+    refused(
+        c,
+        &["coordinator URL \"http://x:1\" must start with https://"],
+    );
 }
 
 #[test]
@@ -101,7 +104,10 @@ fn bad_coordinator_configuration_is_one_line_and_exit_2() {
     c.arg("--config").arg(&f);
     refused(c, &["not valid TOML"]);
 
-    let f = file("coord-list.toml", "tls-san = [\"a\", 1]\nmax-ttl = [\"1h\"]\n");
+    let f = file(
+        "coord-list.toml",
+        "tls-san = [\"a\", 1]\nmax-ttl = [\"1h\"]\n",
+    );
     let mut c = coordinator();
     c.arg("--config").arg(&f);
     refused(c, &["max-ttl", "takes one value"]);
@@ -131,7 +137,10 @@ fn bad_coordinator_configuration_is_one_line_and_exit_2() {
     let mut c = coordinator();
     c.arg("--config").arg(&f).args(["--max-ttl", "2h"]);
     refused(c, &["--provider ec2 needs --pool-name"]);
-    assert!(!dir().join("never-created").exists(), "a refused start created its state dir");
+    assert!(
+        !dir().join("never-created").exists(),
+        "a refused start created its state dir"
+    );
 }
 
 #[test]

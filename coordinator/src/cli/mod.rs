@@ -534,9 +534,7 @@ pub async fn client_output(cli: &Cli) -> Result<String, CliError> {
                 .map(tonic::Response::into_inner);
             match &stats {
                 // Only a status the server sent proves it reachable.
-                Err(e) if e.code() == tonic::Code::Unavailable => {
-                    Err(CliError::Status(e.clone()))
-                }
+                Err(e) if e.code() == tonic::Code::Unavailable => Err(CliError::Status(e.clone())),
                 Err(e) if e.code() == tonic::Code::Unauthenticated => {
                     Err(CliError::Status(e.clone()))
                 }
@@ -581,10 +579,8 @@ where
     F: std::future::Future<Output = Result<T, tonic::Status>>,
 {
     let started = tokio::time::Instant::now();
-    let mut tick = tokio::time::interval_at(
-        started + status::PROGRESS_EVERY,
-        status::PROGRESS_EVERY,
-    );
+    let mut tick =
+        tokio::time::interval_at(started + status::PROGRESS_EVERY, status::PROGRESS_EVERY);
     tokio::pin!(call);
     let mut stats_allowed = true;
     loop {

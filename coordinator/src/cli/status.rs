@@ -115,7 +115,11 @@ pub async fn remove_context(lease_id: &str) {
 }
 
 /// One progress line for stderr while acquire waits.
-pub fn progress_line(build: &str, waited: Duration, stats: Option<&pb::PoolStatsResponse>) -> String {
+pub fn progress_line(
+    build: &str,
+    waited: Duration,
+    stats: Option<&pb::PoolStatsResponse>,
+) -> String {
     let mut s = format!(
         "berth: waiting for a host for build {build}: {}s",
         waited.as_secs()
@@ -131,7 +135,10 @@ pub fn progress_line(build: &str, waited: Duration, stats: Option<&pb::PoolStats
 }
 
 /// `berth status`: where the coordinator is and the pool at a glance.
-pub fn describe(coordinator: &str, stats: Result<&pb::PoolStatsResponse, &tonic::Status>) -> String {
+pub fn describe(
+    coordinator: &str,
+    stats: Result<&pb::PoolStatsResponse, &tonic::Status>,
+) -> String {
     let mut s = format!("coordinator  {coordinator}: reachable\n");
     match stats {
         Ok(st) => {
@@ -194,7 +201,10 @@ mod tests {
             ..Default::default()
         };
         let out = describe("https://c:7070", Ok(&st));
-        assert!(out.contains("hosts        3 (3 connected, 2 ready for a lease, 0 draining)"), "{out}");
+        assert!(
+            out.contains("hosts        3 (3 connected, 2 ready for a lease, 0 draining)"),
+            "{out}"
+        );
         assert!(out.contains("queue        4 builds waiting"), "{out}");
         let denied = tonic::Status::permission_denied("x");
         assert!(describe("c", Err(&denied)).contains("needs an admin"));
