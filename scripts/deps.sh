@@ -27,6 +27,21 @@ ensure_runtime_deps() {
   command -v cargo >/dev/null || { echo "cargo is missing: install Rust (https://rustup.rs)" >&2; exit 1; }
 }
 
+# Operations tests: promtool (Debian's prometheus package) checks the
+# /metrics output, and Python's grpcio + grpcio-health-checking are a gRPC
+# client that is not berth's own (health check, reflection).
+ensure_ops_tools() {
+  ensure_apt prometheus
+  if ! python3 -c 'import grpc, grpc_health.v1' >/dev/null 2>&1; then
+    if ! python3 -m pip --version >/dev/null 2>&1; then
+      ensure_apt python3 python3-pip
+    fi
+    echo "installing grpcio grpcio-health-checking" >&2
+    python3 -m pip install --quiet grpcio grpcio-health-checking \
+      || python3 -m pip install --quiet --break-system-packages grpcio grpcio-health-checking
+  fi
+}
+
 # moto's server stands in for the EC2 API in the EC2 end-to-end tests.
 # Installed with pip; on a system Python that refuses (PEP 668), into it anyway,
 # since it is a test-only tool on a throwaway machine.

@@ -12,6 +12,7 @@ ensure_runtime_deps
 # the workspace-sync test drives Debian's docker-compose against a lease.
 ensure_apt packer systemd docker-compose
 ensure_moto
+ensure_ops_tools
 if ! cargo nextest --version >/dev/null 2>&1; then
   echo "installing cargo-nextest" >&2
   cargo install --locked cargo-nextest

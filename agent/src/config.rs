@@ -11,6 +11,8 @@ use std::time::Duration;
 use clap::builder::BoolishValueParser;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+pub use crate::status::{DEFAULT_STATUS_PORT, StatusListen};
+
 /// Coordinator URL used when neither `--coordinator` nor `BERTH_COORDINATOR` is set.
 pub const DEFAULT_COORDINATOR: &str = "https://127.0.0.1:7070";
 /// Where hosts keep their state (dockerd's data root lives in `STATE_DIR/HOST_ID`).
@@ -165,6 +167,17 @@ pub struct Config {
     /// the host's network cuts the link too.
     #[arg(long, env = "BERTH_LINK_VIA_HOST_NET", value_parser = BoolishValueParser::new())]
     pub link_via_host_net: bool,
+
+    /// Where the status endpoint (/healthz /readyz /status /metrics) listens:
+    /// `:PORT` on the host address (inside the host's network namespace),
+    /// `ADDR:PORT`, or `off`.
+    #[arg(long, env = "BERTH_STATUS_LISTEN", default_value_t = StatusListen::HostAddr(DEFAULT_STATUS_PORT))]
+    pub status_listen: StatusListen,
+
+    /// TOML file of settings; its keys are these long flag names. A flag or
+    /// its BERTH_* twin overrides the file.
+    #[arg(long, env = "BERTH_CONFIG")]
+    pub config: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -191,6 +204,8 @@ impl Default for Config {
             resume_host: None,
             isolation_limit: DEFAULT_ISOLATION_LIMIT,
             link_via_host_net: false,
+            status_listen: StatusListen::HostAddr(DEFAULT_STATUS_PORT),
+            config: None,
         }
     }
 }
@@ -317,6 +332,7 @@ mod tests {
         assert_eq!(parsed.provider, default.provider);
         assert_eq!(parsed.poweroff_command, default.poweroff_command);
         assert_eq!(parsed.lifecycle_poll, default.lifecycle_poll);
+        assert_eq!(parsed.status_listen, default.status_listen);
     }
 
     #[test]

@@ -193,6 +193,11 @@ impl DockerdSpec {
             // If the agent drops the handle without stopping dockerd (boot
             // cancelled, a task aborted), dockerd must not outlive it.
             .kill_on_drop(true)
+            // dockerd speaks sd_notify itself: given the agent's socket it
+            // would report the agent's unit ready (or stopping) on its own.
+            .env_remove(berth_daemon::systemd::CHILD_ENV[0])
+            .env_remove(berth_daemon::systemd::CHILD_ENV[1])
+            .env_remove(berth_daemon::systemd::CHILD_ENV[2])
             .spawn()
             .map_err(|source| DockerdError::Spawn { program, source })
     }

@@ -39,6 +39,7 @@ pub mod provider;
 pub mod state;
 pub mod statefile;
 pub mod stats;
+pub mod status;
 pub mod wipe;
 
 use std::io::Write;
@@ -378,16 +379,37 @@ async fn run_host<P: Provider>(
 
     let front_addr = SocketAddr::new(identity.host_addr, config.front_port);
     let docker_host = format!("tcp://{front_addr}");
+    // Bound before the host is announced, so the status endpoint answers
+    // as soon as anyone learns of the host; served once its board exists.
+    let status_listener = match config.status_listen.resolve(identity.host_addr) {
+        Some(addr) => match front::bind_in_netns(addr, identity.netns.clone()).await {
+            Ok(l) => Some((addr, l)),
+            Err(e) => {
+                // The host still serves builds; only its status page is missing.
+                tracing::error!(%addr, error = %e, "status endpoint: cannot listen");
+                None
+            }
+        },
+        None => None,
+    };
+    let status_url = status_listener
+        .as_ref()
+        .map(|(a, _)| format!(" status=http://{a}"))
+        .unwrap_or_default();
     let boot_ms = started.elapsed().as_millis();
     // The one line on stdout: `berth up` and the tests wait for it. A closed
     // stdout is no reason to fail.
     let _ = writeln!(
         std::io::stdout().lock(),
-        "READY host_id={} host_addr={} docker_host={docker_host}",
+        "READY host_id={} host_addr={} docker_host={docker_host}{status_url}",
         identity.host_id,
         identity.host_addr
     );
     let _ = std::io::stdout().flush();
+    berth_daemon::systemd::ready(&format!(
+        "host {} ready at {}",
+        identity.host_id, identity.host_addr
+    ));
     tracing::info!(
         host_addr = %identity.host_addr,
         %docker_host,
@@ -399,7 +421,11 @@ async fn run_host<P: Provider>(
     );
 
     let (outbox_tx, outbox_rx) = mpsc::unbounded_channel();
+    // The driver's messages pass the status board on their way to the link.
+    let (driver_out_tx, driver_out_rx) = mpsc::unbounded_channel();
     let (inbox_tx, inbox_rx) = mpsc::channel(INBOX_CAPACITY);
+    // dockerd's failures pass the status board on their way to the driver.
+    let (daemon_tx, daemon_rx) = mpsc::channel(INBOX_CAPACITY);
     let host = Host::booting(config.recycle).keeping_on_shutdown(provider.machine_outlives_agent());
     let (status_tx, status_rx) = watch::channel(driver::status_of(&host));
     let state_file = statefile::path(&paths.host_dir);
@@ -440,7 +466,7 @@ async fn run_host<P: Provider>(
     let _ = inbox_tx.try_send(first);
 
     if let Some(child) = child {
-        let watcher_tx = inbox_tx.clone();
+        let watcher_tx = daemon_tx.clone();
         tokio::spawn(
             async move {
                 let detail = dockerd::wait_exit(child).await;
@@ -452,17 +478,11 @@ async fn run_host<P: Provider>(
     }
     let health_stop = CancellationToken::new();
     let _health_guard = health_stop.clone().drop_guard();
-    tokio::spawn(
-        health::watch(
-            health::DaemonProbe {
-                docker: docker.clone(),
-                pidfile: paths.pidfile.clone(),
-            },
-            inbox_tx.clone(),
-            health_stop,
-        )
-        .in_current_span(),
-    );
+    let probe = health::DaemonProbe {
+        docker: docker.clone(),
+        pidfile: paths.pidfile.clone(),
+    };
+    tokio::spawn(health::watch(probe.clone(), daemon_tx, health_stop).in_current_span());
 
     // The front's key is made here and never leaves the host; the
     // coordinator signs its CSR at registration.
@@ -473,6 +493,18 @@ async fn run_host<P: Provider>(
             return Err(e.into());
         }
     };
+    let host_info = status::HostInfo {
+        host_id: identity.host_id.clone(),
+        host_addr: identity.host_addr.to_string(),
+        docker_host: docker_host.clone(),
+        provider: provider.name().to_owned(),
+        instance_type: identity.instance_type.clone(),
+        zone: identity.zone.clone(),
+        agent_version: AGENT_VERSION.to_owned(),
+        docker_version: info.server_version.clone(),
+        coordinator: config.coordinator.clone(),
+    };
+    let board_status_rx = status_rx.clone();
     let registration = Registration {
         host_id: identity.host_id.clone(),
         host_addr: identity.host_addr,
@@ -486,6 +518,7 @@ async fn run_host<P: Provider>(
     };
     let sampler = stats::Sampler::new(&paths.data_root);
     let isolation_tx = inbox_tx.clone();
+    let daemon_to_driver = inbox_tx.clone();
     let (link, link_status) = Link::new(
         config.coordinator.clone(),
         credentials,
@@ -504,6 +537,27 @@ async fn run_host<P: Provider>(
             .in_current_span(),
     );
     let link_stop = CancellationToken::new();
+    let board = status::Board::new(
+        host_info,
+        started,
+        board_status_rx,
+        link_status.clone(),
+        stats::Sampler::new(&paths.data_root),
+        probe,
+    );
+    let status_stop = CancellationToken::new();
+    let _status_guard = status_stop.clone().drop_guard();
+    tokio::spawn(board.clone().follow(status_stop.clone()).in_current_span());
+    tokio::spawn(status::tap_outbox(board.clone(), driver_out_rx, outbox_tx).in_current_span());
+    tokio::spawn(
+        status::tap_daemon_events(board.clone(), daemon_rx, daemon_to_driver).in_current_span(),
+    );
+    if let Some((addr, listener)) = status_listener {
+        tracing::info!(%addr, "status endpoint listening (/healthz /readyz /status /metrics)");
+        tokio::spawn(
+            status::serve(listener, status::router(board), status_stop.clone()).in_current_span(),
+        );
+    }
     let mut link_task = tokio::spawn(link.run(link_stop.clone()).in_current_span());
 
     let mut front = DockerFront::new(
@@ -521,7 +575,7 @@ async fn run_host<P: Provider>(
         front,
         provider,
         SystemClock,
-        outbox_tx,
+        driver_out_tx,
         status_tx,
     )
     .with_state_file(&identity.host_id, state_file);

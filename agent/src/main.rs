@@ -1,12 +1,17 @@
 //! The `berth-agent` binary: parses the configuration, sets up tracing and
 //! signal handling, and hands over to [`berth_agent::run`] (or, for
 //! `berth-agent sweep`, to [`berth_agent::sweep`]). Exit status 0 means the
-//! host was terminated and cleaned up as intended (or the sweep finished).
+//! host was terminated and cleaned up as intended (or the sweep finished);
+//! 2 means a bad configuration (one line on stderr names the setting).
+//!
+//! Under systemd (`Type=notify`) the agent reports READY=1 once its host
+//! is ready (from the library), STOPPING=1 when a signal starts the
+//! shutdown, and pings the watchdog when the unit sets `WatchdogSec=`.
 
 use std::process::ExitCode;
 
 use berth_agent::{Cli, Command, LogFormat};
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
@@ -31,15 +36,46 @@ fn watch_signals(token: CancellationToken) -> anyhow::Result<()> {
             _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
             _ = int.recv() => tracing::info!("SIGINT: shutting down"),
         }
+        berth_daemon::systemd::stopping("shutting down: destroying the host");
         token.cancel();
     });
     Ok(())
 }
 
+/// Bad configuration: one line on stderr, exit status 2.
+fn bad_config(what: impl std::fmt::Display) -> ExitCode {
+    eprintln!("berth-agent: {what}");
+    ExitCode::from(2)
+}
+
+/// The command line merged with `--config FILE` (flags and BERTH_* win).
+fn parse_cli() -> Result<Cli, ExitCode> {
+    let cmd = Cli::command();
+    let args = berth_daemon::config_file::merge_args(&cmd, std::env::args_os().collect())
+        .map_err(bad_config)?;
+    let matches = match cmd.try_get_matches_from(args) {
+        Ok(m) => m,
+        Err(e) if e.use_stderr() => {
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or_default();
+            return Err(bad_config(first.trim_start_matches("error: ")));
+        }
+        // --help, --version.
+        Err(e) => e.exit(),
+    };
+    Cli::from_arg_matches(&matches).map_err(|e| bad_config(e.to_string().trim()))
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
-    let Cli { command, config } = Cli::parse();
+    let Cli { command, config } = match parse_cli() {
+        Ok(cli) => cli,
+        Err(code) => return code,
+    };
     init_tracing(config.log_format);
+    if let Err(e) = config.validate() {
+        return bad_config(format!("invalid configuration: {e}"));
+    }
     if command == Some(Command::Sweep) {
         let result = match config.validate() {
             Ok(()) => berth_agent::sweep_config(&config)
@@ -63,10 +99,16 @@ async fn main() -> ExitCode {
         tracing::error!("installing signal handlers: {e:#}");
         return ExitCode::FAILURE;
     }
-    match berth_agent::run(config, shutdown)
-        .await
-        .map_err(anyhow::Error::from)
-    {
+    let watchdog_stop = CancellationToken::new();
+    let _watchdog = berth_daemon::systemd::spawn_watchdog(watchdog_stop.clone());
+    let result = berth_agent::run(config, shutdown.clone()).await;
+    watchdog_stop.cancel();
+    if !shutdown.is_cancelled() {
+        // Ended on its own (host terminated, boot failed): tell systemd
+        // before the process goes.
+        berth_daemon::systemd::stopping("host ended");
+    }
+    match result.map_err(anyhow::Error::from) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // Our error messages already include their causes.

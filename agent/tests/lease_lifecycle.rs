@@ -471,8 +471,12 @@ async fn expect_register(
     assert_eq!(
         agent.ready,
         format!(
-            "READY host_id={} host_addr={} docker_host={}",
-            register.host_id, register.host_addr, register.docker_host
+            "READY host_id={} host_addr={} docker_host={} status=http://{}:{}",
+            register.host_id,
+            register.host_addr,
+            register.docker_host,
+            register.host_addr,
+            berth_agent::status::DEFAULT_STATUS_PORT
         )
     );
     assert_eq!(

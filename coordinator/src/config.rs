@@ -35,6 +35,13 @@ pub struct CoordinatorConfig {
     /// Write the address actually bound to this file (useful with port 0).
     #[arg(long, env = "BERTH_ADDR_FILE")]
     pub addr_file: Option<PathBuf>,
+    /// Address of the ops endpoint: plain HTTP with /metrics (Prometheus)
+    /// and /healthz. Port 0 picks a free port.
+    #[arg(long, env = "BERTH_OPS_LISTEN", default_value = crate::ops::DEFAULT_OPS_LISTEN)]
+    pub ops_listen: SocketAddr,
+    /// Write the ops endpoint's bound address to this file.
+    #[arg(long, env = "BERTH_OPS_ADDR_FILE")]
+    pub ops_addr_file: Option<PathBuf>,
     /// How often agents heartbeat.
     #[arg(long, env = "BERTH_HEARTBEAT_INTERVAL", default_value = "2s", value_parser = humantime::parse_duration)]
     pub heartbeat_interval: Duration,

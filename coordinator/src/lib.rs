@@ -26,10 +26,13 @@ pub mod ec2;
 pub mod error;
 pub mod fuzzing;
 pub mod lease;
+pub mod metrics;
+pub mod ops;
 pub mod pool;
 pub mod service;
 pub mod store;
 pub mod telemetry;
+pub mod timeline;
 pub mod validate;
 
 use std::net::SocketAddr;
@@ -55,6 +58,11 @@ pub const TICK: Duration = Duration::from_millis(100);
 pub enum RunError {
     #[error("invalid configuration: {0}")]
     Config(#[from] config::ConfigError),
+    #[error("ops endpoint (--ops-listen): cannot listen on {addr}: {source}")]
+    OpsBind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -153,7 +161,8 @@ pub async fn serve(
     let store = Arc::new(store::RedbStore::open(&config.state_dir)?);
     info!(path = %store.path().display(), "lease store open");
     let pool = Arc::new(Pool::with_store(config.pool(), store)?);
-    let metrics = Arc::new(ec2::Ec2Metrics::default());
+    let ec2_metrics = Arc::new(ec2::Ec2Metrics::default());
+    let metrics = ec2_metrics.clone();
     let verifier: Arc<dyn ec2::Verifier> = match config.provider {
         config::Provider::Local => Arc::new(ec2::AllowAll),
         config::Provider::Ec2 => {
@@ -218,8 +227,34 @@ pub async fn serve(
         })
     };
 
+    let ops_listener = TcpListener::bind(config.ops_listen)
+        .await
+        .map_err(|source| RunError::OpsBind {
+            addr: config.ops_listen,
+            source,
+        })?;
+    let ops_addr = ops_listener.local_addr().ok();
+    if let (Some(path), Some(a)) = (&config.ops_addr_file, ops_addr) {
+        write_atomic(path, a.to_string().as_bytes()).map_err(|source| RunError::AddrFile {
+            path: path.clone(),
+            source,
+        })?;
+    }
+    info!(addr = ?ops_addr, "ops endpoint serving /metrics and /healthz");
+    let ops_task = tokio::spawn(ops::serve(
+        ops_listener,
+        metrics::registry(pool.clone(), ec2_metrics.clone()),
+        shutdown.clone(),
+    ));
+
     let addr = listener.local_addr().ok();
     info!(addr = ?addr, "coordinator serving");
+    // The listener is bound and every service is registered: connections
+    // made from here on are answered.
+    berth_daemon::systemd::ready(&format!(
+        "serving gRPC on {}",
+        addr.map(|a| a.to_string()).unwrap_or_default()
+    ));
     let result = tonic::transport::Server::builder()
         .tls_config(tls)?
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
@@ -239,6 +274,7 @@ pub async fn serve(
         .await;
     shutdown.cancel();
     let _ = ticker.await;
+    let _ = ops_task.await;
     // Every change was committed when it happened; dropping the last handle
     // closes the store file cleanly.
     drop(pool);

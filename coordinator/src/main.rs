@@ -1,7 +1,15 @@
-//! `berth-coordinator`: parses flags, starts tracing and runs the coordinator.
+//! `berth-coordinator`: parses flags (merged with `--config FILE`), starts
+//! tracing and runs the coordinator. Under systemd (`Type=notify`) the
+//! library reports READY=1 once gRPC serves; this binary reports STOPPING=1
+//! when a signal starts the shutdown and pings the watchdog when the unit
+//! sets `WatchdogSec=`. A bad configuration exits with status 2 and one
+//! line on stderr naming the setting.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
 
 use berth_coordinator::config::{CoordinatorConfig, LogConfig};
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches, Parser};
 use tokio_util::sync::CancellationToken;
 
 /// berth's control plane: hands out pool hosts to CI builds as leases.
@@ -12,20 +20,64 @@ struct Cli {
     coordinator: CoordinatorConfig,
     #[command(flatten)]
     log: LogConfig,
+    /// TOML file of settings; its keys are these long flag names. A flag or
+    /// its BERTH_* twin overrides the file.
+    #[arg(long, env = "BERTH_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+/// Bad configuration: one line on stderr, exit status 2.
+fn bad_config(what: impl std::fmt::Display) -> ExitCode {
+    eprintln!("berth-coordinator: {what}");
+    ExitCode::from(2)
+}
+
+fn parse_cli() -> Result<Cli, ExitCode> {
+    let cmd = Cli::command();
+    let args = berth_daemon::config_file::merge_args(&cmd, std::env::args_os().collect())
+        .map_err(bad_config)?;
+    let matches = match cmd.try_get_matches_from(args) {
+        Ok(m) => m,
+        Err(e) if e.use_stderr() => {
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or_default();
+            return Err(bad_config(first.trim_start_matches("error: ")));
+        }
+        // --help, --version.
+        Err(e) => e.exit(),
+    };
+    Cli::from_arg_matches(&matches).map_err(|e| bad_config(e.to_string().trim()))
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+async fn main() -> ExitCode {
+    let cli = match parse_cli() {
+        Ok(cli) => cli,
+        Err(code) => return code,
+    };
+    if let Err(e) = cli.coordinator.validate() {
+        return bad_config(format!("invalid configuration: {e}"));
+    }
     berth_coordinator::telemetry::init(cli.log.log_format, "info");
     let shutdown = CancellationToken::new();
     tokio::spawn({
         let shutdown = shutdown.clone();
         async move {
             berth_coordinator::shutdown_signal().await;
+            berth_daemon::systemd::stopping("shutting down");
             shutdown.cancel();
         }
     });
-    berth_coordinator::run(cli.coordinator, shutdown).await?;
-    Ok(())
+    let _watchdog = berth_daemon::systemd::spawn_watchdog(shutdown.clone());
+    let result = berth_coordinator::run(cli.coordinator, shutdown.clone()).await;
+    if !shutdown.is_cancelled() {
+        berth_daemon::systemd::stopping("stopped");
+    }
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("berth-coordinator: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -26,7 +26,9 @@ use tracing::{info, warn};
 
 use crate::error::Error;
 use crate::lease::{self, LeaseAction, LeaseEvent, LeaseState};
+use crate::metrics::PoolMetrics;
 use crate::store::{LeaseStore, MemStore, StoreError};
+use crate::timeline::{self, Step};
 use crate::validate;
 
 mod invariants;
@@ -177,11 +179,15 @@ struct Lease {
     deadline_at: Option<SystemTime>,
     message: String,
     wipe: Option<pb::WipeReport>,
+    /// Every step so far, oldest first (see `crate::timeline`).
+    timeline: Vec<timeline::Entry>,
     watch: watch::Sender<LeaseState>,
 }
 
 #[derive(Default)]
 struct Inner {
+    /// What happened, for `/metrics` (see `crate::metrics`).
+    metrics: Arc<PoolMetrics>,
     hosts: HashMap<String, Host>,
     leases: HashMap<String, Lease>,
     /// (tenant, build id) -> its lease that has not ended (Acquire
@@ -247,6 +253,32 @@ impl std::ops::DerefMut for Locked<'_> {
 impl Drop for Locked<'_> {
     fn drop(&mut self) {
         persist::flush(&mut self.g, self.store);
+    }
+}
+
+/// The pool at a glance.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PoolStats {
+    /// (state name, hosts), by name.
+    pub hosts_by_state: Vec<(String, u32)>,
+    pub hosts_connected: u32,
+    pub hosts_draining: u32,
+    pub hosts_offerable: u32,
+    /// (state name, leases), by name.
+    pub leases_by_state: Vec<(String, u32)>,
+    pub queue_length: u32,
+}
+
+impl PoolStats {
+    pub fn to_proto(&self) -> pb::PoolStatsResponse {
+        pb::PoolStatsResponse {
+            hosts_by_state: self.hosts_by_state.iter().cloned().collect(),
+            hosts_connected: self.hosts_connected,
+            hosts_draining: self.hosts_draining,
+            hosts_offerable: self.hosts_offerable,
+            leases_by_state: self.leases_by_state.iter().cloned().collect(),
+            queue_length: self.queue_length,
+        }
     }
 }
 
@@ -344,9 +376,21 @@ impl Pool {
                 deadline_at: None,
                 message: String::new(),
                 wipe: None,
+                timeline: Vec::new(),
                 watch: tx,
             },
         );
+        if let Some(l) = g.leases.get_mut(&id) {
+            let at = SystemTime::now();
+            timeline::record(
+                &mut l.timeline,
+                &id,
+                Step::Requested,
+                at,
+                format!("build {build_id}"),
+            );
+            timeline::record(&mut l.timeline, &id, Step::Queued, at, "");
+        }
         g.live_by_build.insert(key, id.clone());
         g.dirty.insert(id.clone());
         g.queue.push_back(id.clone());
@@ -393,6 +437,16 @@ impl Pool {
                 deadline: Some(from_system_time(deadline_at)),
             });
             info!(lease_id, ttl = ?ttl, capped = deadline < now + ttl, "lease renewed");
+            timeline::record(
+                &mut l.timeline,
+                lease_id,
+                Step::Renewed,
+                SystemTime::now(),
+                format!(
+                    "deadline {}",
+                    humantime::format_rfc3339_seconds(deadline_at)
+                ),
+            );
             if let Some(hid) = l.host.clone() {
                 g.send(&hid, msg);
             }
@@ -556,6 +610,7 @@ impl Pool {
     }
 
     fn register_in(&self, g: &mut Locked<'_>, reg: Registration, tx: AgentTx, now: Instant) -> u64 {
+        g.metrics.agent_connects.inc();
         g.next_conn += 1;
         let conn_id = g.next_conn;
         let host_id = reg.host_id.clone();
@@ -661,6 +716,7 @@ impl Pool {
                     Error::invalid("state", format!("unknown host state {}", sc.state))
                 })?;
                 validate::text("reason", &sc.reason, 1024)?;
+                let was = h.reported;
                 h.reported = state;
                 info!(host_id, state = ?state, lease_id = %sc.lease_id, reason = %sc.reason, "host state");
                 if matches!(state, pb::HostState::Terminating | pb::HostState::Unhealthy)
@@ -678,6 +734,10 @@ impl Pool {
                     };
                     g.set_message(&lid, format!("the host became {what}{why}"));
                     g.apply(&self.cfg, &lid, LeaseEvent::HostLost);
+                }
+                if state == pb::HostState::Terminating && was != state {
+                    // After any lease it held has ended (above).
+                    g.host_terminated(host_id, &sc.reason);
                 }
                 g.mark_idle_if_offerable(&self.cfg, host_id, now);
                 g.try_assign(&self.cfg, now);
@@ -729,9 +789,26 @@ impl Pool {
                     error = %w.error,
                     "wipe report"
                 );
+                g.metrics.wipe(w.verified);
                 if let Some(l) = g.leases.get_mut(&w.lease_id)
                     && l.host.as_deref() == Some(host_id)
                 {
+                    let detail = format!(
+                        "{} in {} ms",
+                        if w.verified {
+                            "verified"
+                        } else {
+                            "NOT verified"
+                        },
+                        w.duration_ms
+                    );
+                    timeline::record(
+                        &mut l.timeline,
+                        &w.lease_id,
+                        Step::Wiped,
+                        SystemTime::now(),
+                        detail,
+                    );
                     l.wipe = Some(w.clone());
                     let lid = l.id.clone();
                     g.dirty.insert(lid);
@@ -747,12 +824,14 @@ impl Pool {
     /// The agent's stream `conn_id` ended.
     pub fn disconnect(&self, host_id: &str, conn_id: u64, now: Instant) {
         let mut g = self.lock();
+        let metrics = g.metrics.clone();
         let Some(h) = g.hosts.get_mut(host_id) else {
             return;
         };
         if h.conn.as_ref().map(|c| c.id) != Some(conn_id) {
             return;
         }
+        metrics.agent_disconnects.inc();
         h.conn = None;
         h.disconnected_at = Some(now);
         let terminating = h.reported == pb::HostState::Terminating;
@@ -832,6 +911,46 @@ impl Pool {
         g.try_assign(cfg, now);
     }
 
+    /// What the pool's events are counted in.
+    pub fn metrics(&self) -> Arc<PoolMetrics> {
+        self.lock().metrics.clone()
+    }
+
+    /// The pool at a glance (AdminService.PoolStats, `/metrics`).
+    pub fn stats(&self) -> PoolStats {
+        let g = self.lock();
+        let now = Instant::now();
+        let mut hosts: std::collections::BTreeMap<String, u32> = std::collections::BTreeMap::new();
+        let mut s = PoolStats::default();
+        for h in g.hosts.values() {
+            let name = match h.reported {
+                pb::HostState::Unspecified => "unknown".to_owned(),
+                other => other
+                    .as_str_name()
+                    .trim_start_matches("HOST_STATE_")
+                    .to_lowercase(),
+            };
+            *hosts.entry(name).or_default() += 1;
+            s.hosts_connected += u32::from(h.conn.is_some());
+            s.hosts_draining += u32::from(h.draining);
+            s.hosts_offerable += u32::from(Inner::offerable(&self.cfg, h, now));
+        }
+        let mut leases: std::collections::BTreeMap<String, u32> = std::collections::BTreeMap::new();
+        for l in g.leases.values() {
+            *leases.entry(l.state.name().to_owned()).or_default() += 1;
+        }
+        s.queue_length = u32::try_from(
+            g.queue
+                .iter()
+                .filter(|id| g.leases.get(*id).map(|l| l.state) == Some(LeaseState::Queued))
+                .count(),
+        )
+        .unwrap_or(u32::MAX);
+        s.hosts_by_state = hosts.into_iter().collect();
+        s.leases_by_state = leases.into_iter().collect();
+        s
+    }
+
     /// How many leases are waiting for a host.
     pub fn queue_len(&self) -> usize {
         let g = self.lock();
@@ -878,6 +997,7 @@ impl Inner {
                     event = ?event,
                     "lease transition"
                 );
+                self.timeline_step(&lid, from, to, event);
             }
             for action in actions {
                 match action {
@@ -1115,6 +1235,7 @@ impl Inner {
                         deadline_at: Some(SystemTime::now() + remaining),
                         message: "adopted from the host after a coordinator restart".into(),
                         wipe: None,
+                        timeline: Vec::new(),
                         watch: tx,
                     },
                 );
@@ -1188,7 +1309,63 @@ impl Inner {
             message: l.message.clone(),
             wipe: l.wipe.clone(),
             tenant: l.tenant.clone(),
+            timeline: timeline::to_proto(&l.timeline),
         })
+    }
+
+    /// Records the step a transition of lease `lid` stands for, and what
+    /// the metrics take from it.
+    fn timeline_step(&mut self, lid: &str, from: LeaseState, to: LeaseState, event: LeaseEvent) {
+        let metrics = self.metrics.clone();
+        let Some(l) = self.leases.get_mut(lid) else {
+            return;
+        };
+        let at = SystemTime::now();
+        let (step, detail) = match (from, to) {
+            (LeaseState::Assigned, LeaseState::Queued) => (Step::Requeued, format!("{event:?}")),
+            (_, to) => {
+                let Some(step) = Step::entering(to) else {
+                    return;
+                };
+                let detail = match step {
+                    Step::Assigned => l.host.clone().unwrap_or_default(),
+                    _ if to.is_ended() => l.message.clone(),
+                    _ => String::new(),
+                };
+                (step, detail)
+            }
+        };
+        if step == Step::Assigned && timeline::first(&l.timeline, Step::Assigned).is_none() {
+            metrics.observe_queue_wait(l.created.elapsed());
+        }
+        if to.is_ended() {
+            let active_for = timeline::first(&l.timeline, Step::Ready)
+                .and_then(|ready| at.duration_since(ready).ok());
+            metrics.lease_ended(to.name(), active_for);
+        }
+        timeline::record(&mut l.timeline, lid, step, at, detail);
+    }
+
+    /// The host `hid` is being destroyed: the step ends the timeline of the
+    /// lease it served last (a host serves one lease, or more in recycle mode).
+    fn host_terminated(&mut self, hid: &str, reason: &str) {
+        let last = self
+            .leases
+            .values_mut()
+            .filter(|l| l.host.as_deref() == Some(hid) && l.state.is_ended())
+            .filter(|l| timeline::first(&l.timeline, Step::HostTerminated).is_none())
+            .max_by_key(|l| l.created_at);
+        if let Some(l) = last {
+            let lid = l.id.clone();
+            timeline::record(
+                &mut l.timeline,
+                &lid,
+                Step::HostTerminated,
+                SystemTime::now(),
+                reason,
+            );
+            self.dirty.insert(lid);
+        }
     }
 }
 

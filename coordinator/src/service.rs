@@ -64,6 +64,47 @@ impl Services {
             .sign_lease(csr_pem, &lease.lease_id, SystemTime::now(), deadline)
             .map_err(tls_status)
     }
+
+    /// Acquire after validation: queue, wait for the outcome, sign.
+    async fn acquire_for(
+        &self,
+        tenant: &str,
+        req: pb::AcquireRequest,
+        ttl: Duration,
+        wait: Duration,
+    ) -> Result<Response<pb::AcquireResponse>, Status> {
+        let mut pending = self
+            .pool
+            .acquire(tenant, &req.build_id, ttl, wait, Instant::now())?;
+
+        let span = info_span!("acquire", lease_id = %pending.lease_id, build_id = %req.build_id);
+        async {
+            loop {
+                let state = *pending.state.borrow_and_update();
+                if !matches!(state, LeaseState::Queued | LeaseState::Assigned) {
+                    break;
+                }
+                tokio::select! {
+                    changed = pending.state.changed() => {
+                        if changed.is_err() {
+                            // The lease record was dropped from history.
+                            break;
+                        }
+                    }
+                    () = self.shutdown.cancelled() => return Err(Error::ShuttingDown.into()),
+                }
+            }
+            let lease = self.pool.outcome(&pending.lease_id)?;
+            let client_cert_pem = self.lease_cert(&lease, &req.csr_pem)?;
+            Ok(Response::new(pb::AcquireResponse {
+                lease: Some(lease),
+                client_cert_pem,
+                ca_pem: self.ca.cert_pem().to_owned(),
+            }))
+        }
+        .instrument(span)
+        .await
+    }
 }
 
 #[tonic::async_trait]
@@ -92,36 +133,16 @@ impl LeaseService for Services {
             true,
             cfg.max_wait,
         )?;
-        let mut pending =
-            self.pool
-                .acquire(&caller.tenant, &req.build_id, ttl, wait, Instant::now())?;
-        let span = info_span!("acquire", lease_id = %pending.lease_id, build_id = %req.build_id);
-        async {
-            loop {
-                let state = *pending.state.borrow_and_update();
-                if !matches!(state, LeaseState::Queued | LeaseState::Assigned) {
-                    break;
-                }
-                tokio::select! {
-                    changed = pending.state.changed() => {
-                        if changed.is_err() {
-                            // The lease record was dropped from history.
-                            break;
-                        }
-                    }
-                    () = self.shutdown.cancelled() => return Err(Error::ShuttingDown.into()),
-                }
-            }
-            let lease = self.pool.outcome(&pending.lease_id)?;
-            let client_cert_pem = self.lease_cert(&lease, &req.csr_pem)?;
-            Ok(Response::new(pb::AcquireResponse {
-                lease: Some(lease),
-                client_cert_pem,
-                ca_pem: self.ca.cert_pem().to_owned(),
-            }))
-        }
-        .instrument(span)
-        .await
+        let started = Instant::now();
+        let pool_metrics = self.pool.metrics();
+        let result = self.acquire_for(&caller.tenant, req, ttl, wait).await;
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(s) if s.code() == tonic::Code::ResourceExhausted => "no-host",
+            Err(_) => "error",
+        };
+        pool_metrics.observe_acquire(started.elapsed(), outcome);
+        result
     }
 
     async fn renew(
@@ -290,5 +311,12 @@ impl AdminService for Services {
         validate::text("reason", &req.reason, 1024)?;
         let host = self.pool.drain(&req.host_id, &req.reason)?;
         Ok(Response::new(pb::DrainHostResponse { host: Some(host) }))
+    }
+
+    async fn pool_stats(
+        &self,
+        _req: Request<pb::PoolStatsRequest>,
+    ) -> Result<Response<pb::PoolStatsResponse>, Status> {
+        Ok(Response::new(self.pool.stats().to_proto()))
     }
 }

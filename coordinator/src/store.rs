@@ -82,6 +82,20 @@ pub struct LeaseRecord {
     /// The agent's wipe report, protobuf-encoded.
     #[serde(default)]
     pub wipe: Option<Vec<u8>>,
+    /// The lease's timeline (`crate::timeline`), oldest first; absent in
+    /// records written before timelines existed.
+    #[serde(default)]
+    pub timeline: Vec<TimelineRecord>,
+}
+
+/// One timeline step as kept on disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TimelineRecord {
+    /// `timeline::Step::name()`.
+    pub step: String,
+    pub at_ns: u64,
+    #[serde(default)]
+    pub detail: String,
 }
 
 impl LeaseRecord {
@@ -286,6 +300,18 @@ mod tests {
                 verified: true,
                 ..Default::default()
             })),
+            timeline: vec![
+                TimelineRecord {
+                    step: "requested".into(),
+                    at_ns: 1_800_000_000_000,
+                    detail: format!("build b-{id}"),
+                },
+                TimelineRecord {
+                    step: "wiped".into(),
+                    at_ns: 1_800_000_500_000,
+                    detail: "verified in 12 ms".into(),
+                },
+            ],
         }
     }
 

@@ -34,7 +34,13 @@ impl Coordinator {
         )
         .unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_berth-coordinator"))
-            .args(["--listen", "127.0.0.1:0", "--addr-file"])
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--ops-listen",
+                "127.0.0.1:0",
+                "--addr-file",
+            ])
             .arg(&addr_file)
             .arg("--state-dir")
             .arg(dir.join("state"))

@@ -606,6 +606,7 @@ impl Ec2World {
         let mut cmd = Command::new(bin("berth-coordinator"));
         cmd.arg("--listen")
             .arg(format!("{}:0", self.gateway))
+            .args(["--ops-listen", "127.0.0.1:0"])
             .arg("--addr-file")
             .arg(&addr_file)
             .arg("--state-dir")

@@ -509,6 +509,15 @@ impl Pool {
             .map(|r| r.into_inner().lease.unwrap_or_default())
     }
 
+    /// AdminService.PoolStats.
+    pub fn pool_stats(&self) -> pb::PoolStatsResponse {
+        let ch = self.channel();
+        self.rt
+            .block_on(AdminServiceClient::new(ch).pool_stats(self.authed(pb::PoolStatsRequest {})))
+            .unwrap()
+            .into_inner()
+    }
+
     /// Every lease the coordinator knows, ended ones included.
     pub fn all_leases(&self) -> Vec<pb::Lease> {
         let ch = self.channel();

@@ -24,7 +24,7 @@ use hcl::{Block, Body, Expression, Value};
 /// Agent flags that the packaging already uses but that land with the
 /// configuration-file work (`--config FILE`). Every other flag in the unit
 /// and every key of agent.toml must be in `--help` today.
-const PENDING_AGENT_FLAGS: &[&str] = &["config"];
+const PENDING_AGENT_FLAGS: &[&str] = &[];
 
 /// Highest accepted `systemd-analyze security` exposure per unit (0 = locked
 /// down, 10 = unrestricted). The agent runs dockerd as root and may only use

@@ -20,6 +20,7 @@
 pub mod forward;
 pub mod ignore;
 pub mod lease_docker;
+pub mod status;
 pub mod sync;
 pub mod up;
 
@@ -87,6 +88,11 @@ pub enum Command {
         /// $HOME/.berth/leases/LEASE_ID); printed as DOCKER_CERT_PATH.
         #[arg(long)]
         cert_dir: Option<PathBuf>,
+        /// What to print: `env` (export lines for eval), `json`, or
+        /// `docker-context` (creates the docker context berth-LEASE_ID and
+        /// prints its name).
+        #[arg(long, env = "BERTH_FORMAT", value_enum, default_value_t = status::Format::Env)]
+        format: status::Format,
     },
     /// Extend a lease; re-issues its client certificate for the same key.
     Renew {
@@ -117,12 +123,18 @@ pub enum Command {
     },
     /// List the pool's hosts.
     Hosts,
-    /// List leases.
+    /// List leases, or show one with its timeline.
     Leases {
         /// Include ended leases.
         #[arg(long)]
         all: bool,
+        /// Show this lease (ended or not) with every step of its life and
+        /// the time between steps.
+        #[arg(long, value_name = "LEASE_ID")]
+        show: Option<String>,
     },
+    /// Whether the coordinator answers, and the pool at a glance.
+    Status,
     /// Stop giving out a host; it terminates after its current lease.
     Drain {
         host: String,
@@ -349,6 +361,7 @@ pub async fn client_output(cli: &Cli) -> Result<String, CliError> {
             ttl,
             wait,
             cert_dir,
+            format,
         } => {
             // The lease's key is made here and never sent anywhere.
             let key = berth_tls::KeyAndCsr::generate(&format!("berth build {build}"))
@@ -359,8 +372,8 @@ pub async fn client_output(cli: &Cli) -> Result<String, CliError> {
                 wait: Some(from_duration(*wait)),
                 csr_pem: key.csr_pem.clone(),
             };
-            let resp = leases
-                .acquire(request(req, *wait + CALL_TIMEOUT, &token)?)
+            let call = leases.acquire(request(req, *wait + CALL_TIMEOUT, &token)?);
+            let resp = with_progress(call, build, admin.clone(), &token)
                 .await?
                 .into_inner();
             let lease = resp.lease.ok_or_else(|| {
@@ -381,7 +394,13 @@ pub async fn client_output(cli: &Cli) -> Result<String, CliError> {
                 &resp.client_cert_pem,
                 &key.key_pem,
             )?;
-            Ok(export_lines(&lease, &dir))
+            match format {
+                status::Format::Env => Ok(export_lines(&lease, &dir)),
+                status::Format::Json => Ok(status::json(&lease, &dir)),
+                status::Format::DockerContext => {
+                    Ok(format!("{}\n", status::create_context(&lease, &dir).await?))
+                }
+            }
         }
         Command::Renew {
             lease,
@@ -447,10 +466,12 @@ pub async fn client_output(cli: &Cli) -> Result<String, CliError> {
             if already {
                 eprintln!("berth: lease {lease} had already ended; nothing to release");
             }
-            if let Some(d) = lease_cert_dir(cert_dir.as_deref(), lease)
-                && let Err(e) = std::fs::remove_dir_all(&d)
-            {
-                eprintln!("berth: cannot delete {}: {e}", d.display());
+            if let Some(d) = lease_cert_dir(cert_dir.as_deref(), lease) {
+                if let Err(e) = std::fs::remove_dir_all(&d) {
+                    eprintln!("berth: cannot delete {}: {e}", d.display());
+                }
+                // A context made by `acquire --format docker-context`.
+                status::remove_context(lease).await;
             }
             Ok(describe_lease(resp.lease.as_ref()))
         }
@@ -488,7 +509,35 @@ pub async fn client_output(cli: &Cli) -> Result<String, CliError> {
             }
             Ok(s)
         }
-        Command::Leases { all } => {
+        Command::Leases {
+            all: _,
+            show: Some(id),
+        } => {
+            let resp = admin
+                .list_leases(request(
+                    pb::ListLeasesRequest {
+                        include_ended: true,
+                    },
+                    CALL_TIMEOUT,
+                    &token,
+                )?)
+                .await?
+                .into_inner();
+            let l = resp
+                .leases
+                .into_iter()
+                .find(|l| &l.lease_id == id)
+                .ok_or_else(|| {
+                    CliError::Status(tonic::Status::not_found(format!(
+                        "lease {id} is not known to the coordinator (ended leases are kept for a while only)"
+                    )))
+                })?;
+            let mut s = describe_lease(Some(&l));
+            s.push_str("  timeline\n");
+            s.push_str(&crate::timeline::format(&l.timeline));
+            Ok(s)
+        }
+        Command::Leases { all, show: None } => {
             let resp = admin
                 .list_leases(request(
                     pb::ListLeasesRequest {
@@ -516,6 +565,23 @@ pub async fn client_output(cli: &Cli) -> Result<String, CliError> {
             }
             Ok(s)
         }
+        Command::Status => {
+            let stats = admin
+                .pool_stats(request(pb::PoolStatsRequest {}, CALL_TIMEOUT, &token)?)
+                .await
+                .map(tonic::Response::into_inner);
+            match &stats {
+                // Only a status the server sent proves it reachable.
+                Err(e) if e.code() == tonic::Code::Unavailable => Err(CliError::Status(e.clone())),
+                Err(e) if e.code() == tonic::Code::Unauthenticated => {
+                    Err(CliError::Status(e.clone()))
+                }
+                _ => Ok(status::describe(
+                    &coordinator_url(&cli.coordinator),
+                    stats.as_ref(),
+                )),
+            }
+        }
         Command::Drain { host, reason } => {
             let resp = admin
                 .drain_host(request(
@@ -534,6 +600,47 @@ pub async fn client_output(cli: &Cli) -> Result<String, CliError> {
                 h.host_id,
                 host_state_name(h.state)
             ))
+        }
+    }
+}
+
+/// Waits for `call`, printing a progress line on stderr every
+/// [`status::PROGRESS_EVERY`] (stdout stays `eval`-able). The queue length
+/// comes from the admin API when the token may use it.
+async fn with_progress<F, T>(
+    call: F,
+    build: &str,
+    mut admin: AdminServiceClient<Channel>,
+    token: &str,
+) -> Result<T, CliError>
+where
+    F: std::future::Future<Output = Result<T, tonic::Status>>,
+{
+    let started = tokio::time::Instant::now();
+    let mut tick =
+        tokio::time::interval_at(started + status::PROGRESS_EVERY, status::PROGRESS_EVERY);
+    tokio::pin!(call);
+    let mut stats_allowed = true;
+    loop {
+        tokio::select! {
+            r = &mut call => return r.map_err(CliError::from),
+            _ = tick.tick() => {
+                let stats = if stats_allowed {
+                    match admin
+                        .pool_stats(request(pb::PoolStatsRequest {}, CALL_TIMEOUT, token)?)
+                        .await
+                    {
+                        Ok(r) => Some(r.into_inner()),
+                        Err(_) => {
+                            stats_allowed = false;
+                            None
+                        }
+                    }
+                } else {
+                    None
+                };
+                eprintln!("{}", status::progress_line(build, started.elapsed(), stats.as_ref()));
+            }
         }
     }
 }
@@ -622,7 +729,7 @@ fn describe_lease(l: Option<&pb::Lease>) -> String {
     s
 }
 
-fn format_time(t: Option<&prost_types::Timestamp>) -> String {
+pub(crate) fn format_time(t: Option<&prost_types::Timestamp>) -> String {
     t.and_then(to_system_time)
         .map(|t: SystemTime| humantime::format_rfc3339_seconds(t).to_string())
         .unwrap_or_else(|| "-".into())

@@ -70,6 +70,11 @@ pub struct UpArgs {
     /// Address for the coordinator (default: the --coordinator address).
     #[arg(long)]
     pub listen: Option<SocketAddr>,
+    /// Address of the coordinator's ops endpoint (/metrics, /healthz);
+    /// default: port 9101 on the --listen address (port 0 with --listen
+    /// on port 0). Written to STATE_DIR/coordinator.ops.addr.
+    #[arg(long)]
+    pub ops_listen: Option<SocketAddr>,
     /// Return hosts to the pool after a verified wipe instead of replacing them.
     #[arg(long)]
     pub recycle: bool,
@@ -297,7 +302,20 @@ pub async fn run(
 
     let addr_file = args.state_dir.join("coordinator.addr");
     let _ = std::fs::remove_file(&addr_file);
-    let mut coordinator_child = start_coordinator(&bins, &args, &creds, listen, &addr_file, &logs)?;
+    let mut ops = Ops {
+        listen: args.ops_listen.unwrap_or_else(|| {
+            let port = if listen.port() == 0 {
+                0
+            } else {
+                DEFAULT_OPS_PORT
+            };
+            SocketAddr::new(listen.ip(), port)
+        }),
+        addr_file: args.state_dir.join(OPS_ADDR_FILE),
+    };
+    let _ = std::fs::remove_file(&ops.addr_file);
+    let mut coordinator_child =
+        start_coordinator(&bins, &args, &creds, (listen, &ops), &addr_file, &logs)?;
     let addr = match wait_for_addr(&addr_file, &mut coordinator_child).await {
         Ok(a) => a,
         Err(e) => {
@@ -314,6 +332,18 @@ pub async fn run(
         "berth up: coordinator at {addr} (log: {})",
         logs.join("coordinator.log").display()
     );
+    // Written just after the gRPC address, once the ops endpoint is bound.
+    let deadline = Instant::now() + COORDINATOR_START_TIMEOUT;
+    let mut ops_addr = read_addr(&ops.addr_file);
+    while ops_addr.is_none() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        ops_addr = read_addr(&ops.addr_file);
+    }
+    if let Some(a) = ops_addr {
+        // A restarted coordinator keeps the same ops address.
+        ops.listen = a;
+        eprintln!("berth up: coordinator metrics at http://{a}/metrics");
+    }
 
     let launch = AgentLaunch {
         bins: &bins,
@@ -353,7 +383,7 @@ pub async fn run(
                 eprintln!("berth up: coordinator exited ({status}); restarting it on {addr}");
                 tokio::time::sleep(COORDINATOR_RESTART_DELAY).await;
                 let _ = std::fs::remove_file(&addr_file);
-                coordinator_child = start_coordinator(&bins, &args, &creds, addr, &addr_file, &logs)?;
+                coordinator_child = start_coordinator(&bins, &args, &creds, (addr, &ops), &addr_file, &logs)?;
                 match wait_for_addr(&addr_file, &mut coordinator_child).await {
                     Ok(a) => eprintln!("berth up: coordinator back at {a}"),
                     Err(e) => warn!(error = %e, "restarted coordinator did not come up; trying again"),
@@ -487,11 +517,26 @@ async fn wait_for_addr(path: &Path, child: &mut Child) -> Result<SocketAddr, UpE
     }
 }
 
+/// Where the coordinator's ops endpoint listens and records its address.
+struct Ops {
+    listen: SocketAddr,
+    addr_file: PathBuf,
+}
+
+/// Default port of the coordinator's ops endpoint under `berth up`.
+pub const DEFAULT_OPS_PORT: u16 = 9101;
+/// The file (under the state dir) holding the ops endpoint's address.
+pub const OPS_ADDR_FILE: &str = "coordinator.ops.addr";
+
+fn read_addr(path: &Path) -> Option<SocketAddr> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
 fn start_coordinator(
     bins: &Bins,
     args: &UpArgs,
     creds: &Credentials,
-    listen: SocketAddr,
+    (listen, ops): (SocketAddr, &Ops),
     addr_file: &Path,
     logs: &Path,
 ) -> Result<Child, UpError> {
@@ -500,6 +545,10 @@ fn start_coordinator(
         .arg(listen.to_string())
         .arg("--addr-file")
         .arg(addr_file)
+        .arg("--ops-listen")
+        .arg(ops.listen.to_string())
+        .arg("--ops-addr-file")
+        .arg(&ops.addr_file)
         .arg("--state-dir")
         .arg(args.state_dir.join("coordinator"))
         .arg("--tenants")

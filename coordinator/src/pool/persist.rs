@@ -19,7 +19,7 @@ use tracing::{error, info, warn};
 
 use super::{Host, Inner, Lease, PoolConfig, Registration};
 use crate::lease::LeaseState;
-use crate::store::{LeaseRecord, LeaseStore};
+use crate::store::{LeaseRecord, LeaseStore, TimelineRecord};
 use berth_proto::v1 as pb;
 
 // Nanoseconds, so a restored deadline is exactly the one the agent holds.
@@ -62,6 +62,15 @@ fn record(l: &Lease) -> LeaseRecord {
         created_ns: to_ns(l.created_at),
         message: l.message.clone(),
         wipe: l.wipe.as_ref().map(LeaseRecord::encode_wipe),
+        timeline: l
+            .timeline
+            .iter()
+            .map(|e| TimelineRecord {
+                step: e.step.name().to_owned(),
+                at_ns: to_ns(e.at),
+                detail: e.detail.clone(),
+            })
+            .collect(),
     }
 }
 
@@ -137,6 +146,19 @@ pub(super) fn restore(
             deadline_at,
             message,
             wipe: r.wipe_report(),
+            // Steps a newer coordinator wrote that this one does not know
+            // are left out rather than failing the restore.
+            timeline: r
+                .timeline
+                .iter()
+                .filter_map(|t| {
+                    Some(crate::timeline::Entry {
+                        step: crate::timeline::Step::from_name(&t.step)?,
+                        at: from_ns(t.at_ns),
+                        detail: t.detail.clone(),
+                    })
+                })
+                .collect(),
             watch: tx,
         };
         if state.is_ended() {
@@ -223,6 +245,11 @@ mod tests {
             created_ns: to_ns(now),
             message: String::new(),
             wipe: None,
+            timeline: vec![TimelineRecord {
+                step: "requested".into(),
+                at_ns: to_ns(now),
+                detail: format!("build {build}"),
+            }],
         }
     }
 

@@ -136,6 +136,8 @@ impl Server {
             "t",
             "--listen",
             "127.0.0.1:0",
+            "--ops-listen",
+            "127.0.0.1:0",
             "--max-ttl",
             "2h",
             "--state-dir",

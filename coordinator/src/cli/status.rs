@@ -1,0 +1,212 @@
+//! `berth status` and the output formats of `berth acquire`: what CI
+//! authors and operators see of the pool without reading logs.
+//!
+//! `acquire --format`: `env` (the default: `export` lines for `eval`),
+//! `json` (one object), or `docker-context` (a docker context named after
+//! the lease, created with the stock docker CLI; its name is printed, so
+//! `docker --context "$(berth acquire --format docker-context ...)" ps`
+//! works). Progress while waiting goes to stderr only.
+
+use std::fmt::Write as _;
+use std::path::Path;
+use std::time::Duration;
+
+use berth_proto::v1 as pb;
+
+use super::CliError;
+
+/// How `berth acquire` prints the lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// `export` lines for `eval "$(berth acquire ...)"`.
+    Env,
+    /// One JSON object.
+    Json,
+    /// Create a docker context named after the lease; print its name.
+    DockerContext,
+}
+
+/// How often `acquire` reports that it is still waiting.
+pub const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+/// Bound on one `docker context` command.
+pub const DOCKER_CONTEXT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The docker context `--format docker-context` makes for a lease.
+pub fn context_name(lease_id: &str) -> String {
+    format!("berth-{lease_id}")
+}
+
+/// The lease as one JSON object.
+pub fn json(l: &pb::Lease, cert_dir: &Path) -> String {
+    let v = serde_json::json!({
+        "lease_id": l.lease_id,
+        "build_id": l.build_id,
+        "host_id": l.host_id,
+        "host_addr": l.host_addr,
+        "docker_host": l.docker_host,
+        "docker_tls_verify": "1",
+        "docker_cert_path": cert_dir.to_string_lossy(),
+        "deadline": super::format_time(l.deadline.as_ref()),
+        "docker_context": context_name(&l.lease_id),
+    });
+    format!("{v}\n")
+}
+
+async fn docker(args: &[&str]) -> Result<std::process::Output, CliError> {
+    let run = tokio::process::Command::new("docker")
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    match tokio::time::timeout(DOCKER_CONTEXT_TIMEOUT, run).await {
+        Err(_) => Err(CliError::Other(format!(
+            "`docker {}` took longer than {DOCKER_CONTEXT_TIMEOUT:?}",
+            args.join(" ")
+        ))),
+        Ok(Err(e)) => Err(CliError::Other(format!(
+            "cannot run the docker CLI for --format docker-context: {e}"
+        ))),
+        Ok(Ok(o)) => Ok(o),
+    }
+}
+
+/// Creates (or replaces) the lease's docker context; returns its name.
+pub async fn create_context(l: &pb::Lease, cert_dir: &Path) -> Result<String, CliError> {
+    let name = context_name(&l.lease_id);
+    let d = cert_dir.to_string_lossy();
+    let endpoint = format!(
+        "host={},ca={d}/ca.pem,cert={d}/cert.pem,key={d}/key.pem",
+        l.docker_host
+    );
+    // A retried acquire of the same build gets the same lease: replace.
+    let _ = docker(&["context", "rm", "-f", &name]).await;
+    let o = docker(&[
+        "context",
+        "create",
+        &name,
+        "--description",
+        &format!("berth lease {} (build {})", l.lease_id, l.build_id),
+        "--docker",
+        &endpoint,
+    ])
+    .await?;
+    if !o.status.success() {
+        return Err(CliError::Other(format!(
+            "docker context create {name} failed: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        )));
+    }
+    Ok(name)
+}
+
+/// Removes the lease's docker context if there is one (release).
+pub async fn remove_context(lease_id: &str) {
+    let name = context_name(lease_id);
+    if let Ok(o) = docker(&["context", "inspect", &name]).await
+        && o.status.success()
+        && let Ok(o) = docker(&["context", "rm", "-f", &name]).await
+        && !o.status.success()
+    {
+        eprintln!(
+            "berth: cannot remove docker context {name}: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        );
+    }
+}
+
+/// One progress line for stderr while acquire waits.
+pub fn progress_line(
+    build: &str,
+    waited: Duration,
+    stats: Option<&pb::PoolStatsResponse>,
+) -> String {
+    let mut s = format!(
+        "berth: waiting for a host for build {build}: {}s",
+        waited.as_secs()
+    );
+    if let Some(st) = stats {
+        let _ = write!(
+            s,
+            " (queue: {} builds waiting; {} hosts ready)",
+            st.queue_length, st.hosts_offerable
+        );
+    }
+    s
+}
+
+/// `berth status`: where the coordinator is and the pool at a glance.
+pub fn describe(
+    coordinator: &str,
+    stats: Result<&pb::PoolStatsResponse, &tonic::Status>,
+) -> String {
+    let mut s = format!("coordinator  {coordinator}: reachable\n");
+    match stats {
+        Ok(st) => {
+            let hosts: u32 = st.hosts_by_state.values().sum();
+            let _ = writeln!(
+                s,
+                "hosts        {hosts} ({} connected, {} ready for a lease, {} draining)",
+                st.hosts_connected, st.hosts_offerable, st.hosts_draining
+            );
+            let mut by: Vec<_> = st.hosts_by_state.iter().collect();
+            by.sort();
+            for (state, n) in by {
+                let _ = writeln!(s, "  {state:<12} {n}");
+            }
+            let _ = writeln!(s, "queue        {} builds waiting", st.queue_length);
+            let mut leases: Vec<_> = st.leases_by_state.iter().collect();
+            leases.sort();
+            let _ = writeln!(s, "leases");
+            for (state, n) in leases {
+                let _ = writeln!(s, "  {state:<12} {n}");
+            }
+        }
+        Err(e) if e.code() == tonic::Code::PermissionDenied => {
+            s.push_str("pool summary: needs an admin tenant's token\n");
+        }
+        Err(e) => {
+            let _ = writeln!(s, "pool summary: {}", e.message());
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_has_what_docker_needs_and_is_one_line() {
+        let l = pb::Lease {
+            lease_id: "abc".into(),
+            docker_host: "tcp://198.18.0.2:2376".into(),
+            host_addr: "198.18.0.2".into(),
+            ..Default::default()
+        };
+        let out = json(&l, Path::new("/c/abc"));
+        assert_eq!(out.lines().count(), 1);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+        assert_eq!(v["docker_host"], "tcp://198.18.0.2:2376");
+        assert_eq!(v["docker_cert_path"], "/c/abc");
+        assert_eq!(v["docker_context"], "berth-abc");
+    }
+
+    #[test]
+    fn status_summarises_the_pool() {
+        let st = pb::PoolStatsResponse {
+            hosts_by_state: [("ready".to_owned(), 2), ("leased".to_owned(), 1)].into(),
+            hosts_connected: 3,
+            hosts_offerable: 2,
+            queue_length: 4,
+            ..Default::default()
+        };
+        let out = describe("https://c:7070", Ok(&st));
+        assert!(
+            out.contains("hosts        3 (3 connected, 2 ready for a lease, 0 draining)"),
+            "{out}"
+        );
+        assert!(out.contains("queue        4 builds waiting"), "{out}");
+        let denied = tonic::Status::permission_denied("x");
+        assert!(describe("c", Err(&denied)).contains("needs an admin"));
+    }
+}
