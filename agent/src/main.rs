@@ -11,7 +11,6 @@
 use std::process::ExitCode;
 
 use berth_agent::{Cli, Command, LogFormat};
-use clap::{CommandFactory, FromArgMatches};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
@@ -44,26 +43,12 @@ fn watch_signals(token: CancellationToken) -> anyhow::Result<()> {
 
 /// Bad configuration: one line on stderr, exit status 2.
 fn bad_config(what: impl std::fmt::Display) -> ExitCode {
-    eprintln!("berth-agent: {what}");
-    ExitCode::from(2)
+    berth_daemon::config_file::bad_config("berth-agent", what)
 }
 
 /// The command line merged with `--config FILE` (flags and BERTH_* win).
 fn parse_cli() -> Result<Cli, ExitCode> {
-    let cmd = Cli::command();
-    let args = berth_daemon::config_file::merge_args(&cmd, std::env::args_os().collect())
-        .map_err(bad_config)?;
-    let matches = match cmd.try_get_matches_from(args) {
-        Ok(m) => m,
-        Err(e) if e.use_stderr() => {
-            let text = e.to_string();
-            let first = text.lines().next().unwrap_or_default();
-            return Err(bad_config(first.trim_start_matches("error: ")));
-        }
-        // --help, --version.
-        Err(e) => e.exit(),
-    };
-    Cli::from_arg_matches(&matches).map_err(|e| bad_config(e.to_string().trim()))
+    berth_daemon::config_file::parse("berth-agent")
 }
 
 #[tokio::main]

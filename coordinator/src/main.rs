@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use berth_coordinator::config::{CoordinatorConfig, LogConfig};
-use clap::{CommandFactory, FromArgMatches, Parser};
+use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
 /// berth's control plane: hands out pool hosts to CI builds as leases.
@@ -28,25 +28,12 @@ struct Cli {
 
 /// Bad configuration: one line on stderr, exit status 2.
 fn bad_config(what: impl std::fmt::Display) -> ExitCode {
-    eprintln!("berth-coordinator: {what}");
-    ExitCode::from(2)
+    berth_daemon::config_file::bad_config("berth-coordinator", what)
 }
 
+/// The command line merged with `--config FILE` (flags and BERTH_* win).
 fn parse_cli() -> Result<Cli, ExitCode> {
-    let cmd = Cli::command();
-    let args = berth_daemon::config_file::merge_args(&cmd, std::env::args_os().collect())
-        .map_err(bad_config)?;
-    let matches = match cmd.try_get_matches_from(args) {
-        Ok(m) => m,
-        Err(e) if e.use_stderr() => {
-            let text = e.to_string();
-            let first = text.lines().next().unwrap_or_default();
-            return Err(bad_config(first.trim_start_matches("error: ")));
-        }
-        // --help, --version.
-        Err(e) => e.exit(),
-    };
-    Cli::from_arg_matches(&matches).map_err(|e| bad_config(e.to_string().trim()))
+    berth_daemon::config_file::parse("berth-coordinator")
 }
 
 #[tokio::main]

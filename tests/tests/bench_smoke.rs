@@ -53,7 +53,7 @@ fn benchmark_suite_smoke() {
     }
     let sizes = Sizes::smoke();
     let rt = tokio::runtime::Runtime::new().unwrap();
-    // The TLS front has a test of its own below.
+    // The TLS front and sync have tests of their own below.
     let scenarios = [
         Scenario::P1,
         Scenario::P2,
@@ -64,7 +64,7 @@ fn benchmark_suite_smoke() {
     ];
     assert_eq!(
         Scenario::All.expand(),
-        [&scenarios[..], &[Scenario::TlsFront]].concat()
+        [&scenarios[..], &[Scenario::TlsFront, Scenario::Sync]].concat()
     );
     let figures = rt
         .block_on(bench::run(&scenarios, &sizes))

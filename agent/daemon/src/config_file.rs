@@ -70,6 +70,32 @@ pub fn config_path(args: &[OsString]) -> Result<Option<PathBuf>, ConfigFileError
         .map(PathBuf::from))
 }
 
+/// A daemon's command line merged with `--config FILE` (flags and BERTH_*
+/// win). Bad configuration is one line on stderr, named after `program`,
+/// and exit status 2; `--help` and `--version` print and exit.
+pub fn parse<C: clap::Parser>(program: &str) -> Result<C, std::process::ExitCode> {
+    let cmd = C::command();
+    let args =
+        merge_args(&cmd, std::env::args_os().collect()).map_err(|e| bad_config(program, e))?;
+    let matches = match cmd.try_get_matches_from(args) {
+        Ok(m) => m,
+        Err(e) if e.use_stderr() => {
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or_default();
+            return Err(bad_config(program, first.trim_start_matches("error: ")));
+        }
+        // --help, --version.
+        Err(e) => e.exit(),
+    };
+    C::from_arg_matches(&matches).map_err(|e| bad_config(program, e.to_string().trim()))
+}
+
+/// Bad configuration: one line on stderr, exit status 2.
+pub fn bad_config(program: &str, what: impl std::fmt::Display) -> std::process::ExitCode {
+    eprintln!("{program}: {what}");
+    std::process::ExitCode::from(2)
+}
+
 /// `args` with the settings of the configuration file (if one is named)
 /// put in front, for every setting the command line and the environment
 /// leave open. `cmd` is the daemon's clap command.
