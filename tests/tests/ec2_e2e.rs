@@ -55,7 +55,9 @@ fn in_service_instance_serves_a_lease_and_ends_itself_while_the_sweeper_ends_an_
     let addr = w.host_addr.to_string();
     assert_eq!(
         agent.ready,
-        format!("READY host_id={host} host_addr={addr} docker_host=tcp://{addr}:2376")
+        format!(
+            "READY host_id={host} host_addr={addr} docker_host=tcp://{addr}:2376 status=http://{addr}:9102"
+        )
     );
     w.wait_registered(&c, &host, REGISTER_TIMEOUT);
     assert_eq!(c.log_lines("agent verified with EC2").len(), 1);
