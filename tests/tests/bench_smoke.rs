@@ -106,6 +106,19 @@ fn benchmark_suite_smoke() {
             .baseline
             .is_some()
     );
+    // The same load with the store on tmpfs, against the disk run.
+    let mem = figure(&figures, &format!("P2 cycles/s @{small} tmpfs store"));
+    sane(mem, false);
+    assert!(mem.baseline.is_some());
+    assert!(
+        mem.notes.iter().any(|n| n.contains(" 0 errors")),
+        "{:?}",
+        mem.notes
+    );
+    with_baseline(figure(
+        &figures,
+        &format!("P2 acquire @{small} tmpfs store"),
+    ));
 
     // P3: the agent booted; dockerd alone booted.
     with_baseline(figure(&figures, "P3"));

@@ -317,6 +317,8 @@ pub struct Sizes {
     pub p2_agents: Vec<usize>,
     /// Also run this many agents with one TCP (TLS) connection each.
     pub p2_conn_per_agent: Option<usize>,
+    /// Also run the baseline count with the coordinator's store on tmpfs.
+    pub p2_memory_store: bool,
     pub p2_agents_per_conn: usize,
     pub p2_rate: f64,
     pub p2_duration: Duration,
@@ -343,6 +345,7 @@ impl Sizes {
             p1_agents: 3,
             p2_agents: vec![100, 1, 10_000],
             p2_conn_per_agent: Some(10_000),
+            p2_memory_store: true,
             p2_agents_per_conn: 250,
             p2_rate: 1000.0,
             p2_duration: Duration::from_secs(20),
@@ -368,6 +371,7 @@ impl Sizes {
             p1_agents: 1,
             p2_agents: vec![5, 50],
             p2_conn_per_agent: None,
+            p2_memory_store: true,
             p2_agents_per_conn: 20,
             p2_rate: 50.0,
             p2_duration: Duration::from_secs(1),

@@ -37,6 +37,9 @@ pub const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Where scenarios keep their state and runtime paths.
 pub const STATE_ROOT: &str = "/tmp/berth-t";
 pub const RUN_ROOT: &str = "/run/berth-t";
+/// Where a coordinator keeps its store when a scenario wants it in memory
+/// (tmpfs: fsync returns at once), to measure what durability costs.
+pub const MEMORY_ROOT: &str = "/dev/shm/berth-t";
 
 /// The berth binaries the benchmarks run.
 #[derive(Debug)]
@@ -127,6 +130,7 @@ impl Env {
         };
         env.sweep();
         let _ = std::fs::remove_dir_all(&env.state_dir);
+        let _ = std::fs::remove_dir_all(env.memory_dir());
         for d in [&env.state_dir, &env.hosts_dir(), &env.run_dir] {
             std::fs::create_dir_all(d)
                 .map_err(BenchError::io(format!("creating {}", d.display())))?;
@@ -149,6 +153,11 @@ impl Env {
 
     pub fn hosts_dir(&self) -> PathBuf {
         self.state_dir.join("hosts")
+    }
+
+    /// A directory of this env on tmpfs; removed with the env.
+    pub fn memory_dir(&self) -> PathBuf {
+        Path::new(MEMORY_ROOT).join(self.prefix.trim_end_matches('-'))
     }
 
     /// The coordinator's `--tenants`.
@@ -214,6 +223,7 @@ impl Env {
 impl Drop for Env {
     fn drop(&mut self) {
         self.sweep();
+        let _ = std::fs::remove_dir_all(self.memory_dir());
     }
 }
 
@@ -251,8 +261,14 @@ pub struct Coordinator {
 }
 
 impl Coordinator {
-    /// Starts it with `extra` flags; its log goes to `STATE/NAME.log`.
+    /// Starts it with `extra` flags; its log goes to `STATE/NAME.log`, its
+    /// state (CA, lease store) to `STATE/NAME`.
     pub fn start(env: &Env, name: &str, extra: &[String]) -> Result<Self> {
+        Self::start_at(env, name, &env.state_dir.join(name), extra)
+    }
+
+    /// [`Coordinator::start`] with its state directory at `state_dir`.
+    pub fn start_at(env: &Env, name: &str, state_dir: &Path, extra: &[String]) -> Result<Self> {
         let addr_file = env.state_dir.join(format!("{name}.addr"));
         let log = env.state_dir.join(format!("{name}.log"));
         let _ = std::fs::remove_file(&addr_file);
@@ -264,7 +280,7 @@ impl Coordinator {
             .arg("--addr-file")
             .arg(&addr_file)
             .arg("--state-dir")
-            .arg(env.state_dir.join(name))
+            .arg(state_dir)
             .arg("--tenants")
             .arg(env.tenants_file())
             .arg("--join-token-hash-file")
@@ -281,7 +297,7 @@ impl Coordinator {
             addr: "127.0.0.1:1".parse().expect("addr"),
             pid,
             log,
-            ca_pem: berth_tls::Ca::paths(&env.state_dir.join(name)).0,
+            ca_pem: berth_tls::Ca::paths(state_dir).0,
             token: env.token.clone(),
         };
         let deadline = Instant::now() + COORDINATOR_START_TIMEOUT;

@@ -64,12 +64,37 @@ fn cpu_pct(pid: i32, window: Duration, before: Duration) -> f64 {
     100.0 * used.as_secs_f64() / window.as_secs_f64()
 }
 
+/// Where the coordinator's lease store lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Store {
+    /// Its state directory on the machine's disk, as deployed: every commit
+    /// waits for fsync.
+    Disk,
+    /// On tmpfs, where fsync returns at once: the same code without the
+    /// disk's flush latency, to show what durability costs.
+    Memory,
+}
+
 /// One coordinator, `agents` simulated agents, the CI load; all torn down.
-pub async fn measure(sizes: &Sizes, agents: usize, per_conn: usize, tag: &str) -> Result<Run> {
+pub async fn measure(
+    sizes: &Sizes,
+    agents: usize,
+    per_conn: usize,
+    tag: &str,
+    store: Store,
+) -> Result<Run> {
     let env = Env::new(&format!("{}2{tag}-", sizes.prefix.trim_end_matches('-')))?;
     let hb = humantime_ms(sizes.p2_heartbeat);
-    let coordinator =
-        Coordinator::start(&env, "coordinator", &["--heartbeat-interval".into(), hb])?;
+    let state_dir = match store {
+        Store::Disk => env.state_dir.join("coordinator"),
+        Store::Memory => env.memory_dir().join("coordinator"),
+    };
+    let coordinator = Coordinator::start_at(
+        &env,
+        "coordinator",
+        &state_dir,
+        &["--heartbeat-interval".into(), hb],
+    )?;
     let pid = coordinator.pid;
     // Let the fresh process settle before the idle reading.
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -245,16 +270,31 @@ pub async fn run(sizes: &Sizes) -> Result<Vec<Figure>> {
             "berth-bench: P2 with {n} agents, {} per HTTP/2 connection",
             sizes.p2_agents_per_conn
         );
-        runs.push(measure(sizes, n, sizes.p2_agents_per_conn, &n.to_string()).await?);
+        runs.push(
+            measure(
+                sizes,
+                n,
+                sizes.p2_agents_per_conn,
+                &n.to_string(),
+                Store::Disk,
+            )
+            .await?,
+        );
     }
     let mut figures = vec![];
     let base = runs[0].clone();
     for r in &runs {
         figures.extend(figures_for(sizes, r, &base));
     }
+    if sizes.p2_memory_store {
+        let n = base.agents;
+        eprintln!("berth-bench: P2 with {n} agents, the coordinator's store on tmpfs");
+        let m = measure(sizes, n, sizes.p2_agents_per_conn, "m", Store::Memory).await?;
+        figures.extend(memory_figures(sizes, &m, &base));
+    }
     if let Some(n) = sizes.p2_conn_per_agent {
         eprintln!("berth-bench: P2 with {n} agents, one TCP (TLS) connection each");
-        let r = measure(sizes, n, 1, "c").await?;
+        let r = measure(sizes, n, 1, "c", Store::Disk).await?;
         let per = r.rss_per_agent_kib();
         // The multiplexed run with the same count, else the largest one.
         let mux = runs
@@ -287,6 +327,42 @@ pub async fn run(sizes: &Sizes) -> Result<Vec<Figure>> {
         );
     }
     Ok(figures)
+}
+
+/// The same load with the store on tmpfs, against the disk run: how much
+/// of P2 is the lease store's fsync.
+fn memory_figures(sizes: &Sizes, m: &Run, disk: &Run) -> Vec<Figure> {
+    let n = m.agents;
+    let base = "same load, store on disk (fsync per commit)";
+    let rate = Figure::new(
+        format!("P2 cycles/s @{n} tmpfs store"),
+        format!(
+            "acquire+release cycles per second, target rate {:.0}/s, {n} agents, the coordinator's lease store on tmpfs",
+            sizes.p2_rate
+        ),
+        "/s",
+    )
+    .samples(m.per_second.clone())
+    .baseline(base, disk.per_second.clone())
+    .note(format!(
+        "{} cycles, {} errors{}; coordinator CPU {:.0}% of a core (disk run {:.0}%)",
+        m.cycles,
+        m.errors,
+        m.first_error
+            .as_deref()
+            .map(|e| format!(" (first: {e})"))
+            .unwrap_or_default(),
+        m.cpu_load_pct,
+        disk.cpu_load_pct
+    ));
+    let acq = Figure::new(
+        format!("P2 acquire @{n} tmpfs store"),
+        format!("Acquire latency under load, {n} agents, lease store on tmpfs"),
+        "ms",
+    )
+    .samples(m.acquire_ms.clone())
+    .baseline(base, disk.acquire_ms.clone());
+    vec![rate, acq]
 }
 
 fn figures_for(sizes: &Sizes, r: &Run, base: &Run) -> Vec<Figure> {

@@ -44,6 +44,9 @@ struct Args {
     /// (default: the largest of --p2-agents).
     #[arg(long, env = "BERTH_BENCH_P2_CONN_PER_AGENT_COUNT")]
     p2_conn_per_agent_count: Option<usize>,
+    /// Skip P2's extra run with the coordinator's lease store on tmpfs.
+    #[arg(long, env = "BERTH_BENCH_P2_NO_MEMORY_STORE")]
+    p2_no_memory_store: bool,
     /// Runs of P3, P4 and P5 (overrides the sizes).
     #[arg(long, env = "BERTH_BENCH_RUNS")]
     runs: Option<usize>,
@@ -98,6 +101,9 @@ impl Args {
             sizes.p2_conn_per_agent = Some(n);
         } else if sizes.p2_conn_per_agent.is_some() {
             sizes.p2_conn_per_agent = sizes.p2_agents.iter().max().copied();
+        }
+        if self.p2_no_memory_store {
+            sizes.p2_memory_store = false;
         }
         if let Some(r) = self.runs {
             sizes.p3_runs = r;
