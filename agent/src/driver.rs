@@ -157,9 +157,13 @@ where
         }
         let path = sf.path.clone();
         let to_write = saved.clone();
+        let started = Instant::now();
         let result = tokio::task::spawn_blocking(move || statefile::write(&path, &to_write)).await;
         match result {
-            Ok(Ok(())) => sf.last = Some(saved),
+            Ok(Ok(())) => {
+                tracing::debug!(took = ?started.elapsed(), "host state saved");
+                sf.last = Some(saved);
+            }
             Ok(Err(e)) => tracing::error!(error = %e, "saving the host state failed"),
             Err(e) => tracing::error!(error = %e, "saving the host state failed"),
         }

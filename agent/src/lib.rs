@@ -438,7 +438,14 @@ async fn run_host<P: Provider>(
             }
         };
         tracing::info!(?saved, "taking over a host that outlived its agent");
-        statefile::Saved::resumed(saved.as_ref(), std::time::SystemTime::now())
+        let boot = statefile::boot_id();
+        if saved.as_ref().is_some_and(|s| s.from_earlier_boot(boot)) {
+            tracing::warn!(
+                boot_id = boot,
+                "the state file was written before the machine rebooted; the host is terminated"
+            );
+        }
+        statefile::Saved::resumed(saved.as_ref(), std::time::SystemTime::now(), boot)
     } else {
         Event::Booted
     };

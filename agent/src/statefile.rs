@@ -5,11 +5,20 @@
 //! The file is `HOST_DIR/agent-state.json` (next to dockerd's data root). It
 //! is written by the driver after every transition that changes it, before
 //! the transition's actions run (so `LeaseAccepted` never leaves before the
-//! lease is on disk), and always atomically: a temporary file, fsync, rename,
-//! fsync of the directory. A reader sees the old or the new file, never half
-//! of one. The file disappears with the host directory when the host is
-//! destroyed, so its presence means "this host outlived its agent" (which is
-//! how `berth up` decides to resume a slot's host).
+//! lease is in the file), and always atomically: a temporary file, then a
+//! rename. A reader sees the old or the new file, never half of one. The file
+//! disappears with the host directory when the host is destroyed, so its
+//! presence means "this host outlived its agent" (which is how `berth up`
+//! decides to resume a slot's host).
+//!
+//! The file serves a successor agent on the same boot of the machine: an
+//! agent that crashed, was killed or was upgraded. A rename is visible to
+//! every later process at once, so the writes are not fsynced (two fsyncs
+//! per write cost about 1.8 ms on the acquire path, where the agent writes
+//! twice). What only fsync would protect against is a kernel crash or power
+//! loss, and after one the host's containers are gone and its file may be
+//! stale: the file records the kernel's boot id, and an agent that finds a
+//! different one terminates the host instead of resuming it.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -57,7 +66,9 @@ pub struct SavedLease {
     pub build_id: String,
     /// Wall-clock deadline, milliseconds since the Unix epoch.
     pub deadline_ms: u64,
-    pub accepted: bool,
+    // Whether the lease was accepted is not stored: a successor agent opens
+    // the front again and accepts again (`state::resume`), and leaving it out
+    // saves the write that accepting would cost on the acquire path.
 }
 
 /// The file's content.
@@ -68,6 +79,21 @@ pub struct Saved {
     pub state: String,
     pub lease: Option<SavedLease>,
     pub draining: bool,
+    /// The kernel's boot id when the file was written (empty in files from
+    /// before it was recorded, which count as this boot's).
+    #[serde(default)]
+    pub boot_id: String,
+}
+
+/// This boot's id (`/proc/sys/kernel/random/boot_id`), read once; empty
+/// where the kernel does not offer it.
+pub fn boot_id() -> &'static str {
+    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ID.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_default()
+    })
 }
 
 impl Saved {
@@ -84,10 +110,15 @@ impl Saved {
                     .duration_since(UNIX_EPOCH)
                     .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
                     .unwrap_or(0),
-                accepted: l.accepted,
             }),
             draining: host.draining,
+            boot_id: boot_id().to_owned(),
         }
+    }
+
+    /// Whether the file was written before the machine last booted.
+    pub fn from_earlier_boot(&self, current: &str) -> bool {
+        !self.boot_id.is_empty() && !current.is_empty() && self.boot_id != current
     }
 
     /// The stored state, if it names one.
@@ -104,20 +135,27 @@ impl Saved {
         })
     }
 
-    /// The stored lease, as the state machine holds it.
+    /// The stored lease, as the state machine holds it (not yet accepted).
     pub fn lease(&self) -> Option<Lease> {
         self.lease.as_ref().map(|l| Lease {
             id: l.id.clone(),
             build_id: l.build_id.clone(),
             deadline: UNIX_EPOCH + Duration::from_millis(l.deadline_ms),
-            accepted: l.accepted,
+            accepted: false,
         })
     }
 
-    /// The state-machine event for an agent that took this host over.
-    pub fn resumed(saved: Option<&Saved>, now: SystemTime) -> crate::state::Event {
+    /// The state-machine event for an agent that took this host over. A
+    /// file from an earlier boot describes a host whose containers died with
+    /// the machine: it counts as unhealthy, and the host is terminated.
+    pub fn resumed(saved: Option<&Saved>, now: SystemTime, boot: &str) -> crate::state::Event {
+        let rebooted = saved.is_some_and(|s| s.from_earlier_boot(boot));
         crate::state::Event::Resumed {
-            saved: saved.and_then(Saved::host_state),
+            saved: if rebooted {
+                Some(HostState::Unhealthy)
+            } else {
+                saved.and_then(Saved::host_state)
+            },
             lease: saved.and_then(Saved::lease),
             draining: saved.is_some_and(|s| s.draining),
             now,
@@ -125,7 +163,7 @@ impl Saved {
     }
 }
 
-/// Writes `saved` to `file` atomically and durably.
+/// Writes `saved` to `file` atomically (see the module's notes on fsync).
 pub fn write(file: &Path, saved: &Saved) -> Result<(), StateFileError> {
     let err = |source| StateFileError::Write {
         path: file.to_owned(),
@@ -133,19 +171,10 @@ pub fn write(file: &Path, saved: &Saved) -> Result<(), StateFileError> {
     };
     let tmp = file.with_extension("json.tmp");
     let bytes = serde_json::to_vec_pretty(saved).map_err(|e| err(std::io::Error::other(e)))?;
-    {
-        let mut f = std::fs::File::create(&tmp).map_err(err)?;
-        f.write_all(&bytes).map_err(err)?;
-        f.sync_all().map_err(err)?;
-    }
-    std::fs::rename(&tmp, file).map_err(err)?;
-    // The rename itself is only durable once the directory is synced.
-    if let Some(dir) = file.parent() {
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(err)?;
-    }
-    Ok(())
+    std::fs::File::create(&tmp)
+        .and_then(|mut f| f.write_all(&bytes))
+        .map_err(err)?;
+    std::fs::rename(&tmp, file).map_err(err)
 }
 
 /// Reads the state file; `Ok(None)` if there is none.
@@ -202,7 +231,13 @@ mod tests {
         write(&f, &Saved::of("h1", &host)).unwrap();
         let back = read(&f).unwrap().unwrap();
         assert_eq!(back.host_state(), Some(HostState::Leased));
-        assert_eq!(back.lease(), host.lease);
+        let mut unaccepted = host.lease.clone().unwrap();
+        unaccepted.accepted = false;
+        assert_eq!(back.lease(), Some(unaccepted));
+        // Accepting a lease does not change the file: no write on that step.
+        let mut accepted = host.clone();
+        accepted.lease.as_mut().unwrap().accepted = false;
+        assert_eq!(Saved::of("h1", &accepted), back);
         assert!(back.draining);
         write(&f, &Saved::of("h1", &Host::booting(false))).unwrap();
         assert_eq!(
@@ -227,7 +262,7 @@ mod tests {
         // An agent that cannot read the file treats the host as unknown.
         let now = SystemTime::now();
         assert_eq!(
-            Saved::resumed(None, now),
+            Saved::resumed(None, now, "boot-a"),
             Event::Resumed {
                 saved: None,
                 lease: None,
@@ -236,5 +271,48 @@ mod tests {
             }
         );
         std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_file_from_an_earlier_boot_is_not_resumed() {
+        let now = SystemTime::now();
+        let host = Host {
+            state: HostState::Leased,
+            lease: Some(Lease {
+                id: "l1".into(),
+                build_id: "b1".into(),
+                deadline: now + Duration::from_secs(600),
+                accepted: true,
+            }),
+            ..Host::booting(false)
+        };
+        let mut saved = Saved::of("h1", &host);
+        assert_eq!(saved.boot_id, boot_id(), "written with this boot's id");
+        saved.boot_id = "boot-a".into();
+        let Event::Resumed { saved: same, .. } = Saved::resumed(Some(&saved), now, "boot-a") else {
+            panic!("not a Resumed event");
+        };
+        assert_eq!(same, Some(HostState::Leased));
+        let Event::Resumed { saved: other, .. } = Saved::resumed(Some(&saved), now, "boot-b")
+        else {
+            panic!("not a Resumed event");
+        };
+        assert_eq!(other, Some(HostState::Unhealthy));
+        // Files from before boot ids were recorded count as this boot's.
+        saved.boot_id.clear();
+        assert!(!saved.from_earlier_boot("boot-b"));
+        // The state machine ends such a host instead of serving its lease.
+        let (after, _) = crate::state::next(
+            Host::booting(false),
+            Saved::resumed(
+                Some(&Saved {
+                    boot_id: "boot-a".into(),
+                    ..saved
+                }),
+                now,
+                "boot-b",
+            ),
+        );
+        assert_eq!(after.state, HostState::Terminating);
     }
 }

@@ -44,7 +44,7 @@ use berth_proto::v1::agent_service_server::AgentServiceServer;
 use berth_proto::v1::lease_service_server::LeaseServiceServer;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{error, info};
 
 pub use config::CoordinatorConfig;
 use pool::Pool;
@@ -278,8 +278,11 @@ pub async fn serve(
     shutdown.cancel();
     let _ = ticker.await;
     let _ = ops_task.await;
-    // Every change was committed when it happened; dropping the last handle
-    // closes the store file cleanly.
+    // Changes made since the last answer (expiries, agents' reports) are
+    // committed before the store closes; dropping the last handle closes it.
+    if let Err(e) = pool.durable().await {
+        error!(error = %e, "lease changes made at shutdown were not written");
+    }
     drop(pool);
     info!("coordinator stopped; lease store closed");
     Ok(result?)

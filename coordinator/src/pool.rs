@@ -31,6 +31,7 @@ use crate::store::{LeaseStore, MemStore, StoreError};
 use crate::timeline::{self, Step};
 use crate::validate;
 
+mod commit;
 mod invariants;
 mod persist;
 
@@ -223,18 +224,25 @@ pub enum Presence {
     Disconnected { since: Instant },
 }
 
+/// How long a call waits for its changes to reach the store before it
+/// answers UNAVAILABLE (the change stays pending and is retried).
+pub const STORE_WAIT: Duration = Duration::from_secs(10);
+
 /// The coordinator's view of the pool.
 pub struct Pool {
     cfg: PoolConfig,
     inner: Mutex<Inner>,
     store: Arc<dyn LeaseStore>,
+    /// Writes the leases changed under the lock to `store` (group commit).
+    committer: commit::Committer,
 }
 
-/// The pool's lock. Dropping it writes every lease changed under it to the
-/// store (write-through), so nothing the caller answers is lost to a crash.
+/// The pool's lock. Dropping it hands every lease changed under it to the
+/// committer; a call answers only after `Pool::durable`, so nothing a caller
+/// was told is lost to a crash.
 struct Locked<'a> {
     g: MutexGuard<'a, Inner>,
-    store: &'a dyn LeaseStore,
+    committer: &'a commit::Committer,
 }
 
 impl std::ops::Deref for Locked<'_> {
@@ -252,7 +260,7 @@ impl std::ops::DerefMut for Locked<'_> {
 
 impl Drop for Locked<'_> {
     fn drop(&mut self) {
-        persist::flush(&mut self.g, self.store);
+        persist::flush(&mut self.g, self.committer);
     }
 }
 
@@ -292,10 +300,12 @@ pub struct Pending {
 impl Pool {
     /// A pool that keeps its leases in memory only.
     pub fn new(cfg: PoolConfig) -> Self {
+        let store: Arc<dyn LeaseStore> = Arc::new(MemStore::default());
         Self {
             cfg,
             inner: Mutex::new(Inner::default()),
-            store: Arc::new(MemStore::default()),
+            committer: commit::Committer::start(store.clone()),
+            store,
         }
     }
 
@@ -308,10 +318,12 @@ impl Pool {
         let pool = Self {
             cfg,
             inner: Mutex::new(inner),
+            committer: commit::Committer::start(store.clone()),
             store,
         };
         // Writes what restoring changed (queued leases that failed).
         drop(pool.lock());
+        pool.committer.wait_blocking(pool.committer.enqueued());
         Ok(pool)
     }
 
@@ -330,8 +342,23 @@ impl Pool {
         // best record there is: keep serving rather than poison every call.
         Locked {
             g: self.inner.lock().unwrap_or_else(|e| e.into_inner()),
-            store: &*self.store,
+            committer: &self.committer,
         }
+    }
+
+    /// Waits until every lease change made so far is in the store. Every
+    /// call that answers with (or after) a change awaits this first: the
+    /// answer must not leave before what it reports would survive a crash.
+    pub async fn durable(&self) -> Result<(), Error> {
+        self.committer
+            .wait(self.committer.enqueued(), STORE_WAIT)
+            .await
+            .map_err(|e| Error::Unavailable(e.to_string()))
+    }
+
+    /// [`Pool::durable`] for callers outside the runtime.
+    pub fn durable_blocking(&self) {
+        self.committer.wait_blocking(self.committer.enqueued());
     }
 
     // ----- LeaseService -----

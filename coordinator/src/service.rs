@@ -95,7 +95,9 @@ impl Services {
                 }
             }
             let lease = self.pool.outcome(&pending.lease_id)?;
+            // Signed while the lease's records are being committed.
             let client_cert_pem = self.lease_cert(&lease, &req.csr_pem)?;
+            self.pool.durable().await?;
             Ok(Response::new(pb::AcquireResponse {
                 lease: Some(lease),
                 client_cert_pem,
@@ -173,6 +175,7 @@ impl LeaseService for Services {
                     self.ca.cert_pem().to_owned(),
                 )
             };
+        self.pool.durable().await?;
         Ok(Response::new(pb::RenewResponse {
             lease: Some(lease),
             client_cert_pem,
@@ -187,6 +190,7 @@ impl LeaseService for Services {
         let caller = auth::caller(&req)?;
         let lid = validate::lease_id(&req.into_inner().lease_id)?;
         let lease = self.pool.release(&caller.tenant, &lid, Instant::now())?;
+        self.pool.durable().await?;
         Ok(Response::new(pb::ReleaseResponse { lease: Some(lease) }))
     }
 
@@ -310,6 +314,7 @@ impl AdminService for Services {
         validate::id("host_id", &req.host_id)?;
         validate::text("reason", &req.reason, 1024)?;
         let host = self.pool.drain(&req.host_id, &req.reason)?;
+        self.pool.durable().await?;
         Ok(Response::new(pb::DrainHostResponse { host: Some(host) }))
     }
 

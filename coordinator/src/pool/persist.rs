@@ -15,11 +15,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::watch;
 use tokio::time::Instant;
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
+use super::commit::Committer;
 use super::{Host, Inner, Lease, PoolConfig, Registration};
 use crate::lease::LeaseState;
-use crate::store::{LeaseRecord, LeaseStore, TimelineRecord};
+use crate::store::{LeaseRecord, TimelineRecord};
 use berth_proto::v1 as pb;
 
 // Nanoseconds, so a restored deadline is exactly the one the agent holds.
@@ -74,9 +75,9 @@ fn record(l: &Lease) -> LeaseRecord {
     }
 }
 
-/// Writes the leases changed under the lock. A failed write is logged and
-/// kept dirty for the next flush: the pool keeps serving from memory.
-pub(super) fn flush(g: &mut Inner, store: &dyn LeaseStore) {
+/// Hands the leases changed under the lock to the committer (a copy of each
+/// record; the write happens on the committer's thread).
+pub(super) fn flush(g: &mut Inner, committer: &Committer) {
     if g.dirty.is_empty() && g.removed.is_empty() {
         return;
     }
@@ -86,15 +87,8 @@ pub(super) fn flush(g: &mut Inner, store: &dyn LeaseStore) {
         .filter_map(|id| g.leases.get(id))
         .map(record)
         .collect();
-    match store.commit(&put, &g.removed) {
-        Ok(()) => {
-            g.dirty.clear();
-            g.removed.clear();
-        }
-        Err(e) => {
-            error!(error = %e, leases = put.len(), "writing leases to the store failed; will retry")
-        }
-    }
+    g.dirty.clear();
+    committer.enqueue(put, std::mem::take(&mut g.removed));
 }
 
 /// Rebuilds `g` from stored records. `now`/`wall` are the monotonic and wall
@@ -228,7 +222,7 @@ mod tests {
 
     use super::*;
     use crate::pool::Pool;
-    use crate::store::MemStore;
+    use crate::store::{LeaseStore, MemStore};
 
     fn rec(id: &str, build: &str, state: LeaseState, host: &str) -> LeaseRecord {
         let now = SystemTime::now();

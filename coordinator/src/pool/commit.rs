@@ -1,0 +1,340 @@
+//! Group commit: the pool's lease changes reach the store from one committer
+//! thread, many changes per durable commit.
+//!
+//! Under the pool's lock a change only becomes a record in the pending batch
+//! (a clone, no I/O) and the batch's sequence number goes up. The committer
+//! takes the whole batch, writes it in one store transaction (one fsync) and
+//! then publishes the batch's number as durable. A call that must not answer
+//! before its change is on disk waits for the number that was current when
+//! it let go of the lock (`Pool::durable`). Every fsync therefore covers all
+//! the changes that arrived while the previous one ran, and no fsync runs
+//! while the pool's lock is held.
+//!
+//! A failed commit keeps its records (merged under anything newer for the
+//! same lease) and is retried; waiters keep waiting, up to their own limit.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tracing::{debug, error, info};
+
+use crate::store::{LeaseRecord, LeaseStore};
+
+/// Pause before retrying a failed commit.
+const RETRY_AFTER: Duration = Duration::from_millis(200);
+
+#[derive(Default)]
+struct Batch {
+    /// Lease id -> the record to write, or `None` to delete it.
+    changes: BTreeMap<String, Option<LeaseRecord>>,
+    /// Sequence number of the newest change in `changes` (or committed).
+    enqueued: u64,
+    /// The committer is to finish what is pending and exit.
+    closing: bool,
+    /// Message of the last failed commit, cleared by the next success.
+    failing: Option<String>,
+}
+
+struct Shared {
+    batch: Mutex<Batch>,
+    /// Wakes the committer when changes arrive.
+    work: Condvar,
+    /// Highest sequence number known to be durable.
+    durable: watch::Sender<u64>,
+    /// Wakes blocking waiters (`wait_blocking`) after a commit.
+    done: Condvar,
+}
+
+impl Shared {
+    fn batch(&self) -> MutexGuard<'_, Batch> {
+        self.batch.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The store's committer thread and its pending batch.
+pub(crate) struct Committer {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// Why a wait for durability ended without it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum NotDurable {
+    #[error("the lease store did not confirm a write within {0:?}: {1}")]
+    Timeout(Duration, String),
+    #[error("the lease store's committer has stopped")]
+    Stopped,
+}
+
+impl Committer {
+    pub(crate) fn start(store: Arc<dyn LeaseStore>) -> Self {
+        let shared = Arc::new(Shared {
+            batch: Mutex::new(Batch::default()),
+            work: Condvar::new(),
+            durable: watch::channel(0).0,
+            done: Condvar::new(),
+        });
+        let s = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("berth-store".into())
+            .spawn(move || run(&s, &*store))
+            .expect("spawning the store committer thread");
+        Self {
+            shared,
+            thread: Some(thread),
+        }
+    }
+
+    /// Adds changes to the pending batch; returns their sequence number.
+    /// Cheap: called with the pool's lock held.
+    pub(crate) fn enqueue(
+        &self,
+        put: impl IntoIterator<Item = LeaseRecord>,
+        delete: impl IntoIterator<Item = String>,
+    ) -> u64 {
+        let mut b = self.shared.batch();
+        for r in put {
+            b.changes.insert(r.id.clone(), Some(r));
+        }
+        for id in delete {
+            b.changes.insert(id, None);
+        }
+        b.enqueued += 1;
+        let seq = b.enqueued;
+        drop(b);
+        self.shared.work.notify_one();
+        seq
+    }
+
+    /// The sequence number of the newest change enqueued so far.
+    pub(crate) fn enqueued(&self) -> u64 {
+        self.shared.batch().enqueued
+    }
+
+    /// Waits until everything enqueued up to `seq` is durable.
+    pub(crate) async fn wait(&self, seq: u64, limit: Duration) -> Result<(), NotDurable> {
+        let mut rx = self.shared.durable.subscribe();
+        match tokio::time::timeout(limit, rx.wait_for(|d| *d >= seq)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(_)) => Err(NotDurable::Stopped),
+            Err(_) => {
+                let why = self
+                    .shared
+                    .batch()
+                    .failing
+                    .clone()
+                    .unwrap_or_else(|| "commits are slow".into());
+                Err(NotDurable::Timeout(limit, why))
+            }
+        }
+    }
+
+    /// [`Committer::wait`] for callers outside the runtime (start-up, tests).
+    pub(crate) fn wait_blocking(&self, seq: u64) {
+        let mut b = self.shared.batch();
+        while *self.shared.durable.borrow() < seq && !b.closing {
+            b = self
+                .shared
+                .done
+                .wait_timeout(b, RETRY_AFTER)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+}
+
+impl Drop for Committer {
+    /// Writes what is pending, then stops the thread.
+    fn drop(&mut self) {
+        self.shared.batch().closing = true;
+        self.shared.work.notify_one();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn run(shared: &Shared, store: &dyn LeaseStore) {
+    loop {
+        let (changes, seq) = {
+            let mut b = shared.batch();
+            while b.changes.is_empty() && !b.closing {
+                b = shared.work.wait(b).unwrap_or_else(|e| e.into_inner());
+            }
+            if b.changes.is_empty() {
+                return;
+            }
+            (std::mem::take(&mut b.changes), b.enqueued)
+        };
+        let mut put = Vec::new();
+        let mut delete = Vec::new();
+        for (id, r) in &changes {
+            match r {
+                Some(r) => put.push(r.clone()),
+                None => delete.push(id.clone()),
+            }
+        }
+        let started = std::time::Instant::now();
+        match store.commit(&put, &delete) {
+            Ok(()) => {
+                debug!(seq, leases = changes.len(), took = ?started.elapsed(), "leases committed");
+                let mut b = shared.batch();
+                if b.failing.take().is_some() {
+                    info!("writing leases to the store works again");
+                }
+                // Published under the batch lock: `wait_blocking` checks
+                // under it too, so its wake-up cannot be missed.
+                shared.durable.send_replace(seq);
+                drop(b);
+                shared.done.notify_all();
+            }
+            Err(e) => {
+                error!(error = %e, leases = changes.len(), "writing leases to the store failed; will retry");
+                let mut b = shared.batch();
+                b.failing = Some(e.to_string());
+                // Newer changes to the same lease win over the failed ones.
+                for (id, r) in changes {
+                    b.changes.entry(id).or_insert(r);
+                }
+                let closing = b.closing;
+                drop(b);
+                if closing {
+                    // Nobody will wait any longer; do not spin at exit.
+                    return;
+                }
+                std::thread::sleep(RETRY_AFTER);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{MemStore, StoreError};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    fn rec(id: &str, state: &str) -> LeaseRecord {
+        LeaseRecord {
+            id: id.into(),
+            build_id: "b".into(),
+            tenant: "t".into(),
+            state: state.into(),
+            host_id: String::new(),
+            host_addr: String::new(),
+            docker_host: String::new(),
+            ttl_ns: 1,
+            deadline_ns: None,
+            created_ns: 1,
+            message: String::new(),
+            wipe: None,
+            timeline: Vec::new(),
+        }
+    }
+
+    /// A store that fails its first `fail` commits and counts the others.
+    struct Flaky {
+        inner: MemStore,
+        fail: AtomicUsize,
+        commits: AtomicUsize,
+    }
+
+    impl LeaseStore for Flaky {
+        fn commit(&self, put: &[LeaseRecord], delete: &[String]) -> Result<(), StoreError> {
+            if self
+                .fail
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+            {
+                return Err(StoreError::Decode {
+                    id: "disk".into(),
+                    source: serde_json::from_str::<u8>("x").unwrap_err(),
+                });
+            }
+            self.commits.fetch_add(1, Ordering::SeqCst);
+            self.inner.commit(put, delete)
+        }
+        fn load(&self) -> Result<Vec<LeaseRecord>, StoreError> {
+            self.inner.load()
+        }
+        fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+            self.inner.put_meta(key, value)
+        }
+        fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+            self.inner.get_meta(key)
+        }
+    }
+
+    fn flaky(fail: usize) -> Arc<Flaky> {
+        Arc::new(Flaky {
+            inner: MemStore::default(),
+            fail: AtomicUsize::new(fail),
+            commits: AtomicUsize::new(0),
+        })
+    }
+
+    #[tokio::test]
+    async fn the_newest_change_of_a_lease_wins_and_deletes_apply() {
+        let store = flaky(0);
+        let c = Committer::start(store.clone());
+        c.enqueue([rec("a", "queued"), rec("b", "active")], []);
+        c.enqueue([rec("a", "active")], ["b".to_owned()]);
+        let seq = c.enqueue([rec("c", "queued")], []);
+        c.wait(seq, Duration::from_secs(5)).await.unwrap();
+        let mut got: Vec<(String, String)> = store
+            .load()
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.id, r.state))
+            .collect();
+        got.sort();
+        assert_eq!(
+            got,
+            vec![("a".into(), "active".into()), ("c".into(), "queued".into())]
+        );
+        // Three batches may take fewer commits, never more.
+        assert!(store.commits.load(Ordering::SeqCst) <= 3);
+    }
+
+    #[tokio::test]
+    async fn a_failed_commit_is_retried_and_waiters_learn_why_meanwhile() {
+        let store = flaky(3);
+        let c = Committer::start(store.clone());
+        let seq = c.enqueue([rec("a", "active")], []);
+        let err = c.wait(seq, Duration::from_millis(50)).await.unwrap_err();
+        assert!(
+            matches!(&err, NotDurable::Timeout(_, why) if why.contains("disk")),
+            "{err}"
+        );
+        // A newer change enqueued while failing is not overwritten by the retry.
+        let seq = c.enqueue([rec("a", "released")], []);
+        c.wait(seq, Duration::from_secs(5)).await.unwrap();
+        let stored = store.load().unwrap();
+        assert_eq!(stored.len(), 1);
+        assert_eq!(stored[0].state, "released");
+    }
+
+    #[test]
+    fn dropping_the_committer_writes_what_is_pending() {
+        let store = flaky(0);
+        let c = Committer::start(store.clone());
+        for i in 0..100 {
+            c.enqueue([rec(&format!("l{i}"), "active")], []);
+        }
+        drop(c);
+        assert_eq!(store.load().unwrap().len(), 100);
+    }
+
+    #[test]
+    fn blocking_wait_returns_once_durable() {
+        let store = flaky(1);
+        let c = Committer::start(store.clone());
+        let seq = c.enqueue([rec("a", "active")], []);
+        c.wait_blocking(seq);
+        assert_eq!(store.load().unwrap().len(), 1);
+        assert!(c.enqueued() >= seq);
+    }
+}
