@@ -209,6 +209,11 @@ async fn start<P: Provider>(
             provider.gateway(),
         ) {
             (true, Some(netns), Some(gateway)) => {
+                // The relay listens on the gateway address: wired first.
+                provider
+                    .network_ready()
+                    .await
+                    .map_err(AgentError::Identity)?;
                 let upstream = linknet::coordinator_addr(&config.coordinator).await?;
                 let bind = SocketAddr::new(std::net::IpAddr::V4(gateway), 0);
                 let relay = linknet::start_relay(bind, upstream, relay_stop).await?;
@@ -347,11 +352,14 @@ async fn run_host<P: Provider>(
         // The outer bound also covers spawning; `wait_ready` gives the more
         // useful error (with dockerd's log tail) when it runs out first.
         r = tokio::time::timeout(config.boot_timeout + BOOT_TIMEOUT_SLACK, async {
-            if resuming {
+            let booted = if resuming {
                 adopt(&spec.paths).await.map(|(d, i)| (None, d, i))
             } else {
                 boot(&spec, config.boot_timeout).await.map(|(c, d, i)| (Some(c), d, i))
-            }
+            }?;
+            // The namespace was wired while dockerd started.
+            provider.network_ready().await.map_err(AgentError::Identity)?;
+            Ok(booted)
         }) => Some(match r {
             Err(_) => Err(AgentError::BootTimeout(config.boot_timeout)),
             Ok(r) => r,

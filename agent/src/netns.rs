@@ -9,10 +9,12 @@
 //! another agent (of any prefix) holds it, and the agent picks another.
 //!
 //! Everything here shells out to `ip` (iproute2), bounded by [`IP_TIMEOUT`].
-//! Wiring a namespace takes eight `ip` commands; they run as two
-//! `ip -batch` invocations (root side, then namespace side), because on a
-//! loaded 2-core machine each `ip` process costs milliseconds of a boot
-//! that should take little more than dockerd's own start.
+//! [`create`] makes the veth pair and the namespace (two `ip` processes);
+//! [`wire`] takes eight more `ip` commands, run as two `ip -batch`
+//! invocations (root side, then namespace side), because on a loaded 2-core
+//! machine each `ip` process costs milliseconds of a boot that should take
+//! little more than dockerd's own start. The agent runs [`wire`] while
+//! dockerd starts (dockerd only needs the namespace to exist).
 
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
@@ -143,9 +145,11 @@ fn already_exists(e: &NetnsError) -> bool {
     matches!(e, NetnsError::Failed { stderr, .. } if stderr.contains("File exists"))
 }
 
-/// Creates a namespace on a random free block and wires it up.
+/// Creates a namespace on a random free block with its veth pair; returns
+/// the block and the name of the veth's peer, which [`wire`] moves into the
+/// namespace and addresses (dockerd can start in the namespace meanwhile).
 #[tracing::instrument(err)]
-pub async fn create(prefix: &str) -> Result<Block, NetnsError> {
+pub async fn create(prefix: &str) -> Result<(Block, String), NetnsError> {
     for _ in 0..MAX_BLOCK_ATTEMPTS {
         let index = rand::rng().random_range(0..BLOCKS);
         let block = Block::new(prefix, index);
@@ -182,16 +186,25 @@ pub async fn create(prefix: &str) -> Result<Block, NetnsError> {
                 return Err(e);
             }
         }
-        if let Err(e) = wire(&block, &peer).await {
-            delete(&block.name, &block.veth).await;
-            return Err(e);
-        }
-        return Ok(block);
+        return Ok((block, peer));
     }
     Err(NetnsError::Exhausted)
 }
 
-async fn wire(block: &Block, peer: &str) -> Result<(), NetnsError> {
+/// [`create`] and [`wire`] in one go (tests and benchmarks that need a
+/// wired namespace and nothing else); nothing is left behind on failure.
+pub async fn create_wired(prefix: &str) -> Result<Block, NetnsError> {
+    let (block, peer) = create(prefix).await?;
+    if let Err(e) = wire(&block, &peer).await {
+        delete(&block.name, &block.veth).await;
+        return Err(e);
+    }
+    Ok(block)
+}
+
+/// Moves the peer into the namespace as `eth0`, addresses both ends and
+/// sets the default route. On failure the caller removes the block.
+pub async fn wire(block: &Block, peer: &str) -> Result<(), NetnsError> {
     let ns = block.name.as_str();
     let host_cidr = format!("{}/30", block.host_addr);
     let gw_cidr = format!("{}/30", block.gateway);

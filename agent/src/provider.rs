@@ -52,6 +52,8 @@ pub struct Identity {
 pub enum ProviderError {
     #[error("creating the host's network namespace: {0}")]
     Netns(#[from] NetnsError),
+    #[error("wiring the host's network namespace: {0}")]
+    Wiring(String),
     #[error("claiming a host directory under {dir:?}: {source}")]
     Claim {
         dir: PathBuf,
@@ -112,6 +114,13 @@ pub trait Provider: Send + Sync + 'static {
     fn gateway(&self) -> Option<std::net::Ipv4Addr> {
         None
     }
+    /// Waits until the host's network (address, routes) is in place. The
+    /// local provider wires a new namespace while dockerd starts, which
+    /// only needs the namespace to exist; the host is announced and its
+    /// listeners bound only after this. By default there is nothing to wait for.
+    fn network_ready(&self) -> impl Future<Output = Result<(), ProviderError>> + Send {
+        async { Ok(()) }
+    }
 }
 
 /// The development and test provider: hosts on this machine.
@@ -124,6 +133,19 @@ pub struct Local {
     host_addr: IpAddr,
     /// Set by `identity`, read by `terminate`.
     host: Mutex<Option<LocalHost>>,
+    /// The namespace's wiring, started by `identity`, awaited by `network_ready`.
+    wiring: tokio::sync::Mutex<Wiring>,
+}
+
+/// Where the wiring of a new namespace stands.
+#[derive(Debug, Default)]
+enum Wiring {
+    /// Nothing to wire (no namespace, or a host taken over).
+    #[default]
+    None,
+    Running(tokio::task::JoinHandle<Result<(), NetnsError>>),
+    /// Finished; a failure is kept as its message for every later caller.
+    Done(Result<(), String>),
 }
 
 #[derive(Debug, Clone)]
@@ -141,6 +163,7 @@ impl Local {
             no_netns: config.no_netns,
             host_addr: config.host_addr,
             host: Mutex::new(None),
+            wiring: tokio::sync::Mutex::new(Wiring::None),
         }
     }
 
@@ -275,6 +298,20 @@ impl Provider for Local {
         self.remembered()?.block.map(|b| b.gateway)
     }
 
+    async fn network_ready(&self) -> Result<(), ProviderError> {
+        let mut wiring = self.wiring.lock().await;
+        let result = match std::mem::take(&mut *wiring) {
+            Wiring::None => Ok(()),
+            Wiring::Done(r) => r,
+            Wiring::Running(task) => match task.await {
+                Ok(r) => r.map_err(|e| e.to_string()),
+                Err(e) => Err(format!("wiring task: {e}")),
+            },
+        };
+        *wiring = Wiring::Done(result.clone());
+        result.map_err(ProviderError::Wiring)
+    }
+
     #[tracing::instrument(skip(self), err)]
     async fn identity(&self) -> Result<Identity, ProviderError> {
         if self.no_netns {
@@ -292,11 +329,18 @@ impl Provider for Local {
                 zone: String::new(),
             });
         }
-        let block = netns::create(&self.prefix).await?;
+        let (block, peer) = netns::create(&self.prefix).await?;
         self.remember(LocalHost {
             host_id: block.name.clone(),
             block: Some(block.clone()),
         });
+        // Addresses and routes are set while dockerd starts; a failure
+        // surfaces in `network_ready`, and `terminate` removes the block.
+        let wired = block.clone();
+        *self.wiring.lock().await =
+            Wiring::Running(tokio::spawn(
+                async move { netns::wire(&wired, &peer).await },
+            ));
         Ok(Identity {
             host_id: block.name.clone(),
             local_id: block.name.clone(),

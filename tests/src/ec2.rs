@@ -384,7 +384,7 @@ impl Ec2World {
             .build()
             .unwrap();
         let block = rt
-            .block_on(berth_agent::netns::create(&prefix))
+            .block_on(berth_agent::netns::create_wired(&prefix))
             .expect("create the instance's network namespace");
         let moto = Moto::start(IpAddr::V4(block.gateway), &state_dir);
         let ec2 = moto.client();

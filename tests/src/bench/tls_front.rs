@@ -557,7 +557,7 @@ impl ComparisonDockerd {
             .enable_all()
             .build()?;
         let block = rt
-            .block_on(berth_agent::netns::create(prefix))
+            .block_on(berth_agent::netns::create_wired(prefix))
             .map_err(|e| io_err(e.to_string()))?;
         let paths = berth_agent::dockerd::HostPaths::new(&state_root, &run_root, &block.name);
         let spec = berth_agent::dockerd::DockerdSpec {
