@@ -67,8 +67,8 @@ fn cpu_pct(pid: i32, window: Duration, before: Duration) -> f64 {
 /// Where the coordinator's lease store lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Store {
-    /// Its state directory on the machine's disk, as deployed: every commit
-    /// waits for fsync.
+    /// Its state directory on the machine's disk, as deployed: every batch
+    /// of changes (group commit) waits for fsync.
     Disk,
     /// On tmpfs, where fsync returns at once: the same code without the
     /// disk's flush latency, to show what durability costs.
@@ -333,7 +333,7 @@ pub async fn run(sizes: &Sizes) -> Result<Vec<Figure>> {
 /// of P2 is the lease store's fsync.
 fn memory_figures(sizes: &Sizes, m: &Run, disk: &Run) -> Vec<Figure> {
     let n = m.agents;
-    let base = "same load, store on disk (fsync per commit)";
+    let base = "same load, store on disk (fsync per group commit)";
     let rate = Figure::new(
         format!("P2 cycles/s @{n} tmpfs store"),
         format!(
