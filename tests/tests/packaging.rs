@@ -824,6 +824,8 @@ fn systemd_units_verify_without_warnings() {
             );
         }
         assert_eq!(unit_value(&text, "Type"), "notify", "{name}");
+        // Both daemons ping the watchdog (systemd_e2e checks the pings).
+        assert_eq!(unit_value(&text, "WatchdogSec"), "30s", "{name}");
         assert_eq!(unit_value(&text, "Restart"), "always", "{name}");
         assert_eq!(
             unit_value(&text, "After"),
