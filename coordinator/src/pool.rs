@@ -323,7 +323,7 @@ impl Pool {
         };
         // Writes what restoring changed (queued leases that failed).
         drop(pool.lock());
-        pool.committer.wait_blocking(pool.committer.enqueued());
+        pool.durable_blocking();
         Ok(pool)
     }
 
@@ -356,8 +356,8 @@ impl Pool {
             .map_err(|e| Error::Unavailable(e.to_string()))
     }
 
-    /// [`Pool::durable`] for callers outside the runtime.
-    pub fn durable_blocking(&self) {
+    /// [`Pool::durable`] for callers outside the runtime (start-up).
+    fn durable_blocking(&self) {
         self.committer.wait_blocking(self.committer.enqueued());
     }
 
