@@ -53,6 +53,20 @@ pub enum HostState {
 }
 
 impl HostState {
+    /// The lowercase name of the state, as logs, the status page and the
+    /// coordinator's CLI print it.
+    pub fn name(self) -> &'static str {
+        match self {
+            HostState::Booting => "booting",
+            HostState::Warming => "warming",
+            HostState::Ready => "ready",
+            HostState::Leased => "leased",
+            HostState::Wiping => "wiping",
+            HostState::Terminating => "terminating",
+            HostState::Unhealthy => "unhealthy",
+        }
+    }
+
     /// The wire value of this state.
     pub fn to_proto(self) -> pb::HostState {
         match self {
@@ -399,7 +413,7 @@ pub fn next(host: Host, event: Event) -> (Host, Vec<Action>) {
             }
         }
         (state, Event::Assign { lease_id, .. }) => {
-            let reason = format!("host is {}", state_name(state));
+            let reason = format!("host is {}", state.name());
             (host, vec![reject(&lease_id, &reason)])
         }
 
@@ -590,18 +604,6 @@ fn resume(
 
 fn holds(host: &Host, lease_id: &str) -> bool {
     host.lease_id() == Some(lease_id)
-}
-
-fn state_name(state: HostState) -> &'static str {
-    match state {
-        HostState::Booting => "booting",
-        HostState::Warming => "warming",
-        HostState::Ready => "ready",
-        HostState::Leased => "leased",
-        HostState::Wiping => "wiping",
-        HostState::Terminating => "terminating",
-        HostState::Unhealthy => "unhealthy",
-    }
 }
 
 fn reject(lease_id: &str, reason: &str) -> Action {

@@ -232,7 +232,7 @@ impl Metrics {
             // Every series exists from the start (at 0), so a scrape never
             // misses one.
             drop(state.get_or_create(&StateLabel {
-                state: state_name(s).to_owned(),
+                state: s.name().to_owned(),
             }));
         }
         for o in ["verified", "failed"] {
@@ -283,19 +283,6 @@ impl<P> std::fmt::Debug for Board<P> {
         f.debug_struct("Board")
             .field("info", &self.info)
             .finish_non_exhaustive()
-    }
-}
-
-/// The lowercase name of a state, as the coordinator's CLI prints it.
-pub fn state_name(s: HostState) -> &'static str {
-    match s {
-        HostState::Booting => "booting",
-        HostState::Warming => "warming",
-        HostState::Ready => "ready",
-        HostState::Leased => "leased",
-        HostState::Wiping => "wiping",
-        HostState::Terminating => "terminating",
-        HostState::Unhealthy => "unhealthy",
     }
 }
 
@@ -418,7 +405,7 @@ impl<P: Probe> Board<P> {
     pub async fn readiness(&self) -> Result<(), String> {
         let state = self.host.borrow().state;
         if !matches!(state, HostState::Ready | HostState::Leased) {
-            return Err(format!("host is {}", state_name(state)));
+            return Err(format!("host is {}", state.name()));
         }
         self.dockerd_answers()
             .await
@@ -436,7 +423,7 @@ impl<P: Probe> Board<P> {
         let seen = self.seen();
         StatusReport {
             host: self.info.clone(),
-            state: state_name(status.state),
+            state: status.state.name(),
             state_since: seen.since.map(rfc3339),
             state_for_seconds: seen
                 .since
@@ -474,7 +461,7 @@ impl<P: Probe> Board<P> {
             self.metrics
                 .state
                 .get_or_create(&StateLabel {
-                    state: state_name(s).to_owned(),
+                    state: s.name().to_owned(),
                 })
                 .set(i64::from(s == state));
         }

@@ -54,14 +54,18 @@ fn tls_status(e: berth_tls::TlsError) -> Status {
 
 impl Services {
     /// The lease's client certificate, valid until its deadline.
-    fn lease_cert(&self, lease: &pb::Lease, csr_pem: &str) -> Result<String, Status> {
+    fn lease_cert(
+        &self,
+        lease: &pb::Lease,
+        csr: &berth_tls::ca::ParsedCsr,
+    ) -> Result<String, Status> {
         let deadline = lease
             .deadline
             .as_ref()
             .and_then(berth_proto::to_system_time)
             .ok_or_else(|| Status::internal("an active lease without a deadline"))?;
         self.ca
-            .sign_lease(csr_pem, &lease.lease_id, SystemTime::now(), deadline)
+            .sign_lease_parsed(csr, &lease.lease_id, SystemTime::now(), deadline)
             .map_err(tls_status)
     }
 
@@ -69,15 +73,16 @@ impl Services {
     async fn acquire_for(
         &self,
         tenant: &str,
-        req: pb::AcquireRequest,
+        build_id: &str,
+        csr: &berth_tls::ca::ParsedCsr,
         ttl: Duration,
         wait: Duration,
     ) -> Result<Response<pb::AcquireResponse>, Status> {
         let mut pending = self
             .pool
-            .acquire(tenant, &req.build_id, ttl, wait, Instant::now())?;
+            .acquire(tenant, build_id, ttl, wait, Instant::now())?;
 
-        let span = info_span!("acquire", lease_id = %pending.lease_id, build_id = %req.build_id);
+        let span = info_span!("acquire", lease_id = %pending.lease_id, build_id = %build_id);
         async {
             loop {
                 let state = *pending.state.borrow_and_update();
@@ -96,7 +101,7 @@ impl Services {
             }
             let lease = self.pool.outcome(&pending.lease_id)?;
             // Signed while the lease's records are being committed.
-            let client_cert_pem = self.lease_cert(&lease, &req.csr_pem)?;
+            let client_cert_pem = self.lease_cert(&lease, csr)?;
             self.pool.durable().await?;
             Ok(Response::new(pb::AcquireResponse {
                 lease: Some(lease),
@@ -119,8 +124,9 @@ impl LeaseService for Services {
         let req = req.into_inner();
         let cfg = self.pool.config();
         validate::id("build_id", &req.build_id)?;
-        // Checked before queueing: a bad CSR must not cost a host.
-        berth_tls::ca::parse_csr(&req.csr_pem).map_err(tls_status)?;
+        // Checked before queueing: a bad CSR must not cost a host. Parsed
+        // once; the lease certificate is signed from it.
+        let csr = berth_tls::ca::parse_csr(&req.csr_pem).map_err(tls_status)?;
         let ttl = validate::duration(
             "ttl",
             req.ttl.as_ref(),
@@ -137,7 +143,9 @@ impl LeaseService for Services {
         )?;
         let started = Instant::now();
         let pool_metrics = self.pool.metrics();
-        let result = self.acquire_for(&caller.tenant, req, ttl, wait).await;
+        let result = self
+            .acquire_for(&caller.tenant, &req.build_id, &csr, ttl, wait)
+            .await;
         let outcome = match &result {
             Ok(_) => "ok",
             Err(s) if s.code() == tonic::Code::ResourceExhausted => "no-host",
@@ -155,9 +163,11 @@ impl LeaseService for Services {
         let req = req.into_inner();
         let cfg = self.pool.config();
         let lid = validate::lease_id(&req.lease_id)?;
-        if !req.csr_pem.is_empty() {
-            berth_tls::ca::parse_csr(&req.csr_pem).map_err(tls_status)?;
-        }
+        let csr = if req.csr_pem.is_empty() {
+            None
+        } else {
+            Some(berth_tls::ca::parse_csr(&req.csr_pem).map_err(tls_status)?)
+        };
         let ttl = validate::duration(
             "ttl",
             req.ttl.as_ref(),
@@ -166,15 +176,12 @@ impl LeaseService for Services {
             cfg.max_ttl,
         )?;
         let lease = self.pool.renew(&caller.tenant, &lid, ttl, Instant::now())?;
-        let (client_cert_pem, ca_pem) =
-            if req.csr_pem.is_empty() || lease.state != pb::LeaseState::Active as i32 {
-                (String::new(), String::new())
-            } else {
-                (
-                    self.lease_cert(&lease, &req.csr_pem)?,
-                    self.ca.cert_pem().to_owned(),
-                )
-            };
+        let (client_cert_pem, ca_pem) = match &csr {
+            Some(csr) if lease.state == pb::LeaseState::Active as i32 => {
+                (self.lease_cert(&lease, csr)?, self.ca.cert_pem().to_owned())
+            }
+            _ => (String::new(), String::new()),
+        };
         self.pool.durable().await?;
         Ok(Response::new(pb::RenewResponse {
             lease: Some(lease),

@@ -150,7 +150,14 @@ impl Ca {
     }
 
     fn sign_csr(&self, csr_pem: &str, params: &CertificateParams) -> Result<String, TlsError> {
-        let csr = parse_csr(csr_pem)?;
+        self.sign_parsed(&parse_csr(csr_pem)?, params)
+    }
+
+    fn sign_parsed(
+        &self,
+        csr: &CertificateSigningRequestParams,
+        params: &CertificateParams,
+    ) -> Result<String, TlsError> {
         params
             .signed_by(&csr.public_key, &self.issuer)
             .map(|c| c.pem())
@@ -187,6 +194,19 @@ impl Ca {
         self.sign_lease_between(csr_pem, lease_id, now - CLOCK_SKEW, deadline + CLOCK_SKEW)
     }
 
+    /// [`Ca::sign_lease`] for a CSR the caller already parsed (and so
+    /// checked) with [`parse_csr`].
+    pub fn sign_lease_parsed(
+        &self,
+        csr: &CertificateSigningRequestParams,
+        lease_id: &str,
+        now: SystemTime,
+        deadline: SystemTime,
+    ) -> Result<String, TlsError> {
+        let p = Self::lease_params(lease_id, now - CLOCK_SKEW, deadline + CLOCK_SKEW)?;
+        self.sign_parsed(csr, &p)
+    }
+
     /// A lease certificate with an explicit validity window (tests use it
     /// for certificates that have run out).
     pub fn sign_lease_between(
@@ -196,20 +216,28 @@ impl Ca {
         not_before: SystemTime,
         not_after: SystemTime,
     ) -> Result<String, TlsError> {
-        let name = crate::lease_dns_name(lease_id);
+        let p = Self::lease_params(lease_id, not_before, not_after)?;
+        self.sign_csr(csr_pem, &p)
+    }
+
+    /// What a lease certificate says: SAN = [`crate::lease_dns_name`].
+    fn lease_params(
+        lease_id: &str,
+        not_before: SystemTime,
+        not_after: SystemTime,
+    ) -> Result<CertificateParams, TlsError> {
         let san = SanType::DnsName(
-            name.clone()
+            crate::lease_dns_name(lease_id)
                 .try_into()
                 .map_err(|e| TlsError::cert("lease name", e))?,
         );
-        let p = Self::leaf(
+        Ok(Self::leaf(
             &format!("berth lease {lease_id}"),
             vec![san],
             ExtendedKeyUsagePurpose::ClientAuth,
             not_before,
             not_after,
-        );
-        self.sign_csr(csr_pem, &p)
+        ))
     }
 
     /// A server certificate and its fresh key for the coordinator's gRPC
@@ -241,6 +269,9 @@ impl Ca {
         Ok((cert.pem(), key.serialize_pem()))
     }
 }
+
+/// A CSR as [`parse_csr`] returns it.
+pub type ParsedCsr = CertificateSigningRequestParams;
 
 /// Parses a CSR and checks its self-signature.
 pub fn parse_csr(csr_pem: &str) -> Result<CertificateSigningRequestParams, TlsError> {
