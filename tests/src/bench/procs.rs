@@ -48,45 +48,13 @@ pub struct Bins {
     pub coordinator: PathBuf,
 }
 
-/// Builds `berth-agent` and `berth-coordinator` in the profile this process
-/// was built in (once per process) and returns their paths.
+/// `berth-agent` and `berth-coordinator`, built in the profile this process
+/// was built in (`crate::bin`, once per process).
 pub fn bins() -> &'static Bins {
     static BINS: OnceLock<Bins> = OnceLock::new();
-    BINS.get_or_init(|| {
-        let exe = std::env::current_exe().expect("current exe");
-        let mut dir = exe.parent().expect("exe dir").to_owned();
-        // Test binaries live in target/PROFILE/deps.
-        if dir.file_name().is_some_and(|n| n == "deps") {
-            dir = dir.parent().expect("profile dir").to_owned();
-        }
-        let release = dir.file_name().is_some_and(|n| n == "release");
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.args([
-            "build",
-            "--quiet",
-            "--bins",
-            "-p",
-            "berth-agent",
-            "-p",
-            "berth-coordinator",
-        ]);
-        if release {
-            cmd.arg("--release");
-        }
-        let status = cmd
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .status()
-            .expect("cannot run cargo to build the berth binaries");
-        assert!(status.success(), "building the berth binaries failed");
-        let bins = Bins {
-            agent: dir.join("berth-agent"),
-            coordinator: dir.join("berth-coordinator"),
-        };
-        for p in [&bins.agent, &bins.coordinator] {
-            assert!(p.is_file(), "{} is missing after cargo build", p.display());
-        }
-        bins
+    BINS.get_or_init(|| Bins {
+        agent: crate::bin("berth-agent"),
+        coordinator: crate::bin("berth-coordinator"),
     })
 }
 
