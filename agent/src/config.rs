@@ -11,7 +11,7 @@ use std::time::Duration;
 use clap::builder::BoolishValueParser;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-pub use crate::status::{DEFAULT_STATUS_PORT, StatusListen};
+pub use crate::ops::status::{DEFAULT_STATUS_PORT, StatusListen};
 
 /// Coordinator URL used when neither `--coordinator` nor `BERTH_COORDINATOR` is set.
 pub const DEFAULT_COORDINATOR: &str = "https://127.0.0.1:7070";
@@ -22,7 +22,7 @@ pub const DEFAULT_RUN_DIR: &str = "/run/berth";
 /// Prefix of host ids, network namespaces and cgroups.
 pub const DEFAULT_PREFIX: &str = "berth-";
 /// TCP port of the Docker front (the conventional Docker TLS port).
-pub const DEFAULT_FRONT_PORT: u16 = 2376;
+pub const DEFAULT_FRONT_PORT: u16 = berth_proto::ports::DOCKER_FRONT;
 /// How long bootstrapping (netns, dockerd start, `/_ping`, `info`) may take.
 pub const DEFAULT_BOOT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long an idle host may be cut off from the coordinator before it
@@ -46,14 +46,7 @@ pub enum ProviderKind {
     Ec2,
 }
 
-/// How log lines are written to stderr.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Plain,
-    /// One JSON object per line, for log shippers.
-    Json,
-}
+pub use berth_runtime::telemetry::LogFormat;
 
 /// The command line: the agent by default, or a maintenance subcommand.
 #[derive(Debug, Clone, Parser)]
@@ -91,7 +84,7 @@ pub struct Config {
     /// EC2: command that powers the instance off when TerminateInstances
     /// keeps failing (split on whitespace; the launch template's shutdown
     /// behaviour `terminate` makes a power-off end the instance).
-    #[arg(long, env = "BERTH_POWEROFF_COMMAND", default_value = crate::ec2::DEFAULT_POWEROFF_COMMAND)]
+    #[arg(long, env = "BERTH_POWEROFF_COMMAND", default_value = crate::provider::ec2::DEFAULT_POWEROFF_COMMAND)]
     pub poweroff_command: String,
 
     /// EC2: how often to read the Auto Scaling target lifecycle (a warm
@@ -186,7 +179,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             provider: ProviderKind::Local,
-            poweroff_command: crate::ec2::DEFAULT_POWEROFF_COMMAND.to_owned(),
+            poweroff_command: crate::provider::ec2::DEFAULT_POWEROFF_COMMAND.to_owned(),
             lifecycle_poll: DEFAULT_LIFECYCLE_POLL,
             coordinator: DEFAULT_COORDINATOR.to_owned(),
             ca: None,

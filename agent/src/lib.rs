@@ -23,24 +23,12 @@
 //! Docker front's key pair at start and sends only a CSR; the certificate
 //! the coordinator signs (SAN = host address) comes back at registration.
 
-pub mod cleanup;
 pub mod config;
 pub mod docker;
-pub mod dockerd;
-pub mod driver;
-pub mod ec2;
-pub mod front;
-pub mod health;
+pub mod host;
 pub mod link;
-pub mod linknet;
-pub mod listeners;
-pub mod netns;
+pub mod ops;
 pub mod provider;
-pub mod state;
-pub mod statefile;
-pub mod stats;
-pub mod status;
-pub mod wipe;
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -48,22 +36,27 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use berth_ec2::TargetLifecycle;
+use berth_aws::TargetLifecycle;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-pub use cleanup::{CleanupReport, sweep};
 pub use config::{Cli, Command, Config, LogFormat, ProviderKind};
+pub use host::state::HostState;
+pub use provider::cleanup::{CleanupReport, sweep};
 pub use provider::{Identity, Local, Provider};
-pub use state::HostState;
 
-use crate::docker::{BollardDocker, DaemonInfo};
-use crate::dockerd::{DockerdSpec, HostPaths};
-use crate::driver::{Driver, SystemClock};
-use crate::front::DockerFront;
+use crate::docker::client::{BollardDocker, DaemonInfo};
+use crate::docker::dockerd::{self, DockerdSpec, HostPaths};
+use crate::docker::front::{self, DockerFront};
+use crate::docker::{health, listeners};
+use crate::host::driver::{self, Driver, SystemClock};
+use crate::host::state::{Event, Host};
+use crate::host::statefile;
+use crate::link::net as linknet;
 use crate::link::{Credentials, Link, Registration};
-use crate::state::{Event, Host};
+use crate::ops::{stats, status};
+use crate::provider::{cleanup, ec2};
 
 /// The agent's version, as registered.
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -157,10 +150,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
                 _ = shutdown.cancelled() => return Ok(()),
                 // Boxed: the SDK's futures are deep enough to overflow
                 // the compiler's layout query when nested inline.
-                api = Box::pin(berth_ec2::Ec2::from_env()) => api,
+                api = Box::pin(berth_aws::Ec2::from_env()) => api,
             };
             let provider = Arc::new(ec2::Ec2Provider::new(
-                berth_ec2::Imds::from_env(),
+                berth_aws::Imds::from_env(),
                 api,
                 config.state_dir.clone(),
                 config.run_dir.clone(),
@@ -414,7 +407,7 @@ async fn run_host<P: Provider>(
         identity.host_addr
     );
     let _ = std::io::stdout().flush();
-    berth_daemon::systemd::ready(&format!(
+    berth_runtime::systemd::ready(&format!(
         "host {} ready at {}",
         identity.host_id, identity.host_addr
     ));

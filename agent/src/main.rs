@@ -10,45 +10,17 @@
 
 use std::process::ExitCode;
 
-use berth_agent::{Cli, Command, LogFormat};
-use tokio::signal::unix::{SignalKind, signal};
+use berth_agent::{Cli, Command};
 use tokio_util::sync::CancellationToken;
-use tracing_subscriber::EnvFilter;
-
-fn init_tracing(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Plain => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-}
-
-/// SIGTERM or SIGINT cancel `token`: one shutdown path for the whole agent.
-fn watch_signals(token: CancellationToken) -> anyhow::Result<()> {
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
-        }
-        berth_daemon::systemd::stopping("shutting down: destroying the host");
-        token.cancel();
-    });
-    Ok(())
-}
 
 /// Bad configuration: one line on stderr, exit status 2.
 fn bad_config(what: impl std::fmt::Display) -> ExitCode {
-    berth_daemon::config_file::bad_config("berth-agent", what)
+    berth_runtime::config_file::bad_config("berth-agent", what)
 }
 
 /// The command line merged with `--config FILE` (flags and BERTH_* win).
 fn parse_cli() -> Result<Cli, ExitCode> {
-    berth_daemon::config_file::parse("berth-agent")
+    berth_runtime::config_file::parse("berth-agent")
 }
 
 #[tokio::main]
@@ -57,7 +29,7 @@ async fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(code) => return code,
     };
-    init_tracing(config.log_format);
+    berth_runtime::telemetry::init(config.log_format, "info");
     if let Err(e) = config.validate() {
         return bad_config(format!("invalid configuration: {e}"));
     }
@@ -79,19 +51,19 @@ async fn main() -> ExitCode {
             }
         };
     }
-    let shutdown = CancellationToken::new();
-    if let Err(e) = watch_signals(shutdown.clone()) {
-        tracing::error!("installing signal handlers: {e:#}");
-        return ExitCode::FAILURE;
-    }
+    // SIGTERM or SIGINT: one shutdown path for the whole agent.
+    let shutdown = berth_runtime::shutdown::on_signal(|signal| {
+        tracing::info!("{signal}: shutting down");
+        berth_runtime::systemd::stopping("shutting down: destroying the host");
+    });
     let watchdog_stop = CancellationToken::new();
-    let _watchdog = berth_daemon::systemd::spawn_watchdog(watchdog_stop.clone());
+    let _watchdog = berth_runtime::systemd::spawn_watchdog(watchdog_stop.clone());
     let result = berth_agent::run(config, shutdown.clone()).await;
     watchdog_stop.cancel();
     if !shutdown.is_cancelled() {
         // Ended on its own (host terminated, boot failed): tell systemd
         // before the process goes.
-        berth_daemon::systemd::stopping("host ended");
+        berth_runtime::systemd::stopping("host ended");
     }
     match result.map_err(anyhow::Error::from) {
         Ok(()) => ExitCode::SUCCESS,

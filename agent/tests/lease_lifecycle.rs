@@ -476,7 +476,7 @@ async fn expect_register(
             register.host_addr,
             register.docker_host,
             register.host_addr,
-            berth_agent::status::DEFAULT_STATUS_PORT
+            berth_agent::ops::status::DEFAULT_STATUS_PORT
         )
     );
     assert_eq!(

@@ -8,7 +8,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use berth_agent::state::{self, Action, Event, Host, HostState, Lease};
+use berth_agent::host::state::{self, Action, Event, Host, HostState, Lease};
 use berth_proto::v1::{EndReason, WipeReport, agent_message::Msg};
 use proptest::prelude::*;
 

@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::pool::PoolConfig;
-use crate::telemetry::LogFormat;
 
 /// Where the pool's hosts come from, as far as the coordinator cares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -18,7 +17,7 @@ pub enum Provider {
 }
 
 /// Default gRPC address; the `berth` CLI uses the same default.
-pub const DEFAULT_LISTEN: &str = "127.0.0.1:7070";
+pub const DEFAULT_LISTEN: &str = berth_proto::ports::COORDINATOR_LOCAL;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct CoordinatorConfig {
@@ -151,9 +150,9 @@ impl CoordinatorConfig {
     }
 
     /// The orphan sweeper's settings, when it runs.
-    pub fn sweep(&self) -> Option<crate::ec2::SweepConfig> {
+    pub fn sweep(&self) -> Option<crate::sweeper::SweepConfig> {
         (self.provider == Provider::Ec2 && !self.sweep_interval.is_zero()).then(|| {
-            crate::ec2::SweepConfig {
+            crate::sweeper::SweepConfig {
                 pool_name: self.pool_name.clone(),
                 interval: self.sweep_interval,
                 unregistered_after: self.orphan_unregistered_after,
@@ -175,12 +174,4 @@ impl CoordinatorConfig {
             ..PoolConfig::default()
         }
     }
-}
-
-/// Logging flags shared by every berth binary in this crate.
-#[derive(Debug, Clone, clap::Args)]
-pub struct LogConfig {
-    /// Log line format on stderr; the filter comes from RUST_LOG (default info).
-    #[arg(long, env = "BERTH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Plain, global = true)]
-    pub log_format: LogFormat,
 }

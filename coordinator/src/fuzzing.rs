@@ -148,7 +148,7 @@ fn register(
     let Ok(reg) = Registration::from_proto(r) else {
         return;
     };
-    let (tx, rx) = mpsc::channel(crate::service::AGENT_CHANNEL_DEPTH);
+    let (tx, rx) = mpsc::channel(crate::api::service::AGENT_CHANNEL_DEPTH);
     let conn = pool.register(reg, tx, now);
     agents.insert(host, Agent { conn, rx });
 }

@@ -11,27 +11,31 @@
 //! (`auth`). The CA also signs the agents' server certificates and one client
 //! certificate per lease, the only key to a host's Docker API.
 //!
-//! With `--provider ec2` it also verifies every registering agent with EC2
-//! and sweeps orphaned pool instances ([`ec2`]).
+//! Who may join is decided by [`admission`] (every agent on the local
+//! provider; with `--provider ec2` the instance is verified with EC2), and
+//! on EC2 the [`sweeper`] ends pool instances whose agent never came or
+//! went away.
 //!
-//! The crate also holds the `berth` CLI (`cli`), including `berth up`, which
-//! runs a whole local pool.
+//! Layout: [`api`] is the gRPC face (handlers, authentication), [`pool`]
+//! the state (hosts, leases, the queue) behind one lock, [`lease`] the
+//! lease state machine, [`store`] what survives a restart, [`ops`] the
+//! metrics and ops endpoint.
 
 #![forbid(unsafe_code)]
 
-pub mod auth;
-pub mod cli;
+pub mod admission;
+pub mod api;
 pub mod config;
-pub mod ec2;
 pub mod error;
+#[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 pub mod lease;
-pub mod metrics;
 pub mod ops;
 pub mod pool;
-pub mod service;
 pub mod store;
-pub mod telemetry;
+pub mod sweeper;
+#[cfg(test)]
+mod testing;
 pub mod timeline;
 pub mod validate;
 
@@ -46,9 +50,9 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
+use api::{Services, auth};
 pub use config::CoordinatorConfig;
 use pool::Pool;
-use service::Services;
 
 /// How often the pool's timers are checked.
 pub const TICK: Duration = Duration::from_millis(100);
@@ -160,19 +164,20 @@ pub async fn serve(
     let store = Arc::new(store::RedbStore::open(&config.state_dir)?);
     info!(path = %store.path().display(), "lease store open");
     let pool = Arc::new(Pool::with_store(config.pool(), store)?);
-    let ec2_metrics = Arc::new(ec2::Ec2Metrics::default());
+    let ec2_metrics = Arc::new(ops::metrics::Ec2Metrics::default());
     let metrics = ec2_metrics.clone();
-    let verifier: Arc<dyn ec2::Verifier> = match config.provider {
-        config::Provider::Local => Arc::new(ec2::AllowAll),
+    let verifier: Arc<dyn admission::Verifier> = match config.provider {
+        config::Provider::Local => Arc::new(admission::AllowAll),
         config::Provider::Ec2 => {
             // Boxed: the SDK's config loading is a deep future.
-            let api = Arc::new(Box::pin(berth_ec2::Ec2::from_env()).await);
+            let api = Arc::new(Box::pin(berth_aws::Ec2::from_env()).await);
             if let Some(cfg) = config.sweep() {
-                let sweeper = ec2::Sweeper::new(api.clone(), pool.clone(), cfg, metrics.clone());
+                let sweeper =
+                    sweeper::Sweeper::new(api.clone(), pool.clone(), cfg, metrics.clone());
                 tokio::spawn(sweeper.run(shutdown.clone()));
             }
             info!(pool = %config.pool_name, "EC2 pool: agents are verified with DescribeInstances");
-            Arc::new(ec2::Ec2Verifier::new(
+            Arc::new(admission::Ec2Verifier::new(
                 api,
                 config.pool_name.clone(),
                 metrics.clone(),
@@ -242,7 +247,7 @@ pub async fn serve(
     info!(addr = ?ops_addr, "ops endpoint serving /metrics and /healthz");
     let ops_task = tokio::spawn(ops::serve(
         ops_listener,
-        metrics::registry(pool.clone(), ec2_metrics.clone()),
+        ops::metrics::registry(pool.clone(), ec2_metrics.clone()),
         shutdown.clone(),
     ));
 
@@ -250,7 +255,7 @@ pub async fn serve(
     info!(addr = ?addr, "coordinator serving");
     // The listener is bound and every service is registered: connections
     // made from here on are answered.
-    berth_daemon::systemd::ready(&format!(
+    berth_runtime::systemd::ready(&format!(
         "serving gRPC on {}",
         addr.map(|a| a.to_string()).unwrap_or_default()
     ));
@@ -288,26 +293,8 @@ pub async fn serve(
     Ok(result?)
 }
 
-/// Writes a file by way of a temporary file and a rename, so readers never
-/// see it half-written.
-pub fn write_atomic(path: &std::path::Path, data: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, data)?;
-    std::fs::rename(&tmp, path)
-}
-
-/// Resolves when SIGINT or SIGTERM arrives.
-pub async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
+/// Writes a small file (an address file) whole or not at all; it only
+/// serves this boot, so no fsync.
+fn write_atomic(path: &std::path::Path, data: &[u8]) -> std::io::Result<()> {
+    berth_runtime::fs::write_atomic(path, data, 0o644, berth_runtime::fs::Durability::Process)
 }

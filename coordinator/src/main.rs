@@ -8,9 +8,9 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use berth_coordinator::config::{CoordinatorConfig, LogConfig};
+use berth_coordinator::config::CoordinatorConfig;
+use berth_runtime::telemetry::{self, LogConfig};
 use clap::Parser;
-use tokio_util::sync::CancellationToken;
 
 /// berth's control plane: hands out pool hosts to CI builds as leases.
 #[derive(Debug, Parser)]
@@ -28,12 +28,12 @@ struct Cli {
 
 /// Bad configuration: one line on stderr, exit status 2.
 fn bad_config(what: impl std::fmt::Display) -> ExitCode {
-    berth_daemon::config_file::bad_config("berth-coordinator", what)
+    berth_runtime::config_file::bad_config("berth-coordinator", what)
 }
 
 /// The command line merged with `--config FILE` (flags and BERTH_* win).
 fn parse_cli() -> Result<Cli, ExitCode> {
-    berth_daemon::config_file::parse("berth-coordinator")
+    berth_runtime::config_file::parse("berth-coordinator")
 }
 
 #[tokio::main]
@@ -45,20 +45,15 @@ async fn main() -> ExitCode {
     if let Err(e) = cli.coordinator.validate() {
         return bad_config(format!("invalid configuration: {e}"));
     }
-    berth_coordinator::telemetry::init(cli.log.log_format, "info");
-    let shutdown = CancellationToken::new();
-    tokio::spawn({
-        let shutdown = shutdown.clone();
-        async move {
-            berth_coordinator::shutdown_signal().await;
-            berth_daemon::systemd::stopping("shutting down");
-            shutdown.cancel();
-        }
+    telemetry::init(cli.log.log_format, "info");
+    let shutdown = berth_runtime::shutdown::on_signal(|signal| {
+        tracing::info!("{signal}: shutting down");
+        berth_runtime::systemd::stopping("shutting down");
     });
-    let _watchdog = berth_daemon::systemd::spawn_watchdog(shutdown.clone());
+    let _watchdog = berth_runtime::systemd::spawn_watchdog(shutdown.clone());
     let result = berth_coordinator::run(cli.coordinator, shutdown.clone()).await;
     if !shutdown.is_cancelled() {
-        berth_daemon::systemd::stopping("stopped");
+        berth_runtime::systemd::stopping("stopped");
     }
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -4,13 +4,12 @@
 //! steps as they happen (one structured log line each, target
 //! `berth::timeline`), the store keeps them with the lease record, `Get` and
 //! `ListLeases` return them, and `berth leases --show ID` prints them with
-//! the time between steps.
+//! the time between steps (the CLI's own `timeline` module).
 
-use std::fmt::Write as _;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
+use berth_proto::from_system_time;
 use berth_proto::v1 as pb;
-use berth_proto::{from_system_time, to_system_time};
 
 use crate::lease::LeaseState;
 
@@ -155,70 +154,19 @@ pub fn to_proto(timeline: &[Entry]) -> Vec<pb::TimelineEntry> {
         .collect()
 }
 
-fn step_name(step: i32) -> String {
-    pb::TimelineStep::try_from(step)
-        .map(|s| {
-            s.as_str_name()
-                .trim_start_matches("TIMELINE_STEP_")
-                .to_lowercase()
-                .replace('_', "-")
-        })
-        .unwrap_or_else(|_| format!("unknown({step})"))
-}
-
-fn short(d: Duration) -> String {
-    if d < Duration::from_secs(1) {
-        format!("{}ms", d.as_millis())
-    } else if d < Duration::from_secs(60) {
-        format!("{:.1}s", d.as_secs_f64())
-    } else {
-        humantime::format_duration(Duration::from_secs(d.as_secs())).to_string()
-    }
-}
-
-/// The timeline as `berth leases --show` prints it: one step a line with
-/// its time, the time since the previous step and since the request.
-pub fn format(timeline: &[pb::TimelineEntry]) -> String {
-    let mut s = format!(
-        "  {:<16} {:<24} {:>9} {:>9}  {}\n",
-        "STEP", "AT", "+PREV", "TOTAL", "DETAIL"
-    );
-    let times: Vec<Option<SystemTime>> = timeline
-        .iter()
-        .map(|e| e.at.as_ref().and_then(to_system_time))
-        .collect();
-    let start = times.first().copied().flatten();
-    for (i, e) in timeline.iter().enumerate() {
-        let at = times[i];
-        let prev = if i == 0 { None } else { times[i - 1] };
-        let delta = |from: Option<SystemTime>| match (from, at) {
-            (Some(f), Some(t)) => short(t.duration_since(f).unwrap_or_default()),
-            _ => "-".into(),
-        };
-        let _ = writeln!(
-            s,
-            "  {:<16} {:<24} {:>9} {:>9}  {}",
-            step_name(e.step),
-            at.map(|t| humantime::format_rfc3339_millis(t).to_string())
-                .unwrap_or_else(|| "-".into()),
-            if i == 0 { "-".into() } else { delta(prev) },
-            delta(start),
-            e.detail
-        );
-    }
-    s
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn names_round_trip_and_match_the_proto() {
         for s in Step::ALL {
             assert_eq!(Step::from_name(s.name()), Some(s));
-            assert_eq!(step_name(s.to_proto() as i32), s.name());
+            let proto = s.to_proto().as_str_name();
+            let proto = proto.trim_start_matches("TIMELINE_STEP_").to_lowercase();
+            assert_eq!(proto.replace('_', "-"), s.name());
         }
         assert_eq!(Step::from_name("bogus"), None);
     }
@@ -233,39 +181,5 @@ mod tests {
         assert_eq!(t.len(), MAX_ENTRIES);
         record(&mut t, "l", Step::Released, t0, "");
         assert_eq!(t.last().unwrap().step, Step::Released);
-    }
-
-    #[test]
-    fn format_shows_durations_between_steps() {
-        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
-        let mut t = Vec::new();
-        record(&mut t, "l", Step::Requested, t0, "");
-        record(
-            &mut t,
-            "l",
-            Step::Assigned,
-            t0 + Duration::from_millis(250),
-            "h1",
-        );
-        record(
-            &mut t,
-            "l",
-            Step::Released,
-            t0 + Duration::from_secs(90),
-            "",
-        );
-        let out = format(&to_proto(&t));
-        let lines: Vec<&str> = out.lines().collect();
-        assert_eq!(lines.len(), 4, "{out}");
-        assert!(
-            lines[2].contains("assigned") && lines[2].contains("250ms") && lines[2].ends_with("h1"),
-            "{out}"
-        );
-        assert!(
-            lines[3].contains("released")
-                && lines[3].contains("1m 29s")
-                && lines[3].contains("1m 30s"),
-            "{out}"
-        );
     }
 }

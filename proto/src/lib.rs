@@ -14,6 +14,26 @@ pub mod v1 {
 
 pub use prost_types;
 
+pub mod ports {
+    //! Where berth's endpoints listen unless told otherwise. Part of the
+    //! contract: the CLI, the agents, the packaged units and the deployment
+    //! templates all assume them.
+
+    /// The coordinator's gRPC API (CI, agents, operators).
+    pub const COORDINATOR: u16 = 7070;
+    /// The coordinator's gRPC address on one machine (`berth up`), and the
+    /// CLI's default.
+    pub const COORDINATOR_LOCAL: &str = "127.0.0.1:7070";
+    /// The coordinator's ops endpoint (`/metrics`, `/healthz`).
+    pub const COORDINATOR_OPS: u16 = 9101;
+    /// The ops endpoint's default address.
+    pub const COORDINATOR_OPS_LOCAL: &str = "127.0.0.1:9101";
+    /// A host's Docker API: the agent's mutual-TLS front.
+    pub const DOCKER_FRONT: u16 = 2376;
+    /// A host agent's status endpoint (`/healthz`, `/readyz`, `/status`, `/metrics`).
+    pub const AGENT_STATUS: u16 = 9102;
+}
+
 pub mod codec {
     //! The codec every berth.v1 service uses: prost, with 1 KiB per-call
     //! encode and decode buffers instead of tonic's default 8 KiB. Every

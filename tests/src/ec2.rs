@@ -33,7 +33,7 @@ use berth_proto::v1::admin_service_client::AdminServiceClient;
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
 
-use crate::{bin, dirs, ok, run, stdout, sweep, wait_for};
+use berth_testkit::{bin, dirs, ok, run, stdout, sweep, wait_for};
 
 /// Static credentials moto accepts.
 pub const AWS_KEY: &str = "testing";
@@ -44,7 +44,7 @@ const MOTO_START_TIMEOUT: Duration = Duration::from_secs(60);
 /// Fails with a clear message when moto's server is missing.
 pub fn preflight_moto() {
     assert!(
-        crate::which("moto_server").is_some(),
+        berth_testkit::which("moto_server").is_some(),
         "EC2 tests need moto's server (`pip install 'moto[server]'`); run scripts/test.sh, which installs it"
     );
 }
@@ -119,7 +119,7 @@ impl Moto {
         let config = aws_sdk_ec2::Config::builder()
             .behavior_version(aws_sdk_ec2::config::BehaviorVersion::latest())
             .region(aws_sdk_ec2::config::Region::new(REGION))
-            .http_client(berth_ec2::https_client())
+            .http_client(berth_aws::https_client())
             .endpoint_url(self.url())
             .credentials_provider(aws_sdk_ec2::config::Credentials::new(
                 AWS_KEY,
@@ -371,7 +371,7 @@ pub struct Ec2World {
 
 impl Ec2World {
     pub fn start(base_prefix: &str) -> Self {
-        let prefix = crate::test_prefix(base_prefix);
+        let prefix = berth_testkit::test_prefix(base_prefix);
         sweep(&prefix);
         let (state_dir, run_dir) = dirs(&prefix);
         let _ = std::fs::remove_dir_all(&state_dir);
@@ -384,7 +384,7 @@ impl Ec2World {
             .build()
             .unwrap();
         let block = rt
-            .block_on(berth_agent::netns::create_wired(&prefix))
+            .block_on(berth_agent::provider::netns::create_wired(&prefix))
             .expect("create the instance's network namespace");
         let moto = Moto::start(IpAddr::V4(block.gateway), &state_dir);
         let ec2 = moto.client();
@@ -486,7 +486,7 @@ impl Ec2World {
     /// Launches the instance the namespace stands for, tagged for the pool,
     /// and tells the fake IMDS it is that instance.
     pub fn launch_host(&self, lifecycle: Option<&str>) -> String {
-        let id = self.launch(&[(berth_ec2::POOL_TAG, &self.pool_name)], true);
+        let id = self.launch(&[(berth_aws::POOL_TAG, &self.pool_name)], true);
         let mut s = self.imds.state.lock().unwrap();
         s.instance_id = id.clone();
         s.local_ipv4 = self.host_addr.to_string();
@@ -551,7 +551,7 @@ impl Ec2World {
                 .describe_instances()
                 .filters(
                     Filter::builder()
-                        .name(format!("tag:{}", berth_ec2::POOL_TAG))
+                        .name(format!("tag:{}", berth_aws::POOL_TAG))
                         .values(&self.pool_name)
                         .build(),
                 )
@@ -749,7 +749,10 @@ impl Ec2World {
         self.rt.block_on(async {
             let mut client = AdminServiceClient::new(channel(c).await);
             client
-                .list_hosts(crate::with_token(pb::ListHostsRequest {}, &self.token))
+                .list_hosts(berth_testkit::with_token(
+                    pb::ListHostsRequest {},
+                    &self.token,
+                ))
                 .await
                 .expect("ListHosts")
                 .into_inner()
@@ -783,7 +786,7 @@ impl Ec2World {
             .args(args))
     }
 
-    pub fn acquire(&self, c: &Coordinator, build: &str) -> crate::LeaseEnv {
+    pub fn acquire(&self, c: &Coordinator, build: &str) -> berth_testkit::LeaseEnv {
         let o = ok(
             self.berth(
                 c,
@@ -791,7 +794,7 @@ impl Ec2World {
             ),
             "berth acquire",
         );
-        crate::LeaseEnv::parse(&stdout(&o))
+        berth_testkit::LeaseEnv::parse(&stdout(&o))
     }
 }
 

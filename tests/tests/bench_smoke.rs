@@ -6,8 +6,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use berth_testkit::preflight;
 use berth_tests::bench::{self, Scenario, Sizes, sync, tls_front};
-use berth_tests::preflight;
 
 fn figure<'a>(figures: &'a [bench::Figure], key: &str) -> &'a bench::Figure {
     figures.iter().find(|f| f.key == key).unwrap_or_else(|| {

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::Command;
 
 use berth_proto::v1 as pb;
-use berth_tests::*;
+use berth_testkit::*;
 
 fn repo() -> &'static Path {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))

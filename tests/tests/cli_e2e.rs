@@ -9,7 +9,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use berth_tests::*;
+use berth_testkit::*;
 
 #[test]
 fn status_formats_progress_and_exit_codes() {

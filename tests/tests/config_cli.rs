@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use berth_tests::*;
+use berth_testkit::*;
 
 fn dir() -> PathBuf {
     let d = Path::new(TEST_STATE_ROOT).join(test_prefix("cfg"));

@@ -20,7 +20,7 @@ use std::time::{Duration, SystemTime};
 use berth_proto::v1 as pb;
 use berth_proto::v1::admin_service_client::AdminServiceClient;
 use berth_proto::v1::lease_service_client::LeaseServiceClient;
-use berth_tests::*;
+use berth_testkit::*;
 use tonic::transport::Channel;
 
 const BUILDS: usize = 200;

@@ -11,7 +11,7 @@
 use std::time::Duration;
 
 use berth_proto::v1 as pb;
-use berth_tests::*;
+use berth_testkit::*;
 
 #[test]
 fn a_drained_host_takes_no_new_lease_finishes_its_current_one_and_terminates() {

@@ -14,7 +14,7 @@
 use std::time::{Duration, Instant};
 
 use berth_proto::v1 as pb;
-use berth_tests::*;
+use berth_testkit::*;
 
 #[test]
 fn cut_off_hosts_keep_their_lease_to_the_deadline_then_wipe_and_go_idle_ones_go_sooner() {

@@ -17,7 +17,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use berth_proto::v1 as pb;
-use berth_tests::*;
+use berth_testkit::*;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 

@@ -13,7 +13,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use berth_proto::v1 as pb;
-use berth_tests::*;
+use berth_testkit::*;
 
 fn addr(host: &str, port: u16) -> SocketAddr {
     format!("{host}:{port}").parse().unwrap()

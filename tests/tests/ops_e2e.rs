@@ -17,7 +17,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use berth_proto::v1 as pb;
-use berth_tests::*;
+use berth_testkit::*;
 use serde_json::Value;
 
 /// GET `path` on `addr` (HTTP/1.0); (status code, body).

@@ -17,7 +17,7 @@ use std::os::unix::fs::{PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use berth_tests::{bin, run, stderr, stdout};
+use berth_testkit::{bin, run, stderr, stdout};
 use hcl::eval::{Context, Evaluate};
 use hcl::{Block, Body, Expression, Value};
 
@@ -74,7 +74,7 @@ fn packer_dir() -> PathBuf {
     repo().join("packer")
 }
 
-/// The same contract as `berth_tests::preflight`: skipped only with
+/// The same contract as `berth_testkit::preflight`: skipped only with
 /// `BERTH_SKIP_E2E=1` outside CI, otherwise every missing tool fails the
 /// test with a message naming it and the Debian package that provides it.
 fn require(tools: &[(&str, &str)]) -> bool {

@@ -9,7 +9,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use berth_proto::v1 as pb;
-use berth_tests::*;
+use berth_testkit::*;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 

@@ -15,7 +15,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, SystemTime};
 
 use berth_proto::v1 as pb;
-use berth_tests::*;
+use berth_testkit::*;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use berth_tests::*;
+use berth_testkit::*;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 

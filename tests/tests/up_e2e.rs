@@ -6,7 +6,7 @@
 
 use std::path::Path;
 
-use berth_tests::*;
+use berth_testkit::*;
 
 fn cgroups_with(prefix: &str) -> Vec<String> {
     let mut found = Vec::new();

@@ -17,7 +17,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use berth_proto::v1 as pb;
-use berth_tests::*;
+use berth_testkit::*;
 use sha2::{Digest, Sha256};
 
 /// `berth` against the pool with the lease's environment, as after

@@ -12,7 +12,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use berth_agent::Provider;
-use berth_agent::dockerd::{DockerdSpec, HostPaths};
+use berth_agent::docker::dockerd::{DockerdSpec, HostPaths};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::procs::{Agent, Clients, Coordinator, Env, cpu_time, rss_kib};
@@ -139,7 +139,7 @@ impl BareHost {
             program: "dockerd".into(),
             paths: HostPaths::new(&env.hosts_dir(), &env.run_dir, &id.host_id),
             netns: id.netns.clone(),
-            cgroup_parent: berth_agent::cleanup::cgroup_name(&id.host_id),
+            cgroup_parent: berth_agent::provider::cleanup::cgroup_name(&id.host_id),
         };
         let t = Instant::now();
         let child = spec
@@ -203,7 +203,7 @@ async fn dockerd_boot(env: &Env) -> Result<Duration> {
                 "dockerd alone",
                 format!(
                     "exited with {status}: {}",
-                    berth_agent::dockerd::log_tail(&host.spec.paths.log)
+                    berth_agent::docker::dockerd::log_tail(&host.spec.paths.log)
                 ),
             ));
         }

@@ -200,7 +200,7 @@ async fn agent(
     };
     let mut inbound = tokio::select! {
         () = stop.cancelled() => return,
-        r = client.connect(crate::with_token(ReceiverStream::new(rx), &join_token)) => match r {
+        r = client.connect(berth_testkit::with_token(ReceiverStream::new(rx), &join_token)) => match r {
             Ok(r) => r.into_inner(),
             Err(_) => return fail(),
         },

@@ -49,12 +49,12 @@ pub struct Bins {
 }
 
 /// `berth-agent` and `berth-coordinator`, built in the profile this process
-/// was built in (`crate::bin`, once per process).
+/// was built in (`berth_testkit::bin`, once per process).
 pub fn bins() -> &'static Bins {
     static BINS: OnceLock<Bins> = OnceLock::new();
     BINS.get_or_init(|| Bins {
-        agent: crate::bin("berth-agent"),
-        coordinator: crate::bin("berth-coordinator"),
+        agent: berth_testkit::bin("berth-agent"),
+        coordinator: berth_testkit::bin("berth-coordinator"),
     })
 }
 
@@ -87,7 +87,7 @@ pub struct Env {
 impl Env {
     /// `base` like `bn1-`; the test tag goes in front.
     pub fn new(base: &str) -> Result<Self> {
-        let prefix = crate::test_prefix(base);
+        let prefix = berth_testkit::test_prefix(base);
         let name = prefix.trim_end_matches('-');
         let env = Env {
             state_dir: Path::new(STATE_ROOT).join(name),
@@ -149,7 +149,7 @@ impl Env {
         let needle = self.state_dir.to_string_lossy().into_owned();
         let deadline = Instant::now() + STOP_TIMEOUT;
         loop {
-            let left: Vec<i32> = crate::processes_mentioning(&needle)
+            let left: Vec<i32> = berth_testkit::processes_mentioning(&needle)
                 .iter()
                 .filter_map(|l| l.split(':').next()?.parse().ok())
                 .collect();
@@ -483,7 +483,7 @@ impl Clients {
     }
 
     fn authed<T>(&self, msg: T) -> tonic::Request<T> {
-        crate::with_token(msg, &self.token)
+        berth_testkit::with_token(msg, &self.token)
     }
 
     /// Acquire with the shared CSR, as `berth acquire` sends one.

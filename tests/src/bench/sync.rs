@@ -22,7 +22,7 @@ use std::time::Instant;
 use rand::RngCore;
 
 use super::Summary;
-use crate::{LeaseEnv, Pool, bin, busybox_context, run as run_cmd, stderr};
+use berth_testkit::{LeaseEnv, Pool, bin, busybox_context, run as run_cmd, stderr};
 
 /// What to measure.
 #[derive(Debug, Clone)]

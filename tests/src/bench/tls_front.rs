@@ -30,7 +30,7 @@ use tokio::net::{TcpStream, UnixStream};
 
 use super::http::{Conn, Stream};
 use super::{BenchError, Figure, Summary, ms};
-use crate::{LeaseEnv, Pool, test_prefix};
+use berth_testkit::{LeaseEnv, Pool, test_prefix};
 
 /// Tag of the image the benchmark loads and saves.
 const IMAGE: &str = "berth-bench:latest";
@@ -550,21 +550,22 @@ struct ComparisonDockerd {
 
 impl ComparisonDockerd {
     fn start(prefix: &str) -> std::io::Result<Self> {
-        let state_root = Path::new(crate::TEST_STATE_ROOT).join(format!("{prefix}state"));
-        let run_root = Path::new(crate::TEST_RUN_ROOT).join(format!("{prefix}run"));
+        let state_root = Path::new(berth_testkit::TEST_STATE_ROOT).join(format!("{prefix}state"));
+        let run_root = Path::new(berth_testkit::TEST_RUN_ROOT).join(format!("{prefix}run"));
         sweep(&state_root, &run_root, prefix);
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
         let block = rt
-            .block_on(berth_agent::netns::create_wired(prefix))
+            .block_on(berth_agent::provider::netns::create_wired(prefix))
             .map_err(|e| io_err(e.to_string()))?;
-        let paths = berth_agent::dockerd::HostPaths::new(&state_root, &run_root, &block.name);
-        let spec = berth_agent::dockerd::DockerdSpec {
+        let paths =
+            berth_agent::docker::dockerd::HostPaths::new(&state_root, &run_root, &block.name);
+        let spec = berth_agent::docker::dockerd::DockerdSpec {
             program: PathBuf::from("dockerd"),
             paths: paths.clone(),
             netns: Some(block.path()),
-            cgroup_parent: berth_agent::cleanup::cgroup_name(&block.name),
+            cgroup_parent: berth_agent::provider::cleanup::cgroup_name(&block.name),
         };
         for d in [
             &paths.host_dir,
@@ -643,7 +644,7 @@ impl ComparisonDockerd {
                 break;
             }
             if Instant::now() > deadline {
-                let tail = berth_agent::dockerd::log_tail(&paths.log);
+                let tail = berth_agent::docker::dockerd::log_tail(&paths.log);
                 return Err(io_err(format!(
                     "the comparison dockerd did not answer on {addr} within {DOCKERD_START_TIMEOUT:?}:\n{tail}"
                 )));

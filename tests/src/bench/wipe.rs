@@ -1,4 +1,4 @@
-//! P4: the agent's wipe (`berth_agent::wipe::wipe`, the very function the
+//! P4: the agent's wipe (`berth_agent::docker::wipe::wipe`, the very function the
 //! agent runs after a lease) of a busy host, against the docker CLI's
 //! `docker rm -f $(docker ps -aq)` + `docker system prune -af --volumes` on
 //! the same dockerd, populated the same way before each run; the two
@@ -42,7 +42,7 @@ impl Rootfs {
         let dir = env.state_dir.join("rootfs");
         let bin = dir.join("bin");
         std::fs::create_dir_all(&bin).map_err(BenchError::io("creating the rootfs"))?;
-        std::fs::copy(crate::busybox(), bin.join("busybox"))
+        std::fs::copy(berth_testkit::busybox(), bin.join("busybox"))
             .map_err(BenchError::io("copying busybox"))?;
         for applet in ["sh", "sleep", "echo"] {
             let link = bin.join(applet);
@@ -252,7 +252,7 @@ pub async fn cli_wipe(rootfs: &Rootfs, socket: &Path) -> Result<Duration> {
 /// One dockerd, alternating agent wipe and CLI wipe, `runs` of each.
 async fn series(
     host: &mut BareHost,
-    docker: &berth_agent::docker::BollardDocker,
+    docker: &berth_agent::docker::client::BollardDocker,
     rootfs: &Rootfs,
     pop: Population,
     runs: usize,
@@ -262,7 +262,7 @@ async fn series(
     for _ in 0..runs {
         populate(rootfs, &socket, pop).await?;
         let t = Instant::now();
-        let report = berth_agent::wipe::wipe(docker, "bench").await;
+        let report = berth_agent::docker::wipe::wipe(docker, "bench").await;
         agent.push(ms(t.elapsed()));
         if !report.verified {
             notes.push(format!("agent wipe not verified: {}", report.error));
@@ -272,7 +272,7 @@ async fn series(
             notes.push(format!(
                 "agent wipe left (containers, images, volumes, networks) {left:?}"
             ));
-            berth_agent::wipe::wipe(docker, "bench-reset").await;
+            berth_agent::docker::wipe::wipe(docker, "bench-reset").await;
         }
         populate(rootfs, &socket, pop).await?;
         cli.push(ms(cli_wipe(rootfs, &socket).await?));
@@ -282,7 +282,7 @@ async fn series(
                 "docker CLI wipe left (containers, images, volumes, networks) {left:?}"
             ));
             // Start the next run from the same empty host.
-            berth_agent::wipe::wipe(docker, "bench-reset").await;
+            berth_agent::docker::wipe::wipe(docker, "bench-reset").await;
         }
     }
     notes.dedup();
@@ -294,7 +294,7 @@ pub async fn run(sizes: &Sizes) -> Result<Vec<Figure>> {
     let rootfs = Rootfs::make(&env).await?;
     let (mut host, _) = BareHost::start(&env).await?;
     let result = async {
-        let (docker, _) = berth_agent::dockerd::wait_ready(&mut host.child, &host.spec.paths, READY_TIMEOUT)
+        let (docker, _) = berth_agent::docker::dockerd::wait_ready(&mut host.child, &host.spec.paths, READY_TIMEOUT)
             .await
             .map_err(|e| BenchError::step("starting dockerd", e))?;
         let mut figures = vec![];

@@ -148,7 +148,7 @@ impl Args {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    if !berth_tests::preflight() {
+    if !berth_testkit::preflight() {
         eprintln!(
             "berth-bench: BERTH_SKIP_E2E=1 is set; the benchmarks need what the end-to-end tests need"
         );

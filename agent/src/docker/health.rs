@@ -1,0 +1,156 @@
+//! dockerd's health, watched from outside: its process must exist (per its
+//! pidfile) and it must answer `/_ping`. Waiting on the child process alone
+//! is not enough: a daemon that hangs still runs, and a daemon adopted by a
+//! restarted agent is not its child. A dead or silent dockerd becomes
+//! `Event::DaemonExited` for the driver, which makes the host Unhealthy and
+//! terminates it (and the coordinator ends any lease on it as host-lost).
+//!
+//! [`Probe`] is the seam; [`DaemonProbe`] checks the real dockerd.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::docker::client::BollardDocker;
+use crate::host::state::Event;
+
+/// How often dockerd is checked.
+pub const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
+/// Bound on one health ping (bollard's own ping timeout is shorter).
+pub const HEALTH_PING_TIMEOUT: Duration = Duration::from_secs(3);
+/// Consecutive failed pings before dockerd counts as dead: one slow answer
+/// under load must not destroy a host.
+pub const MAX_PING_FAILURES: u32 = 3;
+
+/// What the monitor asks of a daemon.
+pub trait Probe: Send + Sync + 'static {
+    /// Whether its process still exists.
+    fn alive(&self) -> bool;
+    /// One `/_ping`.
+    fn ping(&self) -> impl Future<Output = Result<(), String>> + Send;
+}
+
+/// The host's real dockerd.
+#[derive(Debug, Clone)]
+pub struct DaemonProbe {
+    pub docker: BollardDocker,
+    pub pidfile: PathBuf,
+}
+
+impl Probe for DaemonProbe {
+    fn alive(&self) -> bool {
+        crate::docker::dockerd::read_pid(&self.pidfile).is_some_and(crate::provider::cleanup::alive)
+    }
+
+    async fn ping(&self) -> Result<(), String> {
+        self.docker.ping().await.map_err(|e| e.to_string())
+    }
+}
+
+/// Checks `probe` every [`HEALTH_INTERVAL`] until it fails or `stop` fires;
+/// on failure sends `DaemonExited` with what was seen, once.
+pub async fn watch<P: Probe>(probe: P, to_driver: mpsc::Sender<Event>, stop: CancellationToken) {
+    let mut failures = 0u32;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(HEALTH_INTERVAL) => {}
+        }
+        let detail = if !probe.alive() {
+            Some("dockerd's process is gone".to_owned())
+        } else {
+            match tokio::time::timeout(HEALTH_PING_TIMEOUT, probe.ping()).await {
+                Ok(Ok(())) => {
+                    failures = 0;
+                    None
+                }
+                Ok(Err(e)) => {
+                    failures += 1;
+                    (failures >= MAX_PING_FAILURES)
+                        .then(|| format!("dockerd failed {failures} pings in a row: {e}"))
+                }
+                Err(_) => {
+                    failures += 1;
+                    (failures >= MAX_PING_FAILURES).then(|| {
+                        format!("dockerd did not answer {failures} pings in a row within {HEALTH_PING_TIMEOUT:?}")
+                    })
+                }
+            }
+        };
+        if let Some(detail) = detail {
+            tracing::error!(%detail, "dockerd is unhealthy");
+            let _ = to_driver.send(Event::DaemonExited { detail }).await;
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+
+    #[derive(Clone, Default)]
+    struct Fake {
+        dead: Arc<AtomicBool>,
+        failing: Arc<AtomicBool>,
+        pings: Arc<AtomicU32>,
+    }
+
+    impl Probe for Fake {
+        fn alive(&self) -> bool {
+            !self.dead.load(Ordering::SeqCst)
+        }
+        async fn ping(&self) -> Result<(), String> {
+            self.pings.fetch_add(1, Ordering::SeqCst);
+            if self.failing.load(Ordering::SeqCst) {
+                Err("connection refused".into())
+            } else {
+                Ok(())
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_healthy_daemon_is_left_alone_and_a_dead_one_reported_at_once() {
+        let fake = Fake::default();
+        let (tx, mut rx) = mpsc::channel(4);
+        let task = tokio::spawn(watch(fake.clone(), tx, CancellationToken::new()));
+        tokio::time::sleep(HEALTH_INTERVAL * 10).await;
+        assert!(rx.try_recv().is_err());
+        assert!(fake.pings.load(Ordering::SeqCst) >= 9);
+        fake.dead.store(true, Ordering::SeqCst);
+        let ev = rx.recv().await.unwrap();
+        assert_eq!(
+            ev,
+            Event::DaemonExited {
+                detail: "dockerd's process is gone".into()
+            }
+        );
+        task.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_daemon_is_reported_after_consecutive_failures_only() {
+        let fake = Fake::default();
+        let (tx, mut rx) = mpsc::channel(4);
+        let _task = tokio::spawn(watch(fake.clone(), tx, CancellationToken::new()));
+        fake.failing.store(true, Ordering::SeqCst);
+        tokio::time::sleep(HEALTH_INTERVAL * 2 + Duration::from_millis(10)).await;
+        // Two failures, then an answer: the count starts over.
+        fake.failing.store(false, Ordering::SeqCst);
+        tokio::time::sleep(HEALTH_INTERVAL * 2).await;
+        assert!(rx.try_recv().is_err(), "reported after a recovered ping");
+        fake.failing.store(true, Ordering::SeqCst);
+        let start = tokio::time::Instant::now();
+        let Some(Event::DaemonExited { detail }) = rx.recv().await else {
+            panic!("no report")
+        };
+        assert!(detail.contains("3 pings in a row"), "{detail}");
+        assert!(start.elapsed() >= HEALTH_INTERVAL * 2);
+    }
+}

@@ -1,0 +1,12 @@
+//! Everything that touches the host's Docker: [`dockerd`] starts and stops
+//! the daemon, [`client`] is the Docker API behind the `DockerOps` trait,
+//! [`front`] is the mutual-TLS front that admits only the current lease,
+//! [`wipe`] removes and verifies all Docker state, [`listeners`] checks that
+//! dockerd listens on no TCP port, and [`health`] watches the daemon.
+
+pub mod client;
+pub mod dockerd;
+pub mod front;
+pub mod health;
+pub mod listeners;
+pub mod wipe;

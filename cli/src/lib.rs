@@ -1,0 +1,786 @@
+//! The `berth` command line: what CI runs (`acquire`, `renew`, `release`),
+//! what operators run (`hosts`, `leases`, `drain`), and `up`, which runs a
+//! whole local pool on this machine.
+//!
+//! Exit codes: 0 success, 1 any other failure, 2 bad usage, 3 no host within
+//! the wait, 4 lease or host not found, 5 coordinator unreachable, 6 the lease
+//! has already ended, 7 not authenticated or not allowed.
+//!
+//! Credentials: the coordinator's CA (`--ca`) to verify its TLS certificate,
+//! and a tenant token (`--token-file`, or `BERTH_TOKEN`) sent as bearer
+//! metadata. `acquire` makes the lease's key pair here, sends only a CSR, and
+//! writes `ca.pem`, `cert.pem`, `key.pem` into a private directory (0700,
+//! files 0600) for `DOCKER_CERT_PATH`; `renew` re-issues `cert.pem` for the
+//! same key; `release` deletes the directory.
+//!
+//! `sync` and `forward` make the leased host feel local: a directory into a
+//! named volume and back (through the Docker API the lease grants), and
+//! published ports on 127.0.0.1.
+
+pub mod forward;
+pub mod lease_docker;
+pub mod status;
+pub mod sync;
+pub mod timeline;
+pub mod up;
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use berth_proto::v1 as pb;
+use berth_proto::v1::admin_service_client::AdminServiceClient;
+use berth_proto::v1::lease_service_client::LeaseServiceClient;
+use berth_proto::{from_duration, to_system_time};
+use clap::{Parser, Subcommand};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+
+use berth_proto::ports::COORDINATOR_LOCAL as DEFAULT_LISTEN;
+use berth_runtime::telemetry::LogConfig;
+
+/// How long to wait for the coordinator's TCP/HTTP2 handshake.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Deadline for calls that do not wait for hosts.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Where `berth up` (default state dir) leaves the CLI's credentials.
+pub const DEFAULT_CLI_DIR: &str = "/var/lib/berth/cli";
+pub const DEFAULT_CA: &str = "/var/lib/berth/cli/ca.pem";
+pub const DEFAULT_TOKEN_FILE: &str = "/var/lib/berth/cli/token";
+/// The file in a lease's certificate directory naming the lease, so that
+/// `release` only ever deletes a directory `acquire` made for that lease.
+pub const LEASE_MARKER: &str = "berth-lease";
+
+/// berth: single-use remote Docker hosts for CI.
+#[derive(Debug, Parser)]
+#[command(name = "berth", version)]
+pub struct Cli {
+    /// Coordinator address (host:port or https://host:port).
+    #[arg(long, env = "BERTH_COORDINATOR", default_value = DEFAULT_LISTEN, global = true)]
+    pub coordinator: String,
+    /// CA certificate the coordinator's TLS certificate must chain to.
+    #[arg(long, env = "BERTH_CA", default_value = DEFAULT_CA, global = true)]
+    pub ca: PathBuf,
+    /// File holding the tenant token. Without it, BERTH_TOKEN holds the token
+    /// itself, else /var/lib/berth/cli/token (what `berth up` writes).
+    #[arg(long, env = "BERTH_TOKEN_FILE", global = true)]
+    pub token_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub log: LogConfig,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a coordinator and a pool of local hosts on this machine (needs root).
+    Up(up::UpArgs),
+    /// Get a Docker host for a build; prints `export` lines for `eval`.
+    Acquire {
+        /// The build's id; a retry with the same id gets the same lease.
+        #[arg(long, env = "BERTH_BUILD_ID")]
+        build: String,
+        /// How long the lease lasts unless renewed.
+        #[arg(long, default_value = "30m", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// How long to wait for a host when none is ready.
+        #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
+        wait: Duration,
+        /// Where to write ca.pem, cert.pem and key.pem (default
+        /// $HOME/.berth/leases/LEASE_ID); printed as DOCKER_CERT_PATH.
+        #[arg(long)]
+        cert_dir: Option<PathBuf>,
+        /// What to print: `env` (export lines for eval), `json`, or
+        /// `docker-context` (creates the docker context berth-LEASE_ID and
+        /// prints its name).
+        #[arg(long, env = "BERTH_FORMAT", value_enum, default_value_t = status::Format::Env)]
+        format: status::Format,
+    },
+    /// Extend a lease; re-issues its client certificate for the same key.
+    Renew {
+        #[arg(long, env = "BERTH_LEASE_ID")]
+        lease: String,
+        /// New time to live, counted from now.
+        #[arg(long, default_value = "30m", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// The lease's certificate directory (default: DOCKER_CERT_PATH, else
+        /// $HOME/.berth/leases/LEASE_ID).
+        #[arg(long, env = "DOCKER_CERT_PATH")]
+        cert_dir: Option<PathBuf>,
+    },
+    /// Give a host back: it is cut off, wiped and destroyed; the lease's
+    /// certificate directory is deleted.
+    Release {
+        #[arg(long, env = "BERTH_LEASE_ID")]
+        lease: String,
+        /// The lease's certificate directory (default: DOCKER_CERT_PATH, else
+        /// $HOME/.berth/leases/LEASE_ID).
+        #[arg(long, env = "DOCKER_CERT_PATH")]
+        cert_dir: Option<PathBuf>,
+    },
+    /// Show one lease.
+    Get {
+        #[arg(long, env = "BERTH_LEASE_ID")]
+        lease: String,
+    },
+    /// List the pool's hosts.
+    Hosts,
+    /// List leases, or show one with its timeline.
+    Leases {
+        /// Include ended leases.
+        #[arg(long)]
+        all: bool,
+        /// Show this lease (ended or not) with every step of its life and
+        /// the time between steps.
+        #[arg(long, value_name = "LEASE_ID")]
+        show: Option<String>,
+    },
+    /// Whether the coordinator answers, and the pool at a glance.
+    Status,
+    /// Stop giving out a host; it terminates after its current lease.
+    Drain {
+        host: String,
+        #[arg(long, default_value = "drained by operator")]
+        reason: String,
+    },
+    /// Copy a local directory into a named volume on the leased host, or
+    /// (--from) a volume back into a local directory.
+    Sync(sync::SyncArgs),
+    /// Listen on 127.0.0.1 and forward to ports published on the leased
+    /// host, until the lease ends.
+    Forward(forward::ForwardArgs),
+}
+
+/// A CLI failure with the exit code it maps to.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error(
+        "cannot reach the coordinator at {addr}: {reason}\n  is `berth up` running? set --coordinator or BERTH_COORDINATOR"
+    )]
+    Unreachable { addr: String, reason: String },
+    #[error("{0}")]
+    Status(tonic::Status),
+    #[error("{0}")]
+    Credentials(String),
+    #[error("{0}")]
+    Other(String),
+}
+
+impl CliError {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Self::Unreachable { .. } => 5,
+            Self::Status(s) => match s.code() {
+                tonic::Code::ResourceExhausted => 3,
+                tonic::Code::NotFound => 4,
+                tonic::Code::FailedPrecondition => 6,
+                tonic::Code::InvalidArgument => 2,
+                tonic::Code::Unavailable => 5,
+                tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => 7,
+                _ => 1,
+            },
+            Self::Credentials(_) => 7,
+            Self::Other(_) => 1,
+        }
+    }
+}
+
+impl From<tonic::Status> for CliError {
+    fn from(s: tonic::Status) -> Self {
+        Self::Status(s)
+    }
+}
+
+/// Adds `https://` when the address has no scheme.
+pub fn coordinator_url(addr: &str) -> String {
+    if addr.contains("://") {
+        addr.to_owned()
+    } else {
+        format!("https://{addr}")
+    }
+}
+
+/// A TLS channel to the coordinator, whose certificate must chain to `ca`.
+pub async fn channel(addr: &str, ca: &Path) -> Result<Channel, CliError> {
+    let url = coordinator_url(addr);
+    if !url.starts_with("https://") {
+        return Err(CliError::Other(format!(
+            "the coordinator speaks TLS only; use https:// (got {url})"
+        )));
+    }
+    let ca_pem = berth_tls::files::read_pem(ca).map_err(|e| {
+        CliError::Credentials(format!(
+            "the coordinator's CA: {e}\n  set --ca or BERTH_CA (berth up writes {DEFAULT_CA})"
+        ))
+    })?;
+    let unreachable = |reason: String| CliError::Unreachable {
+        addr: url.clone(),
+        reason,
+    };
+    Endpoint::from_shared(url.clone())
+        .map_err(|e| unreachable(e.to_string()))?
+        .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca_pem)))
+        .map_err(|e| unreachable(berth_runtime::error_chain(&e)))?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .connect()
+        .await
+        .map_err(|e| unreachable(berth_runtime::error_chain(&e)))
+}
+
+/// The tenant token: `--token-file`/`BERTH_TOKEN_FILE`, else `BERTH_TOKEN`,
+/// else the file `berth up` writes.
+pub fn token(token_file: Option<&Path>) -> Result<String, CliError> {
+    let from_file = |p: &Path| {
+        berth_tls::files::read_secret(p).map_err(|e| {
+            CliError::Credentials(format!(
+                "the tenant token: {e}\n  set --token-file, BERTH_TOKEN_FILE or BERTH_TOKEN"
+            ))
+        })
+    };
+    if let Some(p) = token_file {
+        return from_file(p);
+    }
+    if let Ok(t) = std::env::var("BERTH_TOKEN")
+        && !t.trim().is_empty()
+    {
+        return Ok(t.trim().to_owned());
+    }
+    from_file(Path::new(DEFAULT_TOKEN_FILE))
+}
+
+/// Where a lease's certificates go unless `--cert-dir` says otherwise.
+pub fn default_cert_dir(lease_id: &str) -> PathBuf {
+    let home = std::env::var_os("HOME")
+        .filter(|h| !h.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/tmp"));
+    home.join(".berth").join("leases").join(lease_id)
+}
+
+/// Writes a lease's credentials for the docker CLI: `ca.pem`, `cert.pem`,
+/// `key.pem` and the lease marker, in a 0700 directory, files 0600.
+pub fn write_cert_dir(
+    dir: &Path,
+    lease_id: &str,
+    ca_pem: &str,
+    cert_pem: &str,
+    key_pem: &str,
+) -> Result<(), CliError> {
+    let err =
+        |e: berth_tls::TlsError| CliError::Other(format!("writing the lease's certificates: {e}"));
+    berth_tls::files::create_private_dir(dir).map_err(err)?;
+    for (name, data) in [
+        ("key.pem", key_pem),
+        ("cert.pem", cert_pem),
+        ("ca.pem", ca_pem),
+        (LEASE_MARKER, lease_id),
+    ] {
+        berth_tls::files::write_private(&dir.join(name), data.as_bytes()).map_err(err)?;
+    }
+    Ok(())
+}
+
+/// The directory of `lease_id`: the one given (if its marker names this
+/// lease) or the default one. `None` when there is none to use.
+fn lease_cert_dir(given: Option<&Path>, lease_id: &str) -> Option<PathBuf> {
+    let marked = |d: &Path| {
+        std::fs::read_to_string(d.join(LEASE_MARKER)).is_ok_and(|m| m.trim() == lease_id)
+    };
+    if let Some(d) = given
+        && marked(d)
+    {
+        return Some(d.to_owned());
+    }
+    let d = default_cert_dir(lease_id);
+    marked(&d).then_some(d)
+}
+
+/// A request with a deadline and the tenant token.
+pub(crate) fn request<T>(
+    msg: T,
+    timeout: Duration,
+    token: &str,
+) -> Result<tonic::Request<T>, CliError> {
+    let mut req = tonic::Request::new(msg);
+    req.set_timeout(timeout);
+    let value = format!("Bearer {token}")
+        .parse()
+        .map_err(|_| CliError::Credentials("the tenant token is not valid header text".into()))?;
+    req.metadata_mut().insert("authorization", value);
+    Ok(req)
+}
+
+/// The lease watch of `berth forward`: the coordinator, with the CLI's
+/// credentials.
+pub async fn forward_watch(
+    cli: &Cli,
+    lease_id: &str,
+) -> Result<forward::CoordinatorWatch, CliError> {
+    let token = token(cli.token_file.as_deref())?;
+    let channel = channel(&cli.coordinator, &cli.ca).await?;
+    Ok(forward::CoordinatorWatch {
+        channel,
+        token,
+        lease_id: lease_id.to_owned(),
+    })
+}
+
+/// Runs one non-`up` subcommand, printing its result to stdout.
+pub async fn run_client(cli: &Cli) -> Result<(), CliError> {
+    let out = client_output(cli).await?;
+    print!("{out}");
+    Ok(())
+}
+
+/// Runs one non-`up` subcommand and returns what it prints.
+pub async fn client_output(cli: &Cli) -> Result<String, CliError> {
+    if matches!(
+        cli.command,
+        Command::Up(_) | Command::Sync(_) | Command::Forward(_)
+    ) {
+        return Err(CliError::Other("not a coordinator client command".into()));
+    }
+    let token = token(cli.token_file.as_deref())?;
+    let ch = channel(&cli.coordinator, &cli.ca).await?;
+    let mut leases = LeaseServiceClient::new(ch.clone());
+    let mut admin = AdminServiceClient::new(ch);
+    match &cli.command {
+        Command::Up(_) | Command::Sync(_) | Command::Forward(_) => {
+            Err(CliError::Other("not a coordinator client command".into()))
+        }
+        Command::Acquire {
+            build,
+            ttl,
+            wait,
+            cert_dir,
+            format,
+        } => {
+            // The lease's key is made here and never sent anywhere.
+            let key = berth_tls::KeyAndCsr::generate(&format!("berth build {build}"))
+                .map_err(|e| CliError::Other(e.to_string()))?;
+            let req = pb::AcquireRequest {
+                build_id: build.clone(),
+                ttl: Some(from_duration(*ttl)),
+                wait: Some(from_duration(*wait)),
+                csr_pem: key.csr_pem.clone(),
+            };
+            let call = leases.acquire(request(req, *wait + CALL_TIMEOUT, &token)?);
+            let resp = with_progress(call, build, admin.clone(), &token)
+                .await?
+                .into_inner();
+            let lease = resp.lease.ok_or_else(|| {
+                CliError::Other("the coordinator answered without a lease".into())
+            })?;
+            if resp.client_cert_pem.is_empty() || resp.ca_pem.is_empty() {
+                return Err(CliError::Other(
+                    "the coordinator answered without a client certificate".into(),
+                ));
+            }
+            let dir = cert_dir
+                .clone()
+                .unwrap_or_else(|| default_cert_dir(&lease.lease_id));
+            write_cert_dir(
+                &dir,
+                &lease.lease_id,
+                &resp.ca_pem,
+                &resp.client_cert_pem,
+                &key.key_pem,
+            )?;
+            match format {
+                status::Format::Env => Ok(export_lines(&lease, &dir)),
+                status::Format::Json => Ok(status::json(&lease, &dir)),
+                status::Format::DockerContext => {
+                    Ok(format!("{}\n", status::create_context(&lease, &dir).await?))
+                }
+            }
+        }
+        Command::Renew {
+            lease,
+            ttl,
+            cert_dir,
+        } => {
+            let dir = lease_cert_dir(cert_dir.as_deref(), lease);
+            let key = match &dir {
+                Some(d) => {
+                    let pem = berth_tls::files::read_pem(&d.join("key.pem"))
+                        .map_err(|e| CliError::Other(e.to_string()))?;
+                    Some(
+                        berth_tls::KeyAndCsr::for_key(&pem, "berth renew")
+                            .map_err(|e| CliError::Other(e.to_string()))?,
+                    )
+                }
+                None => {
+                    eprintln!(
+                        "berth: no certificate directory for lease {lease}; the deadline moves but no certificate is re-issued"
+                    );
+                    None
+                }
+            };
+            let req = pb::RenewRequest {
+                lease_id: lease.clone(),
+                ttl: Some(from_duration(*ttl)),
+                csr_pem: key.as_ref().map(|k| k.csr_pem.clone()).unwrap_or_default(),
+            };
+            let resp = leases
+                .renew(request(req, CALL_TIMEOUT, &token)?)
+                .await?
+                .into_inner();
+            if let (Some(d), Some(k)) = (&dir, &key)
+                && !resp.client_cert_pem.is_empty()
+            {
+                write_cert_dir(d, lease, &resp.ca_pem, &resp.client_cert_pem, &k.key_pem)?;
+            }
+            Ok(describe_lease(resp.lease.as_ref()))
+        }
+        Command::Release { lease, cert_dir } => {
+            let before = leases
+                .get(request(
+                    pb::GetRequest {
+                        lease_id: lease.clone(),
+                    },
+                    CALL_TIMEOUT,
+                    &token,
+                )?)
+                .await?
+                .into_inner()
+                .lease;
+            let resp = leases
+                .release(request(
+                    pb::ReleaseRequest {
+                        lease_id: lease.clone(),
+                    },
+                    CALL_TIMEOUT,
+                    &token,
+                )?)
+                .await?
+                .into_inner();
+            let already = before.as_ref().is_some_and(|l| is_ended(l.state));
+            if already {
+                eprintln!("berth: lease {lease} had already ended; nothing to release");
+            }
+            if let Some(d) = lease_cert_dir(cert_dir.as_deref(), lease) {
+                if let Err(e) = std::fs::remove_dir_all(&d) {
+                    eprintln!("berth: cannot delete {}: {e}", d.display());
+                }
+                // A context made by `acquire --format docker-context`.
+                status::remove_context(lease).await;
+            }
+            Ok(describe_lease(resp.lease.as_ref()))
+        }
+        Command::Get { lease } => {
+            let resp = leases
+                .get(request(
+                    pb::GetRequest {
+                        lease_id: lease.clone(),
+                    },
+                    CALL_TIMEOUT,
+                    &token,
+                )?)
+                .await?;
+            Ok(describe_lease(resp.into_inner().lease.as_ref()))
+        }
+        Command::Hosts => {
+            let resp = admin
+                .list_hosts(request(pb::ListHostsRequest {}, CALL_TIMEOUT, &token)?)
+                .await?
+                .into_inner();
+            let mut s = format!(
+                "{:<16} {:<16} {:<12} {:<9} {:<36}\n",
+                "HOST", "ADDRESS", "STATE", "CONNECTED", "LEASE"
+            );
+            for h in resp.hosts {
+                let _ = writeln!(
+                    s,
+                    "{:<16} {:<16} {:<12} {:<9} {:<36}",
+                    h.host_id,
+                    h.host_addr,
+                    host_state_name(h.state),
+                    if h.connected { "yes" } else { "no" },
+                    h.lease_id
+                );
+            }
+            Ok(s)
+        }
+        Command::Leases {
+            all: _,
+            show: Some(id),
+        } => {
+            let resp = admin
+                .list_leases(request(
+                    pb::ListLeasesRequest {
+                        include_ended: true,
+                    },
+                    CALL_TIMEOUT,
+                    &token,
+                )?)
+                .await?
+                .into_inner();
+            let l = resp
+                .leases
+                .into_iter()
+                .find(|l| &l.lease_id == id)
+                .ok_or_else(|| {
+                    CliError::Status(tonic::Status::not_found(format!(
+                        "lease {id} is not known to the coordinator (ended leases are kept for a while only)"
+                    )))
+                })?;
+            let mut s = describe_lease(Some(&l));
+            s.push_str("  timeline\n");
+            s.push_str(&timeline::format(&l.timeline));
+            Ok(s)
+        }
+        Command::Leases { all, show: None } => {
+            let resp = admin
+                .list_leases(request(
+                    pb::ListLeasesRequest {
+                        include_ended: *all,
+                    },
+                    CALL_TIMEOUT,
+                    &token,
+                )?)
+                .await?
+                .into_inner();
+            let mut s = format!(
+                "{:<36} {:<20} {:<10} {:<16} {}\n",
+                "LEASE", "BUILD", "STATE", "HOST", "DEADLINE"
+            );
+            for l in resp.leases {
+                let _ = writeln!(
+                    s,
+                    "{:<36} {:<20} {:<10} {:<16} {}",
+                    l.lease_id,
+                    l.build_id,
+                    lease_state_name(l.state),
+                    l.host_id,
+                    format_time(l.deadline.as_ref())
+                );
+            }
+            Ok(s)
+        }
+        Command::Status => {
+            let stats = admin
+                .pool_stats(request(pb::PoolStatsRequest {}, CALL_TIMEOUT, &token)?)
+                .await
+                .map(tonic::Response::into_inner);
+            match &stats {
+                // Only a status the server sent proves it reachable.
+                Err(e) if e.code() == tonic::Code::Unavailable => Err(CliError::Status(e.clone())),
+                Err(e) if e.code() == tonic::Code::Unauthenticated => {
+                    Err(CliError::Status(e.clone()))
+                }
+                _ => Ok(status::describe(
+                    &coordinator_url(&cli.coordinator),
+                    stats.as_ref(),
+                )),
+            }
+        }
+        Command::Drain { host, reason } => {
+            let resp = admin
+                .drain_host(request(
+                    pb::DrainHostRequest {
+                        host_id: host.clone(),
+                        reason: reason.clone(),
+                    },
+                    CALL_TIMEOUT,
+                    &token,
+                )?)
+                .await?
+                .into_inner();
+            let h = resp.host.unwrap_or_default();
+            Ok(format!(
+                "host {} draining (state {})\n",
+                h.host_id,
+                host_state_name(h.state)
+            ))
+        }
+    }
+}
+
+/// Waits for `call`, printing a progress line on stderr every
+/// [`status::PROGRESS_EVERY`] (stdout stays `eval`-able). The queue length
+/// comes from the admin API when the token may use it.
+async fn with_progress<F, T>(
+    call: F,
+    build: &str,
+    mut admin: AdminServiceClient<Channel>,
+    token: &str,
+) -> Result<T, CliError>
+where
+    F: std::future::Future<Output = Result<T, tonic::Status>>,
+{
+    let started = tokio::time::Instant::now();
+    let mut tick =
+        tokio::time::interval_at(started + status::PROGRESS_EVERY, status::PROGRESS_EVERY);
+    tokio::pin!(call);
+    let mut stats_allowed = true;
+    loop {
+        tokio::select! {
+            r = &mut call => return r.map_err(CliError::from),
+            _ = tick.tick() => {
+                let stats = if stats_allowed {
+                    match admin
+                        .pool_stats(request(pb::PoolStatsRequest {}, CALL_TIMEOUT, token)?)
+                        .await
+                    {
+                        Ok(r) => Some(r.into_inner()),
+                        Err(_) => {
+                            stats_allowed = false;
+                            None
+                        }
+                    }
+                } else {
+                    None
+                };
+                eprintln!("{}", status::progress_line(build, started.elapsed(), stats.as_ref()));
+            }
+        }
+    }
+}
+
+pub(crate) fn is_ended(state: i32) -> bool {
+    matches!(
+        pb::LeaseState::try_from(state),
+        Ok(pb::LeaseState::Released
+            | pb::LeaseState::Expired
+            | pb::LeaseState::HostLost
+            | pb::LeaseState::Failed)
+    )
+}
+
+/// Single-quotes a value for a POSIX shell.
+fn shell_quote(v: &str) -> String {
+    format!("'{}'", v.replace('\'', r"'\''"))
+}
+
+/// The `eval`-able lines `berth acquire` prints.
+pub fn export_lines(l: &pb::Lease, cert_dir: &Path) -> String {
+    let mut s = String::new();
+    let cert_dir = cert_dir.to_string_lossy();
+    for (k, v) in [
+        ("DOCKER_HOST", l.docker_host.as_str()),
+        ("DOCKER_TLS_VERIFY", "1"),
+        ("DOCKER_CERT_PATH", &cert_dir),
+        ("BERTH_LEASE_ID", l.lease_id.as_str()),
+        ("BERTH_HOST_ADDR", l.host_addr.as_str()),
+        ("BERTH_HOST_ID", l.host_id.as_str()),
+    ] {
+        let _ = writeln!(s, "export {k}={}", shell_quote(v));
+    }
+    let _ = writeln!(
+        s,
+        "export BERTH_LEASE_DEADLINE={}",
+        shell_quote(&format_time(l.deadline.as_ref()))
+    );
+    s
+}
+
+fn describe_lease(l: Option<&pb::Lease>) -> String {
+    let Some(l) = l else {
+        return "no lease in the answer\n".into();
+    };
+    let mut s = format!(
+        "lease {}\n  build     {}\n  state     {}\n  host      {} {}\n  docker    {}\n  deadline  {}\n",
+        l.lease_id,
+        l.build_id,
+        lease_state_name(l.state),
+        l.host_id,
+        l.host_addr,
+        l.docker_host,
+        format_time(l.deadline.as_ref()),
+    );
+    if !l.message.is_empty() {
+        let _ = writeln!(s, "  note      {}", l.message);
+    }
+    if let Some(w) = &l.wipe {
+        let _ = writeln!(
+            s,
+            "  wipe      {} in {} ms: removed {} containers, {} images, {} volumes, {} networks, {} bytes of build cache; left {}/{}/{}/{}/{} (containers/images/volumes/networks/cache){}",
+            if w.verified {
+                "verified"
+            } else {
+                "NOT verified"
+            },
+            w.duration_ms,
+            w.containers_removed,
+            w.images_removed,
+            w.volumes_removed,
+            w.networks_removed,
+            w.build_cache_reclaimed_bytes,
+            w.containers_left,
+            w.images_left,
+            w.volumes_left,
+            w.networks_left,
+            w.build_cache_left,
+            if w.error.is_empty() {
+                String::new()
+            } else {
+                format!("; error: {}", w.error)
+            }
+        );
+    }
+    s
+}
+
+pub(crate) fn format_time(t: Option<&prost_types::Timestamp>) -> String {
+    t.and_then(to_system_time)
+        .map(|t: SystemTime| humantime::format_rfc3339_seconds(t).to_string())
+        .unwrap_or_else(|| "-".into())
+}
+
+pub fn lease_state_name(s: i32) -> String {
+    pb::LeaseState::try_from(s)
+        .map(|s| {
+            s.as_str_name()
+                .trim_start_matches("LEASE_STATE_")
+                .to_lowercase()
+        })
+        .unwrap_or_else(|_| format!("unknown({s})"))
+}
+
+pub fn host_state_name(s: i32) -> String {
+    pb::HostState::try_from(s)
+        .map(|s| {
+            s.as_str_name()
+                .trim_start_matches("HOST_STATE_")
+                .to_lowercase()
+        })
+        .unwrap_or_else(|_| format!("unknown({s})"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exports_are_quoted_for_eval() {
+        let l = pb::Lease {
+            lease_id: "abc".into(),
+            docker_host: "tcp://198.18.0.2:2376".into(),
+            host_addr: "198.18.0.2".into(),
+            host_id: "it's".into(),
+            ..Default::default()
+        };
+        let out = export_lines(&l, Path::new("/home/ci/.berth/leases/abc"));
+        assert!(out.contains("export DOCKER_HOST='tcp://198.18.0.2:2376'\n"));
+        assert!(out.contains("export DOCKER_TLS_VERIFY='1'\n"));
+        assert!(out.contains("export DOCKER_CERT_PATH='/home/ci/.berth/leases/abc'\n"));
+        assert!(out.contains("export BERTH_HOST_ADDR='198.18.0.2'\n"));
+        assert!(out.contains(r"export BERTH_HOST_ID='it'\''s'"));
+    }
+
+    #[test]
+    fn urls_get_a_scheme() {
+        assert_eq!(coordinator_url("127.0.0.1:7070"), "https://127.0.0.1:7070");
+        assert_eq!(coordinator_url("https://c:1"), "https://c:1");
+    }
+
+    #[test]
+    fn exit_codes_follow_status() {
+        let code = |c| CliError::Status(tonic::Status::new(c, "x")).exit_code();
+        assert_eq!(code(tonic::Code::ResourceExhausted), 3);
+        assert_eq!(code(tonic::Code::NotFound), 4);
+        assert_eq!(code(tonic::Code::FailedPrecondition), 6);
+        assert_eq!(code(tonic::Code::Internal), 1);
+        assert_eq!(code(tonic::Code::Unauthenticated), 7);
+        assert_eq!(code(tonic::Code::PermissionDenied), 7);
+    }
+}

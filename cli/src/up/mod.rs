@@ -1,0 +1,689 @@
+//! `berth up`: a whole pool on this machine. Runs `berth-coordinator` and N
+//! `berth-agent` processes (each agent is one local host: its own dockerd in
+//! its own network namespace), starts a fresh host whenever one terminates
+//! (standing in for the auto-scaling group), restarts the coordinator if it
+//! dies (as systemd would, on the same address and state dir), and on Ctrl-C
+//! stops everything and sweeps whatever a killed earlier run left behind.
+//!
+//! An agent that died without destroying its host (killed, crashed) leaves
+//! the host's state file behind (`HOSTS_DIR/HOST_ID/agent-state.json`); the
+//! slot's next agent then gets `--resume-host HOST_ID` and takes that host
+//! over (resuming its lease or wiping it), as a restarted agent on an EC2
+//! instance would. An agent that ended its host cleanly removed the file, and
+//! the slot gets a fresh host.
+//!
+//! It also makes the pool's credentials on first start, under its state dir
+//! (all secrets 0600), so the demo needs no setup:
+//! - `tenants` (one admin tenant, `local`; tenants an operator adds to the
+//!   file are kept) and `cli/token`, `local`'s token;
+//! - `join-token` (agents) and `join-token.sha256` (coordinator);
+//! - `cli/ca.pem`, a copy of the pool CA the coordinator keeps under
+//!   `coordinator/`.
+//!
+//! `cli/` is what the `berth` CLI reads by default; when `berth up` runs
+//! under sudo it belongs to the invoking user, so `berth acquire` works
+//! from that user's shell.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+/// How long the coordinator has to write its address file.
+pub const COORDINATOR_START_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long agents have to clean up after SIGTERM before SIGKILL.
+pub const AGENT_STOP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the coordinator has to stop after SIGTERM.
+pub const COORDINATOR_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// An agent that exits sooner than this after starting is crash-looping;
+/// its slot waits before the next start.
+pub const CRASH_WINDOW: Duration = Duration::from_secs(5);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Pause before restarting a coordinator that died.
+pub const COORDINATOR_RESTART_DELAY: Duration = Duration::from_millis(500);
+/// The agent's state file inside its host directory (see berth-agent's
+/// `statefile` module): its presence means the host outlived its agent.
+pub const AGENT_STATE_FILE: &str = "agent-state.json";
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct UpArgs {
+    /// Number of hosts in the pool.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub hosts: u16,
+    /// Where hosts keep their data (dockerd data roots) and berth up its logs.
+    #[arg(long, env = "BERTH_STATE_DIR", default_value = "/var/lib/berth")]
+    pub state_dir: PathBuf,
+    /// Short paths for sockets, pid files and dockerd exec roots.
+    #[arg(long, env = "BERTH_RUN_DIR", default_value = "/run/berth")]
+    pub run_dir: PathBuf,
+    /// Prefix of host ids and network namespaces; leftovers with it are swept.
+    #[arg(long, env = "BERTH_PREFIX", default_value = "berth-")]
+    pub prefix: String,
+    /// Address for the coordinator (default: the --coordinator address).
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Address of the coordinator's ops endpoint (/metrics, /healthz);
+    /// default: port 9101 on the --listen address (port 0 with --listen
+    /// on port 0). Written to STATE_DIR/coordinator.ops.addr.
+    #[arg(long)]
+    pub ops_listen: Option<SocketAddr>,
+    /// Return hosts to the pool after a verified wipe instead of replacing them.
+    #[arg(long)]
+    pub recycle: bool,
+    /// Directory holding berth-coordinator and berth-agent (default: next to this binary).
+    #[arg(long, env = "BERTH_BIN_DIR")]
+    pub bin_dir: Option<PathBuf>,
+    /// Extra argument for every agent (repeatable).
+    #[arg(long = "agent-arg", allow_hyphen_values = true)]
+    pub agent_args: Vec<String>,
+    /// Extra argument for the coordinator (repeatable).
+    #[arg(long = "coordinator-arg", allow_hyphen_values = true)]
+    pub coordinator_args: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpError {
+    #[error("berth up needs root: it creates network namespaces and runs dockerd")]
+    NotRoot,
+    #[error("{what} not found at {path}; build it with `cargo build --bins` or pass --bin-dir")]
+    MissingBinary { what: &'static str, path: PathBuf },
+    #[error("bad --coordinator address {0:?}; pass --listen ADDR:PORT")]
+    BadListen(String),
+    #[error("{action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the coordinator did not start: {0}")]
+    Coordinator(String),
+    #[error("sweeping leftovers failed: {0}")]
+    Sweep(String),
+    #[error("another berth up is running with state dir {0}")]
+    AlreadyRunning(PathBuf),
+    #[error("pool credentials: {0}")]
+    Credentials(#[from] berth_tls::TlsError),
+}
+
+/// Where the pool's credentials live under the state dir.
+#[derive(Debug, Clone)]
+pub struct Credentials {
+    pub tenants: PathBuf,
+    pub join_token: PathBuf,
+    pub join_token_hash: PathBuf,
+    pub cli_dir: PathBuf,
+    pub cli_token: PathBuf,
+    pub cli_ca: PathBuf,
+    /// The CA certificate the coordinator keeps in its own state dir.
+    pub coordinator_ca: PathBuf,
+}
+
+impl Credentials {
+    pub fn paths(state_dir: &Path) -> Self {
+        let cli_dir = state_dir.join("cli");
+        Self {
+            tenants: state_dir.join("tenants"),
+            join_token: state_dir.join("join-token"),
+            join_token_hash: state_dir.join("join-token.sha256"),
+            cli_token: cli_dir.join("token"),
+            cli_ca: cli_dir.join("ca.pem"),
+            cli_dir,
+            coordinator_ca: state_dir
+                .join("coordinator")
+                .join(berth_tls::ca::CA_CERT_FILE),
+        }
+    }
+
+    /// Creates what is missing; tokens made by an earlier run are kept, so
+    /// a CLI set up once keeps working across restarts.
+    pub fn ensure(state_dir: &Path) -> Result<Self, UpError> {
+        use berth_tls::files;
+        let c = Self::paths(state_dir);
+        files::create_private_dir(&c.cli_dir)?;
+        let cli_token = match files::read_secret(&c.cli_token) {
+            Ok(t) => t,
+            Err(_) => {
+                let t = berth_tls::token::generate();
+                files::write_private(&c.cli_token, format!("{t}\n").as_bytes())?;
+                t
+            }
+        };
+        // Tenants an operator added to the file stay; `local` is rewritten.
+        let mut tenants = berth_tls::Tenants::line("local", &cli_token, true);
+        if let Ok(old) = std::fs::read_to_string(&c.tenants) {
+            for line in old.lines() {
+                if line.split_whitespace().next() != Some("local") && !line.trim().is_empty() {
+                    tenants.push_str(line);
+                    tenants.push('\n');
+                }
+            }
+        }
+        files::write_private(&c.tenants, tenants.as_bytes())?;
+        let join = match files::read_secret(&c.join_token) {
+            Ok(t) => t,
+            Err(_) => {
+                let t = berth_tls::token::generate();
+                files::write_private(&c.join_token, format!("{t}\n").as_bytes())?;
+                t
+            }
+        };
+        let hash = berth_tls::TokenHash::of(&join).to_hex();
+        files::write_private(&c.join_token_hash, format!("{hash}\n").as_bytes())?;
+        Ok(c)
+    }
+
+    /// Copies the pool CA for the CLI and hands `cli/` to the user who ran
+    /// sudo, if anyone did.
+    fn publish_ca(&self) -> Result<(), UpError> {
+        let pem = berth_tls::files::read_pem(&self.coordinator_ca)?;
+        berth_tls::files::write_private(&self.cli_ca, pem.as_bytes())?;
+        let id = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u32>().ok());
+        if let (Some(uid), Some(gid)) = (id("SUDO_UID"), id("SUDO_GID")) {
+            for p in [&self.cli_dir, &self.cli_token, &self.cli_ca] {
+                nix::unistd::chown(
+                    p.as_path(),
+                    Some(nix::unistd::Uid::from_raw(uid)),
+                    Some(nix::unistd::Gid::from_raw(gid)),
+                )
+                .map_err(|e| UpError::Io {
+                    action: "cannot chown",
+                    path: p.clone(),
+                    source: e.into(),
+                })?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn io_err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> UpError {
+    let path = path.to_owned();
+    move |source| UpError::Io {
+        action,
+        path,
+        source,
+    }
+}
+
+struct Bins {
+    coordinator: PathBuf,
+    agent: PathBuf,
+}
+
+impl Bins {
+    fn find(dir: Option<&Path>) -> Result<Self, UpError> {
+        let dir = match dir {
+            Some(d) => d.to_owned(),
+            None => std::env::current_exe()
+                .ok()
+                .and_then(|p| p.parent().map(Path::to_owned))
+                .unwrap_or_else(|| PathBuf::from(".")),
+        };
+        let check = |what: &'static str, name: &str| {
+            let path = dir.join(name);
+            if path.is_file() {
+                Ok(path)
+            } else {
+                Err(UpError::MissingBinary { what, path })
+            }
+        };
+        Ok(Self {
+            coordinator: check("berth-coordinator", "berth-coordinator")?,
+            agent: check("berth-agent", "berth-agent")?,
+        })
+    }
+}
+
+/// What a slot's watcher reports.
+enum Event {
+    Ready {
+        slot: usize,
+        line: String,
+    },
+    Exited {
+        slot: usize,
+        status: std::io::Result<ExitStatus>,
+    },
+}
+
+struct Slot {
+    pid: Option<u32>,
+    started: Instant,
+    backoff: Duration,
+    /// The host the slot's agent announced in its READY line.
+    host_id: Option<String>,
+}
+
+/// Runs the pool until `shutdown` fires, then stops it and cleans up.
+pub async fn run(
+    args: UpArgs,
+    coordinator: &str,
+    shutdown: CancellationToken,
+) -> Result<(), UpError> {
+    if !nix::unistd::geteuid().is_root() {
+        return Err(UpError::NotRoot);
+    }
+    let bins = Bins::find(args.bin_dir.as_deref())?;
+    let listen = match args.listen {
+        Some(l) => l,
+        None => coordinator
+            .trim_start_matches("https://")
+            .trim_start_matches("http://")
+            .parse()
+            .map_err(|_| UpError::BadListen(coordinator.to_owned()))?,
+    };
+    let logs = args.state_dir.join("logs");
+    let hosts_dir = args.state_dir.join("hosts");
+    for d in [&logs, &hosts_dir, &args.run_dir] {
+        std::fs::create_dir_all(d).map_err(io_err("cannot create", d))?;
+    }
+
+    // One `berth up` per state dir: a second one would sweep the first's hosts.
+    let lock_path = args.state_dir.join("up.lock");
+    let lock_file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(io_err("cannot open", &lock_path))?;
+    let _lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .map_err(|_| UpError::AlreadyRunning(args.state_dir.clone()))?;
+
+    sweep(&bins, &args).await?;
+    let creds = Credentials::ensure(&args.state_dir)?;
+
+    let addr_file = args.state_dir.join("coordinator.addr");
+    let _ = std::fs::remove_file(&addr_file);
+    let mut ops = Ops {
+        listen: args.ops_listen.unwrap_or_else(|| {
+            let port = if listen.port() == 0 {
+                0
+            } else {
+                DEFAULT_OPS_PORT
+            };
+            SocketAddr::new(listen.ip(), port)
+        }),
+        addr_file: args.state_dir.join(OPS_ADDR_FILE),
+    };
+    let _ = std::fs::remove_file(&ops.addr_file);
+    let mut coordinator_child =
+        start_coordinator(&bins, &args, &creds, (listen, &ops), &addr_file, &logs)?;
+    let addr = match wait_for_addr(&addr_file, &mut coordinator_child).await {
+        Ok(a) => a,
+        Err(e) => {
+            let _ = coordinator_child.kill().await;
+            return Err(e);
+        }
+    };
+    if let Err(e) = creds.publish_ca() {
+        let _ = coordinator_child.kill().await;
+        return Err(e);
+    }
+    let url = format!("https://{addr}");
+    eprintln!(
+        "berth up: coordinator at {addr} (log: {})",
+        logs.join("coordinator.log").display()
+    );
+    // Written just after the gRPC address, once the ops endpoint is bound.
+    let deadline = Instant::now() + COORDINATOR_START_TIMEOUT;
+    let mut ops_addr = read_addr(&ops.addr_file);
+    while ops_addr.is_none() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        ops_addr = read_addr(&ops.addr_file);
+    }
+    if let Some(a) = ops_addr {
+        // A restarted coordinator keeps the same ops address.
+        ops.listen = a;
+        eprintln!("berth up: coordinator metrics at http://{a}/metrics");
+    }
+
+    let launch = AgentLaunch {
+        bins: &bins,
+        args: &args,
+        creds: &creds,
+        url: &url,
+        logs: &logs,
+    };
+    let (tx, mut rx) = mpsc::channel::<Event>(64);
+    let n = usize::from(args.hosts);
+    let mut slots: HashMap<usize, Slot> = HashMap::new();
+    for slot in 0..n {
+        let pid = start_agent(&launch, slot, None, tx.clone())?;
+        slots.insert(
+            slot,
+            Slot {
+                pid: Some(pid),
+                started: Instant::now(),
+                backoff: Duration::from_millis(500),
+                host_id: None,
+            },
+        );
+    }
+    let mut ready = 0usize;
+    let mut announced = false;
+    // Slots waiting to be restarted, and when.
+    let mut restart_at: HashMap<usize, Instant> = HashMap::new();
+
+    loop {
+        let next_restart = restart_at.values().min().copied();
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            status = coordinator_child.wait() => {
+                // Like systemd's Restart=always: same address (agents dial
+                // it), same state dir (the lease store).
+                let status = status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
+                eprintln!("berth up: coordinator exited ({status}); restarting it on {addr}");
+                tokio::time::sleep(COORDINATOR_RESTART_DELAY).await;
+                let _ = std::fs::remove_file(&addr_file);
+                coordinator_child = start_coordinator(&bins, &args, &creds, (addr, &ops), &addr_file, &logs)?;
+                match wait_for_addr(&addr_file, &mut coordinator_child).await {
+                    Ok(a) => eprintln!("berth up: coordinator back at {a}"),
+                    Err(e) => warn!(error = %e, "restarted coordinator did not come up; trying again"),
+                }
+            }
+            () = sleep_until_opt(next_restart) => {
+                let now = Instant::now();
+                let due: Vec<usize> = restart_at.iter().filter(|(_, t)| **t <= now).map(|(s, _)| *s).collect();
+                for slot in due {
+                    restart_at.remove(&slot);
+                    // A host that outlived its agent is taken over by the
+                    // slot's next agent; otherwise the slot gets a fresh host.
+                    let resume = slots
+                        .get(&slot)
+                        .and_then(|s| s.host_id.clone())
+                        .filter(|h| hosts_dir.join(h).join(AGENT_STATE_FILE).is_file());
+                    if let Some(h) = &resume {
+                        eprintln!("berth up: slot {slot}: host {h} outlived its agent; resuming it");
+                    }
+                    let pid = start_agent(&launch, slot, resume, tx.clone())?;
+                    if let Some(s) = slots.get_mut(&slot) {
+                        s.pid = Some(pid);
+                        s.started = Instant::now();
+                    }
+                }
+            }
+            Some(ev) = rx.recv() => match ev {
+                Event::Ready { slot, line } => {
+                    ready += 1;
+                    if let Some(s) = slots.get_mut(&slot) {
+                        s.host_id = line
+                            .split_whitespace()
+                            .find_map(|w| w.strip_prefix("host_id="))
+                            .map(str::to_owned);
+                    }
+                    eprintln!("berth up: slot {slot}: {line}");
+                    if !announced && ready >= n {
+                        announced = true;
+                        eprintln!("berth up: pool of {n} hosts ready. In another shell:");
+                        let mut flag = if addr.to_string() == crate::DEFAULT_LISTEN {
+                            String::new()
+                        } else {
+                            format!("--coordinator {addr} ")
+                        };
+                        if creds.cli_ca != Path::new(super::DEFAULT_CA) {
+                            flag.push_str(&format!(
+                                "--ca {} --token-file {} ",
+                                creds.cli_ca.display(),
+                                creds.cli_token.display()
+                            ));
+                        }
+                        eprintln!("  eval \"$(berth {flag}acquire --build demo-1)\"   # then use docker; finally: berth {flag}release");
+                    }
+                }
+                Event::Exited { slot, status } => {
+                    let Some(s) = slots.get_mut(&slot) else { continue };
+                    s.pid = None;
+                    let lived = s.started.elapsed();
+                    let status = status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
+                    if lived < CRASH_WINDOW {
+                        s.backoff = (s.backoff * 2).min(MAX_BACKOFF);
+                    } else {
+                        s.backoff = Duration::from_millis(500);
+                    }
+                    let delay = if lived < CRASH_WINDOW { s.backoff } else { Duration::ZERO };
+                    eprintln!(
+                        "berth up: slot {slot}: host ended ({status}) after {}; starting a fresh host{}",
+                        humantime::format_duration(Duration::from_secs(lived.as_secs())),
+                        if delay.is_zero() { String::new() } else { format!(" in {}", humantime::format_duration(delay)) }
+                    );
+                    restart_at.insert(slot, Instant::now() + delay);
+                }
+            }
+        }
+    }
+
+    eprintln!(
+        "berth up: stopping {} hosts and the coordinator",
+        slots.values().filter(|s| s.pid.is_some()).count()
+    );
+    stop_agents(&mut slots, &mut rx).await;
+    signal(coordinator_child.id(), nix::sys::signal::Signal::SIGTERM);
+    if tokio::time::timeout(COORDINATOR_STOP_TIMEOUT, coordinator_child.wait())
+        .await
+        .is_err()
+    {
+        warn!("coordinator did not stop in time; killing it");
+        let _ = coordinator_child.kill().await;
+    }
+    sweep(&bins, &args).await?;
+    eprintln!("berth up: stopped; nothing left behind");
+    Ok(())
+}
+
+async fn sleep_until_opt(t: Option<Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn log_file(path: &Path) -> Result<std::fs::File, UpError> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(io_err("cannot open", path))
+}
+
+async fn wait_for_addr(path: &Path, child: &mut Child) -> Result<SocketAddr, UpError> {
+    let deadline = Instant::now() + COORDINATOR_START_TIMEOUT;
+    loop {
+        if let Ok(s) = std::fs::read_to_string(path)
+            && let Ok(a) = s.trim().parse()
+        {
+            return Ok(a);
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(UpError::Coordinator(format!(
+                "it exited with {status}; see its log"
+            )));
+        }
+        if Instant::now() > deadline {
+            return Err(UpError::Coordinator(format!(
+                "no address in {} after {}s",
+                path.display(),
+                COORDINATOR_START_TIMEOUT.as_secs()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Where the coordinator's ops endpoint listens and records its address.
+struct Ops {
+    listen: SocketAddr,
+    addr_file: PathBuf,
+}
+
+/// Default port of the coordinator's ops endpoint under `berth up`.
+pub const DEFAULT_OPS_PORT: u16 = berth_proto::ports::COORDINATOR_OPS;
+/// The file (under the state dir) holding the ops endpoint's address.
+pub const OPS_ADDR_FILE: &str = "coordinator.ops.addr";
+
+fn read_addr(path: &Path) -> Option<SocketAddr> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+fn start_coordinator(
+    bins: &Bins,
+    args: &UpArgs,
+    creds: &Credentials,
+    (listen, ops): (SocketAddr, &Ops),
+    addr_file: &Path,
+    logs: &Path,
+) -> Result<Child, UpError> {
+    Command::new(&bins.coordinator)
+        .arg("--listen")
+        .arg(listen.to_string())
+        .arg("--addr-file")
+        .arg(addr_file)
+        .arg("--ops-listen")
+        .arg(ops.listen.to_string())
+        .arg("--ops-addr-file")
+        .arg(&ops.addr_file)
+        .arg("--state-dir")
+        .arg(args.state_dir.join("coordinator"))
+        .arg("--tenants")
+        .arg(&creds.tenants)
+        .arg("--join-token-hash-file")
+        .arg(&creds.join_token_hash)
+        .args(&args.coordinator_args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log_file(&logs.join("coordinator.log"))?)
+        .spawn()
+        .map_err(io_err("cannot start", &bins.coordinator))
+}
+
+fn agent_command(bins: &Bins, args: &UpArgs, creds: &Credentials, url: &str) -> Command {
+    let mut cmd = Command::new(&bins.agent);
+    cmd.arg("--coordinator")
+        .arg(url)
+        .arg("--ca")
+        .arg(&creds.coordinator_ca)
+        .arg("--join-token-file")
+        .arg(&creds.join_token)
+        .arg("--state-dir")
+        .arg(args.state_dir.join("hosts"))
+        .arg("--run-dir")
+        .arg(&args.run_dir)
+        .arg("--prefix")
+        .arg(&args.prefix);
+    if args.recycle {
+        cmd.arg("--recycle");
+    }
+    cmd.args(&args.agent_args);
+    cmd
+}
+
+/// What every agent of this pool is started with.
+struct AgentLaunch<'a> {
+    bins: &'a Bins,
+    args: &'a UpArgs,
+    creds: &'a Credentials,
+    url: &'a str,
+    logs: &'a Path,
+}
+
+fn start_agent(
+    launch: &AgentLaunch<'_>,
+    slot: usize,
+    resume: Option<String>,
+    tx: mpsc::Sender<Event>,
+) -> Result<u32, UpError> {
+    let AgentLaunch {
+        bins,
+        args,
+        creds,
+        url,
+        logs,
+    } = *launch;
+    let log = logs.join(format!("agent-{slot}.log"));
+    let mut cmd = agent_command(bins, args, creds, url);
+    if let Some(h) = &resume {
+        cmd.arg("--resume-host").arg(h);
+    }
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log_file(&log)?)
+        .spawn()
+        .map_err(io_err("cannot start", &bins.agent))?;
+    let pid = child.id().unwrap_or(0);
+    info!(slot, pid, "agent started");
+    let stdout = child.stdout.take();
+    tokio::spawn(async move {
+        if let Some(out) = stdout {
+            let mut lines = BufReader::new(out).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if line.starts_with("READY ") {
+                    let _ = tx.send(Event::Ready { slot, line }).await;
+                }
+            }
+        }
+        let status = child.wait().await;
+        let _ = tx.send(Event::Exited { slot, status }).await;
+    });
+    Ok(pid)
+}
+
+fn signal(pid: Option<u32>, sig: nix::sys::signal::Signal) {
+    if let Some(pid) = pid.and_then(|p| i32::try_from(p).ok()) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
+    }
+}
+
+async fn stop_agents(slots: &mut HashMap<usize, Slot>, rx: &mut mpsc::Receiver<Event>) {
+    for s in slots.values() {
+        signal(s.pid, nix::sys::signal::Signal::SIGTERM);
+    }
+    let deadline = Instant::now() + AGENT_STOP_TIMEOUT;
+    while slots.values().any(|s| s.pid.is_some()) {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(Event::Exited { slot, .. })) => {
+                if let Some(s) = slots.get_mut(&slot) {
+                    s.pid = None;
+                }
+            }
+            Ok(Some(Event::Ready { .. })) => {}
+            Ok(None) | Err(_) => break,
+        }
+    }
+    for s in slots.values_mut() {
+        if s.pid.is_some() {
+            warn!(pid = ?s.pid, "agent did not stop in time; killing it");
+            signal(s.pid.take(), nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+}
+
+/// Removes what killed earlier runs with this prefix left behind (dockerds,
+/// namespaces, mounts, cgroups), using the agent's own sweep.
+async fn sweep(bins: &Bins, args: &UpArgs) -> Result<(), UpError> {
+    let out = Command::new(&bins.agent)
+        .arg("sweep")
+        .arg("--state-dir")
+        .arg(args.state_dir.join("hosts"))
+        .arg("--run-dir")
+        .arg(&args.run_dir)
+        .arg("--prefix")
+        .arg(&args.prefix)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .map_err(io_err("cannot run", &bins.agent))?;
+    if !out.status.success() {
+        return Err(UpError::Sweep(
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ));
+    }
+    Ok(())
+}

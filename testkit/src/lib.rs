@@ -1,0 +1,819 @@
+//! berth's test kit, one harness for the end-to-end tests, the agent's
+//! integration tests and the benchmarks: a `berth up` pool started as a
+//! real process tree (coordinator, agents, dockerds in network namespaces),
+//! the stock `docker` CLI pointed at a lease (mutual TLS with the
+//! certificates `berth acquire` wrote), and guards that stop and sweep
+//! everything a test started, also when it fails. The harness talks to the
+//! coordinator like the CLI does: TLS against the pool CA, with the tenant
+//! token `berth up` made.
+//!
+//! The binaries under test are never built here: `cargo nextest run` (and
+//! `cargo test`) builds every binary of a package with integration tests,
+//! with the tests' own feature set, before the first test runs, and
+//! `scripts/bench.sh` builds the release binaries before the benchmarks.
+//! Tests need root, dockerd, the docker CLI, busybox-static, iproute2 and
+//! nsenter; when one is missing they fail with a message naming it (set
+//! `BERTH_SKIP_E2E=1` to skip them deliberately; refused when `CI=true`).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use berth_proto::v1 as pb;
+use berth_proto::v1::admin_service_client::AdminServiceClient;
+use berth_proto::v1::lease_service_client::LeaseServiceClient;
+use nix::sys::signal::{Signal, kill, killpg};
+use nix::unistd::Pid;
+
+/// Where tests keep host state and short runtime paths.
+pub const TEST_STATE_ROOT: &str = "/tmp/berth-t";
+pub const TEST_RUN_ROOT: &str = "/run/berth-t";
+
+/// Checks what end-to-end tests need. Returns false only when the developer
+/// asked to skip them with `BERTH_SKIP_E2E=1`; otherwise a missing
+/// prerequisite fails the test with a message that names it.
+pub fn preflight() -> bool {
+    if std::env::var_os("BERTH_SKIP_E2E").is_some_and(|v| v == "1")
+        && std::env::var_os("CI").is_none_or(|v| v != "true")
+    {
+        eprintln!("SKIPPED: BERTH_SKIP_E2E=1");
+        return false;
+    }
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "end-to-end tests need root (network namespaces, dockerd); run them as root or set BERTH_SKIP_E2E=1"
+    );
+    for tool in [
+        "dockerd", "docker", "ip", "nsenter", "ss", "curl", "openssl",
+    ] {
+        assert!(
+            which(tool).is_some(),
+            "end-to-end tests need `{tool}` on PATH; run scripts/test.sh, which installs it"
+        );
+    }
+    assert!(
+        Path::new(busybox()).is_file(),
+        "end-to-end tests need {} (Debian's busybox-static); run scripts/test.sh",
+        busybox()
+    );
+    true
+}
+
+pub fn busybox() -> &'static str {
+    "/bin/busybox"
+}
+
+pub fn which(tool: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(tool))
+        .find(|p| p.is_file())
+}
+
+/// The directory holding the workspace's binaries: `BERTH_BIN_DIR` if set,
+/// else the target directory of the running executable (a test in
+/// `target/debug/deps`, `berth-bench` in `target/release`).
+pub fn bin_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        if let Some(dir) = std::env::var_os("BERTH_BIN_DIR") {
+            return PathBuf::from(dir);
+        }
+        let exe = std::env::current_exe().unwrap();
+        let mut dir = exe.parent().unwrap().to_owned();
+        if dir.file_name().is_some_and(|n| n == "deps") {
+            dir = dir.parent().unwrap().to_owned();
+        }
+        dir
+    })
+}
+
+/// A binary of the workspace, which must have been built before the test
+/// ran (see the crate's notes).
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(
+        p.is_file(),
+        "{} is missing: run the tests with `cargo nextest run --workspace` (scripts/test.sh), \
+         which builds every berth binary first, or build them with `cargo build --bins`",
+        p.display()
+    );
+    p
+}
+
+/// Runs a command and returns its output, with the command in any panic.
+pub fn run(cmd: &mut Command) -> Output {
+    let shown = format!("{cmd:?}");
+    cmd.stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {shown}: {e}"))
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Panics with both output streams unless the command succeeded.
+pub fn ok(o: Output, what: &str) -> Output {
+    assert!(
+        o.status.success(),
+        "{what} failed ({}):\nstdout: {}\nstderr: {}",
+        o.status,
+        stdout(&o),
+        stderr(&o)
+    );
+    o
+}
+
+/// Polls `f` until it returns Some, or panics after `timeout` naming `what`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The test's own prefix for host ids, namespaces and directories:
+/// `BERTH_TEST_TAG` (up to 4 lowercase letters or digits) in front of `base`,
+/// so two checkouts can run the same tests side by side without sweeping
+/// each other's hosts.
+pub fn test_prefix(base: &str) -> String {
+    let tag = std::env::var("BERTH_TEST_TAG").unwrap_or_default();
+    assert!(
+        tag.len() <= 4
+            && tag
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit()),
+        "BERTH_TEST_TAG must be at most 4 lowercase letters or digits, got {tag:?}"
+    );
+    format!("{tag}{base}")
+}
+
+/// Removes what an earlier, killed run with this prefix left behind: first
+/// any process still running from this test's directories (a `berth up`
+/// that outlived its test would restart agents), then the agent's sweep of
+/// dockerds, namespaces, mounts and cgroups.
+pub fn sweep(prefix: &str) {
+    let (state, run_dir) = dirs(prefix);
+    let needle = state.to_string_lossy().into_owned();
+    wait_for("leftover processes to die", Duration::from_secs(30), || {
+        let left = process_ids_mentioning(&needle);
+        for pid in &left {
+            let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
+        }
+        left.is_empty().then_some(())
+    });
+    let o = run(Command::new(bin("berth-agent"))
+        .arg("sweep")
+        .arg("--state-dir")
+        .arg(state.join("hosts"))
+        .arg("--run-dir")
+        .arg(&run_dir)
+        .arg("--prefix")
+        .arg(prefix));
+    ok(o, "berth-agent sweep");
+}
+
+/// The state and run directories of a test prefix.
+pub fn dirs(prefix: &str) -> (PathBuf, PathBuf) {
+    (
+        Path::new(TEST_STATE_ROOT).join(prefix.trim_end_matches('-')),
+        Path::new(TEST_RUN_ROOT).join(prefix.trim_end_matches('-')),
+    )
+}
+
+/// The `export` lines of `berth acquire`, parsed.
+#[derive(Debug, Clone)]
+pub struct LeaseEnv {
+    pub vars: HashMap<String, String>,
+}
+
+impl LeaseEnv {
+    pub fn parse(out: &str) -> Self {
+        let vars = out
+            .lines()
+            .filter_map(|l| l.strip_prefix("export "))
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.trim_matches('\'').to_owned()))
+            .collect();
+        Self { vars }
+    }
+
+    pub fn get(&self, k: &str) -> &str {
+        self.vars
+            .get(k)
+            .unwrap_or_else(|| panic!("{k} missing from acquire output {:?}", self.vars))
+    }
+
+    pub fn lease_id(&self) -> &str {
+        self.get("BERTH_LEASE_ID")
+    }
+
+    pub fn host_addr(&self) -> &str {
+        self.get("BERTH_HOST_ADDR")
+    }
+
+    pub fn docker_host(&self) -> &str {
+        self.get("DOCKER_HOST")
+    }
+
+    /// The directory `berth acquire` wrote ca.pem, cert.pem and key.pem to.
+    pub fn cert_dir(&self) -> &Path {
+        Path::new(self.get("DOCKER_CERT_PATH"))
+    }
+
+    /// The stock docker CLI, pointed at this lease's host with its
+    /// certificates, exactly as after `eval "$(berth acquire ...)"`.
+    pub fn docker(&self) -> Command {
+        assert_eq!(self.get("DOCKER_TLS_VERIFY"), "1");
+        let mut c = docker_cli(self.docker_host());
+        c.env("DOCKER_TLS_VERIFY", "1")
+            .env("DOCKER_CERT_PATH", self.cert_dir());
+        c
+    }
+}
+
+/// The stock docker CLI with a clean config, pointed at `docker_host`.
+pub fn docker_cli(docker_host: &str) -> Command {
+    let mut c = Command::new("docker");
+    c.env("DOCKER_HOST", docker_host)
+        .env("DOCKER_BUILDKIT", "0")
+        .env("DOCKER_CONFIG", docker_config_dir())
+        .env_remove("DOCKER_TLS_VERIFY")
+        .env_remove("DOCKER_CERT_PATH")
+        .env_remove("DOCKER_CONTEXT");
+    c
+}
+
+fn docker_config_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let d = Path::new(TEST_STATE_ROOT).join("docker-config");
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    })
+}
+
+/// A build context: a Dockerfile FROM scratch with a static busybox and a
+/// tiny web root, so `docker build` works without pulling anything.
+pub fn busybox_context(dir: &Path, index_html: &str) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::copy(busybox(), dir.join("busybox")).unwrap();
+    std::fs::write(dir.join("index.html"), index_html).unwrap();
+    std::fs::write(
+        dir.join("Dockerfile"),
+        "FROM scratch\n\
+         COPY busybox /bin/busybox\n\
+         RUN [\"/bin/busybox\", \"--install\", \"-s\", \"/bin\"]\n\
+         COPY index.html /www/index.html\n\
+         CMD [\"httpd\", \"-f\", \"-p\", \"80\", \"-h\", \"/www\"]\n",
+    )
+    .unwrap();
+}
+
+/// A plain HTTP/1.0 GET; returns the whole response.
+pub fn http_get(addr: SocketAddr) -> std::io::Result<String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(b"GET / HTTP/1.0\r\nHost: berth\r\n\r\n")?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out)
+}
+
+/// A pool started with `berth up` for one test. Dropping it stops the pool
+/// with SIGTERM (agents clean up), kills whatever is left of its process
+/// group, and sweeps the test's prefix.
+pub struct Pool {
+    pub prefix: String,
+    pub state_dir: PathBuf,
+    pub run_dir: PathBuf,
+    pub addr: SocketAddr,
+    child: Option<Child>,
+    pgid: Option<Pid>,
+    rt: tokio::runtime::Runtime,
+}
+
+impl Pool {
+    /// Starts `berth up --hosts N` with this test's own prefix and waits
+    /// until N hosts are Ready.
+    pub fn start(base_prefix: &str, hosts: u16, extra: &[&str]) -> Self {
+        Self::start_with(base_prefix, hosts, extra, |_| {})
+    }
+
+    /// [`Pool::start`], with `setup` run on the fresh state dir before
+    /// `berth up` starts (e.g. to add a tenant to its tenants file).
+    pub fn start_with(
+        base_prefix: &str,
+        hosts: u16,
+        extra: &[&str],
+        setup: impl FnOnce(&Path),
+    ) -> Self {
+        let prefix = &test_prefix(base_prefix);
+        sweep(prefix);
+        let (state_dir, run_dir) = dirs(prefix);
+        // Start from nothing: a stale coordinator.addr would point at a
+        // coordinator of an earlier run.
+        let _ = std::fs::remove_dir_all(&state_dir);
+        std::fs::create_dir_all(&state_dir).unwrap();
+        setup(&state_dir);
+        let log = std::fs::File::create(state_dir.join("up.log")).unwrap();
+        let child = Command::new(bin("berth"))
+            .arg("up")
+            .arg("--hosts")
+            .arg(hosts.to_string())
+            .arg("--state-dir")
+            .arg(&state_dir)
+            .arg("--run-dir")
+            .arg(&run_dir)
+            .arg("--prefix")
+            .arg(prefix)
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            // Own process group: the guard can kill the whole tree.
+            .process_group(0)
+            .spawn()
+            .expect("cannot start berth up");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let addr_file = state_dir.join("coordinator.addr");
+        let mut pool = Self {
+            prefix: prefix.to_owned(),
+            state_dir,
+            run_dir,
+            addr: "127.0.0.1:1".parse().unwrap(),
+            child: Some(child),
+            pgid: None,
+            rt,
+        };
+        // berth up copies the pool CA for the CLI once the coordinator has
+        // written its address; both must be there before the first call.
+        let ca = pool.ca_pem_path();
+        pool.addr = wait_for("the coordinator address", Duration::from_secs(60), || {
+            pool.assert_running();
+            if !ca.exists() {
+                return None;
+            }
+            std::fs::read_to_string(&addr_file)
+                .ok()?
+                .trim()
+                .parse()
+                .ok()
+        });
+        pool.wait_ready_hosts(usize::from(hosts), Duration::from_secs(60));
+        pool
+    }
+
+    fn assert_running(&mut self) {
+        if let Some(c) = self.child.as_mut()
+            && let Ok(Some(status)) = c.try_wait()
+        {
+            panic!("berth up exited early ({status}); log:\n{}", self.log());
+        }
+    }
+
+    /// `berth up`'s own log.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.state_dir.join("up.log")).unwrap_or_default()
+    }
+
+    /// The pool CA as `berth up` publishes it for the CLI.
+    pub fn ca_pem_path(&self) -> PathBuf {
+        self.state_dir.join("cli").join("ca.pem")
+    }
+
+    /// The CLI's tenant token file `berth up` made.
+    pub fn token_path(&self) -> PathBuf {
+        self.state_dir.join("cli").join("token")
+    }
+
+    /// The pool CA with its key, as the coordinator keeps it (tests use it
+    /// to forge what an attacker could not: e.g. an expired certificate).
+    pub fn ca(&self) -> berth_tls::Ca {
+        let (cert, key) = berth_tls::Ca::paths(&self.state_dir.join("coordinator"));
+        berth_tls::Ca::load(&cert, &key).expect("the pool CA")
+    }
+
+    /// The `berth` CLI against this pool, with its CA and tenant token.
+    pub fn berth_cmd(&self) -> Command {
+        let mut c = Command::new(bin("berth"));
+        c.arg("--coordinator")
+            .arg(self.addr.to_string())
+            .env("BERTH_CA", self.ca_pem_path())
+            .env("BERTH_TOKEN_FILE", self.token_path())
+            .env("HOME", self.state_dir.join("home"))
+            .env_remove("BERTH_TOKEN")
+            .env_remove("BERTH_LEASE_ID")
+            .env_remove("DOCKER_CERT_PATH");
+        c
+    }
+
+    /// Runs the `berth` CLI against this pool.
+    pub fn berth(&self, args: &[&str]) -> Output {
+        run(self.berth_cmd().args(args))
+    }
+
+    /// `berth acquire`, which must succeed.
+    pub fn acquire(&self, build: &str, ttl: &str, wait: &str) -> LeaseEnv {
+        let o = ok(
+            self.berth(&["acquire", "--build", build, "--ttl", ttl, "--wait", wait]),
+            "berth acquire",
+        );
+        LeaseEnv::parse(&stdout(&o))
+    }
+
+    /// The coordinator's gRPC endpoint, over TLS with the pool CA.
+    pub fn endpoint(&self) -> tonic::transport::Endpoint {
+        let url = format!("https://{}", self.addr);
+        let ca = std::fs::read_to_string(self.ca_pem_path()).expect("the pool CA for the CLI");
+        let tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(ca));
+        tonic::transport::Endpoint::from_shared(url)
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+    }
+
+    fn channel(&self) -> tonic::transport::Channel {
+        self.rt
+            .block_on(self.endpoint().connect())
+            .expect("cannot reach the coordinator")
+    }
+
+    /// The CLI's tenant token (an admin tenant), as `berth up` made it.
+    pub fn token(&self) -> String {
+        std::fs::read_to_string(self.token_path())
+            .unwrap()
+            .trim()
+            .to_owned()
+    }
+
+    /// A request carrying the CLI's tenant token.
+    pub fn authed<T>(&self, msg: T) -> tonic::Request<T> {
+        with_token(msg, &self.token())
+    }
+
+    pub fn hosts(&self) -> Vec<pb::Host> {
+        let ch = self.channel();
+        self.rt
+            .block_on(AdminServiceClient::new(ch).list_hosts(self.authed(pb::ListHostsRequest {})))
+            .unwrap()
+            .into_inner()
+            .hosts
+    }
+
+    pub fn lease(&self, lease_id: &str) -> pb::Lease {
+        self.try_lease(lease_id)
+            .unwrap_or_else(|s| panic!("Get {lease_id}: {s}"))
+    }
+
+    /// `Get` of a lease, with the status on failure.
+    pub fn try_lease(&self, lease_id: &str) -> Result<pb::Lease, tonic::Status> {
+        let ch = self.channel();
+        self.rt
+            .block_on(LeaseServiceClient::new(ch).get(self.authed(pb::GetRequest {
+                lease_id: lease_id.to_owned(),
+            })))
+            .map(|r| r.into_inner().lease.unwrap_or_default())
+    }
+
+    /// AdminService.PoolStats.
+    pub fn pool_stats(&self) -> pb::PoolStatsResponse {
+        let ch = self.channel();
+        self.rt
+            .block_on(AdminServiceClient::new(ch).pool_stats(self.authed(pb::PoolStatsRequest {})))
+            .unwrap()
+            .into_inner()
+    }
+
+    /// Every lease the coordinator knows, ended ones included.
+    pub fn all_leases(&self) -> Vec<pb::Lease> {
+        let ch = self.channel();
+        self.rt
+            .block_on(
+                AdminServiceClient::new(ch).list_leases(self.authed(pb::ListLeasesRequest {
+                    include_ended: true,
+                })),
+            )
+            .unwrap()
+            .into_inner()
+            .leases
+    }
+
+    /// Whether the coordinator answers at all (it may be restarting).
+    pub fn coordinator_answers(&self) -> bool {
+        let endpoint = self.endpoint().connect_timeout(Duration::from_secs(1));
+        let req = self.authed(pb::ListHostsRequest {});
+        self.rt.block_on(async {
+            let Ok(ch) = endpoint.connect().await else {
+                return false;
+            };
+            AdminServiceClient::new(ch).list_hosts(req).await.is_ok()
+        })
+    }
+
+    /// The pid of this pool's coordinator process.
+    pub fn coordinator_pid(&self) -> Option<Pid> {
+        let state = self.state_dir.to_string_lossy().into_owned();
+        processes_mentioning(&state)
+            .into_iter()
+            .find(|p| {
+                p.split_once(": ")
+                    .is_some_and(|(_, cmd)| cmd.contains("berth-coordinator "))
+            })
+            .and_then(|p| p.split(':').next()?.parse().ok())
+            .map(Pid::from_raw)
+    }
+
+    /// The pid of `berth up` itself.
+    pub fn up_pid(&self) -> Option<Pid> {
+        self.child
+            .as_ref()
+            .and_then(|c| i32::try_from(c.id()).ok())
+            .map(Pid::from_raw)
+    }
+
+    /// The pid of a host's dockerd, per its pidfile.
+    pub fn dockerd_pid(&self, host_id: &str) -> Option<Pid> {
+        let pidfile = self.run_dir.join(host_id).join("dockerd.pid");
+        let pid: i32 = std::fs::read_to_string(pidfile).ok()?.trim().parse().ok()?;
+        std::path::Path::new(&format!("/proc/{pid}"))
+            .exists()
+            .then_some(Pid::from_raw(pid))
+    }
+
+    /// The pid of the agent serving a host: one started to take the host
+    /// over (`--resume-host HOST`), or else its dockerd's parent (an agent
+    /// starts its host's dockerd as its child).
+    pub fn agent_pid(&self, host_id: &str) -> Option<Pid> {
+        let state = self.state_dir.to_string_lossy().into_owned();
+        let resumer = processes_mentioning(&state).into_iter().find(|p| {
+            p.split_once(": ").is_some_and(|(_, cmd)| {
+                cmd.contains("berth-agent ") && cmd.contains(&format!("--resume-host {host_id}"))
+            })
+        });
+        if let Some(p) = resumer {
+            return p.split(':').next()?.parse().ok().map(Pid::from_raw);
+        }
+        let dockerd = self.dockerd_pid(host_id)?;
+        let stat = std::fs::read_to_string(format!("/proc/{dockerd}/stat")).ok()?;
+        // "pid (comm) state ppid ...": comm may hold spaces, so split after ')'.
+        let ppid: i32 = stat
+            .rsplit_once(')')?
+            .1
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()?;
+        let cmd = std::fs::read(format!("/proc/{ppid}/cmdline")).unwrap_or_default();
+        String::from_utf8_lossy(&cmd)
+            .contains("berth-agent")
+            .then_some(Pid::from_raw(ppid))
+    }
+
+    /// Pids of this pool's agent processes (not sweeps).
+    pub fn agent_pids(&self) -> Vec<Pid> {
+        let state = self.state_dir.to_string_lossy().into_owned();
+        processes_mentioning(&state)
+            .into_iter()
+            .filter(|p| {
+                p.split_once(": ").is_some_and(|(_, cmd)| {
+                    cmd.contains("berth-agent ") && !cmd.contains(" sweep ")
+                })
+            })
+            .filter_map(|p| p.split(':').next()?.parse().ok())
+            .map(Pid::from_raw)
+            .collect()
+    }
+
+    /// The agent state file of a host, if the host still exists.
+    pub fn agent_state(&self, host_id: &str) -> Option<serde_json::Value> {
+        let f = self
+            .state_dir
+            .join("hosts")
+            .join(host_id)
+            .join("agent-state.json");
+        serde_json::from_slice(&std::fs::read(f).ok()?).ok()
+    }
+
+    /// The agents' logs (one per slot), concatenated.
+    pub fn agent_logs(&self) -> String {
+        let mut out = String::new();
+        if let Ok(entries) = std::fs::read_dir(self.state_dir.join("logs")) {
+            let mut paths: Vec<_> = entries.flatten().map(|e| e.path()).collect();
+            paths.sort();
+            for p in paths {
+                if p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("agent-"))
+                {
+                    out.push_str(&strip_ansi(
+                        &std::fs::read_to_string(&p).unwrap_or_default(),
+                    ));
+                }
+            }
+        }
+        out
+    }
+
+    /// The coordinator's log.
+    pub fn coordinator_log(&self) -> String {
+        strip_ansi(
+            &std::fs::read_to_string(self.state_dir.join("logs").join("coordinator.log"))
+                .unwrap_or_default(),
+        )
+    }
+
+    /// Runs `ip -n HOST ARGS` (inside the host's network namespace).
+    pub fn ip_in_host(&self, host_id: &str, args: &[&str]) -> Output {
+        run(Command::new("ip").arg("-n").arg(host_id).args(args))
+    }
+
+    /// Whether the host still exists on this machine (its namespace).
+    pub fn host_exists(&self, host_id: &str) -> bool {
+        Path::new("/run/netns").join(host_id).exists()
+    }
+
+    pub fn ready_hosts(&self) -> Vec<pb::Host> {
+        self.hosts()
+            .into_iter()
+            .filter(|h| {
+                h.state == pb::HostState::Ready as i32 && h.connected && h.lease_id.is_empty()
+            })
+            .collect()
+    }
+
+    pub fn wait_ready_hosts(&mut self, n: usize, timeout: Duration) -> Vec<pb::Host> {
+        let what = format!("{n} ready hosts");
+        wait_for(&what, timeout, || {
+            self.assert_running();
+            let ready = self.ready_hosts();
+            (ready.len() >= n).then_some(ready)
+        })
+    }
+
+    /// The dockerd socket of a host of this pool, for looking behind the front.
+    pub fn docker_socket(&self, host_id: &str) -> PathBuf {
+        self.run_dir.join(host_id).join("docker.sock")
+    }
+
+    /// The stock docker CLI on a host's dockerd socket, behind the front.
+    pub fn docker_behind_front(&self, host_id: &str) -> Command {
+        docker_cli(&format!("unix://{}", self.docker_socket(host_id).display()))
+    }
+
+    /// Stops the pool the way an operator would (SIGTERM, like Ctrl-C) and
+    /// returns `berth up`'s exit status, or None if it had to be killed.
+    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        let pid = Pid::from_raw(i32::try_from(child.id()).ok()?);
+        self.pgid = Some(pid);
+        let _ = kill(pid, Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match child.try_wait() {
+                Ok(Some(s)) => return Some(s),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                _ => break,
+            }
+        }
+        let _ = killpg(pid, Signal::SIGKILL);
+        let _ = child.kill();
+        let _ = child.wait();
+        None
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        self.stop();
+        // Whatever is left of the process tree goes now, then the sweep.
+        if let Some(pgid) = self.pgid {
+            let _ = killpg(pgid, Signal::SIGKILL);
+        }
+        sweep(&self.prefix);
+    }
+}
+
+/// Log text without terminal colour codes (`ESC [ ... m`).
+pub fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// `msg` as a request carrying a tenant token.
+pub fn with_token<T>(msg: T, token: &str) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    req
+}
+
+/// Network namespaces whose names start with `prefix`.
+pub fn netns_with_prefix(prefix: &str) -> Vec<String> {
+    let o = run(Command::new("ip").args(["netns", "list"]));
+    stdout(&o)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| n.starts_with(prefix))
+        .map(str::to_owned)
+        .collect()
+}
+
+fn process_ids_mentioning(needle: &str) -> Vec<i32> {
+    processes_mentioning(needle)
+        .iter()
+        .filter_map(|l| l.split(':').next()?.parse().ok())
+        .collect()
+}
+
+/// Processes whose command line mentions `needle`, as "PID: CMDLINE".
+pub fn processes_mentioning(needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return found;
+    };
+    let me = std::process::id().to_string();
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.chars().all(|c| c.is_ascii_digit()) || name == me {
+            continue;
+        }
+        if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if cmd.contains(needle) {
+                found.push(format!("{name}: {cmd}"));
+            }
+        }
+    }
+    found
+}
+
+/// Mount points under `root`.
+pub fn mounts_under(root: &Path) -> Vec<String> {
+    let root = root.to_string_lossy().into_owned();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(4))
+        .filter(|m| m.starts_with(&root))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// TCP listeners inside a network namespace, as `ss -Htlnp` run in it
+/// reports them (one line per socket, with the owning process).
+pub fn tcp_listeners_in_netns(netns: &str) -> Vec<String> {
+    let o = ok(
+        run(Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{netns}"))
+            .args(["--", "ss", "-Htlnp"])),
+        "ss in the host's namespace",
+    );
+    stdout(&o).lines().map(str::to_owned).collect()
+}
+
+/// `curl` against a host's Docker front; returns (success, stdout+stderr).
+pub fn curl(args: &[&str]) -> (bool, String) {
+    let o = run(Command::new("curl")
+        .args(["-sS", "--max-time", "10"])
+        .args(args));
+    (o.status.success(), format!("{}{}", stdout(&o), stderr(&o)))
+}
