@@ -20,6 +20,9 @@
 //! log) and returns once it listens; the pid file is written only then, and
 //! removed when the forwarder stops.
 
+use berth_runtime::fs::Durability;
+
+use crate::Exit;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -107,12 +110,12 @@ pub enum ForwardError {
 
 impl ForwardError {
     /// The CLI exit code (see `cli` for the table).
-    pub fn exit_code(&self) -> i32 {
+    pub fn exit_code(&self) -> Exit {
         match self {
-            Self::Usage(_) => 2,
-            Self::LeaseEnded { .. } => 6,
-            Self::LeaseCheck { .. } => 5,
-            Self::Listen { .. } | Self::Background(_) | Self::PidFile { .. } => 1,
+            Self::Usage(_) => Exit::Usage,
+            Self::LeaseEnded { .. } => Exit::LeaseEnded,
+            Self::LeaseCheck { .. } => Exit::Unreachable,
+            Self::Listen { .. } | Self::Background(_) | Self::PidFile { .. } => Exit::Failure,
         }
     }
 }
@@ -327,9 +330,8 @@ fn write_pid_file(path: &Path, pid: u32) -> Result<(), ForwardError> {
         path: path.to_owned(),
         source,
     };
-    let tmp = path.with_extension(format!("tmp{pid}"));
-    std::fs::write(&tmp, format!("{pid}\n")).map_err(err)?;
-    std::fs::rename(&tmp, path).map_err(err)
+    let data = format!("{pid}\n");
+    berth_runtime::fs::write_atomic(path, data.as_bytes(), 0o644, Durability::Process).map_err(err)
 }
 
 /// Removes the pid file if it still names this process.
@@ -639,12 +641,12 @@ mod tests {
         let err = run(&args, &watch, CancellationToken::new())
             .await
             .unwrap_err();
-        assert_eq!(err.exit_code(), 6, "{err}");
+        assert_eq!(err.exit_code(), Exit::LeaseEnded, "{err}");
         let watch = Scripted::new(vec![Err("unavailable".into())]);
         let err = run(&args, &watch, CancellationToken::new())
             .await
             .unwrap_err();
-        assert_eq!(err.exit_code(), 5, "{err}");
+        assert_eq!(err.exit_code(), Exit::Unreachable, "{err}");
     }
 
     #[tokio::test]

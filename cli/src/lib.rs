@@ -17,6 +17,7 @@
 //! named volume and back (through the Docker API the lease grants), and
 //! published ports on 127.0.0.1.
 
+pub mod exit;
 pub mod forward;
 pub mod lease_docker;
 pub mod status;
@@ -33,6 +34,7 @@ use berth_proto::v1::admin_service_client::AdminServiceClient;
 use berth_proto::v1::lease_service_client::LeaseServiceClient;
 use berth_proto::{from_duration, to_system_time};
 use clap::{Parser, Subcommand};
+pub use exit::Exit;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 use berth_proto::ports::COORDINATOR_LOCAL as DEFAULT_LISTEN;
@@ -166,20 +168,12 @@ pub enum CliError {
 }
 
 impl CliError {
-    pub fn exit_code(&self) -> i32 {
+    pub fn exit_code(&self) -> Exit {
         match self {
-            Self::Unreachable { .. } => 5,
-            Self::Status(s) => match s.code() {
-                tonic::Code::ResourceExhausted => 3,
-                tonic::Code::NotFound => 4,
-                tonic::Code::FailedPrecondition => 6,
-                tonic::Code::InvalidArgument => 2,
-                tonic::Code::Unavailable => 5,
-                tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => 7,
-                _ => 1,
-            },
-            Self::Credentials(_) => 7,
-            Self::Other(_) => 1,
+            Self::Unreachable { .. } => Exit::Unreachable,
+            Self::Status(s) => Exit::of_status(s.code()),
+            Self::Credentials(_) => Exit::NotAllowed,
+            Self::Other(_) => Exit::Failure,
         }
     }
 }
@@ -727,23 +721,11 @@ pub(crate) fn format_time(t: Option<&prost_types::Timestamp>) -> String {
 }
 
 pub fn lease_state_name(s: i32) -> String {
-    pb::LeaseState::try_from(s)
-        .map(|s| {
-            s.as_str_name()
-                .trim_start_matches("LEASE_STATE_")
-                .to_lowercase()
-        })
-        .unwrap_or_else(|_| format!("unknown({s})"))
+    berth_proto::names::lease_state(s)
 }
 
 pub fn host_state_name(s: i32) -> String {
-    pb::HostState::try_from(s)
-        .map(|s| {
-            s.as_str_name()
-                .trim_start_matches("HOST_STATE_")
-                .to_lowercase()
-        })
-        .unwrap_or_else(|_| format!("unknown({s})"))
+    berth_proto::names::host_state(s)
 }
 
 #[cfg(test)]
@@ -776,11 +758,12 @@ mod tests {
     #[test]
     fn exit_codes_follow_status() {
         let code = |c| CliError::Status(tonic::Status::new(c, "x")).exit_code();
-        assert_eq!(code(tonic::Code::ResourceExhausted), 3);
-        assert_eq!(code(tonic::Code::NotFound), 4);
-        assert_eq!(code(tonic::Code::FailedPrecondition), 6);
-        assert_eq!(code(tonic::Code::Internal), 1);
-        assert_eq!(code(tonic::Code::Unauthenticated), 7);
-        assert_eq!(code(tonic::Code::PermissionDenied), 7);
+        assert_eq!(code(tonic::Code::ResourceExhausted).code(), 3);
+        assert_eq!(code(tonic::Code::NotFound).code(), 4);
+        assert_eq!(code(tonic::Code::FailedPrecondition).code(), 6);
+        assert_eq!(code(tonic::Code::Internal).code(), 1);
+        assert_eq!(code(tonic::Code::Unauthenticated).code(), 7);
+        assert_eq!(code(tonic::Code::PermissionDenied).code(), 7);
+        assert_eq!(code(tonic::Code::Unavailable), Exit::Unreachable);
     }
 }

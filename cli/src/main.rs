@@ -1,7 +1,7 @@
 //! `berth`: the CLI that CI and operators run. Parses flags and hands off to
-//! the `berth_cli` library; exit codes are documented there.
+//! the `berth_cli` library; exit codes are [`berth_cli::Exit`].
 
-use berth_cli::{self as cli, Cli, Command};
+use berth_cli::{self as cli, Cli, Command, Exit};
 use berth_runtime::telemetry;
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
@@ -9,71 +9,68 @@ use tokio_util::sync::CancellationToken;
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
-    let code = match &cli.command {
-        Command::Up(args) => {
-            telemetry::init(cli.log.log_format, "warn");
-            let shutdown = interrupt_token();
-            match cli::up::run(args.clone(), &cli.coordinator, shutdown).await {
-                Ok(()) => 0,
-                Err(e) => {
-                    eprintln!("berth up: {e}");
-                    1
-                }
-            }
-        }
-        Command::Sync(args) => {
-            telemetry::init(cli.log.log_format, "warn");
-            let shutdown = interrupt_token();
-            match cli::sync::run(args, &shutdown).await {
-                Ok(_) => 0,
-                Err(e) => {
-                    eprintln!("berth sync: {e}");
-                    e.exit_code()
-                }
-            }
-        }
+    // `forward --background` re-executes itself; its child sets up logging.
+    if !matches!(&cli.command, Command::Forward(a) if a.background) {
+        telemetry::init(cli.log.log_format, "warn");
+    }
+    let exit = match &cli.command {
+        Command::Up(args) => report(
+            "berth up",
+            cli::up::run(args.clone(), &cli.coordinator, interrupt_token()).await,
+            |_| Exit::Failure,
+        ),
+        Command::Sync(args) => report(
+            "berth sync",
+            cli::sync::run(args, &interrupt_token()).await,
+            cli::sync::SyncError::exit_code,
+        ),
         Command::Forward(args) if args.background => match cli::forward::spawn_background(args) {
             Ok(pid) => {
                 println!("{pid}");
-                0
+                Exit::Success
             }
+            Err(e) => report::<(), _>(
+                "berth forward",
+                Err(e),
+                cli::forward::ForwardError::exit_code,
+            ),
+        },
+        Command::Forward(args) => match cli::forward_watch(&cli, &args.lease).await {
+            Ok(watch) => report(
+                "berth forward",
+                cli::forward::run(args, &watch, interrupt_token()).await,
+                cli::forward::ForwardError::exit_code,
+            ),
+            Err(e) => report::<(), _>("berth forward", Err(e), cli::CliError::exit_code),
+        },
+        _ => match cli::run_client(&cli).await {
+            Ok(()) => Exit::Success,
             Err(e) => {
-                eprintln!("berth forward: {e}");
+                let msg = match &e {
+                    cli::CliError::Status(s) => s.message().to_owned(),
+                    other => other.to_string(),
+                };
+                eprintln!("berth: {msg}");
                 e.exit_code()
             }
         },
-        Command::Forward(args) => {
-            telemetry::init(cli.log.log_format, "warn");
-            match cli::forward_watch(&cli, &args.lease).await {
-                Ok(watch) => match cli::forward::run(args, &watch, interrupt_token()).await {
-                    Ok(_) => 0,
-                    Err(e) => {
-                        eprintln!("berth forward: {e}");
-                        e.exit_code()
-                    }
-                },
-                Err(e) => {
-                    eprintln!("berth forward: {e}");
-                    e.exit_code()
-                }
-            }
-        }
-        _ => {
-            telemetry::init(cli.log.log_format, "warn");
-            match cli::run_client(&cli).await {
-                Ok(()) => 0,
-                Err(e) => {
-                    let msg = match &e {
-                        cli::CliError::Status(s) => s.message().to_owned(),
-                        other => other.to_string(),
-                    };
-                    eprintln!("berth: {msg}");
-                    e.exit_code()
-                }
-            }
-        }
     };
-    std::process::exit(code);
+    std::process::exit(exit.code());
+}
+
+/// Prints a failure as `WHAT: ERROR` on stderr and maps it to its exit code.
+fn report<T, E: std::fmt::Display>(
+    what: &str,
+    result: Result<T, E>,
+    code: impl Fn(&E) -> Exit,
+) -> Exit {
+    match result {
+        Ok(_) => Exit::Success,
+        Err(e) => {
+            eprintln!("{what}: {e}");
+            code(&e)
+        }
+    }
 }
 
 /// A token cancelled by SIGINT or SIGTERM.

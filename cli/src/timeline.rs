@@ -8,14 +8,7 @@ use berth_proto::to_system_time;
 use berth_proto::v1 as pb;
 
 fn step_name(step: i32) -> String {
-    pb::TimelineStep::try_from(step)
-        .map(|s| {
-            s.as_str_name()
-                .trim_start_matches("TIMELINE_STEP_")
-                .to_lowercase()
-                .replace('_', "-")
-        })
-        .unwrap_or_else(|_| format!("unknown({step})"))
+    berth_proto::names::timeline_step(step)
 }
 
 fn short(d: Duration) -> String {

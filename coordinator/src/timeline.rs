@@ -164,9 +164,10 @@ mod tests {
     fn names_round_trip_and_match_the_proto() {
         for s in Step::ALL {
             assert_eq!(Step::from_name(s.name()), Some(s));
-            let proto = s.to_proto().as_str_name();
-            let proto = proto.trim_start_matches("TIMELINE_STEP_").to_lowercase();
-            assert_eq!(proto.replace('_', "-"), s.name());
+            assert_eq!(
+                berth_proto::names::timeline_step(s.to_proto() as i32),
+                s.name()
+            );
         }
         assert_eq!(Step::from_name("bogus"), None);
     }

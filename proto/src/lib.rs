@@ -14,6 +14,68 @@ pub mod v1 {
 
 pub use prost_types;
 
+pub mod names {
+    //! The one way berth names a value of the contract's enums to people:
+    //! `LEASE_STATE_HOST_LOST` is `host-lost` in CLI tables, metric labels
+    //! and error messages alike; `*_UNSPECIFIED` is `unknown`, and a number
+    //! no enum value has is `unknown(N)`.
+
+    use super::v1;
+
+    fn kebab(proto_name: &str, prefix: &str) -> String {
+        match proto_name.trim_start_matches(prefix) {
+            "UNSPECIFIED" => "unknown".to_owned(),
+            rest => rest.to_lowercase().replace('_', "-"),
+        }
+    }
+
+    pub fn lease_state(v: i32) -> String {
+        v1::LeaseState::try_from(v)
+            .map(|s| kebab(s.as_str_name(), "LEASE_STATE_"))
+            .unwrap_or_else(|_| format!("unknown({v})"))
+    }
+
+    pub fn host_state(v: i32) -> String {
+        v1::HostState::try_from(v)
+            .map(|s| kebab(s.as_str_name(), "HOST_STATE_"))
+            .unwrap_or_else(|_| format!("unknown({v})"))
+    }
+
+    pub fn timeline_step(v: i32) -> String {
+        v1::TimelineStep::try_from(v)
+            .map(|s| kebab(s.as_str_name(), "TIMELINE_STEP_"))
+            .unwrap_or_else(|_| format!("unknown({v})"))
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn names_are_kebab_case_without_the_prefix() {
+            assert_eq!(lease_state(v1::LeaseState::HostLost as i32), "host-lost");
+            assert_eq!(host_state(v1::HostState::Ready as i32), "ready");
+            assert_eq!(host_state(v1::HostState::Unspecified as i32), "unknown");
+            assert_eq!(
+                timeline_step(v1::TimelineStep::HostTerminated as i32),
+                "host-terminated"
+            );
+            assert_eq!(lease_state(999), "unknown(999)");
+        }
+    }
+}
+
+pub mod host_dir {
+    //! What an agent leaves in its host's directory (`STATE_DIR/HOST_ID/`)
+    //! that its supervisor reads: `berth up` restarts a slot with
+    //! `--resume-host` when the state file outlived the agent, and the
+    //! tests read it to see what the agent was doing.
+
+    /// The agent's state file: present while the host exists and its agent
+    /// may have died; removed when the host ends cleanly.
+    pub const AGENT_STATE_FILE: &str = "agent-state.json";
+}
+
 pub mod ports {
     //! Where berth's endpoints listen unless told otherwise. Part of the
     //! contract: the CLI, the agents, the packaged units and the deployment

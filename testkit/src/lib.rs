@@ -616,7 +616,7 @@ impl Pool {
             .state_dir
             .join("hosts")
             .join(host_id)
-            .join("agent-state.json");
+            .join(berth_proto::host_dir::AGENT_STATE_FILE);
         serde_json::from_slice(&std::fs::read(f).ok()?).ok()
     }
 

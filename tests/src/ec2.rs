@@ -33,7 +33,9 @@ use berth_proto::v1::admin_service_client::AdminServiceClient;
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
 
+use berth_cli::up::launch;
 use berth_testkit::{bin, dirs, ok, run, stdout, sweep, wait_for};
+use berth_tls::PoolCredentials;
 
 /// Static credentials moto accepts.
 pub const AWS_KEY: &str = "testing";
@@ -411,14 +413,8 @@ impl Ec2World {
                 .to_owned()
         });
         let imds = FakeImds::start(IpAddr::V4(block.gateway), ImdsState::default());
-        let token = berth_tls::token::generate();
-        let tenants = berth_tls::token::Tenants::line("ci", &token, true);
-        std::fs::write(state_dir.join("tenants"), tenants).unwrap();
-        std::fs::write(state_dir.join("cli-token"), &token).unwrap();
-        let join = berth_tls::token::generate();
-        berth_tls::files::write_private(&state_dir.join("join-token"), join.as_bytes()).unwrap();
-        let join_hash = berth_tls::token::TokenHash::of(&join).to_hex();
-        std::fs::write(state_dir.join("join-token.sha256"), join_hash).unwrap();
+        let creds = PoolCredentials::ensure(&state_dir, "ci").unwrap();
+        let token = creds.admin_token().unwrap();
         Ec2World {
             token,
             pool_name: format!("{prefix}pool"),
@@ -604,25 +600,21 @@ impl Ec2World {
         let log_path = self.state_dir.join("coordinator.log");
         let log = std::fs::File::create(&log_path).unwrap();
         let mut cmd = Command::new(bin("berth-coordinator"));
-        cmd.arg("--listen")
-            .arg(format!("{}:0", self.gateway))
-            .args(["--ops-listen", "127.0.0.1:0"])
-            .arg("--addr-file")
-            .arg(&addr_file)
-            .arg("--state-dir")
-            .arg(self.state_dir.join("coordinator"))
-            .args(["--provider", "ec2", "--pool-name", &self.pool_name])
-            .arg("--tenants")
-            .arg(self.state_dir.join("tenants"))
-            .arg("--join-token-hash-file")
-            .arg(self.state_dir.join("join-token.sha256"))
-            .args(["--heartbeat-interval", "500ms", "--log-format", "json"])
-            .args(extra)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .process_group(0);
+        cmd.args(launch::coordinator_args(
+            &self.creds(),
+            &launch::coordinator_state_dir(&self.state_dir),
+            SocketAddr::new(IpAddr::V4(self.gateway), 0),
+            &addr_file,
+        ))
+        .args(["--ops-listen", "127.0.0.1:0"])
+        .args(["--provider", "ec2", "--pool-name", &self.pool_name])
+        .args(["--heartbeat-interval", "500ms", "--log-format", "json"])
+        .args(extra)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .process_group(0);
         self.aws_env(&mut cmd);
         // The coordinator never reads IMDS.
         cmd.env("AWS_EC2_METADATA_DISABLED", "true");
@@ -638,7 +630,7 @@ impl Ec2World {
         Coordinator {
             addr,
             log: log_path,
-            ca_pem: berth_tls::Ca::paths(&self.state_dir.join("coordinator")).0,
+            ca_pem: launch::coordinator_ca(&self.state_dir),
         }
     }
 
@@ -663,17 +655,16 @@ impl Ec2World {
             .arg("--")
             .arg(bin("berth-agent"))
             .args(["--provider", "ec2"])
-            .arg("--coordinator")
-            .arg(format!("https://{}", coordinator.addr))
-            .arg("--ca")
-            .arg(&coordinator.ca_pem)
-            .arg("--join-token-file")
-            .arg(self.state_dir.join("join-token"))
-            .arg("--state-dir")
-            .arg(self.state_dir.join("hosts"))
-            .arg("--run-dir")
-            .arg(&self.run_dir)
-            .args(["--prefix", &self.prefix])
+            .args(launch::agent_args(
+                &self.creds(),
+                &format!("https://{}", coordinator.addr),
+                &coordinator.ca_pem,
+                &launch::HostDirs {
+                    hosts: &self.state_dir.join("hosts"),
+                    run: &self.run_dir,
+                    prefix: &self.prefix,
+                },
+            ))
             .arg("--poweroff-command")
             .arg(format!("{} now", script.display()))
             .args(extra)
@@ -707,6 +698,11 @@ impl Ec2World {
             ready,
             log: log_path,
         }
+    }
+
+    /// The pool's credentials under the world's state dir.
+    pub fn creds(&self) -> PoolCredentials {
+        PoolCredentials::paths(&self.state_dir)
     }
 
     pub fn poweroff_marker(&self) -> PathBuf {
@@ -778,7 +774,7 @@ impl Ec2World {
             .arg("--coordinator")
             .arg(c.addr.to_string())
             .env("BERTH_CA", &c.ca_pem)
-            .env("BERTH_TOKEN_FILE", self.state_dir.join("cli-token"))
+            .env("BERTH_TOKEN_FILE", self.creds().cli_token)
             .env("HOME", self.state_dir.join("home"))
             .env_remove("BERTH_TOKEN")
             .env_remove("BERTH_LEASE_ID")

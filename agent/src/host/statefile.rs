@@ -20,7 +20,6 @@
 //! stale: the file records the kernel's boot id, and an agent that finds a
 //! different one terminates the host instead of resuming it.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -29,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use crate::host::state::{Host, HostState, Lease};
 
 /// File name inside the host directory.
-pub const STATE_FILE: &str = "agent-state.json";
+pub const STATE_FILE: &str = berth_proto::host_dir::AGENT_STATE_FILE;
 
 /// What reading or writing the state file failed at.
 #[derive(Debug, thiserror::Error)]
@@ -173,12 +172,10 @@ pub fn write(file: &Path, saved: &Saved) -> Result<(), StateFileError> {
         path: file.to_owned(),
         source,
     };
-    let tmp = file.with_extension("json.tmp");
     let bytes = serde_json::to_vec_pretty(saved).map_err(|e| err(std::io::Error::other(e)))?;
-    std::fs::File::create(&tmp)
-        .and_then(|mut f| f.write_all(&bytes))
-        .map_err(err)?;
-    std::fs::rename(&tmp, file).map_err(err)
+    // Only a successor agent on the same boot reads it: no fsync.
+    berth_runtime::fs::write_atomic(file, &bytes, 0o600, berth_runtime::fs::Durability::Process)
+        .map_err(err)
 }
 
 /// Reads the state file; `Ok(None)` if there is none.

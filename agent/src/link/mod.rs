@@ -32,7 +32,8 @@ use berth_proto::v1::{
     AgentMessage, CoordinatorMessage, Heartbeat, Register, agent_message::Msg,
     agent_service_client::AgentServiceClient, coordinator_message,
 };
-use rand::Rng;
+use berth_runtime::backoff::Backoff;
+use berth_runtime::error_chain;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -124,38 +125,6 @@ pub struct LinkStatus {
     pub registrations: u64,
     /// The certificate from the last `Registered`; kept while disconnected.
     pub issued: Option<Issued>,
-}
-
-/// Jittered exponential backoff: each delay is drawn from [d/2, d], where d
-/// doubles from `base` up to `max`.
-#[derive(Debug, Clone)]
-pub struct Backoff {
-    base: Duration,
-    max: Duration,
-    current: Duration,
-}
-
-impl Backoff {
-    pub fn new(base: Duration, max: Duration) -> Self {
-        Backoff {
-            base,
-            max,
-            current: base,
-        }
-    }
-
-    /// The next delay to wait.
-    pub fn next_delay(&mut self, rng: &mut impl Rng) -> Duration {
-        let ceiling = self.current;
-        self.current = (self.current * 2).min(self.max);
-        let nanos = u64::try_from(ceiling.as_nanos()).unwrap_or(u64::MAX);
-        Duration::from_nanos(rng.random_range(nanos / 2..=nanos))
-    }
-
-    /// After a successful registration, start small again.
-    pub fn reset(&mut self) {
-        self.current = self.base;
-    }
 }
 
 /// Clamps the coordinator's heartbeat interval.
@@ -529,19 +498,6 @@ impl Link {
     }
 }
 
-/// An error with its sources: tonic's transport errors say little on their
-/// own ("transport error") and the cause is in the chain.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        s.push_str(": ");
-        s.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    s
-}
-
 /// Queues one message on the request stream; false if the stream is gone.
 async fn send(tx: &mpsc::Sender<AgentMessage>, m: AgentMessage) -> bool {
     matches!(
@@ -554,8 +510,6 @@ async fn send(tx: &mpsc::Sender<AgentMessage>, m: AgentMessage) -> bool {
 mod tests {
     use super::*;
     use berth_proto::v1::{LeaseEnded, StateChanged, WipeReport};
-    use rand::SeedableRng;
-    use rand::rngs::StdRng;
 
     mod fake {
         //! A coordinator that can refuse streams and break the current one.
@@ -853,29 +807,6 @@ mod tests {
             .unwrap()
             .unwrap();
         server.abort();
-    }
-
-    #[test]
-    fn backoff_doubles_to_the_cap_with_jitter_and_resets() {
-        let mut rng = StdRng::seed_from_u64(7);
-        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
-        let mut ceilings = vec![];
-        for _ in 0..10 {
-            let ceiling = b.current;
-            let d = b.next_delay(&mut rng);
-            assert!(
-                d >= ceiling / 2 && d <= ceiling,
-                "{d:?} not in [{:?}, {ceiling:?}]",
-                ceiling / 2
-            );
-            ceilings.push(ceiling.as_millis());
-        }
-        assert_eq!(
-            ceilings,
-            [100, 200, 400, 800, 1600, 3200, 5000, 5000, 5000, 5000]
-        );
-        b.reset();
-        assert!(b.next_delay(&mut rng) <= Duration::from_millis(100));
     }
 
     #[test]

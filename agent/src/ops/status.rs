@@ -26,7 +26,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use berth_proto::v1::{AgentMessage, WipeReport, agent_message::Msg};
@@ -613,17 +613,7 @@ async fn status<P: Probe>(State(board): State<Arc<Board<P>>>) -> Response {
 }
 
 async fn metrics<P: Probe>(State(board): State<Arc<Board<P>>>) -> Response {
-    match board.metrics_text().await {
-        Ok(text) => (
-            [(
-                header::CONTENT_TYPE,
-                "text/plain; version=0.0.4; charset=utf-8",
-            )],
-            text,
-        )
-            .into_response(),
-        Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, "encoding failed\n").into_response(),
-    }
+    berth_runtime::http::metrics_response(board.metrics_text().await)
 }
 
 /// Serves `router` on `listener` until `stop` fires.
@@ -635,12 +625,7 @@ pub async fn serve(listener: std::net::TcpListener, router: Router, stop: Cancel
             return;
         }
     };
-    if let Err(e) = axum::serve(listener, router)
-        .with_graceful_shutdown(stop.cancelled_owned())
-        .await
-    {
-        tracing::error!(error = %e, "status endpoint failed");
-    }
+    berth_runtime::http::serve(listener, router, stop, "status endpoint").await;
 }
 
 #[cfg(test)]

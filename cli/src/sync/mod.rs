@@ -49,6 +49,9 @@ use futures::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::lease_docker::{DOCKER_CALL_TIMEOUT, LeaseDockerError, LeaseEndpoint};
+use berth_runtime::backoff::Backoff;
+
+use crate::Exit;
 use ignore::Excludes;
 
 /// The exclude file read from the root of a synced directory.
@@ -68,7 +71,7 @@ const CHUNK: usize = 256 * 1024;
 const CHUNKS_IN_FLIGHT: usize = 8;
 /// Attempts of a short, idempotent Docker call (image check, removal).
 const CALL_ATTEMPTS: u32 = 3;
-/// First retry delay; doubled per attempt, with up to 100% jitter added.
+/// Ceiling of the first retry delay (see `berth_runtime::backoff`).
 const RETRY_BASE: Duration = Duration::from_millis(200);
 
 /// `berth sync` flags.
@@ -116,8 +119,14 @@ pub enum SyncError {
     Usage(String),
     #[error(transparent)]
     Endpoint(#[from] LeaseDockerError),
-    #[error("docker {op}: {reason}")]
-    Docker { op: &'static str, reason: String },
+    /// A Docker call failed: with the daemon's answer (`status`, final) or
+    /// without one (`status` None: the call may be retried).
+    #[error("docker {op}: {reason}{}", status.map(|s| format!(" (HTTP {s})")).unwrap_or_default())]
+    Docker {
+        op: &'static str,
+        status: Option<u16>,
+        reason: String,
+    },
     #[error("docker {op} timed out after {timeout:?}")]
     Timeout { op: &'static str, timeout: Duration },
     #[error("{what}: {source}")]
@@ -134,15 +143,21 @@ pub enum SyncError {
 
 impl SyncError {
     /// The CLI exit code (see `cli` for the table).
-    pub fn exit_code(&self) -> i32 {
+    pub fn exit_code(&self) -> Exit {
         match self {
-            Self::Usage(_) => 2,
-            Self::Endpoint(LeaseDockerError::Certs { .. }) => 7,
-            Self::Endpoint(LeaseDockerError::BadHost(_)) => 2,
-            Self::Docker { .. } | Self::Timeout { .. } | Self::Local { .. } => 1,
-            Self::NoVolume(_) => 4,
-            Self::Interrupted => 130,
+            Self::Usage(_) => Exit::Usage,
+            Self::Endpoint(LeaseDockerError::Certs { .. }) => Exit::NotAllowed,
+            Self::Endpoint(LeaseDockerError::BadHost(_)) => Exit::Usage,
+            Self::Docker { .. } | Self::Timeout { .. } | Self::Local { .. } => Exit::Failure,
+            Self::NoVolume(_) => Exit::NotFound,
+            Self::Interrupted => Exit::Interrupted,
         }
+    }
+
+    /// Whether another attempt may succeed: a Docker call that got no
+    /// answer (connection, timeout), never one that dockerd refused.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Docker { status: None, .. })
     }
 
     fn local(what: impl Into<String>, source: io::Error) -> Self {
@@ -155,24 +170,15 @@ impl SyncError {
 
 fn docker_err(op: &'static str, e: bollard::errors::Error) -> SyncError {
     use bollard::errors::Error as E;
-    let reason = match e {
+    let (status, reason) = match e {
         E::DockerResponseServerError {
             status_code,
             message,
-        } => format!("{message} (HTTP {status_code})"),
-        E::RequestTimeoutError => "timed out".into(),
-        other => {
-            let mut s = other.to_string();
-            let mut cur = std::error::Error::source(&other);
-            while let Some(c) = cur {
-                s.push_str(": ");
-                s.push_str(&c.to_string());
-                cur = c.source();
-            }
-            s
-        }
+        } => (Some(status_code), message),
+        E::RequestTimeoutError => (None, "timed out".into()),
+        other => (None, berth_runtime::error_chain(&other)),
     };
-    SyncError::Docker { op, reason }
+    SyncError::Docker { op, status, reason }
 }
 
 /// A byte stream of a tar archive.
@@ -229,17 +235,14 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, SyncError>>,
 {
-    let mut delay = RETRY_BASE;
+    let mut backoff = Backoff::new(RETRY_BASE, RETRY_BASE * 4);
     let mut attempt = 1;
     loop {
         match f().await {
-            Err(SyncError::Docker { reason, op })
-                if attempt < CALL_ATTEMPTS && !reason.contains("(HTTP ") =>
-            {
-                tracing::debug!(op, reason, attempt, "retrying");
-                let jitter = delay.mul_f64(rand::random::<f64>());
-                tokio::time::sleep(delay + jitter).await;
-                delay *= 2;
+            Err(e) if attempt < CALL_ATTEMPTS && e.is_transient() => {
+                tracing::debug!(error = %e, attempt, "retrying");
+                let delay = backoff.next_delay(&mut rand::rng());
+                tokio::time::sleep(delay).await;
                 attempt += 1;
             }
             other => return other,
@@ -299,6 +302,7 @@ impl VolumeArchive for LeaseVolumes {
             if let Some(err) = info.error_detail.and_then(|d| d.message) {
                 return Err(SyncError::Docker {
                     op: "import helper image",
+                    status: None,
                     reason: err,
                 });
             }
@@ -1047,12 +1051,14 @@ mod tests {
                 .collect::<io::Result<_>>()
                 .map_err(|e| SyncError::Docker {
                     op: "upload",
+                    status: None,
                     reason: e.to_string(),
                 })?;
             if self.fail_put {
                 return Err(SyncError::Docker {
                     op: "upload",
-                    reason: "no space left on device (HTTP 500)".into(),
+                    status: Some(500),
+                    reason: "no space left on device".into(),
                 });
             }
             let all: Vec<u8> = bytes.concat();
@@ -1202,7 +1208,7 @@ mod tests {
         let err = sync_from(&vols, "nope", MOUNT_POINT, &dest, &CancellationToken::new())
             .await
             .unwrap_err();
-        assert_eq!(err.exit_code(), 4, "{err}");
+        assert_eq!(err.exit_code(), Exit::NotFound, "{err}");
         assert!(
             vols.helpers.lock().unwrap().is_empty(),
             "a helper was created"

@@ -24,12 +24,15 @@
 //! under sudo it belongs to the invoking user, so `berth acquire` works
 //! from that user's shell.
 
+pub mod launch;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
+use berth_tls::PoolCredentials;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
@@ -49,9 +52,9 @@ pub const CRASH_WINDOW: Duration = Duration::from_secs(5);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// Pause before restarting a coordinator that died.
 pub const COORDINATOR_RESTART_DELAY: Duration = Duration::from_millis(500);
-/// The agent's state file inside its host directory (see berth-agent's
-/// `statefile` module): its presence means the host outlived its agent.
-pub const AGENT_STATE_FILE: &str = "agent-state.json";
+/// The agent's state file inside its host directory: its presence means
+/// the host outlived its agent.
+pub const AGENT_STATE_FILE: &str = berth_proto::host_dir::AGENT_STATE_FILE;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct UpArgs {
@@ -113,81 +116,32 @@ pub enum UpError {
     Credentials(#[from] berth_tls::TlsError),
 }
 
-/// Where the pool's credentials live under the state dir.
+/// The pool's credentials (`berth_tls::PoolCredentials`) and the CA the
+/// coordinator keeps in its own state dir.
 #[derive(Debug, Clone)]
 pub struct Credentials {
-    pub tenants: PathBuf,
-    pub join_token: PathBuf,
-    pub join_token_hash: PathBuf,
-    pub cli_dir: PathBuf,
-    pub cli_token: PathBuf,
-    pub cli_ca: PathBuf,
-    /// The CA certificate the coordinator keeps in its own state dir.
+    pub pool: PoolCredentials,
     pub coordinator_ca: PathBuf,
 }
 
 impl Credentials {
-    pub fn paths(state_dir: &Path) -> Self {
-        let cli_dir = state_dir.join("cli");
-        Self {
-            tenants: state_dir.join("tenants"),
-            join_token: state_dir.join("join-token"),
-            join_token_hash: state_dir.join("join-token.sha256"),
-            cli_token: cli_dir.join("token"),
-            cli_ca: cli_dir.join("ca.pem"),
-            cli_dir,
-            coordinator_ca: state_dir
-                .join("coordinator")
-                .join(berth_tls::ca::CA_CERT_FILE),
-        }
-    }
-
-    /// Creates what is missing; tokens made by an earlier run are kept, so
-    /// a CLI set up once keeps working across restarts.
+    /// Creates what is missing: `local` is the admin tenant.
     pub fn ensure(state_dir: &Path) -> Result<Self, UpError> {
-        use berth_tls::files;
-        let c = Self::paths(state_dir);
-        files::create_private_dir(&c.cli_dir)?;
-        let cli_token = match files::read_secret(&c.cli_token) {
-            Ok(t) => t,
-            Err(_) => {
-                let t = berth_tls::token::generate();
-                files::write_private(&c.cli_token, format!("{t}\n").as_bytes())?;
-                t
-            }
-        };
-        // Tenants an operator added to the file stay; `local` is rewritten.
-        let mut tenants = berth_tls::Tenants::line("local", &cli_token, true);
-        if let Ok(old) = std::fs::read_to_string(&c.tenants) {
-            for line in old.lines() {
-                if line.split_whitespace().next() != Some("local") && !line.trim().is_empty() {
-                    tenants.push_str(line);
-                    tenants.push('\n');
-                }
-            }
-        }
-        files::write_private(&c.tenants, tenants.as_bytes())?;
-        let join = match files::read_secret(&c.join_token) {
-            Ok(t) => t,
-            Err(_) => {
-                let t = berth_tls::token::generate();
-                files::write_private(&c.join_token, format!("{t}\n").as_bytes())?;
-                t
-            }
-        };
-        let hash = berth_tls::TokenHash::of(&join).to_hex();
-        files::write_private(&c.join_token_hash, format!("{hash}\n").as_bytes())?;
-        Ok(c)
+        Ok(Self {
+            pool: PoolCredentials::ensure(state_dir, "local")?,
+            coordinator_ca: launch::coordinator_ca(state_dir),
+        })
     }
 
     /// Copies the pool CA for the CLI and hands `cli/` to the user who ran
     /// sudo, if anyone did.
     fn publish_ca(&self) -> Result<(), UpError> {
         let pem = berth_tls::files::read_pem(&self.coordinator_ca)?;
-        berth_tls::files::write_private(&self.cli_ca, pem.as_bytes())?;
+        let pool = &self.pool;
+        berth_tls::files::write_private(&pool.cli_ca, pem.as_bytes())?;
         let id = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u32>().ok());
         if let (Some(uid), Some(gid)) = (id("SUDO_UID"), id("SUDO_GID")) {
-            for p in [&self.cli_dir, &self.cli_token, &self.cli_ca] {
+            for p in [&pool.cli_dir, &pool.cli_token, &pool.cli_ca] {
                 nix::unistd::chown(
                     p.as_path(),
                     Some(nix::unistd::Uid::from_raw(uid)),
@@ -428,11 +382,11 @@ pub async fn run(
                         } else {
                             format!("--coordinator {addr} ")
                         };
-                        if creds.cli_ca != Path::new(super::DEFAULT_CA) {
+                        if creds.pool.cli_ca != Path::new(super::DEFAULT_CA) {
                             flag.push_str(&format!(
                                 "--ca {} --token-file {} ",
-                                creds.cli_ca.display(),
-                                creds.cli_token.display()
+                                creds.pool.cli_ca.display(),
+                                creds.pool.cli_token.display()
                             ));
                         }
                         eprintln!("  eval \"$(berth {flag}acquire --build demo-1)\"   # then use docker; finally: berth {flag}release");
@@ -540,21 +494,18 @@ fn start_coordinator(
     addr_file: &Path,
     logs: &Path,
 ) -> Result<Child, UpError> {
+    let state_dir = launch::coordinator_state_dir(&args.state_dir);
     Command::new(&bins.coordinator)
-        .arg("--listen")
-        .arg(listen.to_string())
-        .arg("--addr-file")
-        .arg(addr_file)
+        .args(launch::coordinator_args(
+            &creds.pool,
+            &state_dir,
+            listen,
+            addr_file,
+        ))
         .arg("--ops-listen")
         .arg(ops.listen.to_string())
         .arg("--ops-addr-file")
         .arg(&ops.addr_file)
-        .arg("--state-dir")
-        .arg(args.state_dir.join("coordinator"))
-        .arg("--tenants")
-        .arg(&creds.tenants)
-        .arg("--join-token-hash-file")
-        .arg(&creds.join_token_hash)
         .args(&args.coordinator_args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -564,19 +515,19 @@ fn start_coordinator(
 }
 
 fn agent_command(bins: &Bins, args: &UpArgs, creds: &Credentials, url: &str) -> Command {
+    let hosts = args.state_dir.join("hosts");
+    let dirs = launch::HostDirs {
+        hosts: &hosts,
+        run: &args.run_dir,
+        prefix: &args.prefix,
+    };
     let mut cmd = Command::new(&bins.agent);
-    cmd.arg("--coordinator")
-        .arg(url)
-        .arg("--ca")
-        .arg(&creds.coordinator_ca)
-        .arg("--join-token-file")
-        .arg(&creds.join_token)
-        .arg("--state-dir")
-        .arg(args.state_dir.join("hosts"))
-        .arg("--run-dir")
-        .arg(&args.run_dir)
-        .arg("--prefix")
-        .arg(&args.prefix);
+    cmd.args(launch::agent_args(
+        &creds.pool,
+        url,
+        &creds.coordinator_ca,
+        &dirs,
+    ));
     if args.recycle {
         cmd.arg("--recycle");
     }

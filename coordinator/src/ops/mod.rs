@@ -7,8 +7,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use axum::routing::get;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
@@ -27,26 +26,10 @@ pub fn router(registry: Arc<Registry>) -> Router {
 }
 
 async fn metrics(State(registry): State<Arc<Registry>>) -> Response {
-    match crate::ops::metrics::encode(&registry) {
-        Ok(text) => (
-            [(
-                header::CONTENT_TYPE,
-                "text/plain; version=0.0.4; charset=utf-8",
-            )],
-            text,
-        )
-            .into_response(),
-        Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, "encoding failed\n").into_response(),
-    }
+    berth_runtime::http::metrics_response(crate::ops::metrics::encode(&registry))
 }
 
 /// Serves the ops endpoint on `listener` until `stop` fires.
 pub async fn serve(listener: TcpListener, registry: Registry, stop: CancellationToken) {
-    let app = router(Arc::new(registry));
-    if let Err(e) = axum::serve(listener, app)
-        .with_graceful_shutdown(stop.cancelled_owned())
-        .await
-    {
-        tracing::error!(error = %e, "ops endpoint failed");
-    }
+    berth_runtime::http::serve(listener, router(Arc::new(registry)), stop, "ops endpoint").await;
 }

@@ -950,13 +950,7 @@ impl Pool {
         let mut hosts: std::collections::BTreeMap<String, u32> = std::collections::BTreeMap::new();
         let mut s = PoolStats::default();
         for h in g.hosts.values() {
-            let name = match h.reported {
-                pb::HostState::Unspecified => "unknown".to_owned(),
-                other => other
-                    .as_str_name()
-                    .trim_start_matches("HOST_STATE_")
-                    .to_lowercase(),
-            };
+            let name = berth_proto::names::host_state(h.reported as i32);
             *hosts.entry(name).or_default() += 1;
             s.hosts_connected += u32::from(h.conn.is_some());
             s.hosts_draining += u32::from(h.draining);

@@ -6,6 +6,7 @@
 use std::future::Future;
 use std::time::Duration;
 
+use berth_runtime::backoff;
 use rand::Rng;
 
 /// How many times, and how patiently, to try one call.
@@ -38,13 +39,7 @@ impl RetryPolicy {
     /// c = base * 2^(n-1), capped at `max_delay`. Jitter keeps a fleet of
     /// agents from retrying in lockstep.
     pub fn delay(&self, n: u32, rng: &mut impl Rng) -> Duration {
-        let doublings = n.saturating_sub(1).min(20);
-        let ceiling = self
-            .base_delay
-            .saturating_mul(1 << doublings)
-            .min(self.max_delay);
-        let nanos = u64::try_from(ceiling.as_nanos()).unwrap_or(u64::MAX);
-        Duration::from_nanos(rng.random_range(nanos / 2..=nanos))
+        backoff::jittered(backoff::ceiling(self.base_delay, self.max_delay, n), rng)
     }
 }
 

@@ -2,7 +2,8 @@
 //! and nothing else needs: log set-up ([`telemetry`]), signals turned into
 //! one shutdown token ([`shutdown`]), jittered backoff ([`backoff`]), error
 //! chains ([`error_chain`]), files written whole or not at all ([`fs`]),
-//! telling systemd where a daemon is in its life ([`systemd`]) and the
+//! telling systemd where a daemon is in its life ([`systemd`]), the
+//! daemons' plain-HTTP endpoints (`http`, feature `http`) and the
 //! optional TOML configuration file whose keys are the long flag names
 //! ([`config_file`]).
 //!
@@ -14,6 +15,8 @@
 pub mod backoff;
 pub mod config_file;
 pub mod fs;
+#[cfg(feature = "http")]
+pub mod http;
 pub mod shutdown;
 pub mod systemd;
 pub mod telemetry;

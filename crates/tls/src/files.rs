@@ -1,8 +1,7 @@
 //! Private files (0600) and directories (0700), written so readers never see
 //! half a file: a temporary file created with the final mode, then a rename.
 
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::Path;
 
 use crate::TlsError;
@@ -16,23 +15,11 @@ fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> TlsEr
     }
 }
 
-/// Writes `data` to `path` with mode `mode`, atomically.
+/// Writes `data` to `path` with mode `mode`, atomically and durably (a
+/// credential that vanished in a power loss would lock the pool out).
 pub fn write_with_mode(path: &Path, data: &[u8], mode: u32) -> Result<(), TlsError> {
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(io("cannot create", &tmp))?;
-    // The umask may have narrowed the mode; a public file must stay readable.
-    f.set_permissions(std::fs::Permissions::from_mode(mode))
-        .map_err(io("cannot chmod", &tmp))?;
-    f.write_all(data).map_err(io("cannot write", &tmp))?;
-    f.sync_all().map_err(io("cannot sync", &tmp))?;
-    drop(f);
-    std::fs::rename(&tmp, path).map_err(io("cannot rename into", path))
+    berth_runtime::fs::write_atomic(path, data, mode, berth_runtime::fs::Durability::Disk)
+        .map_err(io("cannot write", path))
 }
 
 /// Writes a secret: mode 0600.

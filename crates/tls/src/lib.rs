@@ -16,6 +16,8 @@
 //! - [`token`]: bearer tokens (tenant tokens, the pool join token): generated
 //!   at random, stored as SHA-256 hashes, compared in constant time.
 //! - [`files`]: private files and directories (0600 / 0700) written atomically.
+//! - [`pool`]: a pool's credentials on disk (tenants, join token and its hash,
+//!   the CLI's token), one layout for `berth up`, the tests and benchmarks.
 //!
 //! No hand-written crypto: rcgen signs, rustls and webpki verify, ring is the
 //! one crypto provider of the whole tree.
@@ -26,6 +28,7 @@ pub mod ca;
 pub mod csr;
 pub mod files;
 pub mod lease;
+pub mod pool;
 pub mod token;
 
 use std::path::PathBuf;
@@ -33,6 +36,7 @@ use std::path::PathBuf;
 pub use ca::Ca;
 pub use csr::KeyAndCsr;
 pub use lease::{ServerIdentity, lease_client_config, lease_dns_name, lease_server_config};
+pub use pool::PoolCredentials;
 pub use token::{Tenant, Tenants, TokenHash};
 
 /// What went wrong with a certificate, key, CSR, token or their files.

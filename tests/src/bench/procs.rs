@@ -19,9 +19,11 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use berth_cli::up::launch;
 use berth_proto::v1 as pb;
 use berth_proto::v1::admin_service_client::AdminServiceClient;
 use berth_proto::v1::lease_service_client::LeaseServiceClient;
+use berth_tls::PoolCredentials;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
@@ -78,6 +80,8 @@ pub struct Env {
     pub prefix: String,
     pub state_dir: PathBuf,
     pub run_dir: PathBuf,
+    /// The pool's credentials under `state_dir`.
+    pub creds: PoolCredentials,
     /// The admin tenant's token (`authorization: Bearer`).
     pub token: String,
     /// The pool join token agents present.
@@ -89,12 +93,14 @@ impl Env {
     pub fn new(base: &str) -> Result<Self> {
         let prefix = berth_testkit::test_prefix(base);
         let name = prefix.trim_end_matches('-');
-        let env = Env {
-            state_dir: Path::new(STATE_ROOT).join(name),
+        let state_dir = Path::new(STATE_ROOT).join(name);
+        let mut env = Env {
+            creds: PoolCredentials::paths(&state_dir),
+            state_dir,
             run_dir: Path::new(RUN_ROOT).join(name),
             prefix,
-            token: berth_tls::token::generate(),
-            join_token: berth_tls::token::generate(),
+            token: String::new(),
+            join_token: String::new(),
         };
         env.sweep();
         let _ = std::fs::remove_dir_all(&env.state_dir);
@@ -103,19 +109,10 @@ impl Env {
             std::fs::create_dir_all(d)
                 .map_err(BenchError::io(format!("creating {}", d.display())))?;
         }
-        let write = |path: PathBuf, data: String| {
-            berth_tls::files::write_private(&path, data.as_bytes())
-                .map_err(|e| BenchError::step(format!("writing {}", path.display()), e))
-        };
-        write(
-            env.tenants_file(),
-            berth_tls::token::Tenants::line("bench", &env.token, true),
-        )?;
-        write(env.join_token_file(), env.join_token.clone())?;
-        write(
-            env.join_token_hash_file(),
-            berth_tls::token::TokenHash::of(&env.join_token).to_hex(),
-        )?;
+        let credentials = |e| BenchError::step("writing the pool credentials", e);
+        env.creds = PoolCredentials::ensure(&env.state_dir, "bench").map_err(credentials)?;
+        env.token = env.creds.admin_token().map_err(credentials)?;
+        env.join_token = env.creds.join_token().map_err(credentials)?;
         Ok(env)
     }
 
@@ -126,21 +123,6 @@ impl Env {
     /// A directory of this env on tmpfs; removed with the env.
     pub fn memory_dir(&self) -> PathBuf {
         Path::new(MEMORY_ROOT).join(self.prefix.trim_end_matches('-'))
-    }
-
-    /// The coordinator's `--tenants`.
-    pub fn tenants_file(&self) -> PathBuf {
-        self.state_dir.join("tenants")
-    }
-
-    /// The agents' `--join-token-file`.
-    pub fn join_token_file(&self) -> PathBuf {
-        self.state_dir.join("join-token")
-    }
-
-    /// The coordinator's `--join-token-hash-file`.
-    pub fn join_token_hash_file(&self) -> PathBuf {
-        self.state_dir.join("join-token.sha256")
     }
 
     /// Kills what still runs from this env's directories, then lets the
@@ -243,16 +225,12 @@ impl Coordinator {
         let log_file = std::fs::File::create(&log)
             .map_err(BenchError::io(format!("creating {}", log.display())))?;
         let child = Command::new(&bins().coordinator)
-            .arg("--listen")
-            .arg("127.0.0.1:0")
-            .arg("--addr-file")
-            .arg(&addr_file)
-            .arg("--state-dir")
-            .arg(state_dir)
-            .arg("--tenants")
-            .arg(env.tenants_file())
-            .arg("--join-token-hash-file")
-            .arg(env.join_token_hash_file())
+            .args(launch::coordinator_args(
+                &env.creds,
+                state_dir,
+                SocketAddr::from(([127, 0, 0, 1], 0)),
+                &addr_file,
+            ))
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -350,21 +328,19 @@ impl Agent {
         let log_file = std::fs::File::create(&log)
             .map_err(BenchError::io(format!("creating {}", log.display())))?;
         let mut cmd = Command::new(&bins().agent);
-        cmd.arg("--coordinator")
-            .arg(coordinator.url())
-            .arg("--ca")
-            .arg(&coordinator.ca_pem)
-            .arg("--join-token-file")
-            .arg(env.join_token_file())
-            .arg("--state-dir")
-            .arg(env.hosts_dir())
-            .arg("--run-dir")
-            .arg(&env.run_dir)
-            .arg("--prefix")
-            .arg(&env.prefix)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(log_file);
+        cmd.args(launch::agent_args(
+            &env.creds,
+            &coordinator.url(),
+            &coordinator.ca_pem,
+            &launch::HostDirs {
+                hosts: &env.hosts_dir(),
+                run: &env.run_dir,
+                prefix: &env.prefix,
+            },
+        ))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log_file);
         if recycle {
             cmd.arg("--recycle");
         }
