@@ -163,6 +163,9 @@ pub enum CliError {
     Status(tonic::Status),
     #[error("{0}")]
     Credentials(String),
+    /// A flag that cannot be used as given.
+    #[error("{0}")]
+    Usage(String),
     #[error("{0}")]
     Other(String),
 }
@@ -173,6 +176,7 @@ impl CliError {
             Self::Unreachable { .. } => Exit::Unreachable,
             Self::Status(s) => Exit::of_status(s.code()),
             Self::Credentials(_) => Exit::NotAllowed,
+            Self::Usage(_) => Exit::Usage,
             Self::Other(_) => Exit::Failure,
         }
     }
@@ -250,8 +254,52 @@ pub fn default_cert_dir(lease_id: &str) -> PathBuf {
     home.join(".berth").join("leases").join(lease_id)
 }
 
+/// The files `acquire` writes into a lease's certificate directory, and
+/// the only ones `release` deletes.
+pub const LEASE_FILES: [&str; 4] = ["key.pem", "cert.pem", "ca.pem", LEASE_MARKER];
+/// Second line of the lease marker when `acquire` made the directory itself
+/// (then `release` removes the directory too, once it is empty).
+const MADE_BY_ACQUIRE: &str = "directory made by berth acquire";
+
+/// Checks that `dir` may take a lease's certificates: it does not exist yet
+/// (it will be made, 0700), or it is a directory holding nothing but the
+/// files an earlier `acquire` wrote. A directory of the user's with other
+/// files is refused before any host is asked for. Returns whether
+/// `acquire` made (or will make) the directory.
+pub fn check_cert_dir(dir: &Path) -> Result<bool, CliError> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(true),
+        Err(e) => {
+            return Err(CliError::Usage(format!(
+                "--cert-dir {}: {e}",
+                dir.display()
+            )));
+        }
+    };
+    let mut foreign: Vec<String> = Vec::new();
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !LEASE_FILES.contains(&name.as_str()) {
+            foreign.push(name);
+        }
+    }
+    if !foreign.is_empty() {
+        foreign.sort();
+        foreign.truncate(5);
+        return Err(CliError::Usage(format!(
+            "--cert-dir {} already holds other files ({}); berth acquire writes the lease's key and certificates only into a new or empty directory, so that release deletes nothing of yours",
+            dir.display(),
+            foreign.join(", ")
+        )));
+    }
+    Ok(std::fs::read_to_string(dir.join(LEASE_MARKER))
+        .is_ok_and(|m| m.lines().nth(1) == Some(MADE_BY_ACQUIRE)))
+}
+
 /// Writes a lease's credentials for the docker CLI: `ca.pem`, `cert.pem`,
-/// `key.pem` and the lease marker, in a 0700 directory, files 0600.
+/// `key.pem` and the lease marker, files 0600; a directory `acquire` makes
+/// is 0700, an existing (empty) one keeps its mode.
 pub fn write_cert_dir(
     dir: &Path,
     lease_id: &str,
@@ -259,16 +307,43 @@ pub fn write_cert_dir(
     cert_pem: &str,
     key_pem: &str,
 ) -> Result<(), CliError> {
+    let made = check_cert_dir(dir)?;
     let err =
         |e: berth_tls::TlsError| CliError::Other(format!("writing the lease's certificates: {e}"));
-    berth_tls::files::create_private_dir(dir).map_err(err)?;
+    if made {
+        berth_tls::files::create_private_dir(dir).map_err(err)?;
+    }
+    let marker = if made {
+        format!("{lease_id}\n{MADE_BY_ACQUIRE}\n")
+    } else {
+        format!("{lease_id}\n")
+    };
     for (name, data) in [
         ("key.pem", key_pem),
         ("cert.pem", cert_pem),
         ("ca.pem", ca_pem),
-        (LEASE_MARKER, lease_id),
+        (LEASE_MARKER, marker.as_str()),
     ] {
         berth_tls::files::write_private(&dir.join(name), data.as_bytes()).map_err(err)?;
+    }
+    Ok(())
+}
+
+/// Deletes what `acquire` wrote for `lease_id` in `dir`: the lease files,
+/// then the directory itself if `acquire` made it and nothing else is in it.
+pub fn remove_cert_dir(dir: &Path) -> std::io::Result<()> {
+    let made = std::fs::read_to_string(dir.join(LEASE_MARKER))
+        .is_ok_and(|m| m.lines().nth(1) == Some(MADE_BY_ACQUIRE));
+    for name in LEASE_FILES {
+        match std::fs::remove_file(dir.join(name)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    if made {
+        // Fails (and is left alone) if someone put a file there since.
+        let _ = std::fs::remove_dir(dir);
     }
     Ok(())
 }
@@ -277,7 +352,8 @@ pub fn write_cert_dir(
 /// lease) or the default one. `None` when there is none to use.
 fn lease_cert_dir(given: Option<&Path>, lease_id: &str) -> Option<PathBuf> {
     let marked = |d: &Path| {
-        std::fs::read_to_string(d.join(LEASE_MARKER)).is_ok_and(|m| m.trim() == lease_id)
+        std::fs::read_to_string(d.join(LEASE_MARKER))
+            .is_ok_and(|m| m.lines().next().map(str::trim) == Some(lease_id))
     };
     if let Some(d) = given
         && marked(d)
@@ -348,6 +424,10 @@ pub async fn client_output(cli: &Cli) -> Result<String, CliError> {
             cert_dir,
             format,
         } => {
+            // Refused before a host is taken: a directory of the user's.
+            if let Some(d) = cert_dir {
+                check_cert_dir(d)?;
+            }
             // The lease's key is made here and never sent anywhere.
             let key = berth_tls::KeyAndCsr::generate(&format!("berth build {build}"))
                 .map_err(|e| CliError::Other(e.to_string()))?;
@@ -452,8 +532,11 @@ pub async fn client_output(cli: &Cli) -> Result<String, CliError> {
                 eprintln!("berth: lease {lease} had already ended; nothing to release");
             }
             if let Some(d) = lease_cert_dir(cert_dir.as_deref(), lease) {
-                if let Err(e) = std::fs::remove_dir_all(&d) {
-                    eprintln!("berth: cannot delete {}: {e}", d.display());
+                if let Err(e) = remove_cert_dir(&d) {
+                    eprintln!(
+                        "berth: cannot delete the lease's files in {}: {e}",
+                        d.display()
+                    );
                 }
                 // A context made by `acquire --format docker-context`.
                 status::remove_context(lease).await;
@@ -765,5 +848,49 @@ mod tests {
         assert_eq!(code(tonic::Code::Unauthenticated).code(), 7);
         assert_eq!(code(tonic::Code::PermissionDenied).code(), 7);
         assert_eq!(code(tonic::Code::Unavailable), Exit::Unreachable);
+    }
+
+    #[test]
+    fn a_users_directory_is_refused_and_release_deletes_only_what_acquire_wrote() {
+        #![allow(clippy::unwrap_used)]
+        let tmp = tempfile::tempdir().unwrap();
+        // A directory with a file of the user's: refused, untouched.
+        let users = tmp.path().join("work");
+        std::fs::create_dir_all(&users).unwrap();
+        std::fs::write(users.join("notes.txt"), "mine").unwrap();
+        let e = check_cert_dir(&users).unwrap_err();
+        assert_eq!(e.exit_code(), Exit::Usage);
+        assert!(e.to_string().contains("notes.txt"), "{e}");
+        assert!(write_cert_dir(&users, "l1", "ca", "cert", "key").is_err());
+        assert_eq!(std::fs::read_dir(&users).unwrap().count(), 1);
+
+        // An empty directory of the user's: used, its mode kept; release
+        // leaves the directory (and anything added since) in place.
+        let empty = tmp.path().join("empty");
+        std::fs::create_dir_all(&empty).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&empty, std::fs::Permissions::from_mode(0o755)).unwrap();
+        write_cert_dir(&empty, "l2", "ca", "cert", "key").unwrap();
+        assert_eq!(lease_cert_dir(Some(&empty), "l2"), Some(empty.clone()));
+        let mode = std::fs::metadata(&empty).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o755);
+        std::fs::write(empty.join("later.txt"), "mine").unwrap();
+        remove_cert_dir(&empty).unwrap();
+        let left: Vec<_> = std::fs::read_dir(&empty)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, vec![std::ffi::OsString::from("later.txt")]);
+
+        // A directory acquire makes: 0700, removed whole at release; a
+        // retry may write into it again.
+        let made = tmp.path().join("made");
+        write_cert_dir(&made, "l3", "ca", "cert", "key").unwrap();
+        let mode = std::fs::metadata(&made).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+        assert!(check_cert_dir(&made).unwrap());
+        write_cert_dir(&made, "l3", "ca", "cert2", "key").unwrap();
+        remove_cert_dir(&made).unwrap();
+        assert!(!made.exists());
     }
 }

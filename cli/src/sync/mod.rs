@@ -31,6 +31,7 @@
 //! (files belong to whoever runs `berth`), and refuses any entry that would
 //! land outside the destination, also through a symlink in the archive.
 
+pub mod beneath;
 pub mod ignore;
 
 use std::io::{self, Read, Write};
@@ -781,23 +782,29 @@ fn safe_relative(p: &Path) -> Option<PathBuf> {
 
 /// Extracts a tar from a container's archive endpoint into `dest`: the top
 /// directory entry is dropped (its content lands in `dest`), a top file
-/// lands as `dest/NAME`. Directory modes and mtimes are set last, so
-/// extracting into them does not change them again.
+/// lands as `dest/NAME`. The archive is hostile input (the leased host's
+/// root made it): every write goes through [`beneath::Beneath`], so nothing
+/// is created, written or linked outside `dest`, also not through a symlink
+/// the archive sent earlier, and setuid/setgid bits are dropped. Directory
+/// modes and mtimes are set last, so extracting into them does not change
+/// them again.
 pub fn unpack<R: Read>(reader: R, dest: &Path) -> Result<Stats, SyncError> {
     let bad = |what: String| SyncError::local(what, io::Error::from(io::ErrorKind::InvalidData));
-    let dest_real = dest
-        .canonicalize()
-        .map_err(|e| SyncError::local(format!("resolving {}", dest.display()), e))?;
+    let root = beneath::Beneath::open(dest)
+        .map_err(|e| SyncError::local(format!("opening {}", dest.display()), e))?;
     let mut archive = tar::Archive::new(reader);
-    archive.set_preserve_permissions(true);
-    archive.set_preserve_mtime(true);
-    archive.set_overwrite(true);
-    archive.set_unpack_xattrs(false);
     let mut stats = Stats::default();
     let mut top: Option<PathBuf> = None;
     let mut first = true;
     let mut dirs: Vec<(PathBuf, u32, u64)> = Vec::new();
     let read_err = |e: io::Error| SyncError::local("reading the archive from the host", e);
+    let in_top = |path: &Path, top: &Option<PathBuf>| -> Option<PathBuf> {
+        let rel = match top {
+            Some(t) => path.strip_prefix(t).ok()?.to_owned(),
+            None => path.to_owned(),
+        };
+        safe_relative(&rel)
+    };
     for entry in archive.entries().map_err(read_err)? {
         let mut entry = entry.map_err(read_err)?;
         let path = entry.path().map_err(read_err)?.into_owned();
@@ -806,49 +813,34 @@ pub fn unpack<R: Read>(reader: R, dest: &Path) -> Result<Stats, SyncError> {
             top = Some(path);
             continue;
         }
-        let rel = match &top {
-            Some(t) => path
-                .strip_prefix(t)
-                .map_err(|_| {
-                    bad(format!(
-                        "archive entry {} outside its top directory",
-                        path.display()
-                    ))
-                })?
-                .to_owned(),
-            None => path.clone(),
-        };
-        let rel = safe_relative(&rel)
+        let rel = in_top(&path, &top)
             .ok_or_else(|| bad(format!("refusing archive entry {}", path.display())))?;
         if rel.as_os_str().is_empty() {
             continue;
         }
-        let target = dest.join(&rel);
-        let parent = target.parent().unwrap_or(dest);
-        std::fs::create_dir_all(parent)
-            .map_err(|e| SyncError::local(format!("creating {}", parent.display()), e))?;
-        // A symlink sent earlier in the archive must not lead a later entry
-        // out of the destination.
-        let parent_real = parent
-            .canonicalize()
-            .map_err(|e| SyncError::local(format!("resolving {}", parent.display()), e))?;
-        if !parent_real.starts_with(&dest_real) {
-            return Err(bad(format!(
-                "refusing archive entry {}: it would be written outside {}",
-                path.display(),
-                dest.display()
-            )));
-        }
-        let unpack_err =
-            |e: io::Error| SyncError::local(format!("writing {}", target.display()), e);
+        let outside = |e: io::Error| {
+            let why = if e.kind() == io::ErrorKind::InvalidData
+                || e.raw_os_error() == Some(nix::errno::Errno::EXDEV as i32)
+                || e.raw_os_error() == Some(nix::errno::Errno::ELOOP as i32)
+            {
+                format!(
+                    "refusing archive entry {}: it would be written outside {} or through a link",
+                    path.display(),
+                    dest.display()
+                )
+            } else {
+                format!("writing {}", dest.join(&rel).display())
+            };
+            SyncError::local(why, e)
+        };
+        // Read only where used: links carry no meaningful mode.
+        let mode_and_mtime = |h: &tar::Header| {
+            Ok::<_, SyncError>((h.mode().map_err(read_err)?, h.mtime().map_err(read_err)?))
+        };
         if kind.is_dir() {
-            if std::fs::symlink_metadata(&target).is_ok_and(|m| !m.is_dir()) {
-                std::fs::remove_file(&target).map_err(unpack_err)?;
-            }
-            std::fs::create_dir_all(&target).map_err(unpack_err)?;
-            let mode = entry.header().mode().map_err(read_err)?;
-            let mtime = entry.header().mtime().map_err(read_err)?;
-            dirs.push((target, mode, mtime));
+            let (mode, mtime) = mode_and_mtime(entry.header())?;
+            root.ensure_dir(&rel).map_err(outside)?;
+            dirs.push((rel, mode, mtime));
             stats.dirs += 1;
         } else if kind.is_hard_link() {
             // The link names another entry of the archive: it must resolve
@@ -858,50 +850,39 @@ pub fn unpack<R: Read>(reader: R, dest: &Path) -> Result<Stats, SyncError> {
                 .map_err(read_err)?
                 .ok_or_else(|| bad(format!("hard link {} without a target", path.display())))?
                 .into_owned();
-            let link_rel = match &top {
-                Some(t) => link.strip_prefix(t).unwrap_or(&link).to_owned(),
-                None => link.clone(),
-            };
-            let source = safe_relative(&link_rel)
-                .map(|r| dest.join(r))
-                .and_then(|s| s.canonicalize().ok())
-                .filter(|s| s.starts_with(&dest_real))
-                .ok_or_else(|| {
-                    bad(format!(
-                        "refusing hard link {} -> {}",
-                        path.display(),
-                        link.display()
-                    ))
-                })?;
-            if std::fs::symlink_metadata(&target).is_ok() {
-                std::fs::remove_file(&target).map_err(unpack_err)?;
-            }
-            std::fs::hard_link(&source, &target).map_err(unpack_err)?;
+            let source = in_top(&link, &top).ok_or_else(|| {
+                bad(format!(
+                    "refusing hard link {} -> {}",
+                    path.display(),
+                    link.display()
+                ))
+            })?;
+            root.hard_link(&rel, &source).map_err(outside)?;
             stats.files += 1;
-        } else if kind.is_symlink() || kind.is_file() {
-            if kind.is_file() {
-                stats.files += 1;
-                stats.content_bytes += entry.header().size().map_err(read_err)?;
-            } else if kind.is_symlink() {
-                stats.symlinks += 1;
-            }
-            if std::fs::symlink_metadata(&target).is_ok_and(|m| m.is_dir()) {
-                std::fs::remove_dir_all(&target).map_err(unpack_err)?;
-            }
-            entry.unpack(&target).map_err(unpack_err)?;
+        } else if kind.is_symlink() {
+            let target = entry
+                .link_name()
+                .map_err(read_err)?
+                .ok_or_else(|| bad(format!("symlink {} without a target", path.display())))?
+                .into_owned();
+            root.symlink(&rel, &target).map_err(outside)?;
+            stats.symlinks += 1;
+        } else if kind.is_file() {
+            let (mode, mtime) = mode_and_mtime(entry.header())?;
+            stats.files += 1;
+            stats.content_bytes += entry.header().size().map_err(read_err)?;
+            let mut file = root.create_file(&rel).map_err(outside)?;
+            io::copy(&mut entry, &mut file).map_err(outside)?;
+            let when = SystemTime::UNIX_EPOCH + Duration::from_secs(mtime);
+            beneath::finish(&file, mode, when).map_err(outside)?;
         } else {
             stats.skipped += 1;
         }
     }
     for (dir, mode, mtime) in dirs.into_iter().rev() {
-        use std::os::unix::fs::PermissionsExt;
-        let set = |e: io::Error| SyncError::local(format!("setting {}", dir.display()), e);
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode & 0o7777))
-            .map_err(set)?;
         let when = SystemTime::UNIX_EPOCH + Duration::from_secs(mtime);
-        std::fs::File::open(&dir)
-            .and_then(|f| f.set_modified(when))
-            .map_err(set)?;
+        root.finish_dir(&dir, mode, when)
+            .map_err(|e| SyncError::local(format!("setting {}", dest.join(&dir).display()), e))?;
     }
     Ok(stats)
 }
@@ -1275,6 +1256,48 @@ mod tests {
         let err = unpack(data.as_slice(), &dest).unwrap_err();
         assert!(err.to_string().contains("outside"), "{err}");
         assert!(!outside.join("pwned").exists());
+
+        // A file deeper under the link: no directory is made outside first.
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Symlink);
+        h.set_size(0);
+        b.append_link(&mut h, "evil2", &outside).unwrap();
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(0o644);
+        h.set_size(3);
+        b.append_data(&mut h, "evil2/sub/dir/pwned", &b"bad"[..])
+            .unwrap();
+        let data = b.into_inner().unwrap();
+        let err = unpack(data.as_slice(), &dest).unwrap_err();
+        assert!(err.to_string().contains("outside"), "{err}");
+        assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn setuid_and_setgid_bits_are_dropped_on_the_way_back() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut b = tar::Builder::new(Vec::new());
+        for (path, mode) in [("top", 0o755), ("top/sgid-dir", 0o2775)] {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(tar::EntryType::Directory);
+            h.set_mode(mode);
+            h.set_size(0);
+            b.append_data(&mut h, path, io::empty()).unwrap();
+        }
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(0o4755);
+        h.set_size(2);
+        b.append_data(&mut h, "top/sgid-dir/suid", &b"#!"[..])
+            .unwrap();
+        let data = b.into_inner().unwrap();
+        let dest = tmp.path().join("dest");
+        std::fs::create_dir_all(&dest).unwrap();
+        let stats = unpack(data.as_slice(), &dest).unwrap();
+        assert_eq!((stats.files, stats.dirs), (1, 1));
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode(&dest.join("sgid-dir/suid")), 0o755);
+        assert_eq!(mode(&dest.join("sgid-dir")), 0o775);
     }
 
     #[test]

@@ -158,6 +158,25 @@ impl Credentials {
     }
 }
 
+/// The local provider is single-tenant: a lease holder is root on a host
+/// that shares this machine's kernel (and, through privileged containers,
+/// its files and processes), so tenants of one `berth up` pool can reach
+/// each other. Say so when the tenants file names more than one.
+fn warn_if_shared(creds: &PoolCredentials) {
+    let tenants = std::fs::read_to_string(&creds.tenants)
+        .ok()
+        .and_then(|t| berth_tls::Tenants::parse(&t).ok())
+        .map_or(0, |t| t.len());
+    if tenants > 1 {
+        let msg = format!(
+            "berth up: {} lists {tenants} tenants, but a local pool is single-tenant: every host shares this machine's kernel, and a lease holder is root on its host (see docs/security.md); use EC2 hosts to keep tenants apart",
+            creds.tenants.display()
+        );
+        eprintln!("{msg}");
+        warn!("{msg}");
+    }
+}
+
 fn io_err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> UpError {
     let path = path.to_owned();
     move |source| UpError::Io {
@@ -253,6 +272,7 @@ pub async fn run(
 
     sweep(&bins, &args).await?;
     let creds = Credentials::ensure(&args.state_dir)?;
+    warn_if_shared(&creds.pool);
 
     let addr_file = args.state_dir.join("coordinator.addr");
     let _ = std::fs::remove_file(&addr_file);
