@@ -122,6 +122,9 @@ pub struct Config {
     pub front_port: u16,
 
     /// After a verified wipe, offer the host again instead of destroying it.
+    /// Local provider only, and single-tenant: a lease holder is root on the
+    /// host, so the next lease trusts what the wipe could check
+    /// (docs/security.md). Refused with `--provider ec2`.
     #[arg(long, env = "BERTH_RECYCLE", value_parser = BoolishValueParser::new())]
     pub recycle: bool,
 
@@ -228,6 +231,10 @@ pub enum ConfigError {
     NoPoweroffCommand,
     #[error("lifecycle poll interval must be more than zero")]
     ZeroLifecyclePoll,
+    #[error(
+        "--recycle is refused with the ec2 provider: a host that held a lease is never trusted again (docs/security.md)"
+    )]
+    RecycleOnEc2,
 }
 
 impl Config {
@@ -269,6 +276,9 @@ impl Config {
         if self.provider == ProviderKind::Ec2 {
             if self.resume_host.is_some() {
                 return Err(ConfigError::ResumeNeedsLocal);
+            }
+            if self.recycle {
+                return Err(ConfigError::RecycleOnEc2);
             }
             if self.poweroff_command.split_whitespace().next().is_none() {
                 return Err(ConfigError::NoPoweroffCommand);
@@ -358,6 +368,13 @@ mod tests {
             ..c
         };
         assert_eq!(c.validate(), Err(ConfigError::ResumeNeedsLocal));
+        // A host that held a lease is never offered again on EC2.
+        let c = Config {
+            resume_host: None,
+            recycle: true,
+            ..c
+        };
+        assert_eq!(c.validate(), Err(ConfigError::RecycleOnEc2));
     }
 
     #[test]

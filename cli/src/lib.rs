@@ -770,7 +770,7 @@ fn describe_lease(l: Option<&pb::Lease>) -> String {
     if let Some(w) = &l.wipe {
         let _ = writeln!(
             s,
-            "  wipe      {} in {} ms: removed {} containers, {} images, {} volumes, {} networks, {} bytes of build cache; left {}/{}/{}/{}/{} (containers/images/volumes/networks/cache){}",
+            "  wipe      {} in {} ms: removed {} containers, {} images, {} volumes, {} networks, {} plugins, {} bytes of build cache{}; left {}/{}/{}/{}/{}/{} (containers/images/volumes/networks/plugins/cache), swarm {}{}{}",
             if w.verified {
                 "verified"
             } else {
@@ -781,12 +781,25 @@ fn describe_lease(l: Option<&pb::Lease>) -> String {
             w.images_removed,
             w.volumes_removed,
             w.networks_removed,
+            w.plugins_removed,
             w.build_cache_reclaimed_bytes,
+            if w.swarm_left { ", left the swarm" } else { "" },
             w.containers_left,
             w.images_left,
             w.volumes_left,
             w.networks_left,
+            w.plugins_left,
             w.build_cache_left,
+            if w.swarm_state_after.is_empty() {
+                "unknown"
+            } else {
+                &w.swarm_state_after
+            },
+            if w.listeners_left.is_empty() {
+                String::new()
+            } else {
+                format!(", TCP listeners left: {}", w.listeners_left.join(" "))
+            },
             if w.error.is_empty() {
                 String::new()
             } else {

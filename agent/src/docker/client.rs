@@ -4,6 +4,7 @@
 //! checks (`/_ping`, `info`). Every call is bounded by [`DOCKER_CALL_TIMEOUT`].
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -61,6 +62,13 @@ pub enum DockerError {
         #[source]
         source: bollard::errors::Error,
     },
+    /// A call made without bollard (the plugin API, the socket's peer).
+    #[error("docker {op} {target:?} failed: {reason}")]
+    Raw {
+        op: &'static str,
+        target: String,
+        reason: String,
+    },
 }
 
 /// A network as the wipe needs to see it.
@@ -106,6 +114,35 @@ pub trait DockerOps: Send + Sync + 'static {
     fn prune_build_cache(&self) -> impl Future<Output = Result<u64, DockerError>> + Send;
     /// Number of build cache records dockerd still holds.
     fn count_build_cache(&self) -> impl Future<Output = Result<usize, DockerError>> + Send;
+    /// The daemon's swarm membership (`Swarm.LocalNodeState` of `info`).
+    fn swarm_state(&self) -> impl Future<Output = Result<SwarmState, DockerError>> + Send;
+    /// Leaves the swarm, forced (a manager's state goes with it).
+    fn leave_swarm(&self) -> impl Future<Output = Result<(), DockerError>> + Send;
+    /// Names of the managed plugins (`docker plugin ls`), enabled or not.
+    fn list_plugins(&self) -> impl Future<Output = Result<Vec<String>, DockerError>> + Send;
+    /// Disables (forced) and removes a managed plugin.
+    fn remove_plugin(&self, name: &str) -> impl Future<Output = Result<(), DockerError>> + Send;
+    /// TCP listeners in the daemon's network namespace that this agent
+    /// process does not hold (its front and status endpoint are its own).
+    fn stray_listeners(&self) -> impl Future<Output = Result<Vec<SocketAddr>, DockerError>> + Send;
+}
+
+/// A daemon's swarm membership.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SwarmState {
+    /// Not part of a swarm: what a wiped host must show.
+    Inactive,
+    /// Anything else (`active`, `pending`, `error`, `locked`), as dockerd says it.
+    Member(String),
+}
+
+impl SwarmState {
+    pub fn name(&self) -> &str {
+        match self {
+            SwarmState::Inactive => "inactive",
+            SwarmState::Member(s) => s,
+        }
+    }
 }
 
 /// [`DockerOps`] over a dockerd unix socket, through bollard.
@@ -399,5 +436,159 @@ impl DockerOps for BollardDocker {
     async fn count_build_cache(&self) -> Result<usize, DockerError> {
         let df = call("system df", "", DOCKER_CALL_TIMEOUT, self.docker.df(None)).await?;
         Ok(df.build_cache.map(|b| b.len()).unwrap_or(0))
+    }
+
+    async fn swarm_state(&self) -> Result<SwarmState, DockerError> {
+        let info = call("info", "", DOCKER_CALL_TIMEOUT, self.docker.info()).await?;
+        let state = info
+            .swarm
+            .and_then(|s| s.local_node_state)
+            .map(|s| s.to_string())
+            .unwrap_or_default();
+        Ok(match state.as_str() {
+            // Older daemons leave the field out when there is no swarm.
+            "inactive" | "" => SwarmState::Inactive,
+            other => SwarmState::Member(other.to_owned()),
+        })
+    }
+
+    async fn leave_swarm(&self) -> Result<(), DockerError> {
+        let opts = bollard::query_parameters::LeaveSwarmOptionsBuilder::default()
+            .force(true)
+            .build();
+        call(
+            "swarm leave",
+            "",
+            DOCKER_CALL_TIMEOUT,
+            self.docker.leave_swarm(Some(opts)),
+        )
+        .await
+    }
+
+    async fn list_plugins(&self) -> Result<Vec<String>, DockerError> {
+        let body = raw::request(&self.socket, "GET", "/plugins", "list plugins").await?;
+        let plugins: Vec<serde_json::Value> =
+            serde_json::from_slice(&body).map_err(|e| DockerError::Raw {
+                op: "list plugins",
+                target: String::new(),
+                reason: format!("unexpected answer: {e}"),
+            })?;
+        Ok(plugins
+            .iter()
+            .filter_map(|p| p.get("Name")?.as_str().map(str::to_owned))
+            .collect())
+    }
+
+    async fn remove_plugin(&self, name: &str) -> Result<(), DockerError> {
+        // The name goes into a URL path: only what plugin references hold.
+        if !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-/:@".contains(c))
+        {
+            return Err(DockerError::Raw {
+                op: "remove plugin",
+                target: name.to_owned(),
+                reason: "unexpected characters in the plugin name".into(),
+            });
+        }
+        let path = format!("/plugins/{name}?force=1");
+        raw::request(&self.socket, "DELETE", &path, "remove plugin")
+            .await
+            .map(drop)
+    }
+
+    async fn stray_listeners(&self) -> Result<Vec<SocketAddr>, DockerError> {
+        let err = |reason: String| DockerError::Raw {
+            op: "list TCP listeners",
+            target: self.socket.display().to_string(),
+            reason,
+        };
+        let stream = tokio::net::UnixStream::connect(&self.socket)
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        let pid = stream
+            .peer_cred()
+            .map_err(|e| err(e.to_string()))?
+            .pid()
+            .ok_or_else(|| err("the socket's peer has no pid".into()))?;
+        let me = i32::try_from(std::process::id()).map_err(|e| err(e.to_string()))?;
+        crate::docker::listeners::listeners_in_netns_of(Path::new("/proc"), pid, &[me])
+            .map_err(|e| err(e.to_string()))
+    }
+}
+
+/// The few Docker API calls bollard has no method for (the plugin API):
+/// one HTTP/1.0 request over the unix socket, bounded by
+/// [`DOCKER_CALL_TIMEOUT`]. HTTP/1.0 keeps the answer un-chunked and the
+/// connection closes after it.
+mod raw {
+    use std::path::Path;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::{DOCKER_API_VERSION, DOCKER_CALL_TIMEOUT, DockerError};
+
+    /// Largest answer read (a plugin list is a few KiB).
+    const MAX_ANSWER: u64 = 4 << 20;
+
+    pub async fn request(
+        socket: &Path,
+        method: &str,
+        path: &str,
+        op: &'static str,
+    ) -> Result<Vec<u8>, DockerError> {
+        let err = |reason: String| DockerError::Raw {
+            op,
+            target: path.to_owned(),
+            reason,
+        };
+        let exchange = async {
+            let mut s = tokio::net::UnixStream::connect(socket)
+                .await
+                .map_err(|e| err(e.to_string()))?;
+            let v = &DOCKER_API_VERSION;
+            let req = format!(
+                "{method} /v{}.{}{path} HTTP/1.0\r\nHost: docker\r\n\r\n",
+                v.major_version, v.minor_version
+            );
+            s.write_all(req.as_bytes())
+                .await
+                .map_err(|e| err(e.to_string()))?;
+            let mut answer = Vec::new();
+            s.take(MAX_ANSWER)
+                .read_to_end(&mut answer)
+                .await
+                .map_err(|e| err(e.to_string()))?;
+            Ok::<_, DockerError>(answer)
+        };
+        let answer = tokio::time::timeout(DOCKER_CALL_TIMEOUT, exchange)
+            .await
+            .map_err(|_| DockerError::Timeout {
+                op,
+                target: path.to_owned(),
+                timeout: DOCKER_CALL_TIMEOUT,
+            })??;
+        let split = answer
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .ok_or_else(|| err("no HTTP header in the answer".into()))?;
+        let head = String::from_utf8_lossy(&answer[..split]);
+        let status: u16 = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| err(format!("bad status line {:?}", head.lines().next())))?;
+        let body = answer[split + 4..].to_vec();
+        match status {
+            200..=299 => Ok(body),
+            404 => Err(DockerError::NotFound {
+                op,
+                target: path.to_owned(),
+            }),
+            code => Err(err(format!(
+                "HTTP {code}: {}",
+                String::from_utf8_lossy(&body).trim()
+            ))),
+        }
     }
 }

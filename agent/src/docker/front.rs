@@ -69,6 +69,49 @@ const COPY_BUFFER: usize = 64 * 1024;
 pub const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
 /// Listen backlog: a CI job's `docker compose up` opens a burst of connections.
 const LISTEN_BACKLOG: i32 = 1024;
+/// TLS handshakes in progress at once. The front is reachable by anyone on
+/// the host's network; a flood of half-open handshakes must not take the
+/// agent's memory or CPU. A connection beyond the cap is dropped at once;
+/// an admitted connection no longer counts.
+pub const MAX_HANDSHAKES: usize = 64;
+/// At most one log line about refused clients per this interval; the line
+/// says how many were refused since the last one.
+pub const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Logs refused connections without letting a scan flood the log: the
+/// first refusal of an interval is logged with its reason, the rest are
+/// counted and summed up in the next line.
+#[derive(Debug, Default)]
+pub struct RefusalLog {
+    state: std::sync::Mutex<RefusalState>,
+}
+
+#[derive(Debug, Default)]
+struct RefusalState {
+    last: Option<tokio::time::Instant>,
+    suppressed: u64,
+}
+
+impl RefusalLog {
+    /// Records one refusal; returns the number of earlier refusals it sums
+    /// up when this one is to be logged, `None` when it is only counted.
+    pub fn note(&self) -> Option<u64> {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let now = tokio::time::Instant::now();
+        if s.last.is_some_and(|l| now < l + REFUSAL_LOG_INTERVAL) {
+            s.suppressed += 1;
+            return None;
+        }
+        s.last = Some(now);
+        Some(std::mem::take(&mut s.suppressed))
+    }
+
+    fn refused(&self, why: &str, error: &dyn std::fmt::Display) {
+        if let Some(earlier) = self.note() {
+            tracing::info!(%error, refused_since_last_line = earlier, "{why}");
+        }
+    }
+}
 
 /// What failed in the front.
 #[derive(Debug, thiserror::Error)]
@@ -320,6 +363,8 @@ async fn accept_loop(
     token: CancellationToken,
     tracker: TaskTracker,
 ) {
+    let handshakes = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+    let refusals = std::sync::Arc::new(RefusalLog::default());
     loop {
         let accepted = tokio::select! {
             biased;
@@ -328,10 +373,19 @@ async fn accept_loop(
         };
         match accepted {
             Ok((stream, peer)) => {
+                let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+                    refusals.refused(
+                        "connection dropped: too many TLS handshakes in progress",
+                        &format_args!("{MAX_HANDSHAKES} at once, from {peer} among others"),
+                    );
+                    drop(stream);
+                    continue;
+                };
                 let _ = stream.set_nodelay(true);
                 let child = token.child_token();
                 let upstream = upstream.clone();
                 let acceptor = acceptor.clone();
+                let refusals = refusals.clone();
                 let span = tracing::debug_span!("conn", %peer);
                 tracker.spawn(
                     async move {
@@ -341,17 +395,22 @@ async fn accept_loop(
                             _ = child.cancelled() => return,
                             r = handshake => match r {
                                 Err(_) => {
-                                    tracing::info!("TLS handshake timed out; connection dropped");
+                                    refusals.refused(
+                                        "TLS handshake timed out; connection dropped",
+                                        &format_args!("{peer}"),
+                                    );
                                     return;
                                 }
                                 Ok(Err(e)) => {
                                     // Wrong or missing certificate, plaintext, a scan.
-                                    tracing::info!(error = %e, "client refused in the TLS handshake");
+                                    refusals.refused("client refused in the TLS handshake", &e);
                                     return;
                                 }
                                 Ok(Ok(tls)) => tls,
                             },
                         };
+                        // Admitted: it no longer counts against the cap.
+                        drop(permit);
                         match serve_connection(tls, &upstream, child).await {
                             Ok(()) => tracing::debug!("connection closed"),
                             Err(e) => tracing::warn!(error = %e, "connection failed"),
@@ -621,5 +680,17 @@ mod tests {
         assert!(matches!(r, Err(FrontError::Bind { .. })), "{r:?}");
         let r = bind_in_netns(addr, Some(PathBuf::from("/nonexistent/netns"))).await;
         assert!(matches!(r, Err(FrontError::Netns { .. })), "{r:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refusals_are_logged_once_per_interval_with_a_count() {
+        let log = RefusalLog::default();
+        assert_eq!(log.note(), Some(0), "the first refusal is logged");
+        for _ in 0..500 {
+            assert_eq!(log.note(), None);
+        }
+        tokio::time::advance(REFUSAL_LOG_INTERVAL).await;
+        assert_eq!(log.note(), Some(500), "the next line sums up the rest");
+        assert_eq!(log.note(), None);
     }
 }

@@ -108,6 +108,36 @@ pub fn tcp_listeners(proc_root: &Path, pid: i32) -> Result<Vec<SocketAddr>, List
     Ok(addrs)
 }
 
+/// Every TCP listener in `pid`'s network namespace except those held by
+/// the processes in `own` (the agent: its front and status endpoint). After
+/// a wipe nothing else may listen in a host's namespace: a listener left
+/// there (a swarm manager on 2377, a process a privileged container left
+/// behind) would serve the next lease's neighbours.
+pub fn listeners_in_netns_of(
+    proc_root: &Path,
+    pid: i32,
+    own: &[i32],
+) -> Result<Vec<SocketAddr>, ListenerError> {
+    let mut listening = HashMap::new();
+    for table in ["tcp", "tcp6"] {
+        let path = proc_root.join(pid.to_string()).join("net").join(table);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => listening.extend(parse_listening(&text)),
+            Err(e) if table == "tcp6" && e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(ListenerError::Read { path, source }),
+        }
+    }
+    for p in own {
+        for inode in socket_inodes(proc_root, *p)? {
+            listening.remove(&inode);
+        }
+    }
+    let mut addrs: Vec<SocketAddr> = listening.into_values().collect();
+    addrs.sort();
+    addrs.dedup();
+    Ok(addrs)
+}
+
 /// Fails if dockerd `pid` listens on any TCP port.
 pub fn ensure_no_tcp(pid: i32) -> Result<(), ListenerError> {
     let addrs = tcp_listeners(Path::new("/proc"), pid)?;
@@ -162,5 +192,38 @@ mod tests {
         let _c = std::net::TcpStream::connect(a).unwrap();
         drop(server);
         assert!(!tcp_listeners(Path::new("/proc"), pid).unwrap().contains(&a));
+    }
+
+    #[test]
+    fn strays_are_every_listener_of_the_namespace_but_our_own() {
+        let me = i32::try_from(std::process::id()).unwrap();
+        let ours = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let ours_addr = ours.local_addr().unwrap();
+        // Another process of this namespace listening: a stray.
+        let mut other = std::process::Command::new("python3")
+            .args([
+                "-c",
+                "import socket,sys,time; s=socket.socket(); s.bind(('127.0.0.1',0)); s.listen(); print(s.getsockname()[1], flush=True); time.sleep(30)",
+            ])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(other.stdout.as_mut().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        let port: u16 = line.trim().parse().unwrap();
+        let strays = listeners_in_netns_of(Path::new("/proc"), me, &[me]).unwrap();
+        let _ = other.kill();
+        let _ = other.wait();
+        assert!(!strays.contains(&ours_addr), "{strays:?}");
+        assert!(
+            strays.contains(&SocketAddr::from(([127, 0, 0, 1], port))),
+            "{strays:?}"
+        );
+        let all = listeners_in_netns_of(Path::new("/proc"), me, &[]).unwrap();
+        assert!(all.contains(&ours_addr));
     }
 }

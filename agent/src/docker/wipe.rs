@@ -1,6 +1,8 @@
-//! Wiping a host after its lease: remove every container (killed), image,
-//! volume, non-default network and all build cache, then look again and
-//! report what is left. Written against [`DockerOps`] so it runs the same on
+//! Wiping a host after its lease: leave any swarm the lease made or joined,
+//! remove every container (killed), image, volume, non-default network,
+//! managed plugin and all build cache, then look again (those, the swarm
+//! state, and TCP listeners in the host's namespace other than the agent's
+//! own) and report what is left. Written against [`DockerOps`] so it runs the same on
 //! the real dockerd and on the fake in the tests.
 //!
 //! Containers go first because they pin images, volumes and networks; they
@@ -19,7 +21,7 @@ use berth_proto::v1::WipeReport;
 use futures::StreamExt;
 use futures::stream;
 
-use crate::docker::client::{DockerError, DockerOps};
+use crate::docker::client::{DockerError, DockerOps, SwarmState};
 
 /// Docker calls in flight at once during a wipe. dockerd serialises much of
 /// its own work; 8 keeps its queue full without drowning a 2-core host.
@@ -73,6 +75,7 @@ pub struct Counts {
     pub volumes: usize,
     pub networks: usize,
     pub build_cache: usize,
+    pub plugins: usize,
 }
 
 impl Counts {
@@ -96,12 +99,13 @@ async fn census<D: DockerOps>(
             Ok(0)
         }
     };
-    let (c, i, v, n, b) = tokio::join!(
+    let (c, i, v, n, b, p) = tokio::join!(
         docker.list_containers(),
         docker.list_images(),
         docker.list_volumes(),
         docker.list_networks(),
         cache,
+        docker.list_plugins(),
     );
     let mut complete = true;
     let mut count = |r: Result<usize, DockerError>| match r {
@@ -118,6 +122,7 @@ async fn census<D: DockerOps>(
         volumes: count(v.map(|l| l.len())),
         networks: count(n.map(|l| l.iter().filter(|n| !n.is_default()).count())),
         build_cache: count(b),
+        plugins: count(p.map(|l| l.len())),
     };
     (counts, complete)
 }
@@ -194,7 +199,22 @@ pub async fn wipe<D: DockerOps>(docker: &D, lease_id: &str) -> WipeReport {
     let mut errors = Errors::default();
     let (before, _) = census(docker, &mut errors, false).await;
 
-    // Containers first: they hold images, volumes and networks in use.
+    // Out of any swarm first: a swarm manager would start its services'
+    // tasks again as fast as their containers are removed.
+    let mut swarm_left = false;
+    match docker.swarm_state().await {
+        Ok(SwarmState::Inactive) => {}
+        Ok(SwarmState::Member(state)) => {
+            tracing::info!(%state, "the daemon is in a swarm; leaving it");
+            match docker.leave_swarm().await {
+                Ok(()) => swarm_left = true,
+                Err(e) => errors.push(&e),
+            }
+        }
+        Err(e) => errors.push(&e),
+    }
+
+    // Containers next: they hold images, volumes and networks in use.
     match docker.list_containers().await {
         Ok(ids) => {
             for e in remove_bounded(
@@ -281,12 +301,31 @@ pub async fn wipe<D: DockerOps>(docker: &D, lease_id: &str) -> WipeReport {
         errs.append(&mut last);
         errs
     };
-    let (image_prune_error, volume_errors, network_errors, pruned) =
-        tokio::join!(images, volumes, networks, docker.prune_build_cache(),);
+    let plugins = async {
+        match docker.list_plugins().await {
+            Ok(names) => {
+                remove_all(
+                    docker,
+                    names,
+                    |d, n| async move { d.remove_plugin(&n).await },
+                )
+                .await
+            }
+            Err(e) => vec![e],
+        }
+    };
+    let (image_prune_error, volume_errors, network_errors, plugin_errors, pruned) = tokio::join!(
+        images,
+        volumes,
+        networks,
+        plugins,
+        docker.prune_build_cache(),
+    );
     for e in image_prune_error
         .iter()
         .chain(&volume_errors)
         .chain(&network_errors)
+        .chain(&plugin_errors)
     {
         errors.push(e);
     }
@@ -303,10 +342,37 @@ pub async fn wipe<D: DockerOps>(docker: &D, lease_id: &str) -> WipeReport {
     // Verification: look again, from scratch.
     let mut verify_errors = Errors::default();
     let (left, complete) = census(docker, &mut verify_errors, true).await;
+    let swarm_after = match docker.swarm_state().await {
+        Ok(s) => Some(s),
+        Err(e) => {
+            verify_errors.push(&e);
+            None
+        }
+    };
+    let listeners = match docker.stray_listeners().await {
+        Ok(l) => Some(l),
+        Err(e) => {
+            verify_errors.push(&e);
+            None
+        }
+    };
     for m in verify_errors.messages {
         errors.messages.push(format!("verify: {m}"));
     }
-    let verified = complete && left.is_zero();
+    if let Some(SwarmState::Member(state)) = &swarm_after {
+        errors
+            .messages
+            .push(format!("verify: the daemon is still in a swarm ({state})"));
+    }
+    if let Some(l) = listeners.as_ref().filter(|l| !l.is_empty()) {
+        errors.messages.push(format!(
+            "verify: TCP listeners left in the host's namespace: {l:?}"
+        ));
+    }
+    let verified = complete
+        && left.is_zero()
+        && swarm_after == Some(SwarmState::Inactive)
+        && listeners.as_ref().is_some_and(Vec::is_empty);
     if verified && !errors.messages.is_empty() {
         // Errors that the verification shows did no harm (e.g. a container
         // that exited and was auto-removed mid-wipe) are not worth a host.
@@ -333,6 +399,17 @@ pub async fn wipe<D: DockerOps>(docker: &D, lease_id: &str) -> WipeReport {
         } else {
             errors.render()
         },
+        plugins_removed: n(before.plugins.saturating_sub(left.plugins)),
+        plugins_left: n(left.plugins),
+        swarm_left,
+        swarm_state_after: swarm_after
+            .map(|s| s.name().to_owned())
+            .unwrap_or_else(|| "unknown".into()),
+        listeners_left: listeners
+            .unwrap_or_default()
+            .iter()
+            .map(ToString::to_string)
+            .collect(),
     }
 }
 
@@ -344,7 +421,7 @@ pub(crate) mod fake {
     use std::sync::Mutex;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    use crate::docker::client::{DockerError, DockerOps, NetworkRef};
+    use crate::docker::client::{DockerError, DockerOps, NetworkRef, SwarmState};
 
     #[derive(Default)]
     pub struct State {
@@ -362,6 +439,13 @@ pub(crate) mod fake {
         /// Networks still "in use" for one more removal attempt (dockerd
         /// releasing a removed container's endpoint late); prune skips them.
         pub busy_once: BTreeSet<String>,
+        /// `Some(state)` while the daemon is in a swarm.
+        pub swarm: Option<String>,
+        /// While in a swarm, removed containers of services come back.
+        pub swarm_tasks: BTreeSet<String>,
+        pub plugins: BTreeSet<String>,
+        /// TCP listeners no container holds (a process left behind).
+        pub strays: Vec<std::net::SocketAddr>,
     }
 
     #[derive(Default)]
@@ -445,6 +529,10 @@ pub(crate) mod fake {
                     return Err(nf("remove container", id));
                 }
                 s.volumes_in_use.retain(|_, c| c != id);
+                // A swarm manager starts a service's task again.
+                if s.swarm.is_some() && s.swarm_tasks.contains(id) {
+                    s.containers.insert(id.to_owned());
+                }
                 Ok(())
             })
             .await
@@ -580,6 +668,39 @@ pub(crate) mod fake {
         async fn count_build_cache(&self) -> Result<usize, DockerError> {
             self.op(|s| Ok(s.build_cache)).await
         }
+        async fn swarm_state(&self) -> Result<SwarmState, DockerError> {
+            self.op(|s| {
+                Ok(match &s.swarm {
+                    None => SwarmState::Inactive,
+                    Some(state) => SwarmState::Member(state.clone()),
+                })
+            })
+            .await
+        }
+        async fn leave_swarm(&self) -> Result<(), DockerError> {
+            self.op(|s| {
+                s.swarm = None;
+                s.swarm_tasks.clear();
+                Ok(())
+            })
+            .await
+        }
+        async fn list_plugins(&self) -> Result<Vec<String>, DockerError> {
+            self.op(|s| Ok(s.plugins.iter().cloned().collect())).await
+        }
+        async fn remove_plugin(&self, name: &str) -> Result<(), DockerError> {
+            self.op(|s| {
+                if s.plugins.remove(name) {
+                    Ok(())
+                } else {
+                    Err(nf("remove plugin", name))
+                }
+            })
+            .await
+        }
+        async fn stray_listeners(&self) -> Result<Vec<std::net::SocketAddr>, DockerError> {
+            self.op(|s| Ok(s.strays.clone())).await
+        }
     }
 }
 
@@ -678,5 +799,36 @@ mod tests {
             r.containers_removed + r.images_removed + r.volumes_removed + r.networks_removed,
             0
         );
+    }
+
+    #[tokio::test]
+    async fn a_swarm_is_left_before_its_tasks_are_removed_and_plugins_go() {
+        let d = FakeDocker::busy();
+        {
+            let mut s = d.state.lock().unwrap();
+            s.swarm = Some("active".into());
+            s.containers.insert("svc.1".into());
+            s.swarm_tasks.insert("svc.1".into());
+            s.plugins.insert("evil/volume-driver:latest".into());
+        }
+        let r = wipe(&d, "l1").await;
+        assert!(r.verified, "{r:?}");
+        assert!(r.swarm_left);
+        assert_eq!(r.swarm_state_after, "inactive");
+        assert_eq!((r.containers_removed, r.containers_left), (21, 0));
+        assert_eq!((r.plugins_removed, r.plugins_left), (1, 0));
+        assert!(r.listeners_left.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_listener_left_in_the_namespace_fails_verification() {
+        let d = FakeDocker::busy();
+        d.state.lock().unwrap().strays = vec!["0.0.0.0:2377".parse().unwrap()];
+        let r = wipe(&d, "l1").await;
+        assert!(!r.verified);
+        assert_eq!(r.listeners_left, vec!["0.0.0.0:2377".to_owned()]);
+        assert!(r.error.contains("TCP listeners left"), "{}", r.error);
+        // Everything else was still removed.
+        assert_eq!(r.containers_left + r.images_left + r.volumes_left, 0);
     }
 }

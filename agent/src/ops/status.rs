@@ -546,7 +546,10 @@ impl WipeSummary {
                 + w.images_left
                 + w.volumes_left
                 + w.networks_left
-                + w.build_cache_left,
+                + w.build_cache_left
+                + w.plugins_left
+                + u32::try_from(w.listeners_left.len()).unwrap_or(u32::MAX)
+                + u32::from(!w.swarm_state_after.is_empty() && w.swarm_state_after != "inactive"),
             error: w.error.clone(),
         }
     }
