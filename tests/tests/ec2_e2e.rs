@@ -348,7 +348,7 @@ async fn register(
     let response = client
         .connect(berth_testkit::with_token(
             tokio_stream::wrappers::ReceiverStream::new(rx),
-            &std::fs::read_to_string(join_token).unwrap(),
+            std::fs::read_to_string(join_token).unwrap().trim(),
         ))
         .await?;
     let mut inbound = response.into_inner();
