@@ -30,6 +30,7 @@ pub mod error;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 pub mod lease;
+pub mod listener;
 pub mod ops;
 pub mod pool;
 pub mod store;
@@ -153,12 +154,18 @@ pub async fn serve(
         config.tenants.as_deref(),
         config.join_token_hash_file.as_deref(),
     )?);
-    let (server_cert, server_key) = ca
-        .issue_server(&config.server_names())
-        .map_err(RunError::Ca)?;
-    let tls = tonic::transport::ServerTlsConfig::new().identity(
-        tonic::transport::Identity::from_pem(server_cert, server_key),
+    // Re-issued before it runs out (listener::rotate), without a restart.
+    let server_cert = Arc::new(
+        berth_tls::server::RotatingCert::new(
+            ca.clone(),
+            config.server_names(),
+            std::time::SystemTime::now(),
+        )
+        .map_err(RunError::Ca)?,
     );
+    let tls = berth_tls::server::coordinator_server_config(server_cert.clone(), ca.cert_pem())
+        .map_err(RunError::Ca)?;
+    let rotation = tokio::spawn(listener::rotate(server_cert, shutdown.clone()));
     // Leases written through to disk: a restart (even after kill -9) picks
     // up where the last process left off.
     let store = Arc::new(store::RedbStore::open(&config.state_dir)?);
@@ -259,12 +266,8 @@ pub async fn serve(
         "serving gRPC on {}",
         addr.map(|a| a.to_string()).unwrap_or_default()
     ));
-    // Without TCP_NODELAY a TLS response written in more than one segment
-    // (an AcquireResponse with its certificates, then the trailers) waits
-    // for the client's delayed ACK: about 40 ms on every Acquire.
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let incoming = listener::incoming(listener, tls, shutdown.clone());
     let result = tonic::transport::Server::builder()
-        .tls_config(tls)?
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .add_service(health_service)
@@ -282,6 +285,7 @@ pub async fn serve(
         .await;
     shutdown.cancel();
     let _ = ticker.await;
+    let _ = rotation.await;
     let _ = ops_task.await;
     // Changes made since the last answer (expiries, agents' reports) are
     // committed before the store closes; dropping the last handle closes it.

@@ -131,7 +131,7 @@ impl tonic::service::Interceptor for AgentAuth {
     fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
         let token = Auth::token(&req, "pool join token")?;
         if !self.0.join.matches(token) {
-            tracing::warn!(peer = ?req.remote_addr(), "agent refused: wrong join token");
+            tracing::warn!(peer = ?crate::listener::remote_addr(&req), "agent refused: wrong join token");
             return Err(Status::unauthenticated("invalid pool join token"));
         }
         Ok(req)

@@ -220,7 +220,7 @@ impl AgentService for Services {
         &self,
         req: Request<Streaming<pb::AgentMessage>>,
     ) -> Result<Response<Self::ConnectStream>, Status> {
-        let peer = req.remote_addr();
+        let peer = crate::listener::remote_addr(&req);
         let mut inbound = req.into_inner();
         let first = tokio::time::timeout(REGISTER_TIMEOUT, inbound.message())
             .await

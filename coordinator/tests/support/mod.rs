@@ -108,9 +108,12 @@ pub struct Server {
     task: tokio::task::JoinHandle<()>,
 }
 
-/// A fresh temp dir for test `name` (an earlier run's is removed).
+/// A fresh temp dir for test `name` (an earlier run's is removed). Unique
+/// per call: `cargo test` runs a binary's tests as threads of one process.
 pub fn fresh_dir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("berth-{name}-{}", std::process::id()));
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let d = std::env::temp_dir().join(format!("berth-{name}-{}-{n}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d

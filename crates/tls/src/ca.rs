@@ -243,6 +243,16 @@ impl Ca {
     /// A server certificate and its fresh key for the coordinator's gRPC
     /// endpoint; `sans` are IP addresses or DNS names.
     pub fn issue_server(&self, sans: &[String]) -> Result<(String, String), TlsError> {
+        self.issue_server_at(sans, SystemTime::now())
+    }
+
+    /// [`Ca::issue_server`] as of `now`: valid from `now` (less the clock
+    /// skew) for [`HOST_CERT_VALIDITY`].
+    pub fn issue_server_at(
+        &self,
+        sans: &[String],
+        now: SystemTime,
+    ) -> Result<(String, String), TlsError> {
         let key = KeyPair::generate().map_err(|e| TlsError::cert("generating a key", e))?;
         let mut names = Vec::with_capacity(sans.len());
         for s in sans {
@@ -255,7 +265,6 @@ impl Ca {
                 ),
             });
         }
-        let now = SystemTime::now();
         let p = Self::leaf(
             "berth coordinator",
             names,

@@ -15,6 +15,9 @@
 //!   agent's current lease, plus the matching client configuration.
 //! - [`token`]: bearer tokens (tenant tokens, the pool join token): generated
 //!   at random, stored as SHA-256 hashes, compared in constant time.
+//! - [`server`]: the coordinator's own TLS: a server certificate that renews
+//!   itself before it expires, optional client certificates from the pool CA.
+//! - [`keyid`]: the fingerprint a lease's or a host's key is pinned by.
 //! - [`files`]: private files and directories (0600 / 0700) written atomically.
 //! - [`pool`]: a pool's credentials on disk (tenants, join token and its hash,
 //!   the CLI's token), one layout for `berth up`, the tests and benchmarks.
@@ -27,14 +30,17 @@
 pub mod ca;
 pub mod csr;
 pub mod files;
+pub mod keyid;
 pub mod lease;
 pub mod pool;
+pub mod server;
 pub mod token;
 
 use std::path::PathBuf;
 
 pub use ca::Ca;
 pub use csr::KeyAndCsr;
+pub use keyid::KeyId;
 pub use lease::{ServerIdentity, lease_client_config, lease_dns_name, lease_server_config};
 pub use pool::PoolCredentials;
 pub use token::{Tenant, Tenants, TokenHash};

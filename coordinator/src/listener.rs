@@ -1,0 +1,197 @@
+//! The gRPC listener: TCP, then TLS with the coordinator's rotating
+//! certificate (`berth_tls::server`), handed to tonic as finished
+//! connections. Doing the handshake here (rather than in tonic's own TLS)
+//! is what lets the certificate be re-issued without a restart and lets a
+//! handler see the client certificate an agent presents.
+//!
+//! Handshakes run in their own tasks, bounded in number
+//! ([`MAX_HANDSHAKES`]) and in time ([`HANDSHAKE_TIMEOUT`]), so a client
+//! that connects and says nothing holds neither the accept loop nor memory.
+//! Every accepted socket gets TCP_NODELAY: an answer written in more than
+//! one segment (an AcquireResponse with its certificates, then the
+//! trailers) would otherwise wait for the client's delayed ACK, about 40 ms.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use berth_tls::server::RotatingCert;
+use rustls::pki_types::CertificateDer;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+/// TLS handshakes in progress at once.
+pub const MAX_HANDSHAKES: usize = 512;
+/// Bound on one client's handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Finished connections waiting for tonic to take them.
+const READY_QUEUE: usize = 128;
+/// Pause after a failed accept (out of file descriptors) so the loop does
+/// not spin.
+const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
+
+/// What a handler learns about the connection its request came on
+/// (a request extension).
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    pub remote_addr: Option<SocketAddr>,
+    /// The client's certificate chain, if it presented one (it chains to
+    /// the pool CA: the handshake checked).
+    pub peer_certs: Option<Arc<Vec<CertificateDer<'static>>>>,
+}
+
+/// The peer address of a request's connection.
+pub fn remote_addr<T>(req: &tonic::Request<T>) -> Option<SocketAddr> {
+    req.extensions()
+        .get::<ConnInfo>()
+        .and_then(|i| i.remote_addr)
+}
+
+/// The client certificate (leaf first) of a request's connection.
+pub fn peer_certs<T>(req: &tonic::Request<T>) -> Option<Arc<Vec<CertificateDer<'static>>>> {
+    req.extensions()
+        .get::<ConnInfo>()
+        .and_then(|i| i.peer_certs.clone())
+}
+
+/// One finished TLS connection.
+pub struct TlsConn {
+    inner: TlsStream<TcpStream>,
+    info: ConnInfo,
+}
+
+impl tonic::transport::server::Connected for TlsConn {
+    type ConnectInfo = ConnInfo;
+    fn connect_info(&self) -> ConnInfo {
+        self.info.clone()
+    }
+}
+
+impl AsyncRead for TlsConn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsConn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// Accepts and handshakes connections on `listener` until `shutdown`
+/// fires; the stream yields finished TLS connections for tonic.
+pub fn incoming(
+    listener: TcpListener,
+    config: Arc<rustls::ServerConfig>,
+    shutdown: CancellationToken,
+) -> ReceiverStream<Result<TlsConn, std::io::Error>> {
+    let (tx, rx) = mpsc::channel(READY_QUEUE);
+    let acceptor = TlsAcceptor::from(config);
+    let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                () = shutdown.cancelled() => break,
+                a = listener.accept() => a,
+            };
+            let (stream, peer) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
+                    continue;
+                }
+            };
+            let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+                debug!(%peer, "too many TLS handshakes in progress; connection dropped");
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let done = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await;
+                drop(permit);
+                let inner = match done {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        debug!(%peer, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        debug!(%peer, "TLS handshake timed out");
+                        return;
+                    }
+                };
+                let peer_certs = inner
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .map(|c| Arc::new(c.iter().map(|c| c.clone().into_owned()).collect()));
+                let conn = TlsConn {
+                    inner,
+                    info: ConnInfo {
+                        remote_addr: Some(peer),
+                        peer_certs,
+                    },
+                };
+                let _ = tx.send(Ok(conn)).await;
+            });
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
+/// Re-issues the server certificate when it is due, until `shutdown`.
+pub async fn rotate(cert: Arc<RotatingCert>, shutdown: CancellationToken) {
+    loop {
+        let wait = cert.next_check(SystemTime::now());
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(wait) => {}
+        }
+        match cert.rotate_if_due(SystemTime::now()) {
+            Ok(true) => info!(
+                not_after = %humantime::format_rfc3339_seconds(cert.not_after()),
+                "coordinator TLS certificate re-issued"
+            ),
+            Ok(false) => {}
+            Err(e) => {
+                error!(error = %e, "re-issuing the coordinator's TLS certificate failed; retrying")
+            }
+        }
+    }
+}
