@@ -18,7 +18,8 @@
 //! Tasks: one root [`CancellationToken`], a child of it per task, and one
 //! [`TaskTracker`] that every task is spawned on (`Tasks`); `run_host`
 //! returns only once the tracker is empty, so nothing of the host is still
-//! running after it. The driver itself runs in `run_host`'s own future: it
+//! running after it (a task that ignores its token for longer than
+//! [`TASKS_JOIN_TIMEOUT`] is logged and left to the process exit). The driver itself runs in `run_host`'s own future: it
 //! ends the host, everything else serves it. The `shutdown` token (signals)
 //! goes to the driver only, which turns it into the host's last transitions;
 //! the link must still carry those, so it is not a parent of the root.
@@ -68,6 +69,11 @@ pub const LINK_FLUSH_TIMEOUT: Duration = Duration::from_secs(3);
 /// Extra time the outer boot bound allows over `wait_ready`'s own, so that
 /// a dockerd that never answers fails with its log tail, not a bare timeout.
 const BOOT_TIMEOUT_SLACK: Duration = Duration::from_secs(1);
+/// Bound on waiting for the host's tasks once they are told to stop. Each
+/// only has to notice its token, but the status endpoint lets a request in
+/// progress finish, and a client that stalls mid-request must not keep the
+/// agent of a destroyed host from exiting.
+pub const TASKS_JOIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Capacity of the driver's inbox (coordinator messages, dockerd failures,
 /// lifecycle and isolation events).
 const INBOX_CAPACITY: usize = 64;
@@ -160,11 +166,20 @@ impl Tasks {
         (stop, handle)
     }
 
-    /// Stops every task and waits until all have ended.
+    /// Stops every task and waits until all have ended (at most
+    /// [`TASKS_JOIN_TIMEOUT`]; what is left then goes with the process).
     async fn join(&self) {
         self.root.cancel();
         self.tracker.close();
-        self.tracker.wait().await;
+        if tokio::time::timeout(TASKS_JOIN_TIMEOUT, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                left = self.tracker.len(),
+                "host tasks still running {TASKS_JOIN_TIMEOUT:?} after they were told to stop"
+            );
+        }
     }
 }
 

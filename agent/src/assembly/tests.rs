@@ -330,3 +330,36 @@ async fn a_failed_boot_destroys_the_host_and_starts_nothing() {
     );
     assert_eq!(Arc::strong_count(&rig.probe.0), 1);
 }
+
+#[tokio::test(start_paused = true)]
+async fn joining_stops_every_task_and_waits_for_each_to_end() {
+    let tasks = Tasks::new();
+    let ended = Arc::new(AtomicUsize::new(0));
+    for i in 0..3u64 {
+        let ended = ended.clone();
+        tasks.spawn(|stop| async move {
+            stop.cancelled().await;
+            // Some clean-up after the token fires, still waited for.
+            tokio::time::sleep(Duration::from_millis(100 * (i + 1))).await;
+            ended.fetch_add(1, Ordering::SeqCst);
+        });
+    }
+    // A task's own token stops that task alone.
+    let (alone, handle) = tasks.spawn(|stop| async move { stop.cancelled().await });
+    alone.cancel();
+    handle.await.unwrap();
+    assert_eq!(ended.load(Ordering::SeqCst), 0);
+    tasks.join().await;
+    assert_eq!(ended.load(Ordering::SeqCst), 3);
+    assert!(tasks.tracker.is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_task_that_ignores_its_token_holds_up_the_end_only_so_long() {
+    let tasks = Tasks::new();
+    tasks.spawn(|_stop| std::future::pending::<()>());
+    let start = tokio::time::Instant::now();
+    tasks.join().await;
+    assert_eq!(start.elapsed(), TASKS_JOIN_TIMEOUT);
+    assert_eq!(tasks.tracker.len(), 1);
+}
