@@ -1,35 +1,36 @@
 //! One host's whole life against the real dockerd: the `berth-agent` binary
-//! boots a host in its own network namespace, registers with an in-process
-//! fake coordinator (the generated `AgentService` server trait on
-//! 127.0.0.1:0, over TLS, checking the join token and signing the agent's
-//! CSR with a test CA), takes a lease, serves the stock docker CLI through
-//! its mutual-TLS front (a lease certificate signed by the same CA), is
-//! released, wipes and verifies, and destroys itself, leaving nothing behind.
-//! A dockerd that listens on TCP is refused before the host registers.
+//! boots a host in its own network namespace, registers with the test
+//! kit's in-process fake coordinator (over TLS, checking the join token and
+//! signing the agent's CSR with a test CA), takes a lease, serves the stock
+//! docker CLI through its mutual-TLS front (a lease certificate signed by
+//! the same CA), is released, wipes and verifies, and destroys itself,
+//! leaving nothing behind. A dockerd that listens on TCP is refused before
+//! the host registers.
 //!
 //! Needs root, dockerd, the docker CLI, iproute2, nsenter and a static
-//! busybox. Without them it fails when `CI=true` and skips otherwise.
+//! busybox: `berth_testkit::preflight` fails the test with the missing one
+//! named (it skips only with `BERTH_SKIP_E2E=1`, and never under CI). Each
+//! test works under its own prefix (`BERTH_TEST_TAG` in front) and sweeps
+//! it before and after, also when it fails.
 
 // Helpers outside `#[test]` fns: a panic there is a test failure, as intended.
 #![allow(clippy::unwrap_used)]
 
 use std::net::{IpAddr, SocketAddr};
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use berth_proto::v1::agent_service_server::{AgentService, AgentServiceServer};
 use berth_proto::v1::{
-    AgentMessage, AssignLease, CoordinatorMessage, EndLease, EndReason, HostState, Register,
-    Registered, WipeReport, agent_message::Msg, coordinator_message,
+    AssignLease, EndLease, EndReason, HostState, Register, WipeReport, agent_message::Msg,
+    coordinator_message,
+};
+use berth_testkit::{
+    AgentFeed, FakeCoordinator, busybox_context, cgroups_with_prefix, link_exists, mounts_under,
+    netns_with_prefix, preflight, processes_mentioning,
 };
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
-use tonic::{Request, Response, Status, Streaming};
 
 const FRONT_PORT: u16 = 2376;
 /// Bounds for each step; generous for a loaded 2-core CI machine.
@@ -40,126 +41,7 @@ const EXIT_TIMEOUT: Duration = Duration::from_secs(90);
 const HEARTBEAT_MS: u32 = 200;
 
 // ---------------------------------------------------------------------------
-// Fake coordinator
-
-/// The sending half of the coordinator's response stream.
-type ToAgent = mpsc::Sender<Result<CoordinatorMessage, Status>>;
-
-/// Records every agent message and lets the test push coordinator messages
-/// into the current stream. Admits only the join token; signs the agent's
-/// CSR like the real coordinator.
-#[derive(Clone)]
-struct FakeCoordinator {
-    seen: Arc<Mutex<Option<mpsc::UnboundedSender<AgentMessage>>>>,
-    current: Arc<Mutex<Option<ToAgent>>>,
-    ca: Arc<berth_tls::Ca>,
-    join_token: String,
-}
-
-impl Default for FakeCoordinator {
-    fn default() -> Self {
-        let (ca, _) = berth_tls::Ca::generate("test pool CA").unwrap();
-        FakeCoordinator {
-            seen: Arc::default(),
-            current: Arc::default(),
-            ca: Arc::new(ca),
-            join_token: berth_tls::token::generate(),
-        }
-    }
-}
-
-#[tonic::async_trait]
-impl AgentService for FakeCoordinator {
-    type ConnectStream = ReceiverStream<Result<CoordinatorMessage, Status>>;
-
-    async fn connect(
-        &self,
-        request: Request<Streaming<AgentMessage>>,
-    ) -> Result<Response<Self::ConnectStream>, Status> {
-        let expected = format!("Bearer {}", self.join_token);
-        let presented = request.metadata().get("authorization");
-        if presented.and_then(|v| v.to_str().ok()) != Some(expected.as_str()) {
-            return Err(Status::unauthenticated("invalid pool join token"));
-        }
-        let mut inbound = request.into_inner();
-        let (tx, rx) = mpsc::channel(16);
-        *self.current.lock().unwrap() = Some(tx.clone());
-        let seen = self.seen.lock().unwrap().clone();
-        let ca = self.ca.clone();
-        tokio::spawn(async move {
-            while let Ok(Some(msg)) = inbound.message().await {
-                if let Some(Msg::Register(r)) = &msg.msg {
-                    let addr = r.host_addr.parse().unwrap();
-                    let cert = ca
-                        .sign_host(&r.csr_pem, &r.host_id, addr, SystemTime::now())
-                        .unwrap();
-                    let registered = Registered {
-                        heartbeat_interval_ms: HEARTBEAT_MS,
-                        server_cert_pem: cert,
-                        ca_pem: ca.cert_pem().to_owned(),
-                    };
-                    let reply = CoordinatorMessage {
-                        msg: Some(coordinator_message::Msg::Registered(registered)),
-                    };
-                    let _ = tx.send(Ok(reply)).await;
-                }
-                if let Some(seen) = &seen {
-                    let _ = seen.send(msg);
-                }
-            }
-        });
-        Ok(Response::new(ReceiverStream::new(rx)))
-    }
-}
-
-impl FakeCoordinator {
-    async fn send(&self, msg: coordinator_message::Msg) {
-        let tx = self
-            .current
-            .lock()
-            .unwrap()
-            .clone()
-            .expect("agent connected");
-        tx.send(Ok(CoordinatorMessage { msg: Some(msg) }))
-            .await
-            .expect("stream open");
-    }
-
-    /// Writes the coordinator's CA and the join token where the agent reads
-    /// them; returns the agent's flags for them.
-    fn agent_credentials(&self, dir: &Path) -> Vec<String> {
-        std::fs::create_dir_all(dir).unwrap();
-        let (ca, token) = (dir.join("coordinator-ca.pem"), dir.join("join-token"));
-        std::fs::write(&ca, self.ca.cert_pem()).unwrap();
-        std::fs::write(&token, &self.join_token).unwrap();
-        vec![
-            "--ca".into(),
-            ca.display().to_string(),
-            "--join-token-file".into(),
-            token.display().to_string(),
-        ]
-    }
-
-    /// A lease certificate like `berth acquire` writes: the key made here,
-    /// the certificate signed by the pool CA for `lease_id`.
-    fn lease_client(&self, dir: &Path, docker_host: &str, lease_id: &str) -> Client {
-        let cert_dir = dir.join(format!("certs-{lease_id}"));
-        std::fs::create_dir_all(&cert_dir).unwrap();
-        let k = berth_tls::KeyAndCsr::generate("ci").unwrap();
-        let now = SystemTime::now();
-        let cert = self
-            .ca
-            .sign_lease(&k.csr_pem, lease_id, now, now + Duration::from_secs(3600))
-            .unwrap();
-        std::fs::write(cert_dir.join("ca.pem"), self.ca.cert_pem()).unwrap();
-        std::fs::write(cert_dir.join("cert.pem"), cert).unwrap();
-        std::fs::write(cert_dir.join("key.pem"), k.key_pem).unwrap();
-        Client {
-            docker_host: docker_host.to_owned(),
-            cert_dir,
-        }
-    }
-}
+// The fake coordinator's side
 
 /// The docker CLI's view of one lease: where and with which certificate.
 struct Client {
@@ -168,50 +50,25 @@ struct Client {
 }
 
 impl Client {
+    /// A lease certificate like `berth acquire` writes, signed by the fake's CA.
+    fn for_lease(fake: &FakeCoordinator, dir: &Path, docker_host: &str, lease_id: &str) -> Self {
+        Client {
+            docker_host: docker_host.to_owned(),
+            cert_dir: fake.lease_certs(dir, lease_id),
+        }
+    }
+
     fn command(&self) -> Command {
-        let mut c = Command::new("docker");
-        c.env("DOCKER_HOST", &self.docker_host)
-            .env("DOCKER_TLS_VERIFY", "1")
-            .env("DOCKER_CERT_PATH", &self.cert_dir)
-            .env("DOCKER_BUILDKIT", "0")
-            .env_remove("DOCKER_CONTEXT");
+        let mut c = Command::from(berth_testkit::docker_cli(&self.docker_host));
+        c.env("DOCKER_TLS_VERIFY", "1")
+            .env("DOCKER_CERT_PATH", &self.cert_dir);
         c
     }
 }
 
-/// Starts the fake on 127.0.0.1:0; returns its URL and the message feed.
-async fn start_coordinator(
-    fake: FakeCoordinator,
-) -> (String, mpsc::UnboundedReceiver<AgentMessage>) {
-    let (seen_tx, seen_rx) = mpsc::unbounded_channel();
-    *fake.seen.lock().unwrap() = Some(seen_tx);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (cert, key) = fake.ca.issue_server(&["127.0.0.1".into()]).unwrap();
-    let tls = tonic::transport::ServerTlsConfig::new()
-        .identity(tonic::transport::Identity::from_pem(cert, key));
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .tls_config(tls)
-            .unwrap()
-            .add_service(AgentServiceServer::new(fake))
-            .serve_with_incoming(TcpListenerStream::new(listener)),
-    );
-    (format!("https://{addr}"), seen_rx)
-}
-
 /// The next message that is not a heartbeat.
-async fn next_message(rx: &mut mpsc::UnboundedReceiver<AgentMessage>) -> Msg {
-    loop {
-        let m = tokio::time::timeout(MESSAGE_TIMEOUT, rx.recv())
-            .await
-            .expect("agent message within timeout")
-            .expect("coordinator feed open");
-        match m.msg {
-            Some(Msg::Heartbeat(_)) | None => continue,
-            Some(msg) => return msg,
-        }
-    }
+async fn next_message(feed: &mut AgentFeed) -> Msg {
+    feed.next_non_heartbeat(MESSAGE_TIMEOUT).await
 }
 
 fn state_of(msg: &Msg) -> Option<HostState> {
@@ -222,71 +79,48 @@ fn state_of(msg: &Msg) -> Option<HostState> {
 }
 
 // ---------------------------------------------------------------------------
-// Environment, clean-up guard and observations of the machine
+// Clean-up guard and observations of the machine
 
-/// Why this machine cannot run the test, if it cannot.
-fn missing_prerequisite() -> Option<String> {
-    let uid = std::fs::metadata("/proc/self")
-        .map(|m| m.uid())
-        .unwrap_or(u32::MAX);
-    if uid != 0 {
-        return Some(format!("needs root (uid is {uid})"));
-    }
-    for tool in ["dockerd", "docker", "ip", "nsenter"] {
-        let found = std::env::var_os("PATH")
-            .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
-            .unwrap_or(false);
-        if !found {
-            return Some(format!("needs `{tool}` in PATH"));
-        }
-    }
-    if busybox().is_none() {
-        return Some("needs a static busybox at /bin/busybox (Debian's busybox-static)".into());
-    }
-    None
-}
-
-fn busybox() -> Option<PathBuf> {
-    ["/bin/busybox", "/usr/bin/busybox"]
-        .into_iter()
-        .map(PathBuf::from)
-        .find(|p| p.is_file())
-}
-
-/// Sweeps the test's prefix and removes its directories when dropped, so a
+/// The test's prefix and directories (the test kit's layout). Sweeps them
+/// when made (what earlier, killed runs left) and when dropped, so a
 /// failing assertion leaves nothing behind either.
 struct Guard {
+    /// The test's own directory: credentials, build contexts, and the
+    /// agent's state dir (`hosts/`).
     base: PathBuf,
+    /// The agent's run dir (sockets, pidfiles, exec roots).
+    run_dir: PathBuf,
     prefix: String,
 }
 
 impl Guard {
-    /// Temp dirs for `prefix`, after sweeping whatever earlier, killed runs
-    /// of the same test left.
-    fn new(base_prefix: &'static str) -> Self {
+    fn new(base_prefix: &str) -> Self {
         // BERTH_TEST_TAG keeps two checkouts running these tests at once
         // from sweeping each other's hosts.
-        let tag = std::env::var("BERTH_TEST_TAG").unwrap_or_default();
-        assert!(
-            tag.len() <= 4
-                && tag
-                    .chars()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit()),
-            "BERTH_TEST_TAG must be at most 4 lowercase letters or digits"
-        );
-        let prefix = format!("{tag}{base_prefix}");
-        let base = PathBuf::from(format!("/tmp/{prefix}{}", std::process::id()));
-        let guard = Guard { base, prefix };
+        let prefix = berth_testkit::test_prefix(base_prefix);
+        let (base, run_dir) = berth_testkit::dirs(&prefix);
+        let guard = Guard {
+            base,
+            run_dir,
+            prefix,
+        };
         guard.sweep();
+        guard.remove_dirs();
         std::fs::create_dir_all(guard.base.join("ctx")).unwrap();
         guard
     }
     fn state(&self) -> PathBuf {
-        self.base.join("state")
+        self.base.join("hosts")
     }
     fn run(&self) -> PathBuf {
-        self.base.join("run")
+        self.run_dir.clone()
     }
+    fn remove_dirs(&self) {
+        let _ = std::fs::remove_dir_all(&self.base);
+        let _ = std::fs::remove_dir_all(&self.run_dir);
+    }
+    /// The agent's own sweep of this prefix, in process: its report is
+    /// what some tests check.
     fn sweep(&self) -> berth_agent::CleanupReport {
         let (state, run, prefix) = (self.state(), self.run(), self.prefix.clone());
         // Its own thread and runtime: Drop may run inside or outside a runtime.
@@ -301,6 +135,23 @@ impl Guard {
         .expect("sweep thread")
         .expect("sweep")
     }
+    /// Processes that mention the test's directories (dockerd, containerd,
+    /// shims, ...).
+    fn processes(&self) -> Vec<String> {
+        let mut found = processes_mentioning(&self.base.to_string_lossy());
+        for p in processes_mentioning(&self.run_dir.to_string_lossy()) {
+            if !found.contains(&p) {
+                found.push(p);
+            }
+        }
+        found
+    }
+    /// Mounts under the test's directories.
+    fn mounts(&self) -> Vec<String> {
+        let mut found = mounts_under(&self.base);
+        found.extend(mounts_under(&self.run_dir));
+        found
+    }
 }
 
 impl Drop for Guard {
@@ -309,71 +160,8 @@ impl Drop for Guard {
         if report != berth_agent::CleanupReport::default() {
             eprintln!("guard swept leftovers: {report:?}");
         }
-        let _ = std::fs::remove_dir_all(&self.base);
+        self.remove_dirs();
     }
-}
-
-fn netns_with_prefix(prefix: &str) -> Vec<String> {
-    std::fs::read_dir("/run/netns")
-        .map(|d| {
-            d.filter_map(|e| e.ok()?.file_name().into_string().ok())
-                .filter(|n| n.starts_with(prefix))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-fn cgroups_with_prefix(prefix: &str) -> Vec<PathBuf> {
-    let mut found = vec![];
-    for h in std::fs::read_dir("/sys/fs/cgroup")
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
-        for c in std::fs::read_dir(h.path()).into_iter().flatten().flatten() {
-            if c.file_name()
-                .to_string_lossy()
-                .starts_with(&format!("berth-{prefix}"))
-            {
-                found.push(c.path());
-            }
-        }
-    }
-    found
-}
-
-fn mounts_under(base: &Path) -> Vec<String> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let base = base.to_string_lossy().into_owned();
-    info.lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .filter(|p| p.starts_with(&base))
-        .map(String::from)
-        .collect()
-}
-
-fn processes_mentioning(base: &Path) -> Vec<String> {
-    let base = base.to_string_lossy().into_owned();
-    let me = std::process::id().to_string();
-    let mut found = vec![];
-    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if !name.bytes().all(|b| b.is_ascii_digit()) || name == me {
-            continue;
-        }
-        let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
-        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-        let comm = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
-        // The agent itself mentions the base in its flags; it is checked on its own.
-        if cmdline.contains(&base) && !comm.starts_with("berth-agent") {
-            found.push(format!("{name}: {cmdline}"));
-        }
-    }
-    found
-}
-
-fn link_exists(name: &str) -> bool {
-    Path::new("/sys/class/net").join(name).exists()
 }
 
 /// Runs the docker CLI against the host's front.
@@ -411,15 +199,10 @@ struct Agent {
 }
 
 /// Starts the binary for `guard`'s prefix and dirs and waits for READY.
-async fn start_agent(
-    guard: &Guard,
-    fake: &FakeCoordinator,
-    coordinator: &str,
-    extra: &[&str],
-) -> Agent {
+async fn start_agent(guard: &Guard, fake: &FakeCoordinator, extra: &[&str]) -> Agent {
     let started = Instant::now();
     let mut child = Command::new(env!("CARGO_BIN_EXE_berth-agent"))
-        .args(["--coordinator", coordinator, "--prefix", &guard.prefix])
+        .args(["--coordinator", fake.url(), "--prefix", &guard.prefix])
         .args(fake.agent_credentials(&guard.base.join("creds")))
         .args(["--front-port", &FRONT_PORT.to_string()])
         .arg("--state-dir")
@@ -451,11 +234,11 @@ async fn start_agent(
 
 /// Waits for the first Register and checks it against the READY line.
 async fn expect_register(
-    seen: &mut mpsc::UnboundedReceiver<AgentMessage>,
+    feed: &mut AgentFeed,
     agent: &Agent,
     prefix: &str,
 ) -> (Register, SocketAddr) {
-    let Msg::Register(register) = next_message(seen).await else {
+    let Msg::Register(register) = next_message(feed).await else {
         panic!("first message must be Register")
     };
     let host_addr: IpAddr = register.host_addr.parse().expect("host address");
@@ -502,26 +285,23 @@ async fn assign(fake: &FakeCoordinator, lease_id: &str, ttl: Duration) {
     .await;
 }
 
-async fn expect_accepted(seen: &mut mpsc::UnboundedReceiver<AgentMessage>, lease_id: &str) {
-    let m = next_message(seen).await;
+async fn expect_accepted(feed: &mut AgentFeed, lease_id: &str) {
+    let m = next_message(feed).await;
     assert_eq!(state_of(&m), Some(HostState::Leased), "{m:?}");
-    let m = next_message(seen).await;
+    let m = next_message(feed).await;
     assert!(
         matches!(&m, Msg::LeaseAccepted(a) if a.lease_id == lease_id),
         "{m:?}"
     );
 }
 
-async fn expect_state(seen: &mut mpsc::UnboundedReceiver<AgentMessage>, state: HostState) {
-    let m = next_message(seen).await;
+async fn expect_state(feed: &mut AgentFeed, state: HostState) {
+    let m = next_message(feed).await;
     assert_eq!(state_of(&m), Some(state), "{m:?}");
 }
 
-async fn expect_wipe_report(
-    seen: &mut mpsc::UnboundedReceiver<AgentMessage>,
-    lease_id: &str,
-) -> WipeReport {
-    let m = next_message(seen).await;
+async fn expect_wipe_report(feed: &mut AgentFeed, lease_id: &str) -> WipeReport {
+    let m = next_message(feed).await;
     let Msg::WipeReport(report) = m else {
         panic!("WipeReport expected, got {m:?}")
     };
@@ -578,16 +358,8 @@ async fn assert_clean_exit(guard: &Guard, mut agent: Agent, register: &Register)
         "network namespaces left"
     );
     assert!(!link_exists(&format!("bb{block}")), "veth left");
-    assert_eq!(
-        processes_mentioning(&guard.base),
-        Vec::<String>::new(),
-        "processes left"
-    );
-    assert_eq!(
-        mounts_under(&guard.base),
-        Vec::<String>::new(),
-        "mounts left"
-    );
+    assert_eq!(guard.processes(), Vec::<String>::new(), "processes left");
+    assert_eq!(guard.mounts(), Vec::<String>::new(), "mounts left");
     assert_eq!(
         cgroups_with_prefix(&guard.prefix),
         Vec::<PathBuf>::new(),
@@ -609,60 +381,29 @@ async fn assert_clean_exit(guard: &Guard, mut agent: Agent, register: &Register)
 /// there is no buildx here).
 async fn build_busybox_image(guard: &Guard, client: &Client, tag: &str) {
     let ctx = guard.base.join("ctx");
-    std::fs::copy(busybox().unwrap(), ctx.join("busybox")).unwrap();
-    std::fs::write(
-        ctx.join("Dockerfile"),
-        "FROM scratch\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"--install\", \"-s\", \"/bin\"]\n",
-    )
-    .unwrap();
+    busybox_context(&ctx, "berth\n");
     let ctx = ctx.to_string_lossy().into_owned();
     docker(client, &["build", "-q", "-t", tag, &ctx])
         .await
         .expect("docker build");
 }
 
-/// Whether this machine can run these tests; panics under CI if not.
-fn can_run() -> bool {
-    match missing_prerequisite() {
-        None => true,
-        Some(why) if std::env::var("CI").as_deref() == Ok("true") => {
-            panic!("cannot run the agent integration tests: {why}")
-        }
-        Some(why) => {
-            eprintln!("skipping the agent integration test: {why}");
-            false
-        }
-    }
-}
-
 // ---------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn host_serves_one_lease_then_wipes_and_destroys_itself() {
-    if !can_run() {
+    if !preflight() {
         return;
     }
     let guard = Guard::new("bta-");
-    let fake = FakeCoordinator::default();
-    let (url, mut seen) = start_coordinator(fake.clone()).await;
-    let agent = start_agent(&guard, &fake, &url, &[]).await;
+    let (fake, mut seen) = FakeCoordinator::start_with_heartbeat(HEARTBEAT_MS).await;
+    let agent = start_agent(&guard, &fake, &[]).await;
     assert!(agent.boot_time < BOOT_TIMEOUT);
     let (register, front) = expect_register(&mut seen, &agent, &guard.prefix).await;
     let docker_host = register.docker_host.clone();
 
     // A heartbeat at the negotiated interval.
-    let hb = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            if let Some(AgentMessage {
-                msg: Some(Msg::Heartbeat(h)),
-            }) = seen.recv().await
-            {
-                return h;
-            }
-        }
-    })
-    .await
-    .expect("a heartbeat");
+    let hb = seen.next_heartbeat(Duration::from_secs(10)).await;
     assert_eq!(HostState::try_from(hb.state), Ok(HostState::Ready));
 
     // No lease, no front.
@@ -670,7 +411,7 @@ async fn host_serves_one_lease_then_wipes_and_destroys_itself() {
 
     assign(&fake, "lease-1", Duration::from_secs(600)).await;
     expect_accepted(&mut seen, "lease-1").await;
-    let client = fake.lease_client(&guard.base, &docker_host, "lease-1");
+    let client = Client::for_lease(&fake, &guard.base, &docker_host, "lease-1");
 
     // The stock CLI through the front.
     let version = docker(&client, &["version", "--format", "{{.Server.Version}}"])
@@ -753,20 +494,19 @@ async fn host_serves_one_lease_then_wipes_and_destroys_itself() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recycled_host_expires_a_lease_serves_another_and_cleans_up_on_sigterm() {
-    if !can_run() {
+    if !preflight() {
         return;
     }
     let guard = Guard::new("btr-");
-    let fake = FakeCoordinator::default();
-    let (url, mut seen) = start_coordinator(fake.clone()).await;
-    let agent = start_agent(&guard, &fake, &url, &["--recycle"]).await;
+    let (fake, mut seen) = FakeCoordinator::start_with_heartbeat(HEARTBEAT_MS).await;
+    let agent = start_agent(&guard, &fake, &["--recycle"]).await;
     let (register, front) = expect_register(&mut seen, &agent, &guard.prefix).await;
     let docker_host = register.docker_host.clone();
 
     // A short lease that nobody ends: the agent's own clock does.
     assign(&fake, "lease-1", Duration::from_secs(5)).await;
     expect_accepted(&mut seen, "lease-1").await;
-    let client = fake.lease_client(&guard.base, &docker_host, "lease-1");
+    let client = Client::for_lease(&fake, &guard.base, &docker_host, "lease-1");
     docker(&client, &["volume", "create", "btr-vol"])
         .await
         .expect("volume create");
@@ -791,7 +531,7 @@ async fn recycled_host_expires_a_lease_serves_another_and_cleans_up_on_sigterm()
         refused.is_err(),
         "lease-1's certificate opened lease-2's front"
     );
-    let client = fake.lease_client(&guard.base, &docker_host, "lease-2");
+    let client = Client::for_lease(&fake, &guard.base, &docker_host, "lease-2");
     let volumes = docker(&client, &["volume", "ls", "-q"])
         .await
         .expect("volume ls");
@@ -807,18 +547,17 @@ async fn recycled_host_expires_a_lease_serves_another_and_cleans_up_on_sigterm()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sweep_removes_what_a_killed_agent_left() {
-    if !can_run() {
+    if !preflight() {
         return;
     }
     let guard = Guard::new("bts-");
-    let fake = FakeCoordinator::default();
-    let (url, mut seen) = start_coordinator(fake.clone()).await;
-    let mut agent = start_agent(&guard, &fake, &url, &[]).await;
+    let (fake, mut seen) = FakeCoordinator::start_with_heartbeat(HEARTBEAT_MS).await;
+    let mut agent = start_agent(&guard, &fake, &[]).await;
     let (register, _front) = expect_register(&mut seen, &agent, &guard.prefix).await;
     let docker_host = register.docker_host.clone();
     assign(&fake, "lease-1", Duration::from_secs(600)).await;
     expect_accepted(&mut seen, "lease-1").await;
-    let client = fake.lease_client(&guard.base, &docker_host, "lease-1");
+    let client = Client::for_lease(&fake, &guard.base, &docker_host, "lease-1");
     build_busybox_image(&guard, &client, "bts-busybox").await;
     // A running container (shim, container cgroup, overlay mount) with a
     // published port (docker-proxy inside the namespace).
@@ -848,10 +587,10 @@ async fn sweep_removes_what_a_killed_agent_left() {
         "a namespace is left"
     );
     assert!(
-        !processes_mentioning(&guard.base).is_empty(),
+        !guard.processes().is_empty(),
         "dockerd and friends are left"
     );
-    assert!(!mounts_under(&guard.base).is_empty(), "mounts are left");
+    assert!(!guard.mounts().is_empty(), "mounts are left");
     assert!(
         !cgroups_with_prefix(&guard.prefix).is_empty(),
         "cgroups are left"
@@ -878,16 +617,8 @@ async fn sweep_removes_what_a_killed_agent_left() {
         "network namespaces left"
     );
     assert!(!link_exists(&format!("bb{block}")), "veth left");
-    assert_eq!(
-        processes_mentioning(&guard.base),
-        Vec::<String>::new(),
-        "processes left"
-    );
-    assert_eq!(
-        mounts_under(&guard.base),
-        Vec::<String>::new(),
-        "mounts left"
-    );
+    assert_eq!(guard.processes(), Vec::<String>::new(), "processes left");
+    assert_eq!(guard.mounts(), Vec::<String>::new(), "mounts left");
     assert_eq!(
         cgroups_with_prefix(&guard.prefix),
         Vec::<PathBuf>::new(),
@@ -902,12 +633,11 @@ async fn sweep_removes_what_a_killed_agent_left() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dockerd_listening_on_tcp_is_refused_before_the_host_registers() {
-    if !can_run() {
+    if !preflight() {
         return;
     }
     let guard = Guard::new("btt-");
-    let fake = FakeCoordinator::default();
-    let (url, mut seen) = start_coordinator(fake.clone()).await;
+    let (fake, mut seen) = FakeCoordinator::start_with_heartbeat(HEARTBEAT_MS).await;
     // A dockerd that someone configured with an extra TCP host.
     let wrapper = guard.base.join("dockerd-with-tcp");
     std::fs::write(
@@ -921,7 +651,7 @@ async fn a_dockerd_listening_on_tcp_is_refused_before_the_host_registers() {
     )
     .unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_berth-agent"))
-        .args(["--coordinator", &url, "--prefix", &guard.prefix])
+        .args(["--coordinator", fake.url(), "--prefix", &guard.prefix])
         .args(fake.agent_credentials(&guard.base.join("creds")))
         .arg("--dockerd")
         .arg(&wrapper)
@@ -949,11 +679,11 @@ async fn a_dockerd_listening_on_tcp_is_refused_before_the_host_registers() {
     );
     // Never registered, so never offered to a build.
     assert!(
-        seen.try_recv().is_err(),
+        seen.try_next().is_none(),
         "the coordinator heard from the host"
     );
     // And the refused host was destroyed like any other.
     assert_eq!(netns_with_prefix(&guard.prefix), Vec::<String>::new());
-    assert_eq!(processes_mentioning(&guard.base), Vec::<String>::new());
-    assert_eq!(mounts_under(&guard.base), Vec::<String>::new());
+    assert_eq!(guard.processes(), Vec::<String>::new());
+    assert_eq!(guard.mounts(), Vec::<String>::new());
 }

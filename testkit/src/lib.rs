@@ -5,7 +5,8 @@
 //! certificates `berth acquire` wrote), and guards that stop and sweep
 //! everything a test started, also when it fails. The harness talks to the
 //! coordinator like the CLI does: TLS against the pool CA, with the tenant
-//! token `berth up` made.
+//! token `berth up` made. Agent tests that need no real coordinator use
+//! the in-process [`FakeCoordinator`] ([`fake_coordinator`]).
 //!
 //! The binaries under test are never built here: `cargo nextest run` (and
 //! `cargo test`) builds every binary of a package with integration tests,
@@ -16,6 +17,10 @@
 //! `BERTH_SKIP_E2E=1` to skip them deliberately; refused when `CI=true`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+pub mod fake_coordinator;
+
+pub use fake_coordinator::{AgentFeed, FakeCoordinator};
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -796,6 +801,34 @@ pub fn mounts_under(root: &Path) -> Vec<String> {
         .filter(|m| m.starts_with(&root))
         .map(str::to_owned)
         .collect()
+}
+
+/// cgroup directories of hosts whose ids start with `prefix`, in every
+/// hierarchy under /sys/fs/cgroup: dockerd puts a host's containers under
+/// the cgroup parent `berth-HOST_ID`.
+pub fn cgroups_with_prefix(prefix: &str) -> Vec<PathBuf> {
+    let wanted = format!("berth-{prefix}");
+    let mut found = Vec::new();
+    let Ok(hierarchies) = std::fs::read_dir("/sys/fs/cgroup") else {
+        return found;
+    };
+    for h in hierarchies.flatten() {
+        let Ok(children) = std::fs::read_dir(h.path()) else {
+            continue;
+        };
+        for c in children.flatten() {
+            if c.file_name().to_string_lossy().starts_with(&wanted) {
+                found.push(c.path());
+            }
+        }
+    }
+    found
+}
+
+/// Whether a network interface of this name exists in the machine's
+/// namespace (e.g. the root-side end of a host's veth pair).
+pub fn link_exists(name: &str) -> bool {
+    Path::new("/sys/class/net").join(name).exists()
 }
 
 /// TCP listeners inside a network namespace, as `ss -Htlnp` run in it

@@ -5,13 +5,17 @@
 //! `Event::DaemonExited` for the driver, which makes the host Unhealthy and
 //! terminates it (and the coordinator ends any lease on it as host-lost).
 //!
-//! [`Probe`] is the seam; [`DaemonProbe`] checks the real dockerd.
+//! [`Probe`] is the seam; [`DaemonProbe`] checks the real dockerd. Both
+//! watchers ([`watch()`] on the probe, [`watch_exit`] on the child process)
+//! report through one [`FailureReporter`]: the event goes straight to the
+//! driver, and the count is published in a [`DaemonHealth`] `watch` for
+//! whoever reads it (the status board), which is never in that path.
 
 use std::future::Future;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::docker::client::BollardDocker;
@@ -50,9 +54,65 @@ impl Probe for DaemonProbe {
     }
 }
 
+/// What has been seen of dockerd failing, published by [`FailureReporter`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DaemonHealth {
+    /// Times dockerd was seen to exit or stop answering.
+    pub failures: u64,
+    /// What was seen the last time.
+    pub last_failure: Option<String>,
+}
+
+/// Where dockerd's failures go: straight to the driver (which makes the
+/// host Unhealthy), and counted in the [`DaemonHealth`] `watch`.
+#[derive(Debug, Clone)]
+pub struct FailureReporter {
+    to_driver: mpsc::Sender<Event>,
+    health: watch::Sender<DaemonHealth>,
+}
+
+impl FailureReporter {
+    /// A reporter to `to_driver`, and the `watch` its failures are counted in.
+    pub fn new(to_driver: mpsc::Sender<Event>) -> (Self, watch::Receiver<DaemonHealth>) {
+        let (health, rx) = watch::channel(DaemonHealth::default());
+        (FailureReporter { to_driver, health }, rx)
+    }
+
+    /// Counts the failure, then hands `DaemonExited` to the driver; false
+    /// when the driver is gone.
+    pub async fn report(&self, detail: String) -> bool {
+        self.health.send_modify(|h| {
+            h.failures += 1;
+            h.last_failure = Some(detail.clone());
+        });
+        self.to_driver
+            .send(Event::DaemonExited { detail })
+            .await
+            .is_ok()
+    }
+}
+
+/// Waits for dockerd's process (`exited` resolves with how it ended) and
+/// reports its exit, unless `stop` fires first. Stopping drops `exited`:
+/// for a child started with `kill_on_drop`, that ends dockerd too, so a
+/// daemon never outlives the agent's tasks.
+pub async fn watch_exit(
+    exited: impl Future<Output = String>,
+    reporter: FailureReporter,
+    stop: CancellationToken,
+) {
+    tokio::select! {
+        _ = stop.cancelled() => {}
+        detail = exited => {
+            tracing::info!(%detail, "dockerd exited");
+            reporter.report(detail).await;
+        }
+    }
+}
+
 /// Checks `probe` every [`HEALTH_INTERVAL`] until it fails or `stop` fires;
-/// on failure sends `DaemonExited` with what was seen, once.
-pub async fn watch<P: Probe>(probe: P, to_driver: mpsc::Sender<Event>, stop: CancellationToken) {
+/// on failure reports `DaemonExited` with what was seen, once.
+pub async fn watch<P: Probe>(probe: P, reporter: FailureReporter, stop: CancellationToken) {
     let mut failures = 0u32;
     loop {
         tokio::select! {
@@ -82,7 +142,7 @@ pub async fn watch<P: Probe>(probe: P, to_driver: mpsc::Sender<Event>, stop: Can
         };
         if let Some(detail) = detail {
             tracing::error!(%detail, "dockerd is unhealthy");
-            let _ = to_driver.send(Event::DaemonExited { detail }).await;
+            reporter.report(detail).await;
             return;
         }
     }
@@ -119,7 +179,8 @@ mod tests {
     async fn a_healthy_daemon_is_left_alone_and_a_dead_one_reported_at_once() {
         let fake = Fake::default();
         let (tx, mut rx) = mpsc::channel(4);
-        let task = tokio::spawn(watch(fake.clone(), tx, CancellationToken::new()));
+        let (reporter, health) = FailureReporter::new(tx);
+        let task = tokio::spawn(watch(fake.clone(), reporter, CancellationToken::new()));
         tokio::time::sleep(HEALTH_INTERVAL * 10).await;
         assert!(rx.try_recv().is_err());
         assert!(fake.pings.load(Ordering::SeqCst) >= 9);
@@ -132,13 +193,57 @@ mod tests {
             }
         );
         task.await.unwrap();
+        // Counted where the status board reads it.
+        assert_eq!(
+            *health.borrow(),
+            DaemonHealth {
+                failures: 1,
+                last_failure: Some("dockerd's process is gone".into()),
+            }
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_exit_is_reported_and_a_stop_drops_the_process_unreported() {
+        let (tx, mut rx) = mpsc::channel(4);
+        let (reporter, health) = FailureReporter::new(tx);
+        let (exit_tx, exit_rx) = tokio::sync::oneshot::channel::<String>();
+        let exited = async move { exit_rx.await.unwrap_or_default() };
+        let task = tokio::spawn(watch_exit(
+            exited,
+            reporter.clone(),
+            CancellationToken::new(),
+        ));
+        exit_tx.send("signal: 9".into()).unwrap();
+        task.await.unwrap();
+        assert_eq!(
+            rx.recv().await,
+            Some(Event::DaemonExited {
+                detail: "signal: 9".into()
+            })
+        );
+        assert_eq!(health.borrow().failures, 1);
+
+        let (exit_tx, exit_rx) = tokio::sync::oneshot::channel::<String>();
+        let exited = async move { exit_rx.await.unwrap_or_default() };
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(watch_exit(exited, reporter, stop.clone()));
+        stop.cancel();
+        task.await.unwrap();
+        assert!(
+            exit_tx.is_closed(),
+            "the process handle outlived its watcher"
+        );
+        assert!(rx.try_recv().is_err());
+        assert_eq!(health.borrow().failures, 1);
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_silent_daemon_is_reported_after_consecutive_failures_only() {
         let fake = Fake::default();
         let (tx, mut rx) = mpsc::channel(4);
-        let _task = tokio::spawn(watch(fake.clone(), tx, CancellationToken::new()));
+        let (reporter, _health) = FailureReporter::new(tx);
+        let _task = tokio::spawn(watch(fake.clone(), reporter, CancellationToken::new()));
         fake.failing.store(true, Ordering::SeqCst);
         tokio::time::sleep(HEALTH_INTERVAL * 2 + Duration::from_millis(10)).await;
         // Two failures, then an answer: the count starts over.

@@ -1,10 +1,12 @@
-//! Everything that touches the host's Docker: [`dockerd`] starts and stops
-//! the daemon, [`client`] is the Docker API behind the `DockerOps` trait,
+//! Everything that touches the host's Docker: [`daemon`] is the seam the
+//! assembly boots or adopts the daemon through, [`dockerd`] starts the
+//! daemon, [`client`] is the Docker API behind the `DockerOps` trait,
 //! [`front`] is the mutual-TLS front that admits only the current lease,
 //! [`wipe`] removes and verifies all Docker state, [`listeners`] checks that
 //! dockerd listens on no TCP port, and [`health`] watches the daemon.
 
 pub mod client;
+pub mod daemon;
 pub mod dockerd;
 pub mod front;
 pub mod health;

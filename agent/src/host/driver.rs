@@ -3,7 +3,9 @@
 //! shutdown token), runs them through the pure [`state::next`], and carries
 //! out the resulting actions against the Docker front, the Docker API (wipe),
 //! the provider and the outbox to the coordinator. It publishes the host's
-//! status into a `watch` for the link's `Register` and heartbeats.
+//! status into a `watch` for the link's `Register` and heartbeats, and the
+//! wipes it reported ([`Wipes`]) into another, for the status board: the
+//! board reads both, nothing it does can hold up the driver's messages.
 //!
 //! The lease deadline is enforced here, on the agent's own clock, whether or
 //! not the coordinator is reachable.
@@ -57,6 +59,31 @@ pub enum DriverError {
     },
 }
 
+/// The wipes the driver has reported to the coordinator, as it published
+/// them: cumulative counts and the last report.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Wipes {
+    pub verified: u64,
+    pub failed: u64,
+    pub last: Option<WipeReport>,
+}
+
+impl Wipes {
+    fn record(&mut self, w: &WipeReport) {
+        if w.verified {
+            self.verified += 1;
+        } else {
+            self.failed += 1;
+        }
+        self.last = Some(w.clone());
+    }
+
+    /// Wipes reported so far.
+    pub fn total(&self) -> u64 {
+        self.verified + self.failed
+    }
+}
+
 /// The driver task's state.
 pub struct Driver<D, F, P, C> {
     host: Host,
@@ -66,6 +93,7 @@ pub struct Driver<D, F, P, C> {
     clock: C,
     outbox: mpsc::UnboundedSender<AgentMessage>,
     status: watch::Sender<Status>,
+    wipes: watch::Sender<Wipes>,
     /// Lease deadline timer: (lease id, when).
     deadline: Option<(String, Instant)>,
     /// Per-state timeout: (state, when).
@@ -127,6 +155,7 @@ where
             clock,
             outbox,
             status,
+            wipes: watch::Sender::new(Wipes::default()),
             deadline: None,
             state_deadline: None,
             wipe_task: None,
@@ -134,6 +163,11 @@ where
             wipe_rx,
             state_file: None,
         }
+    }
+
+    /// The wipes this driver reports, as it reports them.
+    pub fn wipes(&self) -> watch::Receiver<Wipes> {
+        self.wipes.subscribe()
     }
 
     /// Keeps the host's state in `path` (see [`statefile`]), written after
@@ -235,9 +269,19 @@ where
             self.save().await;
             for action in actions {
                 if let Some(outcome) = self.execute(action, &mut queue).await {
+                    // Nothing of the host's keeps running once its driver is done.
+                    self.stop_wipe().await;
                     return outcome;
                 }
             }
+        }
+    }
+
+    /// Cuts a wipe that is still running and waits until its task is gone.
+    async fn stop_wipe(&mut self) {
+        if let Some(task) = self.wipe_task.take() {
+            task.abort();
+            let _ = task.await;
         }
     }
 
@@ -295,14 +339,15 @@ where
                 ));
             }
             Action::Send(msg) => {
+                if let berth_proto::v1::agent_message::Msg::WipeReport(w) = &msg {
+                    self.wipes.send_modify(|wipes| wipes.record(w));
+                }
                 // A closed outbox means the link is gone; the state is all
                 // the coordinator would have learned, and it is lost anyway.
                 let _ = self.outbox.send(AgentMessage { msg: Some(msg) });
             }
             Action::Terminate { reason } => {
-                if let Some(task) = self.wipe_task.take() {
-                    task.abort();
-                }
+                self.stop_wipe().await;
                 self.front.close().await;
                 tracing::info!(%reason, "terminating host");
                 let timeout = HostState::Terminating
@@ -410,6 +455,7 @@ mod tests {
         inbox: mpsc::Sender<Event>,
         outbox: mpsc::UnboundedReceiver<AgentMessage>,
         status: watch::Receiver<Status>,
+        wipes: watch::Receiver<Wipes>,
         front: FakeFront,
         provider: Arc<FakeProvider>,
         docker: Arc<FakeDocker>,
@@ -442,11 +488,13 @@ mod tests {
             status_tx,
         );
         inbox_tx.try_send(Event::Booted).unwrap();
+        let wipes = driver.wipes();
         let task = tokio::spawn(driver.run(inbox_rx, shutdown.clone()));
         Rig {
             inbox: inbox_tx,
             outbox: out_rx,
             status: status_rx,
+            wipes,
             front,
             provider,
             docker,
@@ -596,6 +644,12 @@ mod tests {
             ["state Wiping", "wipe l1 verified=true", "state Ready"]
         );
         assert_eq!(r.status.borrow().lease_id, None);
+        // The wipe is published for the status board as it was reported.
+        {
+            let wipes = r.wipes.borrow();
+            assert_eq!((wipes.verified, wipes.failed, wipes.total()), (1, 0, 1));
+            assert_eq!(wipes.last.as_ref().unwrap().lease_id, "l1");
+        }
         r.inbox.send(assign("l2", 600)).await.unwrap();
         assert_eq!(
             next_names(&mut r.outbox, 2).await,
@@ -694,6 +748,9 @@ mod tests {
             ]
         );
         assert!(r.task.await.unwrap().is_ok());
+        let wipes = r.wipes.borrow();
+        assert_eq!((wipes.verified, wipes.failed), (0, 1));
+        assert!(!wipes.last.as_ref().unwrap().verified);
         assert_eq!(r.provider.terminated.load(Ordering::SeqCst), 1);
     }
 

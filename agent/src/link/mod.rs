@@ -1,17 +1,19 @@
 //! The agent's side of `AgentService.Connect`: one bidirectional stream to
 //! the coordinator, kept up for the agent's whole life.
 //!
-//! Per connection: the first message is `Register` (identity, resources,
-//! versions and the host's *current* state and lease, read from the driver's
-//! `watch`), the coordinator answers `Registered{heartbeat_interval_ms}`, and
-//! from then on heartbeats go out at that interval, the driver's outgoing
-//! messages are forwarded, and a spawned reader turns incoming messages into
-//! driver events. Outgoing messages use an mpsc drained into a
-//! `ReceiverStream` (the request stream); a failed send means the coordinator
-//! is gone.
+//! A session (one connection) goes through its [`Phase`]s: connect (TLS,
+//! HTTP/2), register (the stream opens with `Register`: identity,
+//! resources, versions and the host's *current* state and lease, read from
+//! the driver's `watch`), await `Registered{heartbeat_interval_ms}`, and
+//! serve: heartbeats at that interval, the driver's outgoing messages
+//! forwarded, and a spawned reader turning incoming messages into driver
+//! events. Outgoing messages use an mpsc drained into a `ReceiverStream`
+//! (the request stream); a failed send means the coordinator is gone.
 //!
-//! When the stream fails the link reconnects with jittered exponential
-//! backoff. While disconnected, incoming messages are simply lost and state
+//! A failed session ends with a [`SessionError`] naming its phase, and the
+//! reconnect loop decides on it: it reconnects with jittered exponential
+//! backoff, started over after a session that got as far as serving.
+//! While disconnected, incoming messages are simply lost and state
 //! changes are dropped (the next `Register` carries the current state), but
 //! reports (`WipeReport`, `LeaseEnded`) are kept, a bounded few, and sent
 //! right after the next registration.
@@ -25,6 +27,7 @@
 pub mod net;
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::net::IpAddr;
 use std::time::{Duration, SystemTime};
 
@@ -37,7 +40,8 @@ use berth_runtime::error_chain;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tracing::Instrument;
 
 use crate::host::state::{Event, HostState};
 use crate::ops::stats::Sampler;
@@ -149,23 +153,161 @@ fn keep(pending: &mut VecDeque<AgentMessage>, m: AgentMessage) {
     }
 }
 
-/// How one connection ended.
-#[derive(Debug)]
-enum SessionEnd {
-    /// Stop token fired.
+/// How one session ended when it did not fail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ended {
+    /// The stop token fired.
     Stopped,
     /// The driver is done and everything was sent.
     Finished,
-    /// The connection failed; `registered` says whether it got that far.
-    Failed { error: String, registered: bool },
 }
 
-/// Aborts the spawned reader when a session ends.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+/// The phases of one session, in order; a failure names the one it ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Establishing the TLS/HTTP/2 connection.
+    Connect,
+    /// Opening the stream with `Register` and the join token.
+    Register,
+    /// Waiting for the coordinator's `Registered`.
+    AwaitRegistered,
+    /// Registered: heartbeats, the driver's messages, coordinator messages.
+    Serve,
+}
 
-impl Drop for AbortOnDrop {
+/// How the coordinator's side of the stream ended.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamEnd {
+    #[error("coordinator closed the stream")]
+    Closed,
+    #[error("stream error: {0}")]
+    Status(tonic::Status),
+    /// The reader task is gone without saying why (it was aborted).
+    #[error("reader ended")]
+    ReaderGone,
+}
+
+/// Why a session with the coordinator failed; the reconnect loop decides
+/// on it (a session that got as far as [`Phase::Serve`] starts the backoff
+/// over).
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    // Phase::Connect
+    #[error("bad coordinator URL {url:?}")]
+    BadUrl {
+        url: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    #[error("connect timed out after {0:?}")]
+    ConnectTimeout(Duration),
+    #[error("connect")]
+    Connect(#[source] tonic::transport::Error),
+    // Phase::Register
+    #[error("the join token is not valid header text")]
+    BadJoinToken,
+    #[error("request stream closed before register")]
+    ClosedBeforeRegister,
+    #[error("stream not accepted within {0:?}")]
+    AcceptTimeout(Duration),
+    #[error("connect rpc: {0}")]
+    Refused(tonic::Status),
+    // Phase::AwaitRegistered
+    #[error("no Registered within {0:?}")]
+    RegisteredTimeout(Duration),
+    #[error("Registered carried no server certificate")]
+    NoCertificate,
+    #[error(transparent)]
+    EndedUnregistered(StreamEnd),
+    // Phase::Serve
+    #[error("stream closed while sending queued reports")]
+    QueuedReportsNotSent,
+    #[error("stream closed")]
+    SendFailed,
+    #[error(transparent)]
+    Lost(StreamEnd),
+}
+
+impl SessionError {
+    /// The phase the session failed in.
+    pub fn phase(&self) -> Phase {
+        match self {
+            SessionError::BadUrl { .. }
+            | SessionError::ConnectTimeout(_)
+            | SessionError::Connect(_) => Phase::Connect,
+            SessionError::BadJoinToken
+            | SessionError::ClosedBeforeRegister
+            | SessionError::AcceptTimeout(_)
+            | SessionError::Refused(_) => Phase::Register,
+            SessionError::RegisteredTimeout(_)
+            | SessionError::NoCertificate
+            | SessionError::EndedUnregistered(_) => Phase::AwaitRegistered,
+            SessionError::QueuedReportsNotSent
+            | SessionError::SendFailed
+            | SessionError::Lost(_) => Phase::Serve,
+        }
+    }
+}
+
+/// Runs `f` unless `stop` fires first (`None`).
+async fn or_stop<T>(stop: &CancellationToken, f: impl Future<Output = T>) -> Option<T> {
+    tokio::select! {
+        _ = stop.cancelled() => None,
+        v = f => Some(v),
+    }
+}
+
+/// The spawned reader of one session: the coordinator's messages into an
+/// mpsc, ending with the reason the stream ended. Aborted when dropped;
+/// [`Inbound::close`] also waits for it to be gone.
+struct Inbound {
+    rx: mpsc::Receiver<Result<CoordinatorMessage, StreamEnd>>,
+    reader: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Inbound {
+    fn spawn(mut stream: tonic::Streaming<CoordinatorMessage>) -> Self {
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let reader = tokio::spawn(
+            async move {
+                loop {
+                    let item = match stream.message().await {
+                        Ok(Some(m)) => Ok(m),
+                        Ok(None) => Err(StreamEnd::Closed),
+                        Err(status) => Err(StreamEnd::Status(status)),
+                    };
+                    let end = item.is_err();
+                    if tx.send(item).await.is_err() || end {
+                        return;
+                    }
+                }
+            }
+            .in_current_span(),
+        );
+        Inbound {
+            rx,
+            reader: Some(reader),
+        }
+    }
+
+    /// The next message, or how the stream ended.
+    async fn recv(&mut self) -> Result<CoordinatorMessage, StreamEnd> {
+        self.rx.recv().await.unwrap_or(Err(StreamEnd::ReaderGone))
+    }
+
+    async fn close(mut self) {
+        if let Some(reader) = self.reader.take() {
+            reader.abort();
+            let _ = reader.await;
+        }
+    }
+}
+
+impl Drop for Inbound {
     fn drop(&mut self) {
-        self.0.abort();
+        if let Some(reader) = &self.reader {
+            reader.abort();
+        }
     }
 }
 
@@ -234,12 +376,10 @@ impl Link {
         let booted = self
             .status
             .wait_for(|s| !matches!(s.state, HostState::Booting | HostState::Warming));
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            r = booted => if r.is_err() {
-                // The driver is gone before the host ever booted.
-                return;
-            },
+        match or_stop(&stop, booted).await {
+            // The driver is gone before the host ever booted.
+            None | Some(Err(_)) => return,
+            Some(Ok(_)) => {}
         }
         let mut backoff = Backoff::new(RECONNECT_BASE, RECONNECT_MAX);
         loop {
@@ -247,33 +387,48 @@ impl Link {
                 return;
             }
             match self.session(&stop).await {
-                SessionEnd::Stopped | SessionEnd::Finished => return,
-                SessionEnd::Failed { error, registered } => {
-                    if registered {
+                Ok(Ended::Stopped | Ended::Finished) => return,
+                Err(e) => {
+                    // A session that was registered proved the coordinator
+                    // reachable: the next attempt starts small again.
+                    let phase = e.phase();
+                    if phase == Phase::Serve {
                         backoff.reset();
                     }
-                    tracing::warn!(coordinator = %self.coordinator, %error, "coordinator link down; reconnecting");
+                    tracing::warn!(coordinator = %self.coordinator, ?phase, error = %error_chain(&e), "coordinator link down; reconnecting");
                 }
             }
             self.published.send_modify(|s| s.connected = false);
             let delay = backoff.next_delay(&mut rand::rng());
-            let sleep = tokio::time::sleep(delay);
-            tokio::pin!(sleep);
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = &mut sleep => break,
-                    m = self.outbox.recv(), if self.outbox_open => match m {
-                        Some(m) => keep(&mut self.pending, m),
-                        None => {
-                            self.outbox_open = false;
-                            // Done, and nothing worth reconnecting for.
-                            if self.pending.is_empty() {
-                                return;
-                            }
+            if self.wait_before_reconnect(delay, &stop).await.is_some() {
+                return;
+            }
+        }
+    }
+
+    /// Sleeps `delay` while keeping the driver's reports; `Some` when the
+    /// link is to end instead of reconnecting.
+    async fn wait_before_reconnect(
+        &mut self,
+        delay: Duration,
+        stop: &CancellationToken,
+    ) -> Option<Ended> {
+        let sleep = tokio::time::sleep(delay);
+        tokio::pin!(sleep);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return Some(Ended::Stopped),
+                _ = &mut sleep => return None,
+                m = self.outbox.recv(), if self.outbox_open => match m {
+                    Some(m) => keep(&mut self.pending, m),
+                    None => {
+                        self.outbox_open = false;
+                        // Done, and nothing worth reconnecting for.
+                        if self.pending.is_empty() {
+                            return Some(Ended::Finished);
                         }
-                    },
-                }
+                    }
+                },
             }
         }
     }
@@ -326,37 +481,63 @@ impl Link {
         }
     }
 
-    async fn session(&mut self, stop: &CancellationToken) -> SessionEnd {
-        let failed = |error: String| SessionEnd::Failed {
-            error,
-            registered: false,
+    /// One connection, phase by phase: connect, register, await
+    /// `Registered`, serve.
+    async fn session(&mut self, stop: &CancellationToken) -> Result<Ended, SessionError> {
+        let Some(channel) = or_stop(stop, self.connect()).await else {
+            return Ok(Ended::Stopped);
         };
+        let channel = channel?;
+        let Some(opened) = or_stop(stop, self.register(channel)).await else {
+            return Ok(Ended::Stopped);
+        };
+        let (tx, stream) = opened?;
+        let mut inbound = Inbound::spawn(stream);
+        let result = self.registered_then_serve(tx, &mut inbound, stop).await;
+        inbound.close().await;
+        result
+    }
+
+    /// Phase [`Phase::Connect`]: the TLS connection to the coordinator.
+    async fn connect(&self) -> Result<Channel, SessionError> {
         let tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(self.credentials.ca_pem.clone()));
-        let endpoint = match Endpoint::from_shared(self.coordinator.clone())
+        let endpoint = Endpoint::from_shared(self.coordinator.clone())
             .and_then(|e| e.tls_config(tls))
-        {
-            Ok(e) => e
-                .connect_timeout(CONNECT_TIMEOUT)
-                .tcp_nodelay(true)
-                .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
-                .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-                .keep_alive_while_idle(true),
-            Err(e) => return failed(format!("bad coordinator URL {:?}: {e}", self.coordinator)),
+            .map_err(|source| SessionError::BadUrl {
+                url: self.coordinator.clone(),
+                source,
+            })?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true);
+        let connecting = async {
+            match self.dialer.clone() {
+                Some(d) => endpoint.connect_with_connector(d).await,
+                None => endpoint.connect().await,
+            }
         };
-        let channel = tokio::select! {
-            _ = stop.cancelled() => return SessionEnd::Stopped,
-            r = tokio::time::timeout(CONNECT_TIMEOUT, async {
-                match self.dialer.clone() {
-                    Some(d) => endpoint.connect_with_connector(d).await,
-                    None => endpoint.connect().await,
-                }
-            }) => match r {
-                Err(_) => return failed(format!("connect timed out after {CONNECT_TIMEOUT:?}")),
-                Ok(Err(e)) => return failed(format!("connect: {}", error_chain(&e))),
-                Ok(Ok(c)) => c,
-            },
-        };
+        match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+            Err(_) => Err(SessionError::ConnectTimeout(CONNECT_TIMEOUT)),
+            Ok(r) => r.map_err(SessionError::Connect),
+        }
+    }
+
+    /// Phase [`Phase::Register`]: opens the stream with `Register` (the
+    /// host's current state) and the join token; returns the request
+    /// stream's sender and the coordinator's stream.
+    async fn register(
+        &mut self,
+        channel: Channel,
+    ) -> Result<
+        (
+            mpsc::Sender<AgentMessage>,
+            tonic::Streaming<CoordinatorMessage>,
+        ),
+        SessionError,
+    > {
         let mut client = AgentServiceClient::new(channel);
         // `Register` carries the current state, so state changes queued
         // before it are stale; only reports are kept. The driver publishes a
@@ -369,100 +550,97 @@ impl Link {
         // Queued before the call: a server may wait for the first message
         // before it sends response headers.
         let register = self.register_message();
-        if tx.try_send(register).is_err() {
-            return failed("request stream closed before register".to_owned());
-        }
+        tx.try_send(register)
+            .map_err(|_| SessionError::ClosedBeforeRegister)?;
         let mut request = tonic::Request::new(ReceiverStream::new(rx));
-        match format!("Bearer {}", self.credentials.join_token).parse() {
-            Ok(v) => {
-                request.metadata_mut().insert("authorization", v);
-            }
-            Err(_) => return failed("the join token is not valid header text".to_owned()),
+        let bearer = format!("Bearer {}", self.credentials.join_token)
+            .parse()
+            .map_err(|_| SessionError::BadJoinToken)?;
+        request.metadata_mut().insert("authorization", bearer);
+        match tokio::time::timeout(REGISTER_TIMEOUT, client.connect(request)).await {
+            Err(_) => Err(SessionError::AcceptTimeout(REGISTER_TIMEOUT)),
+            Ok(Err(status)) => Err(SessionError::Refused(status)),
+            Ok(Ok(response)) => Ok((tx, response.into_inner())),
         }
-        let response = tokio::select! {
-            _ = stop.cancelled() => return SessionEnd::Stopped,
-            r = tokio::time::timeout(REGISTER_TIMEOUT, client.connect(request)) => match r {
-                Err(_) => return failed(format!("stream not accepted within {REGISTER_TIMEOUT:?}")),
-                Ok(Err(status)) => return failed(format!("connect rpc: {status}")),
-                Ok(Ok(r)) => r,
-            },
-        };
+    }
 
-        // The spawned reader: incoming messages into an mpsc, ending with the
-        // reason the stream ended.
-        let mut inbound = response.into_inner();
-        let (in_tx, mut in_rx) = mpsc::channel::<Result<CoordinatorMessage, String>>(STREAM_BUFFER);
-        let _reader = AbortOnDrop(tokio::spawn(async move {
-            loop {
-                let item = match inbound.message().await {
-                    Ok(Some(m)) => Ok(m),
-                    Ok(None) => Err("coordinator closed the stream".to_owned()),
-                    Err(status) => Err(format!("stream error: {status}")),
-                };
-                let end = item.is_err();
-                if in_tx.send(item).await.is_err() || end {
-                    return;
-                }
-            }
-        }));
-
-        // Wait for Registered; anything else before it is still handed on.
-        let registered = tokio::time::Instant::now() + REGISTER_TIMEOUT;
-        let interval = loop {
-            let next = tokio::select! {
-                _ = stop.cancelled() => return SessionEnd::Stopped,
-                _ = tokio::time::sleep_until(registered) => {
-                    return failed(format!("no Registered within {REGISTER_TIMEOUT:?}"));
-                }
-                m = in_rx.recv() => m,
-            };
-            match next {
-                Some(Ok(CoordinatorMessage {
-                    msg: Some(coordinator_message::Msg::Registered(r)),
-                })) => {
-                    if r.server_cert_pem.is_empty() || r.ca_pem.is_empty() {
-                        return failed("Registered carried no server certificate".to_owned());
-                    }
-                    let issued = Issued {
-                        server_cert_pem: r.server_cert_pem,
-                        ca_pem: r.ca_pem,
-                    };
-                    self.published.send_modify(|s| s.issued = Some(issued));
-                    break heartbeat_interval(r.heartbeat_interval_ms);
-                }
-                Some(Ok(other)) => self.dispatch(other),
-                Some(Err(e)) => return failed(e),
-                None => return failed("reader ended".to_owned()),
-            }
+    async fn registered_then_serve(
+        &mut self,
+        tx: mpsc::Sender<AgentMessage>,
+        inbound: &mut Inbound,
+        stop: &CancellationToken,
+    ) -> Result<Ended, SessionError> {
+        let Some(interval) = or_stop(stop, self.await_registered(inbound)).await else {
+            return Ok(Ended::Stopped);
         };
+        let interval = interval?;
         self.published.send_modify(|s| {
             s.connected = true;
             s.heartbeat_interval = Some(interval);
             s.registrations += 1;
         });
         tracing::info!(coordinator = %self.coordinator, heartbeat = ?interval, "registered with coordinator");
-        let lost = |error: String| SessionEnd::Failed {
-            error,
-            registered: true,
-        };
+        self.serve(tx, inbound, interval, stop).await
+    }
 
+    /// Phase [`Phase::AwaitRegistered`]: waits for `Registered`, publishes
+    /// the certificate it carries and returns the heartbeat interval.
+    /// Anything else before it is still handed on to the driver.
+    async fn await_registered(&mut self, inbound: &mut Inbound) -> Result<Duration, SessionError> {
+        let deadline = tokio::time::Instant::now() + REGISTER_TIMEOUT;
+        loop {
+            let next = tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => {
+                    return Err(SessionError::RegisteredTimeout(REGISTER_TIMEOUT));
+                }
+                m = inbound.recv() => m,
+            };
+            match next.map_err(SessionError::EndedUnregistered)? {
+                CoordinatorMessage {
+                    msg: Some(coordinator_message::Msg::Registered(r)),
+                } => {
+                    if r.server_cert_pem.is_empty() || r.ca_pem.is_empty() {
+                        return Err(SessionError::NoCertificate);
+                    }
+                    let issued = Issued {
+                        server_cert_pem: r.server_cert_pem,
+                        ca_pem: r.ca_pem,
+                    };
+                    self.published.send_modify(|s| s.issued = Some(issued));
+                    return Ok(heartbeat_interval(r.heartbeat_interval_ms));
+                }
+                other => self.dispatch(other),
+            }
+        }
+    }
+
+    /// Phase [`Phase::Serve`]: sends the reports kept while disconnected,
+    /// then heartbeats at `interval`, forwards the driver's messages and
+    /// dispatches the coordinator's, until the driver is done (everything
+    /// sent), `stop` fires or the stream fails.
+    async fn serve(
+        &mut self,
+        tx: mpsc::Sender<AgentMessage>,
+        inbound: &mut Inbound,
+        interval: Duration,
+        stop: &CancellationToken,
+    ) -> Result<Ended, SessionError> {
         while let Some(m) = self.pending.pop_front() {
             if !send(&tx, m.clone()).await {
                 self.pending.push_front(m);
-                return lost("stream closed while sending queued reports".to_owned());
+                return Err(SessionError::QueuedReportsNotSent);
             }
         }
-
         let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = stop.cancelled() => return SessionEnd::Stopped,
+                _ = stop.cancelled() => return Ok(Ended::Stopped),
                 m = self.outbox.recv(), if self.outbox_open => match m {
                     Some(m) => {
                         if !send(&tx, m.clone()).await {
                             keep(&mut self.pending, m);
-                            return lost("stream closed".to_owned());
+                            return Err(SessionError::SendFailed);
                         }
                     }
                     None => {
@@ -471,27 +649,25 @@ impl Link {
                         self.outbox_open = false;
                         drop(tx);
                         let _ = tokio::time::timeout(CLOSE_GRACE, async {
-                            while in_rx.recv().await.is_some() {}
+                            while inbound.recv().await.is_ok() {}
                         })
                         .await;
-                        return SessionEnd::Finished;
+                        return Ok(Ended::Finished);
                     }
                 },
                 _ = ticker.tick() => {
                     let hb = self.heartbeat_message();
                     if !send(&tx, hb).await {
-                        return lost("stream closed".to_owned());
+                        return Err(SessionError::SendFailed);
                     }
                 }
-                m = in_rx.recv() => match m {
-                    Some(Ok(CoordinatorMessage { msg: Some(coordinator_message::Msg::Registered(r)) })) => {
+                m = inbound.recv() => match m.map_err(SessionError::Lost)? {
+                    CoordinatorMessage { msg: Some(coordinator_message::Msg::Registered(r)) } => {
                         let interval = heartbeat_interval(r.heartbeat_interval_ms);
                         ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
                         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                     }
-                    Some(Ok(msg)) => self.dispatch(msg),
-                    Some(Err(e)) => return lost(e),
-                    None => return lost("reader ended".to_owned()),
+                    msg => self.dispatch(msg),
                 },
             }
         }
@@ -508,136 +684,16 @@ async fn send(tx: &mpsc::Sender<AgentMessage>, m: AgentMessage) -> bool {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
     use berth_proto::v1::{LeaseEnded, StateChanged, WipeReport};
+    use berth_testkit::FakeCoordinator;
 
-    mod fake {
-        //! A coordinator that can refuse streams and break the current one.
-        use super::super::*;
-        use berth_proto::v1::Registered;
-        use berth_proto::v1::agent_service_server::AgentService;
-        use std::sync::atomic::{AtomicBool, Ordering};
-        use std::sync::{Arc, Mutex};
-        use tonic::{Request, Response, Status, Streaming};
+    /// Bound on each message the tests wait for.
+    const WAIT: Duration = Duration::from_secs(10);
 
-        pub type ToAgent = mpsc::Sender<Result<CoordinatorMessage, Status>>;
-
-        #[derive(Clone)]
-        pub struct Fake {
-            pub seen: mpsc::UnboundedSender<AgentMessage>,
-            pub current: Arc<Mutex<Option<ToAgent>>>,
-            pub refuse: Arc<AtomicBool>,
-            pub ca: Arc<berth_tls::Ca>,
-            pub join_token: String,
-        }
-
-        #[tonic::async_trait]
-        impl AgentService for Fake {
-            type ConnectStream = ReceiverStream<Result<CoordinatorMessage, Status>>;
-
-            async fn connect(
-                &self,
-                request: Request<Streaming<AgentMessage>>,
-            ) -> Result<Response<Self::ConnectStream>, Status> {
-                if self.refuse.load(Ordering::SeqCst) {
-                    return Err(Status::unavailable("coordinator restarting"));
-                }
-                let expected = format!("Bearer {}", self.join_token);
-                let presented = request.metadata().get("authorization");
-                if presented.and_then(|v| v.to_str().ok()) != Some(expected.as_str()) {
-                    return Err(Status::unauthenticated("invalid pool join token"));
-                }
-                let mut inbound = request.into_inner();
-                let ca = self.ca.clone();
-                let (tx, rx) = mpsc::channel(16);
-                *self.current.lock().unwrap() = Some(tx.clone());
-                let seen = self.seen.clone();
-                tokio::spawn(async move {
-                    while let Ok(Some(msg)) = inbound.message().await {
-                        if let Some(Msg::Register(reg)) = &msg.msg {
-                            let addr = reg.host_addr.parse().unwrap();
-                            let now = std::time::SystemTime::now();
-                            let r = Registered {
-                                heartbeat_interval_ms: 100,
-                                server_cert_pem: ca
-                                    .sign_host(&reg.csr_pem, &reg.host_id, addr, now)
-                                    .unwrap(),
-                                ca_pem: ca.cert_pem().to_owned(),
-                            };
-                            let reply = CoordinatorMessage {
-                                msg: Some(coordinator_message::Msg::Registered(r)),
-                            };
-                            let _ = tx.send(Ok(reply)).await;
-                        }
-                        let _ = seen.send(msg);
-                    }
-                });
-                Ok(Response::new(ReceiverStream::new(rx)))
-            }
-        }
-    }
-
-    /// Next message from the agent that is not a heartbeat.
-    async fn next_non_heartbeat(rx: &mut mpsc::UnboundedReceiver<AgentMessage>) -> Msg {
-        loop {
-            let m = tokio::time::timeout(Duration::from_secs(10), rx.recv())
-                .await
-                .expect("message in time")
-                .expect("feed open");
-            match m.msg {
-                Some(Msg::Heartbeat(_)) | None => continue,
-                Some(msg) => return msg,
-            }
-        }
-    }
-
-    #[tokio::test]
-    async fn registers_heartbeats_reconnects_and_delivers_queued_reports() {
-        use berth_proto::v1::agent_service_server::AgentServiceServer;
-        use berth_proto::v1::{AssignLease, HostState as P};
-        use std::sync::atomic::Ordering;
-        use std::sync::{Arc, Mutex};
-        use tokio_stream::wrappers::TcpListenerStream;
-
-        let (seen_tx, mut seen) = mpsc::unbounded_channel();
-        let (ca, _) = berth_tls::Ca::generate("test CA").unwrap();
-        let ca = Arc::new(ca);
-        let fake = fake::Fake {
-            seen: seen_tx,
-            current: Arc::new(Mutex::new(None)),
-            refuse: Arc::new(std::sync::atomic::AtomicBool::new(false)),
-            ca: ca.clone(),
-            join_token: berth_tls::token::generate(),
-        };
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("https://{}", listener.local_addr().unwrap());
-        let (cert, key) = ca.issue_server(&["127.0.0.1".into()]).unwrap();
-        let tls = tonic::transport::ServerTlsConfig::new()
-            .identity(tonic::transport::Identity::from_pem(cert, key));
-        let server = tokio::spawn(
-            tonic::transport::Server::builder()
-                .tls_config(tls)
-                .unwrap()
-                .add_service(AgentServiceServer::new(fake.clone()))
-                .serve_with_incoming(TcpListenerStream::new(listener)),
-        );
-        let front_key = berth_tls::KeyAndCsr::generate("front").unwrap();
-
-        // A wrong join token is refused: the link never registers.
-        let wrong = Credentials {
-            ca_pem: ca.cert_pem().to_owned(),
-            join_token: berth_tls::token::generate(),
-        };
-
-        let ready = Status {
-            state: HostState::Ready,
-            lease_id: None,
-            lease_deadline: None,
-        };
-        let (status_tx, status_rx) = watch::channel(ready);
-        let (out_tx, out_rx) = mpsc::unbounded_channel();
-        let (driver_tx, mut driver_rx) = mpsc::channel(8);
-        let registration = Registration {
+    fn registration(csr_pem: &str) -> Registration {
+        Registration {
             host_id: "btl-0001".into(),
             host_addr: "198.18.0.6".parse().unwrap(),
             docker_host: "tcp://198.18.0.6:2376".into(),
@@ -646,41 +702,148 @@ mod tests {
             zone: String::new(),
             agent_version: "0.1.0".into(),
             docker_version: "20.10".into(),
-            csr_pem: front_key.csr_pem.clone(),
+            csr_pem: csr_pem.to_owned(),
+        }
+    }
+
+    fn ready() -> Status {
+        Status {
+            state: HostState::Ready,
+            lease_id: None,
+            lease_deadline: None,
+        }
+    }
+
+    /// A link to `url` for a Ready host, and the ends the test holds.
+    struct Rig {
+        link: Link,
+        status: watch::Receiver<LinkStatus>,
+        _host: watch::Sender<Status>,
+        _outbox: mpsc::UnboundedSender<AgentMessage>,
+        _driver: mpsc::Receiver<Event>,
+    }
+
+    fn rig(url: &str, credentials: Credentials) -> Rig {
+        let front_key = berth_tls::KeyAndCsr::generate("front").unwrap();
+        let (host, host_rx) = watch::channel(ready());
+        let (outbox, outbox_rx) = mpsc::unbounded_channel();
+        let (to_driver, driver) = mpsc::channel(8);
+        let (link, status) = Link::new(
+            url.to_owned(),
+            credentials,
+            registration(&front_key.csr_pem),
+            Sampler::new(std::path::Path::new("/")),
+            host_rx,
+            outbox_rx,
+            to_driver,
+        );
+        Rig {
+            link,
+            status,
+            _host: host,
+            _outbox: outbox,
+            _driver: driver,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_session_names_its_phase() {
+        let (fake, mut seen) = FakeCoordinator::start().await;
+        let good = Credentials {
+            ca_pem: fake.ca_pem().to_owned(),
+            join_token: fake.join_token().to_owned(),
         };
+        let stop = CancellationToken::new();
+
+        // Nothing listens: the connect phase fails.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("https://{}", closed.local_addr().unwrap());
+        drop(closed);
+        let e = rig(&url, good.clone())
+            .link
+            .session(&stop)
+            .await
+            .unwrap_err();
+        assert_eq!(e.phase(), Phase::Connect, "{e:?}");
+        assert!(matches!(e, SessionError::Connect(_)), "{e:?}");
+
+        // A wrong join token: refused when the stream opens.
+        let wrong = Credentials {
+            join_token: berth_tls::token::generate(),
+            ..good.clone()
+        };
+        let e = rig(fake.url(), wrong)
+            .link
+            .session(&stop)
+            .await
+            .unwrap_err();
+        assert_eq!(e.phase(), Phase::Register, "{e:?}");
+        assert!(
+            matches!(&e, SessionError::Refused(s) if s.code() == tonic::Code::Unauthenticated),
+            "{e:?}"
+        );
+        assert!(seen.try_next().is_none(), "a refused agent was heard");
+
+        // Registered, then the coordinator fails the stream: lost while serving.
+        let mut r = rig(fake.url(), good);
+        let link_status = r.status.clone();
+        let session = tokio::spawn(async move { r.link.session(&stop).await });
+        assert!(matches!(
+            seen.next_non_heartbeat(WAIT).await,
+            Msg::Register(_)
+        ));
+        fake.break_stream(tonic::Status::unavailable("restarting"))
+            .await;
+        let e = tokio::time::timeout(WAIT, session)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(e.phase(), Phase::Serve, "{e:?}");
+        assert!(
+            matches!(&e, SessionError::Lost(StreamEnd::Status(s)) if s.code() == tonic::Code::Unavailable),
+            "{e:?}"
+        );
+        assert_eq!(link_status.borrow().registrations, 1);
+    }
+
+    #[tokio::test]
+    async fn registers_heartbeats_reconnects_and_delivers_queued_reports() {
+        use berth_proto::v1::{AssignLease, HostState as P};
+
+        let (fake, mut seen) = FakeCoordinator::start().await;
+        let front_key = berth_tls::KeyAndCsr::generate("front").unwrap();
+
+        // A wrong join token is refused: the link never registers.
         {
-            let (_s, status) = watch::channel(status_rx.borrow().clone());
-            let (_o, outbox) = mpsc::unbounded_channel();
-            let (to_driver, _d) = mpsc::channel(8);
-            let sampler = Sampler::new(std::path::Path::new("/"));
-            let (link, refused) = Link::new(
-                url.clone(),
-                wrong,
-                registration.clone(),
-                sampler,
-                status,
-                outbox,
-                to_driver,
-            );
+            let wrong = Credentials {
+                ca_pem: fake.ca_pem().to_owned(),
+                join_token: berth_tls::token::generate(),
+            };
+            let r = rig(fake.url(), wrong);
+            let refused = r.status.clone();
             let stop = CancellationToken::new();
-            let task = tokio::spawn(link.run(stop.clone()));
+            let task = tokio::spawn(r.link.run(stop.clone()));
             tokio::time::sleep(Duration::from_millis(800)).await;
             assert_eq!(refused.borrow().registrations, 0);
             assert!(refused.borrow().issued.is_none());
-            assert!(seen.try_recv().is_err(), "a refused agent was heard");
+            assert!(seen.try_next().is_none(), "a refused agent was heard");
             stop.cancel();
             task.await.unwrap();
         }
 
+        let (status_tx, status_rx) = watch::channel(ready());
+        let (out_tx, out_rx) = mpsc::unbounded_channel();
+        let (driver_tx, mut driver_rx) = mpsc::channel(8);
         let credentials = Credentials {
-            ca_pem: ca.cert_pem().to_owned(),
-            join_token: fake.join_token.clone(),
+            ca_pem: fake.ca_pem().to_owned(),
+            join_token: fake.join_token().to_owned(),
         };
         let sampler = Sampler::new(std::path::Path::new("/"));
         let (link, mut link_status) = Link::new(
-            url,
+            fake.url().to_owned(),
             credentials,
-            registration,
+            registration(&front_key.csr_pem),
             sampler,
             status_rx,
             out_rx,
@@ -689,7 +852,7 @@ mod tests {
         let link_task = tokio::spawn(link.run(CancellationToken::new()));
 
         // First registration carries the identity and the current state.
-        let Msg::Register(r) = next_non_heartbeat(&mut seen).await else {
+        let Msg::Register(r) = seen.next_non_heartbeat(WAIT).await else {
             panic!("Register first")
         };
         assert_eq!(
@@ -707,7 +870,7 @@ mod tests {
             .issued
             .clone()
             .unwrap();
-        assert_eq!(issued.ca_pem, ca.cert_pem());
+        assert_eq!(issued.ca_pem, fake.ca_pem());
         let identity = berth_tls::ServerIdentity {
             cert_pem: issued.server_cert_pem,
             key_pem: front_key.key_pem.clone(),
@@ -715,31 +878,16 @@ mod tests {
         };
         assert!(berth_tls::lease_server_config(&identity, "l1").is_ok());
         // Heartbeats follow at the coordinator's interval.
-        let hb = tokio::time::timeout(Duration::from_secs(5), async {
-            loop {
-                if let Some(AgentMessage {
-                    msg: Some(Msg::Heartbeat(h)),
-                }) = seen.recv().await
-                {
-                    return h;
-                }
-            }
-        })
-        .await
-        .unwrap();
+        let hb = seen.next_heartbeat(Duration::from_secs(5)).await;
         assert_eq!(P::try_from(hb.state), Ok(P::Ready));
 
         // Coordinator messages reach the driver as events.
-        let tx = fake.current.lock().unwrap().clone().unwrap();
-        let assign = AssignLease {
+        fake.send(coordinator_message::Msg::AssignLease(AssignLease {
             lease_id: "l1".into(),
             build_id: "b".into(),
             deadline: None,
-        };
-        let msg = CoordinatorMessage {
-            msg: Some(coordinator_message::Msg::AssignLease(assign)),
-        };
-        tx.send(Ok(msg)).await.unwrap();
+        }))
+        .await;
         let event = tokio::time::timeout(Duration::from_secs(5), driver_rx.recv())
             .await
             .unwrap();
@@ -749,10 +897,9 @@ mod tests {
         );
 
         // The coordinator goes away (the stream breaks, new streams are refused).
-        fake.refuse.store(true, Ordering::SeqCst);
-        tx.send(Err(tonic::Status::unavailable("restarting")))
-            .await
-            .unwrap();
+        fake.refuse_streams(true);
+        fake.break_stream(tonic::Status::unavailable("restarting"))
+            .await;
         link_status.wait_for(|s| !s.connected).await.unwrap();
 
         // Meanwhile the host moves on: a state change (dropped; the next
@@ -787,8 +934,8 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert!(!link_status.borrow().connected);
 
-        fake.refuse.store(false, Ordering::SeqCst);
-        let Msg::Register(r) = next_non_heartbeat(&mut seen).await else {
+        fake.refuse_streams(false);
+        let Msg::Register(r) = seen.next_non_heartbeat(WAIT).await else {
             panic!("Register again after reconnecting")
         };
         assert_eq!(P::try_from(r.state), Ok(P::Leased));
@@ -797,7 +944,7 @@ mod tests {
             r.lease_deadline,
             Some(berth_proto::from_system_time(deadline))
         );
-        assert_eq!(next_non_heartbeat(&mut seen).await, Msg::WipeReport(report));
+        assert_eq!(seen.next_non_heartbeat(WAIT).await, Msg::WipeReport(report));
         assert_eq!(link_status.borrow().registrations, 2);
 
         // The driver finishing (outbox closed) ends the link.
@@ -806,7 +953,6 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
-        server.abort();
     }
 
     #[test]

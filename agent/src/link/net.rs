@@ -22,6 +22,8 @@ use nix::sched::CloneFlags;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 /// Bound on creating the socket inside the namespace.
 pub const SOCKET_TIMEOUT: Duration = Duration::from_secs(5);
@@ -71,12 +73,14 @@ pub async fn coordinator_addr(url: &str) -> Result<SocketAddr, LinkNetError> {
 }
 
 /// Listens on `bind` (an address of the root namespace, port 0 for any) and
-/// forwards every connection to `upstream` until `stop` fires. Returns the
-/// address actually bound.
+/// forwards every connection to `upstream` until `stop` fires. The accept
+/// loop and every connection are tasks of `tracker`, so whoever owns it can
+/// wait until the relay is gone. Returns the address actually bound.
 pub async fn start_relay(
     bind: SocketAddr,
     upstream: SocketAddr,
     stop: CancellationToken,
+    tracker: &TaskTracker,
 ) -> Result<SocketAddr, LinkNetError> {
     let listener = TcpListener::bind(bind)
         .await
@@ -84,29 +88,38 @@ pub async fn start_relay(
     let local = listener
         .local_addr()
         .map_err(|source| LinkNetError::Bind { addr: bind, source })?;
-    tokio::spawn(async move {
-        loop {
-            let accepted = tokio::select! {
-                _ = stop.cancelled() => return,
-                a = listener.accept() => a,
-            };
-            let Ok((mut down, _)) = accepted else {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            };
-            let stop = stop.clone();
-            tokio::spawn(async move {
-                let up = tokio::time::timeout(UPSTREAM_TIMEOUT, TcpStream::connect(upstream)).await;
-                let Ok(Ok(mut up)) = up else { return };
-                let _ = up.set_nodelay(true);
-                let _ = down.set_nodelay(true);
-                tokio::select! {
-                    _ = stop.cancelled() => {}
-                    _ = tokio::io::copy_bidirectional(&mut down, &mut up) => {}
-                }
-            });
+    let connections = tracker.clone();
+    tracker.spawn(
+        async move {
+            loop {
+                let accepted = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    a = listener.accept() => a,
+                };
+                let Ok((mut down, _)) = accepted else {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                };
+                let stop = stop.clone();
+                connections.spawn(
+                    async move {
+                        let up =
+                            tokio::time::timeout(UPSTREAM_TIMEOUT, TcpStream::connect(upstream))
+                                .await;
+                        let Ok(Ok(mut up)) = up else { return };
+                        let _ = up.set_nodelay(true);
+                        let _ = down.set_nodelay(true);
+                        tokio::select! {
+                            _ = stop.cancelled() => {}
+                            _ = tokio::io::copy_bidirectional(&mut down, &mut up) => {}
+                        }
+                    }
+                    .in_current_span(),
+                );
+            }
         }
-    });
+        .in_current_span(),
+    );
     Ok(local)
 }
 
@@ -193,14 +206,27 @@ mod tests {
             s.write_all(&buf).await.unwrap();
         });
         let stop = CancellationToken::new();
-        let relay = start_relay("127.0.0.1:0".parse().unwrap(), echo_addr, stop.clone())
-            .await
-            .unwrap();
+        let tracker = TaskTracker::new();
+        let relay = start_relay(
+            "127.0.0.1:0".parse().unwrap(),
+            echo_addr,
+            stop.clone(),
+            &tracker,
+        )
+        .await
+        .unwrap();
         let mut c = TcpStream::connect(relay).await.unwrap();
         c.write_all(b"hello").await.unwrap();
         let mut buf = [0u8; 5];
         c.read_exact(&mut buf).await.unwrap();
         assert_eq!(&buf, b"hello");
+        // Stopped, the relay's tasks end (the open connection too) and it
+        // accepts nothing more.
         stop.cancel();
+        tracker.close();
+        tokio::time::timeout(std::time::Duration::from_secs(5), tracker.wait())
+            .await
+            .unwrap();
+        assert!(TcpStream::connect(relay).await.is_err());
     }
 }

@@ -15,10 +15,12 @@
 //! in the [`Board`]; a lease id names a lease, it does not open it (only the
 //! lease's client certificate does).
 //!
-//! The [`Board`] is fed from what already flows through the agent: the
-//! driver's status `watch`, the link's status `watch`, the driver's
-//! messages to the coordinator (wipe reports, see [`tap_outbox`]) and
-//! dockerd failures (see [`tap_daemon_events`]); it never asks the driver.
+//! The [`Board`] only reads: the driver's status and wipes, the link's
+//! status and dockerd's health, each a `watch` published at its source
+//! (see [`Sources`]). It is never in a message path: the driver's messages
+//! go straight to the link and dockerd's failures straight to the driver,
+//! so a board that stops (or was never served) holds up nothing. It never
+//! asks the driver.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -29,7 +31,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use berth_proto::v1::{AgentMessage, WipeReport, agent_message::Msg};
+use berth_proto::v1::WipeReport;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -37,11 +39,12 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use serde::Serialize;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::docker::health::Probe;
-use crate::host::state::{Event, HostState};
+use crate::docker::health::{DaemonHealth, Probe};
+use crate::host::driver::Wipes;
+use crate::host::state::HostState;
 use crate::link::{LinkStatus, Status};
 use crate::ops::stats::Sampler;
 
@@ -253,7 +256,21 @@ impl Metrics {
     }
 }
 
-/// What the board has seen happen.
+/// The `watch`es the board reads, each published where its value is made.
+#[derive(Debug, Clone)]
+pub struct Sources {
+    /// The driver's status: state, lease.
+    pub host: watch::Receiver<Status>,
+    /// The coordinator link's status.
+    pub link: watch::Receiver<LinkStatus>,
+    /// dockerd's failures, as its watchers reported them to the driver.
+    pub daemon: watch::Receiver<DaemonHealth>,
+    /// The wipes the driver reported to the coordinator.
+    pub wipes: watch::Receiver<Wipes>,
+}
+
+/// What the board has taken note of so far (the counters move by the
+/// difference from it).
 #[derive(Debug, Default)]
 struct Seen {
     state: Option<HostState>,
@@ -261,17 +278,16 @@ struct Seen {
     last_lease: Option<String>,
     leases_served: u64,
     registrations: u64,
-    last_wipe: Option<WipeReport>,
+    wipes: u64,
     dockerd_failures: u64,
 }
 
-/// Everything the status endpoint shows, shared by its handlers and fed by
-/// the agent's tasks.
+/// Everything the status endpoint shows, shared by its handlers and kept
+/// current by [`Board::follow`].
 pub struct Board<P> {
     info: HostInfo,
     started: Instant,
-    host: watch::Receiver<Status>,
-    link: watch::Receiver<LinkStatus>,
+    sources: Sources,
     seen: Mutex<Seen>,
     sampler: Mutex<Sampler>,
     probe: P,
@@ -294,8 +310,7 @@ impl<P: Probe> Board<P> {
     pub fn new(
         info: HostInfo,
         started: Instant,
-        host: watch::Receiver<Status>,
-        link: watch::Receiver<LinkStatus>,
+        sources: Sources,
         sampler: Sampler,
         probe: P,
     ) -> Arc<Self> {
@@ -303,15 +318,13 @@ impl<P: Probe> Board<P> {
         let board = Arc::new(Board {
             info,
             started,
-            host,
-            link,
+            sources,
             seen: Mutex::new(Seen::default()),
             sampler: Mutex::new(sampler),
             probe,
             metrics,
         });
-        board.observe_host();
-        board.observe_link();
+        board.catch_up();
         board
     }
 
@@ -319,10 +332,18 @@ impl<P: Probe> Board<P> {
         self.seen.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Takes note of every source as it is now.
+    fn catch_up(&self) {
+        self.observe_host();
+        self.observe_link();
+        self.observe_daemon();
+        self.observe_wipes();
+    }
+
     /// Takes note of the driver's current status: when the state changed,
     /// and each lease the host started serving.
     fn observe_host(&self) {
-        let status = self.host.borrow().clone();
+        let status = self.sources.host.borrow().clone();
         let mut seen = self.seen();
         if seen.state != Some(status.state) {
             seen.state = Some(status.state);
@@ -339,7 +360,7 @@ impl<P: Probe> Board<P> {
     }
 
     fn observe_link(&self) {
-        let link = self.link.borrow().clone();
+        let link = self.sources.link.borrow().clone();
         let mut seen = self.seen();
         if link.registrations > seen.registrations {
             // Every registration after the first is a reconnect.
@@ -351,44 +372,73 @@ impl<P: Probe> Board<P> {
         self.metrics.connected.set(i64::from(link.connected));
     }
 
-    /// A wipe report the driver sent to the coordinator.
-    pub fn record_wipe(&self, w: &WipeReport) {
-        #[allow(clippy::cast_precision_loss)]
-        self.metrics
-            .wipe_duration
-            .observe(w.duration_ms as f64 / 1000.0);
-        let outcome = if w.verified { "verified" } else { "failed" };
-        self.metrics
-            .wipes
-            .get_or_create(&OutcomeLabel {
+    fn observe_daemon(&self) {
+        let failures = self.sources.daemon.borrow().failures;
+        let mut seen = self.seen();
+        if failures > seen.dockerd_failures {
+            self.metrics
+                .dockerd_failures
+                .inc_by(failures - seen.dockerd_failures);
+            seen.dockerd_failures = failures;
+        }
+    }
+
+    /// Counts the wipes reported since the last look. The outcome counts
+    /// are exact (the driver publishes cumulative ones); the histogram gets
+    /// the last report's duration for each new wipe, which is that wipe's
+    /// own unless two finished between two looks (a lease apart: not seen).
+    fn observe_wipes(&self) {
+        let wipes = self.sources.wipes.borrow().clone();
+        let mut seen = self.seen();
+        let new = wipes.total().saturating_sub(seen.wipes);
+        if new == 0 {
+            return;
+        }
+        seen.wipes = wipes.total();
+        for (outcome, now) in [("verified", wipes.verified), ("failed", wipes.failed)] {
+            let counter = self.metrics.wipes.get_or_create(&OutcomeLabel {
                 outcome: outcome.into(),
-            })
-            .inc();
-        self.seen().last_wipe = Some(w.clone());
+            });
+            if now > counter.get() {
+                counter.inc_by(now - counter.get());
+            }
+        }
+        if let Some(last) = &wipes.last {
+            #[allow(clippy::cast_precision_loss)]
+            let seconds = last.duration_ms as f64 / 1000.0;
+            for _ in 0..new {
+                self.metrics.wipe_duration.observe(seconds);
+            }
+        }
     }
 
-    /// dockerd died or stopped answering.
-    pub fn record_dockerd_failure(&self) {
-        self.metrics.dockerd_failures.inc();
-        self.seen().dockerd_failures += 1;
-    }
-
-    /// Follows the driver's and the link's status until `stop` fires or
-    /// both are gone.
+    /// Follows every source until `stop` fires or all of them are gone.
     pub async fn follow(self: Arc<Self>, stop: CancellationToken) {
-        let mut host = self.host.clone();
-        let mut link = self.link.clone();
-        let (mut host_open, mut link_open) = (true, true);
-        while host_open || link_open {
+        let Sources {
+            mut host,
+            mut link,
+            mut daemon,
+            mut wipes,
+        } = self.sources.clone();
+        let mut open = [true; 4];
+        while open.iter().any(|o| *o) {
             tokio::select! {
                 () = stop.cancelled() => return,
-                r = host.changed(), if host_open => match r {
+                r = host.changed(), if open[0] => match r {
                     Ok(()) => self.observe_host(),
-                    Err(_) => host_open = false,
+                    Err(_) => open[0] = false,
                 },
-                r = link.changed(), if link_open => match r {
+                r = link.changed(), if open[1] => match r {
                     Ok(()) => self.observe_link(),
-                    Err(_) => link_open = false,
+                    Err(_) => open[1] = false,
+                },
+                r = daemon.changed(), if open[2] => match r {
+                    Ok(()) => self.observe_daemon(),
+                    Err(_) => open[2] = false,
+                },
+                r = wipes.changed(), if open[3] => match r {
+                    Ok(()) => self.observe_wipes(),
+                    Err(_) => open[3] = false,
                 },
             }
         }
@@ -403,7 +453,7 @@ impl<P: Probe> Board<P> {
 
     /// `/readyz`: the reason the host is not ready, if it is not.
     pub async fn readiness(&self) -> Result<(), String> {
-        let state = self.host.borrow().state;
+        let state = self.sources.host.borrow().state;
         if !matches!(state, HostState::Ready | HostState::Leased) {
             return Err(format!("host is {}", state.name()));
         }
@@ -414,8 +464,16 @@ impl<P: Probe> Board<P> {
 
     /// `/status`.
     pub fn report(&self) -> StatusReport {
-        let status = self.host.borrow().clone();
-        let link = self.link.borrow().clone();
+        self.catch_up();
+        let status = self.sources.host.borrow().clone();
+        let link = self.sources.link.borrow().clone();
+        let last_wipe = self
+            .sources
+            .wipes
+            .borrow()
+            .last
+            .as_ref()
+            .map(WipeSummary::of);
         let (resources, load) = {
             let mut s = self.sampler.lock().unwrap_or_else(|e| e.into_inner());
             (s.resources(), s.load())
@@ -444,7 +502,7 @@ impl<P: Probe> Board<P> {
             },
             leases_served: seen.leases_served,
             dockerd_failures: seen.dockerd_failures,
-            last_wipe: seen.last_wipe.as_ref().map(WipeSummary::of),
+            last_wipe,
             coordinator: LinkReport {
                 url: self.info.coordinator.clone(),
                 connected: link.connected,
@@ -456,7 +514,8 @@ impl<P: Probe> Board<P> {
 
     /// `/metrics`, in the Prometheus text format.
     pub async fn metrics_text(&self) -> Result<String, std::fmt::Error> {
-        let state = self.host.borrow().state;
+        self.catch_up();
+        let state = self.sources.host.borrow().state;
         for s in ALL_STATES {
             self.metrics
                 .state
@@ -555,41 +614,6 @@ impl WipeSummary {
     }
 }
 
-/// Passes the driver's messages on to the link, noting wipe reports on
-/// the board. Ends (dropping the link's sender, which lets the link flush
-/// and finish) when the driver drops its end.
-pub async fn tap_outbox<P: Probe>(
-    board: Arc<Board<P>>,
-    mut from_driver: mpsc::UnboundedReceiver<AgentMessage>,
-    to_link: mpsc::UnboundedSender<AgentMessage>,
-) {
-    while let Some(m) = from_driver.recv().await {
-        if let Some(Msg::WipeReport(w)) = &m.msg {
-            board.record_wipe(w);
-        }
-        if to_link.send(m).is_err() {
-            return;
-        }
-    }
-}
-
-/// Passes dockerd's failures (exit, failed pings) on to the driver,
-/// counting them on the board.
-pub async fn tap_daemon_events<P: Probe>(
-    board: Arc<Board<P>>,
-    mut events: mpsc::Receiver<Event>,
-    to_driver: mpsc::Sender<Event>,
-) {
-    while let Some(e) = events.recv().await {
-        if matches!(e, Event::DaemonExited { .. }) {
-            board.record_dockerd_failure();
-        }
-        if to_driver.send(e).await.is_err() {
-            return;
-        }
-    }
-}
-
 /// The endpoint's routes.
 pub fn router<P: Probe>(board: Arc<Board<P>>) -> Router {
     Router::new()
@@ -675,21 +699,59 @@ mod tests {
         }
     }
 
+    /// The publishing ends of a board's sources.
+    struct Publishers {
+        host: watch::Sender<Status>,
+        link: watch::Sender<LinkStatus>,
+        daemon: watch::Sender<DaemonHealth>,
+        wipes: watch::Sender<Wipes>,
+    }
+
+    fn sources() -> (Publishers, Sources) {
+        let (host, host_rx) = watch::channel(status(HostState::Booting, None));
+        let (link, link_rx) = watch::channel(LinkStatus::default());
+        let (daemon, daemon_rx) = watch::channel(DaemonHealth::default());
+        let (wipes, wipes_rx) = watch::channel(Wipes::default());
+        let sources = Sources {
+            host: host_rx,
+            link: link_rx,
+            daemon: daemon_rx,
+            wipes: wipes_rx,
+        };
+        (
+            Publishers {
+                host,
+                link,
+                daemon,
+                wipes,
+            },
+            sources,
+        )
+    }
+
+    fn wipe(lease_id: &str, verified: bool, duration_ms: u64) -> WipeReport {
+        WipeReport {
+            lease_id: lease_id.into(),
+            verified,
+            duration_ms,
+            containers_removed: 2,
+            ..WipeReport::default()
+        }
+    }
+
     #[tokio::test]
     async fn readiness_state_lease_and_metrics_follow_the_host() {
-        let (host_tx, host_rx) = watch::channel(status(HostState::Booting, None));
-        let (link_tx, link_rx) = watch::channel(LinkStatus::default());
+        let (publish, sources) = sources();
         let probe = FakeProbe::default();
         let board = Board::new(
             info(),
             Instant::now(),
-            host_rx,
-            link_rx,
+            sources,
             Sampler::new(std::path::Path::new("/")),
             probe.clone(),
         );
         assert_eq!(board.readiness().await, Err("host is booting".into()));
-        host_tx.send_replace(status(HostState::Ready, None));
+        publish.host.send_replace(status(HostState::Ready, None));
         board.observe_host();
         assert!(
             board
@@ -701,7 +763,9 @@ mod tests {
         probe.0.store(true, Ordering::SeqCst);
         assert_eq!(board.readiness().await, Ok(()));
 
-        host_tx.send_replace(status(HostState::Leased, Some("lease-1")));
+        publish
+            .host
+            .send_replace(status(HostState::Leased, Some("lease-1")));
         board.observe_host();
         // Seen twice, counted once.
         board.observe_host();
@@ -714,27 +778,28 @@ mod tests {
         );
         assert_eq!(r.leases_served, 1);
         assert!(r.resources.cpus >= 1 && r.resources.memory_bytes > 0);
+        assert!(r.last_wipe.is_none() && r.dockerd_failures == 0);
 
-        link_tx.send_replace(LinkStatus {
+        publish.link.send_replace(LinkStatus {
             connected: true,
             registrations: 3,
             ..LinkStatus::default()
         });
-        board.observe_link();
-        board.record_wipe(&WipeReport {
-            lease_id: "lease-1".into(),
-            verified: true,
-            duration_ms: 300,
-            containers_removed: 2,
-            ..WipeReport::default()
+        publish.wipes.send_modify(|w| {
+            *w = Wipes {
+                verified: 1,
+                failed: 0,
+                last: Some(wipe("lease-1", true, 300)),
+            }
         });
-        host_tx.send_replace(status(HostState::Wiping, None));
-        board.observe_host();
+        publish.host.send_replace(status(HostState::Wiping, None));
         assert_eq!(board.readiness().await, Err("host is wiping".into()));
         let r = board.report();
         assert_eq!(r.coordinator.reconnects, 2);
         let w = r.last_wipe.unwrap();
         assert!(w.verified && w.containers_removed == 2 && w.duration_ms == 300);
+        // Read twice: the wipe still counts once.
+        assert_eq!(board.report().leases_served, 1);
 
         let text = board.metrics_text().await.unwrap();
         for line in [
@@ -755,6 +820,65 @@ mod tests {
         // No credential material ever reaches the board.
         let json = serde_json::to_string(&board.report()).unwrap();
         assert!(!json.contains("PRIVATE KEY") && !json.contains("CERTIFICATE"));
+    }
+
+    #[tokio::test]
+    async fn the_board_follows_its_sources_and_counts_each_event_once() {
+        let (publish, sources) = sources();
+        let board = Board::new(
+            info(),
+            Instant::now(),
+            sources,
+            Sampler::new(std::path::Path::new("/")),
+            FakeProbe::default(),
+        );
+        let stop = CancellationToken::new();
+        let follow = tokio::spawn(board.clone().follow(stop.clone()));
+
+        publish.daemon.send_modify(|h| {
+            h.failures = 2;
+            h.last_failure = Some("dockerd's process is gone".into());
+        });
+        publish.wipes.send_modify(|w| {
+            *w = Wipes {
+                verified: 1,
+                failed: 1,
+                last: Some(wipe("lease-2", false, 1500)),
+            }
+        });
+        // The follower notes the counts without a scrape.
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while board.seen().wipes < 2 || board.seen().dockerd_failures < 2 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .unwrap();
+        let r = board.report();
+        assert_eq!(r.dockerd_failures, 2);
+        let w = r.last_wipe.unwrap();
+        assert!(!w.verified && w.lease_id == "lease-2");
+        let text = board.metrics_text().await.unwrap();
+        for line in [
+            "berth_agent_dockerd_failures_total 2",
+            "berth_agent_wipes_total{outcome=\"verified\"} 1",
+            "berth_agent_wipes_total{outcome=\"failed\"} 1",
+            "berth_agent_wipe_duration_seconds_count 2",
+            "berth_agent_dockerd_up 0",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "{line:?} missing from\n{text}"
+            );
+        }
+        // Every source gone: the follower ends on its own.
+        drop(publish);
+        tokio::time::timeout(Duration::from_secs(5), follow)
+            .await
+            .unwrap()
+            .unwrap();
+        // What it last saw is still shown.
+        assert_eq!(board.report().dockerd_failures, 2);
     }
 
     #[test]
