@@ -76,6 +76,16 @@ pub enum AgentError {
     Credentials(#[from] berth_tls::TlsError),
     #[error("reading the Auto Scaling lifecycle: {0}")]
     Lifecycle(#[source] provider::ProviderError),
+    /// The host has a past (it held a lease, or its data root holds what a
+    /// fresh host would not): it is terminated, never offered.
+    #[error("host {host_id} is not fresh ({why}); it was terminated instead of offered")]
+    Burned { host_id: String, why: String },
+    #[error("checking whether host {host_id} is fresh: {source}")]
+    Holdings {
+        host_id: String,
+        #[source]
+        source: docker::client::DockerError,
+    },
 }
 
 /// Reads the coordinator's CA and the join token named in the config.

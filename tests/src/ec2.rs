@@ -638,6 +638,20 @@ impl Ec2World {
     /// for its READY line. `poweroff_marker` is the file the power-off
     /// fallback (a script) writes.
     pub fn start_agent(&mut self, coordinator: &Coordinator, extra: &[&str]) -> Agent {
+        let agent = self.spawn_agent(coordinator, extra);
+        assert!(
+            agent.ready.starts_with("READY "),
+            "the agent did not print READY (got {:?}); log:\n{}",
+            agent.ready,
+            agent.log_text()
+        );
+        agent
+    }
+
+    /// Starts `berth-agent --provider ec2` like [`Ec2World::start_agent`]
+    /// and returns once it printed its first line (`ready`: the READY line,
+    /// or empty if it exited without one).
+    pub fn spawn_agent(&mut self, coordinator: &Coordinator, extra: &[&str]) -> Agent {
         let n = self.children.len();
         let log_path = self.state_dir.join(format!("agent-{n}.log"));
         let log = std::fs::File::create(&log_path).unwrap();
@@ -687,11 +701,6 @@ impl Ec2World {
             for _ in lines {}
         });
         let ready = rx.recv_timeout(Duration::from_secs(90)).unwrap_or_default();
-        assert!(
-            ready.starts_with("READY "),
-            "the agent did not print READY (got {ready:?}); log:\n{}",
-            std::fs::read_to_string(&log_path).unwrap_or_default()
-        );
         Agent {
             pid,
             index: self.children.len() - 1,
@@ -733,6 +742,13 @@ impl Ec2World {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// Kills a child with SIGKILL (no clean-up runs) and reaps it.
+    pub fn kill_child(&mut self, agent: &Agent) {
+        let child = &mut self.children[agent.index].1;
+        let _ = child.kill();
+        let _ = child.wait();
     }
 
     /// Whether a child is still running.

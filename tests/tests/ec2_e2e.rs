@@ -402,3 +402,74 @@ fn terminate_falls_back_to_power_off_when_ec2_is_unreachable() {
     );
     assert!(log.contains("power-off requested"), "{log}");
 }
+
+/// A build killed the agent of its EC2 host mid-lease (or the agent died:
+/// a panic, the watchdog, OOM); systemd restarts it. The restarted agent
+/// finds that its host held a lease and terminates the instance before its
+/// dockerd even starts: the previous build's images (a poisoned base image
+/// under a well-known name) and `--restart=always` containers are never
+/// offered to anyone.
+#[test]
+fn an_agent_killed_mid_lease_and_restarted_terminates_its_instance_and_is_never_ready() {
+    if !preflight() {
+        return;
+    }
+    let mut w = Ec2World::start("bec5-");
+    let host = w.launch_host(Some("InService"));
+    let c = w.start_coordinator(&[]);
+    let agent = w.start_agent(&c, &["--lifecycle-poll", "500ms"]);
+    w.wait_registered(&c, &host, REGISTER_TIMEOUT);
+    let lease = w.acquire(&c, "ci-hostile");
+    // What a hostile build leaves for the next one: an image under a name
+    // the next build would use, and a container that restarts forever.
+    let ctx = w.state_dir.join("poison");
+    busybox_context(&ctx, "poisoned\n");
+    ok(
+        run(lease
+            .docker()
+            .args(["build", "-q", "-t", "alpine:latest"])
+            .arg(&ctx)),
+        "docker build",
+    );
+    ok(
+        run(lease.docker().args([
+            "run",
+            "-d",
+            "--restart=always",
+            "alpine:latest",
+            "sleep",
+            "3600",
+        ])),
+        "docker run --restart=always",
+    );
+    w.kill_child(&agent);
+    assert_eq!(w.state_of(&host), "running");
+
+    // The supervisor starts the agent again, as systemd's Restart=always does.
+    let again = w.spawn_agent(&c, &["--lifecycle-poll", "500ms"]);
+    assert!(
+        again.ready.is_empty(),
+        "the restarted agent offered a used host: {}",
+        again.ready
+    );
+    assert!(
+        !w.wait_child(&again, EXIT_TIMEOUT),
+        "the restarted agent should fail: its host is not fresh"
+    );
+    let log = again.log_text();
+    assert!(log.contains("has held a lease"), "{log}");
+    assert!(!log.contains("host ready"), "{log}");
+    wait_for(
+        "the used instance to be terminated",
+        Duration::from_secs(30),
+        || (w.state_of(&host) == "terminated").then_some(()),
+    );
+    // It never came back as Ready: the coordinator heard of it once.
+    assert_eq!(
+        c.log_lines("agent registered")
+            .iter()
+            .filter(|v| v["fields"]["host_id"].as_str() == Some(host.as_str()))
+            .count(),
+        1
+    );
+}

@@ -229,9 +229,37 @@ async fn run_host_on<P: Provider, D: Daemon>(
     }
     // Network namespace and address, before dockerd starts.
     let identity_ms = started.elapsed().as_millis();
+    let paths = HostPaths::new(&config.state_dir, &config.run_dir, &identity.local_id);
+    // A host that has a past is never Ready: judged before dockerd starts
+    // (the state file) and once it answers (what its data root holds).
+    let check_holdings = match past(&config, &paths) {
+        Past::Taken => false,
+        Past::Fresh { data_root_existed } => data_root_existed,
+        Past::Burned(why) => return burn(&*provider, &identity, why).await,
+    };
     let Some(running) = boot(&config, &*provider, &daemon, &shutdown).await? else {
         return Ok(());
     };
+    if check_holdings {
+        let held = match crate::docker::wipe::holdings(&running.docker).await {
+            Ok(h) => h,
+            Err(source) => {
+                let _ = provider.terminate().await;
+                return Err(AgentError::Holdings {
+                    host_id: identity.host_id.clone(),
+                    source,
+                });
+            }
+        };
+        if !held.is_zero() {
+            let why = format!(
+                "its data root holds {} containers, {} images, {} volumes and {} networks of a past nobody vouches for",
+                held.containers, held.images, held.volumes, held.networks
+            );
+            drop(running);
+            return burn(&*provider, &identity, why).await;
+        }
+    }
     let front_addr = SocketAddr::new(identity.host_addr, config.front_port);
     let docker_host = format!("tcp://{front_addr}");
     let status_listener = announce(&config, &identity, &docker_host).await;
@@ -268,6 +296,50 @@ async fn run_host_on<P: Provider, D: Daemon>(
         status_listener,
     };
     wire_and_run(tasks, parts, shutdown).await
+}
+
+/// What an agent starting on a host directory finds there.
+enum Past {
+    /// `--resume-host`: the host is taken over with its lease (the state
+    /// machine decides from the state file).
+    Taken,
+    /// No record of a lease; `data_root_existed` says whether dockerd's data
+    /// root must be looked at once dockerd answers.
+    Fresh { data_root_existed: bool },
+    /// The host held a lease or cannot be trusted.
+    Burned(String),
+}
+
+fn past(config: &Config, paths: &HostPaths) -> Past {
+    if config.resume_host.is_some() {
+        return Past::Taken;
+    }
+    match statefile::history(&paths.host_dir, statefile::boot_id()) {
+        statefile::History::Burned(why) => Past::Burned(why),
+        statefile::History::None | statefile::History::NeverLeased => Past::Fresh {
+            data_root_existed: paths.data_root.exists(),
+        },
+    }
+}
+
+/// Ends a host that has a past, before it is ever Ready.
+async fn burn<P: Provider>(
+    provider: &P,
+    identity: &Identity,
+    why: String,
+) -> Result<(), AgentError> {
+    tracing::error!(
+        host_id = %identity.host_id,
+        reason = %why,
+        "this host is not fresh; terminating it instead of offering it"
+    );
+    if let Err(e) = provider.terminate().await {
+        tracing::error!(error = %e, "terminating the host failed");
+    }
+    Err(AgentError::Burned {
+        host_id: identity.host_id.clone(),
+        why,
+    })
 }
 
 /// Step 1: the relay that carries the link through the host's own network,

@@ -127,6 +127,26 @@ async fn census<D: DockerOps>(
     (counts, complete)
 }
 
+/// What a daemon holds that a fresh one would not: containers, images,
+/// volumes and networks of its own (build cache and plugins come with an
+/// image or a container anyway). A host whose past nobody vouches for must
+/// show all zero before it serves anyone.
+pub async fn holdings<D: DockerOps>(docker: &D) -> Result<Counts, DockerError> {
+    let (c, i, v, n) = tokio::join!(
+        docker.list_containers(),
+        docker.list_images(),
+        docker.list_volumes(),
+        docker.list_networks(),
+    );
+    Ok(Counts {
+        containers: c?.len(),
+        images: i?.len(),
+        volumes: v?.len(),
+        networks: n?.iter().filter(|n| !n.is_default()).count(),
+        ..Counts::default()
+    })
+}
+
 /// Runs `op` on every item, [`WIPE_CONCURRENCY`] at a time; "not found"
 /// counts as done (a removal elsewhere got there first).
 async fn remove_all<'a, D, F, Fut>(docker: &'a D, items: Vec<String>, op: F) -> Vec<DockerError>

@@ -109,6 +109,8 @@ struct StateFile {
     host_id: String,
     path: std::path::PathBuf,
     last: Option<statefile::Saved>,
+    /// Sticky: the host has held a lease (this agent's or a predecessor's).
+    held_lease: bool,
 }
 
 impl<D, F, P, C> std::fmt::Debug for Driver<D, F, P, C> {
@@ -173,10 +175,16 @@ where
     /// Keeps the host's state in `path` (see [`statefile`]), written after
     /// every transition that changes it and before its actions run.
     pub fn with_state_file(mut self, host_id: &str, path: std::path::PathBuf) -> Self {
+        // A predecessor's record that the host held a lease stays.
+        let held_lease = statefile::read(&path)
+            .ok()
+            .flatten()
+            .is_some_and(|s| s.held_lease);
         self.state_file = Some(StateFile {
             host_id: host_id.to_owned(),
             path,
             last: None,
+            held_lease,
         });
         self
     }
@@ -185,7 +193,8 @@ where
         let Some(sf) = self.state_file.as_mut() else {
             return;
         };
-        let saved = statefile::Saved::of(&sf.host_id, &self.host);
+        let saved = statefile::Saved::of(&sf.host_id, &self.host, sf.held_lease);
+        sf.held_lease = saved.held_lease;
         if sf.last.as_ref() == Some(&saved) {
             return;
         }

@@ -82,6 +82,59 @@ pub struct Saved {
     /// before it was recorded, which count as this boot's).
     #[serde(default)]
     pub boot_id: String,
+    /// Whether the host has ever held a lease. Once true it stays true: a
+    /// host that held a lease is never offered again in single-use mode
+    /// (see [`history`]).
+    #[serde(default)]
+    pub held_lease: bool,
+}
+
+/// What a host directory says about the host's past, for an agent that
+/// starts on it without taking a lease over (`--resume-host`): on EC2 a
+/// restarted agent (systemd's `Restart=always`) lands here on the instance
+/// it served before.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum History {
+    /// No state file: a new host (its data root is checked once dockerd
+    /// answers: anything in it is a past nobody vouches for).
+    None,
+    /// A host that never held a lease: in a warm pool, bootstrapped and
+    /// stopped (a file from an earlier boot, state Warming), or an agent
+    /// restarted before its host's first lease.
+    NeverLeased,
+    /// The host held a lease, or its file cannot be trusted: it is
+    /// terminated, never Ready.
+    Burned(String),
+}
+
+/// Reads the host directory's state file and judges the host's past.
+pub fn history(host_dir: &Path, current_boot: &str) -> History {
+    let saved = match read(&path(host_dir)) {
+        Ok(None) => return History::None,
+        Ok(Some(s)) => s,
+        Err(e) => return History::Burned(format!("its state file is unreadable ({e})")),
+    };
+    let state = saved.host_state();
+    if saved.held_lease || saved.lease.is_some() {
+        return History::Burned("it has held a lease".into());
+    }
+    match state {
+        Some(HostState::Leased | HostState::Wiping) => {
+            History::Burned("it has held a lease".into())
+        }
+        Some(HostState::Terminating | HostState::Unhealthy) => {
+            History::Burned(format!("its last agent was ending it ({})", saved.state))
+        }
+        // Stopped into a warm pool before any lease: the expected reboot.
+        Some(HostState::Warming | HostState::Booting) => History::NeverLeased,
+        // Idle when the machine went down: a lease may have been assigned
+        // just before, and only the page cache knew. Not worth the risk.
+        Some(HostState::Ready) if saved.from_earlier_boot(current_boot) => {
+            History::Burned("its state file is from before the machine rebooted".into())
+        }
+        Some(HostState::Ready) => History::NeverLeased,
+        None => History::Burned(format!("its state file names no state ({:?})", saved.state)),
+    }
 }
 
 /// This boot's id (`/proc/sys/kernel/random/boot_id`), read once; empty
@@ -96,8 +149,8 @@ pub fn boot_id() -> &'static str {
 }
 
 impl Saved {
-    /// What to store for `host`.
-    pub fn of(host_id: &str, host: &Host) -> Self {
+    /// What to store for `host`; `held_lease` is the host's sticky flag.
+    pub fn of(host_id: &str, host: &Host, held_lease: bool) -> Self {
         Saved {
             host_id: host_id.to_owned(),
             state: format!("{:?}", host.state),
@@ -112,6 +165,9 @@ impl Saved {
             }),
             draining: host.draining,
             boot_id: boot_id().to_owned(),
+            held_lease: held_lease
+                || host.lease.is_some()
+                || matches!(host.state, HostState::Leased | HostState::Wiping),
         }
     }
 
@@ -229,7 +285,7 @@ mod tests {
             warm: false,
             keep_on_shutdown: false,
         };
-        write(&f, &Saved::of("h1", &host)).unwrap();
+        write(&f, &Saved::of("h1", &host, false)).unwrap();
         let back = read(&f).unwrap().unwrap();
         assert_eq!(back.host_state(), Some(HostState::Leased));
         let mut unaccepted = host.lease.clone().unwrap();
@@ -238,9 +294,9 @@ mod tests {
         // Accepting a lease does not change the file: no write on that step.
         let mut accepted = host.clone();
         accepted.lease.as_mut().unwrap().accepted = false;
-        assert_eq!(Saved::of("h1", &accepted), back);
+        assert_eq!(Saved::of("h1", &accepted, false), back);
         assert!(back.draining);
-        write(&f, &Saved::of("h1", &Host::booting(false))).unwrap();
+        write(&f, &Saved::of("h1", &Host::booting(false), false)).unwrap();
         assert_eq!(
             read(&f).unwrap().unwrap().host_state(),
             Some(HostState::Booting)
@@ -287,7 +343,7 @@ mod tests {
             }),
             ..Host::booting(false)
         };
-        let mut saved = Saved::of("h1", &host);
+        let mut saved = Saved::of("h1", &host, false);
         assert_eq!(saved.boot_id, boot_id(), "written with this boot's id");
         saved.boot_id = "boot-a".into();
         let Event::Resumed { saved: same, .. } = Saved::resumed(Some(&saved), now, "boot-a") else {
@@ -315,5 +371,51 @@ mod tests {
             ),
         );
         assert_eq!(after.state, HostState::Terminating);
+    }
+
+    #[test]
+    fn a_host_that_held_a_lease_is_burned_and_a_warm_pool_host_is_not() {
+        let d = dir("history");
+        let now = SystemTime::now();
+        let write_as = |state: HostState, lease: bool, held: bool, boot: &str| {
+            let host = Host {
+                state,
+                lease: lease.then(|| Lease {
+                    id: "l1".into(),
+                    build_id: "b1".into(),
+                    deadline: now + Duration::from_secs(600),
+                    accepted: true,
+                }),
+                ..Host::booting(false)
+            };
+            let mut saved = Saved::of("h1", &host, held);
+            saved.boot_id = boot.into();
+            write(&path(&d), &saved).unwrap();
+        };
+        let burned = |h: History| matches!(h, History::Burned(_));
+        assert_eq!(history(&d, "b"), History::None);
+        // Stopped into a warm pool, started again: a new boot, state Warming.
+        write_as(HostState::Warming, false, false, "a");
+        assert_eq!(history(&d, "b"), History::NeverLeased);
+        write_as(HostState::Ready, false, false, "b");
+        assert_eq!(history(&d, "b"), History::NeverLeased);
+        // Idle when the machine went down: not trusted.
+        assert!(burned(history(&d, "c")));
+        for state in [HostState::Leased, HostState::Wiping] {
+            write_as(state, true, false, "b");
+            assert!(burned(history(&d, "b")), "{state:?}");
+        }
+        // After a recycled lease the host is Ready again; the flag stays.
+        write_as(HostState::Ready, false, true, "b");
+        assert!(burned(history(&d, "b")));
+        let saved = read(&path(&d)).unwrap().unwrap();
+        assert!(saved.held_lease);
+        for state in [HostState::Terminating, HostState::Unhealthy] {
+            write_as(state, false, false, "b");
+            assert!(burned(history(&d, "b")), "{state:?}");
+        }
+        std::fs::write(path(&d), "{").unwrap();
+        assert!(burned(history(&d, "b")));
+        std::fs::remove_dir_all(&d).unwrap();
     }
 }
