@@ -12,6 +12,9 @@
 //! `cargo test`) builds every binary of a package with integration tests,
 //! with the tests' own feature set, before the first test runs, and
 //! `scripts/bench.sh` builds the release binaries before the benchmarks.
+//! Run a single end-to-end test with `--workspace` and a filter (`cargo
+//! nextest run --workspace -E 'binary(lease_e2e)'`): `-p berth-tests` alone
+//! rebuilds only the tests, and they would start stale daemons.
 //! Tests need root, dockerd, the docker CLI, busybox-static, iproute2 and
 //! nsenter; when one is missing they fail with a message naming it (set
 //! `BERTH_SKIP_E2E=1` to skip them deliberately; refused when `CI=true`).
