@@ -73,6 +73,101 @@ fn assert_refused(what: &str, r: Result<String, String>) {
     }
 }
 
+/// What `openssl s_client` got for one `GET /_ping` through the front.
+struct SClient {
+    success: bool,
+    stdout: String,
+    stderr: String,
+}
+
+impl SClient {
+    fn all(&self) -> String {
+        format!("stdout: {}\nstderr: {}", self.stdout, self.stderr)
+    }
+}
+
+/// `openssl s_client` to `front`, verifying the server against `ca` and
+/// presenting the client certificate in `client` (a directory with
+/// cert.pem and key.pem) if given, sending `GET /_ping` over HTTP/1.0.
+/// Every call has the same shape, so a refusal and an acceptance differ
+/// only in the certificate.
+fn s_client(front: &str, ca: &Path, client: Option<&Path>) -> SClient {
+    use std::io::Write;
+    let mut cmd = Command::new("openssl");
+    cmd.args(["s_client", "-connect", front, "-CAfile"])
+        .arg(ca)
+        // -quiet implies -ign_eof: the end of stdin does not close the
+        // connection; the server's answer (or refusal) does.
+        .args(["-quiet", "-verify_return_error"]);
+    if let Some(dir) = client {
+        cmd.arg("-cert")
+            .arg(dir.join("cert.pem"))
+            .arg("-key")
+            .arg(dir.join("key.pem"));
+    }
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("openssl s_client");
+    {
+        let mut stdin = child.stdin.take().unwrap();
+        let _ = stdin.write_all(b"GET /_ping HTTP/1.0\r\nHost: berth\r\n\r\n");
+    }
+    let pid = Pid::from_raw(i32::try_from(child.id()).unwrap());
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = kill(pid, Signal::SIGKILL);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let o = child.wait_with_output().unwrap();
+    SClient {
+        success: o.status.success(),
+        stdout: stdout(&o),
+        stderr: stderr(&o),
+    }
+}
+
+/// The certificate was accepted: the handshake completed and dockerd
+/// answered `/_ping` through the front.
+fn assert_s_client_accepted(what: &str, r: &SClient) {
+    assert!(
+        r.success && r.stdout.starts_with("HTTP/1.") && r.stdout.contains(" 200 OK"),
+        "{what}: openssl s_client got no answer:\n{}",
+        r.all()
+    );
+    assert_eq!(
+        r.stdout.rsplit("\r\n\r\n").next(),
+        Some("OK"),
+        "{what}: {}",
+        r.all()
+    );
+}
+
+/// The front refused the client in the TLS handshake: no HTTP answer, and
+/// openssl reports the server's `alert` (e.g. "alert access denied"), which
+/// says why.
+fn assert_s_client_refused(what: &str, alert: &str, r: &SClient) {
+    assert!(
+        !r.stdout.contains("HTTP/1") && !r.stdout.contains("OK"),
+        "{what}: openssl s_client got an answer:\n{}",
+        r.all()
+    );
+    assert!(
+        r.stderr.contains(&format!("alert {alert}")),
+        "{what}: no TLS alert \"{alert}\" from the front (refused for another reason?):\n{}",
+        r.all()
+    );
+    eprintln!(
+        "{what}: openssl s_client refused as expected: {}",
+        r.stderr.trim()
+    );
+}
+
 #[test]
 fn only_the_current_lease_certificate_opens_a_host() {
     if !preflight() {
@@ -81,7 +176,8 @@ fn only_the_current_lease_certificate_opens_a_host() {
     let pool = Pool::start("bte6-", 2, &["--recycle"]);
     let scratch = pool.state_dir.join("scratch");
     std::fs::create_dir_all(&scratch).unwrap();
-    let ca_pem = std::fs::read_to_string(pool.ca_pem_path()).unwrap();
+    let ca_path = pool.ca_pem_path();
+    let ca_pem = std::fs::read_to_string(&ca_path).unwrap();
 
     let (a, b) = std::thread::scope(|s| {
         let a = s.spawn(|| pool.acquire("sec-a", "30m", "1m"));
@@ -118,32 +214,16 @@ fn only_the_current_lease_certificate_opens_a_host() {
     // No client certificate.
     let (good, out) = curl(&["--cacert", cacert.to_str().unwrap(), &url]);
     assert!(!good && !out.contains("OK"), "curl without a cert: {out}");
-    let s_client = Command::new("openssl")
-        .args(["s_client", "-connect", &front_a, "-CAfile"])
-        .arg(&cacert)
-        .args(["-quiet", "-verify_return_error"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut s_client = s_client;
-    {
-        use std::io::Write;
-        let mut stdin = s_client.stdin.take().unwrap();
-        let _ = stdin.write_all(b"GET /_ping HTTP/1.0\r\nHost: berth\r\n\r\n");
-        // Let the request go out before EOF closes the connection.
-        std::thread::sleep(Duration::from_secs(2));
-    }
-    let o = s_client.wait_with_output().unwrap();
-    let all = format!("{}{}", stdout(&o), stderr(&o));
-    assert!(
-        !stdout(&o).contains("OK") && !stdout(&o).contains("HTTP/1"),
-        "openssl s_client without a cert got an answer: {all}"
+    // openssl s_client: the lease's own certificate gets an answer; the
+    // same command without a certificate is refused in the handshake.
+    assert_s_client_accepted(
+        "s_client with the lease's certificate",
+        &s_client(&front_a, &ca_path, Some(a.cert_dir())),
     );
-    eprintln!(
-        "openssl s_client without a client certificate: {}",
-        all.trim()
+    assert_s_client_refused(
+        "s_client without a client certificate",
+        "certificate required",
+        &s_client(&front_a, &ca_path, None),
     );
 
     // Plaintext: curl over http and the docker CLI without TLS.
@@ -166,6 +246,16 @@ fn only_the_current_lease_certificate_opens_a_host() {
         docker_version(host_b, a.cert_dir()),
     );
     docker_version(host_b, b.cert_dir()).expect("b's own certificate");
+    let front_b = format!("{}:2376", b.host_addr());
+    assert_s_client_refused(
+        "s_client with b's certificate at a's host",
+        "access denied",
+        &s_client(&front_a, &ca_path, Some(b.cert_dir())),
+    );
+    assert_s_client_accepted(
+        "s_client with b's certificate at b's host",
+        &s_client(&front_b, &ca_path, Some(b.cert_dir())),
+    );
 
     // A self-signed certificate with the right lease id.
     let (cert_pem, key_pem) = berth_tls::ca::self_signed_lease(a.lease_id()).unwrap();
@@ -175,6 +265,11 @@ fn only_the_current_lease_certificate_opens_a_host() {
     assert!(
         !good && !out.contains("OK"),
         "curl, self-signed cert: {out}"
+    );
+    assert_s_client_refused(
+        "s_client with a self-signed cert naming a",
+        "unknown ca",
+        &s_client(&front_a, &ca_path, Some(&forged)),
     );
 
     // A certificate of another CA with the right lease id.
@@ -190,6 +285,11 @@ fn only_the_current_lease_certificate_opens_a_host() {
         "another CA's cert naming a",
         docker_version(host_a, &foreign),
     );
+    assert_s_client_refused(
+        "s_client with another CA's cert naming a",
+        "unknown ca",
+        &s_client(&front_a, &ca_path, Some(&foreign)),
+    );
 
     // A pool certificate for the right lease, but past its validity.
     let pool_ca = pool.ca();
@@ -200,6 +300,11 @@ fn only_the_current_lease_certificate_opens_a_host() {
     assert_refused("expired cert for a", docker_version(host_a, &expired));
     let (good, out) = curl_with(&expired, &url);
     assert!(!good && !out.contains("OK"), "curl, expired cert: {out}");
+    assert_s_client_refused(
+        "s_client with an expired cert for a",
+        "certificate expired",
+        &s_client(&front_a, &ca_path, Some(&expired)),
+    );
     // ... while the same key with a current certificate gets in: the
     // refusal above was the validity, nothing else.
     let cert_pem = pool_ca
@@ -209,6 +314,10 @@ fn only_the_current_lease_certificate_opens_a_host() {
     docker_version(host_a, &current).expect("a current pool certificate for a");
     let (good, out) = curl_with(&current, &url);
     assert!(good && out.trim() == "OK", "curl, current cert: {out}");
+    assert_s_client_accepted(
+        "s_client with a current pool cert for a, same key as the expired one",
+        &s_client(&front_a, &ca_path, Some(&current)),
+    );
 
     // Renew re-issues the certificate for the same key; the host takes it.
     let before = std::fs::read_to_string(a.cert_dir().join("cert.pem")).unwrap();
@@ -245,6 +354,15 @@ fn only_the_current_lease_certificate_opens_a_host() {
     assert_refused(
         "the released lease's certificate at its old host",
         docker_version(host_a, &released_copy),
+    );
+    assert_s_client_accepted(
+        "s_client with c's certificate at the recycled host",
+        &s_client(&front_a, &ca_path, Some(c.cert_dir())),
+    );
+    assert_s_client_refused(
+        "s_client with the released lease's certificate at its old host",
+        "access denied",
+        &s_client(&front_a, &ca_path, Some(&released_copy)),
     );
 
     ok(
