@@ -1,6 +1,7 @@
 //! The security matrix on a real pool: the Docker API is reachable only with
 //! the current lease's certificate, the coordinator only with the right
-//! token, and dockerd listens on no TCP port. Every refusal is checked next
+//! token, dockerd listens on no TCP port, and a build cannot publish a
+//! container on the ports berth serves (2376, 9102). Every refusal is checked next
 //! to a success of the same client with the right credential, so a refusal
 //! for some unrelated reason cannot pass for the real thing.
 //!
@@ -528,6 +529,102 @@ fn an_agent_with_the_wrong_join_token_is_never_offered() {
     drop(rogue);
     ok(
         pool.berth(&["release", "--lease", first.lease_id()]),
+        "release",
+    );
+}
+
+/// The ports berth serves on a host's address.
+const FRONT_PORT: u16 = berth_proto::ports::DOCKER_FRONT;
+const STATUS_PORT: u16 = berth_proto::ports::AGENT_STATUS;
+
+/// The agent's status endpoint answers `/healthz` on the host's address.
+fn status_answers(host_addr: &str) -> Result<(), String> {
+    let (good, out) = curl(&[&format!("http://{host_addr}:{STATUS_PORT}/healthz")]);
+    if good && out.trim() == "ok" {
+        Ok(())
+    } else {
+        Err(out)
+    }
+}
+
+#[test]
+fn a_build_cannot_publish_on_the_front_or_status_port() {
+    if !preflight() {
+        return;
+    }
+    let pool = Pool::start("btp1-", 1, &[]);
+    let lease = pool.acquire("ports-1", "30m", "1m");
+    let addr = lease.host_addr().to_owned();
+    let ctx = pool.state_dir.join("ctx");
+    busybox_context(&ctx, "published\n");
+    ok(
+        run(lease.docker().args(["build", "-q", "-t", "app"]).arg(&ctx)),
+        "docker build",
+    );
+    docker_version(lease.docker_host(), lease.cert_dir()).expect("the front before");
+    status_answers(&addr).expect("the status endpoint before");
+
+    // Publishing works in general: a free port answers at the host address.
+    ok(
+        run(lease
+            .docker()
+            .args(["run", "-d", "--name", "free", "-p", "8081:80", "app"])),
+        "docker run -p 8081:80",
+    );
+    let page = wait_for("the published port 8081", Duration::from_secs(20), || {
+        http_get(format!("{addr}:8081").parse().unwrap()).ok()
+    });
+    assert!(page.contains("published"), "{page}");
+
+    // berth's own ports cannot be published, on all addresses or on the
+    // host's own address: the container does not start and the port stays
+    // berth's.
+    for port in [FRONT_PORT, STATUS_PORT] {
+        for (i, spec) in [format!("{port}:80"), format!("{addr}:{port}:80")]
+            .iter()
+            .enumerate()
+        {
+            let name = format!("take-{port}-{i}");
+            let o = run(lease
+                .docker()
+                .args(["run", "-d", "--name", &name, "-p", spec, "app"]));
+            eprintln!("docker run -p {spec}: {} {}", o.status, stderr(&o).trim());
+            assert!(
+                !o.status.success(),
+                "docker run -p {spec} succeeded: a build published berth's port {port}"
+            );
+            assert!(
+                stderr(&o).contains("address already in use"),
+                "docker run -p {spec} failed, but not because berth holds the port: {}",
+                stderr(&o)
+            );
+            let running = stdout(&ok(
+                run(lease
+                    .docker()
+                    .args(["inspect", "-f", "{{.State.Running}}", &name])),
+                "docker inspect",
+            ));
+            assert_eq!(running.trim(), "false", "{name} runs");
+        }
+    }
+
+    // Both endpoints still answer, and only the agent listens on them.
+    docker_version(lease.docker_host(), lease.cert_dir()).expect("the front after");
+    status_answers(&addr).expect("the status endpoint after");
+    let host_id = lease.get("BERTH_HOST_ID");
+    let listeners = tcp_listeners_in_netns(host_id);
+    for port in [FRONT_PORT, STATUS_PORT] {
+        let on_port: Vec<_> = listeners
+            .iter()
+            .filter(|l| l.contains(&format!(":{port} ")))
+            .collect();
+        assert!(
+            !on_port.is_empty() && on_port.iter().all(|l| l.contains("berth-agent")),
+            "port {port} in {host_id}: {on_port:?} (all: {listeners:?})"
+        );
+    }
+    ok(
+        pool.berth(&["release", "--lease", lease.lease_id()]),
         "release",
     );
 }
