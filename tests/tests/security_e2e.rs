@@ -628,3 +628,261 @@ fn a_build_cannot_publish_on_the_front_or_status_port() {
         "release",
     );
 }
+
+/// Seconds since the epoch of `berth acquire`'s `BERTH_LEASE_DEADLINE`
+/// (RFC 3339, UTC, whole seconds: `2026-11-30T05:12:33Z`).
+fn rfc3339_secs(s: &str) -> i64 {
+    let n = |r: std::ops::Range<usize>| -> i64 {
+        s.get(r)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("not RFC 3339: {s:?}"))
+    };
+    assert!(s.len() == 20 && s.ends_with('Z'), "not RFC 3339 UTC: {s:?}");
+    let (y, m, d) = (n(0..4), n(5..7), n(8..10));
+    // Days from the civil date (H. Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    days * 86_400 + n(11..13) * 3600 + n(14..16) * 60 + n(17..19)
+}
+
+fn pem_der(pem: &str) -> Vec<u8> {
+    x509_parser::pem::parse_x509_pem(pem.as_bytes())
+        .expect("a PEM certificate")
+        .1
+        .contents
+}
+
+/// What the README promises about a lease certificate: issued by the pool
+/// CA for the requester's key, SAN = `LEASE_ID.lease.berth.invalid` and
+/// nothing else, client authentication only, not a CA, valid until the
+/// lease deadline plus one minute.
+fn check_lease_cert(
+    what: &str,
+    cert_pem: &str,
+    ca_pem: &str,
+    key_pem: &str,
+    lease_id: &str,
+    deadline_secs: i64,
+) {
+    use x509_parser::extensions::{GeneralName, ParsedExtension};
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let cert_der = pem_der(cert_pem);
+    let (_, cert) = X509Certificate::from_der(&cert_der).unwrap();
+    let ca_der = pem_der(ca_pem);
+    let (_, ca) = X509Certificate::from_der(&ca_der).unwrap();
+    cert.verify_signature(Some(ca.public_key()))
+        .unwrap_or_else(|e| panic!("{what}: not signed by the pool CA: {e}"));
+    let key = rcgen::KeyPair::from_pem(key_pem).unwrap();
+    assert_eq!(
+        cert.public_key().subject_public_key.data.as_ref(),
+        key.public_key_raw(),
+        "{what}: the certificate is not for the lease's key"
+    );
+    let cns: Vec<_> = cert
+        .subject()
+        .iter_common_name()
+        .map(|c| c.as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(cns, [format!("berth lease {lease_id}")], "{what}: subject");
+    let lease_name = berth_tls::lease_dns_name(lease_id);
+    let mut seen = Vec::new();
+    for ext in cert.extensions() {
+        seen.push(ext.oid.to_id_string());
+        match ext.parsed_extension() {
+            ParsedExtension::SubjectAlternativeName(san) => assert_eq!(
+                san.general_names,
+                [GeneralName::DNSName(&lease_name)],
+                "{what}: SANs"
+            ),
+            ParsedExtension::ExtendedKeyUsage(eku) => assert!(
+                eku.client_auth
+                    && !eku.any
+                    && !eku.server_auth
+                    && !eku.code_signing
+                    && !eku.email_protection
+                    && !eku.time_stamping
+                    && !eku.ocsp_signing
+                    && eku.other.is_empty(),
+                "{what}: not client authentication only: {eku:?}"
+            ),
+            ParsedExtension::KeyUsage(ku) => assert!(
+                !ku.key_cert_sign() && !ku.crl_sign(),
+                "{what}: can sign certificates: {ku}"
+            ),
+            ParsedExtension::BasicConstraints(bc) => assert!(!bc.ca, "{what}: a CA"),
+            ParsedExtension::SubjectKeyIdentifier(_)
+            | ParsedExtension::AuthorityKeyIdentifier(_) => {}
+            other => panic!("{what}: unexpected extension {other:?}"),
+        }
+    }
+    seen.sort();
+    assert_eq!(
+        seen,
+        [
+            "2.5.29.14",
+            "2.5.29.15",
+            "2.5.29.17",
+            "2.5.29.19",
+            "2.5.29.35",
+            "2.5.29.37"
+        ],
+        "{what}: extensions"
+    );
+    let not_after = cert.validity().not_after.timestamp();
+    assert_eq!(
+        not_after - deadline_secs,
+        60,
+        "{what}: valid until {}, the deadline is {deadline_secs} s after the epoch",
+        cert.validity().not_after
+    );
+}
+
+/// A CSR asking for what a lease certificate must not carry: another
+/// lease's name, `localhost` and 127.0.0.1, server authentication and code
+/// signing, a CA's key usages, the pool CA's subject. (A CSR has no
+/// validity field: a lifetime cannot be asked for as such.)
+fn greedy_csr(other_lease: &str) -> (String, String) {
+    use rcgen::{
+        CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, KeyPair,
+        KeyUsagePurpose, SanType,
+    };
+    let key = KeyPair::generate().unwrap();
+    let mut p = CertificateParams::new(vec![
+        berth_tls::lease_dns_name(other_lease),
+        "localhost".to_owned(),
+    ])
+    .unwrap();
+    p.subject_alt_names
+        .push(SanType::IpAddress("127.0.0.1".parse().unwrap()));
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, "berth pool CA");
+    p.distinguished_name = dn;
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    p.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+        ExtendedKeyUsagePurpose::CodeSigning,
+    ];
+    let csr = p.serialize_request(&key).unwrap().pem().unwrap();
+    (key.serialize_pem(), csr)
+}
+
+#[test]
+fn the_lease_certificate_is_what_the_ca_decides_not_what_the_csr_asks() {
+    use berth_proto::v1::lease_service_client::LeaseServiceClient;
+    if !preflight() {
+        return;
+    }
+    let pool = Pool::start("btc1-", 2, &[]);
+    let ca_pem = std::fs::read_to_string(pool.ca_pem_path()).unwrap();
+    let deadline_secs = |lease_id: &str| pool.lease(lease_id).deadline.unwrap().seconds;
+
+    // What `berth acquire` wrote: its own key, and the certificate for it.
+    let a = pool.acquire("cert-cli", "30m", "1m");
+    let read = |f: &str| std::fs::read_to_string(a.cert_dir().join(f)).unwrap();
+    assert_eq!(read("ca.pem"), ca_pem);
+    let deadline = deadline_secs(a.lease_id());
+    assert_eq!(
+        rfc3339_secs(a.get("BERTH_LEASE_DEADLINE")),
+        deadline,
+        "BERTH_LEASE_DEADLINE"
+    );
+    check_lease_cert(
+        "berth acquire's cert.pem",
+        &read("cert.pem"),
+        &ca_pem,
+        &read("key.pem"),
+        a.lease_id(),
+        deadline,
+    );
+
+    // Acquire and Renew through the API with a CSR that asks for more.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut client = LeaseServiceClient::new(rt.block_on(pool.endpoint().connect()).unwrap());
+    let (key_pem, csr_pem) = greedy_csr(a.lease_id());
+    let minutes = |m: i64| prost_types::Duration {
+        seconds: m * 60,
+        nanos: 0,
+    };
+    let got = rt
+        .block_on(client.acquire(pool.authed(pb::AcquireRequest {
+            build_id: "cert-greedy".into(),
+            ttl: Some(minutes(30)),
+            wait: Some(minutes(1)),
+            csr_pem: csr_pem.clone(),
+        })))
+        .expect("Acquire with a greedy CSR")
+        .into_inner();
+    let lease = got.lease.unwrap();
+    assert_eq!(got.ca_pem, ca_pem);
+    check_lease_cert(
+        "Acquire with a greedy CSR",
+        &got.client_cert_pem,
+        &ca_pem,
+        &key_pem,
+        &lease.lease_id,
+        lease.deadline.unwrap().seconds,
+    );
+    // The certificate it got is the one that opens its host.
+    let dir = cert_dir(
+        &pool.state_dir,
+        "greedy",
+        &ca_pem,
+        &got.client_cert_pem,
+        &key_pem,
+    );
+    docker_version(&lease.docker_host, &dir).expect("the greedy lease's certificate");
+
+    let renewed = rt
+        .block_on(client.renew(pool.authed(pb::RenewRequest {
+            lease_id: lease.lease_id.clone(),
+            ttl: Some(minutes(45)),
+            csr_pem,
+        })))
+        .expect("Renew with a greedy CSR")
+        .into_inner();
+    let new_deadline = renewed.lease.unwrap().deadline.unwrap().seconds;
+    assert!(new_deadline > lease.deadline.unwrap().seconds);
+    check_lease_cert(
+        "Renew with a greedy CSR",
+        &renewed.client_cert_pem,
+        &ca_pem,
+        &key_pem,
+        &lease.lease_id,
+        new_deadline,
+    );
+
+    // A CSR asking for an extension beyond names and usages (here: to be a
+    // CA) is refused before it can cost a host.
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut p = rcgen::CertificateParams::new(vec!["ca.example".to_owned()]).unwrap();
+    p.custom_extensions = vec![rcgen::CustomExtension::from_oid_content(
+        &[2, 5, 29, 19],
+        vec![0x30, 0x03, 0x01, 0x01, 0xff],
+    )];
+    let ca_csr = p.serialize_request(&key).unwrap().pem().unwrap();
+    let refused = rt
+        .block_on(client.acquire(pool.authed(pb::AcquireRequest {
+            build_id: "cert-ca".into(),
+            ttl: Some(minutes(30)),
+            wait: Some(minutes(1)),
+            csr_pem: ca_csr,
+        })))
+        .expect_err("Acquire with a CSR asking to be a CA");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused}");
+    assert!(refused.message().contains("csr_pem"), "{refused}");
+
+    for id in [a.lease_id(), &lease.lease_id] {
+        ok(pool.berth(&["release", "--lease", id]), "release");
+    }
+}
