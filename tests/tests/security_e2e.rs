@@ -1,13 +1,14 @@
 //! The security matrix on a real pool: the Docker API is reachable only with
 //! the current lease's certificate, the coordinator only with the right
-//! token, dockerd listens on no TCP port, and a build cannot publish a
-//! container on the ports berth serves (2376, 9102). Every refusal is checked next
+//! token, dockerd listens on no TCP port, a build cannot publish a container
+//! on the ports berth serves (2376, 9102), and a lease certificate says what
+//! the CA decides, whatever the CSR asked for. Every refusal is checked next
 //! to a success of the same client with the right credential, so a refusal
 //! for some unrelated reason cannot pass for the real thing.
 //!
 //! Clients: the stock docker CLI, `curl` and `openssl s_client` against the
-//! front; the `berth` CLI against the coordinator; a `berth-agent` with the
-//! wrong join token.
+//! front; the `berth` CLI and the gRPC API against the coordinator; a
+//! `berth-agent` with the wrong join token.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
