@@ -23,6 +23,9 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 # No separate `cargo build --bins`: nextest builds every package's binaries
 # for its integration tests, with the tests' feature set; a plain build
 # would compile the whole tree a second time with another one.
+# Time limits live in .config/nextest.toml: every test is terminated after
+# 3 minutes (5 for those with real dockerds), and with the ci profile the
+# whole run fails after 60 minutes, inside CI's 90.
 profile=default
 [ "${CI:-}" = "true" ] && profile=ci
 # The fuzzer itself runs with scripts/fuzz.sh (nightly); here its harness

@@ -251,17 +251,44 @@ impl LeaseEnv {
     /// The stock docker CLI, pointed at this lease's host with its
     /// certificates, exactly as after `eval "$(berth acquire ...)"`.
     pub fn docker(&self) -> Command {
+        self.docker_at(Path::new("docker"))
+    }
+
+    /// [`LeaseEnv::docker`] with a given docker binary.
+    pub fn docker_at(&self, program: &Path) -> Command {
         assert_eq!(self.get("DOCKER_TLS_VERIFY"), "1");
-        let mut c = docker_cli(self.docker_host());
+        let mut c = docker_cli_at(program, self.docker_host());
         c.env("DOCKER_TLS_VERIFY", "1")
             .env("DOCKER_CERT_PATH", self.cert_dir());
         c
     }
 }
 
+/// Debian's docker CLI (20.10, from `docker.io`): unlike the machine's
+/// default `docker` (28.x, no buildx plugin) it has BuildKit built in, so
+/// `DOCKER_BUILDKIT=1` builds work with it and leave build cache behind.
+pub const DEBIAN_DOCKER_CLI: &str = "/usr/bin/docker";
+
+/// [`DEBIAN_DOCKER_CLI`], which must exist: a test that needs BuildKit
+/// fails here with a message naming the package rather than skipping.
+pub fn buildkit_docker_cli() -> &'static Path {
+    let p = Path::new(DEBIAN_DOCKER_CLI);
+    assert!(
+        p.is_file(),
+        "{DEBIAN_DOCKER_CLI} is missing: this test builds with BuildKit through Debian's 20.10 \
+         docker CLI (package docker.io; scripts/test.sh installs it through scripts/deps.sh)"
+    );
+    p
+}
+
 /// The stock docker CLI with a clean config, pointed at `docker_host`.
 pub fn docker_cli(docker_host: &str) -> Command {
-    let mut c = Command::new("docker");
+    docker_cli_at(Path::new("docker"), docker_host)
+}
+
+/// [`docker_cli`] with a given docker binary (e.g. [`DEBIAN_DOCKER_CLI`]).
+pub fn docker_cli_at(program: &Path, docker_host: &str) -> Command {
+    let mut c = Command::new(program);
     c.env("DOCKER_HOST", docker_host)
         .env("DOCKER_BUILDKIT", "0")
         .env("DOCKER_CONFIG", docker_config_dir())

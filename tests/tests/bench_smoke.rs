@@ -1,8 +1,11 @@
 //! The benchmark suite in smoke mode: the same code as `berth-bench all`
 //! with tiny sizes, so the benchmarks never rot. It asserts that every
-//! figure was produced and is sane (samples present, finite, ordered, with
-//! their baselines); it makes no timing assertions, since speed is measured
-//! by the full run, not by tests.
+//! scenario produced exactly its named figures, that they are sane
+//! (samples present, finite, ordered, positive where they must be, with a
+//! positive baseline and ratio where the figure has one), and that what
+//! `berth-bench` prints (each figure and the closing table) shows those
+//! same numbers; it makes no timing assertions, since speed is measured by
+//! the full run, not by tests.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -18,6 +21,154 @@ fn figure<'a>(figures: &'a [bench::Figure], key: &str) -> &'a bench::Figure {
     })
 }
 
+/// A number as `berth-bench` prints it (`12.3`, `0.95x`, `+0.126`).
+fn number(token: &str) -> f64 {
+    let v: f64 = token
+        .trim_end_matches([',', 'x'])
+        .parse()
+        .unwrap_or_else(|e| panic!("not a number: {token:?}: {e}"));
+    assert!(v.is_finite(), "not finite: {token:?}");
+    v
+}
+
+/// Whether `shown` is `actual` as the figures print it: 3 significant
+/// places below 1, 2 decimals below 100, none above.
+fn shown_as(shown: f64, actual: f64) -> bool {
+    let tolerance = if actual.abs() >= 100.0 {
+        0.5
+    } else if actual.abs() >= 1.0 {
+        0.005
+    } else {
+        0.0005
+    };
+    (shown - actual).abs() <= tolerance + 1e-9
+}
+
+/// The summary line of `text` labelled `label`: `n`, min / median / p99 /
+/// max, and the unit.
+fn summary_line(text: &str, label: &str) -> (usize, [f64; 4], String) {
+    let line = text
+        .lines()
+        .find(|l| l.trim_start().starts_with(label) && l.contains(" n="))
+        .unwrap_or_else(|| panic!("no line {label:?} in:\n{text}"));
+    let rest = &line[line.find(" n=").unwrap() + 1..];
+    let mut t = rest.split_whitespace();
+    let n = t.next().unwrap().trim_start_matches("n=").parse().unwrap();
+    let mut v = [0.0; 4];
+    for (i, name) in ["min", "median", "p99", "max"].iter().enumerate() {
+        assert_eq!(t.next(), Some(*name), "{line}");
+        v[i] = number(t.next().unwrap_or_else(|| panic!("{line}")));
+    }
+    (n, v, t.collect::<Vec<_>>().join(" "))
+}
+
+/// The figure as `berth-bench` prints it holds its own numbers: the
+/// measured summary, the baseline's and the ratio of the medians, and
+/// every target with its verdict.
+fn check_rendered(f: &bench::Figure) {
+    let text = f.render();
+    assert_eq!(
+        text.lines().next(),
+        Some(format!("{} {}", f.key, f.what).as_str())
+    );
+    let lines = [("measured".to_owned(), f.summary(), f.samples.len())]
+        .into_iter()
+        .chain(f.baseline.as_ref().map(|b| {
+            (
+                format!("baseline: {}", b.what),
+                f.baseline_summary(),
+                b.samples.len(),
+            )
+        }));
+    for (label, summary, len) in lines {
+        let s = summary.unwrap_or_else(|| panic!("{}: no samples for {label}", f.key));
+        let (n, shown, unit) = summary_line(&text, &label);
+        assert_eq!(n, len, "{}: n of {label}", f.key);
+        assert_eq!(unit, f.unit, "{}: unit of {label}", f.key);
+        for (shown, actual) in shown.iter().zip([s.min, s.median, s.p99, s.max]) {
+            assert!(
+                shown_as(*shown, actual),
+                "{}: {label} shows {shown} for {actual}:\n{text}",
+                f.key
+            );
+        }
+    }
+    let ratio_line = text.lines().find(|l| {
+        l.trim_start()
+            .starts_with("ratio (median / baseline median)")
+    });
+    match f.ratio() {
+        Some(r) => {
+            let line = ratio_line.unwrap_or_else(|| panic!("{}: no ratio:\n{text}", f.key));
+            let shown = number(line.split_whitespace().last().unwrap());
+            assert!(line.ends_with('x'), "{line}");
+            assert!(
+                (shown - r).abs() <= 0.005 + 1e-9,
+                "{}: ratio {shown} for {r}",
+                f.key
+            );
+        }
+        None => assert!(
+            ratio_line.is_none(),
+            "{}: a ratio without one:\n{text}",
+            f.key
+        ),
+    }
+    for c in &f.checks {
+        let verdict = if c.met { "MET" } else { "NOT MET" };
+        assert!(
+            text.lines().any(|l| {
+                let l = l.trim();
+                l.starts_with(&format!("target {}", c.target))
+                    && l.ends_with(&format!(" {verdict}"))
+                    && (c.met != l.ends_with("NOT MET"))
+            }),
+            "{}: target {:?} not shown as {verdict}:\n{text}",
+            f.key,
+            c.target
+        );
+    }
+}
+
+/// The closing table has a row per figure with its median, its baseline's
+/// and the ratio.
+fn check_table(figures: &[bench::Figure]) {
+    let table = bench::summary_table(figures);
+    for f in figures {
+        assert!(f.key.len() <= 34, "{} does not fit the table", f.key);
+        let row = table
+            .lines()
+            .find(|l| l.starts_with(&format!("{:<34} ", f.key)))
+            .unwrap_or_else(|| panic!("no row for {} in:\n{table}", f.key));
+        let cols: Vec<&str> = [35..47, 48..60, 61..69]
+            .into_iter()
+            .map(|r| row.get(r).unwrap_or("").trim())
+            .collect();
+        let median = f.summary().unwrap().median;
+        assert!(
+            shown_as(number(cols[0].split_whitespace().next().unwrap()), median),
+            "{}: median column {:?} for {median}",
+            f.key,
+            cols[0]
+        );
+        match (f.baseline_summary(), f.ratio()) {
+            (Some(b), r) => {
+                assert!(
+                    shown_as(number(cols[1].split_whitespace().next().unwrap()), b.median),
+                    "{row}"
+                );
+                match r {
+                    Some(r) => assert!((number(cols[2]) - r).abs() <= 0.005 + 1e-9, "{row}"),
+                    None => assert_eq!(cols[2], "-", "{row}"),
+                }
+            }
+            (None, _) => assert_eq!((cols[1], cols[2]), ("-", "-"), "{row}"),
+        }
+    }
+}
+
+/// Samples present, finite, ordered (and positive if `positive`), and
+/// printed as they are.
 fn sane(f: &bench::Figure, positive: bool) {
     let s = f
         .summary()
@@ -33,16 +184,18 @@ fn sane(f: &bench::Figure, positive: bool) {
     if positive {
         assert!(s.min > 0.0, "{}: a zero sample {s:?}", f.key);
     }
-    assert!(!f.render().is_empty());
+    check_rendered(f);
 }
 
+/// [`sane`] and positive, with a positive baseline from the same run and a
+/// finite positive ratio of the medians.
 fn with_baseline(f: &bench::Figure) {
     sane(f, true);
     let b = f
         .baseline_summary()
         .unwrap_or_else(|| panic!("{}: no baseline", f.key));
     assert!(b.min > 0.0, "{}: baseline {b:?}", f.key);
-    let r = f.ratio().unwrap();
+    let r = f.ratio().unwrap_or_else(|| panic!("{}: no ratio", f.key));
     assert!(r.is_finite() && r > 0.0, "{}: ratio {r}", f.key);
 }
 
@@ -71,6 +224,39 @@ fn benchmark_suite_smoke() {
         .unwrap_or_else(|e| panic!("the benchmark suite failed: {e}"));
     println!("{}", bench::summary_table(&figures));
 
+    // Every scenario's figures, each once, and nothing else.
+    let (small, big) = (sizes.p2_agents[0], sizes.p2_agents[1]);
+    let mut expected: Vec<String> = vec!["P1".into(), "P1 release".into()];
+    for n in [small, big] {
+        for what in ["cycles/s", "acquire", "release", "rss/agent", "cpu"] {
+            expected.push(format!("P2 {what} @{n}"));
+        }
+    }
+    expected.extend([
+        format!("P2 cycles/s @{small} tmpfs store"),
+        format!("P2 acquire @{small} tmpfs store"),
+    ]);
+    expected.extend(
+        [
+            "P3",
+            "P3 registered",
+            "P4",
+            "P5",
+            "P5 wipe (agent report)",
+            "idle RSS",
+            "idle CPU",
+        ]
+        .map(String::from),
+    );
+    let mut keys: Vec<String> = figures.iter().map(|f| f.key.clone()).collect();
+    keys.sort();
+    expected.sort();
+    assert_eq!(keys, expected, "the suite's figures");
+    for f in &figures {
+        check_rendered(f);
+    }
+    check_table(&figures);
+
     // P1: every acquire went through the agent; the baseline too.
     let p1 = figure(&figures, "P1");
     with_baseline(p1);
@@ -78,7 +264,6 @@ fn benchmark_suite_smoke() {
     assert_eq!(p1.checks.len(), 2);
 
     // P2: both agent counts ran the load without errors.
-    let (small, big) = (sizes.p2_agents[0], sizes.p2_agents[1]);
     for n in [small, big] {
         let rate = figure(&figures, &format!("P2 cycles/s @{n}"));
         sane(rate, false);
@@ -101,15 +286,21 @@ fn benchmark_suite_smoke() {
             rss.samples
         );
     }
-    assert!(
-        figure(&figures, &format!("P2 acquire @{big}"))
-            .baseline
-            .is_some()
-    );
+    // The larger count against the baseline count.
+    for what in ["cycles/s", "acquire", "release"] {
+        with_baseline(figure(&figures, &format!("P2 {what} @{big}")));
+    }
+    for what in ["rss/agent", "cpu"] {
+        assert!(
+            figure(&figures, &format!("P2 {what} @{big}"))
+                .baseline
+                .is_some(),
+            "P2 {what} @{big}: no baseline"
+        );
+    }
     // The same load with the store on tmpfs, against the disk run.
     let mem = figure(&figures, &format!("P2 cycles/s @{small} tmpfs store"));
-    sane(mem, false);
-    assert!(mem.baseline.is_some());
+    with_baseline(mem);
     assert!(
         mem.notes.iter().any(|n| n.contains(" 0 errors")),
         "{:?}",
@@ -178,7 +369,54 @@ fn tls_front_benchmark_produces_figures_for_every_path() {
     assert!(report.image_bytes >= opts.bulk_mib * 1024 * 1024);
     assert!(!report.docker_version.is_empty());
     let text = report.to_string();
-    assert!(text.contains("ratios"), "{text}");
+    // Each path's row in each of the four tables, with positive numbers.
+    for p in &report.paths {
+        let rows: Vec<Vec<f64>> = text
+            .lines()
+            .filter(|l| l.starts_with(&format!("  {:<22} ", p.name)))
+            .map(|l| l[25..].split_whitespace().map(number).collect())
+            .collect();
+        assert_eq!(rows.len(), 4, "{}: rows in\n{text}", p.name);
+        for r in &rows {
+            assert!(
+                r.len() == 4 && r.iter().all(|v| *v > 0.0),
+                "{}: {r:?}",
+                p.name
+            );
+        }
+    }
+    // The ratios of the medians, as computed from the report.
+    let (u, fr, d) = (
+        report.path(tls_front::UNIX).unwrap(),
+        report.path(tls_front::FRONT).unwrap(),
+        report.path(tls_front::DOCKERD_TLS).unwrap(),
+    );
+    for (label, base) in [("front / unix socket:", u), ("front / dockerd TLS:", d)] {
+        let line = text
+            .lines()
+            .find(|l| l.trim_start().starts_with(label))
+            .unwrap_or_else(|| panic!("no {label:?} in\n{text}"));
+        let shown: Vec<f64> = line
+            .split_whitespace()
+            .filter(|t| {
+                t.trim_end_matches(',')
+                    .strip_suffix('x')
+                    .is_some_and(|n| n.parse::<f64>().is_ok())
+            })
+            .map(number)
+            .collect();
+        let want = [
+            fr.load.median / base.load.median,
+            fr.save.median / base.save.median,
+        ];
+        assert_eq!(shown.len(), 2, "{line}");
+        for (s, w) in shown.iter().zip(want) {
+            assert!(
+                w.is_finite() && w > 0.0 && (s - w).abs() <= 0.005 + 1e-9,
+                "{line}: {s} for {w}"
+            );
+        }
+    }
 
     // The same figures as the suite prints them, each with its baseline.
     let figures = tls_front::figures(&report);
@@ -229,5 +467,31 @@ fn sync_benchmark_produces_figures_for_both_tools() {
         assert!(s.median.is_finite() && s.median > 0.0, "{s:?}");
     }
     let text = report.to_string();
-    assert!(text.contains("to the volume:"), "{text}");
+    for name in [
+        "berth sync -> volume",
+        "docker cp -> volume",
+        "berth sync --from volume ->",
+        "docker cp volume ->",
+    ] {
+        let row = text
+            .lines()
+            .find(|l| l.starts_with(&format!("  {name:<34} ")))
+            .unwrap_or_else(|| panic!("no row {name:?} in\n{text}"));
+        let v: Vec<f64> = row[37..].split_whitespace().map(number).collect();
+        assert!(v.len() == 3 && v.iter().all(|x| *x > 0.0), "{row}");
+    }
+    for (label, want) in [
+        ("to the volume:", report.ratio_to()),
+        ("from the volume:", report.ratio_from()),
+    ] {
+        let line = text
+            .lines()
+            .find(|l| l.trim_start().starts_with(label))
+            .unwrap_or_else(|| panic!("no {label:?} in\n{text}"));
+        let shown = number(line.split_whitespace().last().unwrap());
+        assert!(
+            want.is_finite() && want > 0.0 && (shown - want).abs() <= 0.005 + 1e-9,
+            "{line}: {shown} for {want}"
+        );
+    }
 }

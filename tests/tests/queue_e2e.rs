@@ -6,7 +6,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::{SocketAddr, TcpStream};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use berth_proto::v1 as pb;
 use berth_testkit::*;
@@ -73,13 +73,81 @@ impl Drop for Frozen {
     }
 }
 
+/// The state letter of a process (`/proc/PID/stat`, after the command name):
+/// `T` is stopped by a signal.
+fn process_state(pid: Pid) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .next()?
+        .chars()
+        .next()
+}
+
+/// Pids of this pool's coordinator processes (there must be exactly one:
+/// `berth up` would start a second one if it thought the first had died).
+fn coordinator_pids(pool: &Pool) -> Vec<i32> {
+    let state = pool.state_dir.to_string_lossy().into_owned();
+    processes_mentioning(&state)
+        .into_iter()
+        .filter(|p| {
+            p.split_once(": ")
+                .is_some_and(|(_, cmd)| cmd.contains("berth-coordinator "))
+        })
+        .filter_map(|p| p.split(':').next()?.parse().ok())
+        .collect()
+}
+
 #[test]
 fn an_expired_lease_is_ended_and_wiped_by_the_agent_on_its_own() {
     if !preflight() {
         return;
     }
+    // Long enough that the freeze below lands well before the deadline on
+    // a loaded machine, short enough to keep the test quick.
+    const TTL: Duration = Duration::from_secs(10);
+    // The freeze must be confirmed at least this long before the deadline.
+    const MARGIN: Duration = Duration::from_secs(2);
     let pool = Pool::start("bte3-", 1, &[]);
-    let lease = pool.acquire("ttl-short", "6s", "1m");
+    let lease = pool.acquire("ttl-short", &format!("{}s", TTL.as_secs()), "1m");
+    let deadline = pool
+        .lease(lease.lease_id())
+        .deadline
+        .expect("an active lease has a deadline");
+    let deadline = SystemTime::UNIX_EPOCH
+        + Duration::new(
+            u64::try_from(deadline.seconds).unwrap(),
+            u32::try_from(deadline.nanos).unwrap(),
+        );
+
+    // Freeze the coordinator first: from here on only the agent can end the
+    // lease. The freeze counts once the kernel reports the process stopped,
+    // and that must be before the deadline (with a margin): a coordinator
+    // frozen after it could already have ended the lease itself.
+    let pids = coordinator_pids(&pool);
+    assert_eq!(pids.len(), 1, "one coordinator expected: {pids:?}");
+    let pid = Pid::from_raw(pids[0]);
+    kill(pid, Signal::SIGSTOP).unwrap();
+    let frozen = Frozen(pid);
+    wait_for("the coordinator to stop", Duration::from_secs(5), || {
+        (process_state(pid) == Some('T')).then_some(())
+    });
+    let frozen_at = SystemTime::now();
+    let to_spare = deadline.duration_since(frozen_at).unwrap_or_default();
+    eprintln!("coordinator frozen {to_spare:?} before the lease deadline");
+    assert!(
+        to_spare >= MARGIN,
+        "the coordinator was frozen only {to_spare:?} before the lease deadline \
+         (at least {MARGIN:?} needed): it may have ended the lease itself, so this \
+         run proves nothing about the agent"
+    );
+    // Not ended yet when frozen: the front still admits the lease.
+    assert!(
+        front_admits(&lease),
+        "the lease was over before the coordinator was frozen"
+    );
+
     let front: SocketAddr = lease
         .docker_host()
         .trim_start_matches("tcp://")
@@ -93,15 +161,6 @@ fn an_expired_lease_is_ended_and_wiped_by_the_agent_on_its_own() {
     let socket = pool.docker_socket(&host);
     assert!(socket.exists(), "no dockerd socket at {}", socket.display());
 
-    // Freeze the coordinator: from here on only the agent can end the lease.
-    let coordinator = processes_mentioning("berth-coordinator")
-        .into_iter()
-        .find(|p| p.contains(&pool.state_dir.to_string_lossy().into_owned()))
-        .expect("coordinator process");
-    let pid = Pid::from_raw(coordinator.split(':').next().unwrap().parse().unwrap());
-    kill(pid, Signal::SIGSTOP).unwrap();
-    let frozen = Frozen(pid);
-
     wait_for(
         "the front to close at the deadline",
         Duration::from_secs(30),
@@ -111,10 +170,33 @@ fn an_expired_lease_is_ended_and_wiped_by_the_agent_on_its_own() {
                 .then_some(())
         },
     );
+    let closed_at = SystemTime::now();
+    assert!(
+        closed_at >= deadline,
+        "the front closed {:?} before the deadline",
+        deadline.duration_since(closed_at).unwrap_or_default()
+    );
     wait_for(
         "the host to be wiped and destroyed",
         Duration::from_secs(60),
-        || (!socket.exists()).then_some(()),
+        || (!socket.exists() && !pool.host_exists(&host)).then_some(()),
+    );
+    // The coordinator was stopped the whole time, and no other coordinator
+    // stood in for it (berth up restarts one it believes dead).
+    assert_eq!(
+        process_state(pid),
+        Some('T'),
+        "the coordinator ran again before the host was gone"
+    );
+    assert_eq!(coordinator_pids(&pool), [pid.as_raw()]);
+    // The agent says why it ended the lease: its own deadline.
+    let logs = pool.agent_logs();
+    assert!(
+        logs.lines().any(|l| l.contains(lease.lease_id())
+            && l.contains("to=Wiping")
+            && l.contains("lease deadline passed")),
+        "no agent log line ends lease {} at its deadline:\n{logs}",
+        lease.lease_id()
     );
     drop(frozen);
 
@@ -136,6 +218,15 @@ fn an_expired_lease_is_ended_and_wiped_by_the_agent_on_its_own() {
             assert!(s.message().contains("host-lost"), "{s}");
         }
     }
+}
+
+/// Whether the lease's own certificate still opens its host's Docker API.
+fn front_admits(lease: &LeaseEnv) -> bool {
+    run(lease
+        .docker()
+        .args(["version", "--format", "{{.Server.Version}}"]))
+    .status
+    .success()
 }
 
 #[test]

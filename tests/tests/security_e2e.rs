@@ -1,12 +1,14 @@
 //! The security matrix on a real pool: the Docker API is reachable only with
 //! the current lease's certificate, the coordinator only with the right
-//! token, and dockerd listens on no TCP port. Every refusal is checked next
+//! token, dockerd listens on no TCP port, a build cannot publish a container
+//! on the ports berth serves (2376, 9102), and a lease certificate says what
+//! the CA decides, whatever the CSR asked for. Every refusal is checked next
 //! to a success of the same client with the right credential, so a refusal
 //! for some unrelated reason cannot pass for the real thing.
 //!
 //! Clients: the stock docker CLI, `curl` and `openssl s_client` against the
-//! front; the `berth` CLI against the coordinator; a `berth-agent` with the
-//! wrong join token.
+//! front; the `berth` CLI and the gRPC API against the coordinator; a
+//! `berth-agent` with the wrong join token.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -73,6 +75,101 @@ fn assert_refused(what: &str, r: Result<String, String>) {
     }
 }
 
+/// What `openssl s_client` got for one `GET /_ping` through the front.
+struct SClient {
+    success: bool,
+    stdout: String,
+    stderr: String,
+}
+
+impl SClient {
+    fn all(&self) -> String {
+        format!("stdout: {}\nstderr: {}", self.stdout, self.stderr)
+    }
+}
+
+/// `openssl s_client` to `front`, verifying the server against `ca` and
+/// presenting the client certificate in `client` (a directory with
+/// cert.pem and key.pem) if given, sending `GET /_ping` over HTTP/1.0.
+/// Every call has the same shape, so a refusal and an acceptance differ
+/// only in the certificate.
+fn s_client(front: &str, ca: &Path, client: Option<&Path>) -> SClient {
+    use std::io::Write;
+    let mut cmd = Command::new("openssl");
+    cmd.args(["s_client", "-connect", front, "-CAfile"])
+        .arg(ca)
+        // -quiet implies -ign_eof: the end of stdin does not close the
+        // connection; the server's answer (or refusal) does.
+        .args(["-quiet", "-verify_return_error"]);
+    if let Some(dir) = client {
+        cmd.arg("-cert")
+            .arg(dir.join("cert.pem"))
+            .arg("-key")
+            .arg(dir.join("key.pem"));
+    }
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("openssl s_client");
+    {
+        let mut stdin = child.stdin.take().unwrap();
+        let _ = stdin.write_all(b"GET /_ping HTTP/1.0\r\nHost: berth\r\n\r\n");
+    }
+    let pid = Pid::from_raw(i32::try_from(child.id()).unwrap());
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = kill(pid, Signal::SIGKILL);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let o = child.wait_with_output().unwrap();
+    SClient {
+        success: o.status.success(),
+        stdout: stdout(&o),
+        stderr: stderr(&o),
+    }
+}
+
+/// The certificate was accepted: the handshake completed and dockerd
+/// answered `/_ping` through the front.
+fn assert_s_client_accepted(what: &str, r: &SClient) {
+    assert!(
+        r.success && r.stdout.starts_with("HTTP/1.") && r.stdout.contains(" 200 OK"),
+        "{what}: openssl s_client got no answer:\n{}",
+        r.all()
+    );
+    assert_eq!(
+        r.stdout.rsplit("\r\n\r\n").next(),
+        Some("OK"),
+        "{what}: {}",
+        r.all()
+    );
+}
+
+/// The front refused the client in the TLS handshake: no HTTP answer, and
+/// openssl reports the server's `alert` (e.g. "alert access denied"), which
+/// says why.
+fn assert_s_client_refused(what: &str, alert: &str, r: &SClient) {
+    assert!(
+        !r.stdout.contains("HTTP/1") && !r.stdout.contains("OK"),
+        "{what}: openssl s_client got an answer:\n{}",
+        r.all()
+    );
+    assert!(
+        r.stderr.contains(&format!("alert {alert}")),
+        "{what}: no TLS alert \"{alert}\" from the front (refused for another reason?):\n{}",
+        r.all()
+    );
+    eprintln!(
+        "{what}: openssl s_client refused as expected: {}",
+        r.stderr.trim()
+    );
+}
+
 #[test]
 fn only_the_current_lease_certificate_opens_a_host() {
     if !preflight() {
@@ -81,7 +178,8 @@ fn only_the_current_lease_certificate_opens_a_host() {
     let pool = Pool::start("bte6-", 2, &["--recycle"]);
     let scratch = pool.state_dir.join("scratch");
     std::fs::create_dir_all(&scratch).unwrap();
-    let ca_pem = std::fs::read_to_string(pool.ca_pem_path()).unwrap();
+    let ca_path = pool.ca_pem_path();
+    let ca_pem = std::fs::read_to_string(&ca_path).unwrap();
 
     let (a, b) = std::thread::scope(|s| {
         let a = s.spawn(|| pool.acquire("sec-a", "30m", "1m"));
@@ -118,32 +216,16 @@ fn only_the_current_lease_certificate_opens_a_host() {
     // No client certificate.
     let (good, out) = curl(&["--cacert", cacert.to_str().unwrap(), &url]);
     assert!(!good && !out.contains("OK"), "curl without a cert: {out}");
-    let s_client = Command::new("openssl")
-        .args(["s_client", "-connect", &front_a, "-CAfile"])
-        .arg(&cacert)
-        .args(["-quiet", "-verify_return_error"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut s_client = s_client;
-    {
-        use std::io::Write;
-        let mut stdin = s_client.stdin.take().unwrap();
-        let _ = stdin.write_all(b"GET /_ping HTTP/1.0\r\nHost: berth\r\n\r\n");
-        // Let the request go out before EOF closes the connection.
-        std::thread::sleep(Duration::from_secs(2));
-    }
-    let o = s_client.wait_with_output().unwrap();
-    let all = format!("{}{}", stdout(&o), stderr(&o));
-    assert!(
-        !stdout(&o).contains("OK") && !stdout(&o).contains("HTTP/1"),
-        "openssl s_client without a cert got an answer: {all}"
+    // openssl s_client: the lease's own certificate gets an answer; the
+    // same command without a certificate is refused in the handshake.
+    assert_s_client_accepted(
+        "s_client with the lease's certificate",
+        &s_client(&front_a, &ca_path, Some(a.cert_dir())),
     );
-    eprintln!(
-        "openssl s_client without a client certificate: {}",
-        all.trim()
+    assert_s_client_refused(
+        "s_client without a client certificate",
+        "certificate required",
+        &s_client(&front_a, &ca_path, None),
     );
 
     // Plaintext: curl over http and the docker CLI without TLS.
@@ -166,6 +248,16 @@ fn only_the_current_lease_certificate_opens_a_host() {
         docker_version(host_b, a.cert_dir()),
     );
     docker_version(host_b, b.cert_dir()).expect("b's own certificate");
+    let front_b = format!("{}:2376", b.host_addr());
+    assert_s_client_refused(
+        "s_client with b's certificate at a's host",
+        "access denied",
+        &s_client(&front_a, &ca_path, Some(b.cert_dir())),
+    );
+    assert_s_client_accepted(
+        "s_client with b's certificate at b's host",
+        &s_client(&front_b, &ca_path, Some(b.cert_dir())),
+    );
 
     // A self-signed certificate with the right lease id.
     let (cert_pem, key_pem) = berth_tls::ca::self_signed_lease(a.lease_id()).unwrap();
@@ -175,6 +267,11 @@ fn only_the_current_lease_certificate_opens_a_host() {
     assert!(
         !good && !out.contains("OK"),
         "curl, self-signed cert: {out}"
+    );
+    assert_s_client_refused(
+        "s_client with a self-signed cert naming a",
+        "unknown ca",
+        &s_client(&front_a, &ca_path, Some(&forged)),
     );
 
     // A certificate of another CA with the right lease id.
@@ -190,6 +287,11 @@ fn only_the_current_lease_certificate_opens_a_host() {
         "another CA's cert naming a",
         docker_version(host_a, &foreign),
     );
+    assert_s_client_refused(
+        "s_client with another CA's cert naming a",
+        "unknown ca",
+        &s_client(&front_a, &ca_path, Some(&foreign)),
+    );
 
     // A pool certificate for the right lease, but past its validity.
     let pool_ca = pool.ca();
@@ -200,6 +302,11 @@ fn only_the_current_lease_certificate_opens_a_host() {
     assert_refused("expired cert for a", docker_version(host_a, &expired));
     let (good, out) = curl_with(&expired, &url);
     assert!(!good && !out.contains("OK"), "curl, expired cert: {out}");
+    assert_s_client_refused(
+        "s_client with an expired cert for a",
+        "certificate expired",
+        &s_client(&front_a, &ca_path, Some(&expired)),
+    );
     // ... while the same key with a current certificate gets in: the
     // refusal above was the validity, nothing else.
     let cert_pem = pool_ca
@@ -209,6 +316,10 @@ fn only_the_current_lease_certificate_opens_a_host() {
     docker_version(host_a, &current).expect("a current pool certificate for a");
     let (good, out) = curl_with(&current, &url);
     assert!(good && out.trim() == "OK", "curl, current cert: {out}");
+    assert_s_client_accepted(
+        "s_client with a current pool cert for a, same key as the expired one",
+        &s_client(&front_a, &ca_path, Some(&current)),
+    );
 
     // Renew re-issues the certificate for the same key; the host takes it.
     let before = std::fs::read_to_string(a.cert_dir().join("cert.pem")).unwrap();
@@ -245,6 +356,15 @@ fn only_the_current_lease_certificate_opens_a_host() {
     assert_refused(
         "the released lease's certificate at its old host",
         docker_version(host_a, &released_copy),
+    );
+    assert_s_client_accepted(
+        "s_client with c's certificate at the recycled host",
+        &s_client(&front_a, &ca_path, Some(c.cert_dir())),
+    );
+    assert_s_client_refused(
+        "s_client with the released lease's certificate at its old host",
+        "access denied",
+        &s_client(&front_a, &ca_path, Some(&released_copy)),
     );
 
     ok(
@@ -412,4 +532,358 @@ fn an_agent_with_the_wrong_join_token_is_never_offered() {
         pool.berth(&["release", "--lease", first.lease_id()]),
         "release",
     );
+}
+
+/// The ports berth serves on a host's address.
+const FRONT_PORT: u16 = berth_proto::ports::DOCKER_FRONT;
+const STATUS_PORT: u16 = berth_proto::ports::AGENT_STATUS;
+
+/// The agent's status endpoint answers `/healthz` on the host's address.
+fn status_answers(host_addr: &str) -> Result<(), String> {
+    let (good, out) = curl(&[&format!("http://{host_addr}:{STATUS_PORT}/healthz")]);
+    if good && out.trim() == "ok" {
+        Ok(())
+    } else {
+        Err(out)
+    }
+}
+
+#[test]
+fn a_build_cannot_publish_on_the_front_or_status_port() {
+    if !preflight() {
+        return;
+    }
+    let pool = Pool::start("btp1-", 1, &[]);
+    let lease = pool.acquire("ports-1", "30m", "1m");
+    let addr = lease.host_addr().to_owned();
+    let ctx = pool.state_dir.join("ctx");
+    busybox_context(&ctx, "published\n");
+    ok(
+        run(lease.docker().args(["build", "-q", "-t", "app"]).arg(&ctx)),
+        "docker build",
+    );
+    docker_version(lease.docker_host(), lease.cert_dir()).expect("the front before");
+    status_answers(&addr).expect("the status endpoint before");
+
+    // Publishing works in general: a free port answers at the host address.
+    ok(
+        run(lease
+            .docker()
+            .args(["run", "-d", "--name", "free", "-p", "8081:80", "app"])),
+        "docker run -p 8081:80",
+    );
+    let page = wait_for("the published port 8081", Duration::from_secs(20), || {
+        http_get(format!("{addr}:8081").parse().unwrap()).ok()
+    });
+    assert!(page.contains("published"), "{page}");
+
+    // berth's own ports cannot be published, on all addresses or on the
+    // host's own address: the container does not start and the port stays
+    // berth's.
+    for port in [FRONT_PORT, STATUS_PORT] {
+        for (i, spec) in [format!("{port}:80"), format!("{addr}:{port}:80")]
+            .iter()
+            .enumerate()
+        {
+            let name = format!("take-{port}-{i}");
+            let o = run(lease
+                .docker()
+                .args(["run", "-d", "--name", &name, "-p", spec, "app"]));
+            eprintln!("docker run -p {spec}: {} {}", o.status, stderr(&o).trim());
+            assert!(
+                !o.status.success(),
+                "docker run -p {spec} succeeded: a build published berth's port {port}"
+            );
+            assert!(
+                stderr(&o).contains("address already in use"),
+                "docker run -p {spec} failed, but not because berth holds the port: {}",
+                stderr(&o)
+            );
+            let running = stdout(&ok(
+                run(lease
+                    .docker()
+                    .args(["inspect", "-f", "{{.State.Running}}", &name])),
+                "docker inspect",
+            ));
+            assert_eq!(running.trim(), "false", "{name} runs");
+        }
+    }
+
+    // Both endpoints still answer, and only the agent listens on them.
+    docker_version(lease.docker_host(), lease.cert_dir()).expect("the front after");
+    status_answers(&addr).expect("the status endpoint after");
+    let host_id = lease.get("BERTH_HOST_ID");
+    let listeners = tcp_listeners_in_netns(host_id);
+    for port in [FRONT_PORT, STATUS_PORT] {
+        let on_port: Vec<_> = listeners
+            .iter()
+            .filter(|l| l.contains(&format!(":{port} ")))
+            .collect();
+        assert!(
+            !on_port.is_empty() && on_port.iter().all(|l| l.contains("berth-agent")),
+            "port {port} in {host_id}: {on_port:?} (all: {listeners:?})"
+        );
+    }
+    ok(
+        pool.berth(&["release", "--lease", lease.lease_id()]),
+        "release",
+    );
+}
+
+/// Seconds since the epoch of `berth acquire`'s `BERTH_LEASE_DEADLINE`
+/// (RFC 3339, UTC, whole seconds: `2026-11-30T05:12:33Z`).
+fn rfc3339_secs(s: &str) -> i64 {
+    let n = |r: std::ops::Range<usize>| -> i64 {
+        s.get(r)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("not RFC 3339: {s:?}"))
+    };
+    assert!(s.len() == 20 && s.ends_with('Z'), "not RFC 3339 UTC: {s:?}");
+    let (y, m, d) = (n(0..4), n(5..7), n(8..10));
+    // Days from the civil date (H. Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    days * 86_400 + n(11..13) * 3600 + n(14..16) * 60 + n(17..19)
+}
+
+fn pem_der(pem: &str) -> Vec<u8> {
+    x509_parser::pem::parse_x509_pem(pem.as_bytes())
+        .expect("a PEM certificate")
+        .1
+        .contents
+}
+
+/// What the README promises about a lease certificate: issued by the pool
+/// CA for the requester's key, SAN = `LEASE_ID.lease.berth.invalid` and
+/// nothing else, client authentication only, not a CA, valid until the
+/// lease deadline plus one minute.
+fn check_lease_cert(
+    what: &str,
+    cert_pem: &str,
+    ca_pem: &str,
+    key_pem: &str,
+    lease_id: &str,
+    deadline_secs: i64,
+) {
+    use x509_parser::extensions::{GeneralName, ParsedExtension};
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let cert_der = pem_der(cert_pem);
+    let (_, cert) = X509Certificate::from_der(&cert_der).unwrap();
+    let ca_der = pem_der(ca_pem);
+    let (_, ca) = X509Certificate::from_der(&ca_der).unwrap();
+    cert.verify_signature(Some(ca.public_key()))
+        .unwrap_or_else(|e| panic!("{what}: not signed by the pool CA: {e}"));
+    let key = rcgen::KeyPair::from_pem(key_pem).unwrap();
+    assert_eq!(
+        cert.public_key().subject_public_key.data.as_ref(),
+        key.public_key_raw(),
+        "{what}: the certificate is not for the lease's key"
+    );
+    let cns: Vec<_> = cert
+        .subject()
+        .iter_common_name()
+        .map(|c| c.as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(cns, [format!("berth lease {lease_id}")], "{what}: subject");
+    let lease_name = berth_tls::lease_dns_name(lease_id);
+    let mut seen = Vec::new();
+    for ext in cert.extensions() {
+        seen.push(ext.oid.to_id_string());
+        match ext.parsed_extension() {
+            ParsedExtension::SubjectAlternativeName(san) => assert_eq!(
+                san.general_names,
+                [GeneralName::DNSName(&lease_name)],
+                "{what}: SANs"
+            ),
+            ParsedExtension::ExtendedKeyUsage(eku) => assert!(
+                eku.client_auth
+                    && !eku.any
+                    && !eku.server_auth
+                    && !eku.code_signing
+                    && !eku.email_protection
+                    && !eku.time_stamping
+                    && !eku.ocsp_signing
+                    && eku.other.is_empty(),
+                "{what}: not client authentication only: {eku:?}"
+            ),
+            ParsedExtension::KeyUsage(ku) => assert!(
+                !ku.key_cert_sign() && !ku.crl_sign(),
+                "{what}: can sign certificates: {ku}"
+            ),
+            ParsedExtension::BasicConstraints(bc) => assert!(!bc.ca, "{what}: a CA"),
+            ParsedExtension::SubjectKeyIdentifier(_)
+            | ParsedExtension::AuthorityKeyIdentifier(_) => {}
+            other => panic!("{what}: unexpected extension {other:?}"),
+        }
+    }
+    seen.sort();
+    assert_eq!(
+        seen,
+        [
+            "2.5.29.14",
+            "2.5.29.15",
+            "2.5.29.17",
+            "2.5.29.19",
+            "2.5.29.35",
+            "2.5.29.37"
+        ],
+        "{what}: extensions"
+    );
+    let not_after = cert.validity().not_after.timestamp();
+    assert_eq!(
+        not_after - deadline_secs,
+        60,
+        "{what}: valid until {}, the deadline is {deadline_secs} s after the epoch",
+        cert.validity().not_after
+    );
+}
+
+/// A CSR asking for what a lease certificate must not carry: another
+/// lease's name, `localhost` and 127.0.0.1, server authentication and code
+/// signing, a CA's key usages, the pool CA's subject. (A CSR has no
+/// validity field: a lifetime cannot be asked for as such.)
+fn greedy_csr(other_lease: &str) -> (String, String) {
+    use rcgen::{
+        CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, KeyPair,
+        KeyUsagePurpose, SanType,
+    };
+    let key = KeyPair::generate().unwrap();
+    let mut p = CertificateParams::new(vec![
+        berth_tls::lease_dns_name(other_lease),
+        "localhost".to_owned(),
+    ])
+    .unwrap();
+    p.subject_alt_names
+        .push(SanType::IpAddress("127.0.0.1".parse().unwrap()));
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, "berth pool CA");
+    p.distinguished_name = dn;
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    p.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+        ExtendedKeyUsagePurpose::CodeSigning,
+    ];
+    let csr = p.serialize_request(&key).unwrap().pem().unwrap();
+    (key.serialize_pem(), csr)
+}
+
+#[test]
+fn the_lease_certificate_is_what_the_ca_decides_not_what_the_csr_asks() {
+    use berth_proto::v1::lease_service_client::LeaseServiceClient;
+    if !preflight() {
+        return;
+    }
+    let pool = Pool::start("btc1-", 2, &[]);
+    let ca_pem = std::fs::read_to_string(pool.ca_pem_path()).unwrap();
+    let deadline_secs = |lease_id: &str| pool.lease(lease_id).deadline.unwrap().seconds;
+
+    // What `berth acquire` wrote: its own key, and the certificate for it.
+    let a = pool.acquire("cert-cli", "30m", "1m");
+    let read = |f: &str| std::fs::read_to_string(a.cert_dir().join(f)).unwrap();
+    assert_eq!(read("ca.pem"), ca_pem);
+    let deadline = deadline_secs(a.lease_id());
+    assert_eq!(
+        rfc3339_secs(a.get("BERTH_LEASE_DEADLINE")),
+        deadline,
+        "BERTH_LEASE_DEADLINE"
+    );
+    check_lease_cert(
+        "berth acquire's cert.pem",
+        &read("cert.pem"),
+        &ca_pem,
+        &read("key.pem"),
+        a.lease_id(),
+        deadline,
+    );
+
+    // Acquire and Renew through the API with a CSR that asks for more.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut client = LeaseServiceClient::new(rt.block_on(pool.endpoint().connect()).unwrap());
+    let (key_pem, csr_pem) = greedy_csr(a.lease_id());
+    let minutes = |m: i64| prost_types::Duration {
+        seconds: m * 60,
+        nanos: 0,
+    };
+    let got = rt
+        .block_on(client.acquire(pool.authed(pb::AcquireRequest {
+            build_id: "cert-greedy".into(),
+            ttl: Some(minutes(30)),
+            wait: Some(minutes(1)),
+            csr_pem: csr_pem.clone(),
+        })))
+        .expect("Acquire with a greedy CSR")
+        .into_inner();
+    let lease = got.lease.unwrap();
+    assert_eq!(got.ca_pem, ca_pem);
+    check_lease_cert(
+        "Acquire with a greedy CSR",
+        &got.client_cert_pem,
+        &ca_pem,
+        &key_pem,
+        &lease.lease_id,
+        lease.deadline.unwrap().seconds,
+    );
+    // The certificate it got is the one that opens its host.
+    let dir = cert_dir(
+        &pool.state_dir,
+        "greedy",
+        &ca_pem,
+        &got.client_cert_pem,
+        &key_pem,
+    );
+    docker_version(&lease.docker_host, &dir).expect("the greedy lease's certificate");
+
+    let renewed = rt
+        .block_on(client.renew(pool.authed(pb::RenewRequest {
+            lease_id: lease.lease_id.clone(),
+            ttl: Some(minutes(45)),
+            csr_pem,
+        })))
+        .expect("Renew with a greedy CSR")
+        .into_inner();
+    let new_deadline = renewed.lease.unwrap().deadline.unwrap().seconds;
+    assert!(new_deadline > lease.deadline.unwrap().seconds);
+    check_lease_cert(
+        "Renew with a greedy CSR",
+        &renewed.client_cert_pem,
+        &ca_pem,
+        &key_pem,
+        &lease.lease_id,
+        new_deadline,
+    );
+
+    // A CSR asking for an extension beyond names and usages (here: to be a
+    // CA) is refused before it can cost a host.
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut p = rcgen::CertificateParams::new(vec!["ca.example".to_owned()]).unwrap();
+    p.custom_extensions = vec![rcgen::CustomExtension::from_oid_content(
+        &[2, 5, 29, 19],
+        vec![0x30, 0x03, 0x01, 0x01, 0xff],
+    )];
+    let ca_csr = p.serialize_request(&key).unwrap().pem().unwrap();
+    let refused = rt
+        .block_on(client.acquire(pool.authed(pb::AcquireRequest {
+            build_id: "cert-ca".into(),
+            ttl: Some(minutes(30)),
+            wait: Some(minutes(1)),
+            csr_pem: ca_csr,
+        })))
+        .expect_err("Acquire with a CSR asking to be a CA");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused}");
+    assert!(refused.message().contains("csr_pem"), "{refused}");
+
+    for id in [a.lease_id(), &lease.lease_id] {
+        ok(pool.berth(&["release", "--lease", id]), "release");
+    }
 }
