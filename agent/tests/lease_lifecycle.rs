@@ -281,6 +281,7 @@ async fn assign(fake: &FakeCoordinator, lease_id: &str, ttl: Duration) {
         lease_id: lease_id.into(),
         build_id: format!("build-of-{lease_id}"),
         deadline: Some(deadline),
+        client_key_sha256: fake.client_key(),
     }))
     .await;
 }

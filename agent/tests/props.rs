@@ -35,22 +35,37 @@ fn lease_id() -> impl Strategy<Value = String> {
 }
 
 fn lease() -> impl Strategy<Value = Lease> {
-    (lease_id(), 0u64..100, any::<bool>()).prop_map(|(id, d, accepted)| Lease {
-        id,
-        build_id: "b".into(),
-        deadline: t(d),
-        accepted,
+    (lease_id(), 0u64..100, any::<bool>(), any::<bool>()).prop_map(|(id, d, accepted, in_use)| {
+        Lease {
+            id,
+            build_id: "b".into(),
+            deadline: t(d),
+            accepted,
+            key: Some(berth_tls::KeyId([7; 32])),
+            in_use,
+        }
     })
 }
 
 fn event() -> impl Strategy<Value = Event> {
     prop_oneof![
         Just(Event::Booted),
-        (lease_id(), proptest::option::of(0u64..100)).prop_map(|(l, d)| Event::Assign {
+        (
+            lease_id(),
+            proptest::option::of(0u64..100),
+            proptest::option::of(any::<u8>())
+        )
+            .prop_map(|(l, d, k)| Event::Assign {
+                lease_id: l,
+                build_id: "b".into(),
+                deadline: d.map(t),
+                key: k.map(|k| berth_tls::KeyId([k; 32])),
+            }),
+        (lease_id(), proptest::option::of(any::<u8>())).prop_map(|(l, k)| Event::LeaseKey {
             lease_id: l,
-            build_id: "b".into(),
-            deadline: d.map(t),
+            key: k.map(|k| berth_tls::KeyId([k; 32])),
         }),
+        lease_id().prop_map(|l| Event::FrontInUse { lease_id: l }),
         (lease_id(), proptest::option::of(0u64..100)).prop_map(|(l, d)| Event::Renew {
             lease_id: l,
             deadline: d.map(t),
@@ -133,7 +148,8 @@ proptest! {
                         prop_assert_eq!(after.lease_id(), Some(acc.lease_id.as_str()), "{}", ctx);
                         prop_assert!(after.lease.as_ref().is_some_and(|l| l.accepted), "{}", ctx);
                     }
-                    Action::OpenFront { lease_id } => {
+                    Action::OpenFront { lease_id, key } => {
+                        prop_assert_eq!(after.lease.as_ref().and_then(|l| l.key), Some(*key), "{}", ctx);
                         prop_assert_eq!(after.lease_id(), Some(lease_id.as_str()), "{}", ctx);
                         prop_assert_eq!(after.state, HostState::Leased, "{}", ctx);
                     }

@@ -207,9 +207,11 @@ async fn a_fake_agent_carries_a_lease_from_acquire_to_release() {
     let client =
         berth_tls::lease_client_config(&resp.ca_pem, &resp.client_cert_pem, &ci_key.key_pem)
             .unwrap();
-    let front = berth_tls::lease_server_config(&identity, &lease.lease_id).unwrap();
+    let pinned = berth_tls::PinnedKey::new(berth_tls::KeyId::of_csr_pem(&ci_key.csr_pem).unwrap());
+    let front = berth_tls::lease_server_config(&identity, &lease.lease_id, pinned.clone()).unwrap();
     berth_tls::lease::handshake_in_memory(front, client.clone(), "198.18.0.2").unwrap();
-    let elsewhere = berth_tls::lease_server_config(&identity, &uuid_like()).unwrap();
+    let elsewhere =
+        berth_tls::lease_server_config(&identity, &uuid_like(), pinned.clone()).unwrap();
     assert!(berth_tls::lease::handshake_in_memory(elsewhere, client, "198.18.0.2").is_err());
 
     // Renew with a CSR re-issues a certificate for the same lease.
@@ -228,7 +230,7 @@ async fn a_fake_agent_carries_a_lease_from_acquire_to_release() {
     let client =
         berth_tls::lease_client_config(&renewed.ca_pem, &renewed.client_cert_pem, &ci_key.key_pem)
             .unwrap();
-    let front = berth_tls::lease_server_config(&identity, &lease.lease_id).unwrap();
+    let front = berth_tls::lease_server_config(&identity, &lease.lease_id, pinned).unwrap();
     berth_tls::lease::handshake_in_memory(front, client, "198.18.0.2").unwrap();
     match inbound.message().await.unwrap().unwrap().msg {
         Some(pb::coordinator_message::Msg::RenewLease(r)) => {

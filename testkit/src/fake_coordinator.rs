@@ -44,6 +44,8 @@ struct Shared {
     refuse: AtomicBool,
     current: Mutex<Option<ToAgent>>,
     seen: mpsc::UnboundedSender<AgentMessage>,
+    /// The key of the (one) build whose lease certificates the fake writes.
+    client: berth_tls::KeyAndCsr,
 }
 
 /// The `AgentService` implementation behind the fake.
@@ -86,6 +88,7 @@ impl AgentService for Service {
                         heartbeat_interval_ms: shared.heartbeat_interval_ms,
                         server_cert_pem: cert,
                         ca_pem: shared.ca.cert_pem().to_owned(),
+                        agent_cert_pem: String::new(),
                     };
                     let reply = CoordinatorMessage {
                         msg: Some(coordinator_message::Msg::Registered(registered)),
@@ -133,6 +136,7 @@ impl FakeCoordinator {
             refuse: AtomicBool::new(false),
             current: Mutex::new(None),
             seen,
+            client: berth_tls::KeyAndCsr::generate("ci").unwrap(),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -226,14 +230,23 @@ impl FakeCoordinator {
         ]
     }
 
-    /// A lease's client certificate as `berth acquire` writes it (a key made
-    /// here, a certificate for `lease_id` signed by the CA, valid for an
-    /// hour) in `dir/certs-LEASE`, the `DOCKER_CERT_PATH` layout; returns
+    /// The key every lease certificate of this fake carries, as a lease's
+    /// `AssignLease.client_key_sha256` names it.
+    pub fn client_key(&self) -> Vec<u8> {
+        berth_tls::KeyId::of_csr_pem(&self.shared.client.csr_pem)
+            .unwrap()
+            .0
+            .to_vec()
+    }
+
+    /// A lease's client certificate as `berth acquire` writes it (the
+    /// build's key, a certificate for `lease_id` signed by the CA, valid for
+    /// an hour) in `dir/certs-LEASE`, the `DOCKER_CERT_PATH` layout; returns
     /// that directory.
     pub fn lease_certs(&self, dir: &Path, lease_id: &str) -> PathBuf {
         let cert_dir = dir.join(format!("certs-{lease_id}"));
         std::fs::create_dir_all(&cert_dir).unwrap();
-        let k = berth_tls::KeyAndCsr::generate("ci").unwrap();
+        let k = &self.shared.client;
         let now = SystemTime::now();
         let cert = self
             .ca()
@@ -241,7 +254,7 @@ impl FakeCoordinator {
             .unwrap();
         std::fs::write(cert_dir.join("ca.pem"), self.ca_pem()).unwrap();
         std::fs::write(cert_dir.join("cert.pem"), cert).unwrap();
-        std::fs::write(cert_dir.join("key.pem"), k.key_pem).unwrap();
+        std::fs::write(cert_dir.join("key.pem"), &k.key_pem).unwrap();
         cert_dir
     }
 }

@@ -573,7 +573,8 @@ async fn wire_and_run<P: Provider, D: Daemon>(
         paths.socket.clone(),
         front_key.key_pem,
         link_status.clone(),
-    );
+    )
+    .reporting_use_to(inbox_tx.clone());
     // The first lease's socket, made now so that accepting a lease only binds.
     front.prepare().await;
     let Running {

@@ -45,6 +45,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use berth_tls::{KeyId, PinnedKey};
+use tokio::sync::mpsc;
+
+use crate::host::state::Event;
 use crate::link::LinkStatus;
 
 /// Bound on creating the listener (thread start, setns, bind).
@@ -148,11 +155,15 @@ pub enum FrontError {
 
 /// What the driver needs from a front; the fake in the driver tests records calls.
 pub trait FrontControl: Send + 'static {
-    /// Starts serving `lease_id`; replaces any previous lease's front.
+    /// Starts serving `lease_id` to certificates that carry `key`; replaces
+    /// any previous lease's front.
     fn open(
         &mut self,
         lease_id: &str,
+        key: KeyId,
     ) -> impl std::future::Future<Output = Result<(), FrontError>> + Send;
+    /// From the next handshake on, admits only certificates carrying `key`.
+    fn set_key(&mut self, key: KeyId);
     /// Stops accepting and cuts every connection; returns once they are gone.
     fn close(&mut self) -> impl std::future::Future<Output = ()> + Send;
 }
@@ -169,6 +180,9 @@ pub struct DockerFront {
     /// A socket already in the host's namespace, not yet bound: the next
     /// `open` binds it instead of paying for a thread and `setns`.
     spare: Option<Socket>,
+    /// Where the first admitted connection of a lease is reported (the
+    /// driver's inbox), if anywhere.
+    uses: Option<mpsc::Sender<Event>>,
 }
 
 impl std::fmt::Debug for DockerFront {
@@ -184,6 +198,29 @@ impl std::fmt::Debug for DockerFront {
 struct Active {
     token: CancellationToken,
     tracker: TaskTracker,
+    /// The key the open lease's certificates must carry.
+    pinned: PinnedKey,
+}
+
+/// Reports a lease's first admitted connection once.
+#[derive(Debug, Clone)]
+struct FirstUse {
+    lease_id: String,
+    inbox: mpsc::Sender<Event>,
+    sent: Arc<AtomicBool>,
+}
+
+impl FirstUse {
+    async fn report(&self) {
+        if !self.sent.swap(true, Ordering::SeqCst) {
+            let _ = self
+                .inbox
+                .send(Event::FrontInUse {
+                    lease_id: self.lease_id.clone(),
+                })
+                .await;
+        }
+    }
 }
 
 impl DockerFront {
@@ -205,7 +242,15 @@ impl DockerFront {
             link,
             active: None,
             spare: None,
+            uses: None,
         }
+    }
+
+    /// Reports each lease's first admitted connection to `inbox`
+    /// (`Event::FrontInUse`): from then on the lease's key is fixed.
+    pub fn reporting_use_to(mut self, inbox: mpsc::Sender<Event>) -> Self {
+        self.uses = Some(inbox);
+        self
     }
 
     /// Makes the socket for the next lease now, off the acquire path. A
@@ -233,7 +278,7 @@ impl DockerFront {
 
 impl FrontControl for DockerFront {
     #[tracing::instrument(skip(self), err)]
-    async fn open(&mut self, lease_id: &str) -> Result<(), FrontError> {
+    async fn open(&mut self, lease_id: &str, key: KeyId) -> Result<(), FrontError> {
         self.close().await;
         let mut link = self.link.clone();
         let issued = tokio::time::timeout(FRONT_CERT_WAIT, link.wait_for(|s| s.issued.is_some()))
@@ -246,7 +291,12 @@ impl FrontControl for DockerFront {
             key_pem: self.key_pem.clone(),
             ca_pem: issued.ca_pem,
         };
-        let acceptor = TlsAcceptor::from(berth_tls::lease_server_config(&identity, lease_id)?);
+        let pinned = PinnedKey::new(key);
+        let acceptor = TlsAcceptor::from(berth_tls::lease_server_config(
+            &identity,
+            lease_id,
+            pinned.clone(),
+        )?);
         let socket = match self.spare.take() {
             Some(s) => s,
             None => socket_in_netns(self.addr, self.netns.clone()).await?,
@@ -259,6 +309,11 @@ impl FrontControl for DockerFront {
         let token = CancellationToken::new();
         let tracker = TaskTracker::new();
         let span = tracing::info_span!("front", lease_id = %lease_id, addr = %self.addr);
+        let first_use = self.uses.clone().map(|inbox| FirstUse {
+            lease_id: lease_id.to_owned(),
+            inbox,
+            sent: Arc::new(AtomicBool::new(false)),
+        });
         tracker.spawn(
             accept_loop(
                 listener,
@@ -266,12 +321,24 @@ impl FrontControl for DockerFront {
                 self.upstream.clone(),
                 token.clone(),
                 tracker.clone(),
+                first_use,
             )
             .instrument(span),
         );
         tracing::info!(lease_id, addr = %self.addr, "docker front open");
-        self.active = Some(Active { token, tracker });
+        self.active = Some(Active {
+            token,
+            tracker,
+            pinned,
+        });
         Ok(())
+    }
+
+    fn set_key(&mut self, key: KeyId) {
+        if let Some(a) = &self.active {
+            tracing::info!(key = %key, "docker front: the lease's key moved");
+            a.pinned.set(key);
+        }
     }
 
     async fn close(&mut self) {
@@ -362,6 +429,7 @@ async fn accept_loop(
     upstream: PathBuf,
     token: CancellationToken,
     tracker: TaskTracker,
+    first_use: Option<FirstUse>,
 ) {
     let handshakes = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     let refusals = std::sync::Arc::new(RefusalLog::default());
@@ -386,6 +454,7 @@ async fn accept_loop(
                 let upstream = upstream.clone();
                 let acceptor = acceptor.clone();
                 let refusals = refusals.clone();
+                let first_use = first_use.clone();
                 let span = tracing::debug_span!("conn", %peer);
                 tracker.spawn(
                     async move {
@@ -411,6 +480,9 @@ async fn accept_loop(
                         };
                         // Admitted: it no longer counts against the cap.
                         drop(permit);
+                        if let Some(f) = &first_use {
+                            f.report().await;
+                        }
                         match serve_connection(tls, &upstream, child).await {
                             Ok(()) => tracing::debug!("connection closed"),
                             Err(e) => tracing::warn!(error = %e, "connection failed"),
@@ -508,6 +580,8 @@ mod tests {
         key_pem: String,
         link: watch::Receiver<LinkStatus>,
         _link_tx: watch::Sender<LinkStatus>,
+        /// The build's key pair.
+        client: berth_tls::KeyAndCsr,
     }
 
     fn pki() -> Pki {
@@ -534,6 +608,7 @@ mod tests {
             key_pem: k.key_pem,
             link: rx,
             _link_tx: tx,
+            client: berth_tls::KeyAndCsr::generate("ci").unwrap(),
         }
     }
 
@@ -542,13 +617,27 @@ mod tests {
             DockerFront::new(addr, None, sock, self.key_pem.clone(), self.link.clone())
         }
 
-        /// Connects with a certificate for `lease`; Err if refused.
+        /// The key of the build these tests acquire for.
+        fn key(&self) -> KeyId {
+            KeyId::of_csr_pem(&self.client.csr_pem).unwrap()
+        }
+
+        /// Connects with a certificate for `lease` and the build's key; Err if refused.
         async fn connect(
             &self,
             addr: SocketAddr,
             lease: &str,
         ) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
-            let k = berth_tls::KeyAndCsr::generate("ci").unwrap();
+            self.connect_with(addr, lease, &self.client).await
+        }
+
+        /// Connects with a certificate for `lease` and key `k`; Err if refused.
+        async fn connect_with(
+            &self,
+            addr: SocketAddr,
+            lease: &str,
+            k: &berth_tls::KeyAndCsr,
+        ) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
             let now = std::time::SystemTime::now();
             let cert = self
                 .ca
@@ -581,7 +670,7 @@ mod tests {
         // Closed: nothing listens.
         assert!(TcpStream::connect(addr).await.is_err());
 
-        front.open("l1").await.unwrap();
+        front.open("l1", pki.key()).await.unwrap();
         assert!(front.is_open());
         let mut conn = pki.connect(addr, "l1").await.unwrap();
 
@@ -620,7 +709,7 @@ mod tests {
 
         // Reopen at once on the same port (recycle mode) for the next lease,
         // with that socket: the previous lease's certificate no longer gets in.
-        front.open("l2").await.unwrap();
+        front.open("l2", pki.key()).await.unwrap();
         assert!(!front.is_prepared());
         assert!(pki.connect(addr, "l1").await.is_err());
         pki.connect(addr, "l2").await.unwrap();
@@ -633,7 +722,7 @@ mod tests {
         let (_tx, rx) = watch::channel(LinkStatus::default());
         let addr = free_addr().await;
         let mut front = DockerFront::new(addr, None, "/nonexistent".into(), String::new(), rx);
-        let r = front.open("l1").await;
+        let r = front.open("l1", KeyId([1; 32])).await;
         assert!(matches!(r, Err(FrontError::NoCertificate)), "{r:?}");
         assert!(TcpStream::connect(addr).await.is_err());
     }
@@ -692,5 +781,38 @@ mod tests {
         tokio::time::advance(REFUSAL_LOG_INTERVAL).await;
         assert_eq!(log.note(), Some(500), "the next line sums up the rest");
         assert_eq!(log.note(), None);
+    }
+
+    #[tokio::test]
+    async fn only_the_leases_pinned_key_gets_in_and_first_use_is_reported_once() {
+        let dir = temp_dir("pinned");
+        let sock = echo_daemon(&dir);
+        let addr = free_addr().await;
+        let pki = pki();
+        let (inbox, mut events) = mpsc::channel(8);
+        let mut front = pki.front(addr, sock).reporting_use_to(inbox);
+        front.open("l1", pki.key()).await.unwrap();
+        // A certificate of the lease, signed by the pool CA, with another key.
+        let thief = berth_tls::KeyAndCsr::generate("thief").unwrap();
+        assert!(pki.connect_with(addr, "l1", &thief).await.is_err());
+        assert!(events.try_recv().is_err(), "a refused client is no use");
+        let _c1 = pki.connect(addr, "l1").await.unwrap();
+        let _c2 = pki.connect(addr, "l1").await.unwrap();
+        let used = tokio::time::timeout(Duration::from_secs(5), events.recv())
+            .await
+            .unwrap();
+        assert_eq!(
+            used,
+            Some(Event::FrontInUse {
+                lease_id: "l1".into()
+            })
+        );
+        assert!(events.try_recv().is_err(), "reported once");
+        // The coordinator moved the pin (before first use, in real life).
+        front.set_key(KeyId::of_csr_pem(&thief.csr_pem).unwrap());
+        pki.connect_with(addr, "l1", &thief).await.unwrap();
+        assert!(pki.connect(addr, "l1").await.is_err());
+        front.close().await;
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -127,6 +127,7 @@ pub fn status_of(host: &Host) -> Status {
         state: host.state,
         lease_id: host.lease.as_ref().map(|l| l.id.clone()),
         lease_deadline: host.lease.as_ref().map(|l| l.deadline),
+        lease_key: host.lease.as_ref().and_then(|l| l.key),
     }
 }
 
@@ -301,8 +302,9 @@ where
         queue: &mut VecDeque<Event>,
     ) -> Option<Result<String, DriverError>> {
         match action {
-            Action::OpenFront { lease_id } => {
-                let event = match self.front.open(&lease_id).await {
+            Action::SetFrontKey { key } => self.front.set_key(key),
+            Action::OpenFront { lease_id, key } => {
+                let event = match self.front.open(&lease_id, key).await {
                     Ok(()) => Event::FrontOpened { lease_id },
                     Err(e) => {
                         tracing::error!(%lease_id, error = %e, "docker front failed to open");
@@ -399,6 +401,7 @@ mod tests {
     use crate::docker::wipe::fake::FakeDocker;
     use crate::provider::Identity;
     use berth_proto::v1::{EndReason, HostState as P, agent_message::Msg};
+    use berth_tls::KeyId;
     use std::sync::Mutex;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Duration;
@@ -424,7 +427,7 @@ mod tests {
         fail: bool,
     }
     impl FrontControl for FakeFront {
-        async fn open(&mut self, lease_id: &str) -> Result<(), FrontError> {
+        async fn open(&mut self, lease_id: &str, _key: KeyId) -> Result<(), FrontError> {
             self.log.lock().unwrap().push(format!("open {lease_id}"));
             if self.fail {
                 return Err(FrontError::BindTimeout {
@@ -435,6 +438,12 @@ mod tests {
         }
         async fn close(&mut self) {
             self.log.lock().unwrap().push("close".into());
+        }
+        fn set_key(&mut self, key: KeyId) {
+            self.log
+                .lock()
+                .unwrap()
+                .push(format!("key {}", &key.to_hex()[..4]));
         }
     }
 
@@ -545,6 +554,7 @@ mod tests {
             lease_id: lease.into(),
             build_id: "b".into(),
             deadline: Some(wall(deadline_secs)),
+            key: Some(KeyId([7; 32])),
         }
     }
 

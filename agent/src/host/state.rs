@@ -8,9 +8,10 @@
 use std::time::{Duration, SystemTime};
 
 use berth_proto::v1::{
-    self as pb, CoordinatorMessage, EndReason, LeaseAccepted, LeaseEnded, LeaseRejected,
-    StateChanged, WipeReport, agent_message::Msg, coordinator_message,
+    self as pb, CoordinatorMessage, EndReason, LeaseAccepted, LeaseEnded, LeaseInUse,
+    LeaseRejected, StateChanged, WipeReport, agent_message::Msg, coordinator_message,
 };
+use berth_tls::KeyId;
 
 /// Longest a wipe may take before the host is declared unhealthy. Generous:
 /// removing many large images on a slow disk takes a while, but a stuck
@@ -102,6 +103,13 @@ pub struct Lease {
     pub deadline: SystemTime,
     /// The front is open and `LeaseAccepted` was sent.
     pub accepted: bool,
+    /// The key the lease's client certificates must carry; the front
+    /// admits no other. `None` only for a lease read from a state file of
+    /// an agent that did not record it, which is never resumed.
+    pub key: Option<KeyId>,
+    /// The front admitted the lease's certificate once (`LeaseInUse` was
+    /// sent): the key is fixed from then on.
+    pub in_use: bool,
 }
 
 /// Everything the transition function needs to know about a host.
@@ -163,7 +171,18 @@ pub enum Event {
         lease_id: String,
         build_id: String,
         deadline: Option<SystemTime>,
+        /// The key the lease is pinned to; `None` if the message carried no
+        /// valid one (the lease is rejected).
+        key: Option<KeyId>,
     },
+    /// The coordinator moved the lease's key (an acquire retried with a new
+    /// key before the lease was first used).
+    LeaseKey {
+        lease_id: String,
+        key: Option<KeyId>,
+    },
+    /// The front admitted this lease's certificate for the first time.
+    FrontInUse { lease_id: String },
     /// The coordinator moves a lease's deadline.
     Renew {
         lease_id: String,
@@ -221,6 +240,11 @@ impl Event {
                 lease_id: a.lease_id,
                 build_id: a.build_id,
                 deadline: deadline(a.deadline),
+                key: KeyId::from_slice(&a.client_key_sha256),
+            }),
+            coordinator_message::Msg::LeaseKey(k) => Some(Event::LeaseKey {
+                lease_id: k.lease_id,
+                key: KeyId::from_slice(&k.client_key_sha256),
             }),
             coordinator_message::Msg::RenewLease(r) => Some(Event::Renew {
                 lease_id: r.lease_id,
@@ -242,8 +266,11 @@ impl Event {
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
-    /// Bind the Docker front for this lease; answer with `FrontOpened` or `FrontFailed`.
-    OpenFront { lease_id: String },
+    /// Bind the Docker front for this lease, admitting only certificates
+    /// that carry `key`; answer with `FrontOpened` or `FrontFailed`.
+    OpenFront { lease_id: String, key: KeyId },
+    /// The open front admits only certificates that carry `key` from now on.
+    SetFrontKey { key: KeyId },
     /// Drop the front's listener and cut every open connection.
     CloseFront,
     /// (Re)arm the lease deadline timer.
@@ -373,6 +400,7 @@ pub fn next(host: Host, event: Event) -> (Host, Vec<Action>) {
                 lease_id,
                 build_id,
                 deadline,
+                key,
             },
         ) => {
             if lease_id.is_empty() {
@@ -381,18 +409,49 @@ pub fn next(host: Host, event: Event) -> (Host, Vec<Action>) {
             let Some(deadline) = deadline else {
                 return (host, vec![reject(&lease_id, "lease has no valid deadline")]);
             };
+            // Fail closed: a lease nobody's key is pinned to opens nothing.
+            let Some(key) = key else {
+                return (host, vec![reject(&lease_id, "lease has no client key")]);
+            };
             let lease = Lease {
                 id: lease_id.clone(),
                 build_id,
                 deadline,
                 accepted: false,
+                key: Some(key),
+                in_use: false,
             };
             let host = Host {
                 state: S::Leased,
                 lease: Some(lease),
                 ..host
             };
-            (host, vec![Action::OpenFront { lease_id }])
+            (host, vec![Action::OpenFront { lease_id, key }])
+        }
+        (S::Leased, Event::LeaseKey { lease_id, key }) if holds(&host, &lease_id) => {
+            let mut host = host;
+            match (host.lease.as_mut(), key) {
+                // Once the certificate was used, the key is fixed: a
+                // coordinator that asks otherwise is not followed.
+                (Some(lease), Some(key)) if !lease.in_use => {
+                    lease.key = Some(key);
+                    (host, vec![Action::SetFrontKey { key }])
+                }
+                _ => (host, vec![]),
+            }
+        }
+        (S::Leased, Event::FrontInUse { lease_id }) if holds(&host, &lease_id) => {
+            let mut host = host;
+            match host.lease.as_mut() {
+                Some(lease) if !lease.in_use => {
+                    lease.in_use = true;
+                    (
+                        host,
+                        vec![Action::Send(Msg::LeaseInUse(LeaseInUse { lease_id }))],
+                    )
+                }
+                _ => (host, vec![]),
+            }
         }
         (S::Leased, Event::Assign { lease_id, .. }) => {
             let (same, accepted) = match &host.lease {
@@ -548,6 +607,15 @@ fn resume(
             terminate(host, "restarted while the host was ending", true)
         }
         (Some(S::Leased), Some(lease)) if lease.deadline > now => {
+            // Without its key the front could not tell the lease holder
+            // from anyone else the CA gave a certificate of this lease.
+            let Some(key) = lease.key else {
+                return terminate(
+                    host,
+                    "restarted with a lease whose key was not recorded",
+                    true,
+                );
+            };
             let lease_id = lease.id.clone();
             let host = Host {
                 state: S::Leased,
@@ -557,7 +625,7 @@ fn resume(
                 }),
                 ..host
             };
-            (host, vec![Action::OpenFront { lease_id }])
+            (host, vec![Action::OpenFront { lease_id, key }])
         }
         (Some(S::Leased), Some(lease)) => {
             let ended = LeaseEnded {
@@ -677,6 +745,9 @@ mod tests {
     use std::time::UNIX_EPOCH;
 
     const L: &str = "lease-1";
+    /// The key leases of these tests are pinned to.
+    const K: KeyId = KeyId([7; 32]);
+    const K2: KeyId = KeyId([9; 32]);
 
     fn t(secs: u64) -> SystemTime {
         UNIX_EPOCH + Duration::from_secs(1_800_000_000 + secs)
@@ -689,6 +760,8 @@ mod tests {
                 build_id: "b".into(),
                 deadline: t(60),
                 accepted: true,
+                key: Some(K),
+                in_use: false,
             }),
             _ => None,
         };
@@ -725,6 +798,7 @@ mod tests {
             lease_id: lease.into(),
             build_id: "b".into(),
             deadline,
+            key: Some(K),
         }
     }
 
@@ -756,6 +830,8 @@ mod tests {
                 build_id: "b".into(),
                 deadline: t(60),
                 accepted: false,
+                key: Some(K),
+                in_use: false,
             }),
             ..host(S::Leased)
         };
@@ -965,7 +1041,10 @@ mod tests {
                 host(S::Ready),
                 assign(L, Some(t(60))),
                 S::Leased,
-                vec![Action::OpenFront { lease_id: L.into() }],
+                vec![Action::OpenFront {
+                    lease_id: L.into(),
+                    key: K,
+                }],
             ),
             (
                 "assign without deadline",
@@ -973,6 +1052,70 @@ mod tests {
                 assign(L, None),
                 S::Ready,
                 vec![rej(L, "lease has no valid deadline")],
+            ),
+            (
+                "assign without a client key: nothing would tell its holder from others",
+                host(S::Ready),
+                Event::Assign {
+                    lease_id: L.into(),
+                    build_id: "b".into(),
+                    deadline: Some(t(60)),
+                    key: None,
+                },
+                S::Ready,
+                vec![rej(L, "lease has no client key")],
+            ),
+            (
+                "the lease's key moves before first use",
+                host(S::Leased),
+                Event::LeaseKey {
+                    lease_id: L.into(),
+                    key: Some(K2),
+                },
+                S::Leased,
+                vec![Action::SetFrontKey { key: K2 }],
+            ),
+            (
+                "the key of another lease does not move",
+                host(S::Leased),
+                Event::LeaseKey {
+                    lease_id: "other".into(),
+                    key: Some(K2),
+                },
+                S::Leased,
+                vec![],
+            ),
+            (
+                "first admitted connection: the lease is in use",
+                host(S::Leased),
+                Event::FrontInUse { lease_id: L.into() },
+                S::Leased,
+                vec![Action::Send(Msg::LeaseInUse(LeaseInUse {
+                    lease_id: L.into(),
+                }))],
+            ),
+            (
+                "once in use, the key no longer moves",
+                Host {
+                    lease: host(S::Leased).lease.map(|l| Lease { in_use: true, ..l }),
+                    ..host(S::Leased)
+                },
+                Event::LeaseKey {
+                    lease_id: L.into(),
+                    key: Some(K2),
+                },
+                S::Leased,
+                vec![],
+            ),
+            (
+                "in use is reported once",
+                Host {
+                    lease: host(S::Leased).lease.map(|l| Lease { in_use: true, ..l }),
+                    ..host(S::Leased)
+                },
+                Event::FrontInUse { lease_id: L.into() },
+                S::Leased,
+                vec![],
             ),
             (
                 "assign with empty id",
@@ -1326,6 +1469,8 @@ mod tests {
             build_id: "b".into(),
             deadline: t(60),
             accepted: true,
+            key: Some(K),
+            in_use: false,
         };
         let resumed = |saved, lease, now| Event::Resumed {
             saved,
@@ -1339,7 +1484,10 @@ mod tests {
                 host(S::Booting),
                 resumed(Some(S::Leased), Some(held.clone()), t(10)),
                 S::Leased,
-                vec![Action::OpenFront { lease_id: L.into() }],
+                vec![Action::OpenFront {
+                    lease_id: L.into(),
+                    key: K,
+                }],
             ),
             (
                 "leased, deadline passed: ended as expired, wiped",
@@ -1548,6 +1696,7 @@ mod tests {
                 lease_id: L.into(),
                 build_id: "b".into(),
                 deadline: Some(ts),
+                client_key_sha256: K.0.to_vec(),
             }))),
             Some(assign(L, Some(t(5))))
         );
@@ -1574,6 +1723,31 @@ mod tests {
             Some(Event::End {
                 lease_id: L.into(),
                 reason: EndReason::Unspecified
+            })
+        );
+        assert_eq!(
+            Event::from_coordinator(m(coordinator_message::Msg::LeaseKey(pb::LeaseKey {
+                lease_id: L.into(),
+                client_key_sha256: K2.0.to_vec(),
+            }))),
+            Some(Event::LeaseKey {
+                lease_id: L.into(),
+                key: Some(K2),
+            })
+        );
+        // A key of the wrong length is no key.
+        assert_eq!(
+            Event::from_coordinator(m(coordinator_message::Msg::AssignLease(AssignLease {
+                lease_id: L.into(),
+                build_id: "b".into(),
+                deadline: Some(ts),
+                client_key_sha256: vec![1, 2, 3],
+            }))),
+            Some(Event::Assign {
+                lease_id: L.into(),
+                build_id: "b".into(),
+                deadline: Some(t(5)),
+                key: None,
             })
         );
         assert_eq!(

@@ -65,6 +65,13 @@ pub struct SavedLease {
     pub build_id: String,
     /// Wall-clock deadline, milliseconds since the Unix epoch.
     pub deadline_ms: u64,
+    /// The key the lease is pinned to (hex SHA-256 of its
+    /// SubjectPublicKeyInfo); a lease without one is never resumed.
+    #[serde(default)]
+    pub key: String,
+    /// The front admitted the lease's certificate once.
+    #[serde(default)]
+    pub in_use: bool,
     // Whether the lease was accepted is not stored: a successor agent opens
     // the front again and accepts again (`state::resume`), and leaving it out
     // saves the write that accepting would cost on the acquire path.
@@ -162,6 +169,8 @@ impl Saved {
                     .duration_since(UNIX_EPOCH)
                     .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
                     .unwrap_or(0),
+                key: l.key.map(|k| k.to_hex()).unwrap_or_default(),
+                in_use: l.in_use,
             }),
             draining: host.draining,
             boot_id: boot_id().to_owned(),
@@ -197,6 +206,8 @@ impl Saved {
             build_id: l.build_id.clone(),
             deadline: UNIX_EPOCH + Duration::from_millis(l.deadline_ms),
             accepted: false,
+            key: berth_tls::KeyId::parse_hex(&l.key),
+            in_use: l.in_use,
         })
     }
 
@@ -279,6 +290,8 @@ mod tests {
                 build_id: "b1".into(),
                 deadline,
                 accepted: true,
+                key: Some(berth_tls::KeyId([7; 32])),
+                in_use: true,
             }),
             draining: true,
             recycle: false,
@@ -340,6 +353,8 @@ mod tests {
                 build_id: "b1".into(),
                 deadline: now + Duration::from_secs(600),
                 accepted: true,
+                key: Some(berth_tls::KeyId([7; 32])),
+                in_use: true,
             }),
             ..Host::booting(false)
         };
@@ -385,6 +400,8 @@ mod tests {
                     build_id: "b1".into(),
                     deadline: now + Duration::from_secs(600),
                     accepted: true,
+                    key: Some(berth_tls::KeyId([7; 32])),
+                    in_use: true,
                 }),
                 ..Host::booting(false)
             };

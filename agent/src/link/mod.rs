@@ -118,6 +118,8 @@ pub struct Status {
     pub state: HostState,
     pub lease_id: Option<String>,
     pub lease_deadline: Option<SystemTime>,
+    /// The key the lease is pinned to (sent with `Register`).
+    pub lease_key: Option<berth_tls::KeyId>,
 }
 
 /// What the link publishes about itself.
@@ -451,6 +453,7 @@ impl Link {
                 lease_id: status.lease_id.unwrap_or_default(),
                 lease_deadline: status.lease_deadline.map(berth_proto::from_system_time),
                 csr_pem: r.csr_pem.clone(),
+                lease_key_sha256: status.lease_key.map(|k| k.0.to_vec()).unwrap_or_default(),
             })),
         }
     }
@@ -711,6 +714,7 @@ mod tests {
             state: HostState::Ready,
             lease_id: None,
             lease_deadline: None,
+            lease_key: None,
         }
     }
 
@@ -876,7 +880,8 @@ mod tests {
             key_pem: front_key.key_pem.clone(),
             ca_pem: issued.ca_pem,
         };
-        assert!(berth_tls::lease_server_config(&identity, "l1").is_ok());
+        let pinned = berth_tls::PinnedKey::new(berth_tls::KeyId([7; 32]));
+        assert!(berth_tls::lease_server_config(&identity, "l1", pinned).is_ok());
         // Heartbeats follow at the coordinator's interval.
         let hb = seen.next_heartbeat(Duration::from_secs(5)).await;
         assert_eq!(P::try_from(hb.state), Ok(P::Ready));
@@ -886,6 +891,7 @@ mod tests {
             lease_id: "l1".into(),
             build_id: "b".into(),
             deadline: None,
+            client_key_sha256: vec![7; 32],
         }))
         .await;
         let event = tokio::time::timeout(Duration::from_secs(5), driver_rx.recv())
@@ -909,6 +915,7 @@ mod tests {
             state: HostState::Leased,
             lease_id: Some("l1".into()),
             lease_deadline: Some(deadline),
+            lease_key: Some(berth_tls::KeyId([7; 32])),
         });
         let changed = StateChanged {
             state: P::Leased as i32,

@@ -696,6 +696,7 @@ mod tests {
             lease_id: lease.map(str::to_owned),
             lease_deadline: lease
                 .map(|_| SystemTime::UNIX_EPOCH + Duration::from_secs(2_000_000_000)),
+            lease_key: None,
         }
     }
 

@@ -1,8 +1,11 @@
 //! TLS of an agent's Docker front. The server side presents the agent's
 //! certificate (signed by the pool CA, SAN = host address) and admits a
 //! client only if its certificate chains to the pool CA, is within its
-//! validity, is meant for client authentication, **and** names the lease the
-//! front was opened for. The lease check runs inside the handshake, so a
+//! validity, is meant for client authentication, names the lease the front
+//! was opened for, **and** carries the key the lease is pinned to
+//! ([`PinnedKey`]): a certificate the coordinator issued for the lease to
+//! anyone else (a renewal with another key is refused, but defence in
+//! depth) never opens the host. The checks run inside the handshake, so a
 //! wrong certificate never gets as far as the proxy.
 
 use std::sync::Arc;
@@ -17,7 +20,7 @@ use rustls::{
     ServerConfig, SignatureScheme,
 };
 
-use crate::TlsError;
+use crate::{KeyId, TlsError};
 
 /// The DNS name a lease's client certificate carries as its SAN. `.invalid`
 /// is reserved: the name can never resolve or collide with a real host.
@@ -64,11 +67,33 @@ pub fn roots(ca_pem: &str) -> Result<RootCertStore, TlsError> {
     Ok(roots)
 }
 
-/// Checks the chain with webpki, then that the certificate names the lease.
+/// The key a lease's client certificate must carry. Shared with the open
+/// front, so a pin the coordinator moves (an acquire retried with a new key
+/// before the lease was first used) takes effect at the next handshake.
+#[derive(Debug, Clone)]
+pub struct PinnedKey(Arc<std::sync::RwLock<KeyId>>);
+
+impl PinnedKey {
+    pub fn new(key: KeyId) -> Self {
+        Self(Arc::new(std::sync::RwLock::new(key)))
+    }
+
+    pub fn get(&self) -> KeyId {
+        *self.0.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn set(&self, key: KeyId) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = key;
+    }
+}
+
+/// Checks the chain with webpki, then that the certificate names the lease
+/// and carries its pinned key.
 #[derive(Debug)]
 struct LeaseVerifier {
     chain: Arc<dyn ClientCertVerifier>,
     lease_name: ServerName<'static>,
+    key: PinnedKey,
 }
 
 impl ClientCertVerifier for LeaseVerifier {
@@ -91,6 +116,14 @@ impl ClientCertVerifier for LeaseVerifier {
                 // A valid pool certificate of another (or an ended) lease.
                 rustls::Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure)
             })?;
+        let key = KeyId::of_cert_der(end_entity)
+            .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
+        if key != self.key.get() {
+            // The lease's name with a key that is not the lease's.
+            return Err(rustls::Error::InvalidCertificate(
+                CertificateError::ApplicationVerificationFailure,
+            ));
+        }
         Ok(ClientCertVerified::assertion())
     }
 
@@ -117,10 +150,12 @@ impl ClientCertVerifier for LeaseVerifier {
     }
 }
 
-/// The front's TLS configuration for one lease.
+/// The front's TLS configuration for one lease, admitting only
+/// certificates of that lease that carry the `key` it is pinned to.
 pub fn lease_server_config(
     identity: &ServerIdentity,
     lease_id: &str,
+    pinned: PinnedKey,
 ) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = crate::provider();
     let chain = WebPkiClientVerifier::builder_with_provider(
@@ -131,7 +166,11 @@ pub fn lease_server_config(
     .map_err(|e| TlsError::cert("client verifier", e))?;
     let lease_name = ServerName::try_from(lease_dns_name(lease_id))
         .map_err(|e| TlsError::cert("lease id", e))?;
-    let verifier = Arc::new(LeaseVerifier { chain, lease_name });
+    let verifier = Arc::new(LeaseVerifier {
+        chain,
+        lease_name,
+        key: pinned,
+    });
     let config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::cert("protocol versions", e))?
@@ -219,17 +258,36 @@ mod tests {
         Rig { ca, server }
     }
 
+    /// The key every "good" client of these tests uses; the front is pinned to it.
+    fn lease_key() -> &'static KeyAndCsr {
+        static K: std::sync::OnceLock<KeyAndCsr> = std::sync::OnceLock::new();
+        K.get_or_init(|| KeyAndCsr::generate("ci").unwrap())
+    }
+
+    fn pinned() -> PinnedKey {
+        PinnedKey::new(KeyId::of_csr_pem(&lease_key().csr_pem).unwrap())
+    }
+
+    fn client_with(
+        ca: &Ca,
+        k: &KeyAndCsr,
+        lease: &str,
+        before: SystemTime,
+        after: SystemTime,
+    ) -> Arc<ClientConfig> {
+        let cert = ca
+            .sign_lease_between(&k.csr_pem, lease, before, after)
+            .unwrap();
+        lease_client_config(ca.cert_pem(), &cert, &k.key_pem).unwrap()
+    }
+
     fn client_for(
         ca: &Ca,
         lease: &str,
         before: SystemTime,
         after: SystemTime,
     ) -> Arc<ClientConfig> {
-        let k = KeyAndCsr::generate("ci").unwrap();
-        let cert = ca
-            .sign_lease_between(&k.csr_pem, lease, before, after)
-            .unwrap();
-        lease_client_config(ca.cert_pem(), &cert, &k.key_pem).unwrap()
+        client_with(ca, lease_key(), lease, before, after)
     }
 
     #[test]
@@ -237,7 +295,7 @@ mod tests {
         let r = rig();
         let now = SystemTime::now();
         let hour = Duration::from_secs(3600);
-        let server = lease_server_config(&r.server, "lease-a").unwrap();
+        let server = lease_server_config(&r.server, "lease-a", pinned()).unwrap();
 
         let good = client_for(&r.ca, "lease-a", now - hour, now + hour);
         handshake(server.clone(), good).unwrap();
@@ -276,10 +334,32 @@ mod tests {
     fn a_reissued_certificate_for_the_same_lease_gets_in() {
         let r = rig();
         let now = SystemTime::now();
-        let server = lease_server_config(&r.server, "lease-a").unwrap();
+        let server = lease_server_config(&r.server, "lease-a", pinned()).unwrap();
         for _ in 0..2 {
             let c = client_for(&r.ca, "lease-a", now, now + Duration::from_secs(60));
             handshake(server.clone(), c).unwrap();
         }
+    }
+
+    #[test]
+    fn a_certificate_of_the_lease_with_another_key_is_refused_until_the_pin_moves() {
+        let r = rig();
+        let now = SystemTime::now();
+        let hour = Duration::from_secs(3600);
+        let pin = pinned();
+        let server = lease_server_config(&r.server, "lease-a", pin.clone()).unwrap();
+        let thief = KeyAndCsr::generate("thief").unwrap();
+        let stolen = client_with(&r.ca, &thief, "lease-a", now - hour, now + hour);
+        assert!(handshake(server.clone(), stolen.clone()).is_err());
+        handshake(
+            server.clone(),
+            client_for(&r.ca, "lease-a", now, now + hour),
+        )
+        .unwrap();
+        // The coordinator moved the pin (a retried acquire before first use):
+        // the new key gets in, the old one no longer does.
+        pin.set(KeyId::of_csr_pem(&thief.csr_pem).unwrap());
+        handshake(server.clone(), stolen).unwrap();
+        assert!(handshake(server, client_for(&r.ca, "lease-a", now, now + hour)).is_err());
     }
 }

@@ -41,7 +41,9 @@ use std::path::PathBuf;
 pub use ca::Ca;
 pub use csr::KeyAndCsr;
 pub use keyid::KeyId;
-pub use lease::{ServerIdentity, lease_client_config, lease_dns_name, lease_server_config};
+pub use lease::{
+    PinnedKey, ServerIdentity, lease_client_config, lease_dns_name, lease_server_config,
+};
 pub use pool::PoolCredentials;
 pub use token::{Tenant, Tenants, TokenHash};
 
