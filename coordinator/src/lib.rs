@@ -163,8 +163,8 @@ pub async fn serve(
         )
         .map_err(RunError::Ca)?,
     );
-    let tls = berth_tls::server::coordinator_server_config(server_cert.clone(), ca.cert_pem())
-        .map_err(RunError::Ca)?;
+    let tls =
+        berth_tls::server::coordinator_server_config(server_cert.clone()).map_err(RunError::Ca)?;
     let rotation = tokio::spawn(listener::rotate(server_cert, shutdown.clone()));
     // Leases written through to disk: a restart (even after kill -9) picks
     // up where the last process left off.

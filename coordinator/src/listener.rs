@@ -1,8 +1,7 @@
 //! The gRPC listener: TCP, then TLS with the coordinator's rotating
 //! certificate (`berth_tls::server`), handed to tonic as finished
 //! connections. Doing the handshake here (rather than in tonic's own TLS)
-//! is what lets the certificate be re-issued without a restart and lets a
-//! handler see the client certificate an agent presents.
+//! is what lets the certificate be re-issued without a restart.
 //!
 //! Handshakes run in their own tasks, bounded in number
 //! ([`MAX_HANDSHAKES`]) and in time ([`HANDSHAKE_TIMEOUT`]), so a client
@@ -18,7 +17,6 @@ use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use berth_tls::server::RotatingCert;
-use rustls::pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
@@ -43,9 +41,6 @@ const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
 #[derive(Debug, Clone)]
 pub struct ConnInfo {
     pub remote_addr: Option<SocketAddr>,
-    /// The client's certificate chain, if it presented one (it chains to
-    /// the pool CA: the handshake checked).
-    pub peer_certs: Option<Arc<Vec<CertificateDer<'static>>>>,
 }
 
 /// The peer address of a request's connection.
@@ -53,13 +48,6 @@ pub fn remote_addr<T>(req: &tonic::Request<T>) -> Option<SocketAddr> {
     req.extensions()
         .get::<ConnInfo>()
         .and_then(|i| i.remote_addr)
-}
-
-/// The client certificate (leaf first) of a request's connection.
-pub fn peer_certs<T>(req: &tonic::Request<T>) -> Option<Arc<Vec<CertificateDer<'static>>>> {
-    req.extensions()
-        .get::<ConnInfo>()
-        .and_then(|i| i.peer_certs.clone())
 }
 
 /// One finished TLS connection.
@@ -156,16 +144,10 @@ pub fn incoming(
                         return;
                     }
                 };
-                let peer_certs = inner
-                    .get_ref()
-                    .1
-                    .peer_certificates()
-                    .map(|c| Arc::new(c.iter().map(|c| c.clone().into_owned()).collect()));
                 let conn = TlsConn {
                     inner,
                     info: ConnInfo {
                         remote_addr: Some(peer),
-                        peer_certs,
                     },
                 };
                 let _ = tx.send(Ok(conn)).await;

@@ -88,7 +88,6 @@ impl AgentService for Service {
                         heartbeat_interval_ms: shared.heartbeat_interval_ms,
                         server_cert_pem: cert,
                         ca_pem: shared.ca.cert_pem().to_owned(),
-                        agent_cert_pem: String::new(),
                     };
                     let reply = CoordinatorMessage {
                         msg: Some(coordinator_message::Msg::Registered(registered)),

@@ -1,10 +1,9 @@
 //! The coordinator's own TLS. Its server certificate comes from the pool CA
 //! and is re-issued before it runs out, without a restart: [`RotatingCert`]
 //! is the rustls certificate resolver, so every new handshake gets the
-//! current certificate and established connections keep theirs. Client
-//! certificates from the same CA are optional: CI presents none (it
-//! authenticates with a tenant token), an agent may present the one the
-//! coordinator issued to its host (the proof that it holds the host's key).
+//! current certificate and established connections keep theirs. Callers
+//! authenticate inside the connection (tenant tokens, the join token), not
+//! with client certificates.
 
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
@@ -12,7 +11,7 @@ use std::time::{Duration, SystemTime};
 use rustls::ServerConfig;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 
 use crate::ca::HOST_CERT_VALIDITY;
@@ -124,24 +123,12 @@ impl ResolvesServerCert for RotatingCert {
     }
 }
 
-/// The coordinator's server configuration: the rotating certificate,
-/// HTTP/2, and optional client certificates that chain to the pool CA.
-pub fn coordinator_server_config(
-    cert: Arc<RotatingCert>,
-    ca_pem: &str,
-) -> Result<Arc<ServerConfig>, TlsError> {
-    let provider = crate::provider();
-    let clients = WebPkiClientVerifier::builder_with_provider(
-        Arc::new(crate::lease::roots(ca_pem)?),
-        provider.clone(),
-    )
-    .allow_unauthenticated()
-    .build()
-    .map_err(|e| TlsError::cert("client verifier", e))?;
-    let mut config = ServerConfig::builder_with_provider(provider)
+/// The coordinator's server configuration: the rotating certificate and HTTP/2.
+pub fn coordinator_server_config(cert: Arc<RotatingCert>) -> Result<Arc<ServerConfig>, TlsError> {
+    let mut config = ServerConfig::builder_with_provider(crate::provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::cert("protocol versions", e))?
-        .with_client_cert_verifier(clients)
+        .with_no_client_auth()
         .with_cert_resolver(cert);
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(config))
