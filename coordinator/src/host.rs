@@ -508,3 +508,648 @@ fn map_agent(state: HostState, f: impl FnOnce(Agent) -> Agent) -> HostState {
         HostState::Barred => HostState::Barred,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use Agent as A;
+    use HostState as S;
+    use proptest::prelude::*;
+
+    const L: &str = "lease-1";
+    const OTHER: &str = "lease-2";
+    const SILENCE: Duration = Duration::from_secs(6);
+
+    fn t(secs: u64) -> Instant {
+        // One base for every test in the process: tables compare instants.
+        static BASE: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+        *BASE.get_or_init(Instant::now) + Duration::from_secs(secs)
+    }
+
+    fn on(agent: Agent) -> Host {
+        Host {
+            state: S::Connected {
+                conn: 1,
+                heard: t(0),
+                agent,
+            },
+            lease: None,
+            draining: false,
+        }
+    }
+
+    fn off(agent: Agent) -> Host {
+        Host {
+            state: S::Disconnected { since: t(0), agent },
+            ..on(agent)
+        }
+    }
+
+    fn condemned(agent: Agent) -> Host {
+        Host {
+            state: S::Condemned { since: t(0), agent },
+            ..on(agent)
+        }
+    }
+
+    fn holding(host: Host, lease: &str) -> Host {
+        Host {
+            lease: Some(lease.into()),
+            ..host
+        }
+    }
+
+    fn draining(host: Host) -> Host {
+        Host {
+            draining: true,
+            ..host
+        }
+    }
+
+    fn with_agent(host: Host, agent: Agent) -> Host {
+        Host {
+            state: map_agent(host.state, |_| agent),
+            ..host
+        }
+    }
+
+    fn said(state: pb::HostState, reason: &str) -> Event {
+        Event::Said {
+            state,
+            reason: reason.into(),
+        }
+    }
+
+    fn lose(lease: &str, why: Lost) -> Action {
+        Action::LoseLease {
+            lease: lease.into(),
+            why,
+        }
+    }
+
+    fn became(state: pb::HostState, reason: &str) -> Lost {
+        Lost::Became {
+            state,
+            reason: reason.into(),
+        }
+    }
+
+    /// (name, start, event, expected host, expected actions)
+    type Row = (&'static str, Host, Event, Host, Vec<Action>);
+
+    fn table() -> Vec<Row> {
+        use pb::HostState as P;
+        let registered = |conn, said| Event::Registered {
+            conn,
+            at: t(5),
+            said,
+        };
+        let on_at = |conn, heard, agent| S::Connected { conn, heard, agent };
+        vec![
+            // Registration.
+            (
+                "a registration that says Ready makes the host offerable",
+                off(A::Other(P::Unspecified)),
+                registered(2, P::Ready),
+                Host {
+                    state: on_at(2, t(5), A::Ready),
+                    ..off(A::Ready)
+                },
+                vec![],
+            ),
+            (
+                "the newest stream wins and the lease stays for the pool to reconcile",
+                holding(on(A::Leased), L),
+                registered(2, P::Leased),
+                Host {
+                    state: on_at(2, t(5), A::Leased),
+                    ..holding(on(A::Leased), L)
+                },
+                vec![],
+            ),
+            (
+                "a drained host is told again on every registration",
+                draining(off(A::Ready)),
+                registered(2, P::Ready),
+                Host {
+                    state: on_at(2, t(5), A::Ready),
+                    ..draining(off(A::Ready))
+                },
+                vec![Action::SendDrain {
+                    reason: "draining".into(),
+                }],
+            ),
+            (
+                "a condemned host's agent is refused",
+                condemned(A::Ready),
+                registered(2, P::Ready),
+                condemned(A::Ready),
+                vec![Action::Refuse],
+            ),
+            (
+                "so is one the pool only knows by id",
+                Host::barred(),
+                registered(2, P::Ready),
+                Host::barred(),
+                vec![Action::Refuse],
+            ),
+            // What the agent says.
+            (
+                "any message keeps it fresh",
+                on(A::Ready),
+                Event::Heard { at: t(9) },
+                Host {
+                    state: on_at(1, t(9), A::Ready),
+                    ..on(A::Ready)
+                },
+                vec![],
+            ),
+            (
+                "saying Ready ends the wait after a refused assignment",
+                on(A::AwaitingReady),
+                said(P::Ready, ""),
+                on(A::Ready),
+                vec![],
+            ),
+            (
+                "saying Ready after a wipe makes a recycled host offerable",
+                on(A::Wiping),
+                said(P::Ready, ""),
+                on(A::Ready),
+                vec![],
+            ),
+            (
+                "unhealthy under a lease: the lease is lost, with the reason",
+                holding(on(A::Leased), L),
+                said(P::Unhealthy, "dockerd exited"),
+                holding(on(A::Other(P::Unhealthy)), L),
+                vec![lose(L, became(P::Unhealthy, "dockerd exited"))],
+            ),
+            (
+                "terminating under a lease: the lease is lost, then the step recorded",
+                holding(on(A::Leased), L),
+                said(P::Terminating, "drained"),
+                holding(on(A::Terminating), L),
+                vec![
+                    lose(L, became(P::Terminating, "drained")),
+                    Action::RecordTerminated {
+                        reason: "drained".into(),
+                    },
+                ],
+            ),
+            (
+                "terminating without a lease: recorded",
+                on(A::Wiping),
+                said(P::Terminating, "single use"),
+                on(A::Terminating),
+                vec![Action::RecordTerminated {
+                    reason: "single use".into(),
+                }],
+            ),
+            (
+                "terminating said twice is recorded once",
+                on(A::Terminating),
+                said(P::Terminating, "again"),
+                on(A::Terminating),
+                vec![],
+            ),
+            (
+                "wiping under a lease the agent ended itself keeps the lease for the lease machine",
+                holding(on(A::Leased), L),
+                said(P::Wiping, ""),
+                holding(on(A::Wiping), L),
+                vec![],
+            ),
+            (
+                "nothing is heard from a disconnected host",
+                off(A::Ready),
+                said(P::Unhealthy, ""),
+                off(A::Ready),
+                vec![],
+            ),
+            // The stream.
+            (
+                "a stream that ends under a lease strands it (an assigned one moves on)",
+                holding(on(A::Leased), L),
+                Event::StreamEnded { conn: 1, at: t(3) },
+                Host {
+                    state: S::Disconnected {
+                        since: t(3),
+                        agent: A::Leased,
+                    },
+                    ..holding(on(A::Leased), L)
+                },
+                vec![Action::StreamLostUnder { lease: L.into() }],
+            ),
+            (
+                "the end of a replaced stream changes nothing",
+                on(A::Ready),
+                Event::StreamEnded { conn: 7, at: t(3) },
+                on(A::Ready),
+                vec![],
+            ),
+            (
+                "a terminating host whose stream ends is forgotten, its lease lost",
+                holding(on(A::Terminating), L),
+                Event::StreamEnded { conn: 1, at: t(3) },
+                Host {
+                    state: S::Disconnected {
+                        since: t(3),
+                        agent: A::Terminating,
+                    },
+                    ..holding(on(A::Terminating), L)
+                },
+                vec![lose(L, Lost::WentAway), Action::Forget],
+            ),
+            (
+                "a stream that takes no more messages counts as down, nothing more",
+                holding(on(A::Leased), L),
+                Event::SendFailed { at: t(3) },
+                Host {
+                    state: S::Disconnected {
+                        since: t(3),
+                        agent: A::Leased,
+                    },
+                    ..holding(on(A::Leased), L)
+                },
+                vec![],
+            ),
+            // Leases.
+            (
+                "an offerable host takes a lease",
+                on(A::Ready),
+                Event::LeaseAssigned(L.into()),
+                holding(on(A::Ready), L),
+                vec![],
+            ),
+            (
+                "a host is never in two leases",
+                holding(on(A::Ready), L),
+                Event::LeaseAssigned(OTHER.into()),
+                holding(on(A::Ready), L),
+                vec![],
+            ),
+            (
+                "a draining host takes no lease",
+                draining(on(A::Ready)),
+                Event::LeaseAssigned(L.into()),
+                draining(on(A::Ready)),
+                vec![],
+            ),
+            (
+                "a host that refused one takes no lease until it says Ready",
+                on(A::AwaitingReady),
+                Event::LeaseAssigned(L.into()),
+                on(A::AwaitingReady),
+                vec![],
+            ),
+            (
+                "a disconnected host takes no lease",
+                off(A::Ready),
+                Event::LeaseAssigned(L.into()),
+                off(A::Ready),
+                vec![],
+            ),
+            (
+                "the lease an agent reports is adopted",
+                on(A::Leased),
+                Event::LeaseAdopted(L.into()),
+                holding(on(A::Leased), L),
+                vec![],
+            ),
+            (
+                "adopting a second lease is refused",
+                holding(on(A::Leased), L),
+                Event::LeaseAdopted(OTHER.into()),
+                holding(on(A::Leased), L),
+                vec![],
+            ),
+            (
+                "a requeued lease leaves the host as it was",
+                holding(on(A::Ready), L),
+                Event::LeaseRequeued(L.into()),
+                on(A::Ready),
+                vec![],
+            ),
+            (
+                "only the lease it holds can let go of it",
+                holding(on(A::Leased), L),
+                Event::LeaseRequeued(OTHER.into()),
+                holding(on(A::Leased), L),
+                vec![],
+            ),
+            (
+                "a used host wipes next and is not offered",
+                holding(on(A::Leased), L),
+                Event::LeaseEnded(L.into()),
+                on(A::Wiping),
+                vec![],
+            ),
+            (
+                "so does one that had not said Leased yet",
+                holding(on(A::Ready), L),
+                Event::LeaseEnded(L.into()),
+                on(A::Wiping),
+                vec![],
+            ),
+            (
+                "an unhealthy host stays unhealthy when its lease ends",
+                holding(on(A::Other(P::Unhealthy)), L),
+                Event::LeaseEnded(L.into()),
+                on(A::Other(P::Unhealthy)),
+                vec![],
+            ),
+            (
+                "a refused or unanswered assignment: awaiting Ready",
+                holding(on(A::Ready), L),
+                Event::AssignmentFailed,
+                holding(on(A::AwaitingReady), L),
+                vec![],
+            ),
+            // Operators and the sweeper.
+            (
+                "drained: told, and never offered again",
+                on(A::Ready),
+                Event::Drained {
+                    reason: "maintenance".into(),
+                },
+                draining(on(A::Ready)),
+                vec![Action::SendDrain {
+                    reason: "maintenance".into(),
+                }],
+            ),
+            (
+                "an id the pool keeps only to refuse cannot be drained",
+                Host::barred(),
+                Event::Drained { reason: "x".into() },
+                Host::barred(),
+                vec![],
+            ),
+            (
+                "a disconnected idle host can be condemned",
+                off(A::Ready),
+                Event::Condemn,
+                condemned(A::Ready),
+                vec![],
+            ),
+            (
+                "a connected host cannot",
+                on(A::Ready),
+                Event::Condemn,
+                on(A::Ready),
+                vec![],
+            ),
+            (
+                "nor one holding a lease, connected or not",
+                holding(off(A::Leased), L),
+                Event::Condemn,
+                holding(off(A::Leased), L),
+                vec![],
+            ),
+            (
+                "an instance EC2 no longer lists is no longer refused",
+                condemned(A::Ready),
+                Event::InstanceGone,
+                off(A::Ready),
+                vec![],
+            ),
+            (
+                "and one kept only by id is dropped",
+                Host::barred(),
+                Event::InstanceGone,
+                Host::barred(),
+                vec![Action::Forget],
+            ),
+            // Timeouts.
+            (
+                "gone past the grace: forgotten, its lease lost",
+                holding(off(A::Leased), L),
+                Event::LostGracePassed,
+                holding(off(A::Leased), L),
+                vec![lose(L, Lost::WentAway), Action::Forget],
+            ),
+            (
+                "a condemned host past the grace is kept by id only",
+                condemned(A::Ready),
+                Event::LostGracePassed,
+                Host::barred(),
+                vec![],
+            ),
+            (
+                "a connected host has no grace to pass",
+                on(A::Ready),
+                Event::LostGracePassed,
+                on(A::Ready),
+                vec![],
+            ),
+        ]
+    }
+
+    #[test]
+    fn transition_table() {
+        for (name, from, event, to, actions) in table() {
+            let (got, got_actions) = next(from.clone(), event.clone());
+            assert_eq!(got, to, "{name}: {from:?} + {event:?}");
+            assert_eq!(got_actions, actions, "{name}: {from:?} + {event:?}");
+        }
+    }
+
+    #[test]
+    fn only_a_connected_ready_idle_undrained_fresh_host_is_offerable() {
+        assert!(on(A::Ready).offerable(t(0), SILENCE));
+        assert!(on(A::Ready).offerable(t(5), SILENCE));
+        assert!(!on(A::Ready).offerable(t(6), SILENCE), "gone quiet");
+        assert!(!holding(on(A::Ready), L).offerable(t(0), SILENCE));
+        assert!(!draining(on(A::Ready)).offerable(t(0), SILENCE));
+        assert!(!off(A::Ready).offerable(t(0), SILENCE));
+        assert!(!condemned(A::Ready).offerable(t(0), SILENCE));
+        assert!(!Host::barred().offerable(t(0), SILENCE));
+        for agent in [
+            A::Leased,
+            A::Wiping,
+            A::Terminating,
+            A::AwaitingReady,
+            A::Other(pb::HostState::Booting),
+            A::Other(pb::HostState::Warming),
+            A::Other(pb::HostState::Unhealthy),
+            A::Other(pb::HostState::Unspecified),
+        ] {
+            assert!(!on(agent).offerable(t(0), SILENCE), "{agent:?}");
+        }
+    }
+
+    #[test]
+    fn views_list_what_the_agent_said_and_hide_barred_ids() {
+        assert_eq!(
+            on(A::AwaitingReady).listed_state(),
+            pb::HostState::Unspecified
+        );
+        assert_eq!(
+            with_agent(on(A::Ready), A::Wiping).listed_state(),
+            pb::HostState::Wiping
+        );
+        assert!(condemned(A::Ready).listed() && !Host::barred().listed());
+        assert_eq!(off(A::Ready).lost_at(SILENCE), Some(t(6)));
+        assert_eq!(condemned(A::Ready).lost_at(SILENCE), Some(t(6)));
+        assert_eq!(on(A::Ready).lost_at(SILENCE), None);
+        assert_eq!(
+            Host::restored(L.into(), t(2)).listed_state(),
+            pb::HostState::Unspecified
+        );
+        for s in [
+            pb::HostState::Unspecified,
+            pb::HostState::Booting,
+            pb::HostState::Warming,
+            pb::HostState::Ready,
+            pb::HostState::Leased,
+            pb::HostState::Wiping,
+            pb::HostState::Terminating,
+            pb::HostState::Unhealthy,
+        ] {
+            assert_eq!(Agent::said(s).listed(), s, "listed as said");
+        }
+    }
+
+    fn host_state() -> impl Strategy<Value = pb::HostState> {
+        (0i32..8).prop_map(|v| pb::HostState::try_from(v).unwrap_or(pb::HostState::Unspecified))
+    }
+
+    fn event() -> impl Strategy<Value = Event> {
+        let lease = prop_oneof![Just(L.to_owned()), Just(OTHER.to_owned())];
+        prop_oneof![
+            (1u64..4, host_state()).prop_map(|(conn, said)| Event::Registered {
+                conn,
+                at: t(0),
+                said
+            }),
+            Just(Event::Heard { at: t(0) }),
+            host_state().prop_map(|state| Event::Said {
+                state,
+                reason: String::new()
+            }),
+            (1u64..4).prop_map(|conn| Event::StreamEnded { conn, at: t(0) }),
+            Just(Event::SendFailed { at: t(0) }),
+            lease.clone().prop_map(Event::LeaseAssigned),
+            lease.clone().prop_map(Event::LeaseAdopted),
+            lease.clone().prop_map(Event::LeaseRequeued),
+            lease.prop_map(Event::LeaseEnded),
+            Just(Event::AssignmentFailed),
+            Just(Event::Drained {
+                reason: String::new()
+            }),
+            Just(Event::Condemn),
+            Just(Event::InstanceGone),
+            Just(Event::LostGracePassed),
+        ]
+    }
+
+    /// The offer rule, kept as plainly as it is stated: what the agent last
+    /// said, whether its stream is up, the drain, the sweeper, the lease.
+    #[derive(Debug, Default)]
+    struct Rule {
+        said_ready: bool,
+        stream: Option<u64>,
+        drained: bool,
+        condemned: bool,
+        lease: Option<String>,
+    }
+
+    impl Rule {
+        fn offerable(&self) -> bool {
+            self.said_ready
+                && self.stream.is_some()
+                && !self.drained
+                && !self.condemned
+                && self.lease.is_none()
+        }
+
+        /// What `event` does to the rule's inputs (`barred`: the host was
+        /// kept by id only, so nothing but the sweeper reaches it).
+        fn see(&mut self, event: &Event, barred: bool) {
+            match event {
+                Event::Registered { conn, said, .. } if !self.condemned => {
+                    self.stream = Some(*conn);
+                    self.said_ready = *said == pb::HostState::Ready;
+                }
+                Event::Said { state, .. } if self.stream.is_some() => {
+                    self.said_ready = *state == pb::HostState::Ready;
+                }
+                Event::StreamEnded { conn, .. } if self.stream == Some(*conn) => {
+                    self.stream = None;
+                }
+                Event::SendFailed { .. } => self.stream = None,
+                Event::LeaseAssigned(l) if self.offerable() => self.lease = Some(l.clone()),
+                Event::LeaseAdopted(l)
+                    if !self.condemned && self.lease.as_ref().is_none_or(|h| h == l) =>
+                {
+                    self.lease = Some(l.clone());
+                }
+                Event::LeaseRequeued(l) if self.lease.as_ref() == Some(l) => self.lease = None,
+                Event::LeaseEnded(l) if self.lease.as_ref() == Some(l) => {
+                    self.lease = None;
+                    self.said_ready = false;
+                }
+                Event::AssignmentFailed if !barred => self.said_ready = false,
+                Event::Drained { .. } if !barred => self.drained = true,
+                Event::Condemn if self.stream.is_none() && self.lease.is_none() => {
+                    self.condemned = true;
+                }
+                Event::InstanceGone => self.condemned = false,
+                _ => {}
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// From a fresh registration, any sequence of events: the host is
+        /// offerable exactly when the agent last said Ready on the stream
+        /// that is up, and it is not draining, not condemned and holds no
+        /// lease. It holds at most one lease and never lets go of one on
+        /// its own (it asks the lease machine with `LoseLease`); only a
+        /// condemned host is refused, and a condemned host has no stream
+        /// and no lease.
+        #[test]
+        fn the_offer_rule_holds_on_any_event_sequence(
+            said in host_state(),
+            events in proptest::collection::vec(event(), 0..64),
+        ) {
+            let mut host = Host::registered(1, t(0), said);
+            let mut rule = Rule { said_ready: said == pb::HostState::Ready, stream: Some(1), ..Rule::default() };
+            for event in events {
+                let before = host.clone();
+                let barred = host.state == HostState::Barred;
+                let (after, actions) = next(host, event.clone());
+                rule.see(&event, barred);
+                prop_assert_eq!(after.offerable(t(0), SILENCE), rule.offerable(), "{:?} + {:?} -> {:?}", before, event, after);
+                prop_assert_eq!(&after.lease, &rule.lease, "{:?} + {:?}", before, event);
+                if let (Some(a), Some(b)) = (&before.lease, &after.lease) {
+                    prop_assert_eq!(a, b, "moved from one lease to another");
+                }
+                if before.lease.is_some() && after.lease.is_none() {
+                    prop_assert!(
+                        matches!(&event, Event::LeaseRequeued(_) | Event::LeaseEnded(_)),
+                        "{:?} dropped its lease on {:?}", before, event
+                    );
+                }
+                for a in &actions {
+                    if let Action::LoseLease { lease, .. } | Action::StreamLostUnder { lease } = a {
+                        prop_assert_eq!(Some(lease), before.lease.as_ref(), "{:?}", a);
+                    }
+                }
+                prop_assert_eq!(actions.contains(&Action::Refuse), before.condemned() && matches!(event, Event::Registered { .. }));
+                if after.condemned() {
+                    prop_assert!(after.lease.is_none() && !after.connected(), "{:?}", after);
+                }
+                if actions.contains(&Action::Forget) {
+                    prop_assert_eq!(actions.last(), Some(&Action::Forget));
+                    break;
+                }
+                host = after;
+            }
+        }
+    }
+}

@@ -390,10 +390,8 @@ impl Sim {
                     self.handle(k, m, n - i - 1);
                     if let Some(a) = self.agents.get_mut(&k) {
                         a.in_flight = a.in_flight.saturating_sub(1);
-                        for gate in [&mut a.rejected, &mut a.drained] {
-                            if let Some(g) = gate {
-                                *g = g.saturating_sub(1);
-                            }
+                        for g in [&mut a.rejected, &mut a.drained].into_iter().flatten() {
+                            *g = g.saturating_sub(1);
                         }
                     }
                 }
@@ -557,11 +555,14 @@ impl Sim {
                             ..Default::default()
                         }),
                     );
+                    // As the pool shows it, when the lease is this host's
+                    // (a host told to let go of a lease it was never given
+                    // reports a wipe the lease does not take).
                     let shown = self
                         .pool
                         .list_leases(true)
                         .into_iter()
-                        .find(|l| l.lease_id == end.lease_id)
+                        .find(|l| l.lease_id == end.lease_id && l.host_id == format!("h{k}"))
                         .and_then(|l| l.wipe)
                         .map(|w| w.verified);
                     if shown.is_some_and(|v| v != verified) {
@@ -586,6 +587,12 @@ impl Sim {
     }
 
     fn reject(&mut self, k: u8, lease_id: String, reason: String, after: usize) {
+        let host_id = format!("h{k}");
+        let ours = self
+            .pool
+            .list_leases(false)
+            .iter()
+            .any(|l| l.lease_id == lease_id && l.host_id == host_id);
         if let Some(a) = self.agents.get_mut(&k)
             && a.rejected.is_none()
         {
@@ -593,5 +600,19 @@ impl Sim {
             a.rejected = Some(after + a.rx.len() + 1);
         }
         self.say(k, In::LeaseRejected(pb::LeaseRejected { lease_id, reason }));
+        // The pool took the rejection: what the agent said before no longer
+        // counts, so the host is not listed (or offered) as Ready.
+        let listed = self
+            .pool
+            .list_hosts()
+            .into_iter()
+            .find(|h| h.host_id == host_id);
+        if ours
+            && listed
+                .as_ref()
+                .is_some_and(|h| h.state == pb::HostState::Ready as i32)
+        {
+            self.violated(format!("{host_id} is listed Ready after rejecting a lease"));
+        }
     }
 }
