@@ -15,7 +15,7 @@
 //! refuses a second lease.
 //!
 //! This file holds the types every part shares and the lock; the parts, one
-//! concern each: [`registration`] (checking a `Register`), `leases` (the
+//! concern each: `registration` (checking a `Register`), `leases` (the
 //! LeaseService calls), `agent` (the agent protocol and drains), `scheduler`
 //! (the queue, the idle hosts and matching them), `effects` (carrying out
 //! what the lease and host state machines ask for), `timers` (`tick`),
