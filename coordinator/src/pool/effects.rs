@@ -46,8 +46,9 @@ impl Inner {
             for action in actions {
                 match action {
                     LeaseAction::SendAssign => {
-                        let Some(hid) = host.as_deref() else { continue };
-                        let l = &self.leases[&lid];
+                        let (Some(hid), Some(l)) = (host.as_deref(), self.leases.get(&lid)) else {
+                            continue;
+                        };
                         let msg = pb::coordinator_message::Msg::AssignLease(pb::AssignLease {
                             lease_id: lid.clone(),
                             build_id: l.build_id.clone(),
