@@ -245,7 +245,8 @@ pub enum Event {
     /// A message could not be queued on its stream at `at` (full or
     /// closed): the pool stops using the stream.
     SendFailed { at: Instant },
-    /// The scheduler gave it `lease`.
+    /// The scheduler gave it `lease`. Taken only while offerable (the
+    /// scheduler has checked the silence limit, which needs a clock).
     LeaseAssigned(String),
     /// Its agent registered holding `lease`, and the pool lets it keep it.
     LeaseAdopted(String),
