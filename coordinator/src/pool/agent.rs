@@ -12,7 +12,7 @@ use berth_proto::v1 as pb;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use super::{AgentTx, HostEntry, Inner, Lease, Locked, Now, Pool, PoolConfig, Registration};
+use super::{AgentTx, HostEntry, Inner, Lease, Now, Pool, PoolConfig, Registration};
 use crate::error::{Error, Protocol, Refusal};
 use crate::host::{self, Event as HostEvent};
 use crate::lease::{self, LeaseEvent, LeaseState};
@@ -25,16 +25,6 @@ impl Pool {
     /// the orphan sweeper is ending this host.
     pub fn register(&self, reg: Registration, tx: AgentTx, now: Now) -> Result<u64, Error> {
         let mut g = self.lock();
-        self.register_in(&mut g, reg, tx, now)
-    }
-
-    fn register_in(
-        &self,
-        g: &mut Locked<'_>,
-        reg: Registration,
-        tx: AgentTx,
-        now: Now,
-    ) -> Result<u64, Error> {
         let host_id = reg.host_id.clone();
         let conn_id = g.next_conn + 1;
         let said = reg.state;

@@ -477,3 +477,63 @@ async fn leases_belong_to_their_tenant() {
     pool.release("a", id, now).unwrap();
     assert_eq!(state_of(&mine), LeaseState::Released);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_condemned_host_is_listed_until_its_grace_passes_and_refused_until_ec2_drops_it() {
+    let pool = pool();
+    let now = start();
+    let grace = PoolConfig::default().lost_grace;
+    let h1 = Agent::join(&pool, "h1", now);
+    assert!(!pool.condemn("h1", now), "a connected host was condemned");
+    pool.disconnect("h1", h1.conn, now);
+    assert!(pool.condemn("h1", now));
+    // An instance the pool never knew is condemned too, and not listed.
+    assert!(pool.condemn("h9", now));
+    let listed =
+        |pool: &Pool| -> Vec<String> { pool.list_hosts().into_iter().map(|h| h.host_id).collect() };
+    assert_eq!(listed(&pool), ["h1"]);
+    assert_eq!(
+        pool.presences().get("h1"),
+        Some(&Presence::Disconnected { since: now.mono })
+    );
+    let refused = |pool: &Pool, id: &str, at: Now| {
+        let (tx, _rx) = mpsc::channel(16);
+        let mut reg = Registration::placeholder(id);
+        reg.host_addr = "198.18.0.2".into();
+        pool.register(reg, tx, at).unwrap_err()
+    };
+    let err = refused(&pool, "h1", now + SECOND);
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    assert_eq!(
+        err.to_string(),
+        "agent refused: host h1 is being terminated as an orphan"
+    );
+    assert_eq!(
+        refused(&pool, "h9", now).code(),
+        tonic::Code::PermissionDenied
+    );
+
+    pool.tick(now + grace);
+    assert!(listed(&pool).is_empty(), "listed past its grace");
+    assert!(pool.presences().is_empty());
+    assert_eq!(
+        pool.drain("h1", "x", now + grace).unwrap_err().code(),
+        tonic::Code::NotFound
+    );
+    assert_eq!(
+        refused(&pool, "h1", now + grace).code(),
+        tonic::Code::PermissionDenied
+    );
+    pool.check_invariants().unwrap();
+
+    // EC2 still lists h1 but no longer h9: h9 may register again.
+    pool.retain_condemned(|id| id == "h1", now + grace);
+    let back = Agent::join(&pool, "h9", now + grace);
+    assert_eq!(listed(&pool), ["h9"]);
+    assert_eq!(
+        refused(&pool, "h1", now + grace).code(),
+        tonic::Code::PermissionDenied
+    );
+    drop(back);
+    pool.check_invariants().unwrap();
+}
