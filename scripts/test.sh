@@ -28,6 +28,6 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 # whole run fails after 60 minutes, inside CI's 90.
 profile=default
 [ "${CI:-}" = "true" ] && profile=ci
-# The fuzzer itself runs with scripts/fuzz.sh (nightly); here its harness
+# The fuzzer itself is not run here (scripts/fuzz.sh runs it); its harness
 # replays the corpus as a regular test (coordinator/tests/fuzz_corpus.rs).
 cargo nextest run --workspace --locked --profile "$profile" "$@"

@@ -17,18 +17,22 @@
 //! went away.
 //!
 //! Layout: [`api`] is the gRPC face (handlers, authentication), [`pool`]
-//! the state (hosts, leases, the queue) behind one lock, [`lease`] the
-//! lease state machine, [`store`] what survives a restart, [`ops`] the
-//! metrics and ops endpoint.
+//! the state (hosts, leases, the queue) behind one lock, [`lease`] and
+//! [`host`] the lease's and the host's state machines (pure: the pool feeds
+//! them events and carries out their actions), [`clock`] the one moment a
+//! call works with, [`store`] what survives a restart, [`ops`] the metrics
+//! and ops endpoint.
 
 #![forbid(unsafe_code)]
 
 pub mod admission;
 pub mod api;
+pub mod clock;
 pub mod config;
 pub mod error;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
+pub mod host;
 pub mod lease;
 pub mod listener;
 pub mod ops;
@@ -52,6 +56,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
 use api::{Services, auth};
+use clock::Now;
 pub use config::CoordinatorConfig;
 use pool::Pool;
 
@@ -170,7 +175,7 @@ pub async fn serve(
     // up where the last process left off.
     let store = Arc::new(store::RedbStore::open(&config.state_dir)?);
     info!(path = %store.path().display(), "lease store open");
-    let pool = Arc::new(Pool::with_store(config.pool(), store)?);
+    let pool = Arc::new(Pool::with_store(config.pool(), store, Now::system())?);
     let ec2_metrics = Arc::new(ops::metrics::Ec2Metrics::default());
     let metrics = ec2_metrics.clone();
     let verifier: Arc<dyn admission::Verifier> = match config.provider {
@@ -231,7 +236,7 @@ pub async fn serve(
             interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
-                    _ = interval.tick() => pool.tick(tokio::time::Instant::now()),
+                    _ = interval.tick() => pool.tick(Now::system()),
                     () = shutdown.cancelled() => break,
                 }
             }

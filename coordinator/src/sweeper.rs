@@ -15,6 +15,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use crate::clock::Now;
 use crate::ops::metrics::{Ec2Metrics, bump};
 use crate::pool::{Pool, Presence};
 
@@ -170,6 +171,7 @@ impl<A: Ec2Api> Sweeper<A> {
         };
         let now = Instant::now();
         let wall = SystemTime::now();
+        let at = Now { mono: now, wall };
         let presences = self.pool.presences();
         for (id, p) in &presences {
             if matches!(p, Presence::Leased | Presence::Connected) {
@@ -179,7 +181,7 @@ impl<A: Ec2Api> Sweeper<A> {
         let listed: HashSet<String> = instances.iter().map(|i| i.instance_id.clone()).collect();
         // Instances that are gone for good need no memory.
         self.last_seen.retain(|id, _| listed.contains(id));
-        self.pool.retain_condemned(|id| listed.contains(id));
+        self.pool.retain_condemned(|id| listed.contains(id), at);
 
         let judged: Vec<(String, bool, Seen)> = instances
             .iter()
@@ -215,7 +217,7 @@ impl<A: Ec2Api> Sweeper<A> {
                 } => {
                     // Atomic with registration: a host that holds a lease
                     // or connected since the listing is left alone.
-                    if !self.pool.condemn(&instance_id) {
+                    if !self.pool.condemn(&instance_id, at) {
                         info!(pass, %instance_id, "orphan sweep: the agent is back; not terminating");
                         continue;
                     }
@@ -373,15 +375,15 @@ mod tests {
             3600 * SECOND,
         );
         let pool = Arc::new(Pool::new(PoolConfig::default()));
-        let now = Instant::now();
+        let now = Now::system();
         let (tx_a, _rx_a) = tokio::sync::mpsc::channel(16);
-        pool.try_register(reg(A, "10.0.0.5"), tx_a, now).unwrap();
+        pool.register(reg(A, "10.0.0.5"), tx_a, now).unwrap();
         let lease = pool
             .acquire("ci", "build", 600 * SECOND, SECOND, now)
             .unwrap();
         assert_eq!(pool.presences()[A], Presence::Leased);
         let (tx_c, _rx_c) = tokio::sync::mpsc::channel(16);
-        let conn_c = pool.try_register(reg(C, "10.0.0.7"), tx_c, now).unwrap();
+        let conn_c = pool.register(reg(C, "10.0.0.7"), tx_c, now).unwrap();
 
         let metrics = Arc::new(Ec2Metrics::default());
         let cfg = SweepConfig {
@@ -401,13 +403,13 @@ mod tests {
         );
 
         // C's agent goes away: tagged, then terminated; its late return is refused.
-        pool.disconnect(C, conn_c, Instant::now());
+        pool.disconnect(C, conn_c, Now::system());
         sweeper.pass().await;
         assert_eq!(ec2.state(C), ("running".into(), true));
         sweeper.pass().await;
         assert_eq!(ec2.state(C).0, "terminated");
         let (tx, _rx) = tokio::sync::mpsc::channel(16);
-        let late = pool.try_register(reg(C, "10.0.0.7"), tx, Instant::now());
+        let late = pool.register(reg(C, "10.0.0.7"), tx, Now::system());
         assert_eq!(late.unwrap_err().code(), tonic::Code::PermissionDenied);
 
         // A, leased all along, was never touched; nor was the other pool's instance.
@@ -440,7 +442,7 @@ mod tests {
         sweeper.pass().await;
         assert!(ec2.state(B).1);
         let (tx, _rx) = tokio::sync::mpsc::channel(16);
-        pool.try_register(reg(B, "10.0.0.6"), tx, Instant::now())
+        pool.register(reg(B, "10.0.0.6"), tx, Now::system())
             .unwrap();
         sweeper.pass().await;
         assert_eq!(ec2.state(B), ("running".into(), false));

@@ -1,17 +1,23 @@
 //! Property tests: request validation on arbitrary input, the lease state
 //! machine on random event sequences, and the whole pool driven by random
-//! operations against simulated honest agents. After every step the pool's
-//! invariants hold (a host is in at most one lease, host and lease agree)
-//! and no agent is ever assigned a lease while it is not Ready.
+//! operations (several tenants, renewals, drains, callers that give up)
+//! against simulated agents that behave like the real one, including agents
+//! that reject assignments and wipes that fail. After every step the pool's
+//! invariants hold (a host is in at most one lease, host and lease agree),
+//! no agent is assigned a lease while it is not Ready, after it rejected one
+//! (until it says Ready again) or after it was drained, and no tenant
+//! reaches another tenant's lease.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
 use std::time::Duration;
 
-/// The tenant every simulated build belongs to.
-const TENANT: &str = "t";
+/// The tenants the simulated builds belong to.
+const TENANTS: [&str; 3] = ["t0", "t1", "t2"];
 
+use berth_coordinator::clock::Now;
+use berth_coordinator::error::Error;
 use berth_coordinator::lease::{self, LeaseAction, LeaseEvent, LeaseState};
 use berth_coordinator::pool::{AgentTx, Pool, PoolConfig, Registration};
 use berth_coordinator::validate;
@@ -128,7 +134,7 @@ proptest! {
         let mut sim = Sim::new();
         let mut order = Vec::new();
         for i in 0..n {
-            let p = sim.pool.acquire(TENANT, &format!("w{i}"), Duration::from_secs(600), Duration::from_secs(600), sim.now).unwrap();
+            let p = sim.pool.acquire(TENANTS[0], &format!("w{i}"), Duration::from_secs(600), Duration::from_secs(600), sim.now).unwrap();
             order.push(p.lease_id.clone());
             sim.pending.push(p);
         }
@@ -136,6 +142,7 @@ proptest! {
         for k in 0..n {
             sim.step(Op::Join(k as u8));
             sim.step(Op::AgentStep(k as u8));
+            prop_assert!(sim.violation.is_none(), "{:?}", sim.violation);
             if let Some(l) = sim.agents[&(k as u8)].lease.clone() {
                 served.push(l);
             }
@@ -166,24 +173,32 @@ fn lease_event() -> impl Strategy<Value = LeaseEvent> {
 enum Op {
     /// Host k's agent connects (or reconnects) and registers.
     Join(u8),
-    /// Host k's agent handles what the coordinator sent it, honestly.
+    /// Host k's agent handles what the coordinator sent it.
     AgentStep(u8),
     /// Host k's stream breaks.
     Disconnect(u8),
     /// Host k's dockerd dies: it reports Unhealthy.
     Unhealthy(u8),
-    /// A build asks for a host.
-    Acquire(u8, u8),
+    /// Build `build` of tenant `tenant` asks for a host.
+    Acquire { build: u8, wait: u8, tenant: u8 },
     /// The build of the n-th lease seen releases it.
     Release(u8),
     /// ... or renews it.
     Renew(u8),
+    /// Another tenant (the second number picks which) releases, renews or
+    /// gets the n-th lease: it must not find it.
+    Trespass(u8, u8),
     /// An operator drains host k.
     Drain(u8),
     /// Time passes.
     Tick(u8),
     /// An acquire caller gives up waiting.
     Abandon(u8),
+    /// Host k's agent starts (or stops) rejecting assignments it could take.
+    Flaky(u8),
+    /// Host k's next wipe cannot be verified: it reports so, becomes
+    /// unhealthy and terminates, as the real agent does.
+    BreakWipe(u8),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -193,12 +208,15 @@ fn op() -> impl Strategy<Value = Op> {
         4 => host.clone().prop_map(Op::AgentStep),
         1 => host.clone().prop_map(Op::Disconnect),
         1 => host.clone().prop_map(Op::Unhealthy),
-        3 => (0u8..6, 0u8..3).prop_map(|(b, w)| Op::Acquire(b, w)),
+        3 => (0u8..6, 0u8..3, 0u8..3).prop_map(|(build, wait, tenant)| Op::Acquire { build, wait, tenant }),
         1 => any::<u8>().prop_map(Op::Release),
         1 => any::<u8>().prop_map(Op::Renew),
+        1 => (any::<u8>(), any::<u8>()).prop_map(|(n, t)| Op::Trespass(n, t)),
         1 => host.clone().prop_map(Op::Drain),
         1 => (0u8..40).prop_map(Op::Tick),
         1 => any::<u8>().prop_map(Op::Abandon),
+        1 => host.clone().prop_map(Op::Flaky),
+        1 => host.clone().prop_map(Op::BreakWipe),
     ]
 }
 
@@ -213,13 +231,25 @@ struct Agent {
     /// they were sent while it was Ready, so an assignment among them is a
     /// race the agent answers by rejecting, not a coordinator bug.
     in_flight: usize,
+    /// Rejects assignments even while Ready (a flaky host).
+    flaky: bool,
+    /// Its next wipe fails.
+    wipe_fails: bool,
+    /// Set when it rejected an assignment and has not said Ready since:
+    /// how many more messages were queued before the rejection. Once they
+    /// are handled, an assignment means the pool offered a host that had
+    /// not said Ready again.
+    rejected: Option<usize>,
+    /// The same for a drain: no assignment may follow one.
+    drained: Option<usize>,
 }
 
 struct Sim {
     pool: Pool,
-    now: Instant,
+    now: Now,
     agents: HashMap<u8, Agent>,
-    leases: Vec<String>,
+    /// (tenant, lease id) of every lease acquired.
+    leases: Vec<(usize, String)>,
     pending: Vec<berth_coordinator::pool::Pending>,
     violation: Option<String>,
 }
@@ -228,7 +258,10 @@ impl Sim {
     fn new() -> Self {
         Self {
             pool: Pool::new(PoolConfig::default()),
-            now: Instant::now(),
+            now: Now {
+                mono: Instant::now(),
+                wall: std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000),
+            },
             agents: HashMap::new(),
             leases: Vec::new(),
             pending: Vec::new(),
@@ -236,11 +269,15 @@ impl Sim {
         }
     }
 
+    fn violated(&mut self, what: String) {
+        self.violation.get_or_insert(what);
+    }
+
     fn register(&mut self, k: u8) {
         let (tx, rx): (AgentTx, _) = mpsc::channel(256);
-        let (state, lease) = match self.agents.get(&k) {
-            Some(a) if !a.gone => (a.state, a.lease.clone()),
-            _ => (pb::HostState::Ready, None),
+        let (state, lease, flaky, wipe_fails) = match self.agents.get(&k) {
+            Some(a) if !a.gone => (a.state, a.lease.clone(), a.flaky, a.wipe_fails),
+            _ => (pb::HostState::Ready, None, false, false),
         };
         let reg = Registration {
             tls: Default::default(),
@@ -255,9 +292,19 @@ impl Sim {
             lease_id: lease.clone().unwrap_or_default(),
             lease_deadline: lease
                 .as_ref()
-                .map(|_| std::time::SystemTime::now() + Duration::from_secs(600)),
+                .map(|_| self.now.wall + Duration::from_secs(600)),
         };
-        let conn = self.pool.register(reg, tx, self.now);
+        let conn = match self.pool.register(reg, tx, self.now) {
+            Ok(conn) => conn,
+            Err(e) => return self.violated(format!("h{k} could not register: {e}")),
+        };
+        // A host the pool still knows keeps its drain: nothing may be
+        // assigned on the new stream either.
+        let draining = self
+            .pool
+            .list_hosts()
+            .iter()
+            .any(|h| h.host_id == format!("h{k}") && h.draining);
         self.agents.insert(
             k,
             Agent {
@@ -267,6 +314,10 @@ impl Sim {
                 lease,
                 gone: false,
                 in_flight: 0,
+                flaky,
+                wipe_fails,
+                rejected: None,
+                drained: draining.then_some(0),
             },
         );
     }
@@ -286,6 +337,9 @@ impl Sim {
             if a.state == pb::HostState::Ready && state != pb::HostState::Ready {
                 a.in_flight = a.rx.len();
             }
+            if state == pb::HostState::Ready {
+                a.rejected = None;
+            }
             a.state = state;
             a.lease = lease.clone();
         }
@@ -297,6 +351,16 @@ impl Sim {
                 reason: String::new(),
             }),
         );
+    }
+
+    /// The agent's host goes: it says so and its stream ends.
+    fn terminate(&mut self, k: u8) {
+        self.state(k, pb::HostState::Terminating, None);
+        if let Some(a) = self.agents.get_mut(&k) {
+            a.gone = true;
+            let conn = a.conn;
+            self.pool.disconnect(&format!("h{k}"), conn, self.now);
+        }
     }
 
     fn step(&mut self, op: Op) {
@@ -312,18 +376,34 @@ impl Sim {
             }
             Op::AgentStep(k) => {
                 let mut inbox = Vec::new();
+                let mut rejected_before = false;
                 if let Some(a) = self.agents.get_mut(&k) {
+                    rejected_before = a.rejected.is_some();
                     while let Ok(m) = a.rx.try_recv() {
                         if let Ok(pb::CoordinatorMessage { msg: Some(m) }) = m {
                             inbox.push(m);
                         }
                     }
                 }
-                for m in inbox {
-                    self.handle(k, m);
+                let n = inbox.len();
+                for (i, m) in inbox.into_iter().enumerate() {
+                    self.handle(k, m, n - i - 1);
                     if let Some(a) = self.agents.get_mut(&k) {
                         a.in_flight = a.in_flight.saturating_sub(1);
+                        for g in [&mut a.rejected, &mut a.drained].into_iter().flatten() {
+                            *g = g.saturating_sub(1);
+                        }
                     }
+                }
+                // A host that rejected in an earlier step says Ready again
+                // (what an agent does once whatever made it refuse is over).
+                if rejected_before
+                    && self
+                        .agents
+                        .get(&k)
+                        .is_some_and(|a| !a.gone && a.state == pb::HostState::Ready)
+                {
+                    self.state(k, pb::HostState::Ready, None);
                 }
             }
             Op::Disconnect(k) => {
@@ -335,46 +415,68 @@ impl Sim {
             Op::Unhealthy(k) => {
                 if self.agents.get(&k).is_some_and(|a| !a.gone) {
                     self.state(k, pb::HostState::Unhealthy, None);
-                    self.state(k, pb::HostState::Terminating, None);
-                    if let Some(a) = self.agents.get_mut(&k) {
-                        a.gone = true;
-                        let conn = a.conn;
-                        self.pool.disconnect(&format!("h{k}"), conn, self.now);
-                    }
+                    self.terminate(k);
                 }
             }
-            Op::Acquire(b, w) => {
-                let wait = Duration::from_secs(u64::from(w) * 10);
+            Op::Acquire {
+                build,
+                wait,
+                tenant,
+            } => {
+                let tenant = usize::from(tenant) % TENANTS.len();
+                let wait = Duration::from_secs(u64::from(wait) * 10);
                 if let Ok(p) = self.pool.acquire(
-                    TENANT,
-                    &format!("b{b}"),
+                    TENANTS[tenant],
+                    &format!("b{build}"),
                     Duration::from_secs(60),
                     wait,
                     self.now,
                 ) {
-                    if !self.leases.contains(&p.lease_id) {
-                        self.leases.push(p.lease_id.clone());
+                    if !self.leases.iter().any(|(_, id)| *id == p.lease_id) {
+                        self.leases.push((tenant, p.lease_id.clone()));
                     }
                     self.pending.push(p);
                 }
             }
             Op::Release(n) => {
-                if let Some(l) = self.pick(n) {
-                    let _ = self.pool.release(TENANT, &l, self.now);
+                if let Some((t, l)) = self.pick(n) {
+                    let _ = self.pool.release(TENANTS[t], &l, self.now);
                 }
             }
             Op::Renew(n) => {
-                if let Some(l) = self.pick(n) {
+                if let Some((t, l)) = self.pick(n) {
                     let _ = self
                         .pool
-                        .renew(TENANT, &l, Duration::from_secs(30), self.now);
+                        .renew(TENANTS[t], &l, Duration::from_secs(30), self.now);
+                }
+            }
+            Op::Trespass(n, which) => {
+                if let Some((t, l)) = self.pick(n) {
+                    let other = TENANTS[(t + 1 + usize::from(which % 2)) % TENANTS.len()];
+                    let found = match which % 3 {
+                        0 => self.pool.release(other, &l, self.now).map(|_| ()),
+                        1 => self
+                            .pool
+                            .renew(other, &l, Duration::from_secs(30), self.now)
+                            .map(|_| ()),
+                        _ => self.pool.get(other, &l).map(|_| ()),
+                    };
+                    if !matches!(found, Err(Error::LeaseNotFound(_))) {
+                        self.violated(format!("tenant {other} reached {l}: {found:?}"));
+                    }
                 }
             }
             Op::Drain(k) => {
-                let _ = self.pool.drain(&format!("h{k}"), "prop");
+                if self.pool.drain(&format!("h{k}"), "prop", self.now).is_ok()
+                    && let Some(a) = self.agents.get_mut(&k)
+                    && !a.gone
+                {
+                    // What was queued before the drain may still assign.
+                    a.drained.get_or_insert(a.rx.len());
+                }
             }
             Op::Tick(s) => {
-                self.now += Duration::from_secs(u64::from(s));
+                self.now = self.now + Duration::from_secs(u64::from(s));
                 self.pool.tick(self.now);
             }
             Op::Abandon(n) => {
@@ -383,72 +485,134 @@ impl Sim {
                     self.pending.swap_remove(i);
                 }
             }
+            Op::Flaky(k) => {
+                if let Some(a) = self.agents.get_mut(&k) {
+                    a.flaky = !a.flaky;
+                }
+            }
+            Op::BreakWipe(k) => {
+                if let Some(a) = self.agents.get_mut(&k) {
+                    a.wipe_fails = true;
+                }
+            }
         }
     }
 
-    fn pick(&self, n: u8) -> Option<String> {
+    fn pick(&self, n: u8) -> Option<(usize, String)> {
         (!self.leases.is_empty()).then(|| self.leases[usize::from(n) % self.leases.len()].clone())
     }
 
-    /// What the real agent does with each coordinator message.
-    fn handle(&mut self, k: u8, m: Out) {
+    /// What the real agent does with each coordinator message; `after` is
+    /// how many messages of this batch are still to come.
+    fn handle(&mut self, k: u8, m: Out, after: usize) {
         let Some(a) = self.agents.get(&k) else { return };
-        let (state, held) = (a.state, a.lease.clone());
+        let (state, held, in_flight, wipe_fails) =
+            (a.state, a.lease.clone(), a.in_flight, a.wipe_fails);
+        let (flaky, rejected, drained) = (a.flaky, a.rejected, a.drained);
         match m {
             Out::AssignLease(assign) => {
+                let lid = assign.lease_id;
+                if rejected == Some(0) {
+                    self.violated(format!("h{k} was assigned {lid} after it rejected one and before it said Ready again"));
+                }
+                if drained == Some(0) {
+                    self.violated(format!("h{k} was assigned {lid} after it was drained"));
+                }
                 if state != pb::HostState::Ready {
-                    if held.as_deref() == Some(assign.lease_id.as_str()) {
+                    if held.as_deref() == Some(lid.as_str()) {
                         return;
                     }
-                    if a.in_flight == 0 {
-                        self.violation = Some(format!(
-                            "h{k} was assigned {} while {:?} with {:?}",
-                            assign.lease_id, state, held
+                    if in_flight == 0 {
+                        self.violated(format!(
+                            "h{k} was assigned {lid} while {state:?} with {held:?}"
                         ));
                     }
-                    self.say(
-                        k,
-                        In::LeaseRejected(pb::LeaseRejected {
-                            lease_id: assign.lease_id,
-                            reason: format!("host is {state:?}"),
-                        }),
-                    );
+                    let reason = format!("host is {state:?}");
+                    self.reject(k, lid, reason, after);
                     return;
                 }
-                self.state(k, pb::HostState::Leased, Some(assign.lease_id.clone()));
-                self.say(
-                    k,
-                    In::LeaseAccepted(pb::LeaseAccepted {
-                        lease_id: assign.lease_id,
-                    }),
-                );
+                if flaky || rejected.is_some() || drained.is_some() {
+                    self.reject(k, lid, "flaky".into(), after);
+                    return;
+                }
+                self.state(k, pb::HostState::Leased, Some(lid.clone()));
+                self.say(k, In::LeaseAccepted(pb::LeaseAccepted { lease_id: lid }));
             }
             Out::EndLease(end) => {
                 if held.as_deref() == Some(end.lease_id.as_str()) {
+                    let verified = !wipe_fails;
                     self.state(k, pb::HostState::Wiping, Some(end.lease_id.clone()));
                     self.say(
                         k,
                         In::WipeReport(pb::WipeReport {
-                            lease_id: end.lease_id,
-                            verified: true,
+                            lease_id: end.lease_id.clone(),
+                            verified,
+                            error: if verified {
+                                String::new()
+                            } else {
+                                "1 volume left".into()
+                            },
                             ..Default::default()
                         }),
                     );
-                    // Recycle mode: back to Ready after a verified wipe.
-                    self.state(k, pb::HostState::Ready, None);
+                    // As the pool shows it, when the lease is this host's
+                    // (a host told to let go of a lease it was never given
+                    // reports a wipe the lease does not take).
+                    let shown = self
+                        .pool
+                        .list_leases(true)
+                        .into_iter()
+                        .find(|l| l.lease_id == end.lease_id && l.host_id == format!("h{k}"))
+                        .and_then(|l| l.wipe)
+                        .map(|w| w.verified);
+                    if shown.is_some_and(|v| v != verified) {
+                        self.violated(format!("{} shows wipe verified={shown:?}", end.lease_id));
+                    }
+                    if verified {
+                        // Recycle mode: back to Ready after a verified wipe.
+                        self.state(k, pb::HostState::Ready, None);
+                    } else {
+                        self.state(k, pb::HostState::Unhealthy, None);
+                        self.terminate(k);
+                    }
                 }
             }
             Out::Drain(_) => {
                 if state == pb::HostState::Ready {
-                    self.state(k, pb::HostState::Terminating, None);
-                    if let Some(a) = self.agents.get_mut(&k) {
-                        a.gone = true;
-                        let conn = a.conn;
-                        self.pool.disconnect(&format!("h{k}"), conn, self.now);
-                    }
+                    self.terminate(k);
                 }
             }
             Out::Registered(_) | Out::RenewLease(_) => {}
+        }
+    }
+
+    fn reject(&mut self, k: u8, lease_id: String, reason: String, after: usize) {
+        let host_id = format!("h{k}");
+        let ours = self
+            .pool
+            .list_leases(false)
+            .iter()
+            .any(|l| l.lease_id == lease_id && l.host_id == host_id);
+        if let Some(a) = self.agents.get_mut(&k)
+            && a.rejected.is_none()
+        {
+            // Counted with this message, which is decremented next.
+            a.rejected = Some(after + a.rx.len() + 1);
+        }
+        self.say(k, In::LeaseRejected(pb::LeaseRejected { lease_id, reason }));
+        // The pool took the rejection: what the agent said before no longer
+        // counts, so the host is not listed (or offered) as Ready.
+        let listed = self
+            .pool
+            .list_hosts()
+            .into_iter()
+            .find(|h| h.host_id == host_id);
+        if ours
+            && listed
+                .as_ref()
+                .is_some_and(|h| h.state == pb::HostState::Ready as i32)
+        {
+            self.violated(format!("{host_id} is listed Ready after rejecting a lease"));
         }
     }
 }

@@ -2,7 +2,8 @@
 //! (`DescribeInstances`) whether the instance an agent claims to be exists,
 //! is running, carries `berth:pool=NAME` and owns both the stream's peer
 //! address and the address the agent advertises; [`check_agent`] is that
-//! check, pure (the describe call happens in the verifier).
+//! check, pure (the describe call happens in the verifier). Every way to
+//! fail it is a [`Refusal`].
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -11,7 +12,7 @@ use berth_aws::{Ec2Api, InstanceInfo};
 use tracing::{info, warn};
 
 use super::Verifier;
-use crate::error::Error;
+use crate::error::{self, Error, Unavailable};
 use crate::ops::metrics::{Ec2Metrics, bump};
 use crate::pool::Registration;
 
@@ -33,10 +34,13 @@ impl<A> Ec2Verifier<A> {
 }
 
 impl<A: Ec2Api> Ec2Verifier<A> {
-    fn refuse(&self, reg: &Registration, peer: Option<SocketAddr>, why: String) -> Error {
+    fn refuse(&self, reg: &Registration, peer: Option<SocketAddr>, why: Refusal) -> Error {
         bump(&self.metrics.agents_refused);
         warn!(host_id = %reg.host_id, peer = ?peer, host_addr = %reg.host_addr, reason = %why, "agent refused");
-        Error::Refused(why)
+        Error::Refused {
+            host_id: reg.host_id.clone(),
+            reason: error::Refusal::Ec2(why),
+        }
     }
 }
 
@@ -44,16 +48,16 @@ impl<A: Ec2Api> Ec2Verifier<A> {
 impl<A: Ec2Api> Verifier for Ec2Verifier<A> {
     async fn verify(&self, reg: &Registration, peer: Option<SocketAddr>) -> Result<(), Error> {
         if !berth_aws::imds::valid_instance_id(&reg.host_id) {
-            let why = format!("host id {:?} is not an EC2 instance id", reg.host_id);
+            let why = Refusal::NotAnInstanceId(reg.host_id.clone());
             return Err(self.refuse(reg, peer, why));
         }
         let Some(peer_addr) = peer else {
-            return Err(self.refuse(reg, peer, "the stream has no peer address".into()));
+            return Err(self.refuse(reg, peer, Refusal::NoPeerAddress));
         };
         let advertised = match reg.host_addr.parse() {
             Ok(a) => a,
             Err(_) => {
-                let why = format!("host address {:?} is not an IP address", reg.host_addr);
+                let why = Refusal::HostAddrNotIp(reg.host_addr.clone());
                 return Err(self.refuse(reg, peer, why));
             }
         };
@@ -62,10 +66,10 @@ impl<A: Ec2Api> Verifier for Ec2Verifier<A> {
             Err(e) => {
                 bump(&self.metrics.verify_errors);
                 warn!(host_id = %reg.host_id, error = %e, "cannot verify agent: EC2 did not answer");
-                return Err(Error::Unavailable(format!(
-                    "cannot verify instance {} now: {e}",
-                    reg.host_id
-                )));
+                return Err(Error::Unavailable(Unavailable::Ec2 {
+                    host_id: reg.host_id.clone(),
+                    source: e,
+                }));
             }
         };
         match check_agent(
@@ -80,14 +84,23 @@ impl<A: Ec2Api> Verifier for Ec2Verifier<A> {
                 info!(host_id = %reg.host_id, peer = %peer_addr, pool = %self.pool_name, "agent verified with EC2");
                 Ok(())
             }
-            Err(refusal) => Err(self.refuse(reg, peer, refusal.to_string())),
+            Err(refusal) => Err(self.refuse(reg, peer, refusal)),
         }
     }
 }
 
-/// Why an agent was refused.
+/// Why EC2 does not vouch for an agent.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
+    /// The host id is not an EC2 instance id (never sent to EC2).
+    #[error("host id {0:?} is not an EC2 instance id")]
+    NotAnInstanceId(String),
+    /// The stream has no peer address to hold against the instance's.
+    #[error("the stream has no peer address")]
+    NoPeerAddress,
+    /// The address the agent advertises is not an IP address.
+    #[error("host address {0:?} is not an IP address")]
+    HostAddrNotIp(String),
     #[error("instance {0} is unknown to EC2")]
     Unknown(String),
     #[error("instance {id} is {state}, not running")]
@@ -238,7 +251,15 @@ mod tests {
             .await
             .unwrap();
         let refused = |r: Result<(), Error>| match r {
-            Err(Error::Refused(why)) => why,
+            Err(
+                e @ Error::Refused {
+                    reason: error::Refusal::Ec2(_),
+                    ..
+                },
+            ) => {
+                assert_eq!(e.code(), tonic::Code::PermissionDenied);
+                e.to_string()
+            }
             other => panic!("expected a refusal, got {other:?}"),
         };
         assert!(
@@ -266,7 +287,7 @@ mod tests {
         );
         assert_eq!(
             refused(v.verify(&reg(A, "10.0.0.5"), None).await),
-            "the stream has no peer address"
+            "agent refused: the stream has no peer address"
         );
         // EC2 down: no verdict, a retryable status.
         ec2.down.store(true, Ordering::SeqCst);
@@ -275,6 +296,16 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(e.code(), tonic::Code::Unavailable);
+        assert!(
+            matches!(&e, Error::Unavailable(Unavailable::Ec2 { host_id, .. }) if host_id == A),
+            "{e:?}"
+        );
+        assert!(
+            e.to_string().starts_with(&format!(
+                "cannot verify instance {A} now: EC2 DescribeInstances"
+            )),
+            "{e}"
+        );
         let m = metrics.snapshot();
         assert_eq!(
             (m.agents_verified, m.agents_refused, m.verify_errors),

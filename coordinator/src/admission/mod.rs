@@ -15,8 +15,8 @@ pub use ec2::Ec2Verifier;
 /// Decides whether a registering agent may join the pool.
 #[tonic::async_trait]
 pub trait Verifier: Send + Sync + 'static {
-    /// `Ok(())` admits; `Err(Error::Refused)` refuses for good;
-    /// `Err(Error::Unavailable)` means "could not tell, try again".
+    /// `Ok(())` admits; `Err(Error::Refused { .. })` refuses for good;
+    /// `Err(Error::Unavailable(_))` means "could not tell, try again".
     async fn verify(&self, reg: &Registration, peer: Option<SocketAddr>) -> Result<(), Error>;
 }
 

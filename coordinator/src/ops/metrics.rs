@@ -179,7 +179,7 @@ fn by_state(
 
 impl Collector for PoolCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let s = self.pool.stats();
+        let s = self.pool.stats(crate::clock::Now::system());
         by_state(
             &mut encoder,
             "hosts",

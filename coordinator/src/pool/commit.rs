@@ -62,7 +62,7 @@ pub(crate) struct Committer {
 
 /// Why a wait for durability ended without it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub(crate) enum NotDurable {
+pub enum NotDurable {
     #[error("the lease store did not confirm a write within {0:?}: {1}")]
     Timeout(Duration, String),
     #[error("the lease store's committer has stopped")]

@@ -1,7 +1,9 @@
 //! The pool's invariants as one check, for property tests, the fuzz target
 //! and the concurrency suite: a host is in at most one lease, host and lease
-//! agree on who holds whom, idempotency keys point at live leases of their
-//! build, and only offerable hosts wait in the idle queue's live entries.
+//! agree on who holds whom, a condemned host holds no lease and has no
+//! stream, the pool keeps a stream exactly for the hosts whose state says
+//! connected, idempotency keys point at live leases of their build, and the
+//! idle queue holds each host at most once.
 
 use std::collections::HashMap;
 
@@ -30,11 +32,11 @@ fn check(g: &Inner) -> Result<(), String> {
                 return Err(format!("host {hid} is in leases {other} and {}", l.id));
             }
             match g.hosts.get(hid) {
-                Some(h) if h.lease.as_deref() == Some(l.id.as_str()) => {}
-                Some(h) => {
+                Some(e) if e.host.lease.as_deref() == Some(l.id.as_str()) => {}
+                Some(e) => {
                     return Err(format!(
                         "lease {} holds host {hid}, which says it holds {:?}",
-                        l.id, h.lease
+                        l.id, e.host.lease
                     ));
                 }
                 None => return Err(format!("lease {} holds unknown host {hid}", l.id)),
@@ -47,8 +49,18 @@ fn check(g: &Inner) -> Result<(), String> {
             return Err(format!("queued lease {} names a host", l.id));
         }
     }
-    for (hid, h) in &g.hosts {
-        if let Some(lid) = &h.lease {
+    for (hid, e) in &g.hosts {
+        if e.host.condemned() && (e.host.lease.is_some() || e.host.connected()) {
+            return Err(format!("condemned host {hid} is {:?}", e.host));
+        }
+        if e.tx.is_some() != e.host.connected() {
+            return Err(format!(
+                "host {hid} is {:?} but the pool {} its stream",
+                e.host.state,
+                if e.tx.is_some() { "keeps" } else { "has lost" }
+            ));
+        }
+        if let Some(lid) = &e.host.lease {
             match g.leases.get(lid) {
                 Some(l) if l.state.holds_host() && l.host.as_deref() == Some(hid.as_str()) => {}
                 Some(l) => {
@@ -71,6 +83,9 @@ fn check(g: &Inner) -> Result<(), String> {
                 ));
             }
         }
+    }
+    if !g.idle.each_once() {
+        return Err("the idle queue holds a host twice".into());
     }
     Ok(())
 }

@@ -18,10 +18,10 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use super::commit::Committer;
-use super::{Host, Inner, Lease, PoolConfig, Registration};
+use super::{HostEntry, Inner, Lease, Now, PoolConfig, Registration};
+use crate::host;
 use crate::lease::LeaseState;
 use crate::store::{LeaseRecord, TimelineRecord};
-use berth_proto::v1 as pb;
 
 // Nanoseconds, so a restored deadline is exactly the one the agent holds.
 fn to_ns(t: SystemTime) -> u64 {
@@ -91,15 +91,9 @@ pub(super) fn flush(g: &mut Inner, committer: &Committer) {
     committer.enqueue(put, std::mem::take(&mut g.removed));
 }
 
-/// Rebuilds `g` from stored records. `now`/`wall` are the monotonic and wall
-/// clocks at the same moment.
-pub(super) fn restore(
-    g: &mut Inner,
-    cfg: &PoolConfig,
-    mut records: Vec<LeaseRecord>,
-    now: Instant,
-    wall: SystemTime,
-) {
+/// Rebuilds `g` from stored records, as of `at`.
+pub(super) fn restore(g: &mut Inner, cfg: &PoolConfig, mut records: Vec<LeaseRecord>, at: Now) {
+    let (now, wall) = (at.mono, at.wall);
     records.sort_by_key(|r| r.created_ns);
     let (mut live, mut ended) = (0usize, 0usize);
     for r in records {
@@ -171,8 +165,8 @@ pub(super) fn restore(
             g.hosts
                 .entry(hid.clone())
                 .or_insert_with(|| placeholder(&hid, &r, now, wall));
-            if let Some(h) = g.hosts.get_mut(&hid) {
-                h.lease = Some(r.id.clone());
+            if let Some(e) = g.hosts.get_mut(&hid) {
+                e.host.lease = Some(r.id.clone());
             }
         }
         g.leases.insert(r.id.clone(), lease);
@@ -188,31 +182,20 @@ pub(super) fn restore(
 
 /// A host known only from a lease record: not connected, not offerable, and
 /// forgotten (its lease lost) unless its agent registers within the grace.
-fn placeholder(hid: &str, r: &LeaseRecord, now: Instant, wall: SystemTime) -> Host {
-    Host {
+fn placeholder(hid: &str, r: &LeaseRecord, now: Instant, wall: SystemTime) -> HostEntry {
+    HostEntry {
+        host: host::Host::restored(r.id.clone(), now),
         reg: Registration {
-            host_id: hid.to_owned(),
             host_addr: r.host_addr.clone(),
             docker_host: r.docker_host.clone(),
-            provider: String::new(),
-            resources: None,
-            agent_version: String::new(),
-            docker_version: String::new(),
-            state: pb::HostState::Unspecified,
             lease_id: r.id.clone(),
             lease_deadline: r.deadline_ns.map(from_ns),
-            tls: Default::default(),
+            ..Registration::placeholder(hid)
         },
-        reported: pb::HostState::Unspecified,
-        lease: Some(r.id.clone()),
-        conn: None,
-        draining: false,
+        tx: None,
         registered_at: wall,
         last_heartbeat: wall,
-        last_seen: now,
-        disconnected_at: Some(now),
         last_wipe: None,
-        queued_idle: false,
     }
 }
 
@@ -223,9 +206,9 @@ mod tests {
     use super::*;
     use crate::pool::Pool;
     use crate::store::{LeaseStore, MemStore};
+    use berth_proto::v1 as pb;
 
-    fn rec(id: &str, build: &str, state: LeaseState, host: &str) -> LeaseRecord {
-        let now = SystemTime::now();
+    fn rec(now: SystemTime, id: &str, build: &str, state: LeaseState, host: &str) -> LeaseRecord {
         LeaseRecord {
             id: id.into(),
             build_id: build.into(),
@@ -254,18 +237,22 @@ mod tests {
             "00000000-0000-4000-8000-000000000002",
             "00000000-0000-4000-8000-000000000003",
         );
+        let now = Now {
+            mono: Instant::now(),
+            wall: UNIX_EPOCH + Duration::from_secs(1_800_000_000),
+        };
         let store = Arc::new(MemStore::default());
         store
             .commit(
                 &[
-                    rec(q, "bq", LeaseState::Queued, ""),
-                    rec(a, "ba", LeaseState::Active, "h1"),
-                    rec(r, "br", LeaseState::Released, "h2"),
+                    rec(now.wall, q, "bq", LeaseState::Queued, ""),
+                    rec(now.wall, a, "ba", LeaseState::Active, "h1"),
+                    rec(now.wall, r, "br", LeaseState::Released, "h2"),
                 ],
                 &[],
             )
             .unwrap();
-        let pool = Pool::with_store(PoolConfig::default(), store.clone()).unwrap();
+        let pool = Pool::with_store(PoolConfig::default(), store.clone(), now).unwrap();
         pool.check_invariants().unwrap();
         assert_eq!(
             pool.get("t", q).unwrap().state,
@@ -285,23 +272,11 @@ mod tests {
         assert!(stored.iter().any(|x| x.id == q && x.state == "failed"));
         // The active lease's build is still idempotent; the queued one's is free.
         let retry = pool
-            .acquire(
-                "t",
-                "ba",
-                Duration::from_secs(60),
-                Duration::ZERO,
-                Instant::now(),
-            )
+            .acquire("t", "ba", Duration::from_secs(60), Duration::ZERO, now)
             .unwrap();
         assert_eq!(retry.lease_id, a);
         let fresh = pool
-            .acquire(
-                "t",
-                "bq",
-                Duration::from_secs(60),
-                Duration::ZERO,
-                Instant::now(),
-            )
+            .acquire("t", "bq", Duration::from_secs(60), Duration::ZERO, now)
             .unwrap();
         assert_ne!(fresh.lease_id, q);
         // Its host is a disconnected placeholder holding the lease; past the
@@ -309,7 +284,14 @@ mod tests {
         let hosts = pool.list_hosts();
         assert_eq!(hosts.len(), 1);
         assert!(!hosts[0].connected && hosts[0].lease_id == a);
-        pool.tick(Instant::now() + PoolConfig::default().lost_grace);
+        assert_eq!(hosts[0].host_addr, "198.18.0.2");
+        pool.tick(now + (PoolConfig::default().lost_grace - Duration::from_millis(1)));
+        assert_eq!(
+            pool.list_hosts().len(),
+            1,
+            "forgotten before the grace passed"
+        );
+        pool.tick(now + PoolConfig::default().lost_grace);
         assert_eq!(
             pool.get("t", a).unwrap_err().code(),
             tonic::Code::FailedPrecondition

@@ -109,10 +109,11 @@ pub struct Server {
 }
 
 /// A fresh temp dir for test `name` (an earlier run's is removed). Unique
-/// per call: `cargo test` runs a binary's tests as threads of one process.
+/// per call: `cargo test` runs a file's tests as threads of one process,
+/// and two coordinators in one dir would replace each other's CA.
 pub fn fresh_dir(name: &str) -> PathBuf {
-    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let d = std::env::temp_dir().join(format!("berth-{name}-{}-{n}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();

@@ -1,0 +1,178 @@
+//! `LeaseService`, what CI calls: Acquire (queue, wait for a host, sign the
+//! lease's client certificate), Renew, Release, Get. The caller's tenant
+//! comes from `auth`; every answer that reports a change waits until the
+//! change is durable (`Pool::durable`).
+
+use std::time::Duration;
+
+use berth_proto::v1 as pb;
+use berth_proto::v1::lease_service_server::LeaseService;
+use tokio::time::Instant;
+use tonic::{Request, Response, Status};
+use tracing::{Instrument, info_span};
+
+use super::{Services, auth, signing_error};
+use crate::clock::Now;
+use crate::error::Error;
+use crate::lease::LeaseState;
+use crate::validate;
+
+impl Services {
+    /// The lease's client certificate, valid from `now` until its deadline.
+    fn lease_cert(
+        &self,
+        lease: &pb::Lease,
+        csr: &berth_tls::ca::ParsedCsr,
+        now: Now,
+    ) -> Result<String, Error> {
+        let deadline = lease
+            .deadline
+            .as_ref()
+            .and_then(berth_proto::to_system_time)
+            .ok_or(Error::Internal("an active lease without a deadline"))?;
+        self.ca
+            .sign_lease_parsed(csr, &lease.lease_id, now.wall, deadline)
+            .map_err(signing_error)
+    }
+
+    /// Acquire after validation: queue, wait for the outcome, sign.
+    async fn acquire_for(
+        &self,
+        tenant: &str,
+        build_id: &str,
+        csr: &berth_tls::ca::ParsedCsr,
+        ttl: Duration,
+        wait: Duration,
+    ) -> Result<pb::AcquireResponse, Error> {
+        let mut pending = self
+            .pool
+            .acquire(tenant, build_id, ttl, wait, Now::system())?;
+
+        let span = info_span!("acquire", lease_id = %pending.lease_id, build_id = %build_id);
+        async {
+            loop {
+                let state = *pending.state.borrow_and_update();
+                if !matches!(state, LeaseState::Queued | LeaseState::Assigned) {
+                    break;
+                }
+                tokio::select! {
+                    changed = pending.state.changed() => {
+                        if changed.is_err() {
+                            // The lease record was dropped from history.
+                            break;
+                        }
+                    }
+                    () = self.shutdown.cancelled() => return Err(Error::ShuttingDown),
+                }
+            }
+            let lease = self.pool.outcome(&pending.lease_id)?;
+            // Signed while the lease's records are being committed.
+            let client_cert_pem = self.lease_cert(&lease, csr, Now::system())?;
+            self.pool.durable().await?;
+            Ok(pb::AcquireResponse {
+                lease: Some(lease),
+                client_cert_pem,
+                ca_pem: self.ca.cert_pem().to_owned(),
+            })
+        }
+        .instrument(span)
+        .await
+    }
+}
+
+#[tonic::async_trait]
+impl LeaseService for Services {
+    async fn acquire(
+        &self,
+        req: Request<pb::AcquireRequest>,
+    ) -> Result<Response<pb::AcquireResponse>, Status> {
+        let caller = auth::caller(&req)?;
+        let req = req.into_inner();
+        let cfg = self.pool.config();
+        validate::id("build_id", &req.build_id)?;
+        // Checked before queueing: a bad CSR must not cost a host. Parsed
+        // once; the lease certificate is signed from it.
+        let csr = berth_tls::ca::parse_csr(&req.csr_pem).map_err(signing_error)?;
+        let ttl = validate::duration(
+            "ttl",
+            req.ttl.as_ref(),
+            Some(cfg.default_ttl),
+            false,
+            cfg.max_ttl,
+        )?;
+        let wait = validate::duration(
+            "wait",
+            req.wait.as_ref(),
+            Some(Duration::ZERO),
+            true,
+            cfg.max_wait,
+        )?;
+        let started = Instant::now();
+        let pool_metrics = self.pool.metrics();
+        let result = self
+            .acquire_for(&caller.tenant, &req.build_id, &csr, ttl, wait)
+            .await;
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(Error::NoHost(_)) => "no-host",
+            Err(_) => "error",
+        };
+        pool_metrics.observe_acquire(started.elapsed(), outcome);
+        Ok(Response::new(result?))
+    }
+
+    async fn renew(
+        &self,
+        req: Request<pb::RenewRequest>,
+    ) -> Result<Response<pb::RenewResponse>, Status> {
+        let caller = auth::caller(&req)?;
+        let req = req.into_inner();
+        let cfg = self.pool.config();
+        let lid = validate::lease_id(&req.lease_id)?;
+        let csr = if req.csr_pem.is_empty() {
+            None
+        } else {
+            Some(berth_tls::ca::parse_csr(&req.csr_pem).map_err(signing_error)?)
+        };
+        let ttl = validate::duration(
+            "ttl",
+            req.ttl.as_ref(),
+            Some(cfg.default_ttl),
+            false,
+            cfg.max_ttl,
+        )?;
+        let now = Now::system();
+        let lease = self.pool.renew(&caller.tenant, &lid, ttl, now)?;
+        let (client_cert_pem, ca_pem) = match &csr {
+            Some(csr) if lease.state == pb::LeaseState::Active as i32 => (
+                self.lease_cert(&lease, csr, now)?,
+                self.ca.cert_pem().to_owned(),
+            ),
+            _ => (String::new(), String::new()),
+        };
+        self.pool.durable().await?;
+        Ok(Response::new(pb::RenewResponse {
+            lease: Some(lease),
+            client_cert_pem,
+            ca_pem,
+        }))
+    }
+
+    async fn release(
+        &self,
+        req: Request<pb::ReleaseRequest>,
+    ) -> Result<Response<pb::ReleaseResponse>, Status> {
+        let caller = auth::caller(&req)?;
+        let lid = validate::lease_id(&req.into_inner().lease_id)?;
+        let lease = self.pool.release(&caller.tenant, &lid, Now::system())?;
+        self.pool.durable().await?;
+        Ok(Response::new(pb::ReleaseResponse { lease: Some(lease) }))
+    }
+
+    async fn get(&self, req: Request<pb::GetRequest>) -> Result<Response<pb::GetResponse>, Status> {
+        let caller = auth::caller(&req)?;
+        let lid = validate::lease_id(&req.into_inner().lease_id)?;
+        let lease = self.pool.get(&caller.tenant, &lid)?;
+        Ok(Response::new(pb::GetResponse { lease: Some(lease) }))
+    }
+}

@@ -1,0 +1,194 @@
+//! The LeaseService calls as the pool serves them: acquire (start or join
+//! the acquisition of a build), renew, release, get, and turning a settled
+//! lease into Acquire's answer. Each call changes the pool under its lock
+//! and returns; waiting for a host is the caller's (a `watch` of the lease's
+//! state), matching leases with hosts is the scheduler's.
+
+use std::time::Duration;
+
+use berth_proto::from_system_time;
+use berth_proto::v1 as pb;
+use tokio::sync::watch;
+use tracing::info;
+
+use super::{Lease, Now, Pending, Pool};
+use crate::error::Error;
+use crate::lease::{LeaseEvent, LeaseState};
+use crate::timeline::{self, Step};
+
+impl Pool {
+    /// Starts or joins the acquisition for `build_id`.
+    pub fn acquire(
+        &self,
+        tenant: &str,
+        build_id: &str,
+        ttl: Duration,
+        wait: Duration,
+        now: Now,
+    ) -> Result<Pending, Error> {
+        let mut g = self.lock();
+        let key = (tenant.to_owned(), build_id.to_owned());
+        if let Some(lid) = g.live_by_build.get(&key).cloned()
+            && let Some(l) = g.leases.get(&lid)
+        {
+            return Ok(Pending {
+                lease_id: lid,
+                state: l.watch.subscribe(),
+            });
+        }
+        let id = uuid::Uuid::new_v4().hyphenated().to_string();
+        let (tx, rx) = watch::channel(LeaseState::Queued);
+        let mut lease = Lease {
+            id: id.clone(),
+            tenant: tenant.to_owned(),
+            build_id: build_id.to_owned(),
+            state: LeaseState::Queued,
+            host: None,
+            host_addr: String::new(),
+            docker_host: String::new(),
+            ttl,
+            created: now.mono,
+            created_at: now.wall,
+            queued_until: now.mono + wait,
+            assigned_at: None,
+            deadline: None,
+            deadline_at: None,
+            message: String::new(),
+            wipe: None,
+            timeline: Vec::new(),
+            watch: tx,
+        };
+        timeline::record(
+            &mut lease.timeline,
+            &id,
+            Step::Requested,
+            now.wall,
+            format!("build {build_id}"),
+        );
+        timeline::record(&mut lease.timeline, &id, Step::Queued, now.wall, "");
+        g.leases.insert(id.clone(), lease);
+        g.live_by_build.insert(key, id.clone());
+        g.dirty.insert(id.clone());
+        g.queue.push_back(id.clone());
+        info!(lease_id = %id, tenant, build_id, ttl = ?ttl, wait = ?wait, "lease requested");
+        g.try_assign(&self.cfg, now);
+        if wait.is_zero() && g.leases.get(&id).map(|l| l.state) == Some(LeaseState::Queued) {
+            let msg = g.no_host_message(&id, wait);
+            g.set_message(&id, msg);
+            g.apply(&self.cfg, &id, LeaseEvent::WaitExpired, now);
+        }
+        Ok(Pending {
+            lease_id: id,
+            state: rx,
+        })
+    }
+
+    pub fn renew(
+        &self,
+        tenant: &str,
+        lease_id: &str,
+        ttl: Duration,
+        now: Now,
+    ) -> Result<pb::Lease, Error> {
+        let mut g = self.lock();
+        let max_lease = self.cfg.max_lease;
+        let l = g
+            .leases
+            .get_mut(lease_id)
+            .filter(|l| l.tenant == tenant)
+            .ok_or_else(|| Error::LeaseNotFound(lease_id.to_owned()))?;
+        if l.state.is_ended() {
+            return Err(ended_error(l));
+        }
+        l.ttl = ttl;
+        let lid = l.id.clone();
+        if l.state.holds_host() {
+            let latest = l.created + max_lease;
+            let deadline = (now.mono + ttl).min(latest);
+            let deadline_at = now.wall + deadline.saturating_duration_since(now.mono);
+            l.deadline = Some(deadline);
+            l.deadline_at = Some(deadline_at);
+            let msg = pb::coordinator_message::Msg::RenewLease(pb::RenewLease {
+                lease_id: l.id.clone(),
+                deadline: Some(from_system_time(deadline_at)),
+            });
+            info!(lease_id, ttl = ?ttl, capped = deadline < now.mono + ttl, "lease renewed");
+            timeline::record(
+                &mut l.timeline,
+                lease_id,
+                Step::Renewed,
+                now.wall,
+                format!(
+                    "deadline {}",
+                    humantime::format_rfc3339_seconds(deadline_at)
+                ),
+            );
+            if let Some(hid) = l.host.clone() {
+                g.send(&hid, msg, now);
+            }
+        }
+        g.dirty.insert(lid);
+        g.lease_view(lease_id)
+            .ok_or_else(|| Error::LeaseNotFound(lease_id.to_owned()))
+    }
+
+    pub fn release(&self, tenant: &str, lease_id: &str, now: Now) -> Result<pb::Lease, Error> {
+        let mut g = self.lock();
+        match g.leases.get(lease_id).filter(|l| l.tenant == tenant) {
+            None => return Err(Error::LeaseNotFound(lease_id.to_owned())),
+            // The build must learn that its host is gone, not that all went well.
+            Some(l) if l.state == LeaseState::HostLost => return Err(ended_error(l)),
+            Some(_) => {}
+        }
+        g.apply(&self.cfg, lease_id, LeaseEvent::Release, now);
+        g.try_assign(&self.cfg, now);
+        g.lease_view(lease_id)
+            .ok_or_else(|| Error::LeaseNotFound(lease_id.to_owned()))
+    }
+
+    /// Reports a lease of `tenant`. Another tenant's lease is not found,
+    /// exactly as if it did not exist, so lease ids of others cannot even be
+    /// probed. A lease whose host was lost is an error (FAILED_PRECONDITION
+    /// with the reason), so a build's next call learns its host is gone.
+    pub fn get(&self, tenant: &str, lease_id: &str) -> Result<pb::Lease, Error> {
+        let g = self.lock();
+        let l = g
+            .leases
+            .get(lease_id)
+            .filter(|l| l.tenant == tenant)
+            .ok_or_else(|| Error::LeaseNotFound(lease_id.to_owned()))?;
+        if l.state == LeaseState::HostLost {
+            return Err(ended_error(l));
+        }
+        g.lease_view(lease_id)
+            .ok_or_else(|| Error::LeaseNotFound(lease_id.to_owned()))
+    }
+
+    /// Turns a settled lease state into the Acquire answer.
+    pub fn outcome(&self, lease_id: &str) -> Result<pb::Lease, Error> {
+        let g = self.lock();
+        let l = g
+            .leases
+            .get(lease_id)
+            .ok_or_else(|| Error::LeaseNotFound(lease_id.to_owned()))?;
+        match l.state {
+            LeaseState::Active => g
+                .lease_view(lease_id)
+                .ok_or_else(|| Error::LeaseNotFound(lease_id.to_owned())),
+            LeaseState::Failed => Err(Error::NoHost(l.message.clone())),
+            _ => Err(ended_error(l)),
+        }
+    }
+}
+
+fn ended_error(l: &Lease) -> Error {
+    Error::LeaseEnded {
+        lease_id: l.id.clone(),
+        state: l.state.name(),
+        detail: if l.message.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", l.message)
+        },
+    }
+}

@@ -1,0 +1,539 @@
+//! The pool's unit tests: whole scenarios through its public calls, with
+//! simulated agents on in-memory channels and a clock the tests move.
+
+#![allow(clippy::unwrap_used)]
+
+use super::*;
+use berth_proto::to_system_time;
+use pb::coordinator_message::Msg as Out;
+
+const SECOND: Duration = Duration::from_secs(1);
+/// The tenant of every lease in these tests.
+const T: &str = "t1";
+
+struct Agent {
+    id: String,
+    conn: u64,
+    rx: mpsc::Receiver<Result<pb::CoordinatorMessage, Status>>,
+}
+
+impl Agent {
+    fn join(pool: &Pool, id: &str, now: Now) -> Self {
+        let (tx, rx) = mpsc::channel(16);
+        let reg = Registration {
+            host_id: id.into(),
+            host_addr: "198.18.0.2".into(),
+            docker_host: "tcp://198.18.0.2:2376".into(),
+            provider: "test".into(),
+            resources: None,
+            agent_version: "t".into(),
+            docker_version: "t".into(),
+            state: pb::HostState::Ready,
+            lease_id: String::new(),
+            lease_deadline: None,
+            tls: RegisteredTls::default(),
+        };
+        let conn = pool.register(reg, tx, now).unwrap();
+        let mut a = Self {
+            id: id.into(),
+            conn,
+            rx,
+        };
+        assert!(matches!(a.next(), Some(Out::Registered(_))));
+        a
+    }
+
+    fn next(&mut self) -> Option<Out> {
+        self.rx
+            .try_recv()
+            .ok()
+            .and_then(|m| m.ok())
+            .and_then(|m| m.msg)
+    }
+
+    fn expect_assign(&mut self) -> pb::AssignLease {
+        match self.next() {
+            Some(Out::AssignLease(a)) => a,
+            other => panic!("{}: expected AssignLease, got {other:?}", self.id),
+        }
+    }
+
+    fn say(&self, pool: &Pool, msg: pb::agent_message::Msg, now: Now) {
+        pool.agent_message(&self.id, self.conn, msg, now).unwrap();
+    }
+
+    fn accept(&self, pool: &Pool, lease_id: &str, now: Now) {
+        self.say(
+            pool,
+            pb::agent_message::Msg::LeaseAccepted(pb::LeaseAccepted {
+                lease_id: lease_id.into(),
+            }),
+            now,
+        );
+    }
+
+    fn state(&self, pool: &Pool, state: pb::HostState, now: Now) {
+        self.say(
+            pool,
+            pb::agent_message::Msg::StateChanged(pb::StateChanged {
+                state: state as i32,
+                lease_id: String::new(),
+                reason: String::new(),
+            }),
+            now,
+        );
+    }
+}
+
+/// A fixed moment to start from: the wall clock is not the machine's, so
+/// every deadline a test sees follows from the time it passed in.
+fn start() -> Now {
+    Now {
+        mono: Instant::now(),
+        wall: SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000),
+    }
+}
+
+fn pool() -> Pool {
+    Pool::new(PoolConfig::default())
+}
+
+fn state_of(p: &Pending) -> LeaseState {
+    *p.state.borrow()
+}
+
+#[tokio::test(start_paused = true)]
+async fn two_builds_get_two_different_hosts() {
+    let pool = pool();
+    let now = start();
+    let mut a = Agent::join(&pool, "h1", now);
+    let mut b = Agent::join(&pool, "h2", now);
+    let p1 = pool.acquire(T, "b1", 60 * SECOND, SECOND, now).unwrap();
+    let p2 = pool.acquire(T, "b2", 60 * SECOND, SECOND, now).unwrap();
+    let l1 = a.expect_assign();
+    let l2 = b.expect_assign();
+    assert_eq!(l1.lease_id, p1.lease_id);
+    assert_eq!(l2.lease_id, p2.lease_id);
+    assert!(l1.deadline.is_some());
+    a.accept(&pool, &l1.lease_id, now);
+    b.accept(&pool, &l2.lease_id, now);
+    let o1 = pool.outcome(&p1.lease_id).unwrap();
+    let o2 = pool.outcome(&p2.lease_id).unwrap();
+    assert_eq!(o1.state, pb::LeaseState::Active as i32);
+    assert_ne!(o1.host_id, o2.host_id);
+    assert_eq!(o1.docker_host, "tcp://198.18.0.2:2376");
+}
+
+#[tokio::test(start_paused = true)]
+async fn acquire_is_idempotent_per_build() {
+    let pool = pool();
+    let now = start();
+    let mut a = Agent::join(&pool, "h1", now);
+    let mut b = Agent::join(&pool, "h2", now);
+    let p1 = pool.acquire(T, "b1", 60 * SECOND, SECOND, now).unwrap();
+    let retry = pool.acquire(T, "b1", 60 * SECOND, SECOND, now).unwrap();
+    assert_eq!(p1.lease_id, retry.lease_id);
+    let assigned = a.next().or_else(|| b.next());
+    assert!(matches!(assigned, Some(Out::AssignLease(_))));
+    assert!(
+        a.next().is_none() && b.next().is_none(),
+        "a second host was assigned"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn empty_pool_with_no_wait_fails_at_once() {
+    let pool = pool();
+    let p = pool
+        .acquire(T, "b1", 60 * SECOND, Duration::ZERO, start())
+        .unwrap();
+    assert_eq!(state_of(&p), LeaseState::Failed);
+    let err = pool.outcome(&p.lease_id).unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+    assert!(err.to_string().contains("no host became ready"), "{err}");
+    // The failed lease does not block a new attempt with the same build id.
+    let again = pool.acquire(T, "b1", 60 * SECOND, SECOND, start()).unwrap();
+    assert_ne!(again.lease_id, p.lease_id);
+}
+
+#[tokio::test(start_paused = true)]
+async fn queue_wait_runs_out() {
+    let pool = pool();
+    let now = start();
+    let p = pool.acquire(T, "b1", 60 * SECOND, 2 * SECOND, now).unwrap();
+    pool.tick(now + SECOND);
+    assert_eq!(state_of(&p), LeaseState::Queued);
+    pool.tick(now + 2 * SECOND);
+    assert_eq!(state_of(&p), LeaseState::Failed);
+    assert_eq!(
+        pool.outcome(&p.lease_id).unwrap_err().code(),
+        tonic::Code::ResourceExhausted
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn waiters_are_served_in_order_and_released_hosts_are_not_reused() {
+    let pool = pool();
+    let now = start();
+    let mut h1 = Agent::join(&pool, "h1", now);
+    let first = pool.acquire(T, "b1", 60 * SECOND, SECOND, now).unwrap();
+    let l1 = h1.expect_assign();
+    h1.accept(&pool, &l1.lease_id, now);
+    let second = pool
+        .acquire(T, "b2", 60 * SECOND, 30 * SECOND, now)
+        .unwrap();
+    let third = pool
+        .acquire(T, "b3", 60 * SECOND, 30 * SECOND, now)
+        .unwrap();
+    assert_eq!(pool.queue_len(), 2);
+
+    pool.release(T, &first.lease_id, now).unwrap();
+    match h1.next() {
+        Some(Out::EndLease(e)) => {
+            assert_eq!(e.lease_id, first.lease_id);
+            assert_eq!(e.reason, pb::EndReason::Released as i32);
+        }
+        other => panic!("expected EndLease, got {other:?}"),
+    }
+    // The released host is wiping: nobody gets it.
+    pool.tick(now);
+    assert!(h1.next().is_none());
+    assert_eq!(state_of(&second), LeaseState::Queued);
+
+    // Its replacement registers and goes to the oldest waiter.
+    let mut h2 = Agent::join(&pool, "h2", now);
+    let l2 = h2.expect_assign();
+    assert_eq!(l2.lease_id, second.lease_id);
+    assert_eq!(state_of(&third), LeaseState::Queued);
+}
+
+#[tokio::test(start_paused = true)]
+async fn recycled_host_returns_only_after_reporting_ready() {
+    let pool = pool();
+    let now = start();
+    let mut h1 = Agent::join(&pool, "h1", now);
+    let first = pool.acquire(T, "b1", 60 * SECOND, SECOND, now).unwrap();
+    h1.expect_assign();
+    h1.accept(&pool, &first.lease_id, now);
+    h1.state(&pool, pb::HostState::Leased, now);
+    let second = pool
+        .acquire(T, "b2", 60 * SECOND, 30 * SECOND, now)
+        .unwrap();
+    pool.release(T, &first.lease_id, now).unwrap();
+    assert!(matches!(h1.next(), Some(Out::EndLease(_))));
+    h1.state(&pool, pb::HostState::Wiping, now);
+    assert!(h1.next().is_none());
+    h1.state(&pool, pb::HostState::Ready, now);
+    assert_eq!(h1.expect_assign().lease_id, second.lease_id);
+}
+
+#[tokio::test(start_paused = true)]
+async fn rejected_or_unanswered_assignments_go_to_another_host() {
+    let pool = pool();
+    let now = start();
+    let mut h1 = Agent::join(&pool, "h1", now);
+    let p = pool
+        .acquire(T, "b1", 60 * SECOND, 30 * SECOND, now)
+        .unwrap();
+    let l = h1.expect_assign();
+    h1.say(
+        &pool,
+        pb::agent_message::Msg::LeaseRejected(pb::LeaseRejected {
+            lease_id: l.lease_id.clone(),
+            reason: "busy".into(),
+        }),
+        now,
+    );
+    assert_eq!(state_of(&p), LeaseState::Queued);
+    let mut h2 = Agent::join(&pool, "h2", now);
+    assert_eq!(h2.expect_assign().lease_id, p.lease_id);
+    assert!(
+        h1.next().is_none(),
+        "the host that rejected was offered again"
+    );
+
+    // h2 never answers: after the timeout the lease goes to h3.
+    pool.tick(now + 6 * SECOND);
+    assert_eq!(state_of(&p), LeaseState::Queued);
+    let later = now + 6 * SECOND;
+    let mut h3 = Agent::join(&pool, "h3", later);
+    assert_eq!(h3.expect_assign().lease_id, p.lease_id);
+    h3.accept(&pool, &p.lease_id, later);
+    assert_eq!(state_of(&p), LeaseState::Active);
+}
+
+#[tokio::test(start_paused = true)]
+async fn deadlines_end_leases_and_renew_is_capped() {
+    let cfg = PoolConfig {
+        max_lease: 100 * SECOND,
+        ..PoolConfig::default()
+    };
+    let pool = Pool::new(cfg);
+    let now = start();
+    let mut h1 = Agent::join(&pool, "h1", now);
+    let p = pool.acquire(T, "b1", 10 * SECOND, SECOND, now).unwrap();
+    h1.expect_assign();
+    h1.accept(&pool, &p.lease_id, now);
+
+    let renewed = pool.renew(T, &p.lease_id, 500 * SECOND, now).unwrap();
+    let Some(Out::RenewLease(r)) = h1.next() else {
+        panic!("no RenewLease sent")
+    };
+    assert_eq!(r.deadline, renewed.deadline);
+    let remaining = to_system_time(&renewed.deadline.unwrap())
+        .unwrap()
+        .duration_since(now.wall)
+        .unwrap();
+    assert_eq!(remaining, 100 * SECOND, "renew is capped at max_lease");
+
+    pool.tick(now + 99 * SECOND);
+    assert_eq!(state_of(&p), LeaseState::Active);
+    pool.tick(now + 100 * SECOND);
+    assert_eq!(state_of(&p), LeaseState::Expired);
+    assert!(
+        matches!(h1.next(), Some(Out::EndLease(e)) if e.reason == pb::EndReason::Expired as i32)
+    );
+    let err = pool.renew(T, &p.lease_id, 10 * SECOND, now).unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    assert!(err.to_string().contains("expired"), "{err}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn unknown_leases_are_not_found() {
+    let pool = pool();
+    let id = uuid::Uuid::new_v4().to_string();
+    assert_eq!(pool.get(T, &id).unwrap_err().code(), tonic::Code::NotFound);
+    assert_eq!(
+        pool.release(T, &id, start()).unwrap_err().code(),
+        tonic::Code::NotFound
+    );
+    assert_eq!(
+        pool.renew(T, &id, SECOND, start()).unwrap_err().code(),
+        tonic::Code::NotFound
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn abandoned_waiters_are_skipped() {
+    let pool = pool();
+    let now = start();
+    let gone = pool
+        .acquire(T, "gone", 60 * SECOND, 30 * SECOND, now)
+        .unwrap();
+    let gone_id = gone.lease_id.clone();
+    drop(gone);
+    let waiting = pool
+        .acquire(T, "waiting", 60 * SECOND, 30 * SECOND, now)
+        .unwrap();
+    let mut h1 = Agent::join(&pool, "h1", now);
+    assert_eq!(h1.expect_assign().lease_id, waiting.lease_id);
+    let l = pool.get(T, &gone_id).unwrap();
+    assert_eq!(l.state, pb::LeaseState::Failed as i32);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_terminating_host_that_disconnects_is_forgotten_and_its_lease_lost() {
+    let pool = pool();
+    let now = start();
+    let mut h1 = Agent::join(&pool, "h1", now);
+    let p = pool.acquire(T, "b1", 60 * SECOND, SECOND, now).unwrap();
+    h1.expect_assign();
+    h1.accept(&pool, &p.lease_id, now);
+    h1.state(&pool, pb::HostState::Terminating, now);
+    assert_eq!(state_of(&p), LeaseState::HostLost);
+    pool.disconnect("h1", h1.conn, now);
+    assert!(pool.list_hosts().is_empty());
+    // A stale message on the old stream is refused, not applied.
+    assert!(
+        pool.agent_message(
+            "h1",
+            h1.conn,
+            pb::agent_message::Msg::Heartbeat(pb::Heartbeat::default()),
+            now
+        )
+        .is_err()
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn silent_hosts_are_not_offered() {
+    let pool = pool();
+    let now = start();
+    let mut h1 = Agent::join(&pool, "h1", now);
+    let later = now + 10 * SECOND;
+    let p = pool
+        .acquire(T, "b1", 60 * SECOND, 30 * SECOND, later)
+        .unwrap();
+    assert!(h1.next().is_none());
+    assert_eq!(state_of(&p), LeaseState::Queued);
+    h1.say(
+        &pool,
+        pb::agent_message::Msg::Heartbeat(pb::Heartbeat::default()),
+        later,
+    );
+    h1.state(&pool, pb::HostState::Ready, later);
+    assert_eq!(h1.expect_assign().lease_id, p.lease_id);
+}
+
+#[tokio::test(start_paused = true)]
+async fn repeated_ready_reports_queue_a_host_once() {
+    let pool = pool();
+    let now = start();
+    let mut h1 = Agent::join(&pool, "h1", now);
+    let _h2 = Agent::join(&pool, "h2", now);
+    for _ in 0..100 {
+        h1.state(&pool, pb::HostState::Ready, now);
+    }
+    assert_eq!(pool.lock().idle.len(), 2, "one entry per idle host");
+    // The oldest idle host is offered first, once.
+    let p = pool.acquire(T, "b1", 60 * SECOND, SECOND, now).unwrap();
+    assert_eq!(h1.expect_assign().lease_id, p.lease_id);
+    assert_eq!(pool.lock().idle.len(), 1);
+
+    // A host forgotten with an entry still queued, then back under the
+    // same id: it is offered (once), never twice at the same time.
+    h1.accept(&pool, &p.lease_id, now);
+    pool.release(T, &p.lease_id, now).unwrap();
+    h1.state(&pool, pb::HostState::Terminating, now);
+    pool.disconnect("h1", h1.conn, now);
+    let mut h1 = Agent::join(&pool, "h1", now);
+    let a = pool.acquire(T, "b2", 60 * SECOND, SECOND, now).unwrap();
+    let b = pool.acquire(T, "b3", 60 * SECOND, SECOND, now).unwrap();
+    let c = pool
+        .acquire(T, "b4", 60 * SECOND, 10 * SECOND, now)
+        .unwrap();
+    let got = h1.expect_assign();
+    assert!(got.lease_id == a.lease_id || got.lease_id == b.lease_id);
+    assert!(h1.next().is_none(), "a host was assigned twice");
+    assert_eq!(state_of(&c), LeaseState::Queued);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reconnecting_agent_keeps_its_lease() {
+    let pool = pool();
+    let now = start();
+    let mut h1 = Agent::join(&pool, "h1", now);
+    let p = pool.acquire(T, "b1", 60 * SECOND, SECOND, now).unwrap();
+    let assign = h1.expect_assign();
+    h1.accept(&pool, &p.lease_id, now);
+    pool.disconnect("h1", h1.conn, now);
+    let (tx, _rx) = mpsc::channel(16);
+    pool.register(
+        Registration {
+            host_id: "h1".into(),
+            host_addr: "198.18.0.2".into(),
+            docker_host: "tcp://198.18.0.2:2376".into(),
+            provider: "test".into(),
+            resources: None,
+            agent_version: String::new(),
+            docker_version: String::new(),
+            state: pb::HostState::Leased,
+            lease_id: p.lease_id.clone(),
+            lease_deadline: assign.deadline.as_ref().and_then(to_system_time),
+            tls: RegisteredTls::default(),
+        },
+        tx,
+        now + SECOND,
+    )
+    .unwrap();
+    assert_eq!(state_of(&p), LeaseState::Active);
+    pool.tick(now + 40 * SECOND);
+    assert_eq!(
+        state_of(&p),
+        LeaseState::Active,
+        "lost grace applied to a connected host"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn leases_belong_to_their_tenant() {
+    let pool = pool();
+    let now = start();
+    let mut h1 = Agent::join(&pool, "h1", now);
+    let mut h2 = Agent::join(&pool, "h2", now);
+    let mine = pool.acquire("a", "ci-1", 60 * SECOND, SECOND, now).unwrap();
+    // The same build id under another tenant is another build.
+    let theirs = pool.acquire("b", "ci-1", 60 * SECOND, SECOND, now).unwrap();
+    assert_ne!(mine.lease_id, theirs.lease_id);
+    let (l1, l2) = (h1.expect_assign(), h2.expect_assign());
+    h1.accept(&pool, &l1.lease_id, now);
+    h2.accept(&pool, &l2.lease_id, now);
+    let id = &mine.lease_id;
+    assert_eq!(pool.get("a", id).unwrap().tenant, "a");
+    assert_eq!(pool.get("b", id).unwrap_err().code(), tonic::Code::NotFound);
+    assert_eq!(
+        pool.renew("b", id, SECOND, now).unwrap_err().code(),
+        tonic::Code::NotFound
+    );
+    assert_eq!(
+        pool.release("b", id, now).unwrap_err().code(),
+        tonic::Code::NotFound
+    );
+    assert_eq!(
+        state_of(&mine),
+        LeaseState::Active,
+        "another tenant ended it"
+    );
+    pool.release("a", id, now).unwrap();
+    assert_eq!(state_of(&mine), LeaseState::Released);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_condemned_host_is_listed_until_its_grace_passes_and_refused_until_ec2_drops_it() {
+    let pool = pool();
+    let now = start();
+    let grace = PoolConfig::default().lost_grace;
+    let h1 = Agent::join(&pool, "h1", now);
+    assert!(!pool.condemn("h1", now), "a connected host was condemned");
+    pool.disconnect("h1", h1.conn, now);
+    assert!(pool.condemn("h1", now));
+    // An instance the pool never knew is condemned too, and not listed.
+    assert!(pool.condemn("h9", now));
+    let listed =
+        |pool: &Pool| -> Vec<String> { pool.list_hosts().into_iter().map(|h| h.host_id).collect() };
+    assert_eq!(listed(&pool), ["h1"]);
+    assert_eq!(
+        pool.presences().get("h1"),
+        Some(&Presence::Disconnected { since: now.mono })
+    );
+    let refused = |pool: &Pool, id: &str, at: Now| {
+        let (tx, _rx) = mpsc::channel(16);
+        let mut reg = Registration::placeholder(id);
+        reg.host_addr = "198.18.0.2".into();
+        pool.register(reg, tx, at).unwrap_err()
+    };
+    let err = refused(&pool, "h1", now + SECOND);
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    assert_eq!(
+        err.to_string(),
+        "agent refused: host h1 is being terminated as an orphan"
+    );
+    assert_eq!(
+        refused(&pool, "h9", now).code(),
+        tonic::Code::PermissionDenied
+    );
+
+    pool.tick(now + grace);
+    assert!(listed(&pool).is_empty(), "listed past its grace");
+    assert!(pool.presences().is_empty());
+    assert_eq!(
+        pool.drain("h1", "x", now + grace).unwrap_err().code(),
+        tonic::Code::NotFound
+    );
+    assert_eq!(
+        refused(&pool, "h1", now + grace).code(),
+        tonic::Code::PermissionDenied
+    );
+    pool.check_invariants().unwrap();
+
+    // EC2 still lists h1 but no longer h9: h9 may register again.
+    pool.retain_condemned(|id| id == "h1", now + grace);
+    let back = Agent::join(&pool, "h9", now + grace);
+    assert_eq!(listed(&pool), ["h9"]);
+    assert_eq!(
+        refused(&pool, "h1", now + grace).code(),
+        tonic::Code::PermissionDenied
+    );
+    drop(back);
+    pool.check_invariants().unwrap();
+}

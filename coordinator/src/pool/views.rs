@@ -1,0 +1,162 @@
+//! What the pool looks like from outside: leases and hosts as the API
+//! returns them, the pool at a glance for AdminService.PoolStats and
+//! `/metrics`, and the explanation a build gets when no host came. Read-only:
+//! nothing here changes the pool. Condemned instances the pool keeps only
+//! by id (`host::HostState::Barred`) are not shown.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use berth_proto::from_system_time;
+use berth_proto::v1 as pb;
+
+use super::{HostEntry, Inner, Now, Pool};
+use crate::lease::LeaseState;
+use crate::timeline;
+
+/// The pool at a glance.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PoolStats {
+    /// (state name, hosts), by name.
+    pub hosts_by_state: Vec<(String, u32)>,
+    pub hosts_connected: u32,
+    pub hosts_draining: u32,
+    pub hosts_offerable: u32,
+    /// (state name, leases), by name.
+    pub leases_by_state: Vec<(String, u32)>,
+    pub queue_length: u32,
+}
+
+impl PoolStats {
+    pub fn to_proto(&self) -> pb::PoolStatsResponse {
+        pb::PoolStatsResponse {
+            hosts_by_state: self.hosts_by_state.iter().cloned().collect(),
+            hosts_connected: self.hosts_connected,
+            hosts_draining: self.hosts_draining,
+            hosts_offerable: self.hosts_offerable,
+            leases_by_state: self.leases_by_state.iter().cloned().collect(),
+            queue_length: self.queue_length,
+        }
+    }
+}
+
+impl Pool {
+    pub fn list_hosts(&self) -> Vec<pb::Host> {
+        let g = self.lock();
+        let mut hosts: Vec<_> = g.listed_hosts().map(host_view).collect();
+        hosts.sort_by(|a, b| a.host_id.cmp(&b.host_id));
+        hosts
+    }
+
+    pub fn list_leases(&self, include_ended: bool) -> Vec<pb::Lease> {
+        let g = self.lock();
+        let mut leases: Vec<_> = g
+            .leases
+            .values()
+            .filter(|l| include_ended || !l.state.is_ended())
+            .filter_map(|l| g.lease_view(&l.id))
+            .collect();
+        leases.sort_by(|a, b| {
+            let key = |l: &pb::Lease| l.created_at.map(|t| (t.seconds, t.nanos));
+            key(a).cmp(&key(b))
+        });
+        leases
+    }
+
+    /// The pool at a glance (AdminService.PoolStats, `/metrics`); hosts
+    /// count as offerable as of `now`.
+    pub fn stats(&self, now: Now) -> PoolStats {
+        let g = self.lock();
+        let mut hosts: BTreeMap<String, u32> = BTreeMap::new();
+        let mut s = PoolStats::default();
+        for e in g.listed_hosts() {
+            let name = berth_proto::names::host_state(e.host.listed_state() as i32);
+            *hosts.entry(name).or_default() += 1;
+            s.hosts_connected += u32::from(e.host.connected());
+            s.hosts_draining += u32::from(e.host.draining);
+            s.hosts_offerable += u32::from(e.host.offerable(now.mono, self.cfg.silence_limit()));
+        }
+        let mut leases: BTreeMap<String, u32> = BTreeMap::new();
+        for l in g.leases.values() {
+            *leases.entry(l.state.name().to_owned()).or_default() += 1;
+        }
+        s.queue_length = u32::try_from(g.queued_leases()).unwrap_or(u32::MAX);
+        s.hosts_by_state = hosts.into_iter().collect();
+        s.leases_by_state = leases.into_iter().collect();
+        s
+    }
+
+    /// How many leases are waiting for a host.
+    pub fn queue_len(&self) -> usize {
+        self.lock().queued_leases()
+    }
+}
+
+impl Inner {
+    /// The hosts the views show.
+    pub(super) fn listed_hosts(&self) -> impl Iterator<Item = &HostEntry> {
+        self.hosts.values().filter(|e| e.host.listed())
+    }
+
+    fn queued_leases(&self) -> usize {
+        self.queue
+            .iter()
+            .filter(|id| self.leases.get(*id).map(|l| l.state) == Some(LeaseState::Queued))
+            .count()
+    }
+
+    pub(super) fn lease_view(&self, lid: &str) -> Option<pb::Lease> {
+        let l = self.leases.get(lid)?;
+        Some(pb::Lease {
+            lease_id: l.id.clone(),
+            build_id: l.build_id.clone(),
+            state: l.state.to_proto() as i32,
+            host_id: l.host.clone().unwrap_or_default(),
+            host_addr: l.host_addr.clone(),
+            docker_host: l.docker_host.clone(),
+            deadline: l.deadline_at.map(from_system_time),
+            created_at: Some(from_system_time(l.created_at)),
+            message: l.message.clone(),
+            wipe: l.wipe.clone(),
+            tenant: l.tenant.clone(),
+            timeline: timeline::to_proto(&l.timeline),
+        })
+    }
+
+    /// Why lease `lid` found no host after `waited`.
+    pub(super) fn no_host_message(&self, lid: &str, waited: Duration) -> String {
+        let ahead = self
+            .queue
+            .iter()
+            .take_while(|id| id.as_str() != lid)
+            .filter(|id| self.leases.get(*id).map(|l| l.state) == Some(LeaseState::Queued))
+            .count();
+        let total = self.listed_hosts().count();
+        let leased = self
+            .listed_hosts()
+            .filter(|e| e.host.lease.is_some())
+            .count();
+        format!(
+            "no host became ready within {} ({total} hosts in the pool, {leased} leased, {ahead} builds were waiting ahead)",
+            humantime::format_duration(waited)
+        )
+    }
+}
+
+pub(super) fn host_view(e: &HostEntry) -> pb::Host {
+    pb::Host {
+        host_id: e.reg.host_id.clone(),
+        host_addr: e.reg.host_addr.clone(),
+        docker_host: e.reg.docker_host.clone(),
+        state: e.host.listed_state() as i32,
+        lease_id: e.host.lease.clone().unwrap_or_default(),
+        resources: e.reg.resources,
+        last_heartbeat: Some(from_system_time(e.last_heartbeat)),
+        registered_at: Some(from_system_time(e.registered_at)),
+        connected: e.host.connected(),
+        draining: e.host.draining,
+        agent_version: e.reg.agent_version.clone(),
+        docker_version: e.reg.docker_version.clone(),
+        provider: e.reg.provider.clone(),
+    }
+}
