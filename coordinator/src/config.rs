@@ -103,6 +103,19 @@ pub struct CoordinatorConfig {
     /// EC2: at most this many orphans terminated per sweep.
     #[arg(long, env = "BERTH_SWEEP_MAX_TERMINATIONS", default_value_t = 10)]
     pub sweep_max_terminations: usize,
+    /// EC2: a burned instance (it served a lease) still running this long
+    /// after its lease ended is terminated by the coordinator.
+    #[arg(long, env = "BERTH_BURNED_GRACE", default_value = "2m", value_parser = humantime::parse_duration)]
+    pub burned_grace: Duration,
+    /// How long the id of a host that served a lease is remembered and
+    /// refused.
+    #[arg(long, env = "BERTH_BURNED_RETENTION", default_value = "7d", value_parser = humantime::parse_duration)]
+    pub burned_retention: Duration,
+    /// Hosts serve again after a verified wipe (the agents' --recycle);
+    /// without it a host that served a lease is refused from then on. Local
+    /// provider only, and single-tenant (docs/security.md).
+    #[arg(long, env = "BERTH_RECYCLE")]
+    pub recycle: bool,
 }
 
 /// What is wrong with a coordinator configuration.
@@ -112,6 +125,10 @@ pub enum ConfigError {
     NoPoolName,
     #[error("pool name {0:?} must be 1..=128 characters of [A-Za-z0-9_.:/=+@-]")]
     BadPoolName(String),
+    #[error(
+        "--recycle is refused with --provider ec2: a host that served a lease is never trusted again (docs/security.md)"
+    )]
+    RecycleOnEc2,
 }
 
 impl CoordinatorConfig {
@@ -133,6 +150,9 @@ impl CoordinatorConfig {
     /// Checks what clap cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.provider == Provider::Ec2 {
+            if self.recycle {
+                return Err(ConfigError::RecycleOnEc2);
+            }
             if self.pool_name.is_empty() {
                 return Err(ConfigError::NoPoolName);
             }
@@ -158,6 +178,7 @@ impl CoordinatorConfig {
                 unregistered_after: self.orphan_unregistered_after,
                 gone_after: self.orphan_gone_after,
                 max_terminations: self.sweep_max_terminations,
+                burned_grace: self.burned_grace,
             }
         })
     }
@@ -171,6 +192,8 @@ impl CoordinatorConfig {
             max_lease: self.max_lease,
             max_wait: self.max_wait,
             lost_grace: self.lost_grace,
+            recycle: self.recycle,
+            burned_retention: self.burned_retention,
             ..PoolConfig::default()
         }
     }

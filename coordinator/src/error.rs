@@ -42,6 +42,10 @@ pub enum Error {
     /// The pool CA could not sign (a bad CSR is `InvalidArgument` instead).
     #[error("signing failed: {0}")]
     Signing(#[source] berth_tls::TlsError),
+    /// A lease's certificates are bound to one key; this call brought
+    /// another (`why` says which rule it broke).
+    #[error("lease {lease_id} is bound to the key it was acquired with: {why}")]
+    KeyPinned { lease_id: String, why: &'static str },
     /// Something the coordinator itself got wrong.
     #[error("{0}")]
     Internal(&'static str),
@@ -65,6 +69,11 @@ pub enum Refusal {
     Ec2(ec2::Refusal),
     /// The orphan sweeper is terminating its instance.
     Orphan,
+    /// The host held a lease: in single-use mode it never serves again.
+    Burned,
+    /// The host id is bound to another key than the one this registration
+    /// proves it holds.
+    KeyMismatch,
 }
 
 impl Refusal {
@@ -73,6 +82,12 @@ impl Refusal {
         match self {
             Self::Ec2(r) => r.to_string(),
             Self::Orphan => format!("host {host_id} is being terminated as an orphan"),
+            Self::Burned => format!(
+                "host {host_id} has held a lease; a used host is never offered again (terminate it)"
+            ),
+            Self::KeyMismatch => format!(
+                "host {host_id} is bound to the key it first registered with, and this registration does not prove it holds that key"
+            ),
         }
     }
 }
@@ -115,7 +130,7 @@ impl Error {
             Self::NoHost(_) => Code::ResourceExhausted,
             Self::LeaseEnded { .. } => Code::FailedPrecondition,
             Self::ShuttingDown | Self::Unavailable(_) => Code::Unavailable,
-            Self::Refused { .. } => Code::PermissionDenied,
+            Self::Refused { .. } | Self::KeyPinned { .. } => Code::PermissionDenied,
             Self::Signing(_) | Self::Internal(_) => Code::Internal,
         }
     }

@@ -84,9 +84,12 @@ pub fn agent_stream(data: &[u8]) {
             1 => {
                 let tenant = usize::from(arg >> 5) % TENANTS.len();
                 let wait = Duration::from_secs(u64::from((arg >> 3) % 3) * 5);
+                // Three keys: a retry may bring another one.
+                let key = berth_tls::KeyId([b(0) % 3; 32]);
                 if let Ok(p) = pool.acquire(
                     TENANTS[tenant],
                     &format!("fz-build-{}", arg % 8),
+                    key,
                     Duration::from_secs(60),
                     wait,
                     now,
@@ -133,6 +136,7 @@ pub fn agent_stream(data: &[u8]) {
                 // bytes would never hit one), on the host's stream.
                 let lease_id = leases[usize::from(arg / HOSTS) % leases.len()].id.clone();
                 let msg = match (op % OPS, b(0) % 4) {
+                    (6, 0) => pb::agent_message::Msg::LeaseInUse(pb::LeaseInUse { lease_id }),
                     (6, _) => pb::agent_message::Msg::LeaseAccepted(pb::LeaseAccepted { lease_id }),
                     (_, 0) => pb::agent_message::Msg::LeaseRejected(pb::LeaseRejected {
                         lease_id,
@@ -171,10 +175,11 @@ pub fn agent_stream(data: &[u8]) {
             8 => {
                 if let Some(h) = held {
                     let ttl = Duration::from_secs(1 + u64::from(b(2)) * 10);
+                    let key = (b(3) % 4 != 3).then(|| berth_tls::KeyId([b(3) % 4; 32]));
                     if b(0) % 2 == 1 {
-                        isolated(pool.renew(other(h), &h.id, ttl, now), "renew");
+                        isolated(pool.renew(other(h), &h.id, key, ttl, now), "renew");
                     } else {
-                        let _ = pool.renew(TENANTS[h.tenant], &h.id, ttl, now);
+                        let _ = pool.renew(TENANTS[h.tenant], &h.id, key, ttl, now);
                     }
                 }
             }
@@ -250,6 +255,17 @@ fn views(pool: &Pool, now: Now) {
 /// to one of the script's hosts so later records can address it.
 fn register(pool: &Pool, agents: &mut HashMap<u8, Agent>, host: u8, mut r: pb::Register, now: Now) {
     r.host_id = format!("fz-{host}");
+    // Random bytes never make a CSR: the host's own key (one per host id),
+    // or, for an odd host, sometimes another host's (a key that does not
+    // match the one the id is bound to).
+    if r.csr_pem.is_empty() || r.csr_pem.len() < 8 {
+        let i = if r.csr_pem.len() % 2 == 1 {
+            host + 1
+        } else {
+            host
+        };
+        r.csr_pem = host_csr(i).to_owned();
+    }
     let Ok(reg) = Registration::from_proto(r) else {
         return;
     };
@@ -257,6 +273,22 @@ fn register(pool: &Pool, agents: &mut HashMap<u8, Agent>, host: u8, mut r: pb::R
     if let Ok(conn) = pool.register(reg, tx, now) {
         agents.insert(host, Agent { conn, rx });
     }
+}
+
+/// A CSR for host number `i`'s key, made once per process (key generation
+/// costs more than a whole fuzz run of records).
+fn host_csr(i: u8) -> &'static str {
+    static CSRS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    let csrs = CSRS.get_or_init(|| {
+        (0..=HOSTS)
+            .map(|i| {
+                berth_tls::KeyAndCsr::generate(&format!("fz-{i}"))
+                    .map(|k| k.csr_pem)
+                    .unwrap_or_default()
+            })
+            .collect()
+    });
+    &csrs[usize::from(i) % csrs.len()]
 }
 
 /// Encodes one record of the script (for seeds and tests).

@@ -1,8 +1,10 @@
 //! What the coordinator keeps on disk so that a restart (even `kill -9`)
 //! loses no lease: one record per lease (id, build id, tenant, state, host,
-//! deadline, creation time, message, wipe report), written through on every
-//! change, and a small key/value table for other state that must outlive the
-//! process (e.g. a CA). Idempotency keys (build id -> live lease) are not
+//! deadline, creation time, message, wipe report, pinned key), written
+//! through on every change; one record per host the pool must remember
+//! beyond its connection (the key its id is bound to, and when a lease it
+//! held ended: a burned host is never offered again); and a small key/value
+//! table for other state that must outlive the process (e.g. a CA). Idempotency keys (build id -> live lease) are not
 //! stored separately: they are rebuilt from the live lease records at start.
 //!
 //! [`LeaseStore`] is the seam; [`RedbStore`] is the embedded store (redb: pure
@@ -24,6 +26,8 @@ use serde::{Deserialize, Serialize};
 
 /// Lease records by lease id; the value is the record as JSON.
 const LEASES: TableDefinition<&str, &[u8]> = TableDefinition::new("leases");
+/// Host records by host id; the value is the record as JSON.
+const HOSTS: TableDefinition<&str, &[u8]> = TableDefinition::new("hosts");
 /// Anything else that must outlive the process, by key.
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 /// File name of the store inside the coordinator's state directory.
@@ -86,7 +90,28 @@ pub struct LeaseRecord {
     /// records written before timelines existed.
     #[serde(default)]
     pub timeline: Vec<TimelineRecord>,
+    /// The key the lease is pinned to (hex `KeyId`); empty if none.
+    #[serde(default)]
+    pub key: String,
+    /// The lease's certificate was used: its key no longer moves.
+    #[serde(default)]
+    pub key_locked: bool,
 }
+
+/// What the pool remembers of a host beyond its connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostRecord {
+    pub id: String,
+    /// The key the host id is bound to (hex `KeyId`), empty if none.
+    #[serde(default)]
+    pub key: String,
+    /// When a lease the host held ended (wall-clock ns): the host is burned.
+    #[serde(default)]
+    pub burned_ns: Option<u64>,
+}
+
+/// A host record to write, or `None` to delete the host's record.
+pub type HostChange = (String, Option<HostRecord>);
 
 /// One timeline step as kept on disk.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -116,11 +141,18 @@ impl LeaseRecord {
 
 /// Where lease records live.
 pub trait LeaseStore: Send + Sync + 'static {
-    /// Writes (inserts or replaces) these records and removes those ids, in
-    /// one durable commit.
-    fn commit(&self, put: &[LeaseRecord], delete: &[String]) -> Result<(), StoreError>;
+    /// Writes (inserts or replaces) these lease records, removes those
+    /// lease ids, and applies the host changes, in one durable commit.
+    fn commit(
+        &self,
+        put: &[LeaseRecord],
+        delete: &[String],
+        hosts: &[HostChange],
+    ) -> Result<(), StoreError>;
     /// Every stored lease record.
     fn load(&self) -> Result<Vec<LeaseRecord>, StoreError>;
+    /// Every stored host record.
+    fn load_hosts(&self) -> Result<Vec<HostRecord>, StoreError>;
     /// Stores a value that must outlive the process.
     fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), StoreError>;
     /// Reads a value stored with [`LeaseStore::put_meta`].
@@ -131,11 +163,17 @@ pub trait LeaseStore: Send + Sync + 'static {
 #[derive(Debug, Default)]
 pub struct MemStore {
     leases: Mutex<BTreeMap<String, LeaseRecord>>,
+    hosts: Mutex<BTreeMap<String, HostRecord>>,
     meta: Mutex<BTreeMap<String, Vec<u8>>>,
 }
 
 impl LeaseStore for MemStore {
-    fn commit(&self, put: &[LeaseRecord], delete: &[String]) -> Result<(), StoreError> {
+    fn commit(
+        &self,
+        put: &[LeaseRecord],
+        delete: &[String],
+        hosts: &[HostChange],
+    ) -> Result<(), StoreError> {
         let mut g = self.leases.lock().unwrap_or_else(|e| e.into_inner());
         for r in put {
             g.insert(r.id.clone(), r.clone());
@@ -143,11 +181,23 @@ impl LeaseStore for MemStore {
         for id in delete {
             g.remove(id);
         }
+        let mut h = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
+        for (id, r) in hosts {
+            match r {
+                Some(r) => h.insert(id.clone(), r.clone()),
+                None => h.remove(id),
+            };
+        }
         Ok(())
     }
 
     fn load(&self) -> Result<Vec<LeaseRecord>, StoreError> {
         let g = self.leases.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(g.values().cloned().collect())
+    }
+
+    fn load_hosts(&self) -> Result<Vec<HostRecord>, StoreError> {
+        let g = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
         Ok(g.values().cloned().collect())
     }
 
@@ -187,10 +237,11 @@ impl RedbStore {
             source: Box::new(e),
         };
         let db = redb::Database::create(&path).map_err(|e| open_err(e.into()))?;
-        // Create both tables up front so reads never meet a missing table.
+        // Create every table up front so reads never meet a missing table.
         let txn = db.begin_write().map_err(|e| open_err(e.into()))?;
         {
             txn.open_table(LEASES).map_err(|e| open_err(e.into()))?;
+            txn.open_table(HOSTS).map_err(|e| open_err(e.into()))?;
             txn.open_table(META).map_err(|e| open_err(e.into()))?;
         }
         txn.commit().map_err(|e| open_err(e.into()))?;
@@ -203,8 +254,13 @@ impl RedbStore {
 }
 
 impl LeaseStore for RedbStore {
-    fn commit(&self, put: &[LeaseRecord], delete: &[String]) -> Result<(), StoreError> {
-        if put.is_empty() && delete.is_empty() {
+    fn commit(
+        &self,
+        put: &[LeaseRecord],
+        delete: &[String],
+        hosts: &[HostChange],
+    ) -> Result<(), StoreError> {
+        if put.is_empty() && delete.is_empty() && hosts.is_empty() {
             return Ok(());
         }
         let txn = self
@@ -225,8 +281,45 @@ impl LeaseStore for RedbStore {
                 t.remove(id.as_str())
                     .map_err(|e| db_err("remove lease")(e.into()))?;
             }
+            let mut h = txn
+                .open_table(HOSTS)
+                .map_err(|e| db_err("open hosts")(e.into()))?;
+            for (id, r) in hosts {
+                match r {
+                    Some(r) => {
+                        let bytes = serde_json::to_vec(r).unwrap_or_default();
+                        h.insert(id.as_str(), bytes.as_slice())
+                            .map_err(|e| db_err("insert host")(e.into()))?;
+                    }
+                    None => {
+                        h.remove(id.as_str())
+                            .map_err(|e| db_err("remove host")(e.into()))?;
+                    }
+                }
+            }
         }
         txn.commit().map_err(|e| db_err("commit")(e.into()))
+    }
+
+    fn load_hosts(&self) -> Result<Vec<HostRecord>, StoreError> {
+        let txn = self
+            .db
+            .begin_read()
+            .map_err(|e| db_err("begin read")(e.into()))?;
+        let t = txn
+            .open_table(HOSTS)
+            .map_err(|e| db_err("open hosts")(e.into()))?;
+        let mut out = Vec::new();
+        for item in t.iter().map_err(|e| db_err("iterate hosts")(e.into()))? {
+            let (k, v) = item.map_err(|e| db_err("read host")(e.into()))?;
+            let rec: HostRecord =
+                serde_json::from_slice(v.value()).map_err(|source| StoreError::Decode {
+                    id: k.value().to_owned(),
+                    source,
+                })?;
+            out.push(rec);
+        }
+        Ok(out)
     }
 
     fn load(&self) -> Result<Vec<LeaseRecord>, StoreError> {
@@ -312,7 +405,20 @@ mod tests {
                     detail: "verified in 12 ms".into(),
                 },
             ],
+            key: "cd".repeat(32),
+            key_locked: true,
         }
+    }
+
+    fn host(id: &str) -> HostChange {
+        (
+            id.into(),
+            Some(HostRecord {
+                id: id.into(),
+                key: "ab".repeat(32),
+                burned_ns: Some(1_800_000_000_000),
+            }),
+        )
     }
 
     #[test]
@@ -322,14 +428,24 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         {
             let s = RedbStore::open(&dir).unwrap();
-            s.commit(&[rec("a", "active"), rec("b", "queued")], &[])
-                .unwrap();
-            s.commit(&[rec("b", "released")], &["a".into()]).unwrap();
+            s.commit(
+                &[rec("a", "active"), rec("b", "queued")],
+                &[],
+                &[host("h1"), host("h2")],
+            )
+            .unwrap();
+            s.commit(
+                &[rec("b", "released")],
+                &["a".into()],
+                &[("h1".into(), None)],
+            )
+            .unwrap();
             s.put_meta("ca", b"pem").unwrap();
         }
         let s = RedbStore::open(&dir).unwrap();
         let all = s.load().unwrap();
         assert_eq!(all, vec![rec("b", "released")]);
+        assert_eq!(s.load_hosts().unwrap(), vec![host("h2").1.unwrap()]);
         assert!(all[0].wipe_report().unwrap().verified);
         assert_eq!(s.get_meta("ca").unwrap().as_deref(), Some(&b"pem"[..]));
         assert_eq!(s.get_meta("nope").unwrap(), None);
@@ -340,9 +456,19 @@ mod tests {
     #[test]
     fn mem_store_behaves_the_same() {
         let s = MemStore::default();
-        s.commit(&[rec("a", "active"), rec("b", "queued")], &[])
-            .unwrap();
-        s.commit(&[rec("b", "released")], &["a".into()]).unwrap();
+        s.commit(
+            &[rec("a", "active"), rec("b", "queued")],
+            &[],
+            &[host("h1"), host("h2")],
+        )
+        .unwrap();
+        s.commit(
+            &[rec("b", "released")],
+            &["a".into()],
+            &[("h1".into(), None)],
+        )
+        .unwrap();
         assert_eq!(s.load().unwrap(), vec![rec("b", "released")]);
+        assert_eq!(s.load_hosts().unwrap(), vec![host("h2").1.unwrap()]);
     }
 }

@@ -38,6 +38,10 @@ pub struct SweepConfig {
     /// At most this many terminations per pass: a coordinator cut off from
     /// every agent must not end the whole pool at once.
     pub max_terminations: usize,
+    /// A burned instance (it served a lease) still running this long after
+    /// its lease ended is terminated by the coordinator: its agent should
+    /// have ended it within seconds, and nothing on it is trusted.
+    pub burned_grace: Duration,
 }
 
 /// How the sweeper sees one instance this pass.
@@ -52,6 +56,8 @@ pub enum Seen {
     /// Its agent never registered; it has been running this long (since
     /// launch or the coordinator's start, whichever is later).
     NeverRegistered(Duration),
+    /// It served a lease that ended this long ago: burned.
+    Burned(Duration),
 }
 
 /// One thing a pass does.
@@ -68,6 +74,12 @@ pub fn orphan_reason(seen: &Seen, cfg: &SweepConfig) -> Option<String> {
         |d: &Duration| humantime::format_duration(Duration::from_secs(d.as_secs())).to_string();
     match seen {
         Seen::Leased | Seen::Connected => None,
+        Seen::Burned(d) if *d >= cfg.burned_grace => Some(format!(
+            "it served a lease that ended {} ago and is still running (limit {})",
+            fmt(d),
+            fmt(&cfg.burned_grace)
+        )),
+        Seen::Burned(_) => None,
         Seen::Gone(d) if *d >= cfg.gone_after => Some(format!(
             "its agent has been gone for {} (limit {})",
             fmt(d),
@@ -90,6 +102,18 @@ pub fn plan(instances: &[(String, bool, Seen)], cfg: &SweepConfig) -> Vec<SweepA
     let mut actions = Vec::new();
     let mut terminations = 0;
     for (id, tagged, seen) in instances {
+        // A burned instance goes at once, tag or not: there is no agent
+        // to wait for, only a used host to end.
+        if let (Seen::Burned(_), Some(reason)) = (seen, orphan_reason(seen, cfg)) {
+            if terminations < cfg.max_terminations {
+                terminations += 1;
+                actions.push(SweepAction::Terminate {
+                    instance_id: id.clone(),
+                    reason,
+                });
+            }
+            continue;
+        }
         match (orphan_reason(seen, cfg), tagged) {
             (Some(reason), false) => actions.push(SweepAction::Tag {
                 instance_id: id.clone(),
@@ -173,6 +197,7 @@ impl<A: Ec2Api> Sweeper<A> {
         let wall = SystemTime::now();
         let at = Now { mono: now, wall };
         let presences = self.pool.presences();
+        let burned = self.pool.burned_hosts();
         for (id, p) in &presences {
             if matches!(p, Presence::Leased | Presence::Connected) {
                 self.last_seen.insert(id.clone(), now);
@@ -186,7 +211,12 @@ impl<A: Ec2Api> Sweeper<A> {
         let judged: Vec<(String, bool, Seen)> = instances
             .iter()
             .map(|i| {
-                let seen = self.seen(i, presences.get(&i.instance_id), now, wall);
+                let seen = match (burned.get(&i.instance_id), presences.get(&i.instance_id)) {
+                    (Some(at), p) if p != Some(&Presence::Leased) => {
+                        Seen::Burned(wall.duration_since(*at).unwrap_or_default())
+                    }
+                    (_, p) => self.seen(i, p, now, wall),
+                };
                 (i.instance_id.clone(), i.tag(ORPHAN_TAG).is_some(), seen)
             })
             .collect();
@@ -216,16 +246,23 @@ impl<A: Ec2Api> Sweeper<A> {
                     reason,
                 } => {
                     // Atomic with registration: a host that holds a lease
-                    // or connected since the listing is left alone.
-                    if !self.pool.condemn(&instance_id, at) {
+                    // or connected since the listing is left alone. A
+                    // burned host's registration is refused anyway, and its
+                    // agent being connected is no reason to keep it.
+                    if !burned.contains_key(&instance_id) && !self.pool.condemn(&instance_id, at) {
                         info!(pass, %instance_id, "orphan sweep: the agent is back; not terminating");
                         continue;
                     }
                     match self.api.terminate(&instance_id).await {
                         Ok(()) => {
                             terminated += 1;
-                            bump(&self.metrics.orphans_terminated);
-                            warn!(pass, %instance_id, %reason, "orphan sweep: terminated");
+                            if burned.contains_key(&instance_id) {
+                                bump(&self.metrics.burned_terminated);
+                                warn!(pass, %instance_id, %reason, "orphan sweep: terminated a burned instance");
+                            } else {
+                                bump(&self.metrics.orphans_terminated);
+                                warn!(pass, %instance_id, %reason, "orphan sweep: terminated");
+                            }
                         }
                         Err(e) => {
                             bump(&self.metrics.sweep_action_errors);
@@ -291,6 +328,7 @@ mod tests {
             unregistered_after: 600 * SECOND,
             gone_after: 300 * SECOND,
             max_terminations: 2,
+            burned_grace: 120 * SECOND,
         }
     }
 
@@ -379,7 +417,14 @@ mod tests {
         let (tx_a, _rx_a) = tokio::sync::mpsc::channel(16);
         pool.register(reg(A, "10.0.0.5"), tx_a, now).unwrap();
         let lease = pool
-            .acquire("ci", "build", 600 * SECOND, SECOND, now)
+            .acquire(
+                "ci",
+                "build",
+                berth_tls::KeyId([0; 32]),
+                600 * SECOND,
+                SECOND,
+                now,
+            )
             .unwrap();
         assert_eq!(pool.presences()[A], Presence::Leased);
         let (tx_c, _rx_c) = tokio::sync::mpsc::channel(16);

@@ -114,6 +114,8 @@ pub fn reg(id: &str, addr: &str) -> Registration {
         lease_id: String::new(),
         lease_deadline: None,
         tls: RegisteredTls::default(),
+        key: None,
+        lease_key: None,
     }
 }
 

@@ -243,16 +243,41 @@ async fn a_fake_agent_carries_a_lease_from_acquire_to_release() {
     assert_eq!(lease.host_addr, "198.18.0.2");
     assert_eq!(lease.state, pb::LeaseState::Active as i32);
 
-    // A retry of the same build gets the same lease at once.
+    // A retry of the same build (same key) gets the same lease at once.
     let again = s
         .leases()
-        .acquire(acquire_req("ci-1", 600, 5))
+        .acquire(pb::AcquireRequest {
+            csr_pem: ci_key.csr_pem.clone(),
+            ..acquire_req("ci-1", 600, 5)
+        })
         .await
         .unwrap()
         .into_inner()
         .lease
         .unwrap();
     assert_eq!(again.lease_id, lease.lease_id);
+    // A retry with a new key, before the certificate was used, moves the
+    // lease's key, and the host's agent is told.
+    let other = s
+        .leases()
+        .acquire(acquire_req("ci-1", 600, 5))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(other.lease.unwrap().lease_id, lease.lease_id);
+    match inbound.message().await.unwrap().unwrap().msg {
+        Some(pb::coordinator_message::Msg::LeaseKey(k)) => {
+            assert_eq!(k.lease_id, lease.lease_id);
+            assert_eq!(
+                k.client_key_sha256,
+                berth_tls::KeyId::of_cert_pem(&other.client_cert_pem)
+                    .unwrap()
+                    .0
+                    .to_vec()
+            );
+        }
+        other => panic!("expected LeaseKey, got {other:?}"),
+    }
 
     s.leases()
         .release(pb::ReleaseRequest {

@@ -134,7 +134,7 @@ proptest! {
         let mut sim = Sim::new();
         let mut order = Vec::new();
         for i in 0..n {
-            let p = sim.pool.acquire(TENANTS[0], &format!("w{i}"), Duration::from_secs(600), Duration::from_secs(600), sim.now).unwrap();
+            let p = sim.pool.acquire(TENANTS[0], &format!("w{i}"), berth_tls::KeyId([0; 32]), Duration::from_secs(600), Duration::from_secs(600), sim.now).unwrap();
             order.push(p.lease_id.clone());
             sim.pending.push(p);
         }
@@ -252,6 +252,12 @@ struct Sim {
     leases: Vec<(usize, String)>,
     pending: Vec<berth_coordinator::pool::Pending>,
     violation: Option<String>,
+    /// Per host slot, how many hosts it has had: a slot whose host went
+    /// away joins with a fresh host, under a fresh id (as a replacement
+    /// host is a new instance).
+    generation: HashMap<u8, u32>,
+    /// Host ids that served a lease: never to be assigned another.
+    served: std::collections::HashSet<String>,
 }
 
 impl Sim {
@@ -266,7 +272,13 @@ impl Sim {
             leases: Vec::new(),
             pending: Vec::new(),
             violation: None,
+            generation: HashMap::new(),
+            served: std::collections::HashSet::new(),
         }
+    }
+
+    fn host_id(&self, k: u8) -> String {
+        format!("h{k}-{}", self.generation.get(&k).copied().unwrap_or(0))
     }
 
     fn violated(&mut self, what: String) {
@@ -277,11 +289,16 @@ impl Sim {
         let (tx, rx): (AgentTx, _) = mpsc::channel(256);
         let (state, lease, flaky, wipe_fails) = match self.agents.get(&k) {
             Some(a) if !a.gone => (a.state, a.lease.clone(), a.flaky, a.wipe_fails),
-            _ => (pb::HostState::Ready, None, false, false),
+            Some(_) => {
+                // A fresh host in the slot of one that went away.
+                *self.generation.entry(k).or_insert(0) += 1;
+                (pb::HostState::Ready, None, false, false)
+            }
+            None => (pb::HostState::Ready, None, false, false),
         };
         let reg = Registration {
             tls: Default::default(),
-            host_id: format!("h{k}"),
+            host_id: self.host_id(k),
             host_addr: "198.18.0.2".into(),
             docker_host: "tcp://198.18.0.2:2376".into(),
             provider: "sim".into(),
@@ -293,6 +310,8 @@ impl Sim {
             lease_deadline: lease
                 .as_ref()
                 .map(|_| self.now.wall + Duration::from_secs(600)),
+            key: Some(berth_tls::KeyId([k; 32])),
+            lease_key: lease.as_ref().map(|_| berth_tls::KeyId([0; 32])),
         };
         let conn = match self.pool.register(reg, tx, self.now) {
             Ok(conn) => conn,
@@ -304,7 +323,7 @@ impl Sim {
             .pool
             .list_hosts()
             .iter()
-            .any(|h| h.host_id == format!("h{k}") && h.draining);
+            .any(|h| h.host_id == self.host_id(k) && h.draining);
         self.agents.insert(
             k,
             Agent {
@@ -329,7 +348,7 @@ impl Sim {
         }
         let _ = self
             .pool
-            .agent_message(&format!("h{k}"), a.conn, msg, self.now);
+            .agent_message(&self.host_id(k), a.conn, msg, self.now);
     }
 
     fn state(&mut self, k: u8, state: pb::HostState, lease: Option<String>) {
@@ -359,7 +378,7 @@ impl Sim {
         if let Some(a) = self.agents.get_mut(&k) {
             a.gone = true;
             let conn = a.conn;
-            self.pool.disconnect(&format!("h{k}"), conn, self.now);
+            self.pool.disconnect(&self.host_id(k), conn, self.now);
         }
     }
 
@@ -409,7 +428,7 @@ impl Sim {
             Op::Disconnect(k) => {
                 if let Some(a) = self.agents.get(&k) {
                     let conn = a.conn;
-                    self.pool.disconnect(&format!("h{k}"), conn, self.now);
+                    self.pool.disconnect(&self.host_id(k), conn, self.now);
                 }
             }
             Op::Unhealthy(k) => {
@@ -428,6 +447,7 @@ impl Sim {
                 if let Ok(p) = self.pool.acquire(
                     TENANTS[tenant],
                     &format!("b{build}"),
+                    berth_tls::KeyId([0; 32]),
                     Duration::from_secs(60),
                     wait,
                     self.now,
@@ -445,9 +465,9 @@ impl Sim {
             }
             Op::Renew(n) => {
                 if let Some((t, l)) = self.pick(n) {
-                    let _ = self
-                        .pool
-                        .renew(TENANTS[t], &l, Duration::from_secs(30), self.now);
+                    let _ =
+                        self.pool
+                            .renew(TENANTS[t], &l, None, Duration::from_secs(30), self.now);
                 }
             }
             Op::Trespass(n, which) => {
@@ -457,7 +477,7 @@ impl Sim {
                         0 => self.pool.release(other, &l, self.now).map(|_| ()),
                         1 => self
                             .pool
-                            .renew(other, &l, Duration::from_secs(30), self.now)
+                            .renew(other, &l, None, Duration::from_secs(30), self.now)
                             .map(|_| ()),
                         _ => self.pool.get(other, &l).map(|_| ()),
                     };
@@ -467,7 +487,7 @@ impl Sim {
                 }
             }
             Op::Drain(k) => {
-                if self.pool.drain(&format!("h{k}"), "prop", self.now).is_ok()
+                if self.pool.drain(&self.host_id(k), "prop", self.now).is_ok()
                     && let Some(a) = self.agents.get_mut(&k)
                     && !a.gone
                 {
@@ -512,6 +532,11 @@ impl Sim {
         match m {
             Out::AssignLease(assign) => {
                 let lid = assign.lease_id;
+                if self.served.contains(&self.host_id(k)) && held.as_deref() != Some(lid.as_str()) {
+                    self.violated(format!(
+                        "h{k} was assigned {lid} after it had served a lease"
+                    ));
+                }
                 if rejected == Some(0) {
                     self.violated(format!("h{k} was assigned {lid} after it rejected one and before it said Ready again"));
                 }
@@ -536,6 +561,7 @@ impl Sim {
                     return;
                 }
                 self.state(k, pb::HostState::Leased, Some(lid.clone()));
+                self.served.insert(self.host_id(k));
                 self.say(k, In::LeaseAccepted(pb::LeaseAccepted { lease_id: lid }));
             }
             Out::EndLease(end) => {
@@ -562,7 +588,7 @@ impl Sim {
                         .pool
                         .list_leases(true)
                         .into_iter()
-                        .find(|l| l.lease_id == end.lease_id && l.host_id == format!("h{k}"))
+                        .find(|l| l.lease_id == end.lease_id && l.host_id == self.host_id(k))
                         .and_then(|l| l.wipe)
                         .map(|w| w.verified);
                     if shown.is_some_and(|v| v != verified) {
@@ -582,12 +608,12 @@ impl Sim {
                     self.terminate(k);
                 }
             }
-            Out::Registered(_) | Out::RenewLease(_) => {}
+            Out::Registered(_) | Out::RenewLease(_) | Out::LeaseKey(_) => {}
         }
     }
 
     fn reject(&mut self, k: u8, lease_id: String, reason: String, after: usize) {
-        let host_id = format!("h{k}");
+        let host_id = self.host_id(k);
         let ours = self
             .pool
             .list_leases(false)

@@ -272,9 +272,12 @@ async fn run_host_on<P: Provider, D: Daemon>(
         boot_ms = started.elapsed().as_millis(),
         "host ready"
     );
-    // The front's key is made here and never leaves the host; the
-    // coordinator signs its CSR at registration.
-    let front_key = match berth_tls::KeyAndCsr::generate(&identity.host_id) {
+    // The host's key: made once, kept in the host's directory for the
+    // host's life, never sent anywhere. The coordinator signs its CSR at
+    // registration (the front's server certificate) and binds the host id
+    // to it: a successor agent (`--resume-host`) proves it is this host
+    // with the same key.
+    let front_key = match host_key(&paths.host_dir, &identity.host_id) {
         Ok(k) => k,
         Err(e) => {
             let _ = provider.terminate().await;
@@ -296,6 +299,31 @@ async fn run_host_on<P: Provider, D: Daemon>(
         status_listener,
     };
     wire_and_run(tasks, parts, shutdown).await
+}
+
+/// File of the host's key inside its directory.
+pub const HOST_KEY_FILE: &str = "host-key.pem";
+
+/// The host's key pair (and a CSR for it): the one in the host's
+/// directory, or a new one written there (0600).
+fn host_key(
+    host_dir: &std::path::Path,
+    host_id: &str,
+) -> Result<berth_tls::KeyAndCsr, berth_tls::TlsError> {
+    let path = host_dir.join(HOST_KEY_FILE);
+    match berth_tls::files::read_pem(&path) {
+        Ok(pem) => berth_tls::KeyAndCsr::for_key(&pem, host_id),
+        Err(_) => {
+            let k = berth_tls::KeyAndCsr::generate(host_id)?;
+            std::fs::create_dir_all(host_dir).map_err(|source| berth_tls::TlsError::Io {
+                action: "cannot create",
+                path: host_dir.to_owned(),
+                source,
+            })?;
+            berth_tls::files::write_private(&path, k.key_pem.as_bytes())?;
+            Ok(k)
+        }
+    }
 }
 
 /// What an agent starting on a host directory finds there.

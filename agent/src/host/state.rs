@@ -183,6 +183,9 @@ pub enum Event {
     },
     /// The front admitted this lease's certificate for the first time.
     FrontInUse { lease_id: String },
+    /// The coordinator refuses this host for good (it served a lease, or is
+    /// not the host its id was bound to): it can never serve, so it ends.
+    Refused { reason: String },
     /// The coordinator moves a lease's deadline.
     Renew {
         lease_id: String,
@@ -307,6 +310,10 @@ pub fn next(host: Host, event: Event) -> (Host, Vec<Action>) {
             return stop(host, "agent shutting down; the machine stays");
         }
         (_, Event::Shutdown) => return terminate(host, "agent shutting down", false),
+        (_, Event::Refused { reason }) => {
+            let why = format!("the coordinator refuses this host: {reason}");
+            return terminate(host, &why, true);
+        }
         (_, Event::DaemonExited { detail }) => {
             let reason = format!("dockerd exited: {detail}");
             return terminate(host, &reason, true);
@@ -1106,6 +1113,27 @@ mod tests {
                 },
                 S::Leased,
                 vec![],
+            ),
+            (
+                "refused by the coordinator: ended, never to serve",
+                host(S::Ready),
+                Event::Refused {
+                    reason: "host h has held a lease".into(),
+                },
+                S::Terminating,
+                vec![
+                    sc(
+                        P::Unhealthy,
+                        "",
+                        "the coordinator refuses this host: host h has held a lease",
+                    ),
+                    sc(
+                        P::Terminating,
+                        "",
+                        "the coordinator refuses this host: host h has held a lease",
+                    ),
+                    term("the coordinator refuses this host: host h has held a lease"),
+                ],
             ),
             (
                 "in use is reported once",

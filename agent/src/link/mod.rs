@@ -397,6 +397,20 @@ impl Link {
                     if phase == Phase::Serve {
                         backoff.reset();
                     }
+                    // A verdict, not a failure: the coordinator will never
+                    // take this host (it served a lease, or is not the host
+                    // its id was first registered with). The driver ends it.
+                    if let SessionError::Refused(s) = &e
+                        && s.code() == tonic::Code::PermissionDenied
+                    {
+                        tracing::error!(coordinator = %self.coordinator, reason = %s.message(), "the coordinator refuses this host");
+                        let _ = self
+                            .to_driver
+                            .send(Event::Refused {
+                                reason: s.message().to_owned(),
+                            })
+                            .await;
+                    }
                     tracing::warn!(coordinator = %self.coordinator, ?phase, error = %error_chain(&e), "coordinator link down; reconnecting");
                 }
             }

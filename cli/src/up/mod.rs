@@ -526,6 +526,7 @@ fn start_coordinator(
         .arg(ops.listen.to_string())
         .arg("--ops-addr-file")
         .arg(&ops.addr_file)
+        .args(args.recycle.then_some("--recycle"))
         .args(&args.coordinator_args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())

@@ -3,6 +3,7 @@
 //! comes from `auth`; every answer that reports a change waits until the
 //! change is durable (`Pool::durable`).
 
+use berth_tls::KeyId;
 use std::time::Duration;
 
 use berth_proto::v1 as pb;
@@ -41,12 +42,13 @@ impl Services {
         tenant: &str,
         build_id: &str,
         csr: &berth_tls::ca::ParsedCsr,
+        key: KeyId,
         ttl: Duration,
         wait: Duration,
     ) -> Result<pb::AcquireResponse, Error> {
         let mut pending = self
             .pool
-            .acquire(tenant, build_id, ttl, wait, Now::system())?;
+            .acquire(tenant, build_id, key, ttl, wait, Now::system())?;
 
         let span = info_span!("acquire", lease_id = %pending.lease_id, build_id = %build_id);
         async {
@@ -66,6 +68,9 @@ impl Services {
                 }
             }
             let lease = self.pool.outcome(&pending.lease_id)?;
+            // A retry with another key may have moved the pin while this
+            // call waited: a certificate is issued only for the key in force.
+            self.pool.check_key(&pending.lease_id, key)?;
             // Signed while the lease's records are being committed.
             let client_cert_pem = self.lease_cert(&lease, csr, Now::system())?;
             self.pool.durable().await?;
@@ -93,6 +98,7 @@ impl LeaseService for Services {
         // Checked before queueing: a bad CSR must not cost a host. Parsed
         // once; the lease certificate is signed from it.
         let csr = berth_tls::ca::parse_csr(&req.csr_pem).map_err(signing_error)?;
+        let key = KeyId::of_csr_pem(&req.csr_pem).map_err(signing_error)?;
         let ttl = validate::duration(
             "ttl",
             req.ttl.as_ref(),
@@ -110,7 +116,7 @@ impl LeaseService for Services {
         let started = Instant::now();
         let pool_metrics = self.pool.metrics();
         let result = self
-            .acquire_for(&caller.tenant, &req.build_id, &csr, ttl, wait)
+            .acquire_for(&caller.tenant, &req.build_id, &csr, key, ttl, wait)
             .await;
         let outcome = match &result {
             Ok(_) => "ok",
@@ -129,10 +135,13 @@ impl LeaseService for Services {
         let req = req.into_inner();
         let cfg = self.pool.config();
         let lid = validate::lease_id(&req.lease_id)?;
-        let csr = if req.csr_pem.is_empty() {
-            None
+        let (csr, key) = if req.csr_pem.is_empty() {
+            (None, None)
         } else {
-            Some(berth_tls::ca::parse_csr(&req.csr_pem).map_err(signing_error)?)
+            (
+                Some(berth_tls::ca::parse_csr(&req.csr_pem).map_err(signing_error)?),
+                Some(KeyId::of_csr_pem(&req.csr_pem).map_err(signing_error)?),
+            )
         };
         let ttl = validate::duration(
             "ttl",
@@ -142,7 +151,7 @@ impl LeaseService for Services {
             cfg.max_ttl,
         )?;
         let now = Now::system();
-        let lease = self.pool.renew(&caller.tenant, &lid, ttl, now)?;
+        let lease = self.pool.renew(&caller.tenant, &lid, key, ttl, now)?;
         let (client_cert_pem, ca_pem) = match &csr {
             Some(csr) if lease.state == pb::LeaseState::Active as i32 => (
                 self.lease_cert(&lease, csr, now)?,

@@ -270,6 +270,11 @@ impl Collector for PoolCollector {
                 e.orphans_terminated,
             ),
             (
+                "ec2_burned_terminated",
+                "Burned instances (they served a lease) the coordinator terminated",
+                e.burned_terminated,
+            ),
+            (
                 "ec2_sweep_action_errors",
                 "Tag, untag or terminate calls that failed",
                 e.sweep_action_errors,
@@ -356,6 +361,9 @@ pub struct Ec2Metrics {
     pub orphans_untagged: AtomicU64,
     /// Orphans terminated.
     pub orphans_terminated: AtomicU64,
+    /// Burned instances (they served a lease) still running after the
+    /// grace, terminated by the coordinator.
+    pub burned_terminated: AtomicU64,
     /// Tag, untag or terminate calls that failed.
     pub sweep_action_errors: AtomicU64,
 }
@@ -371,6 +379,7 @@ pub struct Ec2MetricsSnapshot {
     pub orphans_tagged: u64,
     pub orphans_untagged: u64,
     pub orphans_terminated: u64,
+    pub burned_terminated: u64,
     pub sweep_action_errors: u64,
 }
 
@@ -386,6 +395,7 @@ impl Ec2Metrics {
             orphans_tagged: r(&self.orphans_tagged),
             orphans_untagged: r(&self.orphans_untagged),
             orphans_terminated: r(&self.orphans_terminated),
+            burned_terminated: r(&self.burned_terminated),
             sweep_action_errors: r(&self.sweep_action_errors),
         }
     }

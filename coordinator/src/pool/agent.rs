@@ -26,6 +26,31 @@ impl Pool {
     pub fn register(&self, reg: Registration, tx: AgentTx, now: Now) -> Result<u64, Error> {
         let mut g = self.lock();
         let host_id = reg.host_id.clone();
+        // A used host never serves again, whatever its agent says.
+        if g.burned.contains_key(&host_id) {
+            warn!(host_id, "registration refused: the host has held a lease");
+            return Err(Error::Refused {
+                host_id,
+                reason: Refusal::Burned,
+            });
+        }
+        // The id is bound to the key it first registered with; a
+        // registration must prove it holds that key (its CSR's signature).
+        match (g.host_keys.get(&host_id), reg.key) {
+            (Some(pinned), Some(k)) if *pinned == k => {}
+            (Some(_), _) => {
+                warn!(host_id, "registration refused: not the host's key");
+                return Err(Error::Refused {
+                    host_id,
+                    reason: Refusal::KeyMismatch,
+                });
+            }
+            (None, Some(k)) => {
+                g.host_keys.insert(host_id.clone(), k);
+                g.dirty_hosts.insert(host_id.clone());
+            }
+            (None, None) => {}
+        }
         let conn_id = g.next_conn + 1;
         let said = reg.state;
         let event = HostEvent::Registered {
@@ -69,6 +94,7 @@ impl Pool {
         g.next_conn = conn_id;
         let agent_lease = (!reg.lease_id.is_empty()).then(|| reg.lease_id.clone());
         let agent_deadline = reg.lease_deadline;
+        let agent_lease_key = reg.lease_key;
         let hb = self.cfg.heartbeat_interval;
         let registered = pb::coordinator_message::Msg::Registered(pb::Registered {
             heartbeat_interval_ms: u32::try_from(hb.as_millis()).unwrap_or(u32::MAX),
@@ -93,7 +119,14 @@ impl Pool {
             g.apply(&self.cfg, &known, LeaseEvent::HostLost, now);
         }
         if let Some(lid) = agent_lease {
-            g.adopt_lease(&self.cfg, &host_id, &lid, agent_deadline, now);
+            g.adopt_lease(
+                &self.cfg,
+                &host_id,
+                &lid,
+                agent_deadline,
+                agent_lease_key,
+                now,
+            );
         }
         // A drained host is told again, after its leases are settled.
         g.carry_out(&self.cfg, &host_id, actions, now);
@@ -155,6 +188,20 @@ impl Pool {
                     Some(true) => g.apply(cfg, &lid, LeaseEvent::Accepted, now),
                     // Accepting a lease we did not give this host: make it let go.
                     _ => g.send_end(host_id, &lid, pb::EndReason::HostLost, now),
+                }
+            }
+            Msg::LeaseInUse(u) => {
+                let lid = validate::lease_id(&u.lease_id)?;
+                if let Some(l) = g
+                    .leases
+                    .get_mut(&lid)
+                    .filter(|l| l.host.as_deref() == Some(host_id))
+                    && !l.key_locked
+                {
+                    // From now on no retried acquire may move the key.
+                    l.key_locked = true;
+                    g.dirty.insert(lid.clone());
+                    info!(host_id, lease_id = %lid, "lease certificate in use; its key is fixed");
                 }
             }
             Msg::LeaseRejected(r) => {
@@ -293,6 +340,7 @@ impl Inner {
         hid: &str,
         lid: &str,
         deadline_at: Option<SystemTime>,
+        key: Option<berth_tls::KeyId>,
         now: Now,
     ) {
         match self.leases.get(lid) {
@@ -351,6 +399,10 @@ impl Inner {
                     wipe: None,
                     timeline: Vec::new(),
                     watch: tx,
+                    key,
+                    // The agent knows whether it was used; the coordinator
+                    // does not, so no retry may move it.
+                    key_locked: true,
                 };
                 self.leases.insert(lid.to_owned(), lease);
                 self.dirty.insert(lid.to_owned());

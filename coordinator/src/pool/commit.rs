@@ -21,7 +21,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tracing::{debug, error, info};
 
-use crate::store::{LeaseRecord, LeaseStore};
+use crate::store::{HostRecord, LeaseRecord, LeaseStore};
 
 /// Pause before retrying a failed commit.
 const RETRY_AFTER: Duration = Duration::from_millis(200);
@@ -30,6 +30,8 @@ const RETRY_AFTER: Duration = Duration::from_millis(200);
 struct Batch {
     /// Lease id -> the record to write, or `None` to delete it.
     changes: BTreeMap<String, Option<LeaseRecord>>,
+    /// Host id -> the record to write, or `None` to delete it.
+    hosts: BTreeMap<String, Option<HostRecord>>,
     /// Sequence number of the newest change in `changes` (or committed).
     enqueued: u64,
     /// The committer is to finish what is pending and exit.
@@ -94,6 +96,7 @@ impl Committer {
         &self,
         put: impl IntoIterator<Item = LeaseRecord>,
         delete: impl IntoIterator<Item = String>,
+        hosts: impl IntoIterator<Item = (String, Option<HostRecord>)>,
     ) -> u64 {
         let mut b = self.shared.batch();
         for r in put {
@@ -101,6 +104,9 @@ impl Committer {
         }
         for id in delete {
             b.changes.insert(id, None);
+        }
+        for (id, r) in hosts {
+            b.hosts.insert(id, r);
         }
         b.enqueued += 1;
         let seq = b.enqueued;
@@ -159,15 +165,19 @@ impl Drop for Committer {
 
 fn run(shared: &Shared, store: &dyn LeaseStore) {
     loop {
-        let (changes, seq) = {
+        let (changes, hosts, seq) = {
             let mut b = shared.batch();
-            while b.changes.is_empty() && !b.closing {
+            while b.changes.is_empty() && b.hosts.is_empty() && !b.closing {
                 b = shared.work.wait(b).unwrap_or_else(|e| e.into_inner());
             }
-            if b.changes.is_empty() {
+            if b.changes.is_empty() && b.hosts.is_empty() {
                 return;
             }
-            (std::mem::take(&mut b.changes), b.enqueued)
+            (
+                std::mem::take(&mut b.changes),
+                std::mem::take(&mut b.hosts),
+                b.enqueued,
+            )
         };
         let mut put = Vec::new();
         let mut delete = Vec::new();
@@ -177,8 +187,10 @@ fn run(shared: &Shared, store: &dyn LeaseStore) {
                 None => delete.push(id.clone()),
             }
         }
+        let host_changes: Vec<(String, Option<HostRecord>)> =
+            hosts.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         let started = std::time::Instant::now();
-        match store.commit(&put, &delete) {
+        match store.commit(&put, &delete, &host_changes) {
             Ok(()) => {
                 debug!(seq, leases = changes.len(), took = ?started.elapsed(), "leases committed");
                 let mut b = shared.batch();
@@ -198,6 +210,9 @@ fn run(shared: &Shared, store: &dyn LeaseStore) {
                 // Newer changes to the same lease win over the failed ones.
                 for (id, r) in changes {
                     b.changes.entry(id).or_insert(r);
+                }
+                for (id, r) in hosts {
+                    b.hosts.entry(id).or_insert(r);
                 }
                 let closing = b.closing;
                 drop(b);
@@ -232,6 +247,8 @@ mod tests {
             message: String::new(),
             wipe: None,
             timeline: Vec::new(),
+            key: String::new(),
+            key_locked: false,
         }
     }
 
@@ -243,7 +260,12 @@ mod tests {
     }
 
     impl LeaseStore for Flaky {
-        fn commit(&self, put: &[LeaseRecord], delete: &[String]) -> Result<(), StoreError> {
+        fn commit(
+            &self,
+            put: &[LeaseRecord],
+            delete: &[String],
+            hosts: &[crate::store::HostChange],
+        ) -> Result<(), StoreError> {
             if self
                 .fail
                 .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
@@ -255,10 +277,13 @@ mod tests {
                 });
             }
             self.commits.fetch_add(1, Ordering::SeqCst);
-            self.inner.commit(put, delete)
+            self.inner.commit(put, delete, hosts)
         }
         fn load(&self) -> Result<Vec<LeaseRecord>, StoreError> {
             self.inner.load()
+        }
+        fn load_hosts(&self) -> Result<Vec<HostRecord>, StoreError> {
+            self.inner.load_hosts()
         }
         fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
             self.inner.put_meta(key, value)
@@ -280,9 +305,9 @@ mod tests {
     async fn the_newest_change_of_a_lease_wins_and_deletes_apply() {
         let store = flaky(0);
         let c = Committer::start(store.clone());
-        c.enqueue([rec("a", "queued"), rec("b", "active")], []);
-        c.enqueue([rec("a", "active")], ["b".to_owned()]);
-        let seq = c.enqueue([rec("c", "queued")], []);
+        c.enqueue([rec("a", "queued"), rec("b", "active")], [], []);
+        c.enqueue([rec("a", "active")], ["b".to_owned()], []);
+        let seq = c.enqueue([rec("c", "queued")], [], []);
         c.wait(seq, Duration::from_secs(5)).await.unwrap();
         let mut got: Vec<(String, String)> = store
             .load()
@@ -303,14 +328,14 @@ mod tests {
     async fn a_failed_commit_is_retried_and_waiters_learn_why_meanwhile() {
         let store = flaky(3);
         let c = Committer::start(store.clone());
-        let seq = c.enqueue([rec("a", "active")], []);
+        let seq = c.enqueue([rec("a", "active")], [], []);
         let err = c.wait(seq, Duration::from_millis(50)).await.unwrap_err();
         assert!(
             matches!(&err, NotDurable::Timeout(_, why) if why.contains("disk")),
             "{err}"
         );
         // A newer change enqueued while failing is not overwritten by the retry.
-        let seq = c.enqueue([rec("a", "released")], []);
+        let seq = c.enqueue([rec("a", "released")], [], []);
         c.wait(seq, Duration::from_secs(5)).await.unwrap();
         let stored = store.load().unwrap();
         assert_eq!(stored.len(), 1);
@@ -322,7 +347,7 @@ mod tests {
         let store = flaky(0);
         let c = Committer::start(store.clone());
         for i in 0..100 {
-            c.enqueue([rec(&format!("l{i}"), "active")], []);
+            c.enqueue([rec(&format!("l{i}"), "active")], [], []);
         }
         drop(c);
         assert_eq!(store.load().unwrap().len(), 100);
@@ -332,7 +357,7 @@ mod tests {
     fn blocking_wait_returns_once_durable() {
         let store = flaky(1);
         let c = Committer::start(store.clone());
-        let seq = c.enqueue([rec("a", "active")], []);
+        let seq = c.enqueue([rec("a", "active")], [], []);
         c.wait_blocking(seq);
         assert_eq!(store.load().unwrap().len(), 1);
         assert!(c.enqueued() >= seq);

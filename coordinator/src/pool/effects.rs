@@ -53,6 +53,7 @@ impl Inner {
                             lease_id: lid.clone(),
                             build_id: l.build_id.clone(),
                             deadline: l.deadline_at.map(from_system_time),
+                            client_key_sha256: l.key.map(|k| k.0.to_vec()).unwrap_or_default(),
                         });
                         if !self.send(hid, msg, now) {
                             work.push((lid.clone(), LeaseEvent::HostLost));
@@ -84,6 +85,18 @@ impl Inner {
                     }
                 }
             }
+            // A host that served a lease is never offered again (unless
+            // the pool recycles hosts): whatever the lease holder did to it
+            // stays on it. A lease handed back before the agent took it
+            // (requeued) leaves no trace.
+            if from != to
+                && to.is_ended()
+                && matches!(from, LeaseState::Active | LeaseState::Assigned)
+                && !cfg.recycle
+                && let Some(hid) = host.as_deref()
+            {
+                self.burn(hid, now);
+            }
             if from != to
                 && let Some(l) = self.leases.get(&lid)
             {
@@ -97,6 +110,19 @@ impl Inner {
                     self.trim_history(cfg);
                 }
             }
+        }
+    }
+
+    /// Marks `hid` burned: its registration is refused from now on, across
+    /// restarts (the mark is stored), until `burned_retention` has passed.
+    pub(super) fn burn(&mut self, hid: &str, now: Now) {
+        if !self.burned.contains_key(hid) {
+            info!(
+                host_id = hid,
+                "host burned: it served a lease and is never offered again"
+            );
+            self.burned.insert(hid.to_owned(), now.wall);
+            self.dirty_hosts.insert(hid.to_owned());
         }
     }
 
@@ -169,6 +195,11 @@ impl Inner {
                 HostAction::RecordTerminated { reason } => self.host_terminated(hid, &reason, now),
                 HostAction::Forget => {
                     self.hosts.remove(hid);
+                    // A host that is gone is unbound from its key, unless it
+                    // is burned (its id stays refused, key and all).
+                    if !self.burned.contains_key(hid) && self.host_keys.remove(hid).is_some() {
+                        self.dirty_hosts.insert(hid.to_owned());
+                    }
                 }
             }
         }

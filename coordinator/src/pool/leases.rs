@@ -12,16 +12,22 @@ use tokio::sync::watch;
 use tracing::info;
 
 use super::{Lease, Now, Pending, Pool};
+use berth_tls::KeyId;
+
 use crate::error::Error;
 use crate::lease::{LeaseEvent, LeaseState};
 use crate::timeline::{self, Step};
 
 impl Pool {
-    /// Starts or joins the acquisition for `build_id`.
+    /// Starts or joins the acquisition for `build_id`, whose certificates
+    /// are to carry `key`. A retry (same tenant, same build) joins the live
+    /// lease; with another key only while the lease's certificate has not
+    /// been used yet (the key then moves, and the host's front follows).
     pub fn acquire(
         &self,
         tenant: &str,
         build_id: &str,
+        client_key: KeyId,
         ttl: Duration,
         wait: Duration,
         now: Now,
@@ -29,8 +35,32 @@ impl Pool {
         let mut g = self.lock();
         let key = (tenant.to_owned(), build_id.to_owned());
         if let Some(lid) = g.live_by_build.get(&key).cloned()
-            && let Some(l) = g.leases.get(&lid)
+            && let Some(l) = g.leases.get_mut(&lid)
         {
+            if l.key != Some(client_key) {
+                if l.key_locked {
+                    return Err(Error::KeyPinned {
+                        lease_id: lid,
+                        why: "its certificate is in use, so a retried acquire may not bring another key",
+                    });
+                }
+                l.key = Some(client_key);
+                info!(lease_id = %lid, build_id, "a retried acquire moved the lease's key (not used yet)");
+                let host = l.host.clone().filter(|_| l.state.holds_host());
+                let state = l.watch.subscribe();
+                g.dirty.insert(lid.clone());
+                if let Some(hid) = host {
+                    let msg = pb::coordinator_message::Msg::LeaseKey(pb::LeaseKey {
+                        lease_id: lid.clone(),
+                        client_key_sha256: client_key.0.to_vec(),
+                    });
+                    g.send(&hid, msg, now);
+                }
+                return Ok(Pending {
+                    lease_id: lid,
+                    state,
+                });
+            }
             return Ok(Pending {
                 lease_id: lid,
                 state: l.watch.subscribe(),
@@ -57,6 +87,8 @@ impl Pool {
             wipe: None,
             timeline: Vec::new(),
             watch: tx,
+            key: Some(client_key),
+            key_locked: false,
         };
         timeline::record(
             &mut lease.timeline,
@@ -83,10 +115,14 @@ impl Pool {
         })
     }
 
+    /// Moves the lease's deadline. `client_key` is the key of the CSR a
+    /// new certificate is to be issued for, if one is asked for: only the
+    /// lease's own key gets one (a lease id is not a capability).
     pub fn renew(
         &self,
         tenant: &str,
         lease_id: &str,
+        client_key: Option<KeyId>,
         ttl: Duration,
         now: Now,
     ) -> Result<pb::Lease, Error> {
@@ -99,6 +135,14 @@ impl Pool {
             .ok_or_else(|| Error::LeaseNotFound(lease_id.to_owned()))?;
         if l.state.is_ended() {
             return Err(ended_error(l));
+        }
+        if let Some(k) = client_key
+            && l.key.is_some_and(|pinned| pinned != k)
+        {
+            return Err(Error::KeyPinned {
+                lease_id: lease_id.to_owned(),
+                why: "renew certifies only the key the lease was acquired with",
+            });
         }
         l.ttl = ttl;
         let lid = l.id.clone();
@@ -162,6 +206,18 @@ impl Pool {
         }
         g.lease_view(lease_id)
             .ok_or_else(|| Error::LeaseNotFound(lease_id.to_owned()))
+    }
+
+    /// Fails unless `key` is the key lease `lease_id` is pinned to now.
+    pub fn check_key(&self, lease_id: &str, key: KeyId) -> Result<(), Error> {
+        let g = self.lock();
+        match g.leases.get(lease_id).and_then(|l| l.key) {
+            Some(k) if k != key => Err(Error::KeyPinned {
+                lease_id: lease_id.to_owned(),
+                why: "a retried acquire with another key took the lease over before it was used",
+            }),
+            _ => Ok(()),
+        }
     }
 
     /// Turns a settled lease state into the Acquire answer.

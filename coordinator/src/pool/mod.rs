@@ -31,6 +31,8 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tonic::Status;
 
+use berth_tls::KeyId;
+
 use crate::error::Error;
 use crate::host;
 use crate::lease::LeaseState;
@@ -81,6 +83,13 @@ pub struct PoolConfig {
     pub lost_grace: Duration,
     /// How many ended leases to remember for Get and ListLeases.
     pub history: usize,
+    /// Hosts may serve again after a verified wipe (`--recycle`, local
+    /// provider only): a host whose lease ended is not burned.
+    pub recycle: bool,
+    /// How long the id of a burned host is remembered (and refused). EC2
+    /// never reuses an instance id; the orphan sweeper ends a burned
+    /// instance that is still running long before this.
+    pub burned_retention: Duration,
 }
 
 impl PoolConfig {
@@ -101,6 +110,8 @@ impl Default for PoolConfig {
             max_wait: Duration::from_secs(3600),
             lost_grace: Duration::from_secs(30),
             history: 10_000,
+            recycle: false,
+            burned_retention: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }
@@ -140,6 +151,13 @@ struct Lease {
     /// Every step so far, oldest first (see `crate::timeline`).
     timeline: Vec<timeline::Entry>,
     watch: watch::Sender<LeaseState>,
+    /// The key the lease's client certificates carry: certificates are
+    /// issued for it only, and the host's front admits no other. `None`
+    /// only for a lease adopted from an agent that did not name one.
+    key: Option<KeyId>,
+    /// The host's front admitted the lease's certificate: the key no longer
+    /// moves, not even for a retried acquire of the same build.
+    key_locked: bool,
 }
 
 #[derive(Default)]
@@ -165,6 +183,14 @@ struct Inner {
     dirty: BTreeSet<String>,
     /// Lease ids dropped from history since the last write to the store.
     removed: Vec<String>,
+    /// Host id -> the key it is bound to: the one its first registration
+    /// carried. A later registration of the id must carry it too.
+    host_keys: HashMap<String, KeyId>,
+    /// Host id -> when a lease it held ended. Such a host is never offered
+    /// again (single-use): its registration is refused.
+    burned: HashMap<String, SystemTime>,
+    /// Host ids whose record (key, burned) changed since the last write.
+    dirty_hosts: BTreeSet<String>,
 }
 
 /// How long a call waits for its changes to reach the store before it
@@ -234,7 +260,9 @@ impl Pool {
         now: Now,
     ) -> Result<Self, StoreError> {
         let records = store.load()?;
+        let hosts = store.load_hosts()?;
         let mut inner = Inner::default();
+        persist::restore_hosts(&mut inner, hosts);
         persist::restore(&mut inner, &cfg, records, now);
         let pool = Self {
             cfg,

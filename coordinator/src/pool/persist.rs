@@ -21,7 +21,7 @@ use super::commit::Committer;
 use super::{HostEntry, Inner, Lease, Now, PoolConfig, Registration};
 use crate::host;
 use crate::lease::LeaseState;
-use crate::store::{LeaseRecord, TimelineRecord};
+use crate::store::{HostRecord, LeaseRecord, TimelineRecord};
 
 // Nanoseconds, so a restored deadline is exactly the one the agent holds.
 fn to_ns(t: SystemTime) -> u64 {
@@ -72,13 +72,44 @@ fn record(l: &Lease) -> LeaseRecord {
                 detail: e.detail.clone(),
             })
             .collect(),
+        key: l.key.map(|k| k.to_hex()).unwrap_or_default(),
+        key_locked: l.key_locked,
     }
+}
+
+/// The record of host `id`, or `None` when the pool keeps nothing of it.
+fn host_record(g: &Inner, id: &str) -> Option<HostRecord> {
+    let key = g.host_keys.get(id);
+    let burned = g.burned.get(id);
+    (key.is_some() || burned.is_some()).then(|| HostRecord {
+        id: id.to_owned(),
+        key: key.map(|k| k.to_hex()).unwrap_or_default(),
+        burned_ns: burned.copied().map(to_ns),
+    })
+}
+
+/// Rebuilds the hosts' keys and burned marks from their records.
+pub(super) fn restore_hosts(g: &mut Inner, records: Vec<HostRecord>) {
+    let n = records.len();
+    for r in records {
+        if let Some(k) = berth_tls::KeyId::parse_hex(&r.key) {
+            g.host_keys.insert(r.id.clone(), k);
+        }
+        if let Some(ns) = r.burned_ns {
+            g.burned.insert(r.id.clone(), from_ns(ns));
+        }
+    }
+    info!(
+        hosts = n,
+        burned = g.burned.len(),
+        "restored host records from the store"
+    );
 }
 
 /// Hands the leases changed under the lock to the committer (a copy of each
 /// record; the write happens on the committer's thread).
 pub(super) fn flush(g: &mut Inner, committer: &Committer) {
-    if g.dirty.is_empty() && g.removed.is_empty() {
+    if g.dirty.is_empty() && g.removed.is_empty() && g.dirty_hosts.is_empty() {
         return;
     }
     let put: Vec<LeaseRecord> = g
@@ -88,7 +119,13 @@ pub(super) fn flush(g: &mut Inner, committer: &Committer) {
         .map(record)
         .collect();
     g.dirty.clear();
-    committer.enqueue(put, std::mem::take(&mut g.removed));
+    let hosts: Vec<(String, Option<HostRecord>)> = g
+        .dirty_hosts
+        .iter()
+        .map(|id| (id.clone(), host_record(g, id)))
+        .collect();
+    g.dirty_hosts.clear();
+    committer.enqueue(put, std::mem::take(&mut g.removed), hosts);
 }
 
 /// Rebuilds `g` from stored records, as of `at`.
@@ -148,6 +185,8 @@ pub(super) fn restore(g: &mut Inner, cfg: &PoolConfig, mut records: Vec<LeaseRec
                 })
                 .collect(),
             watch: tx,
+            key: berth_tls::KeyId::parse_hex(&r.key),
+            key_locked: r.key_locked,
         };
         if state.is_ended() {
             ended += 1;
@@ -227,6 +266,8 @@ mod tests {
                 at_ns: to_ns(now),
                 detail: format!("build {build}"),
             }],
+            key: String::new(),
+            key_locked: false,
         }
     }
 
@@ -250,6 +291,7 @@ mod tests {
                     rec(now.wall, r, "br", LeaseState::Released, "h2"),
                 ],
                 &[],
+                &[],
             )
             .unwrap();
         let pool = Pool::with_store(PoolConfig::default(), store.clone(), now).unwrap();
@@ -272,11 +314,25 @@ mod tests {
         assert!(stored.iter().any(|x| x.id == q && x.state == "failed"));
         // The active lease's build is still idempotent; the queued one's is free.
         let retry = pool
-            .acquire("t", "ba", Duration::from_secs(60), Duration::ZERO, now)
+            .acquire(
+                "t",
+                "ba",
+                berth_tls::KeyId([0; 32]),
+                Duration::from_secs(60),
+                Duration::ZERO,
+                now,
+            )
             .unwrap();
         assert_eq!(retry.lease_id, a);
         let fresh = pool
-            .acquire("t", "bq", Duration::from_secs(60), Duration::ZERO, now)
+            .acquire(
+                "t",
+                "bq",
+                berth_tls::KeyId([0; 32]),
+                Duration::from_secs(60),
+                Duration::ZERO,
+                now,
+            )
             .unwrap();
         assert_ne!(fresh.lease_id, q);
         // Its host is a disconnected placeholder holding the lease; past the

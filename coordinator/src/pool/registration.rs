@@ -9,6 +9,8 @@ use std::time::SystemTime;
 use berth_proto::to_system_time;
 use berth_proto::v1 as pb;
 
+use berth_tls::KeyId;
+
 use crate::error::Error;
 use crate::validate;
 
@@ -25,6 +27,11 @@ pub struct Registration {
     pub state: pb::HostState,
     pub lease_id: String,
     pub lease_deadline: Option<SystemTime>,
+    /// The key of the host: its CSR's, whose self-signature proves the agent
+    /// holds it. A host id is bound to the first key it registered with.
+    pub key: Option<KeyId>,
+    /// With `lease_id`: the key the agent's lease is pinned to.
+    pub lease_key: Option<KeyId>,
     /// What `Registered` hands back: the front's server certificate and the
     /// pool CA (signed by the service before the host joins the pool).
     pub tls: RegisteredTls,
@@ -58,6 +65,15 @@ impl Registration {
             validate::lease_id(&r.lease_id)?;
         }
         let lease_deadline = r.lease_deadline.as_ref().and_then(to_system_time);
+        let key =
+            KeyId::of_csr_pem(&r.csr_pem).map_err(|e| Error::invalid("csr_pem", e.to_string()))?;
+        let lease_key = if r.lease_key_sha256.is_empty() {
+            None
+        } else {
+            Some(KeyId::from_slice(&r.lease_key_sha256).ok_or_else(|| {
+                Error::invalid("lease_key_sha256", "must be 32 bytes (a SHA-256)")
+            })?)
+        };
         Ok(Self {
             host_id: r.host_id,
             host_addr: r.host_addr,
@@ -69,6 +85,8 @@ impl Registration {
             state,
             lease_id: r.lease_id,
             lease_deadline,
+            key: Some(key),
+            lease_key,
             tls: RegisteredTls::default(),
         })
     }
@@ -87,6 +105,8 @@ impl Registration {
             state: pb::HostState::Unspecified,
             lease_id: String::new(),
             lease_deadline: None,
+            key: None,
+            lease_key: None,
             tls: RegisteredTls::default(),
         }
     }

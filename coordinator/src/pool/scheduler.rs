@@ -101,11 +101,7 @@ impl Inner {
 
     /// Queues `hid` as idle if it may be offered now.
     pub(super) fn mark_idle_if_offerable(&mut self, cfg: &PoolConfig, hid: &str, now: Now) {
-        if self
-            .hosts
-            .get(hid)
-            .is_some_and(|e| e.host.offerable(now.mono, cfg.silence_limit()))
-        {
+        if self.offerable(cfg, hid, now) {
             self.idle.push(hid);
         }
     }
@@ -113,14 +109,21 @@ impl Inner {
     /// The host idle longest that may still be offered.
     fn pop_idle(&mut self, cfg: &PoolConfig, now: Now) -> Option<String> {
         while let Some(hid) = self.idle.pop() {
-            if self
-                .hosts
-                .get(&hid)
-                .is_some_and(|e| e.host.offerable(now.mono, cfg.silence_limit()))
-            {
+            if self.offerable(cfg, &hid, now) {
                 return Some(hid);
             }
         }
         None
+    }
+
+    /// Whether `hid` may be offered: its state machine says so, and it has
+    /// never held a lease (a burned host is not offered whatever its agent
+    /// says: after a lease nothing on it is trusted).
+    fn offerable(&self, cfg: &PoolConfig, hid: &str, now: Now) -> bool {
+        !self.burned.contains_key(hid)
+            && self
+                .hosts
+                .get(hid)
+                .is_some_and(|e| e.host.offerable(now.mono, cfg.silence_limit()))
     }
 }

@@ -40,6 +40,11 @@ impl Pool {
             .collect()
     }
 
+    /// Hosts that served a lease, with when it ended.
+    pub fn burned_hosts(&self) -> HashMap<String, std::time::SystemTime> {
+        self.lock().burned.clone()
+    }
+
     /// Marks a host as being ended by the orphan sweeper, unless it holds a
     /// lease or is connected (checked under the same lock that registration
     /// takes, so a host cannot slip in between). Returns whether it is

@@ -32,6 +32,8 @@ impl Agent {
             lease_id: String::new(),
             lease_deadline: None,
             tls: RegisteredTls::default(),
+            key: None,
+            lease_key: None,
         };
         let conn = pool.register(reg, tx, now).unwrap();
         let mut a = Self {
@@ -98,6 +100,14 @@ fn pool() -> Pool {
     Pool::new(PoolConfig::default())
 }
 
+/// A pool whose hosts serve again after a verified wipe (`--recycle`).
+fn recycling_pool() -> Pool {
+    Pool::new(PoolConfig {
+        recycle: true,
+        ..PoolConfig::default()
+    })
+}
+
 fn state_of(p: &Pending) -> LeaseState {
     *p.state.borrow()
 }
@@ -108,8 +118,12 @@ async fn two_builds_get_two_different_hosts() {
     let now = start();
     let mut a = Agent::join(&pool, "h1", now);
     let mut b = Agent::join(&pool, "h2", now);
-    let p1 = pool.acquire(T, "b1", 60 * SECOND, SECOND, now).unwrap();
-    let p2 = pool.acquire(T, "b2", 60 * SECOND, SECOND, now).unwrap();
+    let p1 = pool
+        .acquire(T, "b1", berth_tls::KeyId([0; 32]), 60 * SECOND, SECOND, now)
+        .unwrap();
+    let p2 = pool
+        .acquire(T, "b2", berth_tls::KeyId([0; 32]), 60 * SECOND, SECOND, now)
+        .unwrap();
     let l1 = a.expect_assign();
     let l2 = b.expect_assign();
     assert_eq!(l1.lease_id, p1.lease_id);
@@ -130,8 +144,12 @@ async fn acquire_is_idempotent_per_build() {
     let now = start();
     let mut a = Agent::join(&pool, "h1", now);
     let mut b = Agent::join(&pool, "h2", now);
-    let p1 = pool.acquire(T, "b1", 60 * SECOND, SECOND, now).unwrap();
-    let retry = pool.acquire(T, "b1", 60 * SECOND, SECOND, now).unwrap();
+    let p1 = pool
+        .acquire(T, "b1", berth_tls::KeyId([0; 32]), 60 * SECOND, SECOND, now)
+        .unwrap();
+    let retry = pool
+        .acquire(T, "b1", berth_tls::KeyId([0; 32]), 60 * SECOND, SECOND, now)
+        .unwrap();
     assert_eq!(p1.lease_id, retry.lease_id);
     let assigned = a.next().or_else(|| b.next());
     assert!(matches!(assigned, Some(Out::AssignLease(_))));
@@ -145,14 +163,30 @@ async fn acquire_is_idempotent_per_build() {
 async fn empty_pool_with_no_wait_fails_at_once() {
     let pool = pool();
     let p = pool
-        .acquire(T, "b1", 60 * SECOND, Duration::ZERO, start())
+        .acquire(
+            T,
+            "b1",
+            berth_tls::KeyId([0; 32]),
+            60 * SECOND,
+            Duration::ZERO,
+            start(),
+        )
         .unwrap();
     assert_eq!(state_of(&p), LeaseState::Failed);
     let err = pool.outcome(&p.lease_id).unwrap_err();
     assert_eq!(err.code(), tonic::Code::ResourceExhausted);
     assert!(err.to_string().contains("no host became ready"), "{err}");
     // The failed lease does not block a new attempt with the same build id.
-    let again = pool.acquire(T, "b1", 60 * SECOND, SECOND, start()).unwrap();
+    let again = pool
+        .acquire(
+            T,
+            "b1",
+            berth_tls::KeyId([0; 32]),
+            60 * SECOND,
+            SECOND,
+            start(),
+        )
+        .unwrap();
     assert_ne!(again.lease_id, p.lease_id);
 }
 
@@ -160,7 +194,16 @@ async fn empty_pool_with_no_wait_fails_at_once() {
 async fn queue_wait_runs_out() {
     let pool = pool();
     let now = start();
-    let p = pool.acquire(T, "b1", 60 * SECOND, 2 * SECOND, now).unwrap();
+    let p = pool
+        .acquire(
+            T,
+            "b1",
+            berth_tls::KeyId([0; 32]),
+            60 * SECOND,
+            2 * SECOND,
+            now,
+        )
+        .unwrap();
     pool.tick(now + SECOND);
     assert_eq!(state_of(&p), LeaseState::Queued);
     pool.tick(now + 2 * SECOND);
@@ -176,14 +219,30 @@ async fn waiters_are_served_in_order_and_released_hosts_are_not_reused() {
     let pool = pool();
     let now = start();
     let mut h1 = Agent::join(&pool, "h1", now);
-    let first = pool.acquire(T, "b1", 60 * SECOND, SECOND, now).unwrap();
+    let first = pool
+        .acquire(T, "b1", berth_tls::KeyId([0; 32]), 60 * SECOND, SECOND, now)
+        .unwrap();
     let l1 = h1.expect_assign();
     h1.accept(&pool, &l1.lease_id, now);
     let second = pool
-        .acquire(T, "b2", 60 * SECOND, 30 * SECOND, now)
+        .acquire(
+            T,
+            "b2",
+            berth_tls::KeyId([0; 32]),
+            60 * SECOND,
+            30 * SECOND,
+            now,
+        )
         .unwrap();
     let third = pool
-        .acquire(T, "b3", 60 * SECOND, 30 * SECOND, now)
+        .acquire(
+            T,
+            "b3",
+            berth_tls::KeyId([0; 32]),
+            60 * SECOND,
+            30 * SECOND,
+            now,
+        )
         .unwrap();
     assert_eq!(pool.queue_len(), 2);
 
@@ -209,15 +268,24 @@ async fn waiters_are_served_in_order_and_released_hosts_are_not_reused() {
 
 #[tokio::test(start_paused = true)]
 async fn recycled_host_returns_only_after_reporting_ready() {
-    let pool = pool();
+    let pool = recycling_pool();
     let now = start();
     let mut h1 = Agent::join(&pool, "h1", now);
-    let first = pool.acquire(T, "b1", 60 * SECOND, SECOND, now).unwrap();
+    let first = pool
+        .acquire(T, "b1", berth_tls::KeyId([0; 32]), 60 * SECOND, SECOND, now)
+        .unwrap();
     h1.expect_assign();
     h1.accept(&pool, &first.lease_id, now);
     h1.state(&pool, pb::HostState::Leased, now);
     let second = pool
-        .acquire(T, "b2", 60 * SECOND, 30 * SECOND, now)
+        .acquire(
+            T,
+            "b2",
+            berth_tls::KeyId([0; 32]),
+            60 * SECOND,
+            30 * SECOND,
+            now,
+        )
         .unwrap();
     pool.release(T, &first.lease_id, now).unwrap();
     assert!(matches!(h1.next(), Some(Out::EndLease(_))));
@@ -233,7 +301,14 @@ async fn rejected_or_unanswered_assignments_go_to_another_host() {
     let now = start();
     let mut h1 = Agent::join(&pool, "h1", now);
     let p = pool
-        .acquire(T, "b1", 60 * SECOND, 30 * SECOND, now)
+        .acquire(
+            T,
+            "b1",
+            berth_tls::KeyId([0; 32]),
+            60 * SECOND,
+            30 * SECOND,
+            now,
+        )
         .unwrap();
     let l = h1.expect_assign();
     h1.say(
@@ -271,11 +346,13 @@ async fn deadlines_end_leases_and_renew_is_capped() {
     let pool = Pool::new(cfg);
     let now = start();
     let mut h1 = Agent::join(&pool, "h1", now);
-    let p = pool.acquire(T, "b1", 10 * SECOND, SECOND, now).unwrap();
+    let p = pool
+        .acquire(T, "b1", berth_tls::KeyId([0; 32]), 10 * SECOND, SECOND, now)
+        .unwrap();
     h1.expect_assign();
     h1.accept(&pool, &p.lease_id, now);
 
-    let renewed = pool.renew(T, &p.lease_id, 500 * SECOND, now).unwrap();
+    let renewed = pool.renew(T, &p.lease_id, None, 500 * SECOND, now).unwrap();
     let Some(Out::RenewLease(r)) = h1.next() else {
         panic!("no RenewLease sent")
     };
@@ -293,7 +370,9 @@ async fn deadlines_end_leases_and_renew_is_capped() {
     assert!(
         matches!(h1.next(), Some(Out::EndLease(e)) if e.reason == pb::EndReason::Expired as i32)
     );
-    let err = pool.renew(T, &p.lease_id, 10 * SECOND, now).unwrap_err();
+    let err = pool
+        .renew(T, &p.lease_id, None, 10 * SECOND, now)
+        .unwrap_err();
     assert_eq!(err.code(), tonic::Code::FailedPrecondition);
     assert!(err.to_string().contains("expired"), "{err}");
 }
@@ -308,7 +387,9 @@ async fn unknown_leases_are_not_found() {
         tonic::Code::NotFound
     );
     assert_eq!(
-        pool.renew(T, &id, SECOND, start()).unwrap_err().code(),
+        pool.renew(T, &id, None, SECOND, start())
+            .unwrap_err()
+            .code(),
         tonic::Code::NotFound
     );
 }
@@ -318,12 +399,26 @@ async fn abandoned_waiters_are_skipped() {
     let pool = pool();
     let now = start();
     let gone = pool
-        .acquire(T, "gone", 60 * SECOND, 30 * SECOND, now)
+        .acquire(
+            T,
+            "gone",
+            berth_tls::KeyId([0; 32]),
+            60 * SECOND,
+            30 * SECOND,
+            now,
+        )
         .unwrap();
     let gone_id = gone.lease_id.clone();
     drop(gone);
     let waiting = pool
-        .acquire(T, "waiting", 60 * SECOND, 30 * SECOND, now)
+        .acquire(
+            T,
+            "waiting",
+            berth_tls::KeyId([0; 32]),
+            60 * SECOND,
+            30 * SECOND,
+            now,
+        )
         .unwrap();
     let mut h1 = Agent::join(&pool, "h1", now);
     assert_eq!(h1.expect_assign().lease_id, waiting.lease_id);
@@ -336,7 +431,9 @@ async fn a_terminating_host_that_disconnects_is_forgotten_and_its_lease_lost() {
     let pool = pool();
     let now = start();
     let mut h1 = Agent::join(&pool, "h1", now);
-    let p = pool.acquire(T, "b1", 60 * SECOND, SECOND, now).unwrap();
+    let p = pool
+        .acquire(T, "b1", berth_tls::KeyId([0; 32]), 60 * SECOND, SECOND, now)
+        .unwrap();
     h1.expect_assign();
     h1.accept(&pool, &p.lease_id, now);
     h1.state(&pool, pb::HostState::Terminating, now);
@@ -362,7 +459,14 @@ async fn silent_hosts_are_not_offered() {
     let mut h1 = Agent::join(&pool, "h1", now);
     let later = now + 10 * SECOND;
     let p = pool
-        .acquire(T, "b1", 60 * SECOND, 30 * SECOND, later)
+        .acquire(
+            T,
+            "b1",
+            berth_tls::KeyId([0; 32]),
+            60 * SECOND,
+            30 * SECOND,
+            later,
+        )
         .unwrap();
     assert!(h1.next().is_none());
     assert_eq!(state_of(&p), LeaseState::Queued);
@@ -377,7 +481,7 @@ async fn silent_hosts_are_not_offered() {
 
 #[tokio::test(start_paused = true)]
 async fn repeated_ready_reports_queue_a_host_once() {
-    let pool = pool();
+    let pool = recycling_pool();
     let now = start();
     let mut h1 = Agent::join(&pool, "h1", now);
     let _h2 = Agent::join(&pool, "h2", now);
@@ -386,7 +490,9 @@ async fn repeated_ready_reports_queue_a_host_once() {
     }
     assert_eq!(pool.lock().idle.len(), 2, "one entry per idle host");
     // The oldest idle host is offered first, once.
-    let p = pool.acquire(T, "b1", 60 * SECOND, SECOND, now).unwrap();
+    let p = pool
+        .acquire(T, "b1", berth_tls::KeyId([0; 32]), 60 * SECOND, SECOND, now)
+        .unwrap();
     assert_eq!(h1.expect_assign().lease_id, p.lease_id);
     assert_eq!(pool.lock().idle.len(), 1);
 
@@ -397,10 +503,21 @@ async fn repeated_ready_reports_queue_a_host_once() {
     h1.state(&pool, pb::HostState::Terminating, now);
     pool.disconnect("h1", h1.conn, now);
     let mut h1 = Agent::join(&pool, "h1", now);
-    let a = pool.acquire(T, "b2", 60 * SECOND, SECOND, now).unwrap();
-    let b = pool.acquire(T, "b3", 60 * SECOND, SECOND, now).unwrap();
+    let a = pool
+        .acquire(T, "b2", berth_tls::KeyId([0; 32]), 60 * SECOND, SECOND, now)
+        .unwrap();
+    let b = pool
+        .acquire(T, "b3", berth_tls::KeyId([0; 32]), 60 * SECOND, SECOND, now)
+        .unwrap();
     let c = pool
-        .acquire(T, "b4", 60 * SECOND, 10 * SECOND, now)
+        .acquire(
+            T,
+            "b4",
+            berth_tls::KeyId([0; 32]),
+            60 * SECOND,
+            10 * SECOND,
+            now,
+        )
         .unwrap();
     let got = h1.expect_assign();
     assert!(got.lease_id == a.lease_id || got.lease_id == b.lease_id);
@@ -413,7 +530,9 @@ async fn a_reconnecting_agent_keeps_its_lease() {
     let pool = pool();
     let now = start();
     let mut h1 = Agent::join(&pool, "h1", now);
-    let p = pool.acquire(T, "b1", 60 * SECOND, SECOND, now).unwrap();
+    let p = pool
+        .acquire(T, "b1", berth_tls::KeyId([0; 32]), 60 * SECOND, SECOND, now)
+        .unwrap();
     let assign = h1.expect_assign();
     h1.accept(&pool, &p.lease_id, now);
     pool.disconnect("h1", h1.conn, now);
@@ -431,6 +550,8 @@ async fn a_reconnecting_agent_keeps_its_lease() {
             lease_id: p.lease_id.clone(),
             lease_deadline: assign.deadline.as_ref().and_then(to_system_time),
             tls: RegisteredTls::default(),
+            key: None,
+            lease_key: None,
         },
         tx,
         now + SECOND,
@@ -451,9 +572,27 @@ async fn leases_belong_to_their_tenant() {
     let now = start();
     let mut h1 = Agent::join(&pool, "h1", now);
     let mut h2 = Agent::join(&pool, "h2", now);
-    let mine = pool.acquire("a", "ci-1", 60 * SECOND, SECOND, now).unwrap();
+    let mine = pool
+        .acquire(
+            "a",
+            "ci-1",
+            berth_tls::KeyId([0; 32]),
+            60 * SECOND,
+            SECOND,
+            now,
+        )
+        .unwrap();
     // The same build id under another tenant is another build.
-    let theirs = pool.acquire("b", "ci-1", 60 * SECOND, SECOND, now).unwrap();
+    let theirs = pool
+        .acquire(
+            "b",
+            "ci-1",
+            berth_tls::KeyId([0; 32]),
+            60 * SECOND,
+            SECOND,
+            now,
+        )
+        .unwrap();
     assert_ne!(mine.lease_id, theirs.lease_id);
     let (l1, l2) = (h1.expect_assign(), h2.expect_assign());
     h1.accept(&pool, &l1.lease_id, now);
@@ -462,7 +601,7 @@ async fn leases_belong_to_their_tenant() {
     assert_eq!(pool.get("a", id).unwrap().tenant, "a");
     assert_eq!(pool.get("b", id).unwrap_err().code(), tonic::Code::NotFound);
     assert_eq!(
-        pool.renew("b", id, SECOND, now).unwrap_err().code(),
+        pool.renew("b", id, None, SECOND, now).unwrap_err().code(),
         tonic::Code::NotFound
     );
     assert_eq!(
@@ -536,4 +675,182 @@ async fn a_condemned_host_is_listed_until_its_grace_passes_and_refused_until_ec2
     );
     drop(back);
     pool.check_invariants().unwrap();
+}
+
+const K1: berth_tls::KeyId = berth_tls::KeyId([1; 32]);
+const K2: berth_tls::KeyId = berth_tls::KeyId([2; 32]);
+
+/// A registration of `id` carrying `key`, reporting `state`.
+fn registration(id: &str, key: berth_tls::KeyId, state: pb::HostState) -> Registration {
+    Registration {
+        host_id: id.into(),
+        host_addr: "198.18.0.2".into(),
+        docker_host: "tcp://198.18.0.2:2376".into(),
+        provider: "test".into(),
+        resources: None,
+        agent_version: "t".into(),
+        docker_version: "t".into(),
+        state,
+        lease_id: String::new(),
+        lease_deadline: None,
+        tls: RegisteredTls::default(),
+        key: Some(key),
+        lease_key: None,
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_host_that_served_a_lease_is_never_offered_again_across_a_restart() {
+    let store: std::sync::Arc<dyn crate::store::LeaseStore> =
+        std::sync::Arc::new(crate::store::MemStore::default());
+    let now = start();
+    let pool = Pool::with_store(PoolConfig::default(), store.clone(), now).unwrap();
+    let (tx, rx) = mpsc::channel(16);
+    let conn = pool
+        .register(registration("h1", K1, pb::HostState::Ready), tx, now)
+        .unwrap();
+    let mut h1 = Agent {
+        id: "h1".into(),
+        conn,
+        rx,
+    };
+    assert!(matches!(h1.next(), Some(Out::Registered(_))));
+    let p = pool.acquire(T, "b1", K1, 60 * SECOND, SECOND, now).unwrap();
+    h1.expect_assign();
+    h1.accept(&pool, &p.lease_id, now);
+    pool.release(T, &p.lease_id, now).unwrap();
+    // The agent (or whatever holds its stream now) says Ready again: the
+    // host is not offered.
+    h1.state(&pool, pb::HostState::Ready, now);
+    let waiting = pool
+        .acquire(T, "b2", K2, 60 * SECOND, 30 * SECOND, now)
+        .unwrap();
+    while let Some(m) = h1.next() {
+        assert!(
+            !matches!(m, Out::AssignLease(_)),
+            "a used host was offered: {m:?}"
+        );
+    }
+    assert_eq!(state_of(&waiting), LeaseState::Queued);
+    // Its registration is refused from now on, also by a restarted pool.
+    pool.disconnect("h1", h1.conn, now);
+    let (tx, _rx) = mpsc::channel(16);
+    let e = pool
+        .register(registration("h1", K1, pb::HostState::Ready), tx, now)
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::Refused {
+                reason: crate::error::Refusal::Burned,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert_eq!(e.code(), tonic::Code::PermissionDenied);
+    // Dropping the pool writes what is pending (the committer's last batch).
+    drop(pool);
+    let pool = Pool::with_store(PoolConfig::default(), store, now).unwrap();
+    let (tx, _rx) = mpsc::channel(16);
+    let e = pool
+        .register(registration("h1", K1, pb::HostState::Ready), tx, now)
+        .unwrap_err();
+    assert!(e.to_string().contains("has held a lease"), "{e}");
+    // After the retention the id is let go (a local id may be a new host).
+    let later = now + PoolConfig::default().burned_retention;
+    pool.tick(later);
+    let (tx, _rx) = mpsc::channel(16);
+    pool.register(registration("h1", K2, pb::HostState::Ready), tx, later)
+        .unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_second_registration_without_the_hosts_key_is_refused_and_the_host_keeps_serving() {
+    let pool = pool();
+    let now = start();
+    let (tx, rx) = mpsc::channel(16);
+    let conn = pool
+        .register(registration("h1", K1, pb::HostState::Ready), tx, now)
+        .unwrap();
+    let mut h1 = Agent {
+        id: "h1".into(),
+        conn,
+        rx,
+    };
+    assert!(matches!(h1.next(), Some(Out::Registered(_))));
+    // Someone with the join token claims to be h1, with another key.
+    let (tx, mut intruder) = mpsc::channel(16);
+    let e = pool
+        .register(registration("h1", K2, pb::HostState::Ready), tx, now)
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::Refused {
+                reason: crate::error::Refusal::KeyMismatch,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert!(
+        intruder.try_recv().is_err(),
+        "the intruder was told something"
+    );
+    // The real h1 still holds its stream and gets the next lease.
+    let p = pool.acquire(T, "b1", K1, 60 * SECOND, SECOND, now).unwrap();
+    assert_eq!(h1.expect_assign().lease_id, p.lease_id);
+    // The real h1 may come back with its own key.
+    pool.disconnect("h1", h1.conn, now);
+    let (tx, _rx) = mpsc::channel(16);
+    let mut back = registration("h1", K1, pb::HostState::Leased);
+    back.lease_id = p.lease_id.clone();
+    pool.register(back, tx, now).unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_leases_key_is_pinned_renewals_and_retries_with_another_key_are_refused() {
+    let pool = pool();
+    let now = start();
+    let mut h1 = Agent::join(&pool, "h1", now);
+    let p = pool.acquire(T, "b1", K1, 60 * SECOND, SECOND, now).unwrap();
+    let assign = h1.expect_assign();
+    assert_eq!(assign.client_key_sha256, K1.0.to_vec());
+    h1.accept(&pool, &p.lease_id, now);
+    // Renew certifies only the lease's key.
+    let e = pool
+        .renew(T, &p.lease_id, Some(K2), 60 * SECOND, now)
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied);
+    assert!(e.to_string().contains("bound to the key"), "{e}");
+    pool.renew(T, &p.lease_id, Some(K1), 60 * SECOND, now)
+        .unwrap();
+    assert!(matches!(h1.next(), Some(Out::RenewLease(_))));
+    // Before the certificate is used, a retried acquire may bring a new key;
+    // the host is told.
+    let again = pool.acquire(T, "b1", K2, 60 * SECOND, SECOND, now).unwrap();
+    assert_eq!(again.lease_id, p.lease_id);
+    match h1.next() {
+        Some(Out::LeaseKey(k)) => assert_eq!(k.client_key_sha256, K2.0.to_vec()),
+        other => panic!("expected LeaseKey, got {other:?}"),
+    }
+    assert!(pool.check_key(&p.lease_id, K1).is_err());
+    pool.check_key(&p.lease_id, K2).unwrap();
+    // Once the front admitted it, the key no longer moves.
+    h1.say(
+        &pool,
+        pb::agent_message::Msg::LeaseInUse(pb::LeaseInUse {
+            lease_id: p.lease_id.clone(),
+        }),
+        now,
+    );
+    let e = pool
+        .acquire(T, "b1", K1, 60 * SECOND, SECOND, now)
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied);
+    assert!(e.to_string().contains("in use"), "{e}");
+    assert!(h1.next().is_none(), "the host was told to move the key");
+    // The same key joins the lease as any retry does.
+    pool.acquire(T, "b1", K2, 60 * SECOND, SECOND, now).unwrap();
 }

@@ -72,6 +72,26 @@ impl Pool {
             warn!(host_id = %hid, "host gone past its grace period; forgetting it");
             g.host_step(cfg, &hid, HostEvent::LostGracePassed, now);
         }
+        // Burned ids are remembered for a retention period, then let go
+        // with their key (an EC2 id never comes back; a local one may be a
+        // fresh host by then).
+        let expired: Vec<String> = g
+            .burned
+            .iter()
+            .filter(|(_, at)| {
+                now.wall
+                    .duration_since(**at)
+                    .is_ok_and(|age| age >= cfg.burned_retention)
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for hid in expired {
+            g.burned.remove(&hid);
+            if !g.hosts.contains_key(&hid) {
+                g.host_keys.remove(&hid);
+            }
+            g.dirty_hosts.insert(hid);
+        }
         g.try_assign(cfg, now);
     }
 }

@@ -24,7 +24,8 @@ const WARMUP: usize = 5;
 
 pub async fn run(sizes: &Sizes) -> Result<Vec<Figure>> {
     let env = Env::new(&format!("{}1-", sizes.prefix.trim_end_matches('-')))?;
-    let coordinator = Coordinator::start(&env, "coordinator", &[])?;
+    // The agents recycle their hosts: one pool serves every round.
+    let coordinator = Coordinator::start(&env, "coordinator", &["--recycle".into()])?;
     let mut agents = vec![];
     for i in 0..sizes.p1_agents {
         agents.push(Agent::spawn(

@@ -85,6 +85,7 @@ fn register(prefix: &str, i: usize) -> pb::Register {
         lease_id: String::new(),
         lease_deadline: None,
         csr_pem: shared_csr().to_owned(),
+        lease_key_sha256: Vec::new(),
     }
 }
 

@@ -21,7 +21,7 @@ const RECYCLE_TARGET_MS: f64 = 3000.0;
 pub async fn run(sizes: &Sizes) -> Result<Vec<Figure>> {
     let env = Env::new(&format!("{}5-", sizes.prefix.trim_end_matches('-')))?;
     let rootfs = Rootfs::make(&env).await?;
-    let coordinator = Coordinator::start(&env, "coordinator", &[])?;
+    let coordinator = Coordinator::start(&env, "coordinator", &["--recycle".into()])?;
     let mut agent = Agent::spawn(&env, &coordinator, true, "agent-recycle")?;
     agent.wait_ready().await?;
     let host_id = agent.host_id().unwrap_or_default().to_owned();

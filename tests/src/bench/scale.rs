@@ -93,7 +93,8 @@ pub async fn measure(
         &env,
         "coordinator",
         &state_dir,
-        &["--heartbeat-interval".into(), hb],
+        // The simulated agents recycle their hosts after every lease.
+        &["--heartbeat-interval".into(), hb, "--recycle".into()],
     )?;
     let pid = coordinator.pid;
     // Let the fresh process settle before the idle reading.
