@@ -315,6 +315,18 @@ impl Sim {
         };
         let conn = match self.pool.register(reg, tx, self.now) {
             Ok(conn) => conn,
+            // A host that held a lease (served it, or was assigned one that
+            // ended) is refused when it comes back; the real agent then
+            // ends its host.
+            Err(Error::Refused {
+                reason: berth_coordinator::error::Refusal::Burned,
+                ..
+            }) => {
+                if let Some(a) = self.agents.get_mut(&k) {
+                    a.gone = true;
+                }
+                return;
+            }
             Err(e) => return self.violated(format!("h{k} could not register: {e}")),
         };
         // A host the pool still knows keeps its drain: nothing may be
@@ -561,8 +573,26 @@ impl Sim {
                     return;
                 }
                 self.state(k, pb::HostState::Leased, Some(lid.clone()));
-                self.served.insert(self.host_id(k));
-                self.say(k, In::LeaseAccepted(pb::LeaseAccepted { lease_id: lid }));
+                self.say(
+                    k,
+                    In::LeaseAccepted(pb::LeaseAccepted {
+                        lease_id: lid.clone(),
+                    }),
+                );
+                // The host served the lease once the lease is active (its
+                // build got a certificate); an acceptance that came too late
+                // (the assignment had timed out) served nobody.
+                let active = self
+                    .leases
+                    .iter()
+                    .find(|(_, id)| *id == lid)
+                    .and_then(|(t, _)| self.pool.get(TENANTS[*t], &lid).ok())
+                    .is_some_and(|l| {
+                        l.state == pb::LeaseState::Active as i32 && l.host_id == self.host_id(k)
+                    });
+                if active {
+                    self.served.insert(self.host_id(k));
+                }
             }
             Out::EndLease(end) => {
                 if held.as_deref() == Some(end.lease_id.as_str()) {
