@@ -56,7 +56,7 @@ use crate::host::statefile;
 use crate::link::net as linknet;
 use crate::link::{Credentials, Link, Registration};
 use crate::ops::{stats, status};
-use crate::provider::{cleanup, ec2};
+use crate::provider::{cleanup, ec2, hostnet};
 
 /// The agent's version, as registered.
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -339,6 +339,7 @@ async fn run_host<P: Provider>(
         paths: paths.clone(),
         netns: identity.netns.clone(),
         cgroup_parent: cleanup::cgroup_name(&identity.local_id),
+        network: identity.network,
     };
     let booted = tokio::select! {
         _ = shutdown.cancelled() => None,
@@ -352,6 +353,8 @@ async fn run_host<P: Provider>(
             }?;
             // The namespace was wired while dockerd started.
             provider.network_ready().await.map_err(AgentError::Identity)?;
+            // dockerd made its chains; the host's own rules go in after them.
+            hostnet::apply(spec.network, spec.netns.as_deref()).await.map_err(dockerd::DockerdError::from)?;
             Ok(booted)
         }) => Some(match r {
             Err(_) => Err(AgentError::BootTimeout(config.boot_timeout)),

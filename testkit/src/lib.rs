@@ -11,8 +11,8 @@
 //! `cargo test`) builds every binary of a package with integration tests,
 //! with the tests' own feature set, before the first test runs, and
 //! `scripts/bench.sh` builds the release binaries before the benchmarks.
-//! Tests need root, dockerd, the docker CLI, busybox-static, iproute2 and
-//! nsenter; when one is missing they fail with a message naming it (set
+//! Tests need root, dockerd, the docker CLI, busybox-static, iproute2,
+//! iptables and nsenter; when one is missing they fail with a message naming it (set
 //! `BERTH_SKIP_E2E=1` to skip them deliberately; refused when `CI=true`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -51,7 +51,7 @@ pub fn preflight() -> bool {
         "end-to-end tests need root (network namespaces, dockerd); run them as root or set BERTH_SKIP_E2E=1"
     );
     for tool in [
-        "dockerd", "docker", "ip", "nsenter", "ss", "curl", "openssl",
+        "dockerd", "docker", "ip", "nsenter", "ss", "curl", "openssl", "iptables",
     ] {
         assert!(
             which(tool).is_some(),
@@ -243,8 +243,14 @@ impl LeaseEnv {
     /// The stock docker CLI, pointed at this lease's host with its
     /// certificates, exactly as after `eval "$(berth acquire ...)"`.
     pub fn docker(&self) -> Command {
+        self.docker_at("docker")
+    }
+
+    /// [`LeaseEnv::docker`] with another docker CLI (e.g. Debian's 20.10 at
+    /// /usr/bin/docker, which has BuildKit built in).
+    pub fn docker_at(&self, program: &str) -> Command {
         assert_eq!(self.get("DOCKER_TLS_VERIFY"), "1");
-        let mut c = docker_cli(self.docker_host());
+        let mut c = docker_cli_at(program, self.docker_host());
         c.env("DOCKER_TLS_VERIFY", "1")
             .env("DOCKER_CERT_PATH", self.cert_dir());
         c
@@ -253,7 +259,12 @@ impl LeaseEnv {
 
 /// The stock docker CLI with a clean config, pointed at `docker_host`.
 pub fn docker_cli(docker_host: &str) -> Command {
-    let mut c = Command::new("docker");
+    docker_cli_at("docker", docker_host)
+}
+
+/// [`docker_cli`] with the CLI at `program`.
+pub fn docker_cli_at(program: &str, docker_host: &str) -> Command {
+    let mut c = Command::new(program);
     c.env("DOCKER_HOST", docker_host)
         .env("DOCKER_BUILDKIT", "0")
         .env("DOCKER_CONFIG", docker_config_dir())
