@@ -164,7 +164,7 @@ while IFS= read -r line; do
 done
 # Without filters, `docker ps -a` would match everything.
 [ -n "$filters" ] || exit 0
-for id in $(docker ps -aq $filters); do
+for id in $(docker ps -aq --no-trunc $filters); do
   docker rm -f -v "$id" >/dev/null && echo "ryuk: removed container $id" >&2
 done
 for id in $(docker network ls -q $filters); do
