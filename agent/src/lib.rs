@@ -354,7 +354,9 @@ async fn run_host<P: Provider>(
             // The namespace was wired while dockerd started.
             provider.network_ready().await.map_err(AgentError::Identity)?;
             // dockerd made its chains; the host's own rules go in after them.
-            hostnet::apply(spec.network, spec.netns.as_deref()).await.map_err(dockerd::DockerdError::from)?;
+            hostnet::apply(spec.network, spec.netns.as_deref())
+                .await
+                .map_err(dockerd::DockerdError::from)?;
             Ok(booted)
         }) => Some(match r {
             Err(_) => Err(AgentError::BootTimeout(config.boot_timeout)),
