@@ -28,9 +28,10 @@
 //!    host's own processes are not affected. The lease holder is root on the
 //!    host and could remove the rule (see the threat model): this keeps
 //!    builds from reaching the service by accident or through third-party
-//!    code, it does not contain the lease holder. IPv6 (`fd00:ec2::254`) is
-//!    not reachable from containers: dockerd gives bridge networks no IPv6
-//!    unless asked.
+//!    code, it does not contain the lease holder. The IPv6 endpoint
+//!    (`fd00:ec2::254`, only where an instance has it enabled) is not
+//!    covered: bridge networks get no IPv6 unless a lease creates one with
+//!    `--ipv6`.
 //!
 //! Rule 1 is dockerd's command line ([`HostNetwork::dockerd_args`]); rule 2
 //! is [`apply`], called by the agent after dockerd answers. `iptables` runs
