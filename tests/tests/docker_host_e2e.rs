@@ -360,14 +360,17 @@ fn a_container_mounting_var_run_docker_sock_reaches_its_own_host() {
             &format!("docker {args:?} inside a container"),
         )
     };
-    // It lists its own container...
-    let names = stdout(&inside(
+    // It lists its own container (`-a`: dockerd marks a container running
+    // only after its process has started, and this one asks at once)...
+    let o = inside(
         "sock-probe",
-        &["docker", "ps", "--format", "{{.Names}}"],
-    ));
+        &["docker", "ps", "-a", "--format", "{{.Names}}"],
+    );
+    let names = stdout(&o);
     assert!(
         names.lines().any(|n| n == "sock-probe"),
-        "the container does not see itself: {names:?}"
+        "the container does not see itself: stdout {names:?}, stderr {:?}",
+        stderr(&o)
     );
     // ... on this host's dockerd, the one behind the lease's front.
     let id_inside = stdout(&inside(
