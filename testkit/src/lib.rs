@@ -12,8 +12,8 @@
 //! `cargo test`) builds every binary of a package with integration tests,
 //! with the tests' own feature set, before the first test runs, and
 //! `scripts/bench.sh` builds the release binaries before the benchmarks.
-//! Tests need root, dockerd, the docker CLI, busybox-static, iproute2 and
-//! nsenter; when one is missing they fail with a message naming it (set
+//! Tests need root, dockerd, the docker CLI, busybox-static, iproute2,
+//! iptables and nsenter; when one is missing they fail with a message naming it (set
 //! `BERTH_SKIP_E2E=1` to skip them deliberately; refused when `CI=true`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -56,7 +56,7 @@ pub fn preflight() -> bool {
         "end-to-end tests need root (network namespaces, dockerd); run them as root or set BERTH_SKIP_E2E=1"
     );
     for tool in [
-        "dockerd", "docker", "ip", "nsenter", "ss", "curl", "openssl",
+        "dockerd", "docker", "ip", "nsenter", "ss", "curl", "openssl", "iptables",
     ] {
         assert!(
             which(tool).is_some(),
