@@ -18,12 +18,15 @@ ensure_apt() {
   fi
 }
 
-# Packages the pool itself needs: dockerd and its CLI, a static busybox for
-# images built FROM scratch, iproute2 for network namespaces (and `ss`),
-# nsenter; curl and openssl are the stock TLS clients the security tests
-# probe the Docker front with.
+# Packages the pool itself needs: dockerd and its CLI (Debian's 20.10 CLI at
+# /usr/bin/docker has BuildKit built in), a static busybox for images built
+# FROM scratch, iproute2 for network namespaces (and `ss`), nsenter,
+# iptables (dockerd manages each host's NAT and forwarding with it, inside
+# the host's namespace, and the agent adds the host's own rules; docker.io
+# depends on it, named here because berth calls it too); curl and openssl
+# are the stock TLS clients the security tests probe the Docker front with.
 ensure_runtime_deps() {
-  ensure_apt docker.io busybox-static iproute2 util-linux ca-certificates curl openssl
+  ensure_apt docker.io busybox-static iproute2 iptables util-linux ca-certificates curl openssl
   command -v cargo >/dev/null || { echo "cargo is missing: install Rust (https://rustup.rs)" >&2; exit 1; }
 }
 
@@ -55,4 +58,21 @@ ensure_moto() {
     || python3 -m pip install --quiet --break-system-packages 'moto[server]'
   hash -r
   command -v moto_server >/dev/null || { echo "moto_server is not on PATH after installing moto[server]" >&2; exit 1; }
+}
+
+# Real Docker clients the client tests drive against a lease, unchanged:
+# PyPI's Docker SDK (`docker`) and Testcontainers for Python (4.x).
+# (docker-compose 1.29 comes from Debian: see scripts/test.sh.)
+ensure_python_clients() {
+  if python3 -c 'import docker, testcontainers.core.container' >/dev/null 2>&1; then
+    return 0
+  fi
+  if ! command -v python3 >/dev/null || ! python3 -m pip --version >/dev/null 2>&1; then
+    ensure_apt python3 python3-pip
+  fi
+  echo "installing docker testcontainers (PyPI)" >&2
+  python3 -m pip install --quiet 'docker>=7,<8' 'testcontainers>=4,<5' \
+    || python3 -m pip install --quiet --break-system-packages 'docker>=7,<8' 'testcontainers>=4,<5'
+  python3 -c 'import docker, testcontainers.core.container' \
+    || { echo "python3 cannot import docker and testcontainers after installing them" >&2; exit 1; }
 }

@@ -9,10 +9,11 @@ cd "$(dirname "$0")/.."
 
 ensure_runtime_deps
 # The packaging tests: packer (fmt, validate), systemd-analyze and systemctl;
-# the workspace-sync test drives Debian's docker-compose against a lease.
+# the workspace-sync and client tests drive Debian's docker-compose against a lease.
 ensure_apt packer systemd docker-compose
 ensure_moto
 ensure_ops_tools
+ensure_python_clients
 if ! cargo nextest --version >/dev/null 2>&1; then
   echo "installing cargo-nextest" >&2
   cargo install --locked cargo-nextest

@@ -60,7 +60,9 @@ if [ "$SKIP_APT" != 1 ]; then
   apt-get -y -qq -o Dpkg::Options::=--force-confold upgrade
   # docker.io: dockerd, containerd, runc and the docker CLI (for operators).
   # iproute2: the agent inspects addresses and routes.
-  apt-get install -y -qq --no-install-recommends docker.io iproute2 ca-certificates
+  # iptables: dockerd manages the instance's NAT and forwarding with it, and
+  # the agent adds the host's own rules (DOCKER-USER) with it.
+  apt-get install -y -qq --no-install-recommends docker.io iproute2 iptables ca-certificates
 fi
 
 # --- Nothing but the agent starts dockerd ---

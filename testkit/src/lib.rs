@@ -15,8 +15,8 @@
 //! Run a single end-to-end test with `--workspace` and a filter (`cargo
 //! nextest run --workspace -E 'binary(lease_e2e)'`): `-p berth-tests` alone
 //! rebuilds only the tests, and they would start stale daemons.
-//! Tests need root, dockerd, the docker CLI, busybox-static, iproute2 and
-//! nsenter; when one is missing they fail with a message naming it (set
+//! Tests need root, dockerd, the docker CLI, busybox-static, iproute2,
+//! iptables and nsenter; when one is missing they fail with a message naming it (set
 //! `BERTH_SKIP_E2E=1` to skip them deliberately; refused when `CI=true`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -59,7 +59,7 @@ pub fn preflight() -> bool {
         "end-to-end tests need root (network namespaces, dockerd); run them as root or set BERTH_SKIP_E2E=1"
     );
     for tool in [
-        "dockerd", "docker", "ip", "nsenter", "ss", "curl", "openssl",
+        "dockerd", "docker", "ip", "nsenter", "ss", "curl", "openssl", "iptables",
     ] {
         assert!(
             which(tool).is_some(),

@@ -109,6 +109,7 @@ pub async fn start<P: Provider>(
             paths: HostPaths::new(&config.state_dir, &config.run_dir, &identity.local_id),
             netns: identity.netns.clone(),
             cgroup_parent: cleanup::cgroup_name(&identity.local_id),
+            network: identity.network,
         },
         config.boot_timeout,
     );

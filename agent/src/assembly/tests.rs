@@ -113,6 +113,7 @@ fn identity() -> Identity {
         netns: None,
         instance_type: String::new(),
         zone: String::new(),
+        network: crate::provider::hostnet::HostNetwork::Shared,
     }
 }
 

@@ -18,6 +18,7 @@ use crate::docker::client::{BollardDocker, DaemonInfo, DockerOps};
 use crate::docker::dockerd::{self, DockerdError, DockerdSpec, HostPaths};
 use crate::docker::health::{DaemonProbe, Probe};
 use crate::docker::listeners;
+use crate::provider::hostnet;
 
 /// Resolves with how the daemon's process ended (e.g. `signal: 9`).
 pub type Exited = Pin<Box<dyn Future<Output = String> + Send>>;
@@ -113,6 +114,10 @@ impl Daemon for Dockerd {
             .ok_or_else(|| DockerdError::NoPid(spec.paths.pidfile.clone()))?;
         listeners::ensure_no_tcp(pid).map_err(DockerdError::from)?;
         tracing::info!(pid, "dockerd listens on no TCP port");
+        // dockerd made its chains; the host's own rules go in after them.
+        hostnet::apply(spec.network, spec.netns.as_deref())
+            .await
+            .map_err(DockerdError::from)?;
         Ok(Running {
             probe: self.probe(&docker),
             docker,
@@ -141,6 +146,10 @@ impl Daemon for Dockerd {
             .map_err(|e| fail(format!("its dockerd does not answer: {e}")))?;
         let docker = docker.negotiate().await.map_err(|e| fail(e.to_string()))?;
         let info = docker.info().await.map_err(|e| fail(e.to_string()))?;
+        // The rules are checked (and put back if missing) on every take-over.
+        hostnet::apply(self.spec.network, self.spec.netns.as_deref())
+            .await
+            .map_err(DockerdError::from)?;
         Ok(Running {
             probe: self.probe(&docker),
             docker,

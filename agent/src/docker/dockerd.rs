@@ -1,9 +1,12 @@
 //! Starting the host's own dockerd as a child process: its paths (data root
 //! under the state dir; exec root, socket and pidfile under the short run dir,
 //! because containerd's sockets under the exec root must fit the 108-byte
-//! unix socket limit), its command line (unix socket only, never TCP; inside
-//! the host's network namespace through `nsenter`), and waiting until it
-//! answers. Stopping it is the provider's job (`provider.rs`).
+//! unix socket limit), its command line (unix socket only, never TCP;
+//! iptables and forwarding managed only in a network namespace that is the
+//! host's own, see `provider::hostnet`), where it runs (the host's network
+//! namespace and a mount namespace of its own in which `/var/run/docker.sock`
+//! is this dockerd, see [`mountns`](crate::docker::mountns)), and waiting
+//! until it answers. Stopping it is the provider's job (`provider.rs`).
 
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
@@ -12,7 +15,9 @@ use std::time::Duration;
 use tokio::process::{Child, Command};
 
 use crate::docker::client::{BollardDocker, DaemonInfo, DockerError};
+use crate::docker::mountns::{self, MountNsError, RunView};
 use crate::provider::cleanup;
+use crate::provider::hostnet::{HostNetError, HostNetwork};
 
 /// How often `/_ping` is tried while dockerd starts. Each try is a stat of
 /// the socket path until it exists, then one request: cheap next to the
@@ -40,12 +45,8 @@ pub enum DockerdError {
         #[source]
         source: std::io::Error,
     },
-    #[error("starting {program:?}: {source}")]
-    Spawn {
-        program: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("starting dockerd in the host's namespaces: {0}")]
+    Spawn(#[from] MountNsError),
     #[error("dockerd exited during boot ({status}); log tail:\n{log_tail}")]
     ExitedEarly { status: String, log_tail: String },
     #[error(
@@ -62,6 +63,8 @@ pub enum DockerdError {
     TcpListener(#[from] crate::docker::listeners::ListenerError),
     #[error("dockerd wrote no pid to {0:?}; cannot check its listeners")]
     NoPid(PathBuf),
+    #[error("the host's network rules: {0}")]
+    HostNet(#[from] HostNetError),
 }
 
 /// Every path one host uses.
@@ -120,27 +123,39 @@ pub struct DockerdSpec {
     pub netns: Option<PathBuf>,
     /// cgroup parent of the containers (`berth-HOST_ID`), so clean-up finds them.
     pub cgroup_parent: String,
+    /// Whether the network dockerd runs in is the host's own (it then
+    /// manages iptables and forwarding there) or the machine's.
+    pub network: HostNetwork,
 }
 
 impl DockerdSpec {
-    /// The program and arguments to run. Only `-H unix://`: dockerd must
-    /// never listen on TCP, the agent's front is the only way in.
-    pub fn command_line(&self) -> (PathBuf, Vec<String>) {
+    /// dockerd's arguments. Only `-H unix://`: dockerd must never listen on
+    /// TCP, the agent's front is the only way in. Every path is the
+    /// machine's, also inside dockerd's own mount namespace, so that the
+    /// clean-up recognises its processes by their command lines.
+    pub fn dockerd_args(&self) -> Vec<String> {
         let p = &self.paths;
-        let mut dockerd_args = vec![
+        let mut args = vec![
             format!("--config-file={}", p.config_file.display()),
             format!("--data-root={}", p.data_root.display()),
             format!("--exec-root={}", p.exec_root.display()),
             format!("--pidfile={}", p.pidfile.display()),
             format!("--host=unix://{}", p.socket.display()),
-            // The host's namespace is its own; nothing to NAT or forward, and
-            // the machine's iptables are not ours to edit.
-            "--iptables=false".to_owned(),
-            "--ip-masq=false".to_owned(),
-            "--ip-forward=false".to_owned(),
+        ];
+        args.extend(self.network.dockerd_args().map(str::to_owned));
+        args.extend([
             format!("--cgroup-parent={}", self.cgroup_parent),
             "--shutdown-timeout=2".to_owned(),
-        ];
+        ]);
+        args
+    }
+
+    /// A plain command line for tools that start a dockerd of this spec
+    /// themselves (the benchmarks' comparison daemon): the network namespace
+    /// through `nsenter`, without the mount namespace [`DockerdSpec::spawn`]
+    /// gives the agent's dockerd.
+    pub fn command_line(&self) -> (PathBuf, Vec<String>) {
+        let mut dockerd_args = self.dockerd_args();
         match &self.netns {
             // `ip netns exec` remounts /sys and hides the cgroup v1 mounts
             // dockerd needs; nsenter only switches the network namespace.
@@ -154,9 +169,19 @@ impl DockerdSpec {
         }
     }
 
+    /// What dockerd's own `/run` holds: its socket at `/run/docker.sock`,
+    /// and the host's directories at their machine paths.
+    pub fn run_view(&self) -> RunView {
+        RunView {
+            socket: self.paths.socket.clone(),
+            host_dirs: vec![self.paths.run_dir.clone(), self.paths.host_dir.clone()],
+        }
+    }
+
     /// Creates the directories, writes an empty daemon.json (so a machine-wide
     /// /etc/docker/daemon.json cannot add TCP hosts or other surprises) and
-    /// starts dockerd with its output going to the log file.
+    /// starts dockerd in the host's namespaces with its output going to the
+    /// log file.
     #[tracing::instrument(skip(self), fields(host_dir = %self.paths.host_dir.display()), err)]
     pub async fn spawn(&self) -> Result<Child, DockerdError> {
         let p = &self.paths;
@@ -183,10 +208,10 @@ impl DockerdSpec {
             path: p.log.clone(),
             source,
         })?;
-        let (program, args) = self.command_line();
-        tracing::debug!(?program, ?args, "starting dockerd");
-        Command::new(&program)
-            .args(&args)
+        let args = self.dockerd_args();
+        tracing::debug!(program = ?self.program, ?args, netns = ?self.netns, "starting dockerd");
+        let mut cmd = Command::new(&self.program);
+        cmd.args(&args)
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err)
@@ -198,8 +223,10 @@ impl DockerdSpec {
             .env_remove(berth_runtime::systemd::CHILD_ENV[0])
             .env_remove(berth_runtime::systemd::CHILD_ENV[1])
             .env_remove(berth_runtime::systemd::CHILD_ENV[2])
-            .spawn()
-            .map_err(|source| DockerdError::Spawn { program, source })
+            // The system bus reaches firewalld, which would apply the host's
+            // rules to the machine (see `mountns::HIDDEN`).
+            .env_remove("DBUS_SYSTEM_BUS_ADDRESS");
+        Ok(mountns::spawn_in_host(cmd, self.netns.clone(), self.run_view()).await?)
     }
 }
 
@@ -292,6 +319,7 @@ mod tests {
             ),
             netns: netns.map(PathBuf::from),
             cgroup_parent: "berth-berth-1a2b".to_owned(),
+            network: HostNetwork::Own,
         }
     }
 
@@ -326,12 +354,12 @@ mod tests {
 
     #[test]
     fn command_line_enters_netns_and_never_listens_on_tcp() {
-        let (prog, args) = spec(Some("/run/netns/berth-1a2b")).command_line();
-        assert_eq!(prog, PathBuf::from("nsenter"));
-        assert_eq!(&args[..3], ["--net=/run/netns/berth-1a2b", "--", "dockerd"]);
+        let spec = spec(Some("/run/netns/berth-1a2b"));
+        let args = spec.dockerd_args();
+        assert!(args[0].starts_with("--config-file="));
         assert!(args.contains(&"--host=unix:///run/berth/berth-1a2b/docker.sock".to_owned()));
+        assert!(args.contains(&"--exec-root=/run/berth/berth-1a2b/x".to_owned()));
         assert!(args.contains(&"--cgroup-parent=berth-berth-1a2b".to_owned()));
-        assert!(args.contains(&"--iptables=false".to_owned()));
         let hosts: Vec<&String> = args
             .iter()
             .filter(|a| a.starts_with("--host") || a.starts_with("-H"))
@@ -339,9 +367,40 @@ mod tests {
         assert_eq!(hosts.len(), 1);
         assert!(!args.iter().any(|a| a.contains("tcp://")));
 
-        let (prog, args) = spec(None).command_line();
+        let (prog, line) = spec.command_line();
+        assert_eq!(prog, PathBuf::from("nsenter"));
+        assert_eq!(&line[..3], ["--net=/run/netns/berth-1a2b", "--", "dockerd"]);
+        assert_eq!(&line[3..], &args[..]);
+        let (prog, line) = self::spec(None).command_line();
         assert_eq!(prog, PathBuf::from("dockerd"));
-        assert!(args[0].starts_with("--config-file="));
+        assert_eq!(line, args);
+    }
+
+    #[test]
+    fn iptables_and_forwarding_follow_whose_network_it_is() {
+        let mut s = spec(Some("/run/netns/berth-1a2b"));
+        let own = s.dockerd_args();
+        for flag in ["--iptables=true", "--ip-masq=true", "--ip-forward=true"] {
+            assert!(own.contains(&flag.to_owned()), "{flag} in {own:?}");
+        }
+        s.network = HostNetwork::Shared;
+        let shared = s.dockerd_args();
+        for flag in ["--iptables=false", "--ip-masq=false", "--ip-forward=false"] {
+            assert!(shared.contains(&flag.to_owned()), "{flag} in {shared:?}");
+        }
+    }
+
+    #[test]
+    fn the_run_view_links_the_socket_and_keeps_the_hosts_dirs() {
+        let v = spec(None).run_view();
+        assert_eq!(v.socket, PathBuf::from("/run/berth/berth-1a2b/docker.sock"));
+        assert_eq!(
+            v.host_dirs,
+            [
+                PathBuf::from("/run/berth/berth-1a2b"),
+                PathBuf::from("/var/lib/berth/hosts/berth-1a2b")
+            ]
+        );
     }
 
     #[test]

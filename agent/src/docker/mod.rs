@@ -1,6 +1,8 @@
 //! Everything that touches the host's Docker: [`daemon`] is the seam the
 //! assembly boots or adopts the daemon through, [`dockerd`] starts the
-//! daemon, [`client`] is the Docker API behind the `DockerOps` trait,
+//! daemon (in a mount namespace of its own, [`mountns`], where
+//! `/var/run/docker.sock` is the host's dockerd), [`client`] is the Docker
+//! API behind the `DockerOps` trait,
 //! [`front`] is the mutual-TLS front that admits only the current lease,
 //! [`wipe`] removes and verifies all Docker state, [`listeners`] checks that
 //! dockerd listens on no TCP port, and [`health`] watches the daemon.
@@ -11,4 +13,5 @@ pub mod dockerd;
 pub mod front;
 pub mod health;
 pub mod listeners;
+pub mod mountns;
 pub mod wipe;

@@ -7,7 +7,11 @@
 //!
 //! Everything is matched by name or path prefix; a [`Scope`] never reaches
 //! beyond its own prefix, roots and namespaces, and the current process is
-//! never signalled.
+//! never signalled. A host's dockerd keeps its own mounts (overlays, its
+//! namespace handle) in a mount namespace of its own (`docker::mountns`):
+//! they are never on the machine, and they go when the last process in that
+//! namespace is killed here; unmounting below the host's directories is for
+//! anything else that put a mount there.
 
 use std::collections::BTreeSet;
 use std::os::unix::fs::MetadataExt;

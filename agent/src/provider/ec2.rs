@@ -3,7 +3,8 @@
 //! - Identity comes from IMDSv2 ([`berth_aws::Metadata`]): the instance id
 //!   is the host id, the private IPv4 address is the host address, and
 //!   dockerd runs in the instance's own network namespace (no namespace per
-//!   host, as with `--no-netns`).
+//!   host), which is the host's own: dockerd manages its iptables and
+//!   forwarding, and the rules of `hostnet` apply there.
 //! - The Auto Scaling target lifecycle (`Warmed:*` / `InService`) drives the
 //!   warm-pool behaviour of the state machine; `run` polls it.
 //! - Terminating ends the instance: `TerminateInstances` on its own id
@@ -26,6 +27,7 @@ use std::time::Duration;
 use berth_aws::{Ec2Api, Metadata, TargetLifecycle};
 
 use crate::docker::dockerd::HostPaths;
+use crate::provider::hostnet::HostNetwork;
 use crate::provider::{Identity, Provider, ProviderError, host_scope, teardown};
 
 /// Bound on the power-off command (it only has to ask systemd).
@@ -127,6 +129,9 @@ impl<M: Metadata, A: Ec2Api> Provider for Ec2Provider<M, A> {
             local_id,
             host_addr: IpAddr::V4(id.local_ipv4),
             netns: None,
+            // The instance is the host: dockerd manages its iptables and
+            // forwarding, and the IMDS rule applies there.
+            network: HostNetwork::Own,
             instance_type: id.instance_type,
             zone: id.availability_zone,
         })

@@ -2,13 +2,16 @@
 //! two implementations: [`Local`] here, and the EC2 provider in `ec2.rs`.
 //! A local host is a network namespace with an address of its own (or the
 //! agent's namespace with `--no-netns`), a dockerd started by the agent, and
-//! directories under the state and run dirs. Terminating a local host
+//! directories under the state and run dirs. [`hostnet`] holds the rules
+//! that make a host's own network behave like a stock Docker host's.
+//! Terminating a local host
 //! destroys all of that; the supervisor (`berth up`) then starts a fresh
 //! agent, i.e. a fresh host. [`teardown`] is that destruction, shared with
 //! the EC2 provider (whose machine goes away on top).
 
 pub mod cleanup;
 pub mod ec2;
+pub mod hostnet;
 pub mod netns;
 
 use std::future::Future;
@@ -25,6 +28,7 @@ use rand::Rng;
 use crate::config::Config;
 use crate::docker::dockerd::{self, HostPaths};
 use cleanup::{CleanupError, Scope};
+use hostnet::HostNetwork;
 use netns::{Block, NetnsError};
 
 /// How long dockerd gets after SIGTERM before SIGKILL. It was started with
@@ -47,6 +51,10 @@ pub struct Identity {
     pub host_addr: IpAddr,
     /// `/run/netns/NAME` of the host's namespace; `None` without one.
     pub netns: Option<PathBuf>,
+    /// Whether the network namespace the host's dockerd runs in is the
+    /// host's own (a namespace of its own, an EC2 instance) or shared with
+    /// the machine (`--no-netns`).
+    pub network: HostNetwork,
     pub instance_type: String,
     pub zone: String,
 }
@@ -228,6 +236,7 @@ impl Local {
                     local_id: host_id.to_owned(),
                     host_addr: IpAddr::V4(b.host_addr),
                     netns: Some(b.path()),
+                    network: HostNetwork::Own,
                     instance_type: String::new(),
                     zone: String::new(),
                 })
@@ -245,6 +254,7 @@ impl Local {
                     local_id: host_id.to_owned(),
                     host_addr: self.host_addr,
                     netns: None,
+                    network: HostNetwork::Shared,
                     instance_type: String::new(),
                     zone: String::new(),
                 })
@@ -329,6 +339,7 @@ impl Provider for Local {
                 host_id,
                 host_addr: self.host_addr,
                 netns: None,
+                network: HostNetwork::Shared,
                 instance_type: String::new(),
                 zone: String::new(),
             });
@@ -350,6 +361,7 @@ impl Provider for Local {
             local_id: block.name.clone(),
             host_addr: IpAddr::V4(block.host_addr),
             netns: Some(block.path()),
+            network: HostNetwork::Own,
             instance_type: String::new(),
             zone: String::new(),
         })

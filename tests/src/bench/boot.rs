@@ -140,6 +140,7 @@ impl BareHost {
             paths: HostPaths::new(&env.hosts_dir(), &env.run_dir, &id.host_id),
             netns: id.netns.clone(),
             cgroup_parent: berth_agent::provider::cleanup::cgroup_name(&id.host_id),
+            network: id.network,
         };
         let t = Instant::now();
         let child = spec

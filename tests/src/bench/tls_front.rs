@@ -566,6 +566,8 @@ impl ComparisonDockerd {
             paths: paths.clone(),
             netns: Some(block.path()),
             cgroup_parent: berth_agent::provider::cleanup::cgroup_name(&block.name),
+            // Its own namespace, like a pool host's.
+            network: berth_agent::provider::hostnet::HostNetwork::Own,
         };
         for d in [
             &paths.host_dir,
