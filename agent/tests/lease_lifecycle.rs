@@ -35,6 +35,8 @@ use tokio::process::Command;
 const FRONT_PORT: u16 = 2376;
 /// Bounds for each step; generous for a loaded 2-core CI machine.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
+/// The `--boot-timeout` of the agent whose dockerd listens on TCP.
+const TCP_BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 const MESSAGE_TIMEOUT: Duration = Duration::from_secs(60);
 const DOCKER_CLI_TIMEOUT: Duration = Duration::from_secs(120);
 const EXIT_TIMEOUT: Duration = Duration::from_secs(90);
@@ -304,6 +306,16 @@ async fn expect_accepted(feed: &mut AgentFeed, lease_id: &str) {
     );
 }
 
+/// The agent tells the coordinator when a lease's certificate first opens
+/// the front (from then on the lease's key may no longer move).
+async fn expect_in_use(feed: &mut AgentFeed, lease_id: &str) {
+    let m = next_message(feed).await;
+    assert!(
+        matches!(&m, Msg::LeaseInUse(u) if u.lease_id == lease_id),
+        "LeaseInUse for {lease_id} expected, got {m:?}"
+    );
+}
+
 async fn expect_state(feed: &mut AgentFeed, state: HostState) {
     let m = next_message(feed).await;
     assert_eq!(state_of(&m), Some(state), "{m:?}");
@@ -482,6 +494,7 @@ async fn host_serves_one_lease_then_wipes_and_destroys_itself() {
         reason: EndReason::Released as i32,
     }))
     .await;
+    expect_in_use(&mut seen, "lease-1").await;
     expect_state(&mut seen, HostState::Wiping).await;
     // The front is closed before Wiping is reported.
     assert_front_refuses(front).await;
@@ -519,6 +532,7 @@ async fn recycled_host_expires_a_lease_serves_another_and_cleans_up_on_sigterm()
     docker(&client, &["volume", "create", "btr-vol"])
         .await
         .expect("volume create");
+    expect_in_use(&mut seen, "lease-1").await;
     let m = next_message(&mut seen).await;
     assert!(
         matches!(&m, Msg::LeaseEnded(e) if e.lease_id == "lease-1" && e.reason == EndReason::Expired as i32),
@@ -545,6 +559,7 @@ async fn recycled_host_expires_a_lease_serves_another_and_cleans_up_on_sigterm()
         .await
         .expect("volume ls");
     assert_eq!(volumes, "", "the previous lease's volume must be gone");
+    expect_in_use(&mut seen, "lease-2").await;
 
     // SIGTERM while leased: the front closes, the host is destroyed, exit 0.
     let pid = agent.child.id().expect("agent running");
@@ -694,6 +709,10 @@ async fn a_dockerd_listening_on_tcp_is_refused_before_the_host_registers() {
         .args(fake.agent_credentials(&guard.base.join("creds")))
         .arg("--dockerd")
         .arg(&wrapper)
+        // dockerd 20.10 delays its start by 15 s when it binds TCP without
+        // TLS, and a loaded machine adds to that: the refusal, not the boot
+        // timeout, is what this test is about.
+        .args(["--boot-timeout", "120s"])
         .arg("--state-dir")
         .arg(guard.state())
         .arg("--run-dir")
@@ -704,7 +723,7 @@ async fn a_dockerd_listening_on_tcp_is_refused_before_the_host_registers() {
         .kill_on_drop(true)
         .spawn()
         .expect("start berth-agent");
-    let out = tokio::time::timeout(BOOT_TIMEOUT + EXIT_TIMEOUT, child.wait_with_output())
+    let out = tokio::time::timeout(TCP_BOOT_TIMEOUT + EXIT_TIMEOUT, child.wait_with_output())
         .await
         .expect("the agent gives up")
         .unwrap();

@@ -428,9 +428,21 @@ pub async fn client_output(cli: &Cli) -> Result<String, CliError> {
             if let Some(d) = cert_dir {
                 check_cert_dir(d)?;
             }
-            // The lease's key is made here and never sent anywhere.
-            let key = berth_tls::KeyAndCsr::generate(&format!("berth build {build}"))
-                .map_err(|e| CliError::Other(e.to_string()))?;
+            // The lease's key is made here and never sent anywhere. A
+            // directory an earlier acquire wrote keeps its key: a retry of
+            // the same build then brings the key its lease is pinned to.
+            let name = format!("berth build {build}");
+            let kept = cert_dir.as_deref().map(|d| d.join("key.pem"));
+            let key = match kept.filter(|k| k.exists()) {
+                Some(k) => berth_tls::files::read_pem(&k)
+                    .map_err(|e| CliError::Other(e.to_string()))
+                    .and_then(|pem| {
+                        berth_tls::KeyAndCsr::for_key(&pem, &name)
+                            .map_err(|e| CliError::Other(format!("{}: {e}", k.display())))
+                    })?,
+                None => berth_tls::KeyAndCsr::generate(&name)
+                    .map_err(|e| CliError::Other(e.to_string()))?,
+            };
             let req = pb::AcquireRequest {
                 build_id: build.clone(),
                 ttl: Some(from_duration(*ttl)),

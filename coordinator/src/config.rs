@@ -87,6 +87,10 @@ pub struct CoordinatorConfig {
     /// follow the AWS SDK's settings (`AWS_ENDPOINT_URL_EC2`, `AWS_REGION`, ...).
     #[arg(long, env = "BERTH_PROVIDER", value_enum, default_value_t = Provider::Local)]
     pub provider: Provider,
+    /// Local: the range a host's address must lie in to be admitted (and
+    /// to get a server certificate for it); loopback never is.
+    #[arg(long, env = "BERTH_LOCAL_RANGE", default_value = berth_proto::local::HOST_RANGE)]
+    pub local_range: crate::admission::Cidr,
     /// EC2: the pool's name; its instances carry the tag `berth:pool=NAME`.
     #[arg(long, env = "BERTH_POOL_NAME", default_value = "")]
     pub pool_name: String,

@@ -67,6 +67,8 @@ pub enum Protocol {
 pub enum Refusal {
     /// EC2 does not vouch for the instance the agent claims to be.
     Ec2(ec2::Refusal),
+    /// The local provider's range does not hold the agent's address.
+    Local(crate::admission::local::Refusal),
     /// The orphan sweeper is terminating its instance.
     Orphan,
     /// The host held a lease: in single-use mode it never serves again.
@@ -81,6 +83,7 @@ impl Refusal {
     fn describe(&self, host_id: &str) -> String {
         match self {
             Self::Ec2(r) => r.to_string(),
+            Self::Local(r) => r.to_string(),
             Self::Orphan => format!("host {host_id} is being terminated as an orphan"),
             Self::Burned => format!(
                 "host {host_id} has held a lease; a used host is never offered again (terminate it)"

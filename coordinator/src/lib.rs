@@ -179,7 +179,10 @@ pub async fn serve(
     let ec2_metrics = Arc::new(ops::metrics::Ec2Metrics::default());
     let metrics = ec2_metrics.clone();
     let verifier: Arc<dyn admission::Verifier> = match config.provider {
-        config::Provider::Local => Arc::new(admission::AllowAll),
+        config::Provider::Local => {
+            info!(range = %config.local_range, "local pool: agents are admitted by address range");
+            Arc::new(admission::LocalRange::new(config.local_range))
+        }
         config::Provider::Ec2 => {
             // Boxed: the SDK's config loading is a deep future.
             let api = Arc::new(Box::pin(berth_aws::Ec2::from_env()).await);

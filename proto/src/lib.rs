@@ -96,6 +96,23 @@ pub mod ports {
     pub const AGENT_STATUS: u16 = 9102;
 }
 
+pub mod local {
+    //! The local provider's address range: every host of a pool on one
+    //! machine has an address of its own in it (a network namespace per
+    //! host, `agent/src/provider/netns.rs`), and the coordinator's local
+    //! admission admits no other address by default.
+
+    use std::net::Ipv4Addr;
+
+    /// 198.18.0.0/15, the benchmarking range (RFC 2544): never routed
+    /// anywhere real.
+    pub const HOST_RANGE_BASE: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 0);
+    /// The prefix length of [`HOST_RANGE_BASE`].
+    pub const HOST_RANGE_PREFIX: u8 = 15;
+    /// The range as a flag value.
+    pub const HOST_RANGE: &str = "198.18.0.0/15";
+}
+
 pub mod codec {
     //! The codec every berth.v1 service uses: prost, with 1 KiB per-call
     //! encode and decode buffers instead of tonic's default 8 KiB. Every

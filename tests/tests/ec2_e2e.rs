@@ -10,7 +10,9 @@
 //!   survives being stopped, and registers once in service;
 //! - the coordinator refuses agents that are unknown, untagged, not running
 //!   or at the wrong address;
-//! - with EC2 unreachable, ending the instance falls back to power-off.
+//! - with EC2 unreachable, ending the instance falls back to power-off;
+//! - an instance that served a lease and whose agent was killed is refused
+//!   by the coordinator and terminated by its sweeper after a grace.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -359,6 +361,91 @@ async fn register(
         Some(pb::coordinator_message::Msg::Registered(_)) => Ok(()),
         other => panic!("unexpected first message {other:?}"),
     }
+}
+
+/// [`register`] from inside the world's namespace: the stream comes from
+/// the instance's own address, as its agent's would.
+fn register_from_instance(
+    w: &Ec2World,
+    c: &Coordinator,
+    host_id: &str,
+) -> Result<(), tonic::Status> {
+    let netns = std::fs::File::open(&w.netns_path).unwrap();
+    let (join_token, host_id, host_addr) = (
+        w.state_dir.join("join-token"),
+        host_id.to_owned(),
+        w.host_addr.to_string(),
+    );
+    let c = Coordinator {
+        addr: c.addr,
+        log: c.log.clone(),
+        ca_pem: c.ca_pem.clone(),
+    };
+    std::thread::spawn(move || {
+        // Only this thread moves; its sockets are made in the namespace.
+        nix::sched::setns(netns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(register(&c, &join_token, &host_id, &host_addr))
+    })
+    .join()
+    .unwrap()
+}
+
+#[test]
+fn a_used_instance_is_refused_by_the_coordinator_and_terminated_by_its_sweeper() {
+    if !preflight() {
+        return;
+    }
+    let mut w = Ec2World::start("bec6-");
+    let host = w.launch_host(Some("InService"));
+    let c = w.start_coordinator(&["--sweep-interval", "1s", "--burned-grace", "10s"]);
+    let agent = w.start_agent(&c, &["--lifecycle-poll", "500ms"]);
+    w.wait_registered(&c, &host, REGISTER_TIMEOUT);
+    let lease = w.acquire(&c, "ci-burned");
+    ok(
+        run(lease.docker().args(["volume", "create", "left-behind"])),
+        "volume create",
+    );
+    // The build kills its agent: nothing on the instance will end it now.
+    w.kill_child(&agent);
+    ok(
+        w.berth(&c, &["release", "--lease", lease.lease_id()]),
+        "release",
+    );
+
+    // The instance is running, in the pool, at its own address, and the
+    // join token is on it: all EC2 checks pass, and still its id does not
+    // come back as a fresh host.
+    assert_eq!(w.state_of(&host), "running");
+    let refused = register_from_instance(&w, &c, &host)
+        .expect_err("the coordinator admitted a used instance");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    assert!(
+        refused.message().contains("has held a lease"),
+        "{}",
+        refused.message()
+    );
+    assert!(
+        w.hosts(&c)
+            .iter()
+            .all(|h| h.host_id != host || h.state != pb::HostState::Ready as i32)
+    );
+
+    // The coordinator is the backstop: its sweeper terminates the instance
+    // once the grace after the lease's end has passed.
+    wait_for(
+        "the coordinator to terminate the used instance",
+        Duration::from_secs(60),
+        || (w.state_of(&host) == "terminated").then_some(()),
+    );
+    assert_eq!(
+        passes(&c, "terminated a burned instance", &host).len(),
+        1,
+        "one termination, logged"
+    );
 }
 
 #[test]

@@ -112,7 +112,18 @@ fn coordinator_killed_mid_lease_restarts_and_the_lease_carries_on() {
     assert!(vols.contains("kept"), "{vols}");
 
     // An Acquire retry of the same build gets the same lease, not a host.
-    let retry = pool.acquire("fc-a", "10m", "1m");
+    // (Its certificate directory keeps the lease's key: the lease is pinned
+    // to it once used.)
+    let retry = LeaseEnv::parse(&stdout(&ok(
+        pool.berth(&[
+            "acquire",
+            "--build",
+            "fc-a",
+            "--cert-dir",
+            a.cert_dir().to_str().unwrap(),
+        ]),
+        "berth acquire retry",
+    )));
     assert_eq!(retry.lease_id(), a.lease_id());
     // Renew by lease id works and reaches the agent.
     ok(

@@ -293,8 +293,11 @@ fn only_the_current_lease_certificate_opens_a_host() {
         &s_client(&front_a, &ca_path, Some(&foreign)),
     );
 
-    // A pool certificate for the right lease, but past its validity.
+    // A pool certificate for the right lease and its key, but past its
+    // validity.
     let pool_ca = pool.ca();
+    let a_key = std::fs::read_to_string(a.cert_dir().join("key.pem")).unwrap();
+    let k = berth_tls::KeyAndCsr::for_key(&a_key, "x").unwrap();
     let cert_pem = pool_ca
         .sign_lease_between(&k.csr_pem, a.lease_id(), now - 2 * hour, now - hour)
         .unwrap();
@@ -308,7 +311,8 @@ fn only_the_current_lease_certificate_opens_a_host() {
         &s_client(&front_a, &ca_path, Some(&expired)),
     );
     // ... while the same key with a current certificate gets in: the
-    // refusal above was the validity, nothing else.
+    // refusal above was the validity, nothing else. (A certificate for the
+    // lease with another key is refused: tests/tests/hostile_e2e.rs.)
     let cert_pem = pool_ca
         .sign_lease(&k.csr_pem, a.lease_id(), now, now + hour)
         .unwrap();

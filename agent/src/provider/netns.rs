@@ -28,13 +28,13 @@ use tokio::process::Command;
 /// Bound on one `ip` invocation.
 pub const IP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Number of /30 blocks in 198.18.0.0/15.
-pub const BLOCKS: u32 = 32768;
+pub const BLOCKS: u32 = 1 << (32 - berth_proto::local::HOST_RANGE_PREFIX - 2);
 /// How many random blocks to try before giving up (a nearly full range
 /// means something leaks namespaces; better to fail loudly).
 pub const MAX_BLOCK_ATTEMPTS: usize = 64;
 /// Where `ip netns` keeps its namespace handles.
 pub const NETNS_DIR: &str = "/run/netns";
-const BASE: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 0);
+const BASE: Ipv4Addr = berth_proto::local::HOST_RANGE_BASE;
 
 /// What went wrong setting up or tearing down a namespace.
 #[derive(Debug, thiserror::Error)]

@@ -54,6 +54,7 @@ impl AgentService for Services {
         // Before the CA signs anything and before the pool hears of it: a
         // refused agent gets no certificate and is never offered.
         self.verifier.verify(&reg, peer).await?;
+        self.pool.admits(&reg)?;
         let server_cert_pem = self
             .ca
             .sign_host(&csr_pem, &reg.host_id, addr, Now::system().wall)

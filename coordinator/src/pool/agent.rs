@@ -20,36 +20,31 @@ use crate::timeline::{self, Step};
 use crate::validate;
 
 impl Pool {
+    /// Whether `reg` may register, without registering it: the service asks
+    /// before the CA signs anything, so a refused agent gets no certificate.
+    /// ([`Pool::register`] checks again, under the same lock as its change.)
+    pub fn admits(&self, reg: &Registration) -> Result<(), Error> {
+        match self.lock().refusal(reg) {
+            Some(reason) => Err(Error::Refused {
+                host_id: reg.host_id.clone(),
+                reason,
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// Records a (re-)registering agent and returns its connection id; the
     /// previous stream of the same host, if any, is dropped. Refused when
     /// the orphan sweeper is ending this host.
     pub fn register(&self, reg: Registration, tx: AgentTx, now: Now) -> Result<u64, Error> {
         let mut g = self.lock();
         let host_id = reg.host_id.clone();
-        // A used host never serves again, whatever its agent says.
-        if g.burned.contains_key(&host_id) {
-            warn!(host_id, "registration refused: the host has held a lease");
-            return Err(Error::Refused {
-                host_id,
-                reason: Refusal::Burned,
-            });
+        if let Some(reason) = g.refusal(&reg) {
+            return Err(Error::Refused { host_id, reason });
         }
-        // The id is bound to the key it first registered with; a
-        // registration must prove it holds that key (its CSR's signature).
-        match (g.host_keys.get(&host_id), reg.key) {
-            (Some(pinned), Some(k)) if *pinned == k => {}
-            (Some(_), _) => {
-                warn!(host_id, "registration refused: not the host's key");
-                return Err(Error::Refused {
-                    host_id,
-                    reason: Refusal::KeyMismatch,
-                });
-            }
-            (None, Some(k)) => {
-                g.host_keys.insert(host_id.clone(), k);
-                g.dirty_hosts.insert(host_id.clone());
-            }
-            (None, None) => {}
+        if let (None, Some(k)) = (g.host_keys.get(&host_id), reg.key) {
+            g.host_keys.insert(host_id.clone(), k);
+            g.dirty_hosts.insert(host_id.clone());
         }
         let conn_id = g.next_conn + 1;
         let said = reg.state;
@@ -412,6 +407,37 @@ impl Inner {
                     "adopted lease reported by agent"
                 );
             }
+        }
+    }
+}
+
+impl Inner {
+    /// Why the pool refuses `reg`, if it does: a used host never serves
+    /// again, whatever its agent says (it may still register while it says
+    /// it is wiping or terminating, to report how its lease's wipe went; it
+    /// is never offered, `Inner::offerable`); a host id is bound to the key
+    /// it first registered with, and a registration must prove it holds
+    /// that key (its CSR's signature).
+    fn refusal(&self, reg: &Registration) -> Option<Refusal> {
+        let host_id = &reg.host_id;
+        let ending = matches!(
+            reg.state,
+            pb::HostState::Wiping | pb::HostState::Terminating
+        );
+        if self.burned.contains_key(host_id) && !ending {
+            warn!(host_id, "registration refused: the host has held a lease");
+            return Some(Refusal::Burned);
+        }
+        match (self.host_keys.get(host_id), reg.key) {
+            (Some(pinned), Some(k)) if *pinned == k => None,
+            (Some(_), _) => {
+                warn!(
+                    host_id,
+                    "registration refused: the host id is bound to the key it first registered with, and this one is another"
+                );
+                Some(Refusal::KeyMismatch)
+            }
+            (None, _) => None,
         }
     }
 }

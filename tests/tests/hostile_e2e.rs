@@ -1,0 +1,516 @@
+//! Hostile builds and hostile neighbours on a real pool: what someone who
+//! holds the tenant token, the join token or a lease (root on its host) tries,
+//! and what they get. Each attack is paired with the legitimate use it must
+//! not disturb, so a refusal for an unrelated reason cannot pass for the
+//! real one.
+//!
+//! - a lease's key is pinned: neither `Renew` nor a retried `Acquire` can
+//!   bring another key once the lease's certificate has opened its host,
+//!   and a certificate for another key never opens it, however it was made;
+//! - a host id is bound to its key: a second registration with the join
+//!   token but without the host's key is refused, the live host keeps
+//!   serving;
+//! - with `--recycle`, a lease that makes its host a swarm manager leaves
+//!   nothing for the next lease: swarm inactive, no stray TCP listener;
+//! - the client side: `berth acquire --cert-dir` refuses a directory with a
+//!   user's files, `berth release` deletes only what acquire wrote, and a
+//!   volume whose contents turn a directory into a symlink between two
+//!   `berth sync --from` runs cannot make the second one write outside its
+//!   destination.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use berth_proto::v1 as pb;
+use berth_proto::v1::agent_service_client::AgentServiceClient;
+use berth_proto::v1::lease_service_client::LeaseServiceClient;
+use berth_testkit::*;
+
+fn minutes(m: i64) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: m * 60,
+        nanos: 0,
+    }
+}
+
+/// A certificate directory as the docker CLI reads it.
+fn cert_dir(root: &Path, name: &str, ca_pem: &str, cert_pem: &str, key_pem: &str) -> PathBuf {
+    let dir = root.join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("ca.pem"), ca_pem).unwrap();
+    std::fs::write(dir.join("cert.pem"), cert_pem).unwrap();
+    std::fs::write(dir.join("key.pem"), key_pem).unwrap();
+    dir
+}
+
+/// `docker version` against `docker_host` with the certificates in `dir`:
+/// Ok(server version) or Err(what docker said).
+fn docker_version(docker_host: &str, dir: &Path) -> Result<String, String> {
+    let o = run(docker_cli(docker_host)
+        .env("DOCKER_TLS_VERIFY", "1")
+        .env("DOCKER_CERT_PATH", dir)
+        .args(["version", "--format", "{{.Server.Version}}"]));
+    if o.status.success() && !stdout(&o).trim().is_empty() {
+        Ok(stdout(&o).trim().to_owned())
+    } else {
+        Err(format!("{}{}", stdout(&o), stderr(&o)))
+    }
+}
+
+fn assert_refused(what: &str, r: Result<String, String>) {
+    match r {
+        Ok(v) => panic!("{what}: the host answered (server {v})"),
+        Err(e) => assert!(
+            e.contains("certificate") || e.contains("tls") || e.contains("remote error"),
+            "{what}: refused, but not in the TLS handshake: {e}"
+        ),
+    }
+}
+
+fn new_key() -> berth_tls::KeyAndCsr {
+    berth_tls::KeyAndCsr::generate("hostile test").unwrap()
+}
+
+#[test]
+fn a_lease_key_cannot_be_swapped_once_its_certificate_is_in_use() {
+    if !preflight() {
+        return;
+    }
+    let pool = Pool::start("bth1-", 2, &[]);
+    let scratch = pool.state_dir.join("scratch");
+    let ca_pem = std::fs::read_to_string(pool.ca_pem_path()).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut client = LeaseServiceClient::new(rt.block_on(pool.endpoint().connect()).unwrap());
+    let mut acquire = |build: &str, key: &berth_tls::KeyAndCsr| {
+        rt.block_on(client.acquire(pool.authed(pb::AcquireRequest {
+            build_id: build.into(),
+            ttl: Some(minutes(30)),
+            wait: Some(minutes(1)),
+            csr_pem: key.csr_pem.clone(),
+        })))
+        .map(tonic::Response::into_inner)
+    };
+
+    // A retried acquire (its first answer was lost, say) may bring another
+    // key while the certificate has not been used: the key moves, and the
+    // first certificate stops opening the host.
+    let (k1, k2, k3) = (new_key(), new_key(), new_key());
+    let first = acquire("pin-retry", &k1).expect("acquire");
+    let lease = first.lease.clone().unwrap();
+    let c1 = cert_dir(&scratch, "k1", &ca_pem, &first.client_cert_pem, &k1.key_pem);
+    let retried = acquire("pin-retry", &k2).expect("a retried acquire with another key");
+    assert_eq!(retried.lease.as_ref().unwrap().lease_id, lease.lease_id);
+    let c2 = cert_dir(
+        &scratch,
+        "k2",
+        &ca_pem,
+        &retried.client_cert_pem,
+        &k2.key_pem,
+    );
+    // The agent hears of the new key right after the answer.
+    wait_for(
+        "k2's certificate opens the host",
+        Duration::from_secs(10),
+        || docker_version(&lease.docker_host, &c2).ok(),
+    );
+    assert_refused(
+        "k1's certificate after the key moved to k2",
+        docker_version(&lease.docker_host, &c1),
+    );
+
+    // In use now: neither a retried Acquire nor a Renew may bring k3.
+    let refused = acquire("pin-retry", &k3).expect_err("retried acquire with k3 after use");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused}");
+    assert!(refused.message().contains("in use"), "{refused}");
+    let refused = rt
+        .block_on(client.renew(pool.authed(pb::RenewRequest {
+            lease_id: lease.lease_id.clone(),
+            ttl: Some(minutes(40)),
+            csr_pem: k3.csr_pem.clone(),
+        })))
+        .expect_err("renew with k3");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused}");
+
+    // The attack as a user would run it: `berth renew` with a fresh key in
+    // a directory of one's own, for somebody else's lease id.
+    let thief = scratch.join("thief");
+    std::fs::create_dir_all(&thief).unwrap();
+    std::fs::write(thief.join("key.pem"), &k3.key_pem).unwrap();
+    // The marker that makes the CLI take a directory for the lease's: a
+    // convenience, not a boundary, and as easy to write as this.
+    std::fs::write(thief.join("berth-lease"), format!("{}\n", lease.lease_id)).unwrap();
+    let o = pool.berth(&[
+        "renew",
+        "--lease",
+        &lease.lease_id,
+        "--cert-dir",
+        thief.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        o.status.code(),
+        Some(7),
+        "berth renew with k3: {}",
+        stderr(&o)
+    );
+    assert!(stderr(&o).contains("key"), "{}", stderr(&o));
+    assert!(
+        !thief.join("cert.pem").exists(),
+        "a certificate was written"
+    );
+
+    // Whatever made it, a certificate for this lease with k3 does not open
+    // the host: the front admits the lease's key, not just its name.
+    let now = SystemTime::now();
+    let forged = pool
+        .ca()
+        .sign_lease(
+            &k3.csr_pem,
+            &lease.lease_id,
+            now,
+            now + Duration::from_secs(600),
+        )
+        .unwrap();
+    let c3 = cert_dir(&scratch, "k3", &ca_pem, &forged, &k3.key_pem);
+    assert_refused(
+        "a CA-signed certificate for the lease with k3",
+        docker_version(&lease.docker_host, &c3),
+    );
+
+    // The holder is unaffected: its certificate works, it renews with its
+    // own key, and the renewed certificate works too.
+    docker_version(&lease.docker_host, &c2).expect("the holder's certificate");
+    let renewed = rt
+        .block_on(
+            client.renew(
+                pool.authed(pb::RenewRequest {
+                    lease_id: lease.lease_id.clone(),
+                    ttl: Some(minutes(40)),
+                    csr_pem: berth_tls::KeyAndCsr::for_key(&k2.key_pem, "renew")
+                        .unwrap()
+                        .csr_pem,
+                }),
+            ),
+        )
+        .expect("renew with the lease's own key")
+        .into_inner();
+    let c2r = cert_dir(
+        &scratch,
+        "k2r",
+        &ca_pem,
+        &renewed.client_cert_pem,
+        &k2.key_pem,
+    );
+    docker_version(&lease.docker_host, &c2r).expect("the renewed certificate");
+    assert_eq!(
+        pool.lease(&lease.lease_id).state,
+        pb::LeaseState::Active as i32
+    );
+
+    ok(
+        pool.berth(&["release", "--lease", &lease.lease_id]),
+        "release",
+    );
+}
+
+#[test]
+fn a_second_registration_without_the_hosts_key_is_refused_and_the_host_keeps_serving() {
+    if !preflight() {
+        return;
+    }
+    let pool = Pool::start("bth2-", 1, &[]);
+    let host = pool.hosts().pop().expect("one host");
+    let join_token = std::fs::read_to_string(pool.state_dir.join("join-token")).unwrap();
+    let join_token = join_token.trim();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let agents = AgentServiceClient::new(rt.block_on(pool.endpoint().connect()).unwrap());
+
+    // Everything a registration carries, as the live host sent it, but a
+    // CSR of another key: what a join-token holder can send.
+    let register = |host_id: &str, host_addr: &str| pb::AgentMessage {
+        msg: Some(pb::agent_message::Msg::Register(pb::Register {
+            host_id: host_id.to_owned(),
+            host_addr: host_addr.to_owned(),
+            docker_host: format!("tcp://{host_addr}:2376"),
+            provider: "local".into(),
+            agent_version: "0.1.0".into(),
+            docker_version: "20.10".into(),
+            resources: Some(pb::Resources {
+                cpus: 1,
+                memory_bytes: 1 << 30,
+                disk_bytes: 1 << 30,
+                ..Default::default()
+            }),
+            state: pb::HostState::Ready as i32,
+            csr_pem: new_key().csr_pem,
+            ..Default::default()
+        })),
+    };
+    let attempt = |msg: pb::AgentMessage| {
+        let mut agents = agents.clone();
+        rt.block_on(async move {
+            let stream = tokio_stream::iter(vec![msg]);
+            agents.connect(with_token(stream, join_token)).await
+        })
+    };
+    let refused = attempt(register(&host.host_id, &host.host_addr))
+        .expect_err("a registration of the live host id with another key");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused}");
+    assert!(refused.message().contains("key"), "{refused}");
+
+    // No server certificate for loopback, nor for an address outside the
+    // pool's range, under a fresh host id either.
+    let fresh_id = format!("{}ffff", pool.prefix);
+    for addr in ["127.0.0.1", "10.9.8.7"] {
+        let refused =
+            attempt(register(&fresh_id, addr)).expect_err("a registration for a non-pool address");
+        assert_eq!(
+            refused.code(),
+            tonic::Code::PermissionDenied,
+            "{addr}: {refused}"
+        );
+        assert!(refused.message().contains(addr), "{refused}");
+    }
+
+    // The live host was not displaced: still Ready, it takes a lease and
+    // its Docker API answers with the lease's certificate.
+    let hosts = pool.hosts();
+    assert_eq!(hosts.len(), 1, "{hosts:?}");
+    assert_eq!(hosts[0].host_id, host.host_id);
+    assert_eq!(hosts[0].state, pb::HostState::Ready as i32, "{hosts:?}");
+    let lease = pool.acquire("after-impostor", "10m", "1m");
+    assert_eq!(lease.get("BERTH_HOST_ID"), host.host_id);
+    ok(
+        run(lease
+            .docker()
+            .args(["version", "--format", "{{.Server.Version}}"])),
+        "docker version on the live host",
+    );
+    ok(
+        pool.berth(&["release", "--lease", lease.lease_id()]),
+        "release",
+    );
+    assert!(
+        pool.coordinator_log().contains("bound to the key"),
+        "the refusal is logged"
+    );
+}
+
+/// The TCP ports listening in a host's namespace (the local address column
+/// of `ss -Htlnp`: `State Recv-Q Send-Q Local:Port Peer:Port Process`).
+fn listening_ports(host_id: &str) -> Vec<u16> {
+    tcp_listeners_in_netns(host_id)
+        .iter()
+        .filter_map(|l| {
+            l.split_whitespace()
+                .nth(3)?
+                .rsplit(':')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+#[test]
+fn a_swarm_manager_made_by_one_lease_is_gone_for_the_next_on_a_recycled_host() {
+    if !preflight() {
+        return;
+    }
+    let pool = Pool::start("bth3-", 1, &["--recycle"]);
+    let a = pool.acquire("swarm-a", "10m", "1m");
+    let host_id = a.get("BERTH_HOST_ID").to_owned();
+    // The hostile lease: a swarm manager on TCP 2377, whose join token the
+    // lease holder keeps.
+    ok(
+        run(a
+            .docker()
+            .args(["swarm", "init", "--advertise-addr", a.host_addr()])),
+        "docker swarm init",
+    );
+    let state = ok(
+        run(a
+            .docker()
+            .args(["info", "--format", "{{.Swarm.LocalNodeState}}"])),
+        "docker info",
+    );
+    assert_eq!(stdout(&state).trim(), "active");
+    assert!(
+        listening_ports(&host_id).contains(&2377),
+        "the manager listens: {:?}",
+        tcp_listeners_in_netns(&host_id)
+    );
+    ok(pool.berth(&["release", "--lease", a.lease_id()]), "release");
+
+    // The same host serves the next lease (recycle), and nothing is left.
+    let b = pool.acquire("swarm-b", "10m", "2m");
+    assert_eq!(b.get("BERTH_HOST_ID"), host_id, "recycled host expected");
+    let state = ok(
+        run(b
+            .docker()
+            .args(["info", "--format", "{{.Swarm.LocalNodeState}}"])),
+        "docker info",
+    );
+    assert_eq!(stdout(&state).trim(), "inactive");
+    let ports = listening_ports(&host_id);
+    assert!(
+        ports.iter().all(|p| [2376, 9102].contains(p)),
+        "only berth's front and status listen: {:?}",
+        tcp_listeners_in_netns(&host_id)
+    );
+    assert!(ports.contains(&2376), "{ports:?}");
+    ok(pool.berth(&["release", "--lease", b.lease_id()]), "release");
+}
+
+#[test]
+fn the_client_side_writes_only_where_it_was_told() {
+    if !preflight() {
+        return;
+    }
+    let pool = Pool::start("bth4-", 1, &[]);
+    let scratch = pool.state_dir.join("scratch");
+    std::fs::create_dir_all(&scratch).unwrap();
+
+    // A directory with a user's file in it is not a certificate directory.
+    let mine = scratch.join("mine");
+    std::fs::create_dir_all(&mine).unwrap();
+    std::fs::write(mine.join("notes.txt"), "mine").unwrap();
+    let o = pool.berth(&[
+        "acquire",
+        "--build",
+        "cd-refused",
+        "--cert-dir",
+        mine.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("notes.txt"), "{}", stderr(&o));
+    assert_eq!(
+        std::fs::read_to_string(mine.join("notes.txt")).unwrap(),
+        "mine"
+    );
+    assert!(
+        pool.all_leases().iter().all(|l| l.build_id != "cd-refused"),
+        "a refused acquire took no lease"
+    );
+
+    // A directory acquire made: release deletes its own files only.
+    let made = scratch.join("made");
+    let o = ok(
+        pool.berth(&[
+            "acquire",
+            "--build",
+            "cd-made",
+            "--cert-dir",
+            made.to_str().unwrap(),
+        ]),
+        "acquire into a new directory",
+    );
+    let lease = LeaseEnv::parse(&stdout(&o));
+    assert_eq!(lease.cert_dir(), made.as_path());
+
+    // A volume that holds a symlink out of any destination it is synced to.
+    let outside = scratch.join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    let image = busybox_image(&lease, &scratch);
+    let in_volume = |script: &str| {
+        ok(
+            run(lease.docker().args([
+                "run",
+                "--rm",
+                "-v",
+                "hostile:/data",
+                &image,
+                "sh",
+                "-c",
+                script,
+            ])),
+            script,
+        )
+    };
+    let link = format!(
+        "ln -s {} /data/link && echo x > /data/suid && chmod 4755 /data/suid",
+        outside.display()
+    );
+    in_volume(&link);
+    let dest = scratch.join("dest");
+    std::fs::create_dir_all(&dest).unwrap();
+    let sync_from = || {
+        run(pool
+            .berth_cmd()
+            .env("DOCKER_HOST", lease.docker_host())
+            .env("DOCKER_CERT_PATH", lease.cert_dir())
+            .env("BERTH_LEASE_ID", lease.lease_id())
+            .args(["sync", "--from", "hostile"])
+            .arg(&dest))
+    };
+    ok(sync_from(), "berth sync --from (a symlink out)");
+    let meta = std::fs::symlink_metadata(dest.join("link")).unwrap();
+    assert!(meta.file_type().is_symlink(), "the link is kept as a link");
+    let suid = std::fs::metadata(dest.join("suid")).unwrap();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&suid.permissions()) & 0o6000,
+        0,
+        "setuid stripped"
+    );
+    // The volume's link becomes a directory with a file in it; the
+    // destination still holds the link from the first sync.
+    in_volume("rm /data/link && mkdir /data/link && echo pwned > /data/link/f");
+    let second = sync_from();
+    assert_eq!(
+        std::fs::read_dir(&outside).unwrap().count(),
+        0,
+        "the second sync wrote through the link; sync said: {}",
+        stderr(&second)
+    );
+    if second.status.success() {
+        // It replaced the link with the directory, beneath the destination.
+        assert_eq!(
+            std::fs::read_to_string(dest.join("link").join("f")).unwrap(),
+            "pwned\n"
+        );
+        assert!(
+            std::fs::symlink_metadata(dest.join("link"))
+                .unwrap()
+                .is_dir()
+        );
+    }
+
+    std::fs::write(made.join("notes.txt"), "mine too").unwrap();
+    ok(
+        pool.berth(&[
+            "release",
+            "--lease",
+            lease.lease_id(),
+            "--cert-dir",
+            made.to_str().unwrap(),
+        ]),
+        "release",
+    );
+    for f in ["ca.pem", "cert.pem", "key.pem"] {
+        assert!(!made.join(f).exists(), "{f} left behind");
+    }
+    assert_eq!(
+        std::fs::read_to_string(made.join("notes.txt")).unwrap(),
+        "mine too",
+        "release deleted a file acquire did not write"
+    );
+}
+
+/// A busybox image built on the lease's host; its tag.
+fn busybox_image(lease: &LeaseEnv, scratch: &Path) -> String {
+    let ctx = scratch.join("busybox-ctx");
+    busybox_context(&ctx, "hostile\n");
+    let tag = "bth-busybox";
+    ok(
+        run(lease.docker().args(["build", "-q", "-t", tag]).arg(&ctx)),
+        "docker build",
+    );
+    tag.to_owned()
+}
