@@ -22,8 +22,8 @@ use std::process::Stdio;
 use std::time::{Duration, Instant, SystemTime};
 
 use berth_proto::v1::{
-    AssignLease, EndLease, EndReason, HostState, Register, WipeReport, agent_message::Msg,
-    coordinator_message,
+    AssignLease, EndLease, EndReason, HostState, Register, Registered, WipeReport,
+    agent_message::Msg, coordinator_message,
 };
 use berth_testkit::{
     AgentFeed, FakeCoordinator, busybox_context, cgroups_with_prefix, link_exists, mounts_under,
@@ -511,6 +511,111 @@ async fn host_serves_one_lease_then_wipes_and_destroys_itself() {
     assert_eq!(report.networks_removed, 1, "{report:?}");
     expect_state(&mut seen, HostState::Terminating).await;
 
+    assert_clean_exit(&guard, agent, &register).await;
+}
+
+/// The certificate (DER) the front presents to a client of `lease_id`.
+async fn served_certificate(
+    fake: &FakeCoordinator,
+    dir: &Path,
+    front: SocketAddr,
+    lease_id: &str,
+) -> Option<Vec<u8>> {
+    let certs = fake.lease_certs(dir, lease_id);
+    let read = |f: &str| std::fs::read_to_string(certs.join(f)).unwrap();
+    let config =
+        berth_tls::lease_client_config(&read("ca.pem"), &read("cert.pem"), &read("key.pem"))
+            .unwrap();
+    let tcp = tokio::net::TcpStream::connect(front).await.ok()?;
+    let name = rustls::pki_types::ServerName::IpAddress(front.ip().into());
+    let tls = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_rustls::TlsConnector::from(config).connect(name, tcp),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    let der = tls
+        .get_ref()
+        .1
+        .peer_certificates()?
+        .first()?
+        .as_ref()
+        .to_vec();
+    Some(der)
+}
+
+fn pem_to_der(pem: &str) -> Vec<u8> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes())
+        .unwrap()
+        .as_ref()
+        .to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewed_certificate_is_served_without_reconnecting() {
+    if !preflight() {
+        return;
+    }
+    let guard = Guard::new("btc-");
+    let (fake, mut seen) = FakeCoordinator::start_with_heartbeat(HEARTBEAT_MS).await;
+    let agent = start_agent(&guard, &fake, &[]).await;
+    let (register, front) = expect_register(&mut seen, &agent, &guard.prefix).await;
+    assign(&fake, "lease-1", Duration::from_secs(600)).await;
+    expect_accepted(&mut seen, "lease-1").await;
+    let before = served_certificate(&fake, &guard.base, front, "lease-1")
+        .await
+        .expect("the front serves the lease");
+
+    // The coordinator renews the host's certificate on the live stream,
+    // mid-lease (for the same key and address).
+    let renewed = fake
+        .ca()
+        .sign_host_for(
+            &register.csr_pem,
+            &register.host_id,
+            front.ip(),
+            SystemTime::now(),
+            Duration::from_secs(2 * 3600),
+        )
+        .unwrap();
+    let renewed_der = pem_to_der(&renewed);
+    assert_ne!(renewed_der, before);
+    fake.send(coordinator_message::Msg::Registered(Registered {
+        heartbeat_interval_ms: HEARTBEAT_MS,
+        server_cert_pem: renewed,
+        ca_pem: fake.ca_pem().to_owned(),
+    }))
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = served_certificate(&fake, &guard.base, front, "lease-1").await;
+        if now.as_deref() == Some(renewed_der.as_slice()) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the front still serves the old certificate"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Taken on the live stream: no new registration, and the lease goes on.
+    fake.send(coordinator_message::Msg::EndLease(EndLease {
+        lease_id: "lease-1".into(),
+        reason: EndReason::Released as i32,
+    }))
+    .await;
+    loop {
+        let m = next_message(&mut seen).await;
+        assert!(!matches!(m, Msg::Register(_)), "the agent registered again");
+        if state_of(&m) == Some(HostState::Wiping) {
+            break;
+        }
+    }
+    expect_wipe_report(&mut seen, "lease-1").await;
+    expect_state(&mut seen, HostState::Terminating).await;
     assert_clean_exit(&guard, agent, &register).await;
 }
 

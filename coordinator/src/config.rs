@@ -87,6 +87,10 @@ pub struct CoordinatorConfig {
     /// follow the AWS SDK's settings (`AWS_ENDPOINT_URL_EC2`, `AWS_REGION`, ...).
     #[arg(long, env = "BERTH_PROVIDER", value_enum, default_value_t = Provider::Local)]
     pub provider: Provider,
+    /// How long an agent's server certificate is valid; a connected agent
+    /// gets a fresh one at two thirds of that, without reconnecting.
+    #[arg(long, env = "BERTH_HOST_CERT_VALIDITY", default_value = "30d", value_parser = humantime::parse_duration)]
+    pub host_cert_validity: Duration,
     /// Local: the range a host's address must lie in to be admitted (and
     /// to get a server certificate for it); loopback never is.
     #[arg(long, env = "BERTH_LOCAL_RANGE", default_value = berth_proto::local::HOST_RANGE)]
@@ -133,7 +137,13 @@ pub enum ConfigError {
         "--recycle is refused with --provider ec2: a host that served a lease is never trusted again (docs/security.md)"
     )]
     RecycleOnEc2,
+    #[error("--host-cert-validity {0:?} is shorter than the minimum, {MIN_HOST_CERT_VALIDITY:?}")]
+    HostCertValidity(Duration),
 }
+
+/// The shortest `--host-cert-validity`: certificates are re-issued at 2/3
+/// of it, and a few seconds must stay for the agent to take the new one.
+pub const MIN_HOST_CERT_VALIDITY: Duration = Duration::from_secs(15);
 
 impl CoordinatorConfig {
     /// The names the gRPC server certificate carries.
@@ -153,6 +163,9 @@ impl CoordinatorConfig {
 
     /// Checks what clap cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.host_cert_validity < MIN_HOST_CERT_VALIDITY {
+            return Err(ConfigError::HostCertValidity(self.host_cert_validity));
+        }
         if self.provider == Provider::Ec2 {
             if self.recycle {
                 return Err(ConfigError::RecycleOnEc2);
@@ -200,5 +213,49 @@ impl CoordinatorConfig {
             burned_retention: self.burned_retention,
             ..PoolConfig::default()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        c: CoordinatorConfig,
+    }
+
+    fn try_parse(args: &[&str]) -> Result<CoordinatorConfig, clap::Error> {
+        let mut argv = vec!["berth-coordinator"];
+        argv.extend_from_slice(args);
+        Cli::try_parse_from(argv).map(|c| c.c)
+    }
+
+    fn parse(args: &[&str]) -> CoordinatorConfig {
+        try_parse(args).unwrap()
+    }
+
+    #[test]
+    fn settings_that_would_weaken_the_pool_are_refused() {
+        assert_eq!(parse(&[]).validate(), Ok(()));
+        let c = parse(&["--provider", "ec2", "--pool-name", "p", "--recycle"]);
+        assert_eq!(c.validate(), Err(ConfigError::RecycleOnEc2));
+        assert_eq!(parse(&["--recycle"]).validate(), Ok(()));
+        let c = parse(&["--host-cert-validity", "5s"]);
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::HostCertValidity(_))
+        ));
+        assert_eq!(
+            parse(&[]).host_cert_validity,
+            berth_tls::ca::HOST_CERT_VALIDITY
+        );
+        assert_eq!(
+            parse(&[]).local_range.to_string(),
+            berth_proto::local::HOST_RANGE
+        );
+        assert!(try_parse(&["--local-range", "127.0.0.0/8"]).is_err());
     }
 }

@@ -205,6 +205,7 @@ pub async fn serve(
         shutdown: shutdown.clone(),
         verifier,
         ec2_metrics: metrics,
+        host_cert_validity: config.host_cert_validity,
     };
     let tenant_auth = auth::TenantAuth {
         auth: auth.clone(),

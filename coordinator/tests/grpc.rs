@@ -144,6 +144,60 @@ fn register(host: &str) -> pb::AgentMessage {
 }
 
 #[tokio::test]
+async fn a_connected_agent_gets_a_fresh_certificate_before_its_own_runs_out() {
+    let dir = support::fresh_dir("grpc-renew");
+    let s = Server::start_in(&dir, &["--host-cert-validity", "15s"]).await;
+    let (tx, rx) = mpsc::channel(8);
+    tx.send(register("fake-renew")).await.unwrap();
+    let mut inbound = s
+        .agents_as(Some(&s.tokens.join))
+        .connect(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let registered = |m: Option<pb::CoordinatorMessage>| match m.and_then(|m| m.msg) {
+        Some(pb::coordinator_message::Msg::Registered(r)) => r,
+        other => panic!("expected Registered, got {other:?}"),
+    };
+    let first = registered(inbound.message().await.unwrap());
+    let first_end = berth_tls::ca::not_after(&first.server_cert_pem).unwrap();
+    let left = first_end
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_default();
+    assert!(left <= Duration::from_secs(16), "{left:?}");
+    // On the same stream, while the first one is still valid.
+    let second = tokio::time::timeout(left, inbound.message())
+        .await
+        .expect("a fresh certificate before the first one ran out")
+        .unwrap();
+    let second = registered(second);
+    let second_end = berth_tls::ca::not_after(&second.server_cert_pem).unwrap();
+    assert!(second_end > first_end, "{second_end:?} after {first_end:?}");
+    assert_eq!(second.ca_pem, s.ca_pem);
+    assert_eq!(second.heartbeat_interval_ms, first.heartbeat_interval_ms);
+    // For the key the host registered with, and nothing else changed: the
+    // host is still the same connected host.
+    assert_eq!(
+        berth_tls::KeyId::of_cert_pem(&second.server_cert_pem).unwrap(),
+        berth_tls::KeyId::of_cert_pem(&first.server_cert_pem).unwrap()
+    );
+    let hosts = s
+        .admin()
+        .list_hosts(pb::ListHostsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .hosts;
+    assert!(
+        hosts
+            .iter()
+            .any(|h| h.host_id == "fake-renew" && h.connected)
+    );
+    drop(tx);
+    s.stop().await;
+}
+
+#[tokio::test]
 async fn a_fake_agent_carries_a_lease_from_acquire_to_release() {
     let s = Server::start("grpc").await;
     let (tx, rx) = mpsc::channel(8);

@@ -286,17 +286,24 @@ impl FrontControl for DockerFront {
             .ok()
             .and_then(|r| r.ok().and_then(|s| s.issued.clone()))
             .ok_or(FrontError::NoCertificate)?;
-        let identity = berth_tls::ServerIdentity {
-            cert_pem: issued.server_cert_pem,
-            key_pem: self.key_pem.clone(),
-            ca_pem: issued.ca_pem,
-        };
         let pinned = PinnedKey::new(key);
-        let acceptor = TlsAcceptor::from(berth_tls::lease_server_config(
-            &identity,
-            lease_id,
-            pinned.clone(),
-        )?);
+        let make_acceptor = {
+            let (key_pem, lease_id, pinned) =
+                (self.key_pem.clone(), lease_id.to_owned(), pinned.clone());
+            move |issued: &crate::link::Issued| -> Result<TlsAcceptor, FrontError> {
+                let identity = berth_tls::ServerIdentity {
+                    cert_pem: issued.server_cert_pem.clone(),
+                    key_pem: key_pem.clone(),
+                    ca_pem: issued.ca_pem.clone(),
+                };
+                Ok(TlsAcceptor::from(berth_tls::lease_server_config(
+                    &identity,
+                    &lease_id,
+                    pinned.clone(),
+                )?))
+            }
+        };
+        let (acceptors, acceptor) = watch::channel(make_acceptor(&issued)?);
         let socket = match self.spare.take() {
             Some(s) => s,
             None => socket_in_netns(self.addr, self.netns.clone()).await?,
@@ -314,6 +321,18 @@ impl FrontControl for DockerFront {
             inbox,
             sent: Arc::new(AtomicBool::new(false)),
         });
+        // A certificate renewed while the lease is open (a long lease)
+        // serves every handshake from then on.
+        tracker.spawn(
+            follow_certificate(
+                self.link.clone(),
+                issued,
+                make_acceptor,
+                acceptors,
+                token.clone(),
+            )
+            .instrument(span.clone()),
+        );
         tracker.spawn(
             accept_loop(
                 listener,
@@ -423,9 +442,44 @@ fn listen(socket: Socket, addr: SocketAddr) -> Result<std::net::TcpListener, Fro
     Ok(socket.into())
 }
 
+/// Rebuilds the open front's TLS configuration whenever the link publishes
+/// a renewed certificate, until `token` fires.
+async fn follow_certificate(
+    mut link: watch::Receiver<LinkStatus>,
+    mut current: crate::link::Issued,
+    make: impl Fn(&crate::link::Issued) -> Result<TlsAcceptor, FrontError>,
+    acceptors: watch::Sender<TlsAcceptor>,
+    token: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = token.cancelled() => return,
+            changed = link.changed() => if changed.is_err() {
+                return;
+            },
+        }
+        let Some(issued) = link.borrow_and_update().issued.clone() else {
+            continue;
+        };
+        if issued == current {
+            continue;
+        }
+        match make(&issued) {
+            Ok(a) => {
+                tracing::info!("docker front: serving the renewed certificate");
+                acceptors.send_replace(a);
+                current = issued;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "docker front: the renewed certificate is unusable; keeping the current one")
+            }
+        }
+    }
+}
+
 async fn accept_loop(
     listener: TcpListener,
-    acceptor: TlsAcceptor,
+    acceptor: watch::Receiver<TlsAcceptor>,
     upstream: PathBuf,
     token: CancellationToken,
     tracker: TaskTracker,
@@ -452,7 +506,7 @@ async fn accept_loop(
                 let _ = stream.set_nodelay(true);
                 let child = token.child_token();
                 let upstream = upstream.clone();
-                let acceptor = acceptor.clone();
+                let acceptor = acceptor.borrow().clone();
                 let refusals = refusals.clone();
                 let first_use = first_use.clone();
                 let span = tracing::debug_span!("conn", %peer);
@@ -812,6 +866,44 @@ mod tests {
         front.set_key(KeyId::of_csr_pem(&thief.csr_pem).unwrap());
         pki.connect_with(addr, "l1", &thief).await.unwrap();
         assert!(pki.connect(addr, "l1").await.is_err());
+        front.close().await;
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn stalled_handshakes_are_capped_and_their_end_frees_the_front() {
+        let dir = temp_dir("cap");
+        let sock = echo_daemon(&dir);
+        let addr = free_addr().await;
+        let pki = pki();
+        let mut front = pki.front(addr, sock);
+        front.open("l1", pki.key()).await.unwrap();
+        // Connections that never say hello hold every handshake slot.
+        let mut stalled = Vec::new();
+        for _ in 0..MAX_HANDSHAKES {
+            stalled.push(TcpStream::connect(addr).await.unwrap());
+        }
+        // The next one is dropped at once (EOF, no handshake), and so is
+        // the lease holder's while the flood lasts.
+        let mut extra = TcpStream::connect(addr).await.unwrap();
+        let mut buf = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(5), extra.read(&mut buf))
+            .await
+            .expect("dropped, not left waiting")
+            .unwrap_or(0);
+        assert_eq!(n, 0);
+        assert!(pki.connect(addr, "l1").await.is_err());
+        // The flood ends: the slots come back, the holder gets in.
+        drop(stalled);
+        let mut admitted = None;
+        for _ in 0..50 {
+            if let Ok(c) = pki.connect(addr, "l1").await {
+                admitted = Some(c);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(admitted.is_some(), "the holder got in once the flood ended");
         front.close().await;
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -680,9 +680,19 @@ impl Link {
                 }
                 m = inbound.recv() => match m.map_err(SessionError::Lost)? {
                     CoordinatorMessage { msg: Some(coordinator_message::Msg::Registered(r)) } => {
+                        // Mid-stream: new settings, or the front's certificate
+                        // renewed before it runs out (the front takes it).
                         let interval = heartbeat_interval(r.heartbeat_interval_ms);
                         ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
                         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                        if !r.server_cert_pem.is_empty() && !r.ca_pem.is_empty() {
+                            let issued = Issued {
+                                server_cert_pem: r.server_cert_pem,
+                                ca_pem: r.ca_pem,
+                            };
+                            tracing::info!("the front's server certificate was renewed");
+                            self.published.send_modify(|s| s.issued = Some(issued));
+                        }
                     }
                     msg => self.dispatch(msg),
                 },

@@ -26,6 +26,10 @@ use crate::validate;
 pub const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Messages buffered towards one agent before it counts as too slow.
 pub const AGENT_CHANNEL_DEPTH: usize = 64;
+/// Share of an agent's certificate life after which it gets a new one.
+pub const RENEW_AT: f64 = 2.0 / 3.0;
+/// Wait before trying again when re-issuing a certificate failed.
+const RENEW_RETRY: Duration = Duration::from_secs(60);
 
 type AgentStream = Pin<Box<dyn Stream<Item = Result<pb::CoordinatorMessage, Status>> + Send>>;
 
@@ -55,9 +59,10 @@ impl AgentService for Services {
         // refused agent gets no certificate and is never offered.
         self.verifier.verify(&reg, peer).await?;
         self.pool.admits(&reg)?;
+        let validity = self.host_cert_validity;
         let server_cert_pem = self
             .ca
-            .sign_host(&csr_pem, &reg.host_id, addr, Now::system().wall)
+            .sign_host_for(&csr_pem, &reg.host_id, addr, Now::system().wall, validity)
             .map_err(signing_error)?;
         reg.tls = RegisteredTls {
             server_cert_pem,
@@ -68,13 +73,35 @@ impl AgentService for Services {
         let conn_id = self.pool.register(reg, tx, Now::system())?;
         let pool = self.pool.clone();
         let shutdown = self.shutdown.clone();
+        let ca = self.ca.clone();
         let span = info_span!("agent", host_id = %host_id, conn_id, peer = ?peer);
         tokio::spawn(
             async move {
+                // The agent's certificate is re-issued (from the CSR it
+                // registered with, so for the same key and address) at
+                // two thirds of its life, on this stream.
+                let renew_every = validity.mul_f64(RENEW_AT);
+                let mut renew_at = tokio::time::Instant::now() + renew_every;
                 loop {
                     let msg = tokio::select! {
                         m = inbound.message() => m,
                         () = shutdown.cancelled() => break,
+                        () = tokio::time::sleep_until(renew_at) => {
+                            let now = Now::system();
+                            renew_at = match ca.sign_host_for(&csr_pem, &host_id, addr, now.wall, validity) {
+                                Ok(pem) => {
+                                    if !pool.renew_host_cert(&host_id, conn_id, pem, now) {
+                                        break;
+                                    }
+                                    tokio::time::Instant::now() + renew_every
+                                }
+                                Err(e) => {
+                                    warn!(error = %e, "cannot re-issue the agent's certificate; retrying");
+                                    tokio::time::Instant::now() + RENEW_RETRY
+                                }
+                            };
+                            continue;
+                        }
                     };
                     match msg {
                         Ok(Some(pb::AgentMessage { msg: Some(msg) })) => {

@@ -32,6 +32,8 @@ pub struct Services {
     pub verifier: Arc<dyn Verifier>,
     /// Counters of the EC2 verification and the orphan sweeper.
     pub ec2_metrics: Arc<Ec2Metrics>,
+    /// Validity of agents' server certificates (re-issued at 2/3 of it).
+    pub host_cert_validity: std::time::Duration,
 }
 
 /// A CSR problem is the caller's; anything else in signing is ours.

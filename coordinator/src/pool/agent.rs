@@ -90,12 +90,7 @@ impl Pool {
         let agent_lease = (!reg.lease_id.is_empty()).then(|| reg.lease_id.clone());
         let agent_deadline = reg.lease_deadline;
         let agent_lease_key = reg.lease_key;
-        let hb = self.cfg.heartbeat_interval;
-        let registered = pb::coordinator_message::Msg::Registered(pb::Registered {
-            heartbeat_interval_ms: u32::try_from(hb.as_millis()).unwrap_or(u32::MAX),
-            server_cert_pem: reg.tls.server_cert_pem.clone(),
-            ca_pem: reg.tls.ca_pem.clone(),
-        });
+        let registered = registered_message(&self.cfg, &reg.tls);
         if let Some(e) = g.hosts.get_mut(&host_id) {
             e.reg = reg;
             e.tx = Some(tx);
@@ -257,6 +252,24 @@ impl Pool {
         Ok(())
     }
 
+    /// Hands the agent on stream `conn_id` a fresh server certificate (a
+    /// `Registered` on the live stream; the agent's front takes it without
+    /// reconnecting). False when that stream is no longer the host's.
+    pub fn renew_host_cert(&self, host_id: &str, conn_id: u64, cert_pem: String, now: Now) -> bool {
+        let mut g = self.lock();
+        let Some(e) = g.hosts.get_mut(host_id) else {
+            return false;
+        };
+        if e.host.conn() != Some(conn_id) {
+            return false;
+        }
+        e.reg.tls.server_cert_pem = cert_pem;
+        let msg = registered_message(&self.cfg, &e.reg.tls);
+        info!(host_id, conn_id, "agent's server certificate re-issued");
+        g.send(host_id, msg, now);
+        true
+    }
+
     /// The agent's stream `conn_id` ended.
     pub fn disconnect(&self, host_id: &str, conn_id: u64, now: Now) {
         let mut g = self.lock();
@@ -409,6 +422,20 @@ impl Inner {
             }
         }
     }
+}
+
+/// What tells an agent it is registered: the heartbeat interval and its
+/// TLS material (sent again, mid-stream, when its certificate is renewed).
+fn registered_message(
+    cfg: &PoolConfig,
+    tls: &super::RegisteredTls,
+) -> pb::coordinator_message::Msg {
+    let hb = cfg.heartbeat_interval;
+    pb::coordinator_message::Msg::Registered(pb::Registered {
+        heartbeat_interval_ms: u32::try_from(hb.as_millis()).unwrap_or(u32::MAX),
+        server_cert_pem: tls.server_cert_pem.clone(),
+        ca_pem: tls.ca_pem.clone(),
+    })
 }
 
 impl Inner {

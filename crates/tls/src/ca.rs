@@ -164,7 +164,8 @@ impl Ca {
             .map_err(|e| TlsError::cert("signing", e))
     }
 
-    /// An agent's server certificate: SAN = the host's address.
+    /// An agent's server certificate: SAN = the host's address, valid for
+    /// [`HOST_CERT_VALIDITY`].
     pub fn sign_host(
         &self,
         csr_pem: &str,
@@ -172,12 +173,24 @@ impl Ca {
         addr: IpAddr,
         now: SystemTime,
     ) -> Result<String, TlsError> {
+        self.sign_host_for(csr_pem, host_id, addr, now, HOST_CERT_VALIDITY)
+    }
+
+    /// [`Ca::sign_host`] valid for `validity` from `now`.
+    pub fn sign_host_for(
+        &self,
+        csr_pem: &str,
+        host_id: &str,
+        addr: IpAddr,
+        now: SystemTime,
+        validity: Duration,
+    ) -> Result<String, TlsError> {
         let p = Self::leaf(
             &format!("berth host {host_id}"),
             vec![SanType::IpAddress(addr)],
             ExtendedKeyUsagePurpose::ServerAuth,
             now - CLOCK_SKEW,
-            now + HOST_CERT_VALIDITY,
+            now + validity,
         );
         self.sign_csr(csr_pem, &p)
     }
@@ -281,6 +294,20 @@ impl Ca {
 
 /// A CSR as [`parse_csr`] returns it.
 pub type ParsedCsr = CertificateSigningRequestParams;
+
+/// When the first certificate in `pem` stops being valid.
+pub fn not_after(pem: &str) -> Result<SystemTime, TlsError> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let der = CertificateDer::from_pem_slice(pem.as_bytes())
+        .map_err(|e| TlsError::cert("certificate", e))?;
+    let (_, cert) =
+        X509Certificate::from_der(der.as_ref()).map_err(|e| TlsError::cert("certificate", e))?;
+    let secs = u64::try_from(cert.validity().not_after.timestamp())
+        .map_err(|e| TlsError::cert("certificate validity", e))?;
+    Ok(SystemTime::UNIX_EPOCH + Duration::from_secs(secs))
+}
 
 /// Parses a CSR and checks its self-signature.
 pub fn parse_csr(csr_pem: &str) -> Result<CertificateSigningRequestParams, TlsError> {
