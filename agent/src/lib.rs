@@ -100,7 +100,7 @@ pub fn load_credentials(config: &Config) -> Result<Credentials, AgentError> {
         .ok_or(AgentError::MissingCredential("--join-token-file"))?;
     Ok(Credentials {
         ca_pem: berth_tls::files::read_pem(ca)?,
-        join_token: berth_tls::files::read_secret(token)?,
+        join_token: berth_tls::files::read_private_secret(token)?,
     })
 }
 

@@ -221,6 +221,9 @@ impl FakeCoordinator {
         let (ca, token) = (dir.join("coordinator-ca.pem"), dir.join("join-token"));
         std::fs::write(&ca, self.ca_pem()).unwrap();
         std::fs::write(&token, self.join_token()).unwrap();
+        // The agent refuses a join token others may read.
+        std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
         vec![
             "--ca".into(),
             ca.display().to_string(),

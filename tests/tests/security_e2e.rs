@@ -501,21 +501,32 @@ fn an_agent_with_the_wrong_join_token_is_never_offered() {
     let first = pool.acquire("j-1", "30m", "1m");
     let wrong = pool.state_dir.join("wrong-join-token");
     std::fs::write(&wrong, berth_tls::token::generate()).unwrap();
+    let rogue_agent = || {
+        let mut c = Command::new(bin("berth-agent"));
+        c.arg("--coordinator")
+            .arg(format!("https://{}", pool.addr))
+            .arg("--ca")
+            .arg(pool.state_dir.join("coordinator").join("ca.pem"))
+            .arg("--join-token-file")
+            .arg(&wrong)
+            .arg("--state-dir")
+            .arg(pool.state_dir.join("hosts"))
+            .arg("--run-dir")
+            .arg(&pool.run_dir)
+            .arg("--prefix")
+            .arg(&pool.prefix)
+            .stdin(Stdio::null());
+        c
+    };
+    // A join token file others may read is refused before anything starts.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&wrong, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let o = run(rogue_agent().stdout(Stdio::null()));
+    assert!(!o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("readable by others"), "{}", stderr(&o));
+    std::fs::set_permissions(&wrong, std::fs::Permissions::from_mode(0o600)).unwrap();
     let log = pool.state_dir.join("rogue.log");
-    let rogue = Command::new(bin("berth-agent"))
-        .arg("--coordinator")
-        .arg(format!("https://{}", pool.addr))
-        .arg("--ca")
-        .arg(pool.state_dir.join("coordinator").join("ca.pem"))
-        .arg("--join-token-file")
-        .arg(&wrong)
-        .arg("--state-dir")
-        .arg(pool.state_dir.join("hosts"))
-        .arg("--run-dir")
-        .arg(&pool.run_dir)
-        .arg("--prefix")
-        .arg(&pool.prefix)
-        .stdin(Stdio::null())
+    let rogue = rogue_agent()
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()

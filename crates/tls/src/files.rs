@@ -52,6 +52,28 @@ pub fn read_secret(path: &Path) -> Result<String, TlsError> {
     Ok(s.to_owned())
 }
 
+/// [`read_secret`] for a file only its owner may read: one readable by
+/// its group or by others is refused (on a host, builds run as root anyway;
+/// the mode keeps the secret from every other account and from tools that
+/// copy files with their modes).
+pub fn read_private_secret(path: &Path) -> Result<String, TlsError> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path)
+        .map_err(io("cannot read", path))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        return Err(TlsError::BadFile {
+            path: path.to_owned(),
+            reason: format!(
+                "is readable by others (mode {:03o}); it must be 0600 (chmod 600)",
+                mode & 0o777
+            ),
+        });
+    }
+    read_secret(path)
+}
+
 /// Reads a PEM file.
 pub fn read_pem(path: &Path) -> Result<String, TlsError> {
     let s = std::fs::read_to_string(path).map_err(io("cannot read", path))?;
@@ -68,6 +90,19 @@ pub fn read_pem(path: &Path) -> Result<String, TlsError> {
 mod tests {
     use super::*;
     use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn a_secret_readable_by_others_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("join-token");
+        std::fs::write(&p, "s3cret\n").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = read_private_secret(&p).unwrap_err().to_string();
+        assert!(e.contains("0600") && e.contains("644"), "{e}");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(read_private_secret(&p).unwrap(), "s3cret");
+    }
 
     #[test]
     fn private_files_and_dirs_get_their_modes() {
