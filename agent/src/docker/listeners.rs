@@ -87,8 +87,12 @@ fn socket_inodes(proc_root: &Path, pid: i32) -> Result<Vec<u64>, ListenerError> 
         .collect())
 }
 
-/// The TCP addresses `pid` listens on, in its own network namespace.
-pub fn tcp_listeners(proc_root: &Path, pid: i32) -> Result<Vec<SocketAddr>, ListenerError> {
+/// Every listening TCP socket (inode -> address) of `pid`'s network
+/// namespace, from `/proc/PID/net/tcp{,6}`.
+fn listening_in_netns_of(
+    proc_root: &Path,
+    pid: i32,
+) -> Result<HashMap<u64, SocketAddr>, ListenerError> {
     let mut listening = HashMap::new();
     for table in ["tcp", "tcp6"] {
         let path = proc_root.join(pid.to_string()).join("net").join(table);
@@ -99,6 +103,12 @@ pub fn tcp_listeners(proc_root: &Path, pid: i32) -> Result<Vec<SocketAddr>, List
             Err(source) => return Err(ListenerError::Read { path, source }),
         }
     }
+    Ok(listening)
+}
+
+/// The TCP addresses `pid` listens on, in its own network namespace.
+pub fn tcp_listeners(proc_root: &Path, pid: i32) -> Result<Vec<SocketAddr>, ListenerError> {
+    let listening = listening_in_netns_of(proc_root, pid)?;
     let mut addrs: Vec<SocketAddr> = socket_inodes(proc_root, pid)?
         .into_iter()
         .filter_map(|i| listening.get(&i).copied())
@@ -118,15 +128,7 @@ pub fn listeners_in_netns_of(
     pid: i32,
     own: &[i32],
 ) -> Result<Vec<SocketAddr>, ListenerError> {
-    let mut listening = HashMap::new();
-    for table in ["tcp", "tcp6"] {
-        let path = proc_root.join(pid.to_string()).join("net").join(table);
-        match std::fs::read_to_string(&path) {
-            Ok(text) => listening.extend(parse_listening(&text)),
-            Err(e) if table == "tcp6" && e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(source) => return Err(ListenerError::Read { path, source }),
-        }
-    }
+    let mut listening = listening_in_netns_of(proc_root, pid)?;
     for p in own {
         for inode in socket_inodes(proc_root, *p)? {
             listening.remove(&inode);
