@@ -92,17 +92,14 @@ fn coordinator(dir: &Path, notify: Option<&Path>) -> (Child, std::net::SocketAdd
     std::fs::create_dir_all(dir).unwrap();
     let admin = berth_tls::token::generate();
     let join = berth_tls::token::generate();
-    std::fs::write(
-        dir.join("tenants"),
-        berth_tls::Tenants::line("t", &admin, true),
-    )
-    .unwrap();
-    std::fs::write(
-        dir.join("join.sha256"),
-        berth_tls::TokenHash::of(&join).to_hex(),
-    )
-    .unwrap();
-    std::fs::write(dir.join("join.token"), &join).unwrap();
+    // Secrets as an operator keeps them: the agent refuses a join token
+    // file that others may read.
+    let write = |name: &str, data: String| {
+        berth_tls::files::write_private(&dir.join(name), data.as_bytes()).unwrap()
+    };
+    write("tenants", berth_tls::Tenants::line("t", &admin, true));
+    write("join.sha256", berth_tls::TokenHash::of(&join).to_hex());
+    write("join.token", join);
     let addr_file = dir.join("coordinator.addr");
     let _ = std::fs::remove_file(&addr_file);
     let mut cmd = Command::new(bin("berth-coordinator"));
