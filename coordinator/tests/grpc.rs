@@ -147,14 +147,7 @@ fn register(host: &str) -> pb::AgentMessage {
 async fn a_connected_agent_gets_a_fresh_certificate_before_its_own_runs_out() {
     let dir = support::fresh_dir("grpc-renew");
     let s = Server::start_in(&dir, &["--host-cert-validity", "15s"]).await;
-    let (tx, rx) = mpsc::channel(8);
-    tx.send(register("fake-renew")).await.unwrap();
-    let mut inbound = s
-        .agents_as(Some(&s.tokens.join))
-        .connect(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let (tx, mut inbound) = s.join(register("fake-renew")).await;
     let registered = |m: Option<pb::CoordinatorMessage>| match m.and_then(|m| m.msg) {
         Some(pb::coordinator_message::Msg::Registered(r)) => r,
         other => panic!("expected Registered, got {other:?}"),
@@ -181,13 +174,7 @@ async fn a_connected_agent_gets_a_fresh_certificate_before_its_own_runs_out() {
         berth_tls::KeyId::of_cert_pem(&second.server_cert_pem).unwrap(),
         berth_tls::KeyId::of_cert_pem(&first.server_cert_pem).unwrap()
     );
-    let hosts = s
-        .admin()
-        .list_hosts(pb::ListHostsRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .hosts;
+    let hosts = s.hosts().await;
     assert!(
         hosts
             .iter()
@@ -200,14 +187,7 @@ async fn a_connected_agent_gets_a_fresh_certificate_before_its_own_runs_out() {
 #[tokio::test]
 async fn a_fake_agent_carries_a_lease_from_acquire_to_release() {
     let s = Server::start("grpc").await;
-    let (tx, rx) = mpsc::channel(8);
-    tx.send(register("fake-1")).await.unwrap();
-    let mut inbound = s
-        .agents_as(Some(&s.tokens.join))
-        .connect(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let (tx, mut inbound) = s.join(register("fake-1")).await;
     let first = inbound.message().await.unwrap().unwrap().msg;
     let Some(pb::coordinator_message::Msg::Registered(registered)) = first else {
         panic!("expected Registered, got {first:?}")
@@ -456,14 +436,7 @@ async fn every_call_needs_the_right_credential_and_leases_belong_to_their_tenant
     );
 
     // A lease of tenant ci is invisible to tenant other.
-    let (tx, rx) = mpsc::channel(8);
-    tx.send(register("h1")).await.unwrap();
-    let mut inbound = s
-        .agents_as(Some(&s.tokens.join))
-        .connect(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let (tx, mut inbound) = s.join(register("h1")).await;
     inbound.message().await.unwrap().unwrap();
     let mut leases = s.leases();
     let acquire =

@@ -119,13 +119,7 @@ async fn a_graceful_stop_and_a_new_coordinator_keep_the_lease() {
         ("agent-1", lease.deadline)
     );
     // The host is known from the lease, as not connected, until its agent returns.
-    let hosts = s
-        .admin()
-        .list_hosts(pb::ListHostsRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .hosts;
+    let hosts = s.hosts().await;
     assert_eq!(hosts.len(), 1);
     assert!(!hosts[0].connected && hosts[0].lease_id == lease.lease_id);
     // An Acquire retry joins the lease instead of taking a host.

@@ -277,6 +277,18 @@ mod tests {
         d
     }
 
+    /// Lease `l1` of build `b1`, accepted and in use, its key pinned.
+    fn lease_until(deadline: SystemTime) -> Lease {
+        Lease {
+            id: "l1".into(),
+            build_id: "b1".into(),
+            deadline,
+            accepted: true,
+            key: Some(berth_tls::KeyId([7; 32])),
+            in_use: true,
+        }
+    }
+
     #[test]
     fn round_trip_and_atomic_replace() {
         let d = dir("rt");
@@ -285,14 +297,7 @@ mod tests {
         let deadline = UNIX_EPOCH + Duration::from_millis(1_900_000_000_123);
         let host = Host {
             state: HostState::Leased,
-            lease: Some(Lease {
-                id: "l1".into(),
-                build_id: "b1".into(),
-                deadline,
-                accepted: true,
-                key: Some(berth_tls::KeyId([7; 32])),
-                in_use: true,
-            }),
+            lease: Some(lease_until(deadline)),
             draining: true,
             recycle: false,
             warm: false,
@@ -348,14 +353,7 @@ mod tests {
         let now = SystemTime::now();
         let host = Host {
             state: HostState::Leased,
-            lease: Some(Lease {
-                id: "l1".into(),
-                build_id: "b1".into(),
-                deadline: now + Duration::from_secs(600),
-                accepted: true,
-                key: Some(berth_tls::KeyId([7; 32])),
-                in_use: true,
-            }),
+            lease: Some(lease_until(now + Duration::from_secs(600))),
             ..Host::booting(false)
         };
         let mut saved = Saved::of("h1", &host, false);
@@ -395,14 +393,7 @@ mod tests {
         let write_as = |state: HostState, lease: bool, held: bool, boot: &str| {
             let host = Host {
                 state,
-                lease: lease.then(|| Lease {
-                    id: "l1".into(),
-                    build_id: "b1".into(),
-                    deadline: now + Duration::from_secs(600),
-                    accepted: true,
-                    key: Some(berth_tls::KeyId([7; 32])),
-                    in_use: true,
-                }),
+                lease: lease.then(|| lease_until(now + Duration::from_secs(600))),
                 ..Host::booting(false)
             };
             let mut saved = Saved::of("h1", &host, held);

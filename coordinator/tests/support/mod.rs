@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use berth_coordinator::CoordinatorConfig;
+use berth_proto::v1 as pb;
 use berth_proto::v1::admin_service_client::AdminServiceClient;
 use berth_proto::v1::agent_service_client::AgentServiceClient;
 use berth_proto::v1::lease_service_client::LeaseServiceClient;
@@ -208,6 +209,37 @@ impl Server {
 
     pub fn agents_as(&self, token: Option<&str>) -> AgentServiceClient<Authed> {
         AgentServiceClient::new(self.authed(token))
+    }
+
+    /// Opens an agent stream with the join token, sending `first`; returns
+    /// the sender for the agent's next messages and the coordinator's
+    /// messages.
+    pub async fn join(
+        &self,
+        first: pb::AgentMessage,
+    ) -> (
+        tokio::sync::mpsc::Sender<pb::AgentMessage>,
+        tonic::Streaming<pb::CoordinatorMessage>,
+    ) {
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        tx.send(first).await.unwrap();
+        let inbound = self
+            .agents()
+            .connect(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        (tx, inbound)
+    }
+
+    /// The hosts the admin API lists.
+    pub async fn hosts(&self) -> Vec<pb::Host> {
+        self.admin()
+            .list_hosts(pb::ListHostsRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .hosts
     }
 
     /// A TLS connector trusting the pool CA and offering HTTP/2, for
