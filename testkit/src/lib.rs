@@ -362,6 +362,25 @@ impl Pool {
         extra: &[&str],
         setup: impl FnOnce(&Path),
     ) -> Self {
+        let mut pool = Self::spawn(base_prefix, hosts, extra, setup);
+        pool.wait_ready_hosts(usize::from(hosts), Duration::from_secs(60));
+        pool
+    }
+
+    /// [`Pool::start_with`] without waiting for any host: once the
+    /// coordinator answers (for pools whose hosts are not expected to become
+    /// Ready).
+    pub fn start_unready(
+        base_prefix: &str,
+        hosts: u16,
+        extra: &[&str],
+        setup: impl FnOnce(&Path),
+    ) -> Self {
+        Self::spawn(base_prefix, hosts, extra, setup)
+    }
+
+    /// Starts `berth up` and waits until its coordinator answers.
+    fn spawn(base_prefix: &str, hosts: u16, extra: &[&str], setup: impl FnOnce(&Path)) -> Self {
         let prefix = &test_prefix(base_prefix);
         sweep(prefix);
         let (state_dir, run_dir) = dirs(prefix);
@@ -419,7 +438,6 @@ impl Pool {
                 .parse()
                 .ok()
         });
-        pool.wait_ready_hosts(usize::from(hosts), Duration::from_secs(60));
         pool
     }
 
