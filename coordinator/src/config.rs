@@ -59,10 +59,16 @@ pub struct CoordinatorConfig {
     /// Longest an Acquire may wait for a host.
     #[arg(long, env = "BERTH_MAX_WAIT", default_value = "1h", value_parser = humantime::parse_duration)]
     pub max_wait: Duration,
+    /// Most builds waiting for a host at once, all tenants together; a
+    /// request beyond it is refused (RESOURCE_EXHAUSTED). Per-tenant limits
+    /// are in the tenants file.
+    #[arg(long, env = "BERTH_MAX_QUEUED", default_value_t = crate::pool::DEFAULT_MAX_QUEUED)]
+    pub max_queued: usize,
     /// How long a disconnected host keeps its lease before it counts as lost.
     #[arg(long, env = "BERTH_LOST_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
     pub lost_grace: Duration,
-    /// Tenants file: one `NAME SHA256_OF_TOKEN [admin]` per line. CI calls
+    /// Tenants file: one `NAME SHA256_OF_TOKEN [admin] [max-active=N]
+    /// [max-queued=N] [weight=N]` per line. CI calls
     /// need one of these tenants' tokens; the admin API an `admin` tenant's.
     #[arg(long, env = "BERTH_TENANTS")]
     pub tenants: Option<PathBuf>,
@@ -195,6 +201,7 @@ impl CoordinatorConfig {
             max_ttl: self.max_ttl,
             max_lease: self.max_lease,
             max_wait: self.max_wait,
+            max_queued: self.max_queued,
             lost_grace: self.lost_grace,
             recycle: self.recycle,
             burned_retention: self.burned_retention,

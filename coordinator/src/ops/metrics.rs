@@ -47,6 +47,9 @@ pub struct PoolMetrics {
     pub wipes: Family<OutcomeLabel, Counter>,
     pub agent_connects: Counter,
     pub agent_disconnects: Counter,
+    /// Acquires refused because a queue limit (a tenant's `max-queued`, the
+    /// pool's `--max-queued`) was reached.
+    pub limit_refusals: Counter,
 }
 
 impl Default for PoolMetrics {
@@ -64,6 +67,7 @@ impl Default for PoolMetrics {
             wipes: Family::default(),
             agent_connects: Counter::default(),
             agent_disconnects: Counter::default(),
+            limit_refusals: Counter::default(),
         };
         // Every series exists from the start (at 0).
         for o in ["ok", "no-host", "error"] {
@@ -329,6 +333,11 @@ pub fn registry(pool: Arc<Pool>, ec2: Arc<Ec2Metrics>) -> Registry {
         "agent_disconnects",
         "Agent streams that ended",
         m.agent_disconnects.clone(),
+    );
+    r.register(
+        "queue_limit_refusals",
+        "Acquires refused because a queue limit was reached (a tenant's max-queued, --max-queued)",
+        m.limit_refusals.clone(),
     );
     r.register_collector(Box::new(PoolCollector { pool, ec2 }));
     r
