@@ -126,6 +126,23 @@ pub struct CoordinatorConfig {
     /// provider only, and single-tenant (docs/security.md).
     #[arg(long, env = "BERTH_RECYCLE")]
     pub recycle: bool,
+    /// Elastic capacity: the most hosts the pool may have. Without it the
+    /// pool's size is fixed by whatever starts hosts; with it the
+    /// coordinator decides how many hosts there should be
+    /// (AdminService.PoolStats `desired_hosts`) and retires idle ones.
+    #[arg(long, env = "BERTH_MAX_HOSTS")]
+    pub max_hosts: Option<u32>,
+    /// Elastic capacity: the fewest hosts the pool keeps.
+    #[arg(long, env = "BERTH_MIN_HOSTS", default_value_t = 0)]
+    pub min_hosts: u32,
+    /// Elastic capacity: ready hosts to keep beyond the builds holding or
+    /// waiting for one.
+    #[arg(long, env = "BERTH_IDLE_HOSTS", default_value_t = 1)]
+    pub idle_hosts: u32,
+    /// Elastic capacity: how long idle hosts must stay above the idle
+    /// target before the excess is retired.
+    #[arg(long, env = "BERTH_SCALE_IN_AFTER", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub scale_in_after: Duration,
 }
 
 /// What is wrong with a coordinator configuration.
@@ -139,6 +156,8 @@ pub enum ConfigError {
         "--recycle is refused with --provider ec2: a host that served a lease is never trusted again (docs/security.md)"
     )]
     RecycleOnEc2,
+    #[error("--min-hosts {min} is above --max-hosts {max}")]
+    MinAboveMax { min: u32, max: u32 },
 }
 
 impl CoordinatorConfig {
@@ -159,6 +178,14 @@ impl CoordinatorConfig {
 
     /// Checks what clap cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(max) = self.max_hosts
+            && self.min_hosts > max
+        {
+            return Err(ConfigError::MinAboveMax {
+                min: self.min_hosts,
+                max,
+            });
+        }
         if self.provider == Provider::Ec2 {
             if self.recycle {
                 return Err(ConfigError::RecycleOnEc2);
@@ -205,6 +232,12 @@ impl CoordinatorConfig {
             lost_grace: self.lost_grace,
             recycle: self.recycle,
             burned_retention: self.burned_retention,
+            capacity: self.max_hosts.map(|max| crate::capacity::CapacityConfig {
+                min: self.min_hosts,
+                max,
+                idle_target: self.idle_hosts,
+                scale_in_after: self.scale_in_after,
+            }),
             ..PoolConfig::default()
         }
     }

@@ -27,6 +27,7 @@
 
 pub mod admission;
 pub mod api;
+pub mod capacity;
 pub mod clock;
 pub mod config;
 pub mod error;

@@ -390,10 +390,17 @@ impl Pool {
         std::fs::create_dir_all(&state_dir).unwrap();
         setup(&state_dir);
         let log = std::fs::File::create(state_dir.join("up.log")).unwrap();
+        // An elastic pool (--max-hosts) is sized by its coordinator: `hosts`
+        // is then only how many Ready hosts to wait for.
+        let elastic = extra.contains(&"--max-hosts");
         let child = Command::new(bin("berth"))
             .arg("up")
-            .arg("--hosts")
-            .arg(hosts.to_string())
+            .args(
+                (!elastic)
+                    .then(|| ["--hosts".to_owned(), hosts.to_string()])
+                    .into_iter()
+                    .flatten(),
+            )
             .arg("--state-dir")
             .arg(&state_dir)
             .arg("--run-dir")

@@ -30,6 +30,7 @@
 //! under sudo it belongs to the invoking user, so `berth acquire` works
 //! from that user's shell.
 
+pub mod elastic;
 pub mod launch;
 
 use std::collections::HashMap;
@@ -98,6 +99,34 @@ pub struct UpArgs {
     /// Extra argument for the coordinator (repeatable).
     #[arg(long = "coordinator-arg", allow_hyphen_values = true)]
     pub coordinator_args: Vec<String>,
+    /// An elastic pool of at most this many hosts instead of a fixed
+    /// --hosts: the coordinator decides how many hosts there should be
+    /// (a host per build holding or waiting for one, plus --idle-hosts,
+    /// within --min-hosts..=--max-hosts) and retires idle ones.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=256), conflicts_with = "hosts")]
+    pub max_hosts: Option<u16>,
+    /// Elastic pool: the fewest hosts kept.
+    #[arg(long, default_value_t = 0, requires = "max_hosts")]
+    pub min_hosts: u16,
+    /// Elastic pool: ready hosts kept beyond the builds' own.
+    #[arg(long, default_value_t = 1, requires = "max_hosts")]
+    pub idle_hosts: u16,
+    /// Elastic pool: how long idle hosts stay above --idle-hosts before the
+    /// excess goes.
+    #[arg(long, default_value = "1m", value_parser = humantime::parse_duration, requires = "max_hosts")]
+    pub scale_in_after: Duration,
+}
+
+impl UpArgs {
+    /// The elastic settings, when --max-hosts is given.
+    pub fn elastic(&self) -> Option<elastic::Elastic> {
+        self.max_hosts.map(|max| elastic::Elastic {
+            min: self.min_hosts,
+            max,
+            idle: self.idle_hosts,
+            scale_in_after: self.scale_in_after,
+        })
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -383,7 +412,21 @@ pub async fn run(
         logs: &logs,
     };
     let (tx, mut rx) = mpsc::channel::<Event>(64);
-    let n = usize::from(args.hosts);
+    let elastic = args.elastic();
+    let n = elastic.map_or(usize::from(args.hosts), |e| e.initial());
+    // Elastic: the coordinator's desired number of hosts, followed below.
+    let mut desired = match elastic {
+        Some(_) => elastic::watch_desired(
+            elastic::Admin {
+                addr: addr.to_string(),
+                ca: creds.pool.cli_ca.clone(),
+                token: creds.pool.admin_token()?,
+            },
+            shutdown.clone(),
+        ),
+        None => tokio::sync::watch::channel(None).1,
+    };
+    let mut next_slot = n;
     let mut slots: HashMap<usize, Slot> = HashMap::new();
     for slot in 0..n {
         let pid = start_agent(&launch, slot, None, tx.clone())?;
@@ -409,6 +452,17 @@ pub async fn run(
                 match wait_for_addr(&addr_file, &mut coordinator_child).await {
                     Ok(a) => eprintln!("berth up: coordinator back at {a}"),
                     Err(e) => warn!(error = %e, "restarted coordinator did not come up; trying again"),
+                }
+            }
+            Ok(()) = desired.changed() => {
+                let Some(want) = *desired.borrow_and_update() else { continue };
+                // Slots with a host, booting or waiting to restart.
+                while slots.len() < want {
+                    let slot = next_slot;
+                    next_slot += 1;
+                    eprintln!("berth up: desired capacity {want}: starting slot {slot}");
+                    let pid = start_agent(&launch, slot, None, tx.clone())?;
+                    slots.insert(slot, Slot::new(pid));
                 }
             }
             () = sleep_until_opt(next_restart) => {
@@ -467,11 +521,27 @@ pub async fn run(
                     }
                 }
                 Event::Exited { slot, status } => {
+                    let clean = status.as_ref().is_ok_and(ExitStatus::success);
+                    let live = slots.len();
                     let Some(s) = slots.get_mut(&slot) else { continue };
                     s.pid = None;
                     let lived = s.started.elapsed();
-                    let clean = status.as_ref().is_ok_and(ExitStatus::success);
                     let served = s.served.unwrap_or(0);
+                    // Elastic: a host that ended cleanly is not replaced
+                    // while the pool has more than the coordinator wants.
+                    let want = *desired.borrow();
+                    if let Some(want) = want
+                        && clean
+                        && live > want
+                    {
+                        slots.remove(&slot);
+                        eprintln!(
+                            "berth up: slot {slot}: host ended after {:.2}s, {served} leases served; not replaced (desired capacity {want}, {} hosts left)",
+                            lived.as_secs_f64(),
+                            live - 1
+                        );
+                        continue;
+                    }
                     let (restart, backoff) = restart_after(clean, served, lived, s.backoff);
                     s.backoff = backoff;
                     let status = status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
@@ -590,6 +660,11 @@ fn start_coordinator(
         .arg("--ops-addr-file")
         .arg(&ops.addr_file)
         .args(args.recycle.then_some("--recycle"))
+        .args(
+            args.elastic()
+                .map(|e| e.coordinator_args())
+                .unwrap_or_default(),
+        )
         .args(&args.coordinator_args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())

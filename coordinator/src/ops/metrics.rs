@@ -50,6 +50,10 @@ pub struct PoolMetrics {
     /// Acquires refused because a queue limit (a tenant's `max-queued`, the
     /// pool's `--max-queued`) was reached.
     pub limit_refusals: Counter,
+    /// Elastic capacity: decisions that raised the desired number of hosts.
+    pub scale_outs: Counter,
+    /// Elastic capacity: idle hosts retired (drained) by a scale-in.
+    pub hosts_retired: Counter,
 }
 
 impl Default for PoolMetrics {
@@ -68,6 +72,8 @@ impl Default for PoolMetrics {
             agent_connects: Counter::default(),
             agent_disconnects: Counter::default(),
             limit_refusals: Counter::default(),
+            scale_outs: Counter::default(),
+            hosts_retired: Counter::default(),
         };
         // Every series exists from the start (at 0).
         for o in ["ok", "no-host", "error"] {
@@ -338,6 +344,16 @@ pub fn registry(pool: Arc<Pool>, ec2: Arc<Ec2Metrics>) -> Registry {
         "queue_limit_refusals",
         "Acquires refused because a queue limit was reached (a tenant's max-queued, --max-queued)",
         m.limit_refusals.clone(),
+    );
+    r.register(
+        "scale_outs",
+        "Elastic capacity: decisions that raised the desired number of hosts",
+        m.scale_outs.clone(),
+    );
+    r.register(
+        "hosts_retired",
+        "Elastic capacity: idle hosts drained by a scale-in",
+        m.hosts_retired.clone(),
     );
     r.register_collector(Box::new(PoolCollector { pool, ec2 }));
     r

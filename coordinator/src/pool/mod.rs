@@ -51,6 +51,7 @@ mod invariants;
 mod leases;
 mod persist;
 mod registration;
+mod scaling;
 mod scheduler;
 mod sweep;
 #[cfg(test)]
@@ -99,6 +100,9 @@ pub struct PoolConfig {
     /// never reuses an instance id; the orphan sweeper ends a burned
     /// instance that is still running long before this.
     pub burned_retention: Duration,
+    /// Elastic capacity (`--max-hosts`): the pool decides how many hosts
+    /// it should have and retires idle ones (see `crate::capacity`).
+    pub capacity: Option<crate::capacity::CapacityConfig>,
 }
 
 impl PoolConfig {
@@ -131,6 +135,7 @@ impl Default for PoolConfig {
             history: 10_000,
             recycle: false,
             burned_retention: Duration::from_secs(7 * 24 * 3600),
+            capacity: None,
         }
     }
 }
@@ -210,6 +215,10 @@ struct Inner {
     burned: HashMap<String, SystemTime>,
     /// Host ids whose record (key, burned) changed since the last write.
     dirty_hosts: BTreeSet<String>,
+    /// Elastic capacity's scale-in timer, when the pool is elastic.
+    scaler: Option<crate::capacity::Scaler>,
+    /// The last desired number of hosts decided (for the log).
+    desired: Option<u32>,
 }
 
 /// How long a call waits for its changes to reach the store before it
@@ -263,9 +272,13 @@ impl Pool {
     /// A pool that keeps its leases in memory only.
     pub fn new(cfg: PoolConfig) -> Self {
         let store: Arc<dyn LeaseStore> = Arc::new(MemStore::default());
+        let inner = Inner {
+            scaler: cfg.capacity.map(crate::capacity::Scaler::new),
+            ..Inner::default()
+        };
         Self {
             cfg,
-            inner: Mutex::new(Inner::default()),
+            inner: Mutex::new(inner),
             committer: commit::Committer::start(store.clone()),
             store,
         }
@@ -280,7 +293,10 @@ impl Pool {
     ) -> Result<Self, StoreError> {
         let records = store.load()?;
         let hosts = store.load_hosts()?;
-        let mut inner = Inner::default();
+        let mut inner = Inner {
+            scaler: cfg.capacity.map(crate::capacity::Scaler::new),
+            ..Inner::default()
+        };
         persist::restore_hosts(&mut inner, hosts);
         persist::restore(&mut inner, &cfg, records, now);
         let pool = Self {

@@ -194,7 +194,7 @@ impl Inner {
     /// Whether `hid` may be offered: its state machine says so, and it has
     /// never held a lease (a burned host is not offered whatever its agent
     /// says: after a lease nothing on it is trusted).
-    fn offerable(&self, cfg: &PoolConfig, hid: &str, now: Now) -> bool {
+    pub(super) fn offerable(&self, cfg: &PoolConfig, hid: &str, now: Now) -> bool {
         !self.burned.contains_key(hid)
             && self
                 .hosts

@@ -1064,3 +1064,72 @@ async fn a_build_that_finds_no_host_hears_of_its_tenants_cap() {
         "{msg}"
     );
 }
+
+fn elastic_pool(min: u32, max: u32, idle: u32) -> Pool {
+    Pool::new(PoolConfig {
+        capacity: Some(crate::capacity::CapacityConfig {
+            min,
+            max,
+            idle_target: idle,
+            scale_in_after: 2 * SECOND,
+        }),
+        ..PoolConfig::default()
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_elastic_pool_wants_a_host_per_build_and_retires_only_idle_excess_hosts() {
+    let pool = elastic_pool(1, 4, 1);
+    let now = start();
+    assert_eq!(pool.desired_hosts(now), Some(1));
+    assert_eq!(pool.stats(now).desired_hosts, Some(1));
+    // A fixed pool wants nothing.
+    assert_eq!(self::pool().desired_hosts(now), None);
+
+    // Six builds on one host: one leased, five waiting -> the max.
+    let mut h0 = Agent::join(&pool, "h0", now);
+    let builds: Vec<_> = (0..6)
+        .map(|i| ask(&pool, T, &format!("b{i}"), now))
+        .collect();
+    let first = h0.expect_assign();
+    h0.accept(&pool, &first.lease_id, now);
+    assert_eq!(pool.desired_hosts(now), Some(4));
+
+    // The burst is over: three idle hosts and h0 still leased.
+    for b in &builds[1..] {
+        pool.release(T, &b.lease_id, now).unwrap();
+    }
+    let mut idle: Vec<Agent> = (1..=3)
+        .map(|i| Agent::join(&pool, &format!("h{i}"), now))
+        .collect();
+    // desired = 1 leased + 1 idle target = 2; 4 hosts: 2 idle in excess.
+    assert_eq!(pool.desired_hosts(now), Some(2));
+    // The first tick that sees the excess starts the delay (2 s).
+    pool.tick(now + SECOND);
+    pool.tick(now + 2 * SECOND);
+    for a in &mut idle {
+        assert!(a.next().is_none(), "{} drained before the delay", a.id);
+    }
+    pool.tick(now + 3 * SECOND);
+    let drained: Vec<&str> = idle
+        .iter_mut()
+        .filter_map(|a| match a.next() {
+            Some(Out::Drain(d)) => {
+                assert!(d.reason.contains("scale-in"), "{}", d.reason);
+                Some(a.id.as_str())
+            }
+            None => None,
+            other => panic!("{}: {other:?}", a.id),
+        })
+        .collect();
+    // The two registered first go; the leased host and the target stay.
+    assert_eq!(drained, ["h1", "h2"]);
+    assert!(h0.next().is_none());
+    let stats = pool.stats(now + 3 * SECOND);
+    assert_eq!(stats.hosts_draining, 2);
+    assert_eq!(stats.hosts_offerable, 1);
+    pool.check_invariants().unwrap();
+    // Nothing more goes later: the idle host left is the target.
+    pool.tick(now + 5 * SECOND);
+    assert!(idle[2].next().is_none());
+}

@@ -93,5 +93,6 @@ impl Pool {
             g.dirty_hosts.insert(hid);
         }
         g.try_assign(cfg, now);
+        g.scale(cfg, now);
     }
 }

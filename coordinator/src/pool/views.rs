@@ -25,6 +25,8 @@ pub struct PoolStats {
     /// (state name, leases), by name.
     pub leases_by_state: Vec<(String, u32)>,
     pub queue_length: u32,
+    /// Elastic capacity: the hosts the pool should have now.
+    pub desired_hosts: Option<u32>,
 }
 
 impl PoolStats {
@@ -36,6 +38,8 @@ impl PoolStats {
             hosts_offerable: self.hosts_offerable,
             leases_by_state: self.leases_by_state.iter().cloned().collect(),
             queue_length: self.queue_length,
+            elastic: self.desired_hosts.is_some(),
+            desired_hosts: self.desired_hosts.unwrap_or(0),
         }
     }
 }
@@ -81,6 +85,11 @@ impl Pool {
             *leases.entry(l.state.name().to_owned()).or_default() += 1;
         }
         s.queue_length = u32::try_from(g.queued_leases()).unwrap_or(u32::MAX);
+        s.desired_hosts = self
+            .cfg
+            .capacity
+            .as_ref()
+            .map(|c| crate::capacity::desired(c, &g.capacity_inputs(&self.cfg, now)));
         s.hosts_by_state = hosts.into_iter().collect();
         s.leases_by_state = leases.into_iter().collect();
         s
