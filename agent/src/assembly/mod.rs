@@ -568,6 +568,8 @@ async fn wire_and_run<P: Provider, D: Daemon>(
 
     // The message paths: driver -> link, and everything -> the driver's inbox.
     let (outbox_tx, outbox_rx) = mpsc::unbounded_channel();
+    // Where machines can be taken back (EC2), notices go to the link too.
+    let notice_tx = lifecycle.is_some().then(|| outbox_tx.clone());
     let (inbox_tx, inbox_rx) = mpsc::channel(INBOX_CAPACITY);
     for event in first_events(&config, &paths, lifecycle.as_ref()) {
         let _ = inbox_tx.try_send(event);
@@ -658,6 +660,14 @@ async fn wire_and_run<P: Provider, D: Daemon>(
             .spawn(|stop| watchers::poll_lifecycle(provider, l, every, inbox, stop))
             .0
     });
+    // A notice that the machine is taken back drains the host.
+    let notice_watch = notice_tx.map(|outbox| {
+        let (provider, inbox) = (provider.clone(), inbox_tx.clone());
+        let every = config.lifecycle_poll;
+        tasks
+            .spawn(|stop| watchers::watch_interruption(provider, every, inbox, outbox, stop))
+            .0
+    });
     if let Some(exited) = exited {
         let failures = daemon_failures.clone();
         tasks.spawn(|stop| health::watch_exit(exited, failures, stop));
@@ -679,6 +689,9 @@ async fn wire_and_run<P: Provider, D: Daemon>(
 
     let wipes = driver.wipes();
     let result = driver.run(inbox_rx, shutdown).await;
+    if let Some(watch) = notice_watch {
+        watch.cancel();
+    }
     if let Some(poller) = poller {
         poller.cancel();
     }

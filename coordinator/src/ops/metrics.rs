@@ -54,6 +54,8 @@ pub struct PoolMetrics {
     pub scale_outs: Counter,
     /// Elastic capacity: idle hosts retired (drained) by a scale-in.
     pub hosts_retired: Counter,
+    /// Interruption notices agents reported (spot, rebalance).
+    pub interruption_notices: Counter,
 }
 
 impl Default for PoolMetrics {
@@ -74,6 +76,7 @@ impl Default for PoolMetrics {
             limit_refusals: Counter::default(),
             scale_outs: Counter::default(),
             hosts_retired: Counter::default(),
+            interruption_notices: Counter::default(),
         };
         // Every series exists from the start (at 0).
         for o in ["ok", "no-host", "error"] {
@@ -354,6 +357,11 @@ pub fn registry(pool: Arc<Pool>, ec2: Arc<Ec2Metrics>) -> Registry {
         "hosts_retired",
         "Elastic capacity: idle hosts drained by a scale-in",
         m.hosts_retired.clone(),
+    );
+    r.register(
+        "interruption_notices",
+        "Interruption notices agents reported (EC2 spot interruption, rebalance recommendation)",
+        m.interruption_notices.clone(),
     );
     r.register_collector(Box::new(PoolCollector { pool, ec2 }));
     r

@@ -1133,3 +1133,67 @@ async fn an_elastic_pool_wants_a_host_per_build_and_retires_only_idle_excess_hos
     pool.tick(now + 5 * SECOND);
     assert!(idle[2].next().is_none());
 }
+
+fn notice(kind: &str, action: &str, secs: u64) -> pb::agent_message::Msg {
+    pb::agent_message::Msg::InterruptionNotice(pb::InterruptionNotice {
+        kind: kind.into(),
+        action: action.into(),
+        time: Some(berth_proto::from_system_time(
+            SystemTime::UNIX_EPOCH + Duration::from_secs(secs),
+        )),
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_interruption_notice_marks_the_lease_and_the_host_is_never_offered_again() {
+    let pool = pool();
+    let now = start();
+    let mut a = Agent::join(&pool, "h1", now);
+    let mut idle = Agent::join(&pool, "h2", now);
+    let p = ask(&pool, T, "b1", now);
+    let assign = a.expect_assign();
+    assert_eq!(assign.lease_id, p.lease_id);
+    a.accept(&pool, &p.lease_id, now);
+    a.say(
+        &pool,
+        notice("spot-interruption", "terminate", 1_893_553_445),
+        now,
+    );
+    let l = pool.outcome(&p.lease_id).unwrap();
+    // The build goes on, and hears of it.
+    assert_eq!(l.state, pb::LeaseState::Active as i32);
+    let step = l
+        .timeline
+        .iter()
+        .find(|e| e.step == pb::TimelineStep::InterruptionNotice as i32)
+        .expect("the interruption-notice step");
+    assert_eq!(
+        step.detail,
+        "spot-interruption (terminate) at 2030-01-02T03:04:05Z"
+    );
+    // An idle host with a notice: drained (its agent ends it).
+    idle.say(&pool, notice("rebalance-recommendation", "", 0), now);
+    assert!(matches!(idle.next(), Some(Out::Drain(_))));
+    // Neither is offered: a new build finds no host.
+    assert_eq!(pool.stats(now).hosts_offerable, 0);
+    let late = pool
+        .acquire(
+            T,
+            "b2",
+            berth_tls::KeyId([0; 32]),
+            60 * SECOND,
+            Duration::ZERO,
+            now,
+        )
+        .unwrap();
+    assert_eq!(state_of(&late), LeaseState::Failed);
+    // The lease ends normally; the host is still not offered.
+    pool.release(T, &p.lease_id, now).unwrap();
+    assert_eq!(pool.stats(now).hosts_offerable, 0);
+    // An oversized field is refused, as every agent input.
+    let e = pool
+        .agent_message(&a.id, a.conn, notice(&"x".repeat(65), "", 0), now)
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    pool.check_invariants().unwrap();
+}
