@@ -779,6 +779,18 @@ fn describe_lease(l: Option<&pb::Lease>) -> String {
     if !l.message.is_empty() {
         let _ = writeln!(s, "  note      {}", l.message);
     }
+    // The cloud announced it takes the host back: the build should know.
+    for e in l
+        .timeline
+        .iter()
+        .filter(|e| e.step == pb::TimelineStep::InterruptionNotice as i32)
+    {
+        let _ = writeln!(
+            s,
+            "  interruption-notice  {} (the host is taken back then; the lease goes on until it is)",
+            e.detail
+        );
+    }
     if let Some(w) = &l.wipe {
         let _ = writeln!(
             s,

@@ -59,10 +59,16 @@ pub struct CoordinatorConfig {
     /// Longest an Acquire may wait for a host.
     #[arg(long, env = "BERTH_MAX_WAIT", default_value = "1h", value_parser = humantime::parse_duration)]
     pub max_wait: Duration,
+    /// Most builds waiting for a host at once, all tenants together; a
+    /// request beyond it is refused (RESOURCE_EXHAUSTED). Per-tenant limits
+    /// are in the tenants file.
+    #[arg(long, env = "BERTH_MAX_QUEUED", default_value_t = crate::pool::DEFAULT_MAX_QUEUED)]
+    pub max_queued: usize,
     /// How long a disconnected host keeps its lease before it counts as lost.
     #[arg(long, env = "BERTH_LOST_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
     pub lost_grace: Duration,
-    /// Tenants file: one `NAME SHA256_OF_TOKEN [admin]` per line. CI calls
+    /// Tenants file: one `NAME SHA256_OF_TOKEN [admin] [max-active=N]
+    /// [max-queued=N] [weight=N]` per line. CI calls
     /// need one of these tenants' tokens; the admin API an `admin` tenant's.
     #[arg(long, env = "BERTH_TENANTS")]
     pub tenants: Option<PathBuf>,
@@ -124,6 +130,23 @@ pub struct CoordinatorConfig {
     /// provider only, and single-tenant (docs/security.md).
     #[arg(long, env = "BERTH_RECYCLE")]
     pub recycle: bool,
+    /// Elastic capacity: the most hosts the pool may have. Without it the
+    /// pool's size is fixed by whatever starts hosts; with it the
+    /// coordinator decides how many hosts there should be
+    /// (AdminService.PoolStats `desired_hosts`) and retires idle ones.
+    #[arg(long, env = "BERTH_MAX_HOSTS")]
+    pub max_hosts: Option<u32>,
+    /// Elastic capacity: the fewest hosts the pool keeps.
+    #[arg(long, env = "BERTH_MIN_HOSTS", default_value_t = 0)]
+    pub min_hosts: u32,
+    /// Elastic capacity: ready hosts to keep beyond the builds holding or
+    /// waiting for one.
+    #[arg(long, env = "BERTH_IDLE_HOSTS", default_value_t = 1)]
+    pub idle_hosts: u32,
+    /// Elastic capacity: how long idle hosts must stay above the idle
+    /// target before the excess is retired.
+    #[arg(long, env = "BERTH_SCALE_IN_AFTER", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub scale_in_after: Duration,
 }
 
 /// What is wrong with a coordinator configuration.
@@ -139,6 +162,8 @@ pub enum ConfigError {
     RecycleOnEc2,
     #[error("--host-cert-validity {0:?} is shorter than the minimum, {MIN_HOST_CERT_VALIDITY:?}")]
     HostCertValidity(Duration),
+    #[error("--min-hosts {min} is above --max-hosts {max}")]
+    MinAboveMax { min: u32, max: u32 },
 }
 
 /// The shortest `--host-cert-validity`: certificates are re-issued at 2/3
@@ -165,6 +190,14 @@ impl CoordinatorConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.host_cert_validity < MIN_HOST_CERT_VALIDITY {
             return Err(ConfigError::HostCertValidity(self.host_cert_validity));
+        }
+        if let Some(max) = self.max_hosts
+            && self.min_hosts > max
+        {
+            return Err(ConfigError::MinAboveMax {
+                min: self.min_hosts,
+                max,
+            });
         }
         if self.provider == Provider::Ec2 {
             if self.recycle {
@@ -208,9 +241,16 @@ impl CoordinatorConfig {
             max_ttl: self.max_ttl,
             max_lease: self.max_lease,
             max_wait: self.max_wait,
+            max_queued: self.max_queued,
             lost_grace: self.lost_grace,
             recycle: self.recycle,
             burned_retention: self.burned_retention,
+            capacity: self.max_hosts.map(|max| crate::capacity::CapacityConfig {
+                min: self.min_hosts,
+                max,
+                idle_target: self.idle_hosts,
+                scale_in_after: self.scale_in_after,
+            }),
             ..PoolConfig::default()
         }
     }

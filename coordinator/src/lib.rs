@@ -27,6 +27,7 @@
 
 pub mod admission;
 pub mod api;
+pub mod capacity;
 pub mod clock;
 pub mod config;
 pub mod error;
@@ -175,7 +176,9 @@ pub async fn serve(
     // up where the last process left off.
     let store = Arc::new(store::RedbStore::open(&config.state_dir)?);
     info!(path = %store.path().display(), "lease store open");
-    let pool = Arc::new(Pool::with_store(config.pool(), store, Now::system())?);
+    let mut pool_config = config.pool();
+    pool_config.tenants = auth.limits();
+    let pool = Arc::new(Pool::with_store(pool_config, store, Now::system())?);
     let ec2_metrics = Arc::new(ops::metrics::Ec2Metrics::default());
     let metrics = ec2_metrics.clone();
     let verifier: Arc<dyn admission::Verifier> = match config.provider {

@@ -33,10 +33,11 @@ pub enum Step {
     Failed,
     Wiped,
     HostTerminated,
+    InterruptionNotice,
 }
 
 impl Step {
-    pub const ALL: [Step; 12] = [
+    pub const ALL: [Step; 13] = [
         Step::Requested,
         Step::Queued,
         Step::Assigned,
@@ -49,6 +50,7 @@ impl Step {
         Step::Failed,
         Step::Wiped,
         Step::HostTerminated,
+        Step::InterruptionNotice,
     ];
 
     pub fn name(self) -> &'static str {
@@ -65,6 +67,7 @@ impl Step {
             Step::Failed => "failed",
             Step::Wiped => "wiped",
             Step::HostTerminated => "host-terminated",
+            Step::InterruptionNotice => "interruption-notice",
         }
     }
 
@@ -86,6 +89,7 @@ impl Step {
             Step::Failed => pb::TimelineStep::Failed,
             Step::Wiped => pb::TimelineStep::Wiped,
             Step::HostTerminated => pb::TimelineStep::HostTerminated,
+            Step::InterruptionNotice => pb::TimelineStep::InterruptionNotice,
         }
     }
 

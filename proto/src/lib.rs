@@ -76,6 +76,80 @@ pub mod host_dir {
     pub const AGENT_STATE_FILE: &str = "agent-state.json";
 }
 
+pub mod supervisor {
+    //! The lines an agent prints on stdout for whatever supervises it
+    //! (`berth up`, the tests): `READY ...` once its host is ready, and
+    //! `ENDED ...` once the host it ran is destroyed. A supervisor replaces
+    //! a host that ended after serving a lease at once (the normal life of
+    //! a single-use host, however short the build), and backs off only for
+    //! a host that ended without serving one (a failed boot, a crash loop).
+
+    /// What the line printed once the host is ready starts with.
+    pub const READY_PREFIX: &str = "READY ";
+    /// What the line printed once the host is destroyed starts with.
+    pub const ENDED_PREFIX: &str = "ENDED ";
+
+    /// The `ENDED` line: the host, how many leases it served, and why it
+    /// ended (free text, last on the line).
+    pub fn ended_line(host_id: &str, leases_served: u64, reason: &str) -> String {
+        let reason = reason.replace(['\n', '\r'], " ");
+        format!("{ENDED_PREFIX}host_id={host_id} leases_served={leases_served} reason={reason}")
+    }
+
+    /// An `ENDED` line, parsed.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct Ended {
+        pub host_id: String,
+        pub leases_served: u64,
+        pub reason: String,
+    }
+
+    /// Parses an `ENDED` line; `None` for any other line.
+    pub fn parse_ended(line: &str) -> Option<Ended> {
+        let rest = line.strip_prefix(ENDED_PREFIX)?;
+        let (fields, reason) = rest.split_once(" reason=").unwrap_or((rest, ""));
+        let mut host_id = None;
+        let mut leases_served = None;
+        for w in fields.split_whitespace() {
+            if let Some(h) = w.strip_prefix("host_id=") {
+                host_id = Some(h.to_owned());
+            } else if let Some(n) = w.strip_prefix("leases_served=") {
+                leases_served = n.parse().ok();
+            }
+        }
+        Some(Ended {
+            host_id: host_id?,
+            leases_served: leases_served?,
+            reason: reason.to_owned(),
+        })
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn an_ended_line_round_trips() {
+            let line = ended_line("berth-3", 1, "lease over; single-use host\nx");
+            assert_eq!(
+                line,
+                "ENDED host_id=berth-3 leases_served=1 reason=lease over; single-use host x"
+            );
+            assert_eq!(
+                parse_ended(&line),
+                Some(Ended {
+                    host_id: "berth-3".into(),
+                    leases_served: 1,
+                    reason: "lease over; single-use host x".into(),
+                })
+            );
+            assert_eq!(parse_ended("READY host_id=berth-3"), None);
+            assert_eq!(parse_ended("ENDED host_id=berth-3 leases_served=x"), None);
+            assert_eq!(parse_ended("ENDED leases_served=0 reason=y"), None);
+        }
+    }
+}
+
 pub mod ports {
     //! Where berth's endpoints listen unless told otherwise. Part of the
     //! contract: the CLI, the agents, the packaged units and the deployment

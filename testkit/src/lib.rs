@@ -362,6 +362,25 @@ impl Pool {
         extra: &[&str],
         setup: impl FnOnce(&Path),
     ) -> Self {
+        let mut pool = Self::spawn(base_prefix, hosts, extra, setup);
+        pool.wait_ready_hosts(usize::from(hosts), Duration::from_secs(60));
+        pool
+    }
+
+    /// [`Pool::start_with`] without waiting for any host: once the
+    /// coordinator answers (for pools whose hosts are not expected to become
+    /// Ready).
+    pub fn start_unready(
+        base_prefix: &str,
+        hosts: u16,
+        extra: &[&str],
+        setup: impl FnOnce(&Path),
+    ) -> Self {
+        Self::spawn(base_prefix, hosts, extra, setup)
+    }
+
+    /// Starts `berth up` and waits until its coordinator answers.
+    fn spawn(base_prefix: &str, hosts: u16, extra: &[&str], setup: impl FnOnce(&Path)) -> Self {
         let prefix = &test_prefix(base_prefix);
         sweep(prefix);
         let (state_dir, run_dir) = dirs(prefix);
@@ -371,10 +390,17 @@ impl Pool {
         std::fs::create_dir_all(&state_dir).unwrap();
         setup(&state_dir);
         let log = std::fs::File::create(state_dir.join("up.log")).unwrap();
+        // An elastic pool (--max-hosts) is sized by its coordinator: `hosts`
+        // is then only how many Ready hosts to wait for.
+        let elastic = extra.contains(&"--max-hosts");
         let child = Command::new(bin("berth"))
             .arg("up")
-            .arg("--hosts")
-            .arg(hosts.to_string())
+            .args(
+                (!elastic)
+                    .then(|| ["--hosts".to_owned(), hosts.to_string()])
+                    .into_iter()
+                    .flatten(),
+            )
             .arg("--state-dir")
             .arg(&state_dir)
             .arg("--run-dir")
@@ -419,7 +445,6 @@ impl Pool {
                 .parse()
                 .ok()
         });
-        pool.wait_ready_hosts(usize::from(hosts), Duration::from_secs(60));
         pool
     }
 

@@ -180,6 +180,10 @@ pub struct ImdsState {
     pub local_ipv4: String,
     /// `autoscaling/target-lifecycle-state`; `None` answers 404.
     pub lifecycle: Option<String>,
+    /// `spot/instance-action` (JSON); `None` answers 404.
+    pub spot_action: Option<String>,
+    /// `events/recommendations/rebalance` (JSON); `None` answers 404.
+    pub rebalance: Option<String>,
     /// Requests served per path (token requests under "PUT token").
     pub hits: HashMap<String, usize>,
 }
@@ -234,6 +238,18 @@ impl FakeImds {
 
     pub fn set_lifecycle(&self, value: Option<&str>) {
         self.state.lock().unwrap().lifecycle = value.map(str::to_owned);
+    }
+
+    /// Announces a spot interruption (`action`: terminate, stop,
+    /// hibernate) at `time` (RFC 3339), as EC2 does two minutes ahead.
+    pub fn set_spot_action(&self, action: &str, time: &str) {
+        self.state.lock().unwrap().spot_action =
+            Some(format!(r#"{{"action": "{action}", "time": "{time}"}}"#));
+    }
+
+    /// Issues a rebalance recommendation at `time` (RFC 3339).
+    pub fn set_rebalance(&self, time: &str) {
+        self.state.lock().unwrap().rebalance = Some(format!(r#"{{"noticeTime": "{time}"}}"#));
     }
 
     /// How often `path` (e.g. "lifecycle") was served.
@@ -338,6 +354,8 @@ fn imds_answer(
         Some("placement/availability-zone") => Some(format!("{REGION}a")),
         Some("placement/region") => Some(REGION.into()),
         Some("autoscaling/target-lifecycle-state") => s.lifecycle.clone(),
+        Some("spot/instance-action") => s.spot_action.clone(),
+        Some("events/recommendations/rebalance") => s.rebalance.clone(),
         _ => None,
     };
     match value {
@@ -487,6 +505,8 @@ impl Ec2World {
         s.instance_id = id.clone();
         s.local_ipv4 = self.host_addr.to_string();
         s.lifecycle = lifecycle.map(str::to_owned);
+        s.spot_action = None;
+        s.rebalance = None;
         id
     }
 

@@ -13,7 +13,9 @@
 //!    the watchers (dockerd exit and health, lifecycle, isolation) are
 //!    connected and run until the driver has ended the host;
 //! 6. drain: the link gets [`LINK_FLUSH_TIMEOUT`] to deliver the last
-//!    messages, then every task is stopped and joined.
+//!    messages, then every task is stopped and joined; the `ENDED` line
+//!    says how many leases the host served (`berth up` replaces a host that
+//!    served its lease at once, and backs off only for hosts that did not).
 //!
 //! Tasks: one root [`CancellationToken`], a child of it per task, and one
 //! [`TaskTracker`] that every task is spawned on (`Tasks`); `run_host`
@@ -465,11 +467,13 @@ async fn announce(
         .as_ref()
         .map(|(a, _)| format!(" status=http://{a}"))
         .unwrap_or_default();
-    // The one line on stdout: `berth up` and the tests wait for it. A closed
-    // stdout is no reason to fail.
+    // `berth up` and the tests wait for this line (the only other line on
+    // stdout is `ENDED`, see [`announce_end`]). A closed stdout is no reason
+    // to fail.
     let _ = writeln!(
         std::io::stdout().lock(),
-        "READY host_id={} host_addr={} docker_host={docker_host}{status_url}",
+        "{}host_id={} host_addr={} docker_host={docker_host}{status_url}",
+        berth_proto::supervisor::READY_PREFIX,
         identity.host_id,
         identity.host_addr
     );
@@ -564,6 +568,8 @@ async fn wire_and_run<P: Provider, D: Daemon>(
 
     // The message paths: driver -> link, and everything -> the driver's inbox.
     let (outbox_tx, outbox_rx) = mpsc::unbounded_channel();
+    // Where machines can be taken back (EC2), notices go to the link too.
+    let notice_tx = lifecycle.is_some().then(|| outbox_tx.clone());
     let (inbox_tx, inbox_rx) = mpsc::channel(INBOX_CAPACITY);
     for event in first_events(&config, &paths, lifecycle.as_ref()) {
         let _ = inbox_tx.try_send(event);
@@ -654,6 +660,14 @@ async fn wire_and_run<P: Provider, D: Daemon>(
             .spawn(|stop| watchers::poll_lifecycle(provider, l, every, inbox, stop))
             .0
     });
+    // A notice that the machine is taken back drains the host.
+    let notice_watch = notice_tx.map(|outbox| {
+        let (provider, inbox) = (provider.clone(), inbox_tx.clone());
+        let every = config.lifecycle_poll;
+        tasks
+            .spawn(|stop| watchers::watch_interruption(provider, every, inbox, outbox, stop))
+            .0
+    });
     if let Some(exited) = exited {
         let failures = daemon_failures.clone();
         tasks.spawn(|stop| health::watch_exit(exited, failures, stop));
@@ -673,7 +687,11 @@ async fn wire_and_run<P: Provider, D: Daemon>(
     }
     let (link_stop, mut link_task) = tasks.spawn(|stop| link.run(stop));
 
+    let wipes = driver.wipes();
     let result = driver.run(inbox_rx, shutdown).await;
+    if let Some(watch) = notice_watch {
+        watch.cancel();
+    }
     if let Some(poller) = poller {
         poller.cancel();
     }
@@ -686,6 +704,21 @@ async fn wire_and_run<P: Provider, D: Daemon>(
         let _ = link_task.await;
     }
     let reason = result?;
-    tracing::info!(%reason, "host terminated");
+    let served = wipes.borrow().total();
+    tracing::info!(%reason, leases_served = served, "host terminated");
+    announce_end(&identity.host_id, served, &reason);
     Ok(())
+}
+
+/// Prints the `ENDED` line once the host is destroyed: how many leases it
+/// served (each ends with a wipe report) and why it ended. `berth up`
+/// reads it to tell a single-use host that served its build (replaced at
+/// once) from one that ended without serving (a crash loop is backed off).
+fn announce_end(host_id: &str, leases_served: u64, reason: &str) {
+    let _ = writeln!(
+        std::io::stdout().lock(),
+        "{}",
+        berth_proto::supervisor::ended_line(host_id, leases_served, reason)
+    );
+    let _ = std::io::stdout().flush();
 }

@@ -1,13 +1,15 @@
-//! Two small tasks of the assembly that turn what they watch into driver
+//! Small tasks of the assembly that turn what they watch into driver
 //! events: where Auto Scaling takes the instance ([`poll_lifecycle`], EC2
-//! only) and how long the coordinator has been out of reach
-//! ([`watch_isolation`]). Each sends to the driver's inbox directly and ends
-//! when its stop token fires or the driver is gone.
+//! only), whether EC2 announced it will take the instance back
+//! ([`watch_interruption`], EC2 only), and how long the coordinator has
+//! been out of reach ([`watch_isolation`]). Each sends to the driver's
+//! inbox directly and ends when its stop token fires or the driver is gone.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use berth_aws::TargetLifecycle;
+use berth_proto::v1 as pb;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -55,6 +57,53 @@ pub async fn poll_lifecycle<P: Provider>(
             // Transient: the next poll tries again; the state stays as it is.
             Err(e) => tracing::warn!(error = %e, "reading the Auto Scaling lifecycle failed"),
         }
+    }
+}
+
+/// Reads the interruption notices every `every`. On the first one it tells
+/// the coordinator (an `InterruptionNotice` on the link: the host is never
+/// offered again, and its lease gets the step) and drains the host: an idle
+/// host ends at once, a leased one serves its lease to the end. Then it
+/// ends: there is nothing more to do about a machine that is going.
+pub async fn watch_interruption<P: Provider>(
+    provider: Arc<P>,
+    every: Duration,
+    inbox: mpsc::Sender<Event>,
+    outbox: mpsc::UnboundedSender<pb::AgentMessage>,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let notice = match provider.interruption().await {
+            Ok(Some(n)) => n,
+            Ok(None) => continue,
+            // Transient: the next poll tries again.
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the interruption notices failed");
+                continue;
+            }
+        };
+        let kind = notice.kind.name();
+        let when = notice
+            .time
+            .map(|t| humantime::format_rfc3339_seconds(t).to_string())
+            .unwrap_or_default();
+        tracing::warn!(kind, action = %notice.action, time = %when, "interruption notice: draining the host");
+        let _ = outbox.send(pb::AgentMessage {
+            msg: Some(pb::agent_message::Msg::InterruptionNotice(
+                pb::InterruptionNotice {
+                    kind: kind.to_owned(),
+                    action: notice.action.clone(),
+                    time: notice.time.map(berth_proto::from_system_time),
+                },
+            )),
+        });
+        let reason = format!("{kind} notice ({} at {when})", notice.action);
+        let _ = inbox.send(Event::Drain { reason }).await;
+        return;
     }
 }
 

@@ -141,6 +141,10 @@ impl<M: Metadata, A: Ec2Api> Provider for Ec2Provider<M, A> {
         Ok(Some(self.metadata.target_lifecycle().await?))
     }
 
+    async fn interruption(&self) -> Result<Option<berth_aws::Interruption>, ProviderError> {
+        Ok(self.metadata.interruption().await?)
+    }
+
     fn machine_outlives_agent(&self) -> bool {
         true
     }

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use berth_aws::TargetLifecycle;
+use berth_aws::{Interruption, TargetLifecycle};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use rand::Rng;
@@ -107,6 +107,14 @@ pub trait Provider: Send + Sync + 'static {
     fn lifecycle(
         &self,
     ) -> impl Future<Output = Result<Option<TargetLifecycle>, ProviderError>> + Send {
+        async { Ok(None) }
+    }
+    /// Whether the cloud announced it will take the machine back (an EC2
+    /// spot interruption or rebalance recommendation); `None` (the default)
+    /// for machines nobody takes back.
+    fn interruption(
+        &self,
+    ) -> impl Future<Output = Result<Option<Interruption>, ProviderError>> + Send {
         async { Ok(None) }
     }
     /// Whether the machine outlives its agent, so that a shutdown signal

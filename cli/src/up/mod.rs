@@ -5,6 +5,12 @@
 //! dies (as systemd would, on the same address and state dir), and on Ctrl-C
 //! stops everything and sweeps whatever a killed earlier run left behind.
 //!
+//! A host that ended after serving a lease (the agent's `ENDED` line says
+//! so and it exited 0) is replaced at once, however short its build was: a
+//! single-use host that served one short build is the normal case. Only a
+//! host that ended without serving a lease within [`CRASH_WINDOW`] of its
+//! start (a failed boot, an agent that crashes) makes its slot back off.
+//!
 //! An agent that died without destroying its host (killed, crashed) leaves
 //! the host's state file behind (`HOSTS_DIR/HOST_ID/agent-state.json`); the
 //! slot's next agent then gets `--resume-host HOST_ID` and takes that host
@@ -24,6 +30,7 @@
 //! under sudo it belongs to the invoking user, so `berth acquire` works
 //! from that user's shell.
 
+pub mod elastic;
 pub mod launch;
 
 use std::collections::HashMap;
@@ -46,10 +53,12 @@ pub const COORDINATOR_START_TIMEOUT: Duration = Duration::from_secs(15);
 pub const AGENT_STOP_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the coordinator has to stop after SIGTERM.
 pub const COORDINATOR_STOP_TIMEOUT: Duration = Duration::from_secs(10);
-/// An agent that exits sooner than this after starting is crash-looping;
-/// its slot waits before the next start.
+/// An agent that exits sooner than this after starting without having
+/// served a lease is crash-looping; its slot waits before the next start.
 pub const CRASH_WINDOW: Duration = Duration::from_secs(5);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// A slot's first wait after a crash (doubled up to [`MAX_BACKOFF`]).
+const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 /// Pause before restarting a coordinator that died.
 pub const COORDINATOR_RESTART_DELAY: Duration = Duration::from_millis(500);
 /// The agent's state file inside its host directory: its presence means
@@ -90,6 +99,34 @@ pub struct UpArgs {
     /// Extra argument for the coordinator (repeatable).
     #[arg(long = "coordinator-arg", allow_hyphen_values = true)]
     pub coordinator_args: Vec<String>,
+    /// An elastic pool of at most this many hosts instead of a fixed
+    /// --hosts: the coordinator decides how many hosts there should be
+    /// (a host per build holding or waiting for one, plus --idle-hosts,
+    /// within --min-hosts..=--max-hosts) and retires idle ones.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=256), conflicts_with = "hosts")]
+    pub max_hosts: Option<u16>,
+    /// Elastic pool: the fewest hosts kept.
+    #[arg(long, default_value_t = 0, requires = "max_hosts")]
+    pub min_hosts: u16,
+    /// Elastic pool: ready hosts kept beyond the builds' own.
+    #[arg(long, default_value_t = 1, requires = "max_hosts")]
+    pub idle_hosts: u16,
+    /// Elastic pool: how long idle hosts stay above --idle-hosts before the
+    /// excess goes.
+    #[arg(long, default_value = "1m", value_parser = humantime::parse_duration, requires = "max_hosts")]
+    pub scale_in_after: Duration,
+}
+
+impl UpArgs {
+    /// The elastic settings, when --max-hosts is given.
+    pub fn elastic(&self) -> Option<elastic::Elastic> {
+        self.max_hosts.map(|max| elastic::Elastic {
+            min: self.min_hosts,
+            max,
+            idle: self.idle_hosts,
+            scale_in_after: self.scale_in_after,
+        })
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -221,6 +258,11 @@ enum Event {
         slot: usize,
         line: String,
     },
+    /// The agent's `ENDED` line: its host is destroyed.
+    Ended {
+        slot: usize,
+        ended: berth_proto::supervisor::Ended,
+    },
     Exited {
         slot: usize,
         status: std::io::Result<ExitStatus>,
@@ -230,9 +272,52 @@ enum Event {
 struct Slot {
     pid: Option<u32>,
     started: Instant,
+    /// The wait before the next start, should this agent crash.
     backoff: Duration,
     /// The host the slot's agent announced in its READY line.
     host_id: Option<String>,
+    /// Leases the slot's current host served, from its `ENDED` line.
+    served: Option<u64>,
+}
+
+impl Slot {
+    fn new(pid: u32) -> Self {
+        Slot {
+            pid: Some(pid),
+            started: Instant::now(),
+            backoff: FIRST_BACKOFF,
+            host_id: None,
+            served: None,
+        }
+    }
+}
+
+/// When a slot whose agent exited gets its next host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Restart {
+    /// The host served a lease and ended cleanly, or lived long enough.
+    Now,
+    /// A crash loop: wait this long first.
+    After(Duration),
+}
+
+/// Decides a slot's restart after its agent exited (`clean`: exit status
+/// 0) having lived `lived` and served `served` leases; returns the
+/// decision and the backoff to keep for the next crash.
+fn restart_after(
+    clean: bool,
+    served: u64,
+    lived: Duration,
+    backoff: Duration,
+) -> (Restart, Duration) {
+    if clean && served >= 1 {
+        // A single-use host that did its job: never a crash.
+        (Restart::Now, FIRST_BACKOFF)
+    } else if lived < CRASH_WINDOW {
+        (Restart::After(backoff), (backoff * 2).min(MAX_BACKOFF))
+    } else {
+        (Restart::Now, FIRST_BACKOFF)
+    }
 }
 
 /// Runs the pool until `shutdown` fires, then stops it and cleans up.
@@ -327,19 +412,25 @@ pub async fn run(
         logs: &logs,
     };
     let (tx, mut rx) = mpsc::channel::<Event>(64);
-    let n = usize::from(args.hosts);
+    let elastic = args.elastic();
+    let n = elastic.map_or(usize::from(args.hosts), |e| e.initial());
+    // Elastic: the coordinator's desired number of hosts, followed below.
+    let mut desired = match elastic {
+        Some(_) => elastic::watch_desired(
+            elastic::Admin {
+                addr: addr.to_string(),
+                ca: creds.pool.cli_ca.clone(),
+                token: creds.pool.admin_token()?,
+            },
+            shutdown.clone(),
+        ),
+        None => tokio::sync::watch::channel(None).1,
+    };
+    let mut next_slot = n;
     let mut slots: HashMap<usize, Slot> = HashMap::new();
     for slot in 0..n {
         let pid = start_agent(&launch, slot, None, tx.clone())?;
-        slots.insert(
-            slot,
-            Slot {
-                pid: Some(pid),
-                started: Instant::now(),
-                backoff: Duration::from_millis(500),
-                host_id: None,
-            },
-        );
+        slots.insert(slot, Slot::new(pid));
     }
     let mut ready = 0usize;
     let mut announced = false;
@@ -363,6 +454,17 @@ pub async fn run(
                     Err(e) => warn!(error = %e, "restarted coordinator did not come up; trying again"),
                 }
             }
+            Ok(()) = desired.changed() => {
+                let Some(want) = *desired.borrow_and_update() else { continue };
+                // Slots with a host, booting or waiting to restart.
+                while slots.len() < want {
+                    let slot = next_slot;
+                    next_slot += 1;
+                    eprintln!("berth up: desired capacity {want}: starting slot {slot}");
+                    let pid = start_agent(&launch, slot, None, tx.clone())?;
+                    slots.insert(slot, Slot::new(pid));
+                }
+            }
             () = sleep_until_opt(next_restart) => {
                 let now = Instant::now();
                 let due: Vec<usize> = restart_at.iter().filter(|(_, t)| **t <= now).map(|(s, _)| *s).collect();
@@ -381,6 +483,7 @@ pub async fn run(
                     if let Some(s) = slots.get_mut(&slot) {
                         s.pid = Some(pid);
                         s.started = Instant::now();
+                        s.served = None;
                     }
                 }
             }
@@ -412,22 +515,52 @@ pub async fn run(
                         eprintln!("  eval \"$(berth {flag}acquire --build demo-1)\"   # then use docker; finally: berth {flag}release");
                     }
                 }
+                Event::Ended { slot, ended } => {
+                    if let Some(s) = slots.get_mut(&slot) {
+                        s.served = Some(ended.leases_served);
+                    }
+                }
                 Event::Exited { slot, status } => {
+                    let clean = status.as_ref().is_ok_and(ExitStatus::success);
+                    let live = slots.len();
                     let Some(s) = slots.get_mut(&slot) else { continue };
                     s.pid = None;
                     let lived = s.started.elapsed();
-                    let status = status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
-                    if lived < CRASH_WINDOW {
-                        s.backoff = (s.backoff * 2).min(MAX_BACKOFF);
-                    } else {
-                        s.backoff = Duration::from_millis(500);
+                    let served = s.served.unwrap_or(0);
+                    // Elastic: a host that ended cleanly is not replaced
+                    // while the pool has more than the coordinator wants.
+                    let want = *desired.borrow();
+                    if let Some(want) = want
+                        && clean
+                        && live > want
+                    {
+                        slots.remove(&slot);
+                        eprintln!(
+                            "berth up: slot {slot}: host ended after {:.2}s, {served} leases served; not replaced (desired capacity {want}, {} hosts left)",
+                            lived.as_secs_f64(),
+                            live - 1
+                        );
+                        continue;
                     }
-                    let delay = if lived < CRASH_WINDOW { s.backoff } else { Duration::ZERO };
-                    eprintln!(
-                        "berth up: slot {slot}: host ended ({status}) after {}; starting a fresh host{}",
-                        humantime::format_duration(Duration::from_secs(lived.as_secs())),
-                        if delay.is_zero() { String::new() } else { format!(" in {}", humantime::format_duration(delay)) }
-                    );
+                    let (restart, backoff) = restart_after(clean, served, lived, s.backoff);
+                    s.backoff = backoff;
+                    let status = status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
+                    let lived = format!("{:.2}s", lived.as_secs_f64());
+                    let delay = match restart {
+                        Restart::Now => {
+                            eprintln!(
+                                "berth up: slot {slot}: host ended ({status}) after {lived}, {served} leases served; starting a fresh host"
+                            );
+                            Duration::ZERO
+                        }
+                        Restart::After(delay) => {
+                            eprintln!(
+                                "berth up: slot {slot}: host ended ({status}) after {lived} without serving a lease; backing off: starting a fresh host in {}",
+                                humantime::format_duration(delay)
+                            );
+                            delay
+                        }
+                    };
                     restart_at.insert(slot, Instant::now() + delay);
                 }
             }
@@ -527,6 +660,11 @@ fn start_coordinator(
         .arg("--ops-addr-file")
         .arg(&ops.addr_file)
         .args(args.recycle.then_some("--recycle"))
+        .args(
+            args.elastic()
+                .map(|e| e.coordinator_args())
+                .unwrap_or_default(),
+        )
         .args(&args.coordinator_args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -596,8 +734,10 @@ fn start_agent(
         if let Some(out) = stdout {
             let mut lines = BufReader::new(out).lines();
             while let Ok(Some(line)) = lines.next_line().await {
-                if line.starts_with("READY ") {
+                if line.starts_with(berth_proto::supervisor::READY_PREFIX) {
                     let _ = tx.send(Event::Ready { slot, line }).await;
+                } else if let Some(ended) = berth_proto::supervisor::parse_ended(&line) {
+                    let _ = tx.send(Event::Ended { slot, ended }).await;
                 }
             }
         }
@@ -625,7 +765,7 @@ async fn stop_agents(slots: &mut HashMap<usize, Slot>, rx: &mut mpsc::Receiver<E
                     s.pid = None;
                 }
             }
-            Ok(Some(Event::Ready { .. })) => {}
+            Ok(Some(Event::Ready { .. } | Event::Ended { .. })) => {}
             Ok(None) | Err(_) => break,
         }
     }
@@ -658,4 +798,53 @@ async fn sweep(bins: &Bins, args: &UpArgs) -> Result<(), UpError> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: Duration = Duration::from_secs(1);
+
+    #[test]
+    fn a_host_that_served_its_lease_is_replaced_at_once_however_short_it_lived() {
+        // The normal life of a single-use host: a second-long build.
+        assert_eq!(
+            restart_after(true, 1, Duration::from_millis(1500), 16 * S),
+            (Restart::Now, FIRST_BACKOFF)
+        );
+        // Again and again: no backoff ever builds up.
+        let mut backoff = FIRST_BACKOFF;
+        for _ in 0..30 {
+            let (r, b) = restart_after(true, 1, S, backoff);
+            assert_eq!(r, Restart::Now);
+            backoff = b;
+        }
+        assert_eq!(backoff, FIRST_BACKOFF);
+    }
+
+    #[test]
+    fn a_host_that_ends_early_without_serving_backs_off_doubling_up_to_the_cap() {
+        let mut backoff = FIRST_BACKOFF;
+        let mut waits = vec![];
+        for _ in 0..7 {
+            let (r, b) = restart_after(false, 0, S, backoff);
+            let Restart::After(d) = r else {
+                panic!("a failed boot restarted at once")
+            };
+            waits.push(d.as_secs());
+            backoff = b;
+        }
+        assert_eq!(waits, [1, 2, 4, 8, 16, 30, 30]);
+        // Exit 0 without a lease within the window (dockerd died right
+        // after boot) is a crash loop too.
+        assert_eq!(restart_after(true, 0, S, 4 * S).0, Restart::After(4 * S));
+        // A lease served but a failed exit (terminating failed): backed off.
+        assert_eq!(restart_after(false, 1, S, 4 * S).0, Restart::After(4 * S));
+        // A host that lived past the window starts over.
+        assert_eq!(
+            restart_after(false, 0, CRASH_WINDOW, 16 * S),
+            (Restart::Now, FIRST_BACKOFF)
+        );
+    }
 }

@@ -72,6 +72,14 @@ impl Auth {
         Ok(Self::new(parsed, join))
     }
 
+    /// Each tenant's share of the pool, from the tenants file.
+    pub fn limits(&self) -> std::collections::HashMap<String, berth_tls::TenantLimits> {
+        self.tenants
+            .iter()
+            .map(|t| (t.name.clone(), t.limits))
+            .collect()
+    }
+
     fn token<'a>(req: &'a Request<()>, what: &str) -> Result<&'a str, Status> {
         let value = req
             .metadata()

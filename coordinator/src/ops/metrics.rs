@@ -47,6 +47,15 @@ pub struct PoolMetrics {
     pub wipes: Family<OutcomeLabel, Counter>,
     pub agent_connects: Counter,
     pub agent_disconnects: Counter,
+    /// Acquires refused because a queue limit (a tenant's `max-queued`, the
+    /// pool's `--max-queued`) was reached.
+    pub limit_refusals: Counter,
+    /// Elastic capacity: decisions that raised the desired number of hosts.
+    pub scale_outs: Counter,
+    /// Elastic capacity: idle hosts retired (drained) by a scale-in.
+    pub hosts_retired: Counter,
+    /// Interruption notices agents reported (spot, rebalance).
+    pub interruption_notices: Counter,
 }
 
 impl Default for PoolMetrics {
@@ -64,6 +73,10 @@ impl Default for PoolMetrics {
             wipes: Family::default(),
             agent_connects: Counter::default(),
             agent_disconnects: Counter::default(),
+            limit_refusals: Counter::default(),
+            scale_outs: Counter::default(),
+            hosts_retired: Counter::default(),
+            interruption_notices: Counter::default(),
         };
         // Every series exists from the start (at 0).
         for o in ["ok", "no-host", "error"] {
@@ -329,6 +342,26 @@ pub fn registry(pool: Arc<Pool>, ec2: Arc<Ec2Metrics>) -> Registry {
         "agent_disconnects",
         "Agent streams that ended",
         m.agent_disconnects.clone(),
+    );
+    r.register(
+        "queue_limit_refusals",
+        "Acquires refused because a queue limit was reached (a tenant's max-queued, --max-queued)",
+        m.limit_refusals.clone(),
+    );
+    r.register(
+        "scale_outs",
+        "Elastic capacity: decisions that raised the desired number of hosts",
+        m.scale_outs.clone(),
+    );
+    r.register(
+        "hosts_retired",
+        "Elastic capacity: idle hosts drained by a scale-in",
+        m.hosts_retired.clone(),
+    );
+    r.register(
+        "interruption_notices",
+        "Interruption notices agents reported (EC2 spot interruption, rebalance recommendation)",
+        m.interruption_notices.clone(),
     );
     r.register_collector(Box::new(PoolCollector { pool, ec2 }));
     r

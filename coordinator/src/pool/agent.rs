@@ -212,6 +212,41 @@ impl Pool {
                     g.apply(cfg, &lid, LeaseEvent::EndedByAgent(reason), now);
                 }
             }
+            Msg::InterruptionNotice(n) => {
+                validate::text("kind", &n.kind, 64)?;
+                validate::text("action", &n.action, 64)?;
+                let when = n
+                    .time
+                    .as_ref()
+                    .and_then(berth_proto::to_system_time)
+                    .map(|t| humantime::format_rfc3339_seconds(t).to_string())
+                    .unwrap_or_else(|| "an unannounced time".into());
+                let what = if n.action.is_empty() {
+                    n.kind.clone()
+                } else {
+                    format!("{} ({})", n.kind, n.action)
+                };
+                let detail = format!("{what} at {when}");
+                warn!(host_id, kind = %n.kind, action = %n.action, time = %when, "interruption notice: the host is never offered again");
+                g.metrics.interruption_notices.inc();
+                // Never offered again; an idle host is ended (its agent
+                // drains itself too), a leased one serves on.
+                let reason = format!("interruption notice: {detail}");
+                g.host_step(cfg, host_id, HostEvent::Drained { reason }, now);
+                // The build on it learns of it: a step on its lease.
+                if let Some(lid) = g.hosts.get(host_id).and_then(|e| e.host.lease.clone())
+                    && let Some(l) = g.leases.get_mut(&lid)
+                {
+                    timeline::record(
+                        &mut l.timeline,
+                        &lid,
+                        Step::InterruptionNotice,
+                        now.wall,
+                        detail,
+                    );
+                    g.dirty.insert(lid);
+                }
+            }
             Msg::WipeReport(w) => {
                 validate::text("error", &w.error, 4096)?;
                 info!(

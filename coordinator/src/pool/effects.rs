@@ -68,6 +68,7 @@ impl Inner {
                         if let Some(hid) = host.as_deref() {
                             self.host_step(cfg, hid, HostEvent::LeaseRequeued(lid.clone()), now);
                         }
+                        let mut tenant = None;
                         if let Some(l) = self.leases.get_mut(&lid) {
                             l.host = None;
                             l.host_addr.clear();
@@ -75,8 +76,11 @@ impl Inner {
                             l.assigned_at = None;
                             l.deadline = None;
                             l.deadline_at = None;
+                            tenant = Some(l.tenant.clone());
                         }
-                        self.queue.push_front(lid.clone());
+                        if let Some(t) = tenant {
+                            self.enqueue(cfg, &t, &lid, true);
+                        }
                     }
                     LeaseAction::ReleaseHost => {
                         if let Some(hid) = host.as_deref() {

@@ -87,5 +87,8 @@ fn check(g: &Inner) -> Result<(), String> {
     if !g.idle.each_once() {
         return Err("the idle queue holds a host twice".into());
     }
+    if !g.queue.consistent() {
+        return Err("the per-tenant queues and their turn order disagree".into());
+    }
     Ok(())
 }

@@ -101,11 +101,22 @@ impl Pool {
         g.leases.insert(id.clone(), lease);
         g.live_by_build.insert(key, id.clone());
         g.dirty.insert(id.clone());
-        g.queue.push_back(id.clone());
+        g.enqueue(&self.cfg, tenant, &id, false);
         info!(lease_id = %id, tenant, build_id, ttl = ?ttl, wait = ?wait, "lease requested");
         g.try_assign(&self.cfg, now);
-        if wait.is_zero() && g.leases.get(&id).map(|l| l.state) == Some(LeaseState::Queued) {
-            let msg = g.no_host_message(&id, wait);
+        let still_queued = g.leases.get(&id).map(|l| l.state) == Some(LeaseState::Queued);
+        if let Some(refusal) = still_queued
+            .then(|| g.queue_limit(&self.cfg, tenant))
+            .flatten()
+        {
+            // Beyond a limit: the request may not wait (RESOURCE_EXHAUSTED
+            // with the limit named), though it would have taken a free host.
+            info!(lease_id = %id, tenant, build_id, %refusal, "lease refused");
+            g.metrics.limit_refusals.inc();
+            g.set_message(&id, refusal);
+            g.apply(&self.cfg, &id, LeaseEvent::WaitExpired, now);
+        } else if wait.is_zero() && still_queued {
+            let msg = g.no_host_message(&self.cfg, &id, wait);
             g.set_message(&id, msg);
             g.apply(&self.cfg, &id, LeaseEvent::WaitExpired, now);
         }

@@ -1,6 +1,9 @@
 //! The pool: every known host and lease, the FIFO queue of builds waiting for
 //! a host, and the rules that tie them together.
 //!
+//! Waiting builds queue per tenant and tenants take turns (`fair`), within
+//! the limits of the tenants file (`PoolConfig::tenants`).
+//!
 //! All state sits behind one mutex and every method is synchronous and short:
 //! no method awaits while holding the lock. Messages to agents go out through
 //! each agent's bounded channel with `try_send`, so a slow agent can never
@@ -31,7 +34,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tonic::Status;
 
-use berth_tls::KeyId;
+use berth_tls::{KeyId, TenantLimits};
 
 use crate::error::Error;
 use crate::host;
@@ -43,10 +46,12 @@ use crate::timeline;
 mod agent;
 mod commit;
 mod effects;
+mod fair;
 mod invariants;
 mod leases;
 mod persist;
 mod registration;
+mod scaling;
 mod scheduler;
 mod sweep;
 #[cfg(test)]
@@ -78,6 +83,11 @@ pub struct PoolConfig {
     pub max_lease: Duration,
     /// Longest an acquire may wait in the queue.
     pub max_wait: Duration,
+    /// Most builds waiting at once, all tenants together.
+    pub max_queued: usize,
+    /// Each tenant's share (from the tenants file); a tenant not listed
+    /// has the defaults (no cap, weight 1).
+    pub tenants: HashMap<String, TenantLimits>,
     /// How long a disconnected host keeps its place (and its lease) before it
     /// is forgotten and its lease ends as host-lost.
     pub lost_grace: Duration,
@@ -90,6 +100,9 @@ pub struct PoolConfig {
     /// never reuses an instance id; the orphan sweeper ends a burned
     /// instance that is still running long before this.
     pub burned_retention: Duration,
+    /// Elastic capacity (`--max-hosts`): the pool decides how many hosts
+    /// it should have and retires idle ones (see `crate::capacity`).
+    pub capacity: Option<crate::capacity::CapacityConfig>,
 }
 
 impl PoolConfig {
@@ -97,7 +110,15 @@ impl PoolConfig {
     pub fn silence_limit(&self) -> Duration {
         self.heartbeat_interval * 3
     }
+
+    /// `tenant`'s share of the pool.
+    pub fn limits(&self, tenant: &str) -> TenantLimits {
+        self.tenants.get(tenant).copied().unwrap_or_default()
+    }
 }
+
+/// The default of `PoolConfig::max_queued` (`--max-queued`).
+pub const DEFAULT_MAX_QUEUED: usize = 10_000;
 
 impl Default for PoolConfig {
     fn default() -> Self {
@@ -108,10 +129,13 @@ impl Default for PoolConfig {
             max_ttl: Duration::from_secs(24 * 3600),
             max_lease: Duration::from_secs(24 * 3600),
             max_wait: Duration::from_secs(3600),
+            max_queued: DEFAULT_MAX_QUEUED,
+            tenants: HashMap::new(),
             lost_grace: Duration::from_secs(30),
             history: 10_000,
             recycle: false,
             burned_retention: Duration::from_secs(7 * 24 * 3600),
+            capacity: None,
         }
     }
 }
@@ -171,9 +195,9 @@ struct Inner {
     /// (tenant, build id) -> its lease that has not ended (Acquire
     /// idempotency; two tenants may use the same build id).
     live_by_build: HashMap<(String, String), String>,
-    /// Queued lease ids, oldest first. May hold ids that are no longer
-    /// queued; they are skipped when met.
-    queue: VecDeque<String>,
+    /// Queued lease ids, one FIFO per tenant, tenants served in turn. May
+    /// hold ids that are no longer queued; they are skipped when met.
+    queue: fair::FairQueue,
     /// Hosts that became offerable, oldest first.
     idle: scheduler::IdleQueue,
     /// Ended lease ids, oldest first, for bounding the history.
@@ -191,6 +215,10 @@ struct Inner {
     burned: HashMap<String, SystemTime>,
     /// Host ids whose record (key, burned) changed since the last write.
     dirty_hosts: BTreeSet<String>,
+    /// Elastic capacity's scale-in timer, when the pool is elastic.
+    scaler: Option<crate::capacity::Scaler>,
+    /// The last desired number of hosts decided (for the log).
+    desired: Option<u32>,
 }
 
 /// How long a call waits for its changes to reach the store before it
@@ -244,9 +272,13 @@ impl Pool {
     /// A pool that keeps its leases in memory only.
     pub fn new(cfg: PoolConfig) -> Self {
         let store: Arc<dyn LeaseStore> = Arc::new(MemStore::default());
+        let inner = Inner {
+            scaler: cfg.capacity.map(crate::capacity::Scaler::new),
+            ..Inner::default()
+        };
         Self {
             cfg,
-            inner: Mutex::new(Inner::default()),
+            inner: Mutex::new(inner),
             committer: commit::Committer::start(store.clone()),
             store,
         }
@@ -261,7 +293,10 @@ impl Pool {
     ) -> Result<Self, StoreError> {
         let records = store.load()?;
         let hosts = store.load_hosts()?;
-        let mut inner = Inner::default();
+        let mut inner = Inner {
+            scaler: cfg.capacity.map(crate::capacity::Scaler::new),
+            ..Inner::default()
+        };
         persist::restore_hosts(&mut inner, hosts);
         persist::restore(&mut inner, &cfg, records, now);
         let pool = Self {

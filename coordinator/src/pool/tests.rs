@@ -854,3 +854,346 @@ async fn a_leases_key_is_pinned_renewals_and_retries_with_another_key_are_refuse
     // The same key joins the lease as any retry does.
     pool.acquire(T, "b1", K2, 60 * SECOND, SECOND, now).unwrap();
 }
+
+/// A pool with these tenants' shares.
+fn pool_with_tenants(tenants: &[(&str, TenantLimits)]) -> Pool {
+    Pool::new(PoolConfig {
+        tenants: tenants.iter().map(|(t, l)| ((*t).to_owned(), *l)).collect(),
+        ..PoolConfig::default()
+    })
+}
+
+fn ask(pool: &Pool, tenant: &str, build: &str, now: Now) -> Pending {
+    pool.acquire(
+        tenant,
+        build,
+        berth_tls::KeyId([0; 32]),
+        60 * SECOND,
+        3600 * SECOND,
+        now,
+    )
+    .unwrap()
+}
+
+/// Joins a fresh host and returns the tenant of the lease it was given
+/// (accepted), if any.
+fn next_served(pool: &Pool, n: usize, now: Now) -> Option<String> {
+    let mut a = Agent::join(pool, &format!("h{n}"), now);
+    let assign = match a.next() {
+        Some(Out::AssignLease(x)) => x,
+        _ => return None,
+    };
+    a.accept(pool, &assign.lease_id, now);
+    pool.check_invariants().unwrap();
+    Some(pool.outcome(&assign.lease_id).unwrap().tenant)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_tenant_that_queued_later_is_served_within_the_next_turns_not_after_the_burst() {
+    let pool = pool();
+    let now = start();
+    let mut waiting = vec![];
+    for i in 0..50 {
+        waiting.push(ask(&pool, "a", &format!("a{i}"), now));
+    }
+    for i in 0..5 {
+        waiting.push(ask(&pool, "b", &format!("b{i}"), now));
+    }
+    assert_eq!(pool.queue_len(), 55);
+    let served: Vec<String> = (0..10)
+        .map(|n| next_served(&pool, n, now).unwrap())
+        .collect();
+    assert_eq!(served.iter().filter(|t| *t == "b").count(), 5, "{served:?}");
+    // Within a tenant, first come first served.
+    let first_a = waiting.iter().find(|p| state_of(p) == LeaseState::Active);
+    assert_eq!(
+        pool.outcome(&first_a.unwrap().lease_id).unwrap().build_id,
+        "a0"
+    );
+    assert_eq!(state_of(&waiting[5]), LeaseState::Queued); // a5
+    // Then a alone.
+    assert_eq!(next_served(&pool, 10, now).as_deref(), Some("a"));
+    assert_eq!(pool.queue_len(), 44);
+}
+
+#[tokio::test(start_paused = true)]
+async fn turns_follow_the_weights() {
+    let heavy = TenantLimits {
+        weight: 3,
+        ..TenantLimits::default()
+    };
+    let pool = pool_with_tenants(&[("a", heavy)]);
+    let now = start();
+    let mut waiting = vec![];
+    for i in 0..8 {
+        waiting.push(ask(&pool, "a", &format!("a{i}"), now));
+        waiting.push(ask(&pool, "b", &format!("b{i}"), now));
+    }
+    let served: String = (0..8)
+        .map(|n| next_served(&pool, n, now).unwrap())
+        .collect();
+    assert_eq!(served, "aaabaaab");
+}
+
+#[tokio::test(start_paused = true)]
+async fn beyond_its_max_queued_a_tenant_is_refused_naming_the_limit_others_are_not() {
+    let capped = TenantLimits {
+        max_queued: Some(2),
+        ..TenantLimits::default()
+    };
+    let pool = pool_with_tenants(&[("a", capped)]);
+    let now = start();
+    let a0 = ask(&pool, "a", "a0", now);
+    let a1 = ask(&pool, "a", "a1", now);
+    let a2 = ask(&pool, "a", "a2", now);
+    assert_eq!(state_of(&a0), LeaseState::Queued);
+    assert_eq!(state_of(&a1), LeaseState::Queued);
+    assert_eq!(state_of(&a2), LeaseState::Failed);
+    let e = pool.outcome(&a2.lease_id).unwrap_err();
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted);
+    let msg = e.to_string();
+    assert!(
+        msg.contains("tenant a may have at most 2 builds waiting") && msg.contains("max-queued"),
+        "{msg}"
+    );
+    // Another tenant is not held to a's limit.
+    let b: Vec<_> = (0..3)
+        .map(|i| ask(&pool, "b", &format!("b{i}"), now))
+        .collect();
+    assert!(b.iter().all(|p| state_of(p) == LeaseState::Queued));
+    // Once one of a's builds got a host, a may queue one more; the refused
+    // build id is free again.
+    assert_eq!(next_served(&pool, 0, now).as_deref(), Some("a"));
+    let again = ask(&pool, "a", "a2", now);
+    assert_eq!(state_of(&again), LeaseState::Queued);
+    assert_ne!(again.lease_id, a2.lease_id);
+    pool.check_invariants().unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_beyond_max_queued_may_still_take_a_free_host() {
+    let never_wait = TenantLimits {
+        max_queued: Some(0),
+        ..TenantLimits::default()
+    };
+    let pool = pool_with_tenants(&[("a", never_wait)]);
+    let now = start();
+    let mut h = Agent::join(&pool, "h1", now);
+    let a0 = ask(&pool, "a", "a0", now);
+    assert_eq!(h.expect_assign().lease_id, a0.lease_id);
+    let a1 = ask(&pool, "a", "a1", now);
+    assert_eq!(state_of(&a1), LeaseState::Failed);
+    assert!(
+        pool.outcome(&a1.lease_id)
+            .unwrap_err()
+            .to_string()
+            .contains("at most 0 builds waiting")
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_pools_queue_cap_refuses_every_tenant_once_full() {
+    let pool = Pool::new(PoolConfig {
+        max_queued: 3,
+        ..PoolConfig::default()
+    });
+    let now = start();
+    let queued: Vec<_> = (0..3)
+        .map(|i| ask(&pool, if i == 0 { "a" } else { "b" }, &format!("x{i}"), now))
+        .collect();
+    assert!(queued.iter().all(|p| state_of(p) == LeaseState::Queued));
+    let refused = ask(&pool, "c", "c0", now);
+    assert_eq!(state_of(&refused), LeaseState::Failed);
+    let e = pool.outcome(&refused.lease_id).unwrap_err();
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted);
+    assert!(e.to_string().contains("--max-queued"), "{e}");
+    // A place freed (a build got a host): the next request waits again.
+    assert!(next_served(&pool, 0, now).is_some());
+    assert_eq!(state_of(&ask(&pool, "c", "c1", now)), LeaseState::Queued);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_tenant_at_its_max_active_waits_while_others_are_served() {
+    let one = TenantLimits {
+        max_active: Some(1),
+        ..TenantLimits::default()
+    };
+    let pool = pool_with_tenants(&[("a", one)]);
+    let now = start();
+    let a0 = ask(&pool, "a", "a0", now);
+    let a1 = ask(&pool, "a", "a1", now);
+    let b0 = ask(&pool, "b", "b0", now);
+    assert_eq!(next_served(&pool, 0, now).as_deref(), Some("a"));
+    // a holds its one host: the next host goes to b although a1 is older.
+    assert_eq!(next_served(&pool, 1, now).as_deref(), Some("b"));
+    assert_eq!(state_of(&b0), LeaseState::Active);
+    // Nobody else waits: a third host stays idle rather than exceed a's cap.
+    let mut idle = Agent::join(&pool, "h2", now);
+    assert!(idle.next().is_none());
+    assert_eq!(state_of(&a1), LeaseState::Queued);
+    // a's lease ends: a1 gets the idle host.
+    pool.release("a", &a0.lease_id, now).unwrap();
+    assert_eq!(idle.expect_assign().lease_id, a1.lease_id);
+    pool.check_invariants().unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_build_that_finds_no_host_hears_of_its_tenants_cap() {
+    let one = TenantLimits {
+        max_active: Some(1),
+        ..TenantLimits::default()
+    };
+    let pool = pool_with_tenants(&[("a", one)]);
+    let now = start();
+    let _a0 = ask(&pool, "a", "a0", now);
+    assert_eq!(next_served(&pool, 0, now).as_deref(), Some("a"));
+    let _h = Agent::join(&pool, "h1", now);
+    let a1 = pool
+        .acquire(
+            "a",
+            "a1",
+            berth_tls::KeyId([0; 32]),
+            60 * SECOND,
+            Duration::ZERO,
+            now,
+        )
+        .unwrap();
+    let msg = pool.outcome(&a1.lease_id).unwrap_err().to_string();
+    assert!(
+        msg.contains("tenant a holds its max-active 1 hosts"),
+        "{msg}"
+    );
+}
+
+fn elastic_pool(min: u32, max: u32, idle: u32) -> Pool {
+    Pool::new(PoolConfig {
+        capacity: Some(crate::capacity::CapacityConfig {
+            min,
+            max,
+            idle_target: idle,
+            scale_in_after: 2 * SECOND,
+        }),
+        ..PoolConfig::default()
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_elastic_pool_wants_a_host_per_build_and_retires_only_idle_excess_hosts() {
+    let pool = elastic_pool(1, 4, 1);
+    let now = start();
+    assert_eq!(pool.desired_hosts(now), Some(1));
+    assert_eq!(pool.stats(now).desired_hosts, Some(1));
+    // A fixed pool wants nothing.
+    assert_eq!(self::pool().desired_hosts(now), None);
+
+    // Six builds on one host: one leased, five waiting -> the max.
+    let mut h0 = Agent::join(&pool, "h0", now);
+    let builds: Vec<_> = (0..6)
+        .map(|i| ask(&pool, T, &format!("b{i}"), now))
+        .collect();
+    let first = h0.expect_assign();
+    h0.accept(&pool, &first.lease_id, now);
+    assert_eq!(pool.desired_hosts(now), Some(4));
+
+    // The burst is over: three idle hosts and h0 still leased.
+    for b in &builds[1..] {
+        pool.release(T, &b.lease_id, now).unwrap();
+    }
+    let mut idle: Vec<Agent> = (1..=3)
+        .map(|i| Agent::join(&pool, &format!("h{i}"), now))
+        .collect();
+    // desired = 1 leased + 1 idle target = 2; 4 hosts: 2 idle in excess.
+    assert_eq!(pool.desired_hosts(now), Some(2));
+    // The first tick that sees the excess starts the delay (2 s).
+    pool.tick(now + SECOND);
+    pool.tick(now + 2 * SECOND);
+    for a in &mut idle {
+        assert!(a.next().is_none(), "{} drained before the delay", a.id);
+    }
+    pool.tick(now + 3 * SECOND);
+    let drained: Vec<&str> = idle
+        .iter_mut()
+        .filter_map(|a| match a.next() {
+            Some(Out::Drain(d)) => {
+                assert!(d.reason.contains("scale-in"), "{}", d.reason);
+                Some(a.id.as_str())
+            }
+            None => None,
+            other => panic!("{}: {other:?}", a.id),
+        })
+        .collect();
+    // The two registered first go; the leased host and the target stay.
+    assert_eq!(drained, ["h1", "h2"]);
+    assert!(h0.next().is_none());
+    let stats = pool.stats(now + 3 * SECOND);
+    assert_eq!(stats.hosts_draining, 2);
+    assert_eq!(stats.hosts_offerable, 1);
+    pool.check_invariants().unwrap();
+    // Nothing more goes later: the idle host left is the target.
+    pool.tick(now + 5 * SECOND);
+    assert!(idle[2].next().is_none());
+}
+
+fn notice(kind: &str, action: &str, secs: u64) -> pb::agent_message::Msg {
+    pb::agent_message::Msg::InterruptionNotice(pb::InterruptionNotice {
+        kind: kind.into(),
+        action: action.into(),
+        time: Some(berth_proto::from_system_time(
+            SystemTime::UNIX_EPOCH + Duration::from_secs(secs),
+        )),
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_interruption_notice_marks_the_lease_and_the_host_is_never_offered_again() {
+    let pool = pool();
+    let now = start();
+    let mut a = Agent::join(&pool, "h1", now);
+    let mut idle = Agent::join(&pool, "h2", now);
+    let p = ask(&pool, T, "b1", now);
+    let assign = a.expect_assign();
+    assert_eq!(assign.lease_id, p.lease_id);
+    a.accept(&pool, &p.lease_id, now);
+    a.say(
+        &pool,
+        notice("spot-interruption", "terminate", 1_893_553_445),
+        now,
+    );
+    let l = pool.outcome(&p.lease_id).unwrap();
+    // The build goes on, and hears of it.
+    assert_eq!(l.state, pb::LeaseState::Active as i32);
+    let step = l
+        .timeline
+        .iter()
+        .find(|e| e.step == pb::TimelineStep::InterruptionNotice as i32)
+        .expect("the interruption-notice step");
+    assert_eq!(
+        step.detail,
+        "spot-interruption (terminate) at 2030-01-02T03:04:05Z"
+    );
+    // An idle host with a notice: drained (its agent ends it).
+    idle.say(&pool, notice("rebalance-recommendation", "", 0), now);
+    assert!(matches!(idle.next(), Some(Out::Drain(_))));
+    // Neither is offered: a new build finds no host.
+    assert_eq!(pool.stats(now).hosts_offerable, 0);
+    let late = pool
+        .acquire(
+            T,
+            "b2",
+            berth_tls::KeyId([0; 32]),
+            60 * SECOND,
+            Duration::ZERO,
+            now,
+        )
+        .unwrap();
+    assert_eq!(state_of(&late), LeaseState::Failed);
+    // The lease ends normally; the host is still not offered.
+    pool.release(T, &p.lease_id, now).unwrap();
+    assert_eq!(pool.stats(now).hosts_offerable, 0);
+    // An oversized field is refused, as every agent input.
+    let e = pool
+        .agent_message(&a.id, a.conn, notice(&"x".repeat(65), "", 0), now)
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    pool.check_invariants().unwrap();
+}

@@ -47,7 +47,7 @@ impl Pool {
                         .get(&lid)
                         .map(|l| l.queued_until.saturating_duration_since(l.created))
                         .unwrap_or_default();
-                    let msg = g.no_host_message(&lid, waited);
+                    let msg = g.no_host_message(&self.cfg, &lid, waited);
                     g.set_message(&lid, msg);
                 }
                 LeaseEvent::AssignTimedOut => {
@@ -93,5 +93,6 @@ impl Pool {
             g.dirty_hosts.insert(hid);
         }
         g.try_assign(cfg, now);
+        g.scale(cfg, now);
     }
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use berth_proto::from_system_time;
 use berth_proto::v1 as pb;
 
-use super::{HostEntry, Inner, Now, Pool};
+use super::{HostEntry, Inner, Now, Pool, PoolConfig};
 use crate::lease::LeaseState;
 use crate::timeline;
 
@@ -25,6 +25,8 @@ pub struct PoolStats {
     /// (state name, leases), by name.
     pub leases_by_state: Vec<(String, u32)>,
     pub queue_length: u32,
+    /// Elastic capacity: the hosts the pool should have now.
+    pub desired_hosts: Option<u32>,
 }
 
 impl PoolStats {
@@ -36,6 +38,8 @@ impl PoolStats {
             hosts_offerable: self.hosts_offerable,
             leases_by_state: self.leases_by_state.iter().cloned().collect(),
             queue_length: self.queue_length,
+            elastic: self.desired_hosts.is_some(),
+            desired_hosts: self.desired_hosts.unwrap_or(0),
         }
     }
 }
@@ -81,6 +85,11 @@ impl Pool {
             *leases.entry(l.state.name().to_owned()).or_default() += 1;
         }
         s.queue_length = u32::try_from(g.queued_leases()).unwrap_or(u32::MAX);
+        s.desired_hosts = self
+            .cfg
+            .capacity
+            .as_ref()
+            .map(|c| crate::capacity::desired(c, &g.capacity_inputs(&self.cfg, now)));
         s.hosts_by_state = hosts.into_iter().collect();
         s.leases_by_state = leases.into_iter().collect();
         s
@@ -98,7 +107,7 @@ impl Inner {
         self.hosts.values().filter(|e| e.host.listed())
     }
 
-    fn queued_leases(&self) -> usize {
+    pub(super) fn queued_leases(&self) -> usize {
         self.queue
             .iter()
             .filter(|id| self.leases.get(*id).map(|l| l.state) == Some(LeaseState::Queued))
@@ -124,20 +133,32 @@ impl Inner {
     }
 
     /// Why lease `lid` found no host after `waited`.
-    pub(super) fn no_host_message(&self, lid: &str, waited: Duration) -> String {
+    pub(super) fn no_host_message(&self, cfg: &PoolConfig, lid: &str, waited: Duration) -> String {
+        let tenant = self
+            .leases
+            .get(lid)
+            .map(|l| l.tenant.as_str())
+            .unwrap_or("");
         let ahead = self
             .queue
-            .iter()
+            .of(tenant)
             .take_while(|id| id.as_str() != lid)
             .filter(|id| self.leases.get(*id).map(|l| l.state) == Some(LeaseState::Queued))
             .count();
+        let others = self.queued_leases().saturating_sub(self.queued_of(tenant));
         let total = self.listed_hosts().count();
         let leased = self
             .listed_hosts()
             .filter(|e| e.host.lease.is_some())
             .count();
+        let at_cap = cfg
+            .limits(tenant)
+            .max_active
+            .filter(|max| self.held_by_tenant().get(tenant).copied().unwrap_or(0) >= *max)
+            .map(|max| format!("; tenant {tenant} holds its max-active {max} hosts"))
+            .unwrap_or_default();
         format!(
-            "no host became ready within {} ({total} hosts in the pool, {leased} leased, {ahead} builds were waiting ahead)",
+            "no host became ready within {} ({total} hosts in the pool, {leased} leased, {ahead} builds of tenant {tenant} were waiting ahead, {others} of other tenants{at_cap})",
             humantime::format_duration(waited)
         )
     }

@@ -1,7 +1,9 @@
 //! What an EC2 instance learns about itself from IMDSv2: its identity
-//! (instance id, private address, type, zone) and where Auto Scaling is
+//! (instance id, private address, type, zone), where Auto Scaling is
 //! taking it (`autoscaling/target-lifecycle-state`: `InService`, or
-//! `Warmed:*` for a warm-pool instance).
+//! `Warmed:*` for a warm-pool instance), and whether EC2 announced it will
+//! take the instance back (`spot/instance-action`,
+//! `events/recommendations/rebalance`).
 //!
 //! [`Metadata`] is the seam; [`Imds`] is aws-config's IMDSv2 client (token
 //! first, then each path), whose endpoint follows the SDK's standard
@@ -32,6 +34,74 @@ pub const PATH_LOCAL_IPV4: &str = "/latest/meta-data/local-ipv4";
 pub const PATH_INSTANCE_TYPE: &str = "/latest/meta-data/instance-type";
 pub const PATH_ZONE: &str = "/latest/meta-data/placement/availability-zone";
 pub const PATH_TARGET_LIFECYCLE: &str = "/latest/meta-data/autoscaling/target-lifecycle-state";
+pub const PATH_SPOT_ACTION: &str = "/latest/meta-data/spot/instance-action";
+pub const PATH_REBALANCE: &str = "/latest/meta-data/events/recommendations/rebalance";
+
+/// EC2 announced it will take the instance back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Interruption {
+    pub kind: InterruptionKind,
+    /// `terminate`, `stop` or `hibernate` for a spot interruption; empty
+    /// for a rebalance recommendation.
+    pub action: String,
+    /// When the action happens (spot), or when the recommendation was
+    /// issued (rebalance); `None` if IMDS gave no readable time.
+    pub time: Option<std::time::SystemTime>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InterruptionKind {
+    /// `spot/instance-action`: the spot instance goes in about two minutes.
+    Spot,
+    /// `events/recommendations/rebalance`: the spot instance is at elevated
+    /// risk of interruption.
+    Rebalance,
+}
+
+impl InterruptionKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            InterruptionKind::Spot => "spot-interruption",
+            InterruptionKind::Rebalance => "rebalance-recommendation",
+        }
+    }
+}
+
+impl Interruption {
+    /// Parses `spot/instance-action` (`{"action": "terminate", "time":
+    /// "2017-09-18T08:22:00Z"}`); `None` if it is not that.
+    pub fn parse_spot(json: &str) -> Option<Self> {
+        #[derive(serde::Deserialize)]
+        struct Action {
+            action: String,
+            time: Option<String>,
+        }
+        let a: Action = serde_json::from_str(json).ok()?;
+        Some(Interruption {
+            kind: InterruptionKind::Spot,
+            action: a.action,
+            time: a.time.and_then(|t| humantime::parse_rfc3339(&t).ok()),
+        })
+    }
+
+    /// Parses `events/recommendations/rebalance` (`{"noticeTime":
+    /// "2020-11-05T08:22:00Z"}`); `None` if it is not that.
+    pub fn parse_rebalance(json: &str) -> Option<Self> {
+        #[derive(serde::Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Notice {
+            notice_time: Option<String>,
+        }
+        let n: Notice = serde_json::from_str(json).ok()?;
+        Some(Interruption {
+            kind: InterruptionKind::Rebalance,
+            action: String::new(),
+            time: n
+                .notice_time
+                .and_then(|t| humantime::parse_rfc3339(&t).ok()),
+        })
+    }
+}
 
 /// Who this instance is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -108,6 +178,11 @@ pub trait Metadata: Send + Sync + 'static {
     fn identity(&self) -> impl Future<Output = Result<InstanceIdentity, ImdsError>> + Send;
     /// `autoscaling/target-lifecycle-state`.
     fn target_lifecycle(&self) -> impl Future<Output = Result<TargetLifecycle, ImdsError>> + Send;
+    /// A spot interruption notice, else a rebalance recommendation, if EC2
+    /// announced either (both answer 404 until then).
+    fn interruption(&self) -> impl Future<Output = Result<Option<Interruption>, ImdsError>> + Send {
+        async { Ok(None) }
+    }
 }
 
 /// IMDSv2 through aws-config's client.
@@ -194,6 +269,25 @@ impl Metadata for Imds {
         })
     }
 
+    async fn interruption(&self) -> Result<Option<Interruption>, ImdsError> {
+        let invalid = |path, value: String| ImdsError::Invalid {
+            path,
+            value,
+            expected: "the JSON EC2 documents for it",
+        };
+        if let Some(v) = self.get(PATH_SPOT_ACTION).await? {
+            return Interruption::parse_spot(&v)
+                .map(Some)
+                .ok_or_else(|| invalid(PATH_SPOT_ACTION, v));
+        }
+        match self.get(PATH_REBALANCE).await? {
+            Some(v) => Interruption::parse_rebalance(&v)
+                .map(Some)
+                .ok_or_else(|| invalid(PATH_REBALANCE, v)),
+            None => Ok(None),
+        }
+    }
+
     #[tracing::instrument(skip(self), err)]
     async fn target_lifecycle(&self) -> Result<TargetLifecycle, ImdsError> {
         Ok(match self.get(PATH_TARGET_LIFECYCLE).await? {
@@ -216,6 +310,34 @@ pub fn valid_instance_id(id: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn interruption_notices_parse() {
+        let spot =
+            Interruption::parse_spot(r#"{"action": "terminate", "time": "2017-09-18T08:22:00Z"}"#)
+                .unwrap();
+        assert_eq!(spot.kind, InterruptionKind::Spot);
+        assert_eq!(spot.action, "terminate");
+        assert_eq!(
+            spot.time,
+            Some(std::time::UNIX_EPOCH + Duration::from_secs(1_505_722_920))
+        );
+        let r = Interruption::parse_rebalance(r#"{"noticeTime": "2020-11-05T08:22:00Z"}"#).unwrap();
+        assert_eq!(
+            (r.kind, r.action.as_str()),
+            (InterruptionKind::Rebalance, "")
+        );
+        assert!(r.time.is_some());
+        // A time that does not parse is no time, not a failure.
+        assert_eq!(
+            Interruption::parse_spot(r#"{"action": "stop", "time": "soon"}"#)
+                .unwrap()
+                .time,
+            None
+        );
+        assert_eq!(Interruption::parse_spot("<html>"), None);
+        assert_eq!(Interruption::parse_spot(r#"{"time": "x"}"#), None);
+    }
 
     #[test]
     fn lifecycle_values_parse() {

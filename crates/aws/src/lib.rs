@@ -21,7 +21,9 @@ pub mod imds;
 pub mod retry;
 
 pub use ec2::{Ec2, Ec2Api, Ec2Error, InstanceInfo};
-pub use imds::{Imds, ImdsError, InstanceIdentity, Metadata, TargetLifecycle};
+pub use imds::{
+    Imds, ImdsError, InstanceIdentity, Interruption, InterruptionKind, Metadata, TargetLifecycle,
+};
 pub use retry::{Outcome, RetryError, RetryPolicy};
 
 /// Tag key every pool instance carries; its value is the pool's name (set

@@ -73,10 +73,71 @@ pub struct Tenant {
     pub name: String,
     /// May call the AdminService and see every tenant's leases there.
     pub admin: bool,
+    /// Its share of the pool.
+    pub limits: TenantLimits,
     hash: TokenHash,
 }
 
-/// The tenants file: one tenant per line, `NAME SHA256_HEX [admin]`; blank
+/// A tenant's share of the pool, from the optional `KEY=N` fields of its
+/// line in the tenants file. The coordinator enforces them: waiting builds
+/// queue per tenant and tenants are served in turn, `weight` assignments per
+/// turn; a tenant holding `max_active` hosts gets no other until one ends
+/// (its builds wait); a request beyond `max_queued` is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TenantLimits {
+    /// `max-active=N`: hosts the tenant may hold at once.
+    pub max_active: Option<u32>,
+    /// `max-queued=N`: builds the tenant may have waiting at once.
+    pub max_queued: Option<u32>,
+    /// `weight=N` (1 unless given): assignments per turn.
+    pub weight: u32,
+}
+
+impl Default for TenantLimits {
+    fn default() -> Self {
+        Self {
+            max_active: None,
+            max_queued: None,
+            weight: 1,
+        }
+    }
+}
+
+/// The largest weight a tenant may have (a turn is never unbounded).
+pub const MAX_WEIGHT: u32 = 1000;
+
+impl TenantLimits {
+    /// Reads one `KEY=N` field into `self`.
+    fn set(&mut self, field: &str) -> Result<(), &'static str> {
+        let (key, value) = field
+            .split_once('=')
+            .ok_or("after the hash: `admin`, `max-active=N`, `max-queued=N` or `weight=N`")?;
+        let n: u32 = value
+            .parse()
+            .map_err(|_| "a limit's value is a whole number")?;
+        let slot = match key {
+            "max-active" => &mut self.max_active,
+            "max-queued" => &mut self.max_queued,
+            "weight" => {
+                if !(1..=MAX_WEIGHT).contains(&n) {
+                    return Err("weight is 1..=1000");
+                }
+                self.weight = n;
+                return Ok(());
+            }
+            _ => {
+                return Err("unknown field: expected `max-active=N`, `max-queued=N` or `weight=N`");
+            }
+        };
+        if slot.replace(n).is_some() {
+            return Err("a limit given twice");
+        }
+        Ok(())
+    }
+}
+
+/// The tenants file: one tenant per line, `NAME SHA256_HEX [admin]
+/// [max-active=N] [max-queued=N] [weight=N]` (see [`TenantLimits`]); blank
 /// lines and `#` comments are ignored.
 #[derive(Debug, Clone, Default)]
 pub struct Tenants {
@@ -96,17 +157,17 @@ impl Tenants {
                 line,
                 reason: reason.to_owned(),
             };
-            let mut f = l.split_whitespace();
+            let mut f = l.split_whitespace().peekable();
             let (Some(name), Some(hash)) = (f.next(), f.next()) else {
-                return Err(err("expected `NAME SHA256_HEX [admin]`"));
+                return Err(err("expected `NAME SHA256_HEX [admin] [KEY=N ...]`"));
             };
-            let admin = match f.next() {
-                None => false,
-                Some("admin") => true,
-                Some(_) => return Err(err("the third field may only be `admin`")),
-            };
-            if f.next().is_some() {
-                return Err(err("too many fields"));
+            let admin = f.next_if_eq(&"admin").is_some();
+            let mut limits = TenantLimits::default();
+            for field in f {
+                if field == "admin" {
+                    return Err(err("`admin` comes right after the hash"));
+                }
+                limits.set(field).map_err(err)?;
             }
             if name.len() > 64
                 || !name
@@ -126,6 +187,7 @@ impl Tenants {
             tenants.push(Tenant {
                 name: name.to_owned(),
                 admin,
+                limits,
                 hash,
             });
         }
@@ -156,6 +218,11 @@ impl Tenants {
 
     pub fn len(&self) -> usize {
         self.tenants.len()
+    }
+
+    /// Every tenant, in the file's order.
+    pub fn iter(&self) -> impl Iterator<Item = &Tenant> {
+        self.tenants.iter()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -204,11 +271,54 @@ mod tests {
         assert!(t.authenticate("").is_none());
 
         let h = TokenHash::of("x").to_hex();
+        let limited = Tenants::parse(&format!(
+            "a {h} admin max-active=3 weight=2\nb {} max-queued=0",
+            TokenHash::of("y").to_hex()
+        ))
+        .unwrap();
+        let t: Vec<_> = limited.iter().map(|t| (t.admin, t.limits)).collect();
+        assert_eq!(
+            t,
+            [
+                (
+                    true,
+                    TenantLimits {
+                        max_active: Some(3),
+                        max_queued: None,
+                        weight: 2
+                    }
+                ),
+                (
+                    false,
+                    TenantLimits {
+                        max_active: None,
+                        max_queued: Some(0),
+                        weight: 1
+                    }
+                )
+            ]
+        );
+        assert_eq!(
+            Tenants::parse(&format!("c {h}"))
+                .unwrap()
+                .iter()
+                .next()
+                .unwrap()
+                .limits,
+            TenantLimits::default()
+        );
         for (bad, needle) in [
             ("lonely", "expected"),
             ("a nothex", "64 hex"),
             (&format!("a {h} root") as &str, "admin"),
-            (&format!("a {h} admin extra"), "too many"),
+            (&format!("a {h} admin extra"), "after the hash"),
+            (&format!("a {h} max-active=2 admin"), "right after the hash"),
+            (&format!("a {h} max-active=x"), "whole number"),
+            (&format!("a {h} max-active=-1"), "whole number"),
+            (&format!("a {h} max-ative=1"), "unknown field"),
+            (&format!("a {h} max-queued=1 max-queued=2"), "twice"),
+            (&format!("a {h} weight=0"), "weight is"),
+            (&format!("a {h} weight=1001"), "weight is"),
             (&format!("a/b {h}"), "names"),
             (&format!("a {h}\na {h}"), "twice"),
             (&format!("a {h}\nb {h}"), "share"),
