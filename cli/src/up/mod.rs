@@ -12,6 +12,10 @@
 //! instance would. An agent that ended its host cleanly removed the file, and
 //! the slot gets a fresh host.
 //!
+//! Before the hosts it starts the pool's registries ([`registries`]: the
+//! pull-through mirror every host's dockerd is given, unless
+//! `--no-mirror`), and stops them after the hosts.
+//!
 //! It also makes the pool's credentials on first start, under its state dir
 //! (all secrets 0600), so the demo needs no setup:
 //! - `tenants` (one admin tenant, `local`; tenants an operator adds to the
@@ -25,6 +29,7 @@
 //! from that user's shell.
 
 pub mod launch;
+pub mod registries;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -90,6 +95,8 @@ pub struct UpArgs {
     /// Extra argument for the coordinator (repeatable).
     #[arg(long = "coordinator-arg", allow_hyphen_values = true)]
     pub coordinator_args: Vec<String>,
+    #[command(flatten)]
+    pub registries: registries::RegistryArgs,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -114,6 +121,8 @@ pub enum UpError {
     AlreadyRunning(PathBuf),
     #[error("pool credentials: {0}")]
     Credentials(#[from] berth_tls::TlsError),
+    #[error("the pool's registries: {0}")]
+    Registries(#[from] registries::RegistryError),
 }
 
 /// The pool's credentials (`berth_tls::PoolCredentials`) and the CA the
@@ -271,6 +280,7 @@ pub async fn run(
         .map_err(|_| UpError::AlreadyRunning(args.state_dir.clone()))?;
 
     sweep(&bins, &args).await?;
+    registries::sweep(&args.state_dir).await;
     let creds = Credentials::ensure(&args.state_dir)?;
     warn_if_shared(&creds.pool);
 
@@ -319,12 +329,34 @@ pub async fn run(
         eprintln!("berth up: coordinator metrics at http://{a}/metrics");
     }
 
+    let mut regs = match registries::Registries::start(
+        &args.registries,
+        &args.state_dir,
+        &launch::coordinator_state_dir(&args.state_dir),
+    )
+    .await
+    {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = coordinator_child.kill().await;
+            return Err(e.into());
+        }
+    };
+    if let Some(m) = regs.mirror() {
+        eprintln!(
+            "berth up: registry mirror of {} at https://{m} (log: {})",
+            args.registries.mirror_upstream,
+            logs.join("mirror.log").display()
+        );
+    }
+    let registry_args = regs.agent_args();
     let launch = AgentLaunch {
         bins: &bins,
         args: &args,
         creds: &creds,
         url: &url,
         logs: &logs,
+        registry_args: &registry_args,
     };
     let (tx, mut rx) = mpsc::channel::<Event>(64);
     let n = usize::from(args.hosts);
@@ -447,6 +479,7 @@ pub async fn run(
         warn!("coordinator did not stop in time; killing it");
         let _ = coordinator_child.kill().await;
     }
+    regs.stop().await;
     sweep(&bins, &args).await?;
     eprintln!("berth up: stopped; nothing left behind");
     Ok(())
@@ -535,7 +568,13 @@ fn start_coordinator(
         .map_err(io_err("cannot start", &bins.coordinator))
 }
 
-fn agent_command(bins: &Bins, args: &UpArgs, creds: &Credentials, url: &str) -> Command {
+fn agent_command(
+    bins: &Bins,
+    args: &UpArgs,
+    creds: &Credentials,
+    url: &str,
+    registry_args: &[std::ffi::OsString],
+) -> Command {
     let hosts = args.state_dir.join("hosts");
     let dirs = launch::HostDirs {
         hosts: &hosts,
@@ -552,6 +591,7 @@ fn agent_command(bins: &Bins, args: &UpArgs, creds: &Credentials, url: &str) -> 
     if args.recycle {
         cmd.arg("--recycle");
     }
+    cmd.args(registry_args);
     cmd.args(&args.agent_args);
     cmd
 }
@@ -563,6 +603,8 @@ struct AgentLaunch<'a> {
     creds: &'a Credentials,
     url: &'a str,
     logs: &'a Path,
+    /// The pool's registry mirror and CA, for every agent.
+    registry_args: &'a [std::ffi::OsString],
 }
 
 fn start_agent(
@@ -577,9 +619,10 @@ fn start_agent(
         creds,
         url,
         logs,
+        registry_args,
     } = *launch;
     let log = logs.join(format!("agent-{slot}.log"));
-    let mut cmd = agent_command(bins, args, creds, url);
+    let mut cmd = agent_command(bins, args, creds, url, registry_args);
     if let Some(h) = &resume {
         cmd.arg("--resume-host").arg(h);
     }
