@@ -120,6 +120,16 @@ pub struct CoordinatorConfig {
     /// provider only, and single-tenant (docs/security.md).
     #[arg(long, env = "BERTH_RECYCLE")]
     pub recycle: bool,
+    /// The tenants' build cache registry (`HOST:PORT` as hosts reach it):
+    /// Acquire then gives each lease its tenant's namespace there and a
+    /// login the token endpoint accepts while the lease is active. Needs
+    /// --cache-token-listen.
+    #[arg(long, env = "BERTH_CACHE_REGISTRY", requires = "cache_token_listen")]
+    pub cache_registry: Option<String>,
+    /// Address of the build cache's token endpoint (HTTPS, the registry's
+    /// `auth.token.realm` is `https://ADDR/token`); reachable from hosts.
+    #[arg(long, env = "BERTH_CACHE_TOKEN_LISTEN", requires = "cache_registry")]
+    pub cache_token_listen: Option<SocketAddr>,
 }
 
 /// What is wrong with a coordinator configuration.
@@ -133,6 +143,8 @@ pub enum ConfigError {
         "--recycle is refused with --provider ec2: a host that served a lease is never trusted again (docs/security.md)"
     )]
     RecycleOnEc2,
+    #[error("--cache-registry {0:?} must be HOST:PORT")]
+    BadCacheRegistry(String),
 }
 
 impl CoordinatorConfig {
@@ -168,6 +180,18 @@ impl CoordinatorConfig {
                     .all(|c| c.is_ascii_alphanumeric() || "_.:/=+@-".contains(c));
             if !ok {
                 return Err(ConfigError::BadPoolName(self.pool_name.clone()));
+            }
+        }
+        if let Some(r) = &self.cache_registry {
+            let ok = r.rsplit_once(':').is_some_and(|(host, port)| {
+                !host.is_empty()
+                    && host
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
+                    && port.parse::<u16>().is_ok_and(|p| p != 0)
+            });
+            if !ok {
+                return Err(ConfigError::BadCacheRegistry(r.clone()));
             }
         }
         Ok(())

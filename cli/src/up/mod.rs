@@ -14,7 +14,9 @@
 //!
 //! Before the hosts it starts the pool's registries ([`registries`]: the
 //! pull-through mirror every host's dockerd is given, unless
-//! `--no-mirror`), and stops them after the hosts.
+//! `--no-mirror`, and the tenants' build cache, unless `--no-build-cache`,
+//! whose token endpoint the coordinator serves), and stops them after the
+//! hosts.
 //!
 //! It also makes the pool's credentials on first start, under its state dir
 //! (all secrets 0600), so the demo needs no setup:
@@ -298,8 +300,25 @@ pub async fn run(
         addr_file: args.state_dir.join(OPS_ADDR_FILE),
     };
     let _ = std::fs::remove_file(&ops.addr_file);
+    // The registries' address first: the coordinator serves the build
+    // cache's token endpoint there.
+    let mut regs = registries::Registries::reserve(
+        &args.registries,
+        &args.state_dir,
+        &launch::coordinator_state_dir(&args.state_dir),
+    )
+    .await?;
+    let mut args = args;
+    let cache_args = regs.coordinator_args(&args.registries);
+    args.coordinator_args.extend(cache_args);
     let mut coordinator_child =
-        start_coordinator(&bins, &args, &creds, (listen, &ops), &addr_file, &logs)?;
+        match start_coordinator(&bins, &args, &creds, (listen, &ops), &addr_file, &logs) {
+            Ok(c) => c,
+            Err(e) => {
+                regs.stop().await;
+                return Err(e);
+            }
+        };
     let addr = match wait_for_addr(&addr_file, &mut coordinator_child).await {
         Ok(a) => a,
         Err(e) => {
@@ -329,19 +348,16 @@ pub async fn run(
         eprintln!("berth up: coordinator metrics at http://{a}/metrics");
     }
 
-    let mut regs = match registries::Registries::start(
-        &args.registries,
-        &args.state_dir,
-        &launch::coordinator_state_dir(&args.state_dir),
-    )
-    .await
-    {
-        Ok(r) => r,
-        Err(e) => {
-            let _ = coordinator_child.kill().await;
-            return Err(e.into());
-        }
-    };
+    if let Err(e) = regs.start(&args.registries).await {
+        let _ = coordinator_child.kill().await;
+        return Err(e.into());
+    }
+    if let Some(c) = regs.cache() {
+        eprintln!(
+            "berth up: build cache registry at https://{c} (log: {})",
+            logs.join("cache.log").display()
+        );
+    }
     if let Some(m) = regs.mirror() {
         eprintln!(
             "berth up: registry mirror of {} at https://{m} (log: {})",

@@ -22,8 +22,17 @@
 //! mirror's configuration on this machine (0600) and nowhere else: hosts
 //! never see them.
 //!
+//! The tenants' build cache is a second instance on the same address
+//! (port 5001) with token authentication: the coordinator, told
+//! `--cache-registry` and `--cache-token-listen` (port 5002 of that
+//! address, which is why the address is taken before the coordinator
+//! starts), signs the tokens, and its token certificate is the registry's
+//! only trusted signer. Hosts trust it through the pool CA like the mirror.
+//!
 //! ```text
 //! STATE_DIR/registries/            0700
+//!   cache/config.yml, cert.pem, key.pem, data/   the build cache
+//!   cache.debug.addr               its metrics endpoint (127.0.0.1)
 //!   mirror/config.yml              0600 (JSON, which YAML reads)
 //!   mirror/cert.pem, key.pem       issued by the pool CA for the address
 //!   mirror/upstream-roots.pem      the system's CAs + --mirror-upstream-ca
@@ -48,6 +57,16 @@ use tracing::{info, warn};
 pub const DOCKER_HUB: &str = "https://registry-1.docker.io";
 /// The mirror's port on the registries' address.
 pub const MIRROR_PORT: u16 = 5000;
+/// The build cache registry's port on the registries' address.
+pub const CACHE_PORT: u16 = 5001;
+/// The coordinator's build cache token endpoint, on the same address.
+pub const CACHE_TOKEN_PORT: u16 = 5002;
+/// The cache registry's `auth.token.service` and `issuer`, as the
+/// coordinator signs them (`coordinator/src/cache.rs`).
+const CACHE_SERVICE: &str = "berth-cache";
+const CACHE_ISSUER: &str = "berth-coordinator";
+/// The coordinator's token certificate, in its state dir.
+const CACHE_TOKEN_CERT: &str = "cache-token.pem";
 /// How long a registry has to accept connections after it starts.
 pub const START_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long a registry has to stop after SIGTERM.
@@ -71,6 +90,9 @@ pub struct RegistryArgs {
     /// Run no pull-through mirror: hosts pull from Docker Hub directly.
     #[arg(long, env = "BERTH_NO_MIRROR")]
     pub no_mirror: bool,
+    /// Run no build cache registry: leases get no BERTH_CACHE_REPO.
+    #[arg(long, env = "BERTH_NO_BUILD_CACHE")]
+    pub no_build_cache: bool,
     /// The registry the mirror caches (`https://HOST[:PORT]`).
     #[arg(long, env = "BERTH_MIRROR_UPSTREAM", default_value = DOCKER_HUB)]
     pub mirror_upstream: String,
@@ -463,7 +485,9 @@ async fn terminate(name: &str, child: &mut Child) {
 pub struct Registries {
     state_dir: PathBuf,
     block: Option<Block>,
+    bin: Option<PathBuf>,
     mirror: Option<SocketAddr>,
+    cache: Option<SocketAddr>,
     /// The coordinator's state dir, where the pool CA is kept.
     ca_dir: PathBuf,
     stop: CancellationToken,
@@ -471,10 +495,11 @@ pub struct Registries {
 }
 
 impl Registries {
-    /// Starts what `args` ask for (nothing with `--no-mirror`) and waits
-    /// until each accepts connections. `ca_dir` holds the pool CA
-    /// (the coordinator's state dir).
-    pub async fn start(
+    /// Takes the registries' address (unless `--no-mirror` and
+    /// `--no-build-cache` leave nothing to run), before the coordinator
+    /// starts: the coordinator serves the build cache's token endpoint on
+    /// it. `ca_dir` holds the pool CA (the coordinator's state dir).
+    pub async fn reserve(
         args: &RegistryArgs,
         state_dir: &Path,
         ca_dir: &Path,
@@ -482,50 +507,155 @@ impl Registries {
         let mut me = Registries {
             state_dir: state_dir.to_owned(),
             block: None,
+            bin: None,
             mirror: None,
+            cache: None,
             ca_dir: ca_dir.to_owned(),
             stop: CancellationToken::new(),
             tasks: vec![],
         };
-        if args.no_mirror {
+        if args.no_mirror && args.no_build_cache {
             return Ok(me);
         }
-        check_upstream(&args.mirror_upstream)?;
-        let bin = find_bin(&args.registry_bin)?;
+        if !args.no_mirror {
+            check_upstream(&args.mirror_upstream)?;
+        }
+        me.bin = Some(find_bin(&args.registry_bin)?);
         let dir = registries_dir(state_dir);
         berth_tls::files::create_private_dir(&dir)?;
+        me.block = Some(take_block(state_dir).await?);
+        Ok(me)
+    }
+
+    /// What the coordinator is told about the build cache: its registry
+    /// and where to serve the token endpoint.
+    pub fn coordinator_args(&self, args: &RegistryArgs) -> Vec<String> {
+        match &self.block {
+            Some(b) if !args.no_build_cache => vec![
+                "--cache-registry".into(),
+                SocketAddr::new(b.addr.into(), CACHE_PORT).to_string(),
+                "--cache-token-listen".into(),
+                SocketAddr::new(b.addr.into(), CACHE_TOKEN_PORT).to_string(),
+            ],
+            _ => vec![],
+        }
+    }
+
+    /// Starts what `args` ask for, once the coordinator runs (the pool CA
+    /// and the cache's token certificate exist), and waits until each
+    /// accepts connections.
+    pub async fn start(&mut self, args: &RegistryArgs) -> Result<(), RegistryError> {
+        let (Some(block), Some(bin)) = (self.block.clone(), self.bin.clone()) else {
+            return Ok(());
+        };
         let result = async {
-            let block = take_block(state_dir).await?;
-            me.block = Some(block.clone());
-            let addr = SocketAddr::new(block.addr.into(), MIRROR_PORT);
-            let instance = me.write_mirror(args, &bin, addr)?;
-            let mut child = instance.spawn()?;
-            // distribution's proxy asks the upstream for its auth challenge
-            // at start and exits when it cannot reach it. The pool starts
-            // anyway: a cache is not needed to serve builds, hosts' dockerd
-            // fall back to the upstream while the mirror does not answer,
-            // and the supervisor keeps restarting it until it does.
-            match instance.wait_ready(&mut child).await {
-                Ok(()) => {
-                    info!(%addr, upstream = %args.mirror_upstream, "mirror registry started");
+            if !args.no_mirror {
+                let addr = SocketAddr::new(block.addr.into(), MIRROR_PORT);
+                let instance = self.write_mirror(args, &bin, addr)?;
+                let mut child = instance.spawn()?;
+                // distribution's proxy asks the upstream for its auth
+                // challenge at start and exits when it cannot reach it. The
+                // pool starts anyway: a cache is not needed to serve builds,
+                // hosts' dockerd fall back to the upstream while the mirror
+                // does not answer, and the supervisor keeps restarting it
+                // until it does.
+                match instance.wait_ready(&mut child).await {
+                    Ok(()) => {
+                        info!(%addr, upstream = %args.mirror_upstream, "mirror registry started");
+                    }
+                    Err(e) => eprintln!(
+                        "berth up: warning: {e}; hosts pull from the upstream until it answers \
+                         (it is restarted with backoff)"
+                    ),
                 }
-                Err(e) => eprintln!(
-                    "berth up: warning: {e}; hosts pull from the upstream until it answers \
-                     (it is restarted with backoff)"
-                ),
+                self.mirror = Some(addr);
+                let stop = self.stop.clone();
+                self.tasks
+                    .push(tokio::spawn(supervise(instance, child, stop)));
             }
-            me.mirror = Some(addr);
-            let stop = me.stop.clone();
-            me.tasks
-                .push(tokio::spawn(supervise(instance, child, stop)));
+            if !args.no_build_cache {
+                let addr = SocketAddr::new(block.addr.into(), CACHE_PORT);
+                let token = SocketAddr::new(block.addr.into(), CACHE_TOKEN_PORT);
+                let instance = self.write_cache(&bin, addr, token)?;
+                let mut child = instance.spawn()?;
+                if let Err(e) = instance.wait_ready(&mut child).await {
+                    terminate(instance.name, &mut child).await;
+                    return Err(e);
+                }
+                info!(%addr, "build cache registry started");
+                self.cache = Some(addr);
+                let stop = self.stop.clone();
+                self.tasks
+                    .push(tokio::spawn(supervise(instance, child, stop)));
+            }
             Ok(())
         }
         .await;
         if let Err(e) = result {
-            me.stop().await;
+            self.stop().await;
             return Err(e);
         }
-        Ok(me)
+        Ok(())
+    }
+
+    /// Writes the build cache registry's certificate and configuration:
+    /// token authentication, the coordinator's endpoint as the realm and
+    /// its token certificate as the only trusted signer.
+    fn write_cache(
+        &self,
+        bin: &Path,
+        addr: SocketAddr,
+        token: SocketAddr,
+    ) -> Result<Instance, RegistryError> {
+        let dir = registries_dir(&self.state_dir).join("cache");
+        berth_tls::files::create_private_dir(&dir)?;
+        let data = dir.join("data");
+        std::fs::create_dir_all(&data).map_err(io_err("cannot create", &data))?;
+        let (cert, key) = self.issue_cert(&dir, addr)?;
+        let debug_port = free_local_port()?;
+        let config = serde_json::json!({
+            "version": "0.1",
+            "log": { "level": "info", "formatter": "text", "fields": { "service": "berth-cache" } },
+            "storage": {
+                "filesystem": { "rootdirectory": data },
+                "delete": { "enabled": true },
+            },
+            "http": {
+                "addr": addr.to_string(),
+                "secret": random_hex(),
+                "tls": { "certificate": cert, "key": key },
+                "headers": { "X-Content-Type-Options": ["nosniff"] },
+                "debug": {
+                    "addr": format!("127.0.0.1:{debug_port}"),
+                    "prometheus": { "enabled": true, "path": "/metrics" },
+                },
+            },
+            "auth": {
+                "token": {
+                    "realm": format!("https://{token}/token"),
+                    "service": CACHE_SERVICE,
+                    "issuer": CACHE_ISSUER,
+                    "rootcertbundle": self.ca_dir.join(CACHE_TOKEN_CERT),
+                },
+            },
+        });
+        let path = dir.join("config.yml");
+        berth_tls::files::write_private(&path, format!("{config:#}\n").as_bytes())?;
+        let debug_file = registries_dir(&self.state_dir).join("cache.debug.addr");
+        berth_tls::files::write_private(
+            &debug_file,
+            format!("127.0.0.1:{debug_port}\n").as_bytes(),
+        )?;
+        let logs = self.state_dir.join("logs");
+        std::fs::create_dir_all(&logs).map_err(io_err("cannot create", &logs))?;
+        Ok(Instance {
+            name: "build cache",
+            bin: bin.to_owned(),
+            config: path,
+            log: logs.join("cache.log"),
+            addr,
+            roots: None,
+        })
     }
 
     /// Writes the mirror's certificate, roots and configuration.
@@ -612,6 +742,11 @@ impl Registries {
         Ok((cert, key))
     }
 
+    /// The build cache registry's address, if one runs.
+    pub fn cache(&self) -> Option<SocketAddr> {
+        self.cache
+    }
+
     /// The mirror's address, if one runs.
     pub fn mirror(&self) -> Option<SocketAddr> {
         self.mirror
@@ -624,6 +759,10 @@ impl Registries {
         if let Some(m) = self.mirror {
             out.push("--registry-mirror".into());
             out.push(format!("https://{m}").into());
+        }
+        if let Some(c) = self.cache {
+            out.push("--pool-registry".into());
+            out.push(c.to_string().into());
         }
         if !out.is_empty() {
             out.push("--registry-ca".into());

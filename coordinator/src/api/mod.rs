@@ -32,6 +32,8 @@ pub struct Services {
     pub verifier: Arc<dyn Verifier>,
     /// Counters of the EC2 verification and the orphan sweeper.
     pub ec2_metrics: Arc<Ec2Metrics>,
+    /// The tenants' build cache, when the pool runs one.
+    pub cache: Option<Arc<crate::cache::BuildCache>>,
 }
 
 /// A CSR problem is the caller's; anything else in signing is ours.
