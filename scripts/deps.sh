@@ -76,3 +76,21 @@ ensure_python_clients() {
   python3 -c 'import docker, testcontainers.core.container' \
     || { echo "python3 cannot import docker and testcontainers after installing them" >&2; exit 1; }
 }
+
+# The pool's registries: CNCF distribution from Debian (`docker-registry`,
+# 2.8), which `berth up` runs as the pull-through mirror and as the tenants'
+# build cache, and the end-to-end tests as the stand-in "upstream". berth
+# runs its own instances with their own configuration; on a machine where
+# systemd is PID 1 the package also enables and starts a registry of its
+# own on :5000 (all addresses, no TLS, no authentication), which is
+# stopped and disabled here when this function installs the package.
+ensure_registry() {
+  if dpkg-query -W -f='${Status}' docker-registry 2>/dev/null | grep -q "install ok installed"; then
+    return 0
+  fi
+  ensure_apt docker-registry
+  if [ -d /run/systemd/system ]; then
+    as_root systemctl disable --now docker-registry.service >/dev/null 2>&1 || true
+  fi
+  command -v docker-registry >/dev/null || { echo "docker-registry is not on PATH after installing it" >&2; exit 1; }
+}

@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 . scripts/deps.sh
 
 ensure_runtime_deps
+ensure_registry
 # The packaging tests: packer (fmt, validate), systemd-analyze and systemctl;
 # the workspace-sync and client tests drive Debian's docker-compose against a lease.
 ensure_apt packer systemd docker-compose

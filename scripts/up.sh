@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 . scripts/deps.sh
 
 ensure_runtime_deps
+ensure_registry
 cargo build --release --bins --locked
 echo "berth: binaries in $PWD/target/release (add it to PATH to use \`berth\` in another shell)" >&2
 if [ "$(id -u)" -ne 0 ]; then

@@ -170,6 +170,31 @@ pub struct Config {
     #[arg(long, env = "BERTH_STATUS_LISTEN", default_value_t = StatusListen::HostAddr(DEFAULT_STATUS_PORT))]
     pub status_listen: StatusListen,
 
+    /// Pull-through mirror for Docker Hub (`https://HOST[:PORT]`), written to
+    /// the host's dockerd configuration as `registry-mirrors`; `berth up`
+    /// passes its own mirror (repeatable).
+    #[arg(
+        long = "registry-mirror",
+        env = "BERTH_REGISTRY_MIRROR",
+        value_delimiter = ','
+    )]
+    pub registry_mirrors: Vec<String>,
+
+    /// A pool registry (`HOST:PORT`, e.g. the tenants' build cache) whose
+    /// certificate dockerd checks against `--registry-ca` (repeatable; the
+    /// mirrors are trusted that way too).
+    #[arg(
+        long = "pool-registry",
+        env = "BERTH_POOL_REGISTRY",
+        value_delimiter = ','
+    )]
+    pub pool_registries: Vec<String>,
+
+    /// CA certificate (PEM) the pool's registries' TLS certificates chain to;
+    /// given to the host's dockerd for the mirrors and `--pool-registry`.
+    #[arg(long, env = "BERTH_REGISTRY_CA")]
+    pub registry_ca: Option<PathBuf>,
+
     /// TOML file of settings; its keys are these long flag names. A flag or
     /// its BERTH_* twin overrides the file.
     #[arg(long, env = "BERTH_CONFIG")]
@@ -201,6 +226,9 @@ impl Default for Config {
             isolation_limit: DEFAULT_ISOLATION_LIMIT,
             link_via_host_net: false,
             status_listen: StatusListen::HostAddr(DEFAULT_STATUS_PORT),
+            registry_mirrors: vec![],
+            pool_registries: vec![],
+            registry_ca: None,
             config: None,
         }
     }
@@ -235,6 +263,8 @@ pub enum ConfigError {
         "--recycle is refused with the ec2 provider: a host that held a lease is never trusted again (docs/security.md)"
     )]
     RecycleOnEc2,
+    #[error(transparent)]
+    Registry(#[from] crate::docker::registries::RegistryError),
 }
 
 impl Config {
@@ -273,6 +303,13 @@ impl Config {
                 return Err(ConfigError::BadResumeHost(h.clone()));
             }
         }
+        // The CA's file is read at boot; its shape is checked here.
+        let ca = self.registry_ca.as_ref().map(|_| String::new());
+        crate::docker::registries::Registries::new(
+            &self.registry_mirrors,
+            &self.pool_registries,
+            ca,
+        )?;
         if self.provider == ProviderKind::Ec2 {
             if self.resume_host.is_some() {
                 return Err(ConfigError::ResumeNeedsLocal);

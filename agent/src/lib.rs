@@ -104,6 +104,21 @@ pub fn load_credentials(config: &Config) -> Result<Credentials, AgentError> {
     })
 }
 
+/// The host's registry settings, with the pool registries' CA read from
+/// `--registry-ca`.
+pub fn load_registries(config: &Config) -> Result<docker::registries::Registries, AgentError> {
+    let ca_pem = match &config.registry_ca {
+        Some(path) => Some(berth_tls::files::read_pem(path)?),
+        None => None,
+    };
+    Ok(docker::registries::Registries::new(
+        &config.registry_mirrors,
+        &config.pool_registries,
+        ca_pem,
+    )
+    .map_err(config::ConfigError::from)?)
+}
+
 /// Runs the agent until its host is terminated (drained, lease over, wipe
 /// failed, dockerd died) or `shutdown` fires; in every case the host is
 /// destroyed before this returns. `Ok(())` means the host ended cleanly.
@@ -113,6 +128,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
     // Before anything is created on the machine: without credentials the
     // host could never be offered.
     let credentials = load_credentials(&config)?;
+    let registries = load_registries(&config)?;
     let started = Instant::now();
     match config.provider {
         ProviderKind::Local => {
@@ -134,6 +150,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
                 credentials,
                 resumed,
                 started,
+                registries,
             };
             Box::pin(assembly::start(config, provider, boot, shutdown)).await
         }
@@ -156,6 +173,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Agen
                 credentials,
                 resumed: None,
                 started,
+                registries,
             };
             Box::pin(assembly::start(config, provider, boot, shutdown)).await
         }

@@ -256,7 +256,21 @@ pub fn default_cert_dir(lease_id: &str) -> PathBuf {
 
 /// The files `acquire` writes into a lease's certificate directory, and
 /// the only ones `release` deletes.
-pub const LEASE_FILES: [&str; 4] = ["key.pem", "cert.pem", "ca.pem", LEASE_MARKER];
+pub const LEASE_FILES: [&str; 6] = [
+    "key.pem",
+    "cert.pem",
+    "ca.pem",
+    LEASE_MARKER,
+    DOCKER_CONFIG_FILE,
+    CLI_PLUGINS,
+];
+/// The docker CLI's configuration for a lease with a build cache
+/// (`DOCKER_CONFIG` is the lease directory): the user's own, plus the
+/// cache's login.
+pub const DOCKER_CONFIG_FILE: &str = "config.json";
+/// A link to the user's own docker CLI plugins (buildx), so they stay
+/// found with `DOCKER_CONFIG` pointing at the lease directory.
+pub const CLI_PLUGINS: &str = "cli-plugins";
 /// Second line of the lease marker when `acquire` made the directory itself
 /// (then `release` removes the directory too, once it is empty).
 const MADE_BY_ACQUIRE: &str = "directory made by berth acquire";
@@ -327,6 +341,75 @@ pub fn write_cert_dir(
         berth_tls::files::write_private(&dir.join(name), data.as_bytes()).map_err(err)?;
     }
     Ok(())
+}
+
+/// The docker CLI configuration a lease with a build cache gets: the
+/// user's own (`$DOCKER_CONFIG/config.json`, else `~/.docker/config.json`;
+/// never modified) with the cache registry's login added. A `credsStore`
+/// would send every login to its helper, the cache's too, so the copy has
+/// none (logins the user keeps inline stay). Written with the lease's
+/// files (0600) and deleted by release.
+pub fn write_docker_config(dir: &Path, cache: &pb::BuildCache) -> Result<(), CliError> {
+    let err = |e: String| CliError::Other(format!("writing the lease's docker config: {e}"));
+    let user_dir = std::env::var_os("DOCKER_CONFIG")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".docker")));
+    let mut config = user_dir
+        .as_ref()
+        .filter(|d| d.as_path() != dir)
+        .and_then(|d| std::fs::read_to_string(d.join(DOCKER_CONFIG_FILE)).ok())
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .filter(serde_json::Value::is_object)
+        .unwrap_or_else(|| serde_json::json!({}));
+    let host = cache
+        .repository
+        .split_once('/')
+        .map_or(cache.repository.as_str(), |(h, _)| h)
+        .to_owned();
+    let login = base64_encode(format!("{}:{}", cache.username, cache.password).as_bytes());
+    if let Some(obj) = config.as_object_mut() {
+        obj.remove("credsStore");
+        if let Some(helpers) = obj.get_mut("credHelpers").and_then(|h| h.as_object_mut()) {
+            helpers.remove(&host);
+        }
+        let auths = obj.entry("auths").or_insert_with(|| serde_json::json!({}));
+        if !auths.is_object() {
+            *auths = serde_json::json!({});
+        }
+        auths[&host] = serde_json::json!({ "auth": login });
+    }
+    let text = serde_json::to_string_pretty(&config).map_err(|e| err(e.to_string()))?;
+    berth_tls::files::write_private(&dir.join(DOCKER_CONFIG_FILE), text.as_bytes())
+        .map_err(|e| err(e.to_string()))?;
+    if let Some(plugins) = user_dir.map(|d| d.join(CLI_PLUGINS)).filter(|p| p.is_dir()) {
+        let link = dir.join(CLI_PLUGINS);
+        let _ = std::fs::remove_file(&link);
+        let _ = std::os::unix::fs::symlink(plugins, link);
+    }
+    Ok(())
+}
+
+/// Standard base64 with padding (a docker config's `auth`).
+fn base64_encode(data: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in data.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }
 
 /// Deletes what `acquire` wrote for `lease_id` in `dir`: the lease files,
@@ -471,8 +554,17 @@ pub async fn client_output(cli: &Cli) -> Result<String, CliError> {
                 &resp.client_cert_pem,
                 &key.key_pem,
             )?;
+            if let Some(cache) = &resp.build_cache {
+                write_docker_config(&dir, cache)?;
+            }
             match format {
-                status::Format::Env => Ok(export_lines(&lease, &dir)),
+                status::Format::Env => {
+                    let mut out = export_lines(&lease, &dir);
+                    if let Some(cache) = &resp.build_cache {
+                        out.push_str(&cache_export_lines(cache, &dir));
+                    }
+                    Ok(out)
+                }
                 status::Format::Json => Ok(status::json(&lease, &dir)),
                 status::Format::DockerContext => {
                     Ok(format!("{}\n", status::create_context(&lease, &dir).await?))
@@ -762,6 +854,16 @@ pub fn export_lines(l: &pb::Lease, cert_dir: &Path) -> String {
     s
 }
 
+/// The `export` lines of a lease's build cache: where it is, and the
+/// docker configuration that holds its login.
+pub fn cache_export_lines(cache: &pb::BuildCache, cert_dir: &Path) -> String {
+    format!(
+        "export BERTH_CACHE_REPO={}\nexport DOCKER_CONFIG={}\n",
+        shell_quote(&cache.repository),
+        shell_quote(&cert_dir.to_string_lossy())
+    )
+}
+
 fn describe_lease(l: Option<&pb::Lease>) -> String {
     let Some(l) = l else {
         return "no lease in the answer\n".into();
@@ -851,6 +953,21 @@ pub fn host_state_name(s: i32) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn base64_matches_the_rfc() {
+        for (i, o) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+            ("fooba", "Zm9vYmE="),
+            ("foobar", "Zm9vYmFy"),
+        ] {
+            assert_eq!(base64_encode(i.as_bytes()), o, "{i}");
+        }
+    }
 
     #[test]
     fn exports_are_quoted_for_eval() {

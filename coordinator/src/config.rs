@@ -147,6 +147,16 @@ pub struct CoordinatorConfig {
     /// target before the excess is retired.
     #[arg(long, env = "BERTH_SCALE_IN_AFTER", default_value = "5m", value_parser = humantime::parse_duration)]
     pub scale_in_after: Duration,
+    /// The tenants' build cache registry (`HOST:PORT` as hosts reach it):
+    /// Acquire then gives each lease its tenant's namespace there and a
+    /// login the token endpoint accepts while the lease is active. Needs
+    /// --cache-token-listen.
+    #[arg(long, env = "BERTH_CACHE_REGISTRY", requires = "cache_token_listen")]
+    pub cache_registry: Option<String>,
+    /// Address of the build cache's token endpoint (HTTPS, the registry's
+    /// `auth.token.realm` is `https://ADDR/token`); reachable from hosts.
+    #[arg(long, env = "BERTH_CACHE_TOKEN_LISTEN", requires = "cache_registry")]
+    pub cache_token_listen: Option<SocketAddr>,
 }
 
 /// What is wrong with a coordinator configuration.
@@ -164,6 +174,8 @@ pub enum ConfigError {
     HostCertValidity(Duration),
     #[error("--min-hosts {min} is above --max-hosts {max}")]
     MinAboveMax { min: u32, max: u32 },
+    #[error("--cache-registry {0:?} must be HOST:PORT")]
+    BadCacheRegistry(String),
 }
 
 /// The shortest `--host-cert-validity`: certificates are re-issued at 2/3
@@ -214,6 +226,18 @@ impl CoordinatorConfig {
                     .all(|c| c.is_ascii_alphanumeric() || "_.:/=+@-".contains(c));
             if !ok {
                 return Err(ConfigError::BadPoolName(self.pool_name.clone()));
+            }
+        }
+        if let Some(r) = &self.cache_registry {
+            let ok = r.rsplit_once(':').is_some_and(|(host, port)| {
+                !host.is_empty()
+                    && host
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
+                    && port.parse::<u16>().is_ok_and(|p| p != 0)
+            });
+            if !ok {
+                return Err(ConfigError::BadCacheRegistry(r.clone()));
             }
         }
         Ok(())

@@ -28,6 +28,7 @@
 pub mod admission;
 pub mod api;
 pub mod capacity;
+pub mod cache;
 pub mod clock;
 pub mod config;
 pub mod error;
@@ -94,6 +95,8 @@ pub enum RunError {
     Ca(#[source] berth_tls::TlsError),
     #[error(transparent)]
     Auth(#[from] auth::AuthError),
+    #[error("build cache: {0}")]
+    Cache(#[from] cache::CacheError),
     #[error("gRPC reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("gRPC server: {0}")]
@@ -119,6 +122,9 @@ pub async fn bind(config: &CoordinatorConfig) -> Result<TcpListener, RunError> {
         source,
     })?;
     load_ca(config)?;
+    if config.cache_registry.is_some() {
+        cache::ensure_files(&config.state_dir)?;
+    }
     auth::Auth::load(
         config.tenants.as_deref(),
         config.join_token_hash_file.as_deref(),
@@ -202,8 +208,29 @@ pub async fn serve(
             ))
         }
     };
+    let mut cache_task = None;
+    let cache = match (&config.cache_registry, config.cache_token_listen) {
+        (Some(registry), Some(listen)) => {
+            cache::ensure_files(&config.state_dir)?;
+            let c = Arc::new(cache::BuildCache::load(
+                &config.state_dir,
+                registry.clone(),
+            )?);
+            let l = cache::bind(listen).await?;
+            cache_task = Some(tokio::spawn(cache::serve(
+                l,
+                ca.clone(),
+                c.clone(),
+                pool.clone(),
+                shutdown.clone(),
+            )));
+            Some(c)
+        }
+        _ => None,
+    };
     let services = Services {
         pool: pool.clone(),
+        cache,
         ca,
         shutdown: shutdown.clone(),
         verifier,
@@ -299,6 +326,9 @@ pub async fn serve(
     let _ = ticker.await;
     let _ = rotation.await;
     let _ = ops_task.await;
+    if let Some(t) = cache_task {
+        let _ = t.await;
+    }
     // Changes made since the last answer (expiries, agents' reports) are
     // committed before the store closes; dropping the last handle closes it.
     if let Err(e) = pool.durable().await {

@@ -56,6 +56,13 @@ pub struct TlsConn {
     info: ConnInfo,
 }
 
+impl TlsConn {
+    /// The client's address.
+    pub fn peer(&self) -> Option<SocketAddr> {
+        self.info.remote_addr
+    }
+}
+
 impl tonic::transport::server::Connected for TlsConn {
     type ConnectInfo = ConnInfo;
     fn connect_info(&self) -> ConnInfo {

@@ -198,6 +198,23 @@ pub fn sweep(prefix: &str) {
         .arg("--prefix")
         .arg(prefix));
     ok(o, "berth-agent sweep");
+    sweep_registries_link(&state);
+}
+
+/// Deletes the link `berth up` put its registries' address on, if a killed
+/// run left it: the one whose alias names this state dir (the alias is
+/// made by `cli/src/up/registries.rs::link_alias`).
+fn sweep_registries_link(state_dir: &Path) {
+    let hash = berth_tls::TokenHash::of(&state_dir.to_string_lossy()).to_hex();
+    let alias = format!("berth registries {}", &hash[..32]);
+    let Ok(entries) = std::fs::read_dir("/sys/class/net") else {
+        return;
+    };
+    for e in entries.flatten() {
+        if std::fs::read_to_string(e.path().join("ifalias")).is_ok_and(|a| a.trim() == alias) {
+            let _ = run(Command::new("ip").args(["link", "del"]).arg(e.file_name()));
+        }
+    }
 }
 
 /// The state and run directories of a test prefix.
@@ -393,6 +410,12 @@ impl Pool {
         // An elastic pool (--max-hosts) is sized by its coordinator: `hosts`
         // is then only how many Ready hosts to wait for.
         let elastic = extra.contains(&"--max-hosts");
+        // The registry mirror's default upstream is Docker Hub, beyond
+        // what tests may reach: only the mirror's own tests run one.
+        let mirror = extra
+            .iter()
+            .any(|a| a.starts_with("--mirror") || *a == "--no-mirror");
+        let no_mirror: &[&str] = if mirror { &[] } else { &["--no-mirror"] };
         let child = Command::new(bin("berth"))
             .arg("up")
             .args(
@@ -409,6 +432,7 @@ impl Pool {
             .arg(prefix)
             .arg("--listen")
             .arg("127.0.0.1:0")
+            .args(no_mirror)
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

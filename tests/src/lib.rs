@@ -4,7 +4,8 @@
 //! EC2 world of the EC2 tests ([`ec2`]: moto's server, a fake IMDSv2, a
 //! namespace standing for an instance), what the tests of a lease behaving
 //! like any Docker host share ([`stock`]: an upstream server, the machine's
-//! network settings, images with the static docker CLI), and the benchmarks
+//! network settings, images with the static docker CLI), an upstream
+//! registry in a namespace of its own ([`registry`]), and the benchmarks
 //! ([`bench`], run by `berth-bench` and smoke-tested by
 //! `tests/bench_smoke.rs`).
 
@@ -12,4 +13,5 @@
 
 pub mod bench;
 pub mod ec2;
+pub mod registry;
 pub mod stock;

@@ -87,6 +87,8 @@ pub struct Boot {
     pub credentials: Credentials,
     pub resumed: Option<Identity>,
     pub started: Instant,
+    /// The mirrors and pool registries the host's dockerd is configured with.
+    pub registries: crate::docker::registries::Registries,
 }
 
 /// Learns the identity (unless the host is taken over), then runs the host
@@ -112,6 +114,7 @@ pub async fn start<P: Provider>(
             netns: identity.netns.clone(),
             cgroup_parent: cleanup::cgroup_name(&identity.local_id),
             network: identity.network,
+            registries: boot.registries,
         },
         config.boot_timeout,
     );

@@ -16,6 +16,7 @@ use tokio::process::{Child, Command};
 
 use crate::docker::client::{BollardDocker, DaemonInfo, DockerError};
 use crate::docker::mountns::{self, MountNsError, RunView};
+use crate::docker::registries::Registries;
 use crate::provider::cleanup;
 use crate::provider::hostnet::{HostNetError, HostNetwork};
 
@@ -80,6 +81,9 @@ pub struct HostPaths {
     pub pidfile: PathBuf,
     pub log: PathBuf,
     pub config_file: PathBuf,
+    /// `HOST_DIR/etc-docker`: dockerd's `/etc/docker` inside its mount
+    /// namespace (`certs.d` for the pool's registries).
+    pub etc_docker: PathBuf,
 }
 
 impl HostPaths {
@@ -90,6 +94,7 @@ impl HostPaths {
             data_root: host_dir.join("docker"),
             log: host_dir.join("dockerd.log"),
             config_file: host_dir.join("daemon.json"),
+            etc_docker: host_dir.join("etc-docker"),
             // One letter: every byte counts below the exec root.
             exec_root: run_dir.join("x"),
             socket: run_dir.join("docker.sock"),
@@ -126,6 +131,8 @@ pub struct DockerdSpec {
     /// Whether the network dockerd runs in is the host's own (it then
     /// manages iptables and forwarding there) or the machine's.
     pub network: HostNetwork,
+    /// The pool's registry mirror and registries (`daemon.json`, `certs.d`).
+    pub registries: Registries,
 }
 
 impl DockerdSpec {
@@ -175,13 +182,15 @@ impl DockerdSpec {
         RunView {
             socket: self.paths.socket.clone(),
             host_dirs: vec![self.paths.run_dir.clone(), self.paths.host_dir.clone()],
+            etc_docker: Some(self.paths.etc_docker.clone()),
         }
     }
 
-    /// Creates the directories, writes an empty daemon.json (so a machine-wide
-    /// /etc/docker/daemon.json cannot add TCP hosts or other surprises) and
-    /// starts dockerd in the host's namespaces with its output going to the
-    /// log file.
+    /// Creates the directories, writes the host's daemon.json (only the
+    /// registry mirrors, so a machine-wide /etc/docker/daemon.json cannot
+    /// add TCP hosts or other surprises) and its `/etc/docker` (`certs.d`
+    /// for the pool's registries), and starts dockerd in the host's
+    /// namespaces with its output going to the log file.
     #[tracing::instrument(skip(self), fields(host_dir = %self.paths.host_dir.display()), err)]
     pub async fn spawn(&self) -> Result<Child, DockerdError> {
         let p = &self.paths;
@@ -194,10 +203,16 @@ impl DockerdSpec {
                     source,
                 })?;
         }
-        tokio::fs::write(&p.config_file, b"{}\n")
+        tokio::fs::write(&p.config_file, self.registries.daemon_json())
             .await
             .map_err(|source| DockerdError::Prepare {
                 path: p.config_file.clone(),
+                source,
+            })?;
+        self.registries
+            .write_certs(&p.etc_docker)
+            .map_err(|source| DockerdError::Prepare {
+                path: p.etc_docker.clone(),
                 source,
             })?;
         let log = std::fs::File::create(&p.log).map_err(|source| DockerdError::Prepare {
@@ -320,6 +335,7 @@ mod tests {
             netns: netns.map(PathBuf::from),
             cgroup_parent: "berth-berth-1a2b".to_owned(),
             network: HostNetwork::Own,
+            registries: Registries::default(),
         }
     }
 

@@ -5,7 +5,9 @@
 //! API behind the `DockerOps` trait,
 //! [`front`] is the mutual-TLS front that admits only the current lease,
 //! [`wipe`] removes and verifies all Docker state, [`listeners`] checks that
-//! dockerd listens on no TCP port, and [`health`] watches the daemon.
+//! dockerd listens on no TCP port, [`health`] watches the daemon, and
+//! [`registries`] is what the daemon is told about the pool's registry
+//! mirror and registries.
 
 pub mod client;
 pub mod daemon;
@@ -14,4 +16,5 @@ pub mod front;
 pub mod health;
 pub mod listeners;
 pub mod mountns;
+pub mod registries;
 pub mod wipe;

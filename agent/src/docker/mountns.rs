@@ -25,6 +25,11 @@
 //!   except [`HIDDEN`], which a host's dockerd must not see (each with its
 //!   reason there).
 //!
+//! and whose `/etc/docker` is the host's own directory (`HOST_DIR/
+//! etc-docker`, see [`registries`](crate::docker::registries)): the
+//! `certs.d` dockerd trusts the pool's registries through, and its
+//! `key.json`; the machine's `/etc/docker` stays out of its sight.
+//!
 //! The thread ends right after the spawn: `setns` and `unshare` change only
 //! the calling thread, whose namespaces the child inherits; no thread of
 //! the agent is left in them (the tokio blocking pool reuses its threads,
@@ -45,6 +50,8 @@ use tokio::process::{Child, Command};
 
 /// Where `/var/run` points when it cannot be resolved.
 pub const DEFAULT_RUN: &str = "/run";
+/// dockerd's configuration directory: `certs.d`, `key.json`.
+pub const ETC_DOCKER: &str = "/etc/docker";
 /// The socket name clients and containers look for under `/var/run`.
 pub const SOCKET_NAME: &str = "docker.sock";
 /// Top-level entries of the machine's `/run` that a host's dockerd must not
@@ -121,6 +128,8 @@ pub struct RunView {
     /// Directories dockerd must reach at their machine paths (the host's
     /// run and state directories); those under `/run` are bind-mounted.
     pub host_dirs: Vec<PathBuf>,
+    /// The host's directory bound over `/etc/docker`, if any.
+    pub etc_docker: Option<PathBuf>,
 }
 
 /// The kind of a top-level entry of the machine's `/run`.
@@ -231,6 +240,9 @@ fn spawn_here(
         "making the mount namespace a slave of the machine's",
     )?;
     make_run_view(view)?;
+    if let Some(dir) = &view.etc_docker {
+        bind_etc_docker(dir)?;
+    }
     let program = cmd.as_std().get_program().to_owned();
     cmd.spawn()
         .map_err(|source| MountNsError::Spawn { program, source })
@@ -309,6 +321,25 @@ fn make_run_view(view: &RunView) -> Result<(), MountNsError> {
     std::os::unix::fs::symlink(&view.socket, &link)
         .map_err(|source| MountNsError::Prepare { path: link, source })?;
     Ok(())
+}
+
+/// Binds `dir` over `/etc/docker` (made on the machine if missing: an
+/// empty directory, as dockerd itself would make it).
+fn bind_etc_docker(dir: &Path) -> Result<(), MountNsError> {
+    let target = Path::new(ETC_DOCKER);
+    for d in [dir, target] {
+        std::fs::create_dir_all(d).map_err(|source| MountNsError::Prepare {
+            path: d.to_owned(),
+            source,
+        })?;
+    }
+    mount(
+        Some(dir),
+        target,
+        None,
+        MsFlags::MS_BIND,
+        "binding the host's /etc/docker",
+    )
 }
 
 /// The top-level entries of `run`, with their kinds.

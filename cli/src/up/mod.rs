@@ -18,6 +18,12 @@
 //! instance would. An agent that ended its host cleanly removed the file, and
 //! the slot gets a fresh host.
 //!
+//! Before the hosts it starts the pool's registries ([`registries`]: the
+//! pull-through mirror every host's dockerd is given, unless
+//! `--no-mirror`, and the tenants' build cache, unless `--no-build-cache`,
+//! whose token endpoint the coordinator serves), and stops them after the
+//! hosts.
+//!
 //! It also makes the pool's credentials on first start, under its state dir
 //! (all secrets 0600), so the demo needs no setup:
 //! - `tenants` (one admin tenant, `local`; tenants an operator adds to the
@@ -32,6 +38,7 @@
 
 pub mod elastic;
 pub mod launch;
+pub mod registries;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -115,6 +122,8 @@ pub struct UpArgs {
     /// excess goes.
     #[arg(long, default_value = "1m", value_parser = humantime::parse_duration, requires = "max_hosts")]
     pub scale_in_after: Duration,
+    #[command(flatten)]
+    pub registries: registries::RegistryArgs,
 }
 
 impl UpArgs {
@@ -151,6 +160,8 @@ pub enum UpError {
     AlreadyRunning(PathBuf),
     #[error("pool credentials: {0}")]
     Credentials(#[from] berth_tls::TlsError),
+    #[error("the pool's registries: {0}")]
+    Registries(#[from] registries::RegistryError),
 }
 
 /// The pool's credentials (`berth_tls::PoolCredentials`) and the CA the
@@ -356,6 +367,7 @@ pub async fn run(
         .map_err(|_| UpError::AlreadyRunning(args.state_dir.clone()))?;
 
     sweep(&bins, &args).await?;
+    registries::sweep(&args.state_dir).await;
     let creds = Credentials::ensure(&args.state_dir)?;
     warn_if_shared(&creds.pool);
 
@@ -373,8 +385,25 @@ pub async fn run(
         addr_file: args.state_dir.join(OPS_ADDR_FILE),
     };
     let _ = std::fs::remove_file(&ops.addr_file);
+    // The registries' address first: the coordinator serves the build
+    // cache's token endpoint there.
+    let mut regs = registries::Registries::reserve(
+        &args.registries,
+        &args.state_dir,
+        &launch::coordinator_state_dir(&args.state_dir),
+    )
+    .await?;
+    let mut args = args;
+    let cache_args = regs.coordinator_args(&args.registries);
+    args.coordinator_args.extend(cache_args);
     let mut coordinator_child =
-        start_coordinator(&bins, &args, &creds, (listen, &ops), &addr_file, &logs)?;
+        match start_coordinator(&bins, &args, &creds, (listen, &ops), &addr_file, &logs) {
+            Ok(c) => c,
+            Err(e) => {
+                regs.stop().await;
+                return Err(e);
+            }
+        };
     let addr = match wait_for_addr(&addr_file, &mut coordinator_child).await {
         Ok(a) => a,
         Err(e) => {
@@ -404,12 +433,31 @@ pub async fn run(
         eprintln!("berth up: coordinator metrics at http://{a}/metrics");
     }
 
+    if let Err(e) = regs.start(&args.registries).await {
+        let _ = coordinator_child.kill().await;
+        return Err(e.into());
+    }
+    if let Some(c) = regs.cache() {
+        eprintln!(
+            "berth up: build cache registry at https://{c} (log: {})",
+            logs.join("cache.log").display()
+        );
+    }
+    if let Some(m) = regs.mirror() {
+        eprintln!(
+            "berth up: registry mirror of {} at https://{m} (log: {})",
+            args.registries.mirror_upstream,
+            logs.join("mirror.log").display()
+        );
+    }
+    let registry_args = regs.agent_args();
     let launch = AgentLaunch {
         bins: &bins,
         args: &args,
         creds: &creds,
         url: &url,
         logs: &logs,
+        registry_args: &registry_args,
     };
     let (tx, mut rx) = mpsc::channel::<Event>(64);
     let elastic = args.elastic();
@@ -580,6 +628,7 @@ pub async fn run(
         warn!("coordinator did not stop in time; killing it");
         let _ = coordinator_child.kill().await;
     }
+    regs.stop().await;
     sweep(&bins, &args).await?;
     eprintln!("berth up: stopped; nothing left behind");
     Ok(())
@@ -673,7 +722,13 @@ fn start_coordinator(
         .map_err(io_err("cannot start", &bins.coordinator))
 }
 
-fn agent_command(bins: &Bins, args: &UpArgs, creds: &Credentials, url: &str) -> Command {
+fn agent_command(
+    bins: &Bins,
+    args: &UpArgs,
+    creds: &Credentials,
+    url: &str,
+    registry_args: &[std::ffi::OsString],
+) -> Command {
     let hosts = args.state_dir.join("hosts");
     let dirs = launch::HostDirs {
         hosts: &hosts,
@@ -690,6 +745,7 @@ fn agent_command(bins: &Bins, args: &UpArgs, creds: &Credentials, url: &str) -> 
     if args.recycle {
         cmd.arg("--recycle");
     }
+    cmd.args(registry_args);
     cmd.args(&args.agent_args);
     cmd
 }
@@ -701,6 +757,8 @@ struct AgentLaunch<'a> {
     creds: &'a Credentials,
     url: &'a str,
     logs: &'a Path,
+    /// The pool's registry mirror and CA, for every agent.
+    registry_args: &'a [std::ffi::OsString],
 }
 
 fn start_agent(
@@ -715,9 +773,10 @@ fn start_agent(
         creds,
         url,
         logs,
+        registry_args,
     } = *launch;
     let log = logs.join(format!("agent-{slot}.log"));
-    let mut cmd = agent_command(bins, args, creds, url);
+    let mut cmd = agent_command(bins, args, creds, url, registry_args);
     if let Some(h) = &resume {
         cmd.arg("--resume-host").arg(h);
     }

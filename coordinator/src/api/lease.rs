@@ -74,10 +74,15 @@ impl Services {
             // Signed while the lease's records are being committed.
             let client_cert_pem = self.lease_cert(&lease, csr, Now::system())?;
             self.pool.durable().await?;
+            let build_cache = self
+                .cache
+                .as_ref()
+                .map(|c| c.for_lease(tenant, &pending.lease_id));
             Ok(pb::AcquireResponse {
                 lease: Some(lease),
                 client_cert_pem,
                 ca_pem: self.ca.cert_pem().to_owned(),
+                build_cache,
             })
         }
         .instrument(span)

@@ -34,6 +34,8 @@ pub struct Services {
     pub ec2_metrics: Arc<Ec2Metrics>,
     /// Validity of agents' server certificates (re-issued at 2/3 of it).
     pub host_cert_validity: std::time::Duration,
+    /// The tenants' build cache, when the pool runs one.
+    pub cache: Option<Arc<crate::cache::BuildCache>>,
 }
 
 /// A CSR problem is the caller's; anything else in signing is ours.

@@ -568,6 +568,7 @@ impl ComparisonDockerd {
             cgroup_parent: berth_agent::provider::cleanup::cgroup_name(&block.name),
             // Its own namespace, like a pool host's.
             network: berth_agent::provider::hostnet::HostNetwork::Own,
+            registries: Default::default(),
         };
         for d in [
             &paths.host_dir,
