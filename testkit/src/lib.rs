@@ -22,6 +22,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod fake_coordinator;
+pub mod postgres;
 
 pub use fake_coordinator::{AgentFeed, FakeCoordinator};
 

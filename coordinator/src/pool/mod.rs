@@ -46,6 +46,8 @@ mod effects;
 mod invariants;
 mod leases;
 mod persist;
+#[cfg(test)]
+pub(crate) use persist::tests as persist_tests;
 mod registration;
 mod scheduler;
 mod sweep;
