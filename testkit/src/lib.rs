@@ -382,8 +382,13 @@ impl Pool {
             .arg(&run_dir)
             .arg("--prefix")
             .arg(prefix)
-            .arg("--listen")
-            .arg("127.0.0.1:0")
+            // Any free port, unless the test names one.
+            .args(
+                (!extra.iter().any(|a| a.starts_with("--listen")))
+                    .then_some(["--listen", "127.0.0.1:0"])
+                    .into_iter()
+                    .flatten(),
+            )
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
