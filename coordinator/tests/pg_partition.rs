@@ -92,7 +92,7 @@ async fn start(
         "--store-key-file",
         &key,
         "--leader-ttl",
-        "2s",
+        "4s",
     ])
     .c;
     let listener = berth_coordinator::bind(&cfg).await.unwrap();

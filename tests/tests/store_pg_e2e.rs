@@ -36,8 +36,9 @@ fn store_args(url: &str, key: &std::path::Path) -> Vec<String> {
     [
         format!("--store={url}"),
         format!("--store-key-file={}", key.display()),
-        // A killed leader's claim runs out quickly.
-        "--leader-ttl=2s".to_owned(),
+        // A killed leader's claim runs out within seconds; long enough that
+        // a leader on a loaded machine is not deposed by a slow renewal.
+        "--leader-ttl=4s".to_owned(),
     ]
     .into_iter()
     .flat_map(|a| ["--coordinator-arg".to_owned(), a])
@@ -210,7 +211,7 @@ impl Standby {
             .arg(format!("--store={url}"))
             .arg("--store-key-file")
             .arg(key)
-            .arg("--leader-ttl=2s")
+            .arg("--leader-ttl=4s")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

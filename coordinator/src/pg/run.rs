@@ -106,6 +106,10 @@ pub async fn serve(
             info!(
                 "standing by: serving health, answering UNAVAILABLE until this coordinator leads"
             );
+            // A standby is up as far as its supervisor is concerned (systemd
+            // `Type=notify` would otherwise give up on it at its start
+            // timeout); READY=1 comes again, with a new status, once it leads.
+            berth_runtime::systemd::ready("standing by: another coordinator leads");
             standby = Some(tokio::spawn(standby::serve(
                 clone()?,
                 ca.clone(),

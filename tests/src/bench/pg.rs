@@ -37,7 +37,7 @@ const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// Cycles per pool run first and thrown away.
 const WARMUP: usize = 5;
 /// The coordinators' `--leader-ttl` in the failover rounds.
-pub const FAILOVER_TTL: &str = "2s";
+pub const FAILOVER_TTL: &str = "4s";
 /// Bound on one failover round's first acquire.
 const FAILOVER_WAIT: Duration = Duration::from_secs(60);
 
