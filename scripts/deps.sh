@@ -45,6 +45,18 @@ ensure_ops_tools() {
   fi
 }
 
+# The shared store's tests start a private PostgreSQL cluster of their own
+# (initdb + pg_ctl from /usr/lib/postgresql/15/bin into a temp dir): the
+# server binaries and the `postgres` user come with Debian's `postgresql`
+# package; the tests use no system service (a cluster the package may have
+# started is left alone: the tests' clusters listen on free ports).
+ensure_postgres() {
+  [ -x /usr/lib/postgresql/15/bin/pg_ctl ] && id postgres >/dev/null 2>&1 && return 0
+  ensure_apt postgresql
+  [ -x /usr/lib/postgresql/15/bin/pg_ctl ] \
+    || { echo "PostgreSQL 15's server binaries are missing after installing postgresql" >&2; exit 1; }
+}
+
 # moto's server stands in for the EC2 API in the EC2 end-to-end tests.
 # Installed with pip; on a system Python that refuses (PEP 668), into it anyway,
 # since it is a test-only tool on a throwaway machine.

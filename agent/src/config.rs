@@ -92,8 +92,11 @@ pub struct Config {
     #[arg(long, env = "BERTH_LIFECYCLE_POLL", default_value = "5s", value_parser = humantime::parse_duration)]
     pub lifecycle_poll: Duration,
 
-    /// gRPC URL of the coordinator (TLS: https:// only).
-    #[arg(long, env = "BERTH_COORDINATOR", default_value = DEFAULT_COORDINATOR)]
+    /// gRPC URL of the coordinator (TLS: https:// only), or several
+    /// separated by commas (a leader and its standbys on a shared store:
+    /// the agent moves on to the next one when a session fails). Given
+    /// twice, the last one counts.
+    #[arg(long, env = "BERTH_COORDINATOR", default_value = DEFAULT_COORDINATOR, overrides_with = "coordinator")]
     pub coordinator: String,
 
     /// CA certificate the coordinator's TLS certificate must chain to.
@@ -273,7 +276,8 @@ impl Config {
     /// URL tonic can dial.
     pub fn validate(&self) -> Result<(), ConfigError> {
         validate_prefix(&self.prefix)?;
-        if !self.coordinator.starts_with("https://") {
+        let urls = crate::link::coordinator_urls(&self.coordinator);
+        if urls.is_empty() || urls.iter().any(|u| !u.starts_with("https://")) {
             return Err(ConfigError::BadCoordinator(self.coordinator.clone()));
         }
         for (name, path) in [("state dir", &self.state_dir), ("run dir", &self.run_dir)] {

@@ -56,7 +56,9 @@ pub const LEASE_MARKER: &str = "berth-lease";
 #[derive(Debug, Parser)]
 #[command(name = "berth", version)]
 pub struct Cli {
-    /// Coordinator address (host:port or https://host:port).
+    /// Coordinator address (host:port or https://host:port), or several
+    /// separated by commas (a leader and its standbys on a shared store:
+    /// the one that leads is used).
     #[arg(long, env = "BERTH_COORDINATOR", default_value = DEFAULT_LISTEN, global = true)]
     pub coordinator: String,
     /// CA certificate the coordinator's TLS certificate must chain to.
@@ -197,8 +199,69 @@ pub fn coordinator_url(addr: &str) -> String {
     }
 }
 
+/// With several coordinator addresses: how long to look for the one that
+/// leads (a takeover after a leader is lost takes about the coordinators'
+/// `--leader-ttl`), and the pause between rounds.
+pub const FIND_LEADER_TIMEOUT: Duration = Duration::from_secs(30);
+const FIND_LEADER_ROUND: Duration = Duration::from_millis(250);
+
 /// A TLS channel to the coordinator, whose certificate must chain to `ca`.
-pub async fn channel(addr: &str, ca: &Path) -> Result<Channel, CliError> {
+/// `addrs` is one address, or several separated by commas: then the first
+/// whose lease service reports SERVING (the leader; a standby reports
+/// NOT_SERVING) is used, trying them in turn for up to
+/// [`FIND_LEADER_TIMEOUT`].
+pub async fn channel(addrs: &str, ca: &Path) -> Result<Channel, CliError> {
+    let list: Vec<&str> = addrs
+        .split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .collect();
+    if list.len() < 2 {
+        return channel_to(addrs.trim(), ca).await;
+    }
+    let deadline = tokio::time::Instant::now() + FIND_LEADER_TIMEOUT;
+    loop {
+        let mut why = Vec::new();
+        for addr in &list {
+            match channel_to(addr, ca).await {
+                Ok(ch) => match leads(&ch).await {
+                    Ok(()) => return Ok(ch),
+                    Err(reason) => why.push(format!("{addr}: {reason}")),
+                },
+                Err(CliError::Unreachable { reason, .. }) => why.push(format!("{addr}: {reason}")),
+                Err(e) => return Err(e),
+            }
+        }
+        if tokio::time::Instant::now() + FIND_LEADER_ROUND >= deadline {
+            return Err(CliError::Unreachable {
+                addr: addrs.to_owned(),
+                reason: format!(
+                    "none leads after {FIND_LEADER_TIMEOUT:?} ({})",
+                    why.join("; ")
+                ),
+            });
+        }
+        tokio::time::sleep(FIND_LEADER_ROUND).await;
+    }
+}
+
+/// Whether the coordinator on `ch` serves leases (leads), by gRPC health.
+async fn leads(ch: &Channel) -> Result<(), String> {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let mut health = tonic_health::pb::health_client::HealthClient::new(ch.clone());
+    let req = tonic_health::pb::HealthCheckRequest {
+        service: berth_proto::v1::lease_service_server::SERVICE_NAME.to_owned(),
+    };
+    match tokio::time::timeout(CONNECT_TIMEOUT, health.check(req)).await {
+        Err(_) => Err(format!("no health answer within {CONNECT_TIMEOUT:?}")),
+        Ok(Err(s)) => Err(format!("health: {}", s.message())),
+        Ok(Ok(r)) if r.get_ref().status == ServingStatus::Serving as i32 => Ok(()),
+        Ok(Ok(_)) => Err("a standby (not serving leases)".to_owned()),
+    }
+}
+
+/// A TLS channel to the one coordinator at `addr`.
+async fn channel_to(addr: &str, ca: &Path) -> Result<Channel, CliError> {
     let url = coordinator_url(addr);
     if !url.starts_with("https://") {
         return Err(CliError::Other(format!(

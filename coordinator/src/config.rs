@@ -157,6 +157,28 @@ pub struct CoordinatorConfig {
     /// `auth.token.realm` is `https://ADDR/token`); reachable from hosts.
     #[arg(long, env = "BERTH_CACHE_TOKEN_LISTEN", requires = "cache_registry")]
     pub cache_token_listen: Option<SocketAddr>,
+    /// Where the pool's state lives: the embedded store under --state-dir
+    /// (the default), or a PostgreSQL database (`postgres://USER@HOST/DB`,
+    /// libpq's URL form) that several coordinators share: one leads, the
+    /// others stand by and take over when it is gone
+    /// (docs/high-availability.md).
+    #[arg(long, env = "BERTH_STORE")]
+    pub store: Option<String>,
+    /// With --store postgres://: a file holding 64 hex digits (32 random
+    /// bytes, e.g. `openssl rand -hex 32`), the key that seals the pool
+    /// CA's private key in the database. Every coordinator of the pool
+    /// needs the same file.
+    #[arg(long, env = "BERTH_STORE_KEY_FILE")]
+    pub store_key_file: Option<PathBuf>,
+    /// With --store postgres://: how long a leader's claim lasts without
+    /// renewal (it renews every fifth of it). A standby takes over at most
+    /// about this long after the leader is gone.
+    #[arg(long, env = "BERTH_LEADER_TTL", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub leader_ttl: Duration,
+    /// With --store postgres://: the address standbys name as the leader's
+    /// while this coordinator leads (default: the address it listens on).
+    #[arg(long, env = "BERTH_ADVERTISE")]
+    pub advertise: Option<String>,
 }
 
 /// What is wrong with a coordinator configuration.
@@ -176,6 +198,16 @@ pub enum ConfigError {
     MinAboveMax { min: u32, max: u32 },
     #[error("--cache-registry {0:?} must be HOST:PORT")]
     BadCacheRegistry(String),
+    #[error(
+        "--store must be a postgres:// or postgresql:// URL (without it the embedded store is used)"
+    )]
+    BadStoreUrl,
+    #[error(
+        "--store postgres:// needs --store-key-file: the key that seals the pool CA's key in the database"
+    )]
+    NoStoreKey,
+    #[error("--leader-ttl must be between 1s and 10m")]
+    BadLeaderTtl,
 }
 
 /// The shortest `--host-cert-validity`: certificates are re-issued at 2/3
@@ -210,6 +242,19 @@ impl CoordinatorConfig {
                 min: self.min_hosts,
                 max,
             });
+        }
+        if let Some(url) = &self.store {
+            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                return Err(ConfigError::BadStoreUrl);
+            }
+            if self.store_key_file.is_none() {
+                return Err(ConfigError::NoStoreKey);
+            }
+            if self.leader_ttl < Duration::from_secs(1)
+                || self.leader_ttl > Duration::from_secs(600)
+            {
+                return Err(ConfigError::BadLeaderTtl);
+            }
         }
         if self.provider == Provider::Ec2 {
             if self.recycle {

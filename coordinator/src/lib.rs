@@ -27,8 +27,8 @@
 
 pub mod admission;
 pub mod api;
-pub mod capacity;
 pub mod cache;
+pub mod capacity;
 pub mod clock;
 pub mod config;
 pub mod error;
@@ -38,6 +38,7 @@ pub mod host;
 pub mod lease;
 pub mod listener;
 pub mod ops;
+pub mod pg;
 pub mod pool;
 pub mod store;
 pub mod sweeper;
@@ -101,6 +102,15 @@ pub enum RunError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("gRPC server: {0}")]
     Serve(#[from] tonic::transport::Error),
+    #[error("shared store: {0}")]
+    Boot(#[from] pg::boot::BootError),
+    #[error("cannot share the listening socket between standby and leader: {0}")]
+    Listener(#[source] std::io::Error),
+    /// This coordinator led and lost the lead (it could not renew it in
+    /// time, or another took it over): it stops, and started again it
+    /// stands by.
+    #[error("lost the lead of term {term}: {why}")]
+    Deposed { term: u64, why: String },
 }
 
 /// The pool CA: supplied by operators, or kept under the state dir
@@ -121,14 +131,21 @@ pub async fn bind(config: &CoordinatorConfig) -> Result<TcpListener, RunError> {
         path: config.state_dir.clone(),
         source,
     })?;
-    load_ca(config)?;
     if config.cache_registry.is_some() {
         cache::ensure_files(&config.state_dir)?;
     }
-    auth::Auth::load(
-        config.tenants.as_deref(),
-        config.join_token_hash_file.as_deref(),
-    )?;
+    match &config.store {
+        None => {
+            load_ca(config)?;
+            auth::Auth::load(
+                config.tenants.as_deref(),
+                config.join_token_hash_file.as_deref(),
+            )?;
+        }
+        // The shared pool's CA and credentials, and the CA certificate
+        // written where clients of this coordinator expect it.
+        Some(url) => pg::run::prepare(config, url)?,
+    }
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|source| RunError::Bind {
@@ -161,11 +178,43 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
     config.validate()?;
+    if let Some(url) = config.store.clone() {
+        return pg::run::serve(config, &url, listener, shutdown).await;
+    }
     let ca = Arc::new(load_ca(&config)?);
     let auth = Arc::new(auth::Auth::load(
         config.tenants.as_deref(),
         config.join_token_hash_file.as_deref(),
     )?);
+    // Leases written through to disk: a restart (even after kill -9) picks
+    // up where the last process left off.
+    let store = Arc::new(store::RedbStore::open(&config.state_dir)?);
+    info!(path = %store.path().display(), "lease store open");
+    let pool = Arc::new(Pool::with_store(
+        pool_config(&config, &auth),
+        store,
+        Now::system(),
+    )?);
+    serve_pool(&config, listener, ca, auth, pool, shutdown).await
+}
+
+/// The pool's settings: the configuration's, with each tenant's share
+/// from the tenants file.
+pub(crate) fn pool_config(config: &CoordinatorConfig, auth: &auth::Auth) -> pool::PoolConfig {
+    let mut pool_config = config.pool();
+    pool_config.tenants = auth.limits();
+    pool_config
+}
+
+/// Serves the gRPC API of `pool` on `listener` until `shutdown` fires.
+pub(crate) async fn serve_pool(
+    config: &CoordinatorConfig,
+    listener: TcpListener,
+    ca: Arc<berth_tls::Ca>,
+    auth: Arc<auth::Auth>,
+    pool: Arc<Pool>,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
     // Re-issued before it runs out (listener::rotate), without a restart.
     let server_cert = Arc::new(
         berth_tls::server::RotatingCert::new(
@@ -178,13 +227,6 @@ pub async fn serve(
     let tls =
         berth_tls::server::coordinator_server_config(server_cert.clone()).map_err(RunError::Ca)?;
     let rotation = tokio::spawn(listener::rotate(server_cert, shutdown.clone()));
-    // Leases written through to disk: a restart (even after kill -9) picks
-    // up where the last process left off.
-    let store = Arc::new(store::RedbStore::open(&config.state_dir)?);
-    info!(path = %store.path().display(), "lease store open");
-    let mut pool_config = config.pool();
-    pool_config.tenants = auth.limits();
-    let pool = Arc::new(Pool::with_store(pool_config, store, Now::system())?);
     let ec2_metrics = Arc::new(ops::metrics::Ec2Metrics::default());
     let metrics = ec2_metrics.clone();
     let verifier: Arc<dyn admission::Verifier> = match config.provider {

@@ -7,7 +7,8 @@
 //! table for other state that must outlive the process (e.g. a CA). Idempotency keys (build id -> live lease) are not
 //! stored separately: they are rebuilt from the live lease records at start.
 //!
-//! [`LeaseStore`] is the seam; [`RedbStore`] is the embedded store (redb: pure
+//! [`LeaseStore`] is the seam; [`crate::pg::PgStore`] keeps the same
+//! records in PostgreSQL for coordinators that share them; [`RedbStore`] is the embedded store (redb: pure
 //! Rust, one file, crash-safe commits; it builds in seconds with no C
 //! toolchain, where rusqlite's `bundled` feature compiles all of SQLite), and
 //! [`MemStore`] keeps records in memory for unit tests and for pools that are
@@ -54,6 +55,20 @@ pub enum StoreError {
         #[source]
         source: serde_json::Error,
     },
+    /// A PostgreSQL call failed; `detail` is the error with its causes.
+    #[error("PostgreSQL {op}: {detail}")]
+    Pg { op: &'static str, detail: String },
+    #[error("PostgreSQL {op} did not finish within {after:?}")]
+    PgTimeout {
+        op: &'static str,
+        after: std::time::Duration,
+    },
+    /// A write of a coordinator that does not (or no longer) lead: its
+    /// term is not the current, unexpired one.
+    #[error("write refused: this coordinator's term {mine} is not the leader's ({current})")]
+    Fenced { mine: u64, current: String },
+    #[error("the store is closed")]
+    Closed,
 }
 
 fn db_err(op: &'static str) -> impl FnOnce(redb::Error) -> StoreError {
@@ -372,10 +387,10 @@ impl LeaseStore for RedbStore {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn rec(id: &str, state: &str) -> LeaseRecord {
+    pub(crate) fn rec(id: &str, state: &str) -> LeaseRecord {
         LeaseRecord {
             id: id.into(),
             build_id: format!("b-{id}"),
@@ -410,7 +425,7 @@ mod tests {
         }
     }
 
-    fn host(id: &str) -> HostChange {
+    pub(crate) fn host(id: &str) -> HostChange {
         (
             id.into(),
             Some(HostRecord {
@@ -421,13 +436,12 @@ mod tests {
         )
     }
 
-    #[test]
-    fn records_survive_reopening_the_file() {
-        let dir = std::env::temp_dir().join(format!("berth-store-test-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+    /// What every durable store must do: commits apply puts, deletes and
+    /// host changes together, and all of it is there after reopening.
+    /// `open` opens the same store again each time it is called.
+    pub(crate) fn records_survive_reopening(open: &dyn Fn() -> Box<dyn LeaseStore>) {
         {
-            let s = RedbStore::open(&dir).unwrap();
+            let s = open();
             s.commit(
                 &[rec("a", "active"), rec("b", "queued")],
                 &[],
@@ -441,15 +455,25 @@ mod tests {
             )
             .unwrap();
             s.put_meta("ca", b"pem").unwrap();
+            s.put_meta("ca", b"pem2").unwrap();
         }
-        let s = RedbStore::open(&dir).unwrap();
+        let s = open();
         let all = s.load().unwrap();
         assert_eq!(all, vec![rec("b", "released")]);
         assert_eq!(s.load_hosts().unwrap(), vec![host("h2").1.unwrap()]);
         assert!(all[0].wipe_report().unwrap().verified);
-        assert_eq!(s.get_meta("ca").unwrap().as_deref(), Some(&b"pem"[..]));
+        assert_eq!(s.get_meta("ca").unwrap().as_deref(), Some(&b"pem2"[..]));
         assert_eq!(s.get_meta("nope").unwrap(), None);
-        drop(s);
+        // An empty commit is a no-op, not an error.
+        s.commit(&[], &[], &[]).unwrap();
+    }
+
+    #[test]
+    fn records_survive_reopening_the_file() {
+        let dir = std::env::temp_dir().join(format!("berth-store-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        records_survive_reopening(&|| Box::new(RedbStore::open(&dir).unwrap()));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

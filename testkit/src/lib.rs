@@ -22,6 +22,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod fake_coordinator;
+pub mod postgres;
 
 pub use fake_coordinator::{AgentFeed, FakeCoordinator};
 
@@ -430,8 +431,13 @@ impl Pool {
             .arg(&run_dir)
             .arg("--prefix")
             .arg(prefix)
-            .arg("--listen")
-            .arg("127.0.0.1:0")
+            // Any free port, unless the test names one.
+            .args(
+                (!extra.iter().any(|a| a.starts_with("--listen")))
+                    .then_some(["--listen", "127.0.0.1:0"])
+                    .into_iter()
+                    .flatten(),
+            )
             .args(no_mirror)
             .args(extra)
             .stdin(Stdio::null())

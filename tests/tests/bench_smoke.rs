@@ -495,3 +495,38 @@ fn sync_benchmark_produces_figures_for_both_tools() {
         );
     }
 }
+
+#[test]
+fn postgres_store_benchmark_produces_its_figures() {
+    if !preflight() {
+        return;
+    }
+    let sizes = Sizes::smoke();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let figures = rt
+        .block_on(bench::run(&[Scenario::Pg], &sizes))
+        .unwrap_or_else(|e| panic!("the pg benchmark failed: {e}"));
+    println!("{}", bench::summary_table(&figures));
+    let n = sizes.p2_agents[0];
+    let mut keys: Vec<String> = figures.iter().map(|f| f.key.clone()).collect();
+    keys.sort();
+    let mut expected = vec![
+        "P1 pg".to_owned(),
+        format!("P2 cycles/s @{n} pg store"),
+        format!("P2 acquire @{n} pg store"),
+        "failover".to_owned(),
+    ];
+    expected.sort();
+    assert_eq!(keys, expected, "the pg scenario's figures");
+    with_baseline(figure(&figures, "P1 pg"));
+    assert_eq!(figure(&figures, "P1 pg").samples.len(), sizes.p1_cycles);
+    with_baseline(figure(&figures, &format!("P2 acquire @{n} pg store")));
+    sane(
+        figure(&figures, &format!("P2 cycles/s @{n} pg store")),
+        false,
+    );
+    let f = figure(&figures, "failover");
+    sane(f, true);
+    assert_eq!(f.samples.len(), sizes.failover_runs);
+    check_table(&figures);
+}

@@ -396,7 +396,12 @@ async fn route<P: Provider>(
         .network_ready()
         .await
         .map_err(AgentError::Identity)?;
-    let upstream = linknet::coordinator_addr(&config.coordinator).await?;
+    // The relay forwards to one coordinator: the first of the list.
+    let first = crate::link::coordinator_urls(&config.coordinator)
+        .into_iter()
+        .next()
+        .unwrap_or_default();
+    let upstream = linknet::coordinator_addr(&first).await?;
     let bind = SocketAddr::new(std::net::IpAddr::V4(gateway), 0);
     let relay = linknet::start_relay(bind, upstream, tasks.token(), &tasks.tracker).await?;
     tracing::info!(%relay, %upstream, "coordinator link goes through the host's network");

@@ -18,6 +18,11 @@
 //! reports (`WipeReport`, `LeaseEnded`) are kept, a bounded few, and sent
 //! right after the next registration.
 //!
+//! Several coordinators (`--coordinator URL,URL,...`: a leader and its
+//! standbys on a shared store) are tried in turn: a session that fails
+//! moves on to the next address, or straight to the one a standby names as
+//! the leader's (its UNAVAILABLE carries the `berth-leader` metadata).
+//!
 //! The connection is TLS (the coordinator's certificate must chain to the CA
 //! the agent was given) and the stream carries the pool join token as bearer
 //! metadata. `Register` carries a CSR for the Docker front's key; the
@@ -59,6 +64,10 @@ pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 /// First reconnect delay; doubles per failure up to [`RECONNECT_MAX`].
 pub const RECONNECT_BASE: Duration = Duration::from_millis(100);
 pub const RECONNECT_MAX: Duration = Duration::from_secs(5);
+/// The cap instead, with several coordinators: while a standby takes over
+/// a lost leader's lead, agents find the new leader within about a second
+/// of it (a standby's refusal costs it next to nothing).
+pub const RECONNECT_MAX_SEVERAL: Duration = Duration::from_secs(1);
 /// Heartbeat interval if the coordinator says 0, and the bounds applied to
 /// whatever it says (a typo must neither flood nor silence the link).
 pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
@@ -251,6 +260,24 @@ impl SessionError {
     }
 }
 
+/// The metadata key a standby coordinator names the leader's address in.
+pub const LEADER_KEY: &str = "berth-leader";
+
+/// The addresses of `--coordinator`: one URL, or several separated by commas.
+pub fn coordinator_urls(list: &str) -> Vec<String> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Whether `url` (https://HOST:PORT[/...]) is the address `addr` (HOST:PORT).
+fn url_names(url: &str, addr: &str) -> bool {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    rest.split('/').next() == Some(addr)
+}
+
 /// Runs `f` unless `stop` fires first (`None`).
 async fn or_stop<T>(stop: &CancellationToken, f: impl Future<Output = T>) -> Option<T> {
     tokio::select! {
@@ -315,7 +342,10 @@ impl Drop for Inbound {
 
 /// The link task.
 pub struct Link {
+    /// The address of the current (or next) session.
     coordinator: String,
+    /// Every coordinator address this agent was given, in order.
+    coordinators: Vec<String>,
     credentials: Credentials,
     registration: Registration,
     sampler: Sampler,
@@ -348,8 +378,10 @@ impl Link {
         to_driver: mpsc::Sender<Event>,
     ) -> (Self, watch::Receiver<LinkStatus>) {
         let (published, link_status) = watch::channel(LinkStatus::default());
+        let coordinators = coordinator_urls(&coordinator);
         let link = Link {
-            coordinator,
+            coordinator: coordinators.first().cloned().unwrap_or(coordinator),
+            coordinators,
             credentials,
             registration,
             sampler,
@@ -383,7 +415,12 @@ impl Link {
             None | Some(Err(_)) => return,
             Some(Ok(_)) => {}
         }
-        let mut backoff = Backoff::new(RECONNECT_BASE, RECONNECT_MAX);
+        let max = if self.coordinators.len() > 1 {
+            RECONNECT_MAX_SEVERAL
+        } else {
+            RECONNECT_MAX
+        };
+        let mut backoff = Backoff::new(RECONNECT_BASE, max);
         loop {
             if !self.outbox_open && self.pending.is_empty() {
                 return;
@@ -412,6 +449,7 @@ impl Link {
                             .await;
                     }
                     tracing::warn!(coordinator = %self.coordinator, ?phase, error = %error_chain(&e), "coordinator link down; reconnecting");
+                    self.move_on(&e);
                 }
             }
             self.published.send_modify(|s| s.connected = false);
@@ -420,6 +458,36 @@ impl Link {
                 return;
             }
         }
+    }
+
+    /// After a failed session with several coordinators: the one a standby
+    /// named as the leader, else the next address.
+    fn move_on(&mut self, e: &SessionError) {
+        if self.coordinators.len() < 2 {
+            return;
+        }
+        let named = match e {
+            SessionError::Refused(s) => s
+                .metadata()
+                .get(LEADER_KEY)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+            _ => None,
+        };
+        let at = self
+            .coordinators
+            .iter()
+            .position(|u| *u == self.coordinator);
+        let next = named
+            .and_then(|addr| {
+                self.coordinators
+                    .iter()
+                    .position(|u| url_names(u, &addr))
+                    .filter(|&i| Some(i) != at)
+            })
+            .unwrap_or_else(|| at.map_or(0, |i| (i + 1) % self.coordinators.len()));
+        self.coordinator = self.coordinators[next].clone();
+        tracing::info!(coordinator = %self.coordinator, "trying the next coordinator");
     }
 
     /// Sleeps `delay` while keeping the driver's reports; `Some` when the
@@ -772,6 +840,50 @@ mod tests {
             _outbox: outbox,
             _driver: driver,
         }
+    }
+
+    #[tokio::test]
+    async fn with_several_coordinators_a_failed_session_moves_on_to_the_next() {
+        let (fake, mut seen) = FakeCoordinator::start().await;
+        let good = Credentials {
+            ca_pem: fake.ca_pem().to_owned(),
+            join_token: fake.join_token().to_owned(),
+        };
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let dead = format!("https://{}", closed.local_addr().unwrap());
+        drop(closed);
+        // The first address answers nothing: the link registers with the second.
+        let r = rig(&format!("{dead}, {}", fake.url()), good);
+        assert_eq!(r.link.coordinator, dead);
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(r.link.run(stop.clone()));
+        let msg = seen.next_non_heartbeat(WAIT).await;
+        assert!(matches!(msg, Msg::Register(_)), "{msg:?}");
+        stop.cancel();
+        task.await.unwrap();
+    }
+
+    #[test]
+    fn a_standby_naming_the_leader_sends_the_link_there() {
+        let creds = Credentials {
+            ca_pem: String::new(),
+            join_token: String::new(),
+        };
+        let mut r = rig(
+            "https://127.0.0.1:7001,https://127.0.0.1:7002,https://127.0.0.1:7003",
+            creds,
+        );
+        let mut s = tonic::Status::unavailable("a standby");
+        s.metadata_mut()
+            .insert(LEADER_KEY, "127.0.0.1:7003".parse().unwrap());
+        r.link.move_on(&SessionError::Refused(s));
+        assert_eq!(r.link.coordinator, "https://127.0.0.1:7003");
+        // Without a name: the next address, round and round.
+        r.link.move_on(&SessionError::SendFailed);
+        assert_eq!(r.link.coordinator, "https://127.0.0.1:7001");
+        r.link.move_on(&SessionError::SendFailed);
+        assert_eq!(r.link.coordinator, "https://127.0.0.1:7002");
+        assert!(url_names("https://h:1/x", "h:1") && !url_names("https://h:1", "h:2"));
     }
 
     #[tokio::test]

@@ -60,15 +60,26 @@ impl Auth {
                 source,
             })
         };
-        let parsed = Tenants::parse(&read(tenants)?).map_err(|source| AuthError::Tenants {
-            path: tenants.to_owned(),
+        Self::parse(&read(tenants)?, tenants, &read(join_hash)?, join_hash)
+    }
+
+    /// Parses a tenants file's and a join token hash file's contents;
+    /// `tenants_from` and `join_from` name where they came from in errors.
+    pub fn parse(
+        tenants: &str,
+        tenants_from: &Path,
+        join_hash: &str,
+        join_from: &Path,
+    ) -> Result<Self, AuthError> {
+        let parsed = Tenants::parse(tenants).map_err(|source| AuthError::Tenants {
+            path: tenants_from.to_owned(),
             source,
         })?;
         if parsed.is_empty() {
-            tracing::warn!(path = %tenants.display(), "the tenants file lists no tenant: every CI call will be refused");
+            tracing::warn!(from = %tenants_from.display(), "the tenants file lists no tenant: every CI call will be refused");
         }
-        let join = TokenHash::parse_hex(&read(join_hash)?)
-            .ok_or_else(|| AuthError::JoinHash(join_hash.to_owned()))?;
+        let join = TokenHash::parse_hex(join_hash)
+            .ok_or_else(|| AuthError::JoinHash(join_from.to_owned()))?;
         Ok(Self::new(parsed, join))
     }
 

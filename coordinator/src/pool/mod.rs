@@ -50,6 +50,8 @@ mod fair;
 mod invariants;
 mod leases;
 mod persist;
+#[cfg(test)]
+pub(crate) use persist::tests as persist_tests;
 mod registration;
 mod scaling;
 mod scheduler;

@@ -239,7 +239,7 @@ fn placeholder(hid: &str, r: &LeaseRecord, now: Instant, wall: SystemTime) -> Ho
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::sync::Arc;
 
     use super::*;
@@ -273,6 +273,12 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn restoring_keeps_live_leases_fails_queued_ones_and_rewrites_them() {
+        restoring_keeps_live_leases(Arc::new(MemStore::default()));
+    }
+
+    /// The restore rules, on any store that starts empty and accepts
+    /// commits (run with a paused clock).
+    pub(crate) fn restoring_keeps_live_leases(store: Arc<dyn LeaseStore>) {
         let (q, a, r) = (
             "00000000-0000-4000-8000-000000000001",
             "00000000-0000-4000-8000-000000000002",
@@ -282,7 +288,6 @@ mod tests {
             mono: Instant::now(),
             wall: UNIX_EPOCH + Duration::from_secs(1_800_000_000),
         };
-        let store = Arc::new(MemStore::default());
         store
             .commit(
                 &[

@@ -12,6 +12,7 @@
 //! | idle | agent RSS and CPU while Ready and idle | none |
 //! | TLS front | bulk and small-request throughput through the agent's mutual-TLS Docker front ([`tls_front`]) | dockerd's unix socket, and dockerd's own `--tlsverify` TCP listener |
 //! | sync | `berth sync` of a tree into a volume and back ([`sync`]) | `docker cp` of the same tree |
+//! | pg | P1 and P2 with the coordinator's store on PostgreSQL, and the failover time between two coordinators ([`pg`]; not in `all`) | the same on the embedded store, in the same run |
 //!
 //! Everything runs as real processes: `berth-coordinator`, `berth-agent`
 //! with its dockerd in a network namespace, the stock docker CLI, with the
@@ -36,6 +37,7 @@ pub mod boot;
 pub mod http;
 pub mod latency;
 pub mod loadgen;
+pub mod pg;
 pub mod procs;
 pub mod recycle;
 pub mod scale;
@@ -273,6 +275,9 @@ pub enum Scenario {
     TlsFront,
     /// `berth sync` into a volume and back vs `docker cp`.
     Sync,
+    /// P1 and P2 on the PostgreSQL store vs the embedded one, and the
+    /// failover time (not part of `all`: needs Debian's postgresql).
+    Pg,
 }
 
 impl Scenario {
@@ -334,6 +339,8 @@ pub struct Sizes {
     pub idle_window: Duration,
     pub tls_front: tls_front::Options,
     pub sync: sync::Options,
+    /// Failover rounds of the `pg` scenario.
+    pub failover_runs: usize,
 }
 
 impl Sizes {
@@ -360,6 +367,7 @@ impl Sizes {
             idle_window: Duration::from_secs(30),
             tls_front: tls_front::Options::default(),
             sync: sync::Options::default(),
+            failover_runs: 5,
         }
     }
 
@@ -396,6 +404,7 @@ impl Sizes {
                 large_files: 2,
                 rounds: 1,
             },
+            failover_runs: 1,
         }
     }
 }
@@ -416,6 +425,7 @@ pub async fn run(scenarios: &[Scenario], sizes: &Sizes) -> Result<Vec<Figure>> {
             Scenario::P4 => wipe::run(sizes).await?,
             Scenario::P5 => recycle::run(sizes).await?,
             Scenario::Idle => boot::idle(sizes).await?,
+            Scenario::Pg => pg::run(sizes).await?,
             Scenario::TlsFront => {
                 let report = tls_front::run_in_thread(sizes.tls_front.clone()).await?;
                 println!("{report}\n");

@@ -219,6 +219,23 @@ impl Coordinator {
 
     /// [`Coordinator::start`] with its state directory at `state_dir`.
     pub fn start_at(env: &Env, name: &str, state_dir: &Path, extra: &[String]) -> Result<Self> {
+        Self::start_on(
+            env,
+            name,
+            state_dir,
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            extra,
+        )
+    }
+
+    /// [`Coordinator::start_at`] listening on `listen`.
+    pub fn start_on(
+        env: &Env,
+        name: &str,
+        state_dir: &Path,
+        listen: SocketAddr,
+        extra: &[String],
+    ) -> Result<Self> {
         let addr_file = env.state_dir.join(format!("{name}.addr"));
         let log = env.state_dir.join(format!("{name}.log"));
         let _ = std::fs::remove_file(&addr_file);
@@ -226,10 +243,7 @@ impl Coordinator {
             .map_err(BenchError::io(format!("creating {}", log.display())))?;
         let child = Command::new(&bins().coordinator)
             .args(launch::coordinator_args(
-                &env.creds,
-                state_dir,
-                SocketAddr::from(([127, 0, 0, 1], 0)),
-                &addr_file,
+                &env.creds, state_dir, listen, &addr_file,
             ))
             .args(extra)
             .stdin(Stdio::null())
@@ -324,14 +338,20 @@ pub struct Agent {
 
 impl Agent {
     pub fn spawn(env: &Env, coordinator: &Coordinator, recycle: bool, name: &str) -> Result<Self> {
+        Self::spawn_to(env, &coordinator.url(), &coordinator.ca_pem, recycle, name)
+    }
+
+    /// [`Agent::spawn`] given the coordinator URL (or several, separated by
+    /// commas) and the pool CA.
+    pub fn spawn_to(env: &Env, url: &str, ca: &Path, recycle: bool, name: &str) -> Result<Self> {
         let log = env.state_dir.join(format!("{name}.log"));
         let log_file = std::fs::File::create(&log)
             .map_err(BenchError::io(format!("creating {}", log.display())))?;
         let mut cmd = Command::new(&bins().agent);
         cmd.args(launch::agent_args(
             &env.creds,
-            &coordinator.url(),
-            &coordinator.ca_pem,
+            url,
+            ca,
             &launch::HostDirs {
                 hosts: &env.hosts_dir(),
                 run: &env.run_dir,

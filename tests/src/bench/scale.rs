@@ -73,6 +73,9 @@ pub enum Store {
     /// On tmpfs, where fsync returns at once: the same code without the
     /// disk's flush latency, to show what durability costs.
     Memory,
+    /// In a PostgreSQL cluster of the run's own (`--store postgres://`,
+    /// data on the same disk, every commit waits for its WAL flush).
+    Postgres,
 }
 
 /// One coordinator, `agents` simulated agents, the CI load; all torn down.
@@ -86,16 +89,21 @@ pub async fn measure(
     let env = Env::new(&format!("{}2{tag}-", sizes.prefix.trim_end_matches('-')))?;
     let hb = humantime_ms(sizes.p2_heartbeat);
     let state_dir = match store {
-        Store::Disk => env.state_dir.join("coordinator"),
+        Store::Disk | Store::Postgres => env.state_dir.join("coordinator"),
         Store::Memory => env.memory_dir().join("coordinator"),
     };
-    let coordinator = Coordinator::start_at(
-        &env,
-        "coordinator",
-        &state_dir,
-        // The simulated agents recycle their hosts after every lease.
-        &["--heartbeat-interval".into(), hb, "--recycle".into()],
-    )?;
+    // The simulated agents recycle their hosts after every lease.
+    let mut extra = vec!["--heartbeat-interval".into(), hb, "--recycle".into()];
+    // Declared before the coordinator: stopped after it.
+    let _pg = match store {
+        Store::Postgres => {
+            let (pg, args) = super::pg::cluster(&env)?;
+            extra.extend(args);
+            Some(pg)
+        }
+        Store::Disk | Store::Memory => None,
+    };
+    let coordinator = Coordinator::start_at(&env, "coordinator", &state_dir, &extra)?;
     let pid = coordinator.pid;
     // Let the fresh process settle before the idle reading.
     tokio::time::sleep(Duration::from_millis(300)).await;

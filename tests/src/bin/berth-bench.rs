@@ -47,6 +47,9 @@ struct Args {
     /// Skip P2's extra run with the coordinator's lease store on tmpfs.
     #[arg(long, env = "BERTH_BENCH_P2_NO_MEMORY_STORE")]
     p2_no_memory_store: bool,
+    /// Failover rounds of the pg scenario (overrides the size).
+    #[arg(long, env = "BERTH_BENCH_FAILOVER_RUNS")]
+    failover_runs: Option<usize>,
     /// Runs of P3, P4 and P5 (overrides the sizes).
     #[arg(long, env = "BERTH_BENCH_RUNS")]
     runs: Option<usize>,
@@ -109,6 +112,9 @@ impl Args {
             sizes.p3_runs = r;
             sizes.p4_runs = r;
             sizes.p5_runs = r;
+        }
+        if let Some(r) = self.failover_runs {
+            sizes.failover_runs = r;
         }
         if let Some(g) = &self.p4_growth {
             sizes.p4_growth = g.iter().copied().filter(|&c| c > 0).collect();

@@ -1,0 +1,414 @@
+//! The shared store end to end: a pool (`berth up`, real agents and
+//! dockerds) whose coordinator keeps its state in a PostgreSQL cluster the
+//! test starts (`berth_testkit::postgres`), not in its state dir.
+//!
+//! - Every lease change an answer reports is already in the database when
+//!   the answer arrives (the group commit waits for PostgreSQL's commit).
+//! - The coordinator killed with `kill -9` and restarted by `berth up`
+//!   waits for its old claim of the lead to expire, takes it over and
+//!   restores the pool from the database: the lease carries on (same host,
+//!   same deadline), Renew/Release work, new acquires are served, no host
+//!   is in two leases.
+//! - Two coordinators on one database, agents and the CLI given both
+//!   addresses: the leader killed with `kill -9` (its supervisor frozen so
+//!   it does not come back at once), the standby takes over, the lease
+//!   carries on, new acquires are served; the old leader, started again,
+//!   stands by and names the new one. The failover time (leader killed ->
+//!   first acquire served by the new leader) is printed.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use berth_proto::v1 as pb;
+use berth_testkit::postgres::Postgres;
+use berth_testkit::*;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+/// The `berth up` arguments that put the coordinator on `url`, and the
+/// store key file they name (written by [`write_key`]).
+fn store_args(url: &str, key: &std::path::Path) -> Vec<String> {
+    [
+        format!("--store={url}"),
+        format!("--store-key-file={}", key.display()),
+        // A killed leader's claim runs out within seconds; long enough that
+        // a leader on a loaded machine is not deposed by a slow renewal.
+        "--leader-ttl=4s".to_owned(),
+    ]
+    .into_iter()
+    .flat_map(|a| ["--coordinator-arg".to_owned(), a])
+    .collect()
+}
+
+fn write_key(path: &std::path::Path) {
+    std::fs::write(path, "5a".repeat(32)).unwrap();
+}
+
+/// No host holds two live leases, from the coordinator's own listing.
+fn assert_no_host_in_two_leases(pool: &Pool) {
+    let mut by_host: HashMap<String, Vec<String>> = HashMap::new();
+    for l in pool.all_leases() {
+        let live =
+            l.state == pb::LeaseState::Active as i32 || l.state == pb::LeaseState::Assigned as i32;
+        if live && !l.host_id.is_empty() {
+            by_host.entry(l.host_id).or_default().push(l.lease_id);
+        }
+    }
+    for (host, leases) in by_host {
+        assert!(leases.len() <= 1, "host {host} is in leases {leases:?}");
+    }
+}
+
+/// The state of lease `id` as the database holds it.
+fn stored_state(pg: &Postgres, db: &str, id: &str) -> String {
+    pg.sql(
+        db,
+        &format!("SELECT record->>'state' FROM berth_leases WHERE id = '{id}'"),
+    )
+}
+
+#[test]
+fn a_pool_on_postgres_serves_leases_and_a_killed_coordinator_restores_them() {
+    if !preflight() {
+        return;
+    }
+    let pg = Postgres::start();
+    let db = "pool";
+    let url = pg.create_db(db);
+    let base = "bpg1-";
+    let (state_dir, _) = dirs(&test_prefix(base));
+    let key: PathBuf = state_dir.join("store.key");
+    let args = store_args(&url, &key);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut pool = Pool::start_with(base, 2, &args, |dir| write_key(&dir.join("store.key")));
+    wait_for("the coordinator to lead", Duration::from_secs(30), || {
+        pool.coordinator_answers().then_some(())
+    });
+    assert!(
+        pool.coordinator_log().contains("serving as leader"),
+        "{}",
+        pool.coordinator_log()
+    );
+    // Nothing is kept in the state dir: the embedded store is not used.
+    assert!(
+        !state_dir
+            .join("coordinator")
+            .join("coordinator.redb")
+            .exists()
+    );
+
+    let a = pool.acquire("pg-a", "10m", "1m");
+    // The answer came after the commit: the lease is in the database.
+    assert_eq!(stored_state(&pg, db, a.lease_id()), "active");
+    let before = pool.lease(a.lease_id());
+    ok(
+        run(a.docker().args(["volume", "create", "kept"])),
+        "volume create",
+    );
+
+    let old = pool.coordinator_pid().expect("coordinator pid");
+    kill(old, Signal::SIGKILL).unwrap();
+    wait_for(
+        "berth up to restart the coordinator and it to lead",
+        Duration::from_secs(60),
+        || {
+            pool.coordinator_pid()
+                .filter(|p| *p != old)
+                .filter(|_| pool.coordinator_answers())
+        },
+    );
+    let log = pool.coordinator_log();
+    assert!(log.contains("restored leases from the store"), "{log}");
+
+    // The lease survived: same host, same deadline, still active.
+    let after = pool.lease(a.lease_id());
+    assert_eq!(after.state, pb::LeaseState::Active as i32, "{after:?}");
+    assert_eq!(after.host_id, before.host_id);
+    assert_eq!(after.deadline, before.deadline);
+    wait_for(
+        "the leased host to reconnect",
+        Duration::from_secs(60),
+        || {
+            pool.hosts()
+                .into_iter()
+                .find(|h| h.host_id == before.host_id && h.connected)
+                .filter(|h| h.lease_id == a.lease_id() && h.state == pb::HostState::Leased as i32)
+        },
+    );
+    let vols = stdout(&ok(
+        run(a.docker().args(["volume", "ls", "-q"])),
+        "volume ls",
+    ));
+    assert!(vols.contains("kept"), "{vols}");
+
+    ok(
+        pool.berth(&["renew", "--lease", a.lease_id(), "--ttl", "20m"]),
+        "renew after restart",
+    );
+    pool.wait_ready_hosts(1, Duration::from_secs(60));
+    let b = pool.acquire("pg-b", "10m", "1m");
+    assert_ne!(b.get("BERTH_HOST_ID"), a.get("BERTH_HOST_ID"));
+    assert_eq!(stored_state(&pg, db, b.lease_id()), "active");
+    assert_no_host_in_two_leases(&pool);
+
+    ok(
+        pool.berth(&["release", "--lease", a.lease_id()]),
+        "release after restart",
+    );
+    let w = wait_for("the wipe report", Duration::from_secs(60), || {
+        pool.lease(a.lease_id()).wipe
+    });
+    assert!(w.verified && w.volumes_removed >= 1, "{w:?}");
+    assert_eq!(stored_state(&pg, db, a.lease_id()), "released");
+    ok(
+        pool.berth(&["release", "--lease", b.lease_id()]),
+        "release b",
+    );
+    pool.stop();
+    // A clean stop gave the lead up at once.
+    assert_eq!(
+        pg.sql(db, "SELECT expires_at <= now() FROM berth_leader"),
+        "t"
+    );
+}
+
+/// Resumes a stopped process when dropped, so a failing test never leaves
+/// `berth up` frozen.
+struct Frozen(Pid);
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        let _ = kill(self.0, Signal::SIGCONT);
+    }
+}
+
+/// A second coordinator of the pool, started by the test; stopped on drop.
+struct Standby {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Standby {
+    /// `berth-coordinator` on `listen`, sharing `url`'s pool: no CA, no
+    /// tenants file, no join token of its own (all from the database).
+    fn start(dir: &Path, listen: SocketAddr, url: &str, key: &Path) -> Self {
+        let _ = std::fs::remove_dir_all(dir);
+        std::fs::create_dir_all(dir).unwrap();
+        let log = std::fs::File::create(dir.join("coordinator.log")).unwrap();
+        let child = Command::new(bin("berth-coordinator"))
+            .arg("--listen")
+            .arg(listen.to_string())
+            .arg("--addr-file")
+            .arg(dir.join("coordinator.addr"))
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .args(["--ops-listen", "127.0.0.1:0"])
+            .arg(format!("--store={url}"))
+            .arg("--store-key-file")
+            .arg(key)
+            .arg("--leader-ttl=4s")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("cannot start berth-coordinator");
+        Self {
+            child,
+            dir: dir.to_owned(),
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("coordinator.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Standby {
+    fn drop(&mut self) {
+        let pid = Pid::from_raw(i32::try_from(self.child.id()).unwrap());
+        let _ = kill(pid, Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+/// The `berth` CLI of `pool` given the coordinator addresses `list`.
+fn berth_at(pool: &Pool, list: &str, args: &[&str]) -> Output {
+    run(Command::new(bin("berth"))
+        .arg("--coordinator")
+        .arg(list)
+        .args(args)
+        .env("BERTH_CA", pool.ca_pem_path())
+        .env("BERTH_TOKEN_FILE", pool.token_path())
+        .env("HOME", pool.state_dir.join("home"))
+        .env_remove("BERTH_TOKEN")
+        .env_remove("BERTH_LEASE_ID")
+        .env_remove("DOCKER_CERT_PATH"))
+}
+
+#[test]
+fn the_standby_takes_over_when_the_leader_is_killed_and_leases_carry_on() {
+    if !preflight() {
+        return;
+    }
+    let pg = Postgres::start();
+    let db = "ha";
+    let url = pg.create_db(db);
+    let base = "bpg2-";
+    let (state_dir, _) = dirs(&test_prefix(base));
+    let key = state_dir.join("store.key");
+    let (a_addr, b_addr) = (free_addr(), free_addr());
+    let both = format!("{a_addr},{b_addr}");
+    let mut args = store_args(&url, &key);
+    args.extend([
+        format!("--listen={a_addr}"),
+        "--agent-arg".to_owned(),
+        format!("--coordinator=https://{a_addr},https://{b_addr}"),
+    ]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut pool = Pool::start_with(base, 2, &args, |dir| write_key(&dir.join("store.key")));
+    assert_eq!(pool.addr, a_addr);
+    let b = Standby::start(&state_dir.join("standby"), b_addr, &url, &key);
+
+    // B stands by and names A as the leader.
+    let refused = wait_for("B to stand by", Duration::from_secs(30), || {
+        let o = berth_at(&pool, &b_addr.to_string(), &["leases"]);
+        let e = stderr(&o);
+        (!o.status.success() && e.contains(&format!("the leader is at {a_addr}"))).then_some(e)
+    });
+    assert!(refused.contains("standby"), "{refused}");
+    // The same CLI given both addresses is served (by A).
+    let a_lease = LeaseEnv::parse(&stdout(&ok(
+        berth_at(
+            &pool,
+            &both,
+            &["acquire", "--build", "ha-a", "--ttl", "10m", "--wait", "1m"],
+        ),
+        "acquire through the list",
+    )));
+    let before = pool.lease(a_lease.lease_id());
+    ok(
+        run(a_lease.docker().args(["volume", "create", "kept"])),
+        "volume create",
+    );
+    let term_a: u64 = pg.sql(db, "SELECT term FROM berth_leader").parse().unwrap();
+
+    // Kill the leader; its supervisor is frozen so it does not restart it.
+    let up = pool.up_pid().expect("berth up pid");
+    let old = pool.coordinator_pid().expect("coordinator pid");
+    kill(up, Signal::SIGSTOP).unwrap();
+    let frozen = Frozen(up);
+    let killed = Instant::now();
+    kill(old, Signal::SIGKILL).unwrap();
+    // The first acquire after the kill, through the list: served once B
+    // leads and an idle host re-registered with it.
+    let second = LeaseEnv::parse(&stdout(&ok(
+        berth_at(
+            &pool,
+            &both,
+            &["acquire", "--build", "ha-b", "--ttl", "10m", "--wait", "1m"],
+        ),
+        "acquire after the leader was killed",
+    )));
+    let failover = killed.elapsed();
+    println!(
+        "failover: leader killed -> first acquire served by the new leader: {} ms",
+        failover.as_millis()
+    );
+    let log = b.log();
+    assert!(log.contains("serving as leader"), "{log}");
+    let row = pg.sql(db, "SELECT term, addr FROM berth_leader");
+    let (term_b, addr) = row.split_once('|').unwrap();
+    let term_b: u64 = term_b.parse().unwrap();
+    assert!(term_b > term_a, "{row}");
+    assert_eq!(addr, b_addr.to_string());
+
+    // The pool's clients now talk to B: the lease survived.
+    pool.addr = b_addr;
+    let after = pool.lease(a_lease.lease_id());
+    assert_eq!(after.state, pb::LeaseState::Active as i32, "{after:?}");
+    assert_eq!(after.host_id, before.host_id);
+    assert_eq!(after.deadline, before.deadline);
+    assert_ne!(second.get("BERTH_HOST_ID"), a_lease.get("BERTH_HOST_ID"));
+    wait_for(
+        "the leased host to re-register with B",
+        Duration::from_secs(60),
+        || {
+            pool.hosts()
+                .into_iter()
+                .find(|h| h.host_id == before.host_id && h.connected)
+                .filter(|h| h.lease_id == a_lease.lease_id())
+        },
+    );
+    let vols = stdout(&ok(
+        run(a_lease.docker().args(["volume", "ls", "-q"])),
+        "volume ls",
+    ));
+    assert!(vols.contains("kept"), "{vols}");
+    ok(
+        berth_at(
+            &pool,
+            &both,
+            &["renew", "--lease", a_lease.lease_id(), "--ttl", "20m"],
+        ),
+        "renew through the list",
+    );
+    assert_no_host_in_two_leases(&pool);
+
+    // The old leader comes back (its supervisor restarts it): it stands
+    // by, names B, and the lead stays B's.
+    drop(frozen);
+    let refused = wait_for(
+        "the old leader to stand by",
+        Duration::from_secs(30),
+        || {
+            let o = berth_at(&pool, &a_addr.to_string(), &["leases"]);
+            let e = stderr(&o);
+            (!o.status.success() && e.contains(&format!("the leader is at {b_addr}"))).then_some(e)
+        },
+    );
+    assert!(refused.contains("standby"), "{refused}");
+    assert_eq!(
+        pg.sql(db, "SELECT term, addr FROM berth_leader"),
+        format!("{term_b}|{b_addr}")
+    );
+
+    // Release both through the list; the host is wiped as usual.
+    ok(
+        berth_at(&pool, &both, &["release", "--lease", a_lease.lease_id()]),
+        "release a",
+    );
+    let w = wait_for("the wipe report", Duration::from_secs(60), || {
+        pool.lease(a_lease.lease_id()).wipe
+    });
+    assert!(w.verified && w.volumes_removed >= 1, "{w:?}");
+    ok(
+        berth_at(&pool, &both, &["release", "--lease", second.lease_id()]),
+        "release b",
+    );
+    assert_no_host_in_two_leases(&pool);
+    let log = pool.coordinator_log();
+    assert_eq!(
+        log.matches("serving as leader").count(),
+        1,
+        "the restarted old leader led: {log}"
+    );
+    drop(b);
+}
