@@ -387,13 +387,24 @@ pub async fn run(
     let _ = std::fs::remove_file(&ops.addr_file);
     // The registries' address first: the coordinator serves the build
     // cache's token endpoint there.
+    let mut args = args;
+    if shared_store(&args.coordinator_args)
+        && !(args.registries.no_mirror && args.registries.no_build_cache)
+    {
+        // The registries' certificates come from the pool CA, whose key a
+        // shared store keeps sealed in the database, not on this machine.
+        eprintln!(
+            "berth up: the coordinator keeps the pool CA in a shared store: no registry mirror or build cache on this machine (docs/high-availability.md)"
+        );
+        args.registries.no_mirror = true;
+        args.registries.no_build_cache = true;
+    }
     let mut regs = registries::Registries::reserve(
         &args.registries,
         &args.state_dir,
         &launch::coordinator_state_dir(&args.state_dir),
     )
     .await?;
-    let mut args = args;
     let cache_args = regs.coordinator_args(&args.registries);
     args.coordinator_args.extend(cache_args);
     let mut coordinator_child =
@@ -857,6 +868,16 @@ async fn sweep(bins: &Bins, args: &UpArgs) -> Result<(), UpError> {
         ));
     }
     Ok(())
+}
+
+/// Whether the coordinator is told to keep the pool's state in a shared
+/// store (`--coordinator-arg --store=postgres://...`, or `BERTH_STORE` in
+/// the environment it inherits).
+fn shared_store(coordinator_args: &[String]) -> bool {
+    std::env::var_os("BERTH_STORE").is_some_and(|v| !v.is_empty())
+        || coordinator_args
+            .iter()
+            .any(|a| a == "--store" || a.starts_with("--store="))
 }
 
 #[cfg(test)]
