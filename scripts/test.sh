@@ -12,6 +12,7 @@ ensure_runtime_deps
 # the workspace-sync and client tests drive Debian's docker-compose against a lease.
 ensure_apt packer systemd docker-compose
 ensure_moto
+ensure_cfn_lint
 ensure_ops_tools
 ensure_python_clients
 if ! cargo nextest --version >/dev/null 2>&1; then
