@@ -72,6 +72,19 @@ ensure_moto() {
   command -v moto_server >/dev/null || { echo "moto_server is not on PATH after installing moto[server]" >&2; exit 1; }
 }
 
+# cfn-lint validates the deployable group (deploy/berth-pool.json) offline.
+ensure_cfn_lint() {
+  command -v cfn-lint >/dev/null && return 0
+  if ! command -v python3 >/dev/null || ! python3 -m pip --version >/dev/null 2>&1; then
+    ensure_apt python3 python3-pip
+  fi
+  echo "installing cfn-lint" >&2
+  python3 -m pip install --quiet cfn-lint \
+    || python3 -m pip install --quiet --break-system-packages cfn-lint
+  hash -r
+  command -v cfn-lint >/dev/null || { echo "cfn-lint is not on PATH after installing it" >&2; exit 1; }
+}
+
 # Real Docker clients the client tests drive against a lease, unchanged:
 # PyPI's Docker SDK (`docker`) and Testcontainers for Python (4.x).
 # (docker-compose 1.29 comes from Debian: see scripts/test.sh.)

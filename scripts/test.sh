@@ -14,6 +14,7 @@ ensure_registry
 ensure_apt packer systemd docker-compose
 ensure_moto
 ensure_postgres
+ensure_cfn_lint
 ensure_ops_tools
 ensure_python_clients
 if ! cargo nextest --version >/dev/null 2>&1; then
