@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 . scripts/deps.sh
 
 ensure_runtime_deps
+ensure_registry
 # Every binary in one build (one feature resolution): the benchmarks start
 # the release berth-agent, berth-coordinator and berth next to berth-bench.
 cargo build --release --locked --workspace --bins

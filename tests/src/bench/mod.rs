@@ -12,6 +12,7 @@
 //! | idle | agent RSS and CPU while Ready and idle | none |
 //! | TLS front | bulk and small-request throughput through the agent's mutual-TLS Docker front ([`tls_front`]) | dockerd's unix socket, and dockerd's own `--tlsverify` TCP listener |
 //! | sync | `berth sync` of a tree into a volume and back ([`sync`]) | `docker cp` of the same tree |
+//! | cache | a build on a fresh host with the tenant's build cache ([`cache`]) | the same build on a fresh host without it |
 //!
 //! Everything runs as real processes: `berth-coordinator`, `berth-agent`
 //! with its dockerd in a network namespace, the stock docker CLI, with the
@@ -33,6 +34,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod boot;
+pub mod cache;
 pub mod http;
 pub mod latency;
 pub mod loadgen;
@@ -273,13 +275,15 @@ pub enum Scenario {
     TlsFront,
     /// `berth sync` into a volume and back vs `docker cp`.
     Sync,
+    /// A build on a fresh host with the tenant's build cache vs without.
+    Cache,
 }
 
 impl Scenario {
     pub fn expand(self) -> Vec<Scenario> {
         use Scenario::*;
         match self {
-            All => vec![P1, P2, P3, P4, P5, Idle, TlsFront, Sync],
+            All => vec![P1, P2, P3, P4, P5, Idle, TlsFront, Sync, Cache],
             s => vec![s],
         }
     }
@@ -334,6 +338,7 @@ pub struct Sizes {
     pub idle_window: Duration,
     pub tls_front: tls_front::Options,
     pub sync: sync::Options,
+    pub cache: cache::Options,
 }
 
 impl Sizes {
@@ -360,6 +365,7 @@ impl Sizes {
             idle_window: Duration::from_secs(30),
             tls_front: tls_front::Options::default(),
             sync: sync::Options::default(),
+            cache: cache::Options::default(),
         }
     }
 
@@ -396,6 +402,7 @@ impl Sizes {
                 large_files: 2,
                 rounds: 1,
             },
+            cache: cache::Options::smoke(),
         }
     }
 }
@@ -432,6 +439,20 @@ pub async fn run(scenarios: &[Scenario], sizes: &Sizes) -> Result<Vec<Figure>> {
                         )
                     })?
                     .map_err(BenchError::io("the sync benchmark"))?;
+                println!("{report}\n");
+                vec![]
+            }
+            Scenario::Cache => {
+                let opts = sizes.cache.clone();
+                let report = tokio::task::spawn_blocking(move || cache::run(&opts))
+                    .await
+                    .map_err(|_| {
+                        BenchError::step(
+                            "the build cache benchmark",
+                            "it panicked (see the message above)",
+                        )
+                    })?
+                    .map_err(BenchError::io("the build cache benchmark"))?;
                 println!("{report}\n");
                 vec![]
             }
