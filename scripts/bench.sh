@@ -11,6 +11,7 @@ cd "$(dirname "$0")/.."
 ensure_runtime_deps
 # The pg scenario starts a PostgreSQL cluster of its own.
 ensure_postgres
+ensure_registry
 # Every binary in one build (one feature resolution): the benchmarks start
 # the release berth-agent, berth-coordinator and berth next to berth-bench.
 cargo build --release --locked --workspace --bins

@@ -10,7 +10,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use berth_testkit::preflight;
-use berth_tests::bench::{self, Scenario, Sizes, sync, tls_front};
+use berth_tests::bench::{self, Scenario, Sizes, cache, sync, tls_front};
 
 fn figure<'a>(figures: &'a [bench::Figure], key: &str) -> &'a bench::Figure {
     figures.iter().find(|f| f.key == key).unwrap_or_else(|| {
@@ -206,7 +206,7 @@ fn benchmark_suite_smoke() {
     }
     let sizes = Sizes::smoke();
     let rt = tokio::runtime::Runtime::new().unwrap();
-    // The TLS front and sync have tests of their own below.
+    // The TLS front, sync and the build cache have tests of their own below.
     let scenarios = [
         Scenario::P1,
         Scenario::P2,
@@ -217,7 +217,11 @@ fn benchmark_suite_smoke() {
     ];
     assert_eq!(
         Scenario::All.expand(),
-        [&scenarios[..], &[Scenario::TlsFront, Scenario::Sync]].concat()
+        [
+            &scenarios[..],
+            &[Scenario::TlsFront, Scenario::Sync, Scenario::Cache]
+        ]
+        .concat()
     );
     let figures = rt
         .block_on(bench::run(&scenarios, &sizes))
@@ -529,4 +533,38 @@ fn postgres_store_benchmark_produces_its_figures() {
     sane(f, true);
     assert_eq!(f.samples.len(), sizes.failover_runs);
     check_table(&figures);
+}
+
+#[test]
+fn cache_benchmark_reports_builds_with_and_without_the_cache() {
+    if !preflight() {
+        return;
+    }
+    let report = cache::run(&cache::Options::smoke()).expect("the benchmark runs");
+    println!("{report}");
+    for s in [report.cold, report.push, report.warm] {
+        assert_eq!(s.n, 1);
+        assert!(s.median.is_finite() && s.median > 0.0, "{s:?}");
+    }
+    // The build with the cache skipped the costly step.
+    assert!(report.all_cached, "{report}");
+    let text = report.to_string();
+    for name in [
+        "build on a fresh host, no cache",
+        "push of the inline cache",
+        "build on a fresh host, tenant's cache",
+    ] {
+        let row = text
+            .lines()
+            .find(|l| l.starts_with(&format!("  {name:<44} ")))
+            .unwrap_or_else(|| panic!("no row {name:?} in\n{text}"));
+        let v: Vec<f64> = row[47..].split_whitespace().map(number).collect();
+        assert!(v.len() == 3 && v.iter().all(|x| *x > 0.0), "{row}");
+    }
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("speedup"))
+        .unwrap_or_else(|| panic!("no speedup in\n{text}"));
+    let shown = number(line.rsplit(' ').next().unwrap());
+    assert!(shown_as(shown, report.speedup()), "{line}");
 }

@@ -155,6 +155,23 @@ fn a_lease_pulls_through_the_mirror_and_a_fresh_host_still_pulls_once_the_upstre
         "docker run on lease b",
     ));
     assert_eq!(out, "mirrored\n");
+    // The mirror's own counters (distribution's expvar on its debug
+    // address, on the machine's loopback): lease b's blobs were hits.
+    let debug =
+        std::fs::read_to_string(pool.state_dir.join("registries/mirror.debug.addr")).unwrap();
+    let vars = stdout(&ok(
+        run(std::process::Command::new("curl")
+            .args(["-s", "--noproxy", "*"])
+            .arg(format!("http://{}/debug/vars", debug.trim()))),
+        "the mirror's /debug/vars",
+    ));
+    let vars: serde_json::Value = serde_json::from_str(&vars).unwrap();
+    let blobs = &vars["registry"]["proxy"]["blobs"];
+    assert!(
+        blobs["Hits"].as_u64().unwrap() >= LAYERS as u64,
+        "the mirror counted no hits: {blobs}"
+    );
+    assert!(blobs["BytesPushed"].as_u64().unwrap() > 0, "{blobs}");
     let b_lease = b.lease_id().to_owned();
     ok(pool.berth(&["release", "--lease", &b_lease]), "release b");
     let wiped = wait_for("lease b's wipe report", Duration::from_secs(60), || {

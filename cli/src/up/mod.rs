@@ -419,11 +419,13 @@ pub async fn run(
         Ok(a) => a,
         Err(e) => {
             let _ = coordinator_child.kill().await;
+            regs.stop().await;
             return Err(e);
         }
     };
     if let Err(e) = creds.publish_ca() {
         let _ = coordinator_child.kill().await;
+        regs.stop().await;
         return Err(e);
     }
     let url = format!("https://{addr}");

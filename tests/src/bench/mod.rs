@@ -13,6 +13,7 @@
 //! | TLS front | bulk and small-request throughput through the agent's mutual-TLS Docker front ([`tls_front`]) | dockerd's unix socket, and dockerd's own `--tlsverify` TCP listener |
 //! | sync | `berth sync` of a tree into a volume and back ([`sync`]) | `docker cp` of the same tree |
 //! | pg | P1 and P2 with the coordinator's store on PostgreSQL, and the failover time between two coordinators ([`pg`]; not in `all`) | the same on the embedded store, in the same run |
+//! | cache | a build on a fresh host with the tenant's build cache ([`cache`]) | the same build on a fresh host without it |
 //!
 //! Everything runs as real processes: `berth-coordinator`, `berth-agent`
 //! with its dockerd in a network namespace, the stock docker CLI, with the
@@ -34,6 +35,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod boot;
+pub mod cache;
 pub mod http;
 pub mod latency;
 pub mod loadgen;
@@ -278,13 +280,15 @@ pub enum Scenario {
     /// P1 and P2 on the PostgreSQL store vs the embedded one, and the
     /// failover time (not part of `all`: needs Debian's postgresql).
     Pg,
+    /// A build on a fresh host with the tenant's build cache vs without.
+    Cache,
 }
 
 impl Scenario {
     pub fn expand(self) -> Vec<Scenario> {
         use Scenario::*;
         match self {
-            All => vec![P1, P2, P3, P4, P5, Idle, TlsFront, Sync],
+            All => vec![P1, P2, P3, P4, P5, Idle, TlsFront, Sync, Cache],
             s => vec![s],
         }
     }
@@ -341,6 +345,7 @@ pub struct Sizes {
     pub sync: sync::Options,
     /// Failover rounds of the `pg` scenario.
     pub failover_runs: usize,
+    pub cache: cache::Options,
 }
 
 impl Sizes {
@@ -368,6 +373,7 @@ impl Sizes {
             tls_front: tls_front::Options::default(),
             sync: sync::Options::default(),
             failover_runs: 5,
+            cache: cache::Options::default(),
         }
     }
 
@@ -405,6 +411,7 @@ impl Sizes {
                 rounds: 1,
             },
             failover_runs: 1,
+            cache: cache::Options::smoke(),
         }
     }
 }
@@ -442,6 +449,20 @@ pub async fn run(scenarios: &[Scenario], sizes: &Sizes) -> Result<Vec<Figure>> {
                         )
                     })?
                     .map_err(BenchError::io("the sync benchmark"))?;
+                println!("{report}\n");
+                vec![]
+            }
+            Scenario::Cache => {
+                let opts = sizes.cache.clone();
+                let report = tokio::task::spawn_blocking(move || cache::run(&opts))
+                    .await
+                    .map_err(|_| {
+                        BenchError::step(
+                            "the build cache benchmark",
+                            "it panicked (see the message above)",
+                        )
+                    })?
+                    .map_err(BenchError::io("the build cache benchmark"))?;
                 println!("{report}\n");
                 vec![]
             }

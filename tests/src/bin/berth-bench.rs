@@ -6,6 +6,7 @@
 //! cargo run --release -p berth-tests --bin berth-bench -- all
 //! cargo run --release -p berth-tests --bin berth-bench -- tls-front --bulk-mib 512
 //! cargo run --release -p berth-tests --bin berth-bench -- sync --tree-mib 200
+//! cargo run --release -p berth-tests --bin berth-bench -- cache --cache-loop 3000000
 //! ```
 //!
 //! The benchmarks live in `berth_tests::bench`; `tests/bench_smoke.rs` runs
@@ -74,6 +75,9 @@ struct Args {
     /// Sync: files in the tree.
     #[arg(long, env = "BERTH_BENCH_FILES")]
     files: Option<usize>,
+    /// Build cache: iterations of the costly step's shell loop.
+    #[arg(long, env = "BERTH_BENCH_CACHE_LOOP")]
+    cache_loop: Option<u64>,
     /// TLS front: sequential /_ping requests per path.
     #[arg(long, env = "BERTH_BENCH_REQUESTS")]
     requests: Option<usize>,
@@ -146,6 +150,12 @@ impl Args {
         }
         if let Some(v) = self.files {
             sizes.sync.files = v;
+        }
+        if let Some(v) = self.rounds {
+            sizes.cache.rounds = v;
+        }
+        if let Some(v) = self.cache_loop {
+            sizes.cache.loop_iterations = v;
         }
         sizes
     }
