@@ -247,6 +247,18 @@ impl Replacer {
             return Err(ReplaceError::Kill(e));
         }
         let killed_ms = t.elapsed().as_millis();
+        // Reaped here when no exit watcher holds it; the old pidfile goes
+        // either way (dockerd refuses to start while the pid in it exists,
+        // and an unreaped one does).
+        let unwatched = self.child.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(mut old) = unwatched {
+            let _ = old.wait().await;
+        }
+        match std::fs::remove_file(&self.spec.paths.pidfile) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!(error = %e, "removing dockerd's old pidfile"),
+        }
         let n = self.generation.fetch_add(1, Ordering::SeqCst);
         let p = &self.spec.paths;
         let mut old = vec![];

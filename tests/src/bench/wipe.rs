@@ -294,6 +294,10 @@ async fn series(
         let t = Instant::now();
         replacer.deleted().await;
         out.deletion.push(ms(t.elapsed()));
+        if !report.verified && report.error.starts_with("replacing dockerd") {
+            // No daemon is left to go on with.
+            return Err(BenchError::step("the fresh-data-root wipe", report.error));
+        }
         if !report.verified || report.method != reset::METHOD_FRESH {
             out.notes.push(format!(
                 "agent wipe (fresh data root) not verified: {} ({})",
