@@ -573,6 +573,12 @@ fn a_recycled_host_comes_back_on_a_fresh_data_root_whatever_the_lease_left() {
         ])),
         "docker run (the escaping process)",
     );
+    // A user network: its bridge stays in the host's namespace when its
+    // dockerd is killed, unless the wipe removes it.
+    ok(
+        run(a.docker().args(["network", "create", "bth-net"])),
+        "docker network create",
+    );
     let pid_file = data_root.join("volumes/bth-out/_data/pid");
     let escapee: i32 = wait_for(
         "the escaping process's pid",
@@ -656,6 +662,15 @@ fn a_recycled_host_comes_back_on_a_fresh_data_root_whatever_the_lease_left() {
         assert_eq!(stdout(&out).trim(), "", "docker {what:?} on the next lease");
     }
     assert!(!sleeping(escapee), "the escaped process {escapee} is gone");
+    let bridges = stdout(&pool.ip_in_host(&host_id, &["-o", "link", "show", "type", "bridge"]));
+    assert!(
+        bridges.contains("docker0") && !bridges.contains("br-"),
+        "only the new daemon's bridge: {bridges}"
+    );
+    ok(
+        run(b.docker().args(["network", "create", "bth-net"])),
+        "docker network create on the next lease",
+    );
     assert_eq!(
         mounts_under(&data_root),
         Vec::<String>::new(),

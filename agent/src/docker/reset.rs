@@ -15,7 +15,9 @@
 //!    those (a process that moved itself out of its container's cgroup);
 //!    then remove the cgroups and unmount whatever is mounted under the
 //!    host's directories ([`cleanup::empty`]);
-//! 3. move the data root and the exec root aside (attributes such as
+//! 3. delete the bridges the old daemon made in the host's own namespace
+//!    (their routes would make the new daemon's address pools look taken),
+//!    and move the data root and the exec root aside (attributes such as
 //!    `chattr +i` on the data root itself are cleared first);
 //! 4. start dockerd exactly as at boot ([`DockerdSpec::spawn`], `/_ping`,
 //!    the self-check, no TCP listener, the host's network rules);
@@ -48,7 +50,8 @@ use crate::docker::dockerd::{self, DockerdError, DockerdSpec};
 use crate::docker::listeners;
 use crate::docker::wipe;
 use crate::provider::cleanup::{self, Scope};
-use crate::provider::hostnet;
+use crate::provider::hostnet::{self, HostNetwork};
+use crate::provider::netns;
 
 /// `WipeReport.method` of a wipe that replaced the data root.
 pub const METHOD_FRESH: &str = "fresh-data-root";
@@ -259,6 +262,11 @@ impl Replacer {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => tracing::warn!(error = %e, "removing dockerd's old pidfile"),
         }
+        if self.spec.network == HostNetwork::Own {
+            if let Some(ns) = self.scope.netns.first() {
+                remove_bridges(ns).await?;
+            }
+        }
         let n = self.generation.fetch_add(1, Ordering::SeqCst);
         let p = &self.spec.paths;
         let mut old = vec![];
@@ -310,6 +318,44 @@ impl Replacer {
         }
         Ok(docker)
     }
+}
+
+/// Deletes the bridges in the host's own namespace (`docker0`, `br-*`): a
+/// killed dockerd leaves them, and their routes would make the subnets of
+/// the new dockerd's address pools look taken.
+async fn remove_bridges(netns: &str) -> Result<(), ReplaceError> {
+    let fail = |e: String| ReplaceError::Bridges(format!("{netns}: {e}"));
+    let out = tokio::process::Command::new("ip")
+        .args(["-n", netns, "-o", "link", "show", "type", "bridge"])
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    if !out.status.success() {
+        return Err(fail(String::from_utf8_lossy(&out.stderr).trim().to_owned()));
+    }
+    let lines: Vec<String> = bridge_names(&String::from_utf8_lossy(&out.stdout))
+        .into_iter()
+        .map(|n| format!("link del {n}"))
+        .collect();
+    if lines.is_empty() {
+        return Ok(());
+    }
+    netns::ip_batch(Some(netns), &lines)
+        .await
+        .map_err(|e| fail(e.to_string()))
+}
+
+/// Interface names in `ip -o link show` output (`N: NAME: <...>` or
+/// `N: NAME@PEER: <...>`).
+fn bridge_names(table: &str) -> Vec<String> {
+    table
+        .lines()
+        .filter_map(|l| l.split(": ").nth(1))
+        .map(|n| n.split('@').next().unwrap_or(n).to_owned())
+        .filter(|n| !n.is_empty())
+        .collect()
 }
 
 /// Renames `dir` to `dir.old-N` (`None` if there was nothing); clears the
@@ -367,6 +413,22 @@ pub enum ReplaceError {
         #[source]
         source: std::io::Error,
     },
+    #[error("removing the old daemon's bridges in {0}")]
+    Bridges(String),
     #[error("starting the new dockerd: {0}")]
     Start(#[from] DockerdError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bridge_names_are_read_from_ip_link_output() {
+        let table = "3: docker0: <NO-CARRIER,BROADCAST,MULTICAST,UP> mtu 1500 qdisc noqueue state DOWN mode DEFAULT group default \\    link/ether 02:42:ac:11:00:01 brd ff:ff:ff:ff:ff:ff\n\
+                     7: br-0a1b2c3d4e5f: <BROADCAST,MULTICAST,UP,LOWER_UP> mtu 1500 qdisc noqueue state UP mode DEFAULT\n\
+                     9: br-x@if2: <BROADCAST> mtu 1500\n";
+        assert_eq!(bridge_names(table), ["docker0", "br-0a1b2c3d4e5f", "br-x"]);
+        assert!(bridge_names("").is_empty());
+    }
 }
