@@ -26,7 +26,7 @@ ensure_apt() {
 # depends on it, named here because berth calls it too); curl and openssl
 # are the stock TLS clients the security tests probe the Docker front with.
 ensure_runtime_deps() {
-  ensure_apt docker.io busybox-static iproute2 iptables util-linux ca-certificates curl openssl
+  ensure_apt docker.io busybox-static iproute2 iptables util-linux e2fsprogs ca-certificates curl openssl
   command -v cargo >/dev/null || { echo "cargo is missing: install Rust (https://rustup.rs)" >&2; exit 1; }
 }
 

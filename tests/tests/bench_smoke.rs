@@ -245,6 +245,8 @@ fn benchmark_suite_smoke() {
             "P3",
             "P3 registered",
             "P4",
+            "P4 API wipe",
+            "P4 old data root deletion",
             "P5",
             "P5 wipe (agent report)",
             "idle RSS",
@@ -319,9 +321,11 @@ fn benchmark_suite_smoke() {
     with_baseline(figure(&figures, "P3"));
     with_baseline(figure(&figures, "P3 registered"));
 
-    // P4: both wipes ran and the agent's verified the host empty.
+    // P4: the three wipes ran and the agent's verified the host empty.
     let p4 = figure(&figures, "P4");
     with_baseline(p4);
+    with_baseline(figure(&figures, "P4 API wipe"));
+    sane(figure(&figures, "P4 old data root deletion"), false);
     assert!(
         p4.checks
             .iter()

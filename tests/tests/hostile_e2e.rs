@@ -12,6 +12,10 @@
 //!   serving;
 //! - with `--recycle`, a lease that makes its host a swarm manager leaves
 //!   nothing for the next lease: swarm inactive, no stray TCP listener;
+//! - with `--recycle`, the wipe that replaces dockerd on an empty data root
+//!   ends a process that left its container (host PID namespace, orphaned,
+//!   out of the container's cgroups), removes a mount over the data root on
+//!   the machine and deletes a volume holding an immutable file;
 //! - the client side: `berth acquire --cert-dir` refuses a directory with a
 //!   user's files, `berth release` deletes only what acquire wrote, and a
 //!   volume whose contents turn a directory into a symlink between two
@@ -513,4 +517,180 @@ fn busybox_image(lease: &LeaseEnv, scratch: &Path) -> String {
         "docker build",
     );
     tag.to_owned()
+}
+
+/// Mount points in this process's (the machine's) mount namespace at or
+/// below `dir`.
+fn mounts_under(dir: &Path) -> Vec<String> {
+    let dir = dir.to_string_lossy().into_owned();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4).map(str::to_owned))
+        .filter(|p| p == &dir || p.starts_with(&format!("{dir}/")))
+        .collect()
+}
+
+/// Whether `pid` runs `sleep` (a pid reused by something else does not count).
+fn sleeping(pid: i32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .is_ok_and(|c| String::from_utf8_lossy(&c).contains("sleep"))
+        && std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+            s.rsplit_once(')')
+                .is_some_and(|(_, r)| !r.trim_start().starts_with('Z'))
+        })
+}
+
+#[test]
+fn a_recycled_host_comes_back_on_a_fresh_data_root_whatever_the_lease_left() {
+    if !preflight() {
+        return;
+    }
+    let pool = Pool::start("bth5-", 1, &["--recycle"]);
+    let scratch = pool.state_dir.join("scratch");
+    std::fs::create_dir_all(&scratch).unwrap();
+    let a = pool.acquire("fresh-a", "10m", "1m");
+    let host_id = a.get("BERTH_HOST_ID").to_owned();
+    let host_dir = pool.state_dir.join("hosts").join(&host_id);
+    let data_root = host_dir.join("docker");
+    let image = busybox_image(&a, &scratch);
+
+    // A process that leaves its container: in the machine's PID namespace
+    // (`--pid=host`), orphaned (handed to the container's subreaper), and
+    // moved out of the container's cgroup in every hierarchy (what a
+    // privileged container can do; done here from the machine, as root).
+    ok(
+        run(a.docker().args([
+            "run",
+            "-d",
+            "--pid=host",
+            "-v",
+            "bth-out:/out",
+            &image,
+            "sh",
+            "-c",
+            "(setsid sh -c 'echo $$ > /out/pid; exec sleep 3600' &); exec sleep 3600",
+        ])),
+        "docker run (the escaping process)",
+    );
+    // A user network: its bridge stays in the host's namespace when its
+    // dockerd is killed, unless the wipe removes it.
+    ok(
+        run(a.docker().args(["network", "create", "bth-net"])),
+        "docker network create",
+    );
+    let pid_file = data_root.join("volumes/bth-out/_data/pid");
+    let escapee: i32 = wait_for(
+        "the escaping process's pid",
+        Duration::from_secs(30),
+        || std::fs::read_to_string(&pid_file).ok()?.trim().parse().ok(),
+    );
+    assert!(sleeping(escapee), "pid {escapee} runs sleep");
+    let mut moved = 0;
+    for hierarchy in std::fs::read_dir("/sys/fs/cgroup").unwrap().flatten() {
+        if std::fs::write(hierarchy.path().join("cgroup.procs"), escapee.to_string()).is_ok() {
+            moved += 1;
+        }
+    }
+    let cgroups = std::fs::read_to_string(format!("/proc/{escapee}/cgroup")).unwrap();
+    assert!(
+        moved > 0 && !cgroups.contains(&format!("berth-{host_id}")),
+        "the process left the host's cgroups ({moved} hierarchies): {cgroups}"
+    );
+
+    // A file made immutable in a volume (`chattr +i`; busybox has no
+    // chattr, so the machine's is used on the volume's directory).
+    ok(
+        run(a.docker().args([
+            "run",
+            "--rm",
+            "-v",
+            "bth-vol:/data",
+            &image,
+            "sh",
+            "-c",
+            "echo kept > /data/f",
+        ])),
+        "docker run (a volume)",
+    );
+    let locked = data_root.join("volumes/bth-vol/_data/f");
+    ok(
+        run(std::process::Command::new("chattr").arg("+i").arg(&locked)),
+        "chattr +i",
+    );
+    assert!(
+        std::fs::remove_file(&locked).is_err(),
+        "the file is immutable"
+    );
+
+    // A mount over the data root itself, in the machine's mount namespace
+    // (what a privileged container entering PID 1's namespaces can do;
+    // done here from the machine, as root: this machine cannot run
+    // privileged containers, runc is refused the capabilities).
+    ok(
+        run(std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "bth-cover"])
+            .arg(&data_root)),
+        "mount over the data root",
+    );
+    assert!(
+        !mounts_under(&data_root).is_empty(),
+        "the data root is covered on the machine"
+    );
+
+    // The wipe: verified, by a fresh data root.
+    ok(pool.berth(&["release", "--lease", a.lease_id()]), "release");
+    let report = wait_for("the wipe report", Duration::from_secs(90), || {
+        pool.lease(a.lease_id()).wipe
+    });
+    assert!(report.verified, "{report:?}");
+    assert_eq!(report.method, "fresh-data-root", "{report:?}");
+    assert!(
+        report.containers_removed >= 1 && report.volumes_removed >= 2,
+        "{report:?}"
+    );
+
+    // The next lease gets the same host, empty, and it works.
+    let b = pool.acquire("fresh-b", "10m", "2m");
+    assert_eq!(b.get("BERTH_HOST_ID"), host_id, "recycled host expected");
+    for what in [
+        &["ps", "-aq"][..],
+        &["images", "-q"],
+        &["volume", "ls", "-q"],
+    ] {
+        let out = ok(run(b.docker().args(what)), "docker list");
+        assert_eq!(stdout(&out).trim(), "", "docker {what:?} on the next lease");
+    }
+    assert!(!sleeping(escapee), "the escaped process {escapee} is gone");
+    let bridges = stdout(&pool.ip_in_host(&host_id, &["-o", "link", "show", "type", "bridge"]));
+    assert!(
+        bridges.contains("docker0") && !bridges.contains("br-"),
+        "only the new daemon's bridge: {bridges}"
+    );
+    ok(
+        run(b.docker().args(["network", "create", "bth-net"])),
+        "docker network create on the next lease",
+    );
+    assert_eq!(
+        mounts_under(&data_root),
+        Vec::<String>::new(),
+        "no mount left on the machine"
+    );
+    // The old data root, immutable file and all, is deleted in the background.
+    wait_for("the old data root deleted", Duration::from_secs(60), || {
+        let old: Vec<String> = std::fs::read_dir(&host_dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains(".old-"))
+            .collect();
+        old.is_empty().then_some(())
+    });
+    let image = busybox_image(&b, &scratch);
+    let out = ok(
+        run(b.docker().args(["run", "--rm", &image, "echo", "fresh"])),
+        "docker run on the next lease",
+    );
+    assert_eq!(stdout(&out).trim(), "fresh");
+    ok(pool.berth(&["release", "--lease", b.lease_id()]), "release");
 }

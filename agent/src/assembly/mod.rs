@@ -56,6 +56,7 @@ use crate::docker::daemon::{Daemon, Dockerd, Running};
 use crate::docker::dockerd::{DockerdSpec, HostPaths};
 use crate::docker::front::{self, DockerFront};
 use crate::docker::health::{self, FailureReporter};
+use crate::docker::reset::OldRoot;
 use crate::host::driver::{self, Driver, SystemClock};
 use crate::host::state::{Event, Host};
 use crate::host::statefile;
@@ -117,7 +118,12 @@ pub async fn start<P: Provider>(
             registries: boot.registries,
         },
         config.boot_timeout,
-    );
+    )
+    .with_old_root(if config.recycle {
+        OldRoot::DeleteInBackground
+    } else {
+        OldRoot::LeaveToTeardown
+    });
     let host = HostStart {
         credentials: boot.credentials,
         identity,
@@ -625,6 +631,7 @@ async fn wire_and_run<P: Provider, D: Daemon>(
         probe,
         info,
         exited,
+        wipe,
     } = running;
     let driver = Driver::new(
         host,
@@ -635,7 +642,8 @@ async fn wire_and_run<P: Provider, D: Daemon>(
         outbox_tx,
         status_tx,
     )
-    .with_state_file(&identity.host_id, statefile::path(&paths.host_dir));
+    .with_state_file(&identity.host_id, statefile::path(&paths.host_dir))
+    .with_wipe_path(wipe);
 
     let board = status::Board::new(
         status::HostInfo {

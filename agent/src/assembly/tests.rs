@@ -75,6 +75,7 @@ impl Daemon for FakeDaemon {
                 images: 0,
             },
             exited,
+            wipe: crate::docker::daemon::WipePath::Api("a fake daemon"),
         })
     }
 

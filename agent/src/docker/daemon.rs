@@ -12,12 +12,14 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::docker::client::{BollardDocker, DaemonInfo, DockerOps};
 use crate::docker::dockerd::{self, DockerdError, DockerdSpec, HostPaths};
 use crate::docker::health::{DaemonProbe, Probe};
 use crate::docker::listeners;
+use crate::docker::reset::{OldRoot, Replacer};
 use crate::provider::hostnet;
 
 /// Resolves with how the daemon's process ended (e.g. `signal: 9`).
@@ -34,6 +36,26 @@ pub struct Running<D, P> {
     /// Its exit, when it is the agent's own child (an adopted daemon is not:
     /// only the probe can watch it). Dropping this ends a child daemon.
     pub exited: Option<Exited>,
+    /// How the host is wiped after a lease.
+    pub wipe: WipePath,
+}
+
+/// How a host is wiped after a lease.
+#[derive(Clone)]
+pub enum WipePath {
+    /// Replace dockerd on an empty data root ([`Replacer`]).
+    Fresh(Arc<Replacer>),
+    /// Through the Docker API, and why the fast path is not taken.
+    Api(&'static str),
+}
+
+impl std::fmt::Debug for WipePath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WipePath::Fresh(_) => f.write_str("Fresh"),
+            WipePath::Api(why) => write!(f, "Api({why})"),
+        }
+    }
 }
 
 impl<D, P> std::fmt::Debug for Running<D, P> {
@@ -78,12 +100,24 @@ pub trait Daemon: Send + Sync + 'static {
 pub struct Dockerd {
     spec: DockerdSpec,
     boot_timeout: Duration,
+    old_root: OldRoot,
 }
 
 impl Dockerd {
     /// A dockerd started per `spec`, given `boot_timeout` to answer.
     pub fn new(spec: DockerdSpec, boot_timeout: Duration) -> Self {
-        Dockerd { spec, boot_timeout }
+        Dockerd {
+            spec,
+            boot_timeout,
+            old_root: OldRoot::LeaveToTeardown,
+        }
+    }
+
+    /// What becomes of a data root a wipe moved aside (recycle mode deletes
+    /// it in the background; by default the host's teardown does).
+    pub fn with_old_root(mut self, old_root: OldRoot) -> Self {
+        self.old_root = old_root;
+        self
     }
 
     fn paths(&self) -> &HostPaths {
@@ -94,6 +128,7 @@ impl Dockerd {
         DaemonProbe {
             docker: docker.clone(),
             pidfile: self.paths().pidfile.clone(),
+            replacing: None,
         }
     }
 }
@@ -118,11 +153,23 @@ impl Daemon for Dockerd {
         hostnet::apply(spec.network, spec.netns.as_deref())
             .await
             .map_err(DockerdError::from)?;
+        let replacer = Replacer::new(
+            spec.clone(),
+            self.boot_timeout,
+            self.old_root,
+            docker.clone(),
+            child,
+        );
+        let probe = DaemonProbe {
+            replacing: Some(replacer.replacing()),
+            ..self.probe(&docker)
+        };
         Ok(Running {
-            probe: self.probe(&docker),
+            probe,
             docker,
             info,
-            exited: Some(Box::pin(dockerd::wait_exit(child))),
+            exited: Some(Box::pin(replacer.clone().exited())),
+            wipe: WipePath::Fresh(replacer),
         })
     }
 
@@ -155,6 +202,7 @@ impl Daemon for Dockerd {
             docker,
             info,
             exited: None,
+            wipe: WipePath::Api("dockerd was started by an earlier agent"),
         })
     }
 }

@@ -13,6 +13,8 @@
 
 use std::future::Future;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
@@ -42,15 +44,31 @@ pub trait Probe: Send + Sync + 'static {
 pub struct DaemonProbe {
     pub docker: BollardDocker,
     pub pidfile: PathBuf,
+    /// Set while a wipe replaces dockerd (`docker::reset`): its absence
+    /// then is planned, not a failure.
+    pub replacing: Option<Arc<AtomicBool>>,
+}
+
+impl DaemonProbe {
+    fn replacing(&self) -> bool {
+        self.replacing
+            .as_ref()
+            .is_some_and(|r| r.load(Ordering::SeqCst))
+    }
 }
 
 impl Probe for DaemonProbe {
     fn alive(&self) -> bool {
-        crate::docker::dockerd::read_pid(&self.pidfile).is_some_and(crate::provider::cleanup::alive)
+        self.replacing()
+            || crate::docker::dockerd::read_pid(&self.pidfile)
+                .is_some_and(crate::provider::cleanup::alive)
     }
 
     async fn ping(&self) -> Result<(), String> {
-        self.docker.ping().await.map_err(|e| e.to_string())
+        match self.docker.ping().await {
+            Err(_) if self.replacing() => Ok(()),
+            r => r.map_err(|e| e.to_string()),
+        }
     }
 }
 

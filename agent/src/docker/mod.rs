@@ -4,10 +4,11 @@
 //! `/var/run/docker.sock` is the host's dockerd), [`client`] is the Docker
 //! API behind the `DockerOps` trait,
 //! [`front`] is the mutual-TLS front that admits only the current lease,
-//! [`wipe`] removes and verifies all Docker state, [`listeners`] checks that
-//! dockerd listens on no TCP port, [`health`] watches the daemon, and
-//! [`registries`] is what the daemon is told about the pool's registry
-//! mirror and registries.
+//! [`wipe`] removes and verifies all Docker state through the API, [`reset`]
+//! empties the host faster by replacing dockerd on an empty data root,
+//! [`listeners`] checks that dockerd listens on no TCP port, [`health`]
+//! watches the daemon, and [`registries`] is what the daemon is told about
+//! the pool's registry mirror and registries.
 
 pub mod client;
 pub mod daemon;
@@ -17,4 +18,5 @@ pub mod health;
 pub mod listeners;
 pub mod mountns;
 pub mod registries;
+pub mod reset;
 pub mod wipe;

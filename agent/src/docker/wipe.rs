@@ -430,6 +430,7 @@ pub async fn wipe<D: DockerOps>(docker: &D, lease_id: &str) -> WipeReport {
             .iter()
             .map(ToString::to_string)
             .collect(),
+        method: crate::docker::reset::METHOD_API.to_owned(),
     }
 }
 

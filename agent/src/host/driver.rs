@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::docker::client::DockerOps;
+use crate::docker::daemon::WipePath;
 use crate::docker::front::FrontControl;
 use crate::docker::wipe;
 use crate::host::state::{self, Action, Event, Host, HostState};
@@ -103,6 +104,8 @@ pub struct Driver<D, F, P, C> {
     wipe_rx: mpsc::Receiver<WipeReport>,
     /// Where the host's state is kept for a restarted agent, if anywhere.
     state_file: Option<StateFile>,
+    /// How the host is wiped.
+    wipe_path: WipePath,
 }
 
 struct StateFile {
@@ -165,7 +168,14 @@ where
             wipe_tx,
             wipe_rx,
             state_file: None,
+            wipe_path: WipePath::Api("no dockerd the agent can replace"),
         }
+    }
+
+    /// Wipes the host along `path` (by default through the Docker API).
+    pub fn with_wipe_path(mut self, path: WipePath) -> Self {
+        self.wipe_path = path;
+        self
     }
 
     /// The wipes this driver reports, as it reports them.
@@ -330,11 +340,19 @@ where
             Action::StartWipe { lease_id } => {
                 let docker = self.docker.clone();
                 let tx = self.wipe_tx.clone();
+                let path = self.wipe_path.clone();
                 let span = tracing::info_span!("wipe", lease_id = %lease_id);
                 self.wipe_task = Some(tokio::spawn(
                     async move {
-                        let report = wipe::wipe(&*docker, &lease_id).await;
+                        let report = match path {
+                            WipePath::Fresh(replacer) => replacer.wipe(&lease_id).await,
+                            WipePath::Api(why) => WipeReport {
+                                method: format!("{}: {why}", crate::docker::reset::METHOD_API),
+                                ..wipe::wipe(&*docker, &lease_id).await
+                            },
+                        };
                         tracing::info!(
+                            method = %report.method,
                             verified = report.verified,
                             duration_ms = report.duration_ms,
                             containers = report.containers_removed,
@@ -668,6 +686,12 @@ mod tests {
             let wipes = r.wipes.borrow();
             assert_eq!((wipes.verified, wipes.failed, wipes.total()), (1, 0, 1));
             assert_eq!(wipes.last.as_ref().unwrap().lease_id, "l1");
+            // Without a dockerd it can replace, the driver wipes through the
+            // API and says why.
+            assert_eq!(
+                wipes.last.as_ref().unwrap().method,
+                "api: no dockerd the agent can replace"
+            );
         }
         r.inbox.send(assign("l2", 600)).await.unwrap();
         assert_eq!(

@@ -29,6 +29,9 @@ pub const KILL_WAIT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const CGROUP_RMDIR_TIMEOUT: Duration = Duration::from_secs(5);
 /// Bound on removing a host's directories (data roots can hold many files).
 pub const REMOVE_DIR_TIMEOUT: Duration = Duration::from_secs(60);
+/// Passes over the scope's processes, each killing what the last one missed
+/// (children forked meanwhile).
+const KILL_PASSES: usize = 5;
 /// How often to look again while waiting for processes or cgroups.
 const POLL_INTERVAL: Duration = Duration::from_millis(20);
 /// cgroup v1 hierarchies (and the unified one) are mounted here.
@@ -171,44 +174,7 @@ pub async fn sweep(
 /// processes (they hold mounts, cgroups and namespaces), cgroups, mounts,
 /// namespaces and veths, directories.
 pub async fn destroy(scope: &Scope) -> Result<CleanupReport, CleanupError> {
-    let mut report = CleanupReport::default();
-    let netns_inodes: Vec<u64> = scope
-        .netns
-        .iter()
-        .filter_map(|n| {
-            std::fs::metadata(netns::netns_path(n))
-                .ok()
-                .map(|m| m.ino())
-        })
-        .collect();
-
-    let victims = matching_processes(&scope.path_prefixes, &netns_inodes);
-    report.killed += kill_all(&victims);
-    let mut first_error: Option<CleanupError> = None;
-    if let Err(e) = wait_gone(&victims).await {
-        first_error.get_or_insert(e);
-    }
-
-    for name in &scope.cgroups {
-        match remove_cgroup(name).await {
-            Ok((killed, removed)) => {
-                report.killed += killed;
-                report.cgroups_removed += removed;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "removing cgroup");
-                first_error.get_or_insert(e);
-            }
-        }
-    }
-
-    match unmount_under(&scope.path_prefixes) {
-        Ok(n) => report.unmounted += n,
-        Err(e) => {
-            tracing::warn!(error = %e, "unmounting");
-            first_error.get_or_insert(e);
-        }
-    }
+    let (mut report, mut first_error) = empty(scope).await;
 
     // Deleting a namespace destroys its veth pair too; the veths are deleted
     // on their own for namespaces that were never (fully) created.
@@ -236,6 +202,184 @@ pub async fn destroy(scope: &Scope) -> Result<CleanupReport, CleanupError> {
         Some(e) => Err(e),
         None => Ok(report),
     }
+}
+
+/// The first steps of [`destroy`], which leave the namespace, the veths
+/// and the directories in place: every process of the scope is killed
+/// (docker family mentioning a prefix, anything inside one of the
+/// namespaces or cgroups, and anything that shares a mount or PID namespace
+/// with one of those, other than the agent's own), the cgroups are removed
+/// and whatever is mounted under the prefixes is unmounted. Returns what it
+/// did and the first error.
+pub async fn empty(scope: &Scope) -> (CleanupReport, Option<CleanupError>) {
+    let mut report = CleanupReport::default();
+    let netns_inodes: Vec<u64> = scope
+        .netns
+        .iter()
+        .filter_map(|n| {
+            std::fs::metadata(netns::netns_path(n))
+                .ok()
+                .map(|m| m.ino())
+        })
+        .collect();
+
+    let mut first_error: Option<CleanupError> = None;
+    // A process may fork while its siblings are killed; look again until a
+    // pass finds nobody alive.
+    let mut victims: Vec<i32> = vec![];
+    for _ in 0..KILL_PASSES {
+        let mut found = matching_processes(&scope.path_prefixes, &netns_inodes);
+        for name in &scope.cgroups {
+            found.extend(cgroup_members(name));
+        }
+        found.extend(namespace_sharers(&found));
+        found = with_descendants(found);
+        found.sort_unstable();
+        found.dedup();
+        found.retain(|p| alive(*p));
+        if found.is_empty() {
+            break;
+        }
+        report.killed += kill_all(&found);
+        victims.extend(found);
+    }
+    victims.sort_unstable();
+    victims.dedup();
+    if let Err(e) = wait_gone(&victims).await {
+        first_error.get_or_insert(e);
+    }
+
+    for name in &scope.cgroups {
+        match remove_cgroup(name).await {
+            Ok((killed, removed)) => {
+                report.killed += killed;
+                report.cgroups_removed += removed;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "removing cgroup");
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+
+    match unmount_under(&scope.path_prefixes) {
+        Ok(n) => report.unmounted += n,
+        Err(e) => {
+            tracing::warn!(error = %e, "unmounting");
+            first_error.get_or_insert(e);
+        }
+    }
+    (report, first_error)
+}
+
+/// Pids in cgroup `name` and below, in every hierarchy.
+fn cgroup_members(name: &str) -> Vec<i32> {
+    let mut dirs = vec![];
+    for hierarchy in list_dirs(Path::new(CGROUP_ROOT)) {
+        let top = hierarchy.join(name);
+        if top.is_dir() {
+            collect_dirs(&top, &mut dirs);
+        }
+    }
+    dirs.iter()
+        .flat_map(|d| {
+            std::fs::read_to_string(d.join("cgroup.procs"))
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| l.trim().parse().ok())
+                .collect::<Vec<i32>>()
+        })
+        .collect()
+}
+
+/// `pids` and every process below one of them (by parent pid), found
+/// before anything is killed: an orphan is handed to the nearest subreaper
+/// (containerd's shim, for a container's processes) and would be lost to
+/// this search once that died.
+fn with_descendants(pids: Vec<i32>) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return pids;
+    };
+    let me = i32::try_from(std::process::id()).unwrap_or(0);
+    let mut children: std::collections::BTreeMap<i32, Vec<i32>> = Default::default();
+    for e in entries.filter_map(|e| e.ok()) {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        // `pid (comm) state ppid ...`; comm may hold spaces and parentheses.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<i32>().ok());
+        if let Some(ppid) = ppid {
+            children.entry(ppid).or_default().push(pid);
+        }
+    }
+    let mut seen: BTreeSet<i32> = pids.iter().copied().collect();
+    let mut todo = pids;
+    while let Some(pid) = todo.pop() {
+        for &c in children.get(&pid).map(Vec::as_slice).unwrap_or_default() {
+            if c != me && seen.insert(c) {
+                todo.push(c);
+            }
+        }
+    }
+    seen.into_iter().collect()
+}
+
+/// Namespaces whose members die with `pids`: their mount and PID
+/// namespaces, except the agent's own.
+const SHARED_NAMESPACES: [&str; 2] = ["mnt", "pid"];
+
+/// Processes (other than the agent) that share a mount or PID namespace
+/// with one of `pids`, unless it is the agent's own or the machine's: a process that moved
+/// itself out of its container's cgroup still lives in the container's
+/// namespaces.
+fn namespace_sharers(pids: &[i32]) -> Vec<i32> {
+    let ns_of = |dir: &Path, kind: &str| {
+        std::fs::metadata(dir.join("ns").join(kind))
+            .ok()
+            .map(|m| (m.dev(), m.ino()))
+    };
+    // The agent's and the machine's (pid 1's) namespaces are never marked.
+    let own: Vec<(u64, u64)> = [Path::new("/proc/self"), Path::new("/proc/1")]
+        .iter()
+        .flat_map(|dir| SHARED_NAMESPACES.iter().filter_map(|k| ns_of(dir, k)))
+        .collect();
+    let mut marked: BTreeSet<(u64, u64)> = BTreeSet::new();
+    for pid in pids {
+        let dir = PathBuf::from(format!("/proc/{pid}"));
+        for kind in SHARED_NAMESPACES {
+            if let Some(ns) = ns_of(&dir, kind).filter(|ns| !own.contains(ns)) {
+                marked.insert(ns);
+            }
+        }
+    }
+    if marked.is_empty() {
+        return vec![];
+    }
+    let me = std::process::id();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return vec![];
+    };
+    entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            if pid == me {
+                return None;
+            }
+            let dir = e.path();
+            SHARED_NAMESPACES
+                .iter()
+                .any(|k| ns_of(&dir, k).is_some_and(|ns| marked.contains(&ns)))
+                .then(|| i32::try_from(pid).ok())
+                .flatten()
+        })
+        .collect()
 }
 
 /// Names in `dir` starting with `prefix` (none if `dir` is missing).
@@ -488,16 +632,9 @@ fn unmount_under(prefixes: &[String]) -> Result<usize, CleanupError> {
 }
 
 /// Removes a directory tree; `Ok(false)` if it was not there.
-async fn remove_dir(dir: &Path) -> Result<bool, CleanupError> {
+pub async fn remove_dir(dir: &Path) -> Result<bool, CleanupError> {
     let owned = dir.to_owned();
-    let job = tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&owned) {
-        Ok(()) => Ok(true),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
-        Err(source) => Err(CleanupError::RemoveDir {
-            path: owned,
-            source,
-        }),
-    });
+    let job = tokio::task::spawn_blocking(move || remove_tree(&owned));
     match tokio::time::timeout(REMOVE_DIR_TIMEOUT, job).await {
         Ok(Ok(r)) => r,
         Ok(Err(join)) => Err(CleanupError::RemoveDir {
@@ -505,6 +642,46 @@ async fn remove_dir(dir: &Path) -> Result<bool, CleanupError> {
             source: std::io::Error::other(join.to_string()),
         }),
         Err(_) => Err(CleanupError::RemoveDirTimeout(dir.to_owned())),
+    }
+}
+
+/// `remove_dir_all` (which never follows a symlink), and once more after
+/// clearing the immutable and append-only attributes below `dir` when the
+/// first try was refused: a lease holder is root and may have set them
+/// (`chattr +i`) on files in a volume.
+fn remove_tree(dir: &Path) -> Result<bool, CleanupError> {
+    let fail = |source| CleanupError::RemoveDir {
+        path: dir.to_owned(),
+        source,
+    };
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => return Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            tracing::info!(dir = %dir.display(), error = %e, "clearing immutable attributes to remove a tree");
+        }
+        Err(e) => return Err(fail(e)),
+    }
+    clear_attributes(dir);
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(true),
+        Err(e) => Err(fail(e)),
+    }
+}
+
+/// `chattr -R -f -i -a DIR` (e2fsprogs): recursive, skips symlinks.
+pub fn clear_attributes(dir: &Path) {
+    match std::process::Command::new("chattr")
+        .args(["-R", "-f", "-i", "-a"])
+        .arg(dir)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+    {
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "running chattr"),
     }
 }
 

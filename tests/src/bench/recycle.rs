@@ -54,7 +54,12 @@ pub async fn run(sizes: &Sizes) -> Result<Vec<Figure>> {
         }
         let old = clients.get(&lease.lease_id).await?;
         match old.wipe {
-            Some(w) if w.verified => reported.push(w.duration_ms as f64),
+            Some(w) if w.verified => {
+                reported.push(w.duration_ms as f64);
+                if w.method != berth_agent::docker::reset::METHOD_FRESH {
+                    notes.push(format!("wipe through {}", w.method));
+                }
+            }
             Some(w) => notes.push(format!("wipe not verified: {}", w.error)),
             None => notes.push("no wipe report on the released lease".to_owned()),
         }
