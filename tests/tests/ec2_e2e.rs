@@ -441,6 +441,17 @@ fn a_used_instance_is_refused_by_the_coordinator_and_terminated_by_its_sweeper()
         Duration::from_secs(60),
         || (w.state_of(&host) == "terminated").then_some(()),
     );
+    // Logged once TerminateInstances has answered, which can be just after
+    // moto shows the instance terminated; later passes leave it alone.
+    wait_for(
+        "the sweeper to log the termination",
+        Duration::from_secs(10),
+        || (!passes(&c, "terminated a burned instance", &host).is_empty()).then_some(()),
+    );
+    let seen = c.log_lines("orphan sweep: pass done").len();
+    wait_for("two more sweeps", Duration::from_secs(30), || {
+        (c.log_lines("orphan sweep: pass done").len() >= seen + 2).then_some(())
+    });
     assert_eq!(
         passes(&c, "terminated a burned instance", &host).len(),
         1,

@@ -352,6 +352,16 @@ fn random_hex() -> String {
 
 /// One registry instance: how to start it and where it listens.
 #[derive(Debug, Clone)]
+/// A registry's configuration before it is written.
+struct Draft {
+    /// `mirror` or `cache`: names its directory, log and debug address file.
+    kind: &'static str,
+    dir: PathBuf,
+    config: serde_json::Value,
+    debug_port: u16,
+    addr: SocketAddr,
+}
+
 struct Instance {
     name: &'static str,
     bin: PathBuf,
@@ -607,55 +617,16 @@ impl Registries {
         addr: SocketAddr,
         token: SocketAddr,
     ) -> Result<Instance, RegistryError> {
-        let dir = registries_dir(&self.state_dir).join("cache");
-        berth_tls::files::create_private_dir(&dir)?;
-        let data = dir.join("data");
-        std::fs::create_dir_all(&data).map_err(io_err("cannot create", &data))?;
-        let (cert, key) = self.issue_cert(&dir, addr)?;
-        let debug_port = free_local_port()?;
-        let config = serde_json::json!({
-            "version": "0.1",
-            "log": { "level": "info", "formatter": "text", "fields": { "service": "berth-cache" } },
-            "storage": {
-                "filesystem": { "rootdirectory": data },
-                "delete": { "enabled": true },
-            },
-            "http": {
-                "addr": addr.to_string(),
-                "secret": random_hex(),
-                "tls": { "certificate": cert, "key": key },
-                "headers": { "X-Content-Type-Options": ["nosniff"] },
-                "debug": {
-                    "addr": format!("127.0.0.1:{debug_port}"),
-                    "prometheus": { "enabled": true, "path": "/metrics" },
-                },
-            },
-            "auth": {
-                "token": {
-                    "realm": format!("https://{token}/token"),
-                    "service": CACHE_SERVICE,
-                    "issuer": CACHE_ISSUER,
-                    "rootcertbundle": self.ca_dir.join(CACHE_TOKEN_CERT),
-                },
+        let mut draft = self.draft("cache", addr)?;
+        draft.config["auth"] = serde_json::json!({
+            "token": {
+                "realm": format!("https://{token}/token"),
+                "service": CACHE_SERVICE,
+                "issuer": CACHE_ISSUER,
+                "rootcertbundle": self.ca_dir.join(CACHE_TOKEN_CERT),
             },
         });
-        let path = dir.join("config.yml");
-        berth_tls::files::write_private(&path, format!("{config:#}\n").as_bytes())?;
-        let debug_file = registries_dir(&self.state_dir).join("cache.debug.addr");
-        berth_tls::files::write_private(
-            &debug_file,
-            format!("127.0.0.1:{debug_port}\n").as_bytes(),
-        )?;
-        let logs = self.state_dir.join("logs");
-        std::fs::create_dir_all(&logs).map_err(io_err("cannot create", &logs))?;
-        Ok(Instance {
-            name: "build cache",
-            bin: bin.to_owned(),
-            config: path,
-            log: logs.join("cache.log"),
-            addr,
-            roots: None,
-        })
+        self.finish(draft, "build cache", bin, None)
     }
 
     /// Writes the mirror's certificate, roots and configuration.
@@ -665,17 +636,13 @@ impl Registries {
         bin: &Path,
         addr: SocketAddr,
     ) -> Result<Instance, RegistryError> {
-        let dir = registries_dir(&self.state_dir).join("mirror");
-        berth_tls::files::create_private_dir(&dir)?;
-        let data = dir.join("data");
-        std::fs::create_dir_all(&data).map_err(io_err("cannot create", &data))?;
-        let (cert, key) = self.issue_cert(&dir, addr)?;
+        let mut draft = self.draft("mirror", addr)?;
         let roots = match &args.mirror_upstream_ca {
             Some(extra) => {
                 let mut pem = std::fs::read_to_string(SYSTEM_ROOTS).unwrap_or_default();
                 pem.push('\n');
                 pem.push_str(&berth_tls::files::read_pem(extra)?);
-                let path = dir.join("upstream-roots.pem");
+                let path = draft.dir.join("upstream-roots.pem");
                 berth_tls::files::write_private(&path, pem.as_bytes())?;
                 Some(path)
             }
@@ -687,14 +654,27 @@ impl Registries {
             proxy["username"] = user.into();
             proxy["password"] = password.into();
         }
+        draft.config["proxy"] = proxy;
+        draft.config["storage"]["cache"] = serde_json::json!({ "blobdescriptor": "inmemory" });
+        self.finish(draft, "mirror", bin, roots)
+    }
+
+    /// Makes `registries/KIND/` with its data directory and a certificate
+    /// from the pool CA for `addr`, and the configuration every registry of
+    /// the pool shares (TLS, storage, metrics on a loopback debug port).
+    fn draft(&self, kind: &'static str, addr: SocketAddr) -> Result<Draft, RegistryError> {
+        let dir = registries_dir(&self.state_dir).join(kind);
+        berth_tls::files::create_private_dir(&dir)?;
+        let data = dir.join("data");
+        std::fs::create_dir_all(&data).map_err(io_err("cannot create", &data))?;
+        let (cert, key) = self.issue_cert(&dir, addr)?;
         let debug_port = free_local_port()?;
         let config = serde_json::json!({
             "version": "0.1",
-            "log": { "level": "info", "formatter": "text", "fields": { "service": "berth-mirror" } },
+            "log": { "level": "info", "formatter": "text", "fields": { "service": format!("berth-{kind}") } },
             "storage": {
                 "filesystem": { "rootdirectory": data },
                 "delete": { "enabled": true },
-                "cache": { "blobdescriptor": "inmemory" },
             },
             "http": {
                 "addr": addr.to_string(),
@@ -706,11 +686,35 @@ impl Registries {
                     "prometheus": { "enabled": true, "path": "/metrics" },
                 },
             },
-            "proxy": proxy,
         });
+        Ok(Draft {
+            kind,
+            dir,
+            config,
+            debug_port,
+            addr,
+        })
+    }
+
+    /// Writes a drafted configuration and its debug address; the instance
+    /// logs to `logs/KIND.log`.
+    fn finish(
+        &self,
+        draft: Draft,
+        name: &'static str,
+        bin: &Path,
+        roots: Option<PathBuf>,
+    ) -> Result<Instance, RegistryError> {
+        let Draft {
+            kind,
+            dir,
+            config,
+            debug_port,
+            addr,
+        } = draft;
         let path = dir.join("config.yml");
         berth_tls::files::write_private(&path, format!("{config:#}\n").as_bytes())?;
-        let debug_file = registries_dir(&self.state_dir).join("mirror.debug.addr");
+        let debug_file = registries_dir(&self.state_dir).join(format!("{kind}.debug.addr"));
         berth_tls::files::write_private(
             &debug_file,
             format!("127.0.0.1:{debug_port}\n").as_bytes(),
@@ -718,10 +722,10 @@ impl Registries {
         let logs = self.state_dir.join("logs");
         std::fs::create_dir_all(&logs).map_err(io_err("cannot create", &logs))?;
         Ok(Instance {
-            name: "mirror",
+            name,
             bin: bin.to_owned(),
             config: path,
-            log: logs.join("mirror.log"),
+            log: logs.join(format!("{kind}.log")),
             addr,
             roots,
         })
