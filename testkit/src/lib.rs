@@ -670,15 +670,7 @@ impl Pool {
             return p.split(':').next()?.parse().ok().map(Pid::from_raw);
         }
         let dockerd = self.dockerd_pid(host_id)?;
-        let stat = std::fs::read_to_string(format!("/proc/{dockerd}/stat")).ok()?;
-        // "pid (comm) state ppid ...": comm may hold spaces, so split after ')'.
-        let ppid: i32 = stat
-            .rsplit_once(')')?
-            .1
-            .split_whitespace()
-            .nth(1)?
-            .parse()
-            .ok()?;
+        let ppid = parent_pid(dockerd.as_raw())?;
         let cmd = std::fs::read(format!("/proc/{ppid}/cmdline")).unwrap_or_default();
         String::from_utf8_lossy(&cmd)
             .contains("berth-agent")
@@ -686,9 +678,12 @@ impl Pool {
     }
 
     /// Pids of this pool's agent processes (not sweeps).
+    ///
+    /// A child an agent has forked but not yet exec'd (`ip`, `dockerd`)
+    /// still shows the agent's command line; it is not counted.
     pub fn agent_pids(&self) -> Vec<Pid> {
         let state = self.state_dir.to_string_lossy().into_owned();
-        processes_mentioning(&state)
+        let pids: Vec<i32> = processes_mentioning(&state)
             .into_iter()
             .filter(|p| {
                 p.split_once(": ").is_some_and(|(_, cmd)| {
@@ -696,7 +691,10 @@ impl Pool {
                 })
             })
             .filter_map(|p| p.split(':').next()?.parse().ok())
-            .map(Pid::from_raw)
+            .collect();
+        pids.iter()
+            .filter(|p| parent_pid(**p).is_none_or(|parent| !pids.contains(&parent)))
+            .map(|p| Pid::from_raw(*p))
             .collect()
     }
 
@@ -855,6 +853,18 @@ fn process_ids_mentioning(needle: &str) -> Vec<i32> {
 }
 
 /// Processes whose command line mentions `needle`, as "PID: CMDLINE".
+/// The parent of process `pid`, per `/proc/PID/stat`.
+fn parent_pid(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // "pid (comm) state ppid ...": comm may hold spaces, so split after ')'.
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
 pub fn processes_mentioning(needle: &str) -> Vec<String> {
     let mut found = Vec::new();
     let Ok(entries) = std::fs::read_dir("/proc") else {
