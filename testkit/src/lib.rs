@@ -709,6 +709,22 @@ impl Pool {
             .leases
     }
 
+    /// Asserts that no host holds two live leases, from the coordinator's
+    /// own listing.
+    pub fn assert_no_host_in_two_leases(&self) {
+        let mut by_host: HashMap<String, Vec<String>> = HashMap::new();
+        for l in self.all_leases() {
+            let live = l.state == pb::LeaseState::Active as i32
+                || l.state == pb::LeaseState::Assigned as i32;
+            if live && !l.host_id.is_empty() {
+                by_host.entry(l.host_id).or_default().push(l.lease_id);
+            }
+        }
+        for (host, leases) in by_host {
+            assert!(leases.len() <= 1, "host {host} is in leases {leases:?}");
+        }
+    }
+
     /// Whether the coordinator answers at all (it may be restarting).
     pub fn coordinator_answers(&self) -> bool {
         let endpoint = self.endpoint().connect_timeout(Duration::from_secs(1));
@@ -904,6 +920,25 @@ impl Drop for Pool {
             let _ = killpg(pgid, Signal::SIGKILL);
         }
         sweep(&self.prefix);
+    }
+}
+
+/// A process stopped with SIGSTOP (e.g. `berth up`, so it does not restart
+/// a coordinator or agent a test killed), resumed when dropped, so a
+/// failing test never leaves it frozen.
+pub struct Frozen(pub Pid);
+
+impl Frozen {
+    /// Stops `pid` until the guard is dropped.
+    pub fn stop(pid: Pid) -> Self {
+        kill(pid, Signal::SIGSTOP).unwrap();
+        Self(pid)
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        let _ = kill(self.0, Signal::SIGCONT);
     }
 }
 
