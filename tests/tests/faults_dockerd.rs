@@ -6,9 +6,8 @@
 //! - Leased: the coordinator ends the lease as host-lost, and the build's
 //!   next call (Get, Renew, Release) fails with FAILED_PRECONDITION saying so.
 //!
-//! The leased case runs twice: on the embedded store and, as
-//! `postgres::NAME`, with the pool's state on PostgreSQL
-//! ([`berth_testkit::on_each_store`]).
+//! Both run twice: on the embedded store and, as `postgres::NAME`, with the
+//! pool's state on PostgreSQL ([`berth_testkit::on_each_store`]).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -20,14 +19,14 @@ use nix::sys::signal::{Signal, kill};
 
 on_each_store! {
     dockerd_killed_during_a_lease_ends_it_as_host_lost_and_the_build_is_told => dockerd_killed_during_a_lease,
+    dockerd_killed_or_hung_on_an_idle_host_gets_the_host_replaced => dockerd_killed_or_hung_when_idle,
 }
 
-#[test]
-fn dockerd_killed_or_hung_on_an_idle_host_gets_the_host_replaced() {
+fn dockerd_killed_or_hung_when_idle(store: Store) {
     if !preflight() {
         return;
     }
-    let mut pool = Pool::start("bfd1-", 2, &[]);
+    let mut pool = Pool::start_on(store, "bfd1-", 2, &[]);
     let ready = pool.ready_hosts();
     let (killed, hung) = (ready[0].host_id.clone(), ready[1].host_id.clone());
 

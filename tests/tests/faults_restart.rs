@@ -10,9 +10,8 @@
 //! - An idle agent dies and something is left on its dockerd: the restarted
 //!   agent wipes and verifies before the host is Ready again.
 //!
-//! The first three run twice: on the embedded store and, as
-//! `postgres::NAME`, with the pool's state on PostgreSQL
-//! ([`berth_testkit::on_each_store`]).
+//! Each runs twice: on the embedded store and, as `postgres::NAME`, with
+//! the pool's state on PostgreSQL ([`berth_testkit::on_each_store`]).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -27,6 +26,7 @@ on_each_store! {
     coordinator_killed_mid_lease_restarts_and_the_lease_carries_on => coordinator_killed_mid_lease,
     agent_killed_mid_lease_is_restarted_on_the_same_host_and_the_lease_resumes => agent_killed_mid_lease,
     agent_killed_and_back_after_the_deadline_wipes_and_destroys_the_host => agent_back_after_the_deadline,
+    idle_agent_killed_leaves_an_unknown_host_that_is_wiped_before_it_is_ready => idle_agent_killed,
 }
 
 /// The state of lease `id` as the pool's PostgreSQL holds it.
@@ -306,12 +306,11 @@ fn agent_back_after_the_deadline(store: Store) {
     assert!(fresh.iter().all(|h| h.host_id != host));
 }
 
-#[test]
-fn idle_agent_killed_leaves_an_unknown_host_that_is_wiped_before_it_is_ready() {
+fn idle_agent_killed(store: Store) {
     if !preflight() {
         return;
     }
-    let mut pool = Pool::start("bfa3-", 1, &[]);
+    let mut pool = Pool::start_on(store, "bfa3-", 1, &[]);
     let host = pool.ready_hosts()[0].host_id.clone();
     let agent = pool.agent_pid(&host).expect("agent pid");
     // Freeze berth up, kill the agent, and leave something behind on its
