@@ -352,9 +352,50 @@ pub fn http_get(addr: SocketAddr) -> std::io::Result<String> {
     Ok(out)
 }
 
+/// Where a test pool's coordinator keeps the pool's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Store {
+    /// The embedded store in its state dir (`berth up`'s default).
+    Embedded,
+    /// A PostgreSQL cluster of the test's own (`--store postgres://...`,
+    /// [`postgres::up_args`]), stopped with the pool.
+    Postgres,
+}
+
+/// Defines each fault test twice from one body `fn(Store)`: `NAME` on the
+/// embedded store and `postgres::NAME` on the shared store
+/// ([`Pool::start_on`]).
+///
+/// ```ignore
+/// berth_testkit::on_each_store! {
+///     coordinator_killed_mid_lease_restarts_and_the_lease_carries_on => coordinator_killed,
+/// }
+/// ```
+#[macro_export]
+macro_rules! on_each_store {
+    ($($test:ident => $body:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $test() {
+                $body($crate::Store::Embedded)
+            }
+        )*
+        /// The same tests with the pool's state on PostgreSQL.
+        mod postgres {
+            $(
+                #[test]
+                fn $test() {
+                    super::$body($crate::Store::Postgres)
+                }
+            )*
+        }
+    };
+}
+
 /// A pool started with `berth up` for one test. Dropping it stops the pool
 /// with SIGTERM (agents clean up), kills whatever is left of its process
-/// group, and sweeps the test's prefix.
+/// group, and sweeps the test's prefix; then its PostgreSQL cluster, if it
+/// has one, is stopped.
 pub struct Pool {
     pub prefix: String,
     pub state_dir: PathBuf,
@@ -363,6 +404,8 @@ pub struct Pool {
     child: Option<Child>,
     pgid: Option<Pid>,
     rt: tokio::runtime::Runtime,
+    /// Dropped after the pool stopped (fields drop after `Drop::drop`).
+    postgres: Option<postgres::Postgres>,
 }
 
 impl Pool {
@@ -370,6 +413,51 @@ impl Pool {
     /// until N hosts are Ready.
     pub fn start(base_prefix: &str, hosts: u16, extra: &[&str]) -> Self {
         Self::start_with(base_prefix, hosts, extra, |_| {})
+    }
+
+    /// [`Pool::start`] on `store`. On [`Store::Postgres`] the pool gets a
+    /// PostgreSQL cluster of its own, database [`postgres::POOL_DB`], its
+    /// prefix is `base_prefix` with `p` added (`bfc1-` -> `bfc1p-`, so both
+    /// variants of a test can run side by side), and the pool is checked to
+    /// be led from that database before it is returned.
+    pub fn start_on(store: Store, base_prefix: &str, hosts: u16, extra: &[&str]) -> Self {
+        if store == Store::Embedded {
+            return Self::start(base_prefix, hosts, extra);
+        }
+        let pg = postgres::Postgres::start();
+        let url = pg.create_db(postgres::POOL_DB);
+        let key = pg.dir.join("store.key");
+        postgres::write_key(&key);
+        let mut args = postgres::up_args(&url, &key);
+        args.extend(extra.iter().map(|a| (*a).to_owned()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let base = format!("{}p-", base_prefix.trim_end_matches('-'));
+        let mut pool = Self::spawn(&base, hosts, &args, |_| {});
+        pool.postgres = Some(pg);
+        pool.wait_ready_hosts(usize::from(hosts), Duration::from_secs(60));
+        let pg = pool.postgres().expect("the pool's PostgreSQL");
+        assert_eq!(
+            pg.sql(
+                postgres::POOL_DB,
+                "SELECT count(*) FROM berth_leader WHERE term > 0 AND expires_at > now()"
+            ),
+            "1",
+            "the pool is not led from its database"
+        );
+        assert!(
+            !pool
+                .state_dir
+                .join("coordinator")
+                .join("coordinator.redb")
+                .exists(),
+            "the coordinator on PostgreSQL made an embedded store"
+        );
+        pool
+    }
+
+    /// The pool's PostgreSQL cluster, when it runs on [`Store::Postgres`].
+    pub fn postgres(&self) -> Option<&postgres::Postgres> {
+        self.postgres.as_ref()
     }
 
     /// [`Pool::start`], with `setup` run on the fresh state dir before
@@ -460,6 +548,7 @@ impl Pool {
             child: Some(child),
             pgid: None,
             rt,
+            postgres: None,
         };
         // berth up copies the pool CA for the CLI once the coordinator has
         // written its address; both must be there before the first call.
@@ -538,7 +627,13 @@ impl Pool {
 
     /// The coordinator's gRPC endpoint, over TLS with the pool CA.
     pub fn endpoint(&self) -> tonic::transport::Endpoint {
-        let url = format!("https://{}", self.addr);
+        self.endpoint_at(self.addr)
+    }
+
+    /// The gRPC endpoint of a coordinator of this pool at `addr` (one of
+    /// several on a shared store), over TLS with the pool CA.
+    pub fn endpoint_at(&self, addr: SocketAddr) -> tonic::transport::Endpoint {
+        let url = format!("https://{addr}");
         let ca = std::fs::read_to_string(self.ca_pem_path()).expect("the pool CA for the CLI");
         let tls = tonic::transport::ClientTlsConfig::new()
             .ca_certificate(tonic::transport::Certificate::from_pem(ca));
@@ -614,6 +709,22 @@ impl Pool {
             .leases
     }
 
+    /// Asserts that no host holds two live leases, from the coordinator's
+    /// own listing.
+    pub fn assert_no_host_in_two_leases(&self) {
+        let mut by_host: HashMap<String, Vec<String>> = HashMap::new();
+        for l in self.all_leases() {
+            let live = l.state == pb::LeaseState::Active as i32
+                || l.state == pb::LeaseState::Assigned as i32;
+            if live && !l.host_id.is_empty() {
+                by_host.entry(l.host_id).or_default().push(l.lease_id);
+            }
+        }
+        for (host, leases) in by_host {
+            assert!(leases.len() <= 1, "host {host} is in leases {leases:?}");
+        }
+    }
+
     /// Whether the coordinator answers at all (it may be restarting).
     pub fn coordinator_answers(&self) -> bool {
         let endpoint = self.endpoint().connect_timeout(Duration::from_secs(1));
@@ -626,10 +737,12 @@ impl Pool {
         })
     }
 
-    /// The pid of this pool's coordinator process.
+    /// The pid of this pool's coordinator process (the one `berth up`
+    /// runs on `STATE_DIR/coordinator`, not another one a test started
+    /// under the pool's state dir).
     pub fn coordinator_pid(&self) -> Option<Pid> {
-        let state = self.state_dir.to_string_lossy().into_owned();
-        processes_mentioning(&state)
+        let state = self.state_dir.join("coordinator");
+        processes_mentioning(&state.to_string_lossy())
             .into_iter()
             .find(|p| {
                 p.split_once(": ")
@@ -805,6 +918,25 @@ impl Drop for Pool {
             let _ = killpg(pgid, Signal::SIGKILL);
         }
         sweep(&self.prefix);
+    }
+}
+
+/// A process stopped with SIGSTOP (e.g. `berth up`, so it does not restart
+/// a coordinator or agent a test killed), resumed when dropped, so a
+/// failing test never leaves it frozen.
+pub struct Frozen(pub Pid);
+
+impl Frozen {
+    /// Stops `pid` until the guard is dropped.
+    pub fn stop(pid: Pid) -> Self {
+        kill(pid, Signal::SIGSTOP).unwrap();
+        Self(pid)
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        let _ = kill(self.0, Signal::SIGCONT);
     }
 }
 

@@ -20,6 +20,32 @@ pub const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
+/// The database of a pool started on [`crate::Store::Postgres`].
+pub const POOL_DB: &str = "pool";
+
+/// `--leader-ttl` of coordinators in tests: a killed leader's claim runs
+/// out within seconds; long enough that a leader on a loaded machine is not
+/// deposed by a slow renewal.
+pub const LEADER_TTL: &str = "4s";
+
+/// The `berth up` arguments that put the pool's coordinator on `url`, with
+/// the store key file `key` (written by [`write_key`]).
+pub fn up_args(url: &str, key: &Path) -> Vec<String> {
+    [
+        format!("--store={url}"),
+        format!("--store-key-file={}", key.display()),
+        format!("--leader-ttl={LEADER_TTL}"),
+    ]
+    .into_iter()
+    .flat_map(|a| ["--coordinator-arg".to_owned(), a])
+    .collect()
+}
+
+/// Writes a store key (the key that seals the pool CA's key) to `path`.
+pub fn write_key(path: &Path) {
+    std::fs::write(path, "5a".repeat(32)).unwrap();
+}
+
 /// A running cluster; stopped and removed on drop.
 pub struct Postgres {
     pub dir: PathBuf,

@@ -9,6 +9,10 @@
 //!   before it took the next, and every served lease was taken exactly once).
 //!
 //! Every request is either served or fails with RESOURCE_EXHAUSTED.
+//!
+//! It runs twice: on the embedded store and, as `postgres::NAME`, with the
+//! pool's state on PostgreSQL, where every answer waits for a PostgreSQL
+//! commit ([`berth_testkit::on_each_store`]).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -22,6 +26,10 @@ use berth_proto::v1::admin_service_client::AdminServiceClient;
 use berth_proto::v1::lease_service_client::LeaseServiceClient;
 use berth_testkit::*;
 use tonic::transport::Channel;
+
+on_each_store! {
+    two_hundred_builds_race_for_four_hosts_and_no_host_is_ever_in_two_leases => race_for_hosts,
+}
 
 const BUILDS: usize = 200;
 const TTL: Duration = Duration::from_secs(3);
@@ -56,12 +64,11 @@ fn agent_transitions(logs: &str) -> Vec<(String, String, String)> {
         .collect()
 }
 
-#[test]
-fn two_hundred_builds_race_for_four_hosts_and_no_host_is_ever_in_two_leases() {
+fn race_for_hosts(store: Store) {
     if !preflight() {
         return;
     }
-    let pool = Pool::start("bfk1-", 4, &["--recycle"]);
+    let pool = Pool::start_on(store, "bfk1-", 4, &["--recycle"]);
     let endpoint = pool.endpoint();
     let token = pool.token();
     // One key for every build: the race is about hosts, not certificates.

@@ -5,6 +5,9 @@
 //!   is never offered again.
 //! - Leased: the coordinator ends the lease as host-lost, and the build's
 //!   next call (Get, Renew, Release) fails with FAILED_PRECONDITION saying so.
+//!
+//! Both run twice: on the embedded store and, as `postgres::NAME`, with the
+//! pool's state on PostgreSQL ([`berth_testkit::on_each_store`]).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -14,12 +17,16 @@ use berth_proto::v1 as pb;
 use berth_testkit::*;
 use nix::sys::signal::{Signal, kill};
 
-#[test]
-fn dockerd_killed_or_hung_on_an_idle_host_gets_the_host_replaced() {
+on_each_store! {
+    dockerd_killed_during_a_lease_ends_it_as_host_lost_and_the_build_is_told => dockerd_killed_during_a_lease,
+    dockerd_killed_or_hung_on_an_idle_host_gets_the_host_replaced => dockerd_killed_or_hung_when_idle,
+}
+
+fn dockerd_killed_or_hung_when_idle(store: Store) {
     if !preflight() {
         return;
     }
-    let mut pool = Pool::start("bfd1-", 2, &[]);
+    let mut pool = Pool::start_on(store, "bfd1-", 2, &[]);
     let ready = pool.ready_hosts();
     let (killed, hung) = (ready[0].host_id.clone(), ready[1].host_id.clone());
 
@@ -49,12 +56,11 @@ fn dockerd_killed_or_hung_on_an_idle_host_gets_the_host_replaced() {
     ok(pool.berth(&["release", "--lease", l.lease_id()]), "release");
 }
 
-#[test]
-fn dockerd_killed_during_a_lease_ends_it_as_host_lost_and_the_build_is_told() {
+fn dockerd_killed_during_a_lease(store: Store) {
     if !preflight() {
         return;
     }
-    let mut pool = Pool::start("bfd2-", 1, &[]);
+    let mut pool = Pool::start_on(store, "bfd2-", 1, &[]);
     let a = pool.acquire("fd-lease", "10m", "1m");
     let host = a.get("BERTH_HOST_ID").to_owned();
     ok(run(a.docker().args(["volume", "create", "vv"])), "volume");

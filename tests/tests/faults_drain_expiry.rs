@@ -5,6 +5,9 @@
 //!   host terminates at once.
 //! - A build that never releases: the lease expires with the coordinator
 //!   running, the agent ends it, the host is wiped (verified) and destroyed.
+//!
+//! Both run twice: on the embedded store and, as `postgres::NAME`, with the
+//! pool's state on PostgreSQL ([`berth_testkit::on_each_store`]).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -13,12 +16,16 @@ use std::time::Duration;
 use berth_proto::v1 as pb;
 use berth_testkit::*;
 
-#[test]
-fn a_drained_host_takes_no_new_lease_finishes_its_current_one_and_terminates() {
+on_each_store! {
+    a_drained_host_takes_no_new_lease_finishes_its_current_one_and_terminates => drained_host,
+    a_lease_nobody_releases_expires_and_its_host_is_wiped_and_replaced => forgotten_lease,
+}
+
+fn drained_host(store: Store) {
     if !preflight() {
         return;
     }
-    let mut pool = Pool::start("bfn1-", 2, &["--recycle"]);
+    let mut pool = Pool::start_on(store, "bfn1-", 2, &["--recycle"]);
     let a = pool.acquire("fn-a", "10m", "1m");
     let drained = a.get("BERTH_HOST_ID").to_owned();
     ok(pool.berth(&["drain", &drained]), "berth drain");
@@ -73,12 +80,11 @@ fn a_drained_host_takes_no_new_lease_finishes_its_current_one_and_terminates() {
     }
 }
 
-#[test]
-fn a_lease_nobody_releases_expires_and_its_host_is_wiped_and_replaced() {
+fn forgotten_lease(store: Store) {
     if !preflight() {
         return;
     }
-    let mut pool = Pool::start("bfn2-", 1, &[]);
+    let mut pool = Pool::start_on(store, "bfn2-", 1, &[]);
     let a = pool.acquire("fn-forgotten", "6s", "1m");
     let host = a.get("BERTH_HOST_ID").to_owned();
     ok(run(a.docker().args(["volume", "create", "left"])), "volume");

@@ -8,6 +8,9 @@
 //! - An idle host cut off longer than the isolation limit destroys itself.
 //! - The coordinator marks both hosts lost once their streams are gone past
 //!   the grace period and never assigns them; fresh hosts take their place.
+//!
+//! It runs twice: on the embedded store and, as `postgres::NAME`, with the
+//! pool's state on PostgreSQL ([`berth_testkit::on_each_store`]).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -16,12 +19,16 @@ use std::time::{Duration, Instant};
 use berth_proto::v1 as pb;
 use berth_testkit::*;
 
-#[test]
-fn cut_off_hosts_keep_their_lease_to_the_deadline_then_wipe_and_go_idle_ones_go_sooner() {
+on_each_store! {
+    cut_off_hosts_keep_their_lease_to_the_deadline_then_wipe_and_go_idle_ones_go_sooner => cut_off_hosts,
+}
+
+fn cut_off_hosts(store: Store) {
     if !preflight() {
         return;
     }
-    let mut pool = Pool::start(
+    let mut pool = Pool::start_on(
+        store,
         "bfp1-",
         2,
         &[

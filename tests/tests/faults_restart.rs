@@ -9,41 +9,32 @@
 //!   is wiped and destroyed, never offered again.
 //! - An idle agent dies and something is left on its dockerd: the restarted
 //!   agent wipes and verifies before the host is Ready again.
+//!
+//! Each runs twice: on the embedded store and, as `postgres::NAME`, with
+//! the pool's state on PostgreSQL ([`berth_testkit::on_each_store`]).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use berth_proto::v1 as pb;
 use berth_testkit::*;
 use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
 
-/// Resumes a stopped process when dropped, so a failing test never leaves
-/// `berth up` frozen.
-struct Frozen(Pid);
-
-impl Drop for Frozen {
-    fn drop(&mut self) {
-        let _ = kill(self.0, Signal::SIGCONT);
-    }
+on_each_store! {
+    coordinator_killed_mid_lease_restarts_and_the_lease_carries_on => coordinator_killed_mid_lease,
+    agent_killed_mid_lease_is_restarted_on_the_same_host_and_the_lease_resumes => agent_killed_mid_lease,
+    agent_killed_and_back_after_the_deadline_wipes_and_destroys_the_host => agent_back_after_the_deadline,
+    idle_agent_killed_leaves_an_unknown_host_that_is_wiped_before_it_is_ready => idle_agent_killed,
 }
 
-/// No host holds two live leases, from the coordinator's own listing.
-fn assert_no_host_in_two_leases(pool: &Pool) {
-    let mut by_host: HashMap<String, Vec<String>> = HashMap::new();
-    for l in pool.all_leases() {
-        let live =
-            l.state == pb::LeaseState::Active as i32 || l.state == pb::LeaseState::Assigned as i32;
-        if live && !l.host_id.is_empty() {
-            by_host.entry(l.host_id).or_default().push(l.lease_id);
-        }
-    }
-    for (host, leases) in by_host {
-        assert!(leases.len() <= 1, "host {host} is in leases {leases:?}");
-    }
+/// The state of lease `id` as the pool's PostgreSQL holds it.
+fn stored_state(pg: &berth_testkit::postgres::Postgres, id: &str) -> String {
+    pg.sql(
+        berth_testkit::postgres::POOL_DB,
+        &format!("SELECT record->>'state' FROM berth_leases WHERE id = '{id}'"),
+    )
 }
 
 fn front(lease: &LeaseEnv) -> SocketAddr {
@@ -54,18 +45,21 @@ fn front(lease: &LeaseEnv) -> SocketAddr {
         .unwrap()
 }
 
-#[test]
-fn coordinator_killed_mid_lease_restarts_and_the_lease_carries_on() {
+fn coordinator_killed_mid_lease(store: Store) {
     if !preflight() {
         return;
     }
-    let mut pool = Pool::start("bfc1-", 2, &[]);
+    let mut pool = Pool::start_on(store, "bfc1-", 2, &[]);
     let a = pool.acquire("fc-a", "10m", "1m");
     let before = pool.lease(a.lease_id());
     ok(
         run(a.docker().args(["volume", "create", "kept"])),
         "volume create",
     );
+    // On the shared store the answer came after PostgreSQL's commit.
+    if let Some(pg) = pool.postgres() {
+        assert_eq!(stored_state(pg, a.lease_id()), "active");
+    }
 
     let old = pool.coordinator_pid().expect("coordinator pid");
     kill(old, Signal::SIGKILL).unwrap();
@@ -133,7 +127,7 @@ fn coordinator_killed_mid_lease_restarts_and_the_lease_carries_on() {
     // A second build gets the other host.
     let b = pool.acquire("fc-b", "10m", "1m");
     assert_ne!(b.get("BERTH_HOST_ID"), a.get("BERTH_HOST_ID"));
-    assert_no_host_in_two_leases(&pool);
+    pool.assert_no_host_in_two_leases();
 
     // Release works and the host is wiped as usual.
     ok(
@@ -148,7 +142,7 @@ fn coordinator_killed_mid_lease_restarts_and_the_lease_carries_on() {
         pool.lease(a.lease_id()).state,
         pb::LeaseState::Released as i32
     );
-    assert_no_host_in_two_leases(&pool);
+    pool.assert_no_host_in_two_leases();
 
     // A second kill: the released lease and b's lease are both still known.
     let old = pool.coordinator_pid().expect("coordinator pid");
@@ -170,14 +164,27 @@ fn coordinator_killed_mid_lease_restarts_and_the_lease_carries_on() {
         pool.berth(&["release", "--lease", b.lease_id()]),
         "release b",
     );
+    if let Some(pg) = pool.postgres() {
+        assert_eq!(stored_state(pg, a.lease_id()), "released");
+        assert_eq!(stored_state(pg, b.lease_id()), "released");
+        // A clean stop gives the lead up at once.
+        pool.stop();
+        let pg = pool.postgres().unwrap();
+        assert_eq!(
+            pg.sql(
+                berth_testkit::postgres::POOL_DB,
+                "SELECT expires_at <= now() FROM berth_leader"
+            ),
+            "t"
+        );
+    }
 }
 
-#[test]
-fn agent_killed_mid_lease_is_restarted_on_the_same_host_and_the_lease_resumes() {
+fn agent_killed_mid_lease(store: Store) {
     if !preflight() {
         return;
     }
-    let pool = Pool::start("bfa1-", 1, &[]);
+    let pool = Pool::start_on(store, "bfa1-", 1, &[]);
     let a = pool.acquire("fa-a", "10m", "1m");
     let host = a.get("BERTH_HOST_ID").to_owned();
     let deadline = pool.lease(a.lease_id()).deadline;
@@ -250,12 +257,11 @@ fn agent_killed_mid_lease_is_restarted_on_the_same_host_and_the_lease_resumes() 
     });
 }
 
-#[test]
-fn agent_killed_and_back_after_the_deadline_wipes_and_destroys_the_host() {
+fn agent_back_after_the_deadline(store: Store) {
     if !preflight() {
         return;
     }
-    let pool = Pool::start("bfa2-", 1, &[]);
+    let pool = Pool::start_on(store, "bfa2-", 1, &[]);
     let a = pool.acquire("fa-late", "8s", "1m");
     let host = a.get("BERTH_HOST_ID").to_owned();
     ok(
@@ -264,8 +270,7 @@ fn agent_killed_and_back_after_the_deadline_wipes_and_destroys_the_host() {
     );
     // Freeze berth up so the agent stays dead past the lease's deadline.
     let up = pool.up_pid().expect("berth up pid");
-    kill(up, Signal::SIGSTOP).unwrap();
-    let frozen = Frozen(up);
+    let frozen = Frozen::stop(up);
     let agent = pool.agent_pid(&host).expect("agent pid");
     kill(agent, Signal::SIGKILL).unwrap();
     std::thread::sleep(Duration::from_secs(10));
@@ -301,19 +306,17 @@ fn agent_killed_and_back_after_the_deadline_wipes_and_destroys_the_host() {
     assert!(fresh.iter().all(|h| h.host_id != host));
 }
 
-#[test]
-fn idle_agent_killed_leaves_an_unknown_host_that_is_wiped_before_it_is_ready() {
+fn idle_agent_killed(store: Store) {
     if !preflight() {
         return;
     }
-    let mut pool = Pool::start("bfa3-", 1, &[]);
+    let mut pool = Pool::start_on(store, "bfa3-", 1, &[]);
     let host = pool.ready_hosts()[0].host_id.clone();
     let agent = pool.agent_pid(&host).expect("agent pid");
     // Freeze berth up, kill the agent, and leave something behind on its
     // dockerd: the host's state is no longer what the file says.
     let up = pool.up_pid().expect("berth up pid");
-    kill(up, Signal::SIGSTOP).unwrap();
-    let frozen = Frozen(up);
+    let frozen = Frozen::stop(up);
     kill(agent, Signal::SIGKILL).unwrap();
     wait_for("the agent to die", Duration::from_secs(10), || {
         (!std::path::Path::new(&format!("/proc/{agent}/cmdline")).exists()

@@ -10,7 +10,6 @@ use std::time::{Duration, Instant, SystemTime};
 
 use berth_proto::v1 as pb;
 use berth_testkit::*;
-use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
 #[test]
@@ -61,16 +60,6 @@ fn an_empty_pool_waits_then_fails_and_a_release_serves_the_waiter() {
             "release waiter",
         );
     });
-}
-
-/// Resumes a stopped process when dropped, so a failing test never leaves
-/// the coordinator frozen.
-struct Frozen(Pid);
-
-impl Drop for Frozen {
-    fn drop(&mut self) {
-        let _ = kill(self.0, Signal::SIGCONT);
-    }
 }
 
 /// The state letter of a process (`/proc/PID/stat`, after the command name):
@@ -128,8 +117,7 @@ fn an_expired_lease_is_ended_and_wiped_by_the_agent_on_its_own() {
     let pids = coordinator_pids(&pool);
     assert_eq!(pids.len(), 1, "one coordinator expected: {pids:?}");
     let pid = Pid::from_raw(pids[0]);
-    kill(pid, Signal::SIGSTOP).unwrap();
-    let frozen = Frozen(pid);
+    let frozen = Frozen::stop(pid);
     wait_for("the coordinator to stop", Duration::from_secs(5), || {
         (process_state(pid) == Some('T')).then_some(())
     });

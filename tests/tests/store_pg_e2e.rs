@@ -1,191 +1,37 @@
-//! The shared store end to end: a pool (`berth up`, real agents and
-//! dockerds) whose coordinator keeps its state in a PostgreSQL cluster the
-//! test starts (`berth_testkit::postgres`), not in its state dir.
+//! The shared store end to end: two coordinators (one run by `berth up`,
+//! one started by the test) on one PostgreSQL cluster the test starts
+//! (`berth_testkit::postgres`), real agents and dockerds. (One coordinator
+//! on PostgreSQL killed and restarted, and the other faults of
+//! docs/guarantees.md, run in the `faults_*` tests as `postgres::NAME`.)
 //!
-//! - Every lease change an answer reports is already in the database when
-//!   the answer arrives (the group commit waits for PostgreSQL's commit).
-//! - The coordinator killed with `kill -9` and restarted by `berth up`
-//!   waits for its old claim of the lead to expire, takes it over and
-//!   restores the pool from the database: the lease carries on (same host,
-//!   same deadline), Renew/Release work, new acquires are served, no host
-//!   is in two leases.
 //! - Two coordinators on one database, agents and the CLI given both
 //!   addresses: the leader killed with `kill -9` (its supervisor frozen so
 //!   it does not come back at once), the standby takes over, the lease
-//!   carries on, new acquires are served; the old leader, started again,
-//!   stands by and names the new one. The failover time (leader killed ->
-//!   first acquire served by the new leader) is printed.
+//!   carries on, new acquires are served. The old leader, started again
+//!   with the same arguments, stands by (log, gRPC health NOT_SERVING, CI
+//!   and agent calls UNAVAILABLE naming the new leader), the lead stays
+//!   the new leader's term, and it writes nothing: triggers record every
+//!   row written to the pool's tables with the writer's
+//!   `application_name`, and none is the old leader's after its restart,
+//!   while the new leader's releases and acquires are there. The failover
+//!   time (leader killed -> first acquire served by the new leader) is
+//!   printed.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use berth_proto::v1 as pb;
-use berth_testkit::postgres::Postgres;
+use berth_proto::v1::agent_service_client::AgentServiceClient;
+use berth_testkit::postgres::{self as pgkit, Postgres};
 use berth_testkit::*;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-
-/// The `berth up` arguments that put the coordinator on `url`, and the
-/// store key file they name (written by [`write_key`]).
-fn store_args(url: &str, key: &std::path::Path) -> Vec<String> {
-    [
-        format!("--store={url}"),
-        format!("--store-key-file={}", key.display()),
-        // A killed leader's claim runs out within seconds; long enough that
-        // a leader on a loaded machine is not deposed by a slow renewal.
-        "--leader-ttl=4s".to_owned(),
-    ]
-    .into_iter()
-    .flat_map(|a| ["--coordinator-arg".to_owned(), a])
-    .collect()
-}
-
-fn write_key(path: &std::path::Path) {
-    std::fs::write(path, "5a".repeat(32)).unwrap();
-}
-
-/// No host holds two live leases, from the coordinator's own listing.
-fn assert_no_host_in_two_leases(pool: &Pool) {
-    let mut by_host: HashMap<String, Vec<String>> = HashMap::new();
-    for l in pool.all_leases() {
-        let live =
-            l.state == pb::LeaseState::Active as i32 || l.state == pb::LeaseState::Assigned as i32;
-        if live && !l.host_id.is_empty() {
-            by_host.entry(l.host_id).or_default().push(l.lease_id);
-        }
-    }
-    for (host, leases) in by_host {
-        assert!(leases.len() <= 1, "host {host} is in leases {leases:?}");
-    }
-}
-
-/// The state of lease `id` as the database holds it.
-fn stored_state(pg: &Postgres, db: &str, id: &str) -> String {
-    pg.sql(
-        db,
-        &format!("SELECT record->>'state' FROM berth_leases WHERE id = '{id}'"),
-    )
-}
-
-#[test]
-fn a_pool_on_postgres_serves_leases_and_a_killed_coordinator_restores_them() {
-    if !preflight() {
-        return;
-    }
-    let pg = Postgres::start();
-    let db = "pool";
-    let url = pg.create_db(db);
-    let base = "bpg1-";
-    let (state_dir, _) = dirs(&test_prefix(base));
-    let key: PathBuf = state_dir.join("store.key");
-    let args = store_args(&url, &key);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut pool = Pool::start_with(base, 2, &args, |dir| write_key(&dir.join("store.key")));
-    wait_for("the coordinator to lead", Duration::from_secs(30), || {
-        pool.coordinator_answers().then_some(())
-    });
-    assert!(
-        pool.coordinator_log().contains("serving as leader"),
-        "{}",
-        pool.coordinator_log()
-    );
-    // Nothing is kept in the state dir: the embedded store is not used.
-    assert!(
-        !state_dir
-            .join("coordinator")
-            .join("coordinator.redb")
-            .exists()
-    );
-
-    let a = pool.acquire("pg-a", "10m", "1m");
-    // The answer came after the commit: the lease is in the database.
-    assert_eq!(stored_state(&pg, db, a.lease_id()), "active");
-    let before = pool.lease(a.lease_id());
-    ok(
-        run(a.docker().args(["volume", "create", "kept"])),
-        "volume create",
-    );
-
-    let old = pool.coordinator_pid().expect("coordinator pid");
-    kill(old, Signal::SIGKILL).unwrap();
-    wait_for(
-        "berth up to restart the coordinator and it to lead",
-        Duration::from_secs(60),
-        || {
-            pool.coordinator_pid()
-                .filter(|p| *p != old)
-                .filter(|_| pool.coordinator_answers())
-        },
-    );
-    let log = pool.coordinator_log();
-    assert!(log.contains("restored leases from the store"), "{log}");
-
-    // The lease survived: same host, same deadline, still active.
-    let after = pool.lease(a.lease_id());
-    assert_eq!(after.state, pb::LeaseState::Active as i32, "{after:?}");
-    assert_eq!(after.host_id, before.host_id);
-    assert_eq!(after.deadline, before.deadline);
-    wait_for(
-        "the leased host to reconnect",
-        Duration::from_secs(60),
-        || {
-            pool.hosts()
-                .into_iter()
-                .find(|h| h.host_id == before.host_id && h.connected)
-                .filter(|h| h.lease_id == a.lease_id() && h.state == pb::HostState::Leased as i32)
-        },
-    );
-    let vols = stdout(&ok(
-        run(a.docker().args(["volume", "ls", "-q"])),
-        "volume ls",
-    ));
-    assert!(vols.contains("kept"), "{vols}");
-
-    ok(
-        pool.berth(&["renew", "--lease", a.lease_id(), "--ttl", "20m"]),
-        "renew after restart",
-    );
-    pool.wait_ready_hosts(1, Duration::from_secs(60));
-    let b = pool.acquire("pg-b", "10m", "1m");
-    assert_ne!(b.get("BERTH_HOST_ID"), a.get("BERTH_HOST_ID"));
-    assert_eq!(stored_state(&pg, db, b.lease_id()), "active");
-    assert_no_host_in_two_leases(&pool);
-
-    ok(
-        pool.berth(&["release", "--lease", a.lease_id()]),
-        "release after restart",
-    );
-    let w = wait_for("the wipe report", Duration::from_secs(60), || {
-        pool.lease(a.lease_id()).wipe
-    });
-    assert!(w.verified && w.volumes_removed >= 1, "{w:?}");
-    assert_eq!(stored_state(&pg, db, a.lease_id()), "released");
-    ok(
-        pool.berth(&["release", "--lease", b.lease_id()]),
-        "release b",
-    );
-    pool.stop();
-    // A clean stop gave the lead up at once.
-    assert_eq!(
-        pg.sql(db, "SELECT expires_at <= now() FROM berth_leader"),
-        "t"
-    );
-}
-
-/// Resumes a stopped process when dropped, so a failing test never leaves
-/// `berth up` frozen.
-struct Frozen(Pid);
-
-impl Drop for Frozen {
-    fn drop(&mut self) {
-        let _ = kill(self.0, Signal::SIGCONT);
-    }
-}
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
 /// A second coordinator of the pool, started by the test; stopped on drop.
 struct Standby {
@@ -211,7 +57,7 @@ impl Standby {
             .arg(format!("--store={url}"))
             .arg("--store-key-file")
             .arg(key)
-            .arg("--leader-ttl=4s")
+            .arg(format!("--leader-ttl={}", pgkit::LEADER_TTL))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -263,6 +109,82 @@ fn berth_at(pool: &Pool, list: &str, args: &[&str]) -> Output {
         .env_remove("DOCKER_CERT_PATH"))
 }
 
+/// Records every row written to the pool's tables, with the writer's
+/// `application_name` (each coordinator's store URL names it), in
+/// `berth_audit`: what a coordinator wrote, and when (`seq`).
+fn audit_writes(pg: &Postgres, db: &str) {
+    let mut sql = "CREATE TABLE berth_audit (
+            seq bigserial PRIMARY KEY,
+            app text NOT NULL,
+            tbl text NOT NULL,
+            op  text NOT NULL);
+        CREATE FUNCTION berth_audit() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            INSERT INTO berth_audit (app, tbl, op)
+            VALUES (current_setting('application_name'), TG_TABLE_NAME, TG_OP);
+            RETURN NULL;
+        END $$;"
+        .to_owned();
+    for t in ["berth_leases", "berth_hosts", "berth_meta", "berth_leader"] {
+        sql.push_str(&format!(
+            "CREATE TRIGGER {t}_audit AFTER INSERT OR UPDATE OR DELETE ON {t}
+                 FOR EACH ROW EXECUTE FUNCTION berth_audit();
+             CREATE TRIGGER {t}_audit_truncate AFTER TRUNCATE ON {t}
+                 FOR EACH STATEMENT EXECUTE FUNCTION berth_audit();"
+        ));
+    }
+    pg.sql(db, &sql);
+}
+
+/// The rows `app` wrote after audit entry `after`, per table.
+fn writes_by(pg: &Postgres, db: &str, app: &str, after: u64) -> String {
+    pg.sql(
+        db,
+        &format!(
+            "SELECT tbl || ':' || op || ':' || count(*) FROM berth_audit
+             WHERE app = '{app}' AND seq > {after} GROUP BY tbl, op ORDER BY 1"
+        ),
+    )
+}
+
+/// Every audited write, per writer, table and operation.
+fn all_writes(pg: &Postgres, db: &str) -> String {
+    pg.sql(
+        db,
+        "SELECT app || ':' || tbl || ':' || op || ':' || count(*) FROM berth_audit
+         GROUP BY app, tbl, op ORDER BY 1",
+    )
+}
+
+/// What a coordinator at `addr` answers on gRPC health for the lease
+/// service, and to an agent's Connect.
+fn health_and_agent_answer(
+    pool: &Pool,
+    addr: SocketAddr,
+) -> (ServingStatus, Result<(), tonic::Status>) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let endpoint = pool.endpoint_at(addr);
+    rt.block_on(async {
+        let ch = endpoint.connect().await.expect("connect");
+        let status = HealthClient::new(ch.clone())
+            .check(HealthCheckRequest {
+                service: pb::lease_service_server::SERVICE_NAME.to_owned(),
+            })
+            .await
+            .expect("health")
+            .into_inner()
+            .status();
+        let agent = AgentServiceClient::new(ch)
+            .connect(tokio_stream::iter(Vec::<pb::AgentMessage>::new()))
+            .await
+            .map(|_| ());
+        (status, agent)
+    })
+}
+
 #[test]
 fn the_standby_takes_over_when_the_leader_is_killed_and_leases_carry_on() {
     if !preflight() {
@@ -271,21 +193,30 @@ fn the_standby_takes_over_when_the_leader_is_killed_and_leases_carry_on() {
     let pg = Postgres::start();
     let db = "ha";
     let url = pg.create_db(db);
+    // Each coordinator names itself to the database, so the audit tells
+    // their writes apart.
+    let (url_a, url_b) = (
+        format!("{url}?application_name=berth-a"),
+        format!("{url}?application_name=berth-b"),
+    );
     let base = "bpg2-";
     let (state_dir, _) = dirs(&test_prefix(base));
     let key = state_dir.join("store.key");
     let (a_addr, b_addr) = (free_addr(), free_addr());
     let both = format!("{a_addr},{b_addr}");
-    let mut args = store_args(&url, &key);
+    let mut args = pgkit::up_args(&url_a, &key);
     args.extend([
         format!("--listen={a_addr}"),
         "--agent-arg".to_owned(),
         format!("--coordinator=https://{a_addr},https://{b_addr}"),
     ]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut pool = Pool::start_with(base, 2, &args, |dir| write_key(&dir.join("store.key")));
+    let mut pool = Pool::start_with(base, 2, &args, |dir| {
+        pgkit::write_key(&dir.join("store.key"));
+    });
     assert_eq!(pool.addr, a_addr);
-    let b = Standby::start(&state_dir.join("standby"), b_addr, &url, &key);
+    audit_writes(&pg, db);
+    let b = Standby::start(&state_dir.join("standby"), b_addr, &url_b, &key);
 
     // B stands by and names A as the leader.
     let refused = wait_for("B to stand by", Duration::from_secs(30), || {
@@ -309,12 +240,25 @@ fn the_standby_takes_over_when_the_leader_is_killed_and_leases_carry_on() {
         "volume create",
     );
     let term_a: u64 = pg.sql(db, "SELECT term FROM berth_leader").parse().unwrap();
+    // The audit sees the leader's writes under its name, and none of B's.
+    let by_a = writes_by(&pg, db, "berth-a", 0);
+    assert!(by_a.contains("berth_leases:INSERT:"), "{by_a}");
+    wait_for("A to renew its lead", Duration::from_secs(30), || {
+        writes_by(&pg, db, "berth-a", 0)
+            .contains("berth_leader:UPDATE:")
+            .then_some(())
+    });
+    assert_eq!(
+        writes_by(&pg, db, "berth-b", 0),
+        "",
+        "{}",
+        all_writes(&pg, db)
+    );
 
     // Kill the leader; its supervisor is frozen so it does not restart it.
     let up = pool.up_pid().expect("berth up pid");
     let old = pool.coordinator_pid().expect("coordinator pid");
-    kill(up, Signal::SIGSTOP).unwrap();
-    let frozen = Frozen(up);
+    let frozen = Frozen::stop(up);
     let killed = Instant::now();
     kill(old, Signal::SIGKILL).unwrap();
     // The first acquire after the kill, through the list: served once B
@@ -370,10 +314,15 @@ fn the_standby_takes_over_when_the_leader_is_killed_and_leases_carry_on() {
         ),
         "renew through the list",
     );
-    assert_no_host_in_two_leases(&pool);
+    pool.assert_no_host_in_two_leases();
 
-    // The old leader comes back (its supervisor restarts it): it stands
-    // by, names B, and the lead stays B's.
+    // The old leader comes back: its supervisor restarts it with the same
+    // arguments. It stands by: its log says so, its health says it does
+    // not serve leases, CI and agents are answered UNAVAILABLE naming B.
+    let mark: u64 = pg
+        .sql(db, "SELECT coalesce(max(seq), 0) FROM berth_audit")
+        .parse()
+        .unwrap();
     drop(frozen);
     let refused = wait_for(
         "the old leader to stand by",
@@ -385,12 +334,37 @@ fn the_standby_takes_over_when_the_leader_is_killed_and_leases_carry_on() {
         },
     );
     assert!(refused.contains("standby"), "{refused}");
+    let restarted = pool.coordinator_pid().expect("the restarted old leader");
+    assert_ne!(restarted, old);
+    let log = pool.coordinator_log();
+    assert!(log.contains("standing by"), "{log}");
+    let (health, agent) = health_and_agent_answer(&pool, a_addr);
+    assert_eq!(health, ServingStatus::NotServing);
+    let agent = agent.expect_err("a standby took an agent's stream");
+    assert_eq!(agent.code(), tonic::Code::Unavailable, "{agent:?}");
+    assert!(
+        agent
+            .message()
+            .contains(&format!("the leader is at {b_addr}")),
+        "{agent:?}"
+    );
+    assert_eq!(
+        agent
+            .metadata()
+            .get("berth-leader")
+            .and_then(|v| v.to_str().ok()),
+        Some(b_addr.to_string().as_str()),
+        "{agent:?}"
+    );
+    // The same calls to B: it leads and serves.
+    let (health, _) = health_and_agent_answer(&pool, b_addr);
+    assert_eq!(health, ServingStatus::Serving);
     assert_eq!(
         pg.sql(db, "SELECT term, addr FROM berth_leader"),
         format!("{term_b}|{b_addr}")
     );
 
-    // Release both through the list; the host is wiped as usual.
+    // Leases go on through B: release both, a new acquire is served.
     ok(
         berth_at(&pool, &both, &["release", "--lease", a_lease.lease_id()]),
         "release a",
@@ -403,7 +377,42 @@ fn the_standby_takes_over_when_the_leader_is_killed_and_leases_carry_on() {
         berth_at(&pool, &both, &["release", "--lease", second.lease_id()]),
         "release b",
     );
-    assert_no_host_in_two_leases(&pool);
+    let third = LeaseEnv::parse(&stdout(&ok(
+        berth_at(
+            &pool,
+            &both,
+            &["acquire", "--build", "ha-c", "--ttl", "5m", "--wait", "1m"],
+        ),
+        "acquire with the old leader back",
+    )));
+    assert_eq!(
+        pool.lease(third.lease_id()).state,
+        pb::LeaseState::Active as i32
+    );
+    ok(
+        berth_at(&pool, &both, &["release", "--lease", third.lease_id()]),
+        "release c",
+    );
+    pool.assert_no_host_in_two_leases();
+
+    // The restarted old leader wrote nothing at all since it came back
+    // (not even the tenants and join token hash it was started with, which
+    // the database already held), while B's writes are all there; the lead
+    // is still B's term; and it never led again.
+    let all = all_writes(&pg, db);
+    assert_eq!(writes_by(&pg, db, "berth-a", mark), "", "{all}");
+    let by_b = writes_by(&pg, db, "berth-b", mark);
+    assert!(by_b.contains("berth_leases:INSERT:"), "{all}");
+    assert!(by_b.contains("berth_leases:UPDATE:"), "{all}");
+    assert_eq!(
+        pg.sql(db, "SELECT term, addr FROM berth_leader"),
+        format!("{term_b}|{b_addr}")
+    );
+    assert_eq!(
+        pool.coordinator_pid(),
+        Some(restarted),
+        "it restarted again"
+    );
     let log = pool.coordinator_log();
     assert_eq!(
         log.matches("serving as leader").count(),

@@ -13,7 +13,9 @@
 //!   the file and restarting one coordinator with it (then the others).
 //!
 //! These writes are configuration, not pool state: they are not fenced by
-//! the leader's term, and a standby makes them at start as a leader does.
+//! the leader's term, and a standby makes them at start as a leader does;
+//! a value the database already holds is not written again, so a
+//! coordinator restarted with the pool's own files writes nothing.
 
 use std::path::Path;
 
@@ -90,10 +92,22 @@ pub fn ca(config: &CoordinatorConfig, store: &PgStore) -> Result<berth_tls::Ca, 
             let (cert_pem, key_pem) = (read(cert)?, read(key)?);
             // Checked before it replaces what the pool uses.
             berth_tls::Ca::from_pem(&cert_pem, &key_pem)?;
-            let bytes = record(cert_pem, &key_pem)?;
-            store.put_meta(CA_KEY, &bytes)?;
-            tracing::info!("stored the operator's pool CA in the database");
-            bytes
+            let held = store.get_meta(CA_KEY)?;
+            let same = held.as_deref().and_then(|b| {
+                let r: CaRecord = serde_json::from_slice(b).ok()?;
+                let k = seal.open(&r.sealed_key).ok()?;
+                (r.cert_pem == cert_pem && k == key_pem.as_bytes()).then_some(())
+            });
+            match (same, held) {
+                // Sealing again would give other bytes (a fresh nonce).
+                (Some(()), Some(bytes)) => bytes,
+                _ => {
+                    let bytes = record(cert_pem, &key_pem)?;
+                    store.put_meta(CA_KEY, &bytes)?;
+                    tracing::info!("stored the operator's pool CA in the database");
+                    bytes
+                }
+            }
         }
         _ => match store.get_meta(CA_KEY)? {
             Some(bytes) => bytes,

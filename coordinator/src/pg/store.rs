@@ -277,8 +277,11 @@ async fn run(
         }
         Op::PutMeta(key, value) => c
             .execute(
+                // A coordinator restarted with the files the pool already
+                // holds writes nothing.
                 "INSERT INTO berth_meta (key, value) VALUES ($1, $2)
-                 ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+                 ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value
+                 WHERE berth_meta.value IS DISTINCT FROM EXCLUDED.value",
                 &[&key, &value],
             )
             .await

@@ -226,3 +226,58 @@ fn the_pool_ca_and_credentials_are_shared_through_the_database() {
     let err = super::boot::ca(&second, &s2).unwrap_err();
     assert!(matches!(err, super::boot::BootError::Seal(_)), "{err}");
 }
+
+#[test]
+fn a_coordinator_restarted_with_the_pools_own_files_writes_no_configuration() {
+    let pg = Postgres::start();
+    let url = pg.create_db("again");
+    let dir = tempfile::tempdir().unwrap();
+    let file = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p.to_str().unwrap().to_owned()
+    };
+    let key = file("store.key", &"ab".repeat(32));
+    let tenants = file("tenants", &format!("ci {} admin\n", "00".repeat(32)));
+    let join = file("join.sha256", &"11".repeat(32));
+    let (ca, ca_key) = berth_tls::Ca::generate("operator CA").unwrap();
+    let ca_cert = file("ca.pem", ca.cert_pem());
+    let ca_key = file("ca.key", &ca_key);
+    let cfg = config(&[
+        "--store",
+        &url,
+        "--store-key-file",
+        &key,
+        "--tenants",
+        &tenants,
+        "--join-token-hash-file",
+        &join,
+        "--ca-cert",
+        &ca_cert,
+        "--ca-key",
+        &ca_key,
+    ]);
+    let boot = || {
+        let s = PgStore::open(&url).unwrap();
+        super::boot::ca(&cfg, &s).unwrap();
+        super::boot::auth(&cfg, &s).unwrap();
+    };
+    // The row versions: a write, even of the same value, makes a new one.
+    let versions = || pg.sql("again", "SELECT key, xmin FROM berth_meta ORDER BY key");
+    boot();
+    let first = versions();
+    assert_eq!(first.lines().count(), 3, "{first}");
+    boot();
+    assert_eq!(versions(), first, "the same files were written again");
+    // A changed file is stored, and only that one.
+    std::fs::write(&tenants, format!("ci {} admin\n", "22".repeat(32))).unwrap();
+    boot();
+    let changed = versions();
+    let differ: Vec<_> = first
+        .lines()
+        .zip(changed.lines())
+        .filter(|(a, b)| a != b)
+        .map(|(a, _)| a.split('|').next().unwrap().to_owned())
+        .collect();
+    assert_eq!(differ, ["tenants"], "{first}\n{changed}");
+}
