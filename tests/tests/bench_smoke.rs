@@ -219,7 +219,12 @@ fn benchmark_suite_smoke() {
         Scenario::All.expand(),
         [
             &scenarios[..],
-            &[Scenario::TlsFront, Scenario::Sync, Scenario::Cache]
+            &[
+                Scenario::TlsFront,
+                Scenario::Sync,
+                Scenario::Cache,
+                Scenario::Capacity
+            ]
         ]
         .concat()
     );
@@ -571,4 +576,57 @@ fn cache_benchmark_reports_builds_with_and_without_the_cache() {
         .unwrap_or_else(|| panic!("no speedup in\n{text}"));
     let shown = number(line.rsplit(' ').next().unwrap());
     assert!(shown_as(shown, report.speedup()), "{line}");
+}
+
+#[test]
+fn capacity_benchmark_measures_churn_burst_and_decisions_against_baselines() {
+    if !preflight() {
+        return;
+    }
+    let sizes = Sizes::smoke();
+    let opts = &sizes.capacity;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let figures = rt
+        .block_on(bench::run(&[Scenario::Capacity], &sizes))
+        .unwrap_or_else(|e| panic!("the capacity benchmark failed: {e}"));
+    println!("{}", bench::summary_table(&figures));
+    let mut keys: Vec<&str> = figures.iter().map(|f| f.key.as_str()).collect();
+    keys.sort_unstable();
+    let burst = format!("capacity burst @{}", opts.burst);
+    let decide = format!("capacity decide @{}", opts.decide_hosts[1]);
+    let mut expected = vec!["capacity churn", burst.as_str(), decide.as_str()];
+    expected.sort_unstable();
+    assert_eq!(keys, expected);
+    check_table(&figures);
+
+    // Every build waited for its host (one per build: single use), against
+    // the boots of P3 in the same run.
+    let churn = figure(&figures, "capacity churn");
+    with_baseline(churn);
+    assert_eq!(churn.samples.len(), opts.churn_builds);
+    assert_eq!(
+        churn.baseline.as_ref().unwrap().samples.len(),
+        sizes.p3_runs
+    );
+    assert!(
+        churn
+            .notes
+            .iter()
+            .any(|n| n == &format!("{} distinct hosts served the builds", opts.churn_builds)),
+        "{:?}",
+        churn.notes
+    );
+    // A burst per round on each pool.
+    let burst = figure(&figures, &burst);
+    with_baseline(burst);
+    assert_eq!(burst.samples.len(), opts.burst_rounds);
+    assert_eq!(
+        burst.baseline.as_ref().unwrap().samples.len(),
+        opts.burst_rounds
+    );
+    // Ten windows of decisions with each host count.
+    let decide = figure(&figures, &decide);
+    with_baseline(decide);
+    assert_eq!(decide.samples.len(), 10);
+    assert_eq!(decide.checks.len(), 1);
 }

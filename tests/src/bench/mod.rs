@@ -14,6 +14,7 @@
 //! | sync | `berth sync` of a tree into a volume and back ([`sync`]) | `docker cp` of the same tree |
 //! | pg | P1 and P2 with the coordinator's store on PostgreSQL, and the failover time between two coordinators ([`pg`]; not in `all`) | the same on the embedded store, in the same run |
 //! | cache | a build on a fresh host with the tenant's build cache ([`cache`]) | the same build on a fresh host without it |
+//! | capacity | single-use churn, a burst on the elastic pool, decisions per second at 10,000 hosts ([`capacity`]) | P3's boot, a pre-sized pool, 100 hosts (same run) |
 //!
 //! Everything runs as real processes: `berth-coordinator`, `berth-agent`
 //! with its dockerd in a network namespace, the stock docker CLI, with the
@@ -36,6 +37,7 @@
 
 pub mod boot;
 pub mod cache;
+pub mod capacity;
 pub mod http;
 pub mod latency;
 pub mod loadgen;
@@ -282,13 +284,16 @@ pub enum Scenario {
     Pg,
     /// A build on a fresh host with the tenant's build cache vs without.
     Cache,
+    /// The elastic pool: churn waits vs P3's boot, a burst vs a pre-sized
+    /// pool, decisions per second at 10,000 hosts vs 100.
+    Capacity,
 }
 
 impl Scenario {
     pub fn expand(self) -> Vec<Scenario> {
         use Scenario::*;
         match self {
-            All => vec![P1, P2, P3, P4, P5, Idle, TlsFront, Sync, Cache],
+            All => vec![P1, P2, P3, P4, P5, Idle, TlsFront, Sync, Cache, Capacity],
             s => vec![s],
         }
     }
@@ -346,6 +351,7 @@ pub struct Sizes {
     /// Failover rounds of the `pg` scenario.
     pub failover_runs: usize,
     pub cache: cache::Options,
+    pub capacity: capacity::Options,
 }
 
 impl Sizes {
@@ -374,6 +380,7 @@ impl Sizes {
             sync: sync::Options::default(),
             failover_runs: 5,
             cache: cache::Options::default(),
+            capacity: capacity::Options::default(),
         }
     }
 
@@ -412,6 +419,7 @@ impl Sizes {
             },
             failover_runs: 1,
             cache: cache::Options::smoke(),
+            capacity: capacity::Options::smoke(),
         }
     }
 }
@@ -433,6 +441,7 @@ pub async fn run(scenarios: &[Scenario], sizes: &Sizes) -> Result<Vec<Figure>> {
             Scenario::P5 => recycle::run(sizes).await?,
             Scenario::Idle => boot::idle(sizes).await?,
             Scenario::Pg => pg::run(sizes).await?,
+            Scenario::Capacity => capacity::run(sizes).await?,
             Scenario::TlsFront => {
                 let report = tls_front::run_in_thread(sizes.tls_front.clone()).await?;
                 println!("{report}\n");
