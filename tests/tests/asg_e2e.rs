@@ -237,6 +237,8 @@ fn the_group_follows_the_coordinator_out_to_max_and_back_in_through_idle_instanc
         );
         let g = r.aw.group();
         assert_eq!(g.desired, MAX, "the agent's end left the desired capacity");
+        let log = r.aw.booted[&done].agent.log_text();
+        assert!(log.contains("TerminateInstances accepted"), "{log}");
         assert!(g.member(&done).is_none(), "{done} left the group");
         assert_ne!(next.get("BERTH_HOST_ID"), done);
         leases.push(next);
