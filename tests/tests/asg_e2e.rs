@@ -153,7 +153,11 @@ fn the_group_follows_the_coordinator_out_to_max_and_back_in_through_idle_instanc
     }
     let mut aw = AsgWorld::start("basg-", 1, MAX);
     let group = aw.group_name.clone();
+    let ops_file = aw.w.state_dir.join("ops.addr");
+    let ops_file_arg = ops_file.to_string_lossy().into_owned();
     let c = aw.w.start_coordinator(&[
+        "--ops-addr-file",
+        &ops_file_arg,
         "--max-hosts",
         &MAX.to_string(),
         "--min-hosts",
@@ -310,6 +314,25 @@ fn the_group_follows_the_coordinator_out_to_max_and_back_in_through_idle_instanc
         u64::from(r.aw.group().desired)
     );
     assert!(r.seen.iter().all(|d| *d <= MAX), "{:?}", r.seen);
+    // And each change is counted.
+    let ops: std::net::SocketAddr = std::fs::read_to_string(&ops_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let metrics = berth_tests::ec2::http(ops, "GET", "/metrics").unwrap();
+    let sample = |name: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no sample {name} in\n{metrics}"))
+    };
+    let raises = r.changes("Auto Scaling: desired capacity raised").len() as u64;
+    assert!(raises >= 1);
+    assert_eq!(sample("berth_ec2_asg_scale_outs_total"), raises);
+    assert_eq!(sample("berth_ec2_asg_scale_ins_total"), 2);
+    assert!(sample("berth_ec2_asg_instances_protected_total") >= 1);
+    assert_eq!(sample("berth_ec2_asg_errors_total"), 0);
     assert_eq!(r.seen.first(), Some(&1));
     assert!(r.seen.contains(&MAX), "{:?}", r.seen);
     eprintln!(

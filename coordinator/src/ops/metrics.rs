@@ -293,26 +293,30 @@ impl Collector for PoolCollector {
                 e.sweep_action_errors,
             ),
             (
-                "asg_scale_outs",
+                "ec2_asg_scale_outs",
                 "Auto Scaling group desired capacity raised",
                 e.asg_scale_outs,
             ),
             (
-                "asg_scale_ins",
+                "ec2_asg_scale_ins",
                 "Idle instances terminated through the Auto Scaling group with a decrement",
                 e.asg_scale_ins,
             ),
             (
-                "asg_instances_protected",
+                "ec2_asg_instances_protected",
                 "Leased instances given scale-in protection",
                 e.asg_protected,
             ),
             (
-                "asg_instances_unprotected",
+                "ec2_asg_instances_unprotected",
                 "Instances whose scale-in protection was cleared",
                 e.asg_unprotected,
             ),
-            ("asg_errors", "Auto Scaling calls that failed", e.asg_errors),
+            (
+                "ec2_asg_errors",
+                "Auto Scaling calls that failed",
+                e.asg_errors,
+            ),
         ] {
             counter(&mut encoder, name, help, v)?;
         }
