@@ -503,6 +503,7 @@ mod tests {
             "{calls:?}"
         );
         assert_eq!(metrics.snapshot().asg_scale_outs, 1);
+        pool.check_invariants().unwrap();
     }
 
     #[tokio::test(start_paused = true)]
@@ -529,5 +530,9 @@ mod tests {
         );
         assert_eq!(metrics.snapshot().asg_errors, 2);
         assert_eq!(api.group.lock().unwrap().desired, 3);
+        pool.check_invariants().unwrap();
+        // Offered again means taken again: a build gets one of them.
+        let _lease = acquire(&pool, "after");
+        assert_eq!(pool.stats(Now::system()).hosts_offerable, 2);
     }
 }
