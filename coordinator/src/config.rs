@@ -147,6 +147,15 @@ pub struct CoordinatorConfig {
     /// target before the excess is retired.
     #[arg(long, env = "BERTH_SCALE_IN_AFTER", default_value = "5m", value_parser = humantime::parse_duration)]
     pub scale_in_after: Duration,
+    /// EC2, elastic (needs --max-hosts): the Auto Scaling group whose
+    /// capacity the coordinator sets. It raises the group's desired
+    /// capacity to the pool's, terminates chosen idle instances with a
+    /// decrement, and protects leased instances from scale-in.
+    #[arg(long, env = "BERTH_ASG_NAME")]
+    pub asg_name: Option<String>,
+    /// Time between the Auto Scaling actuator's passes.
+    #[arg(long, env = "BERTH_ASG_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub asg_interval: Duration,
     /// The tenants' build cache registry (`HOST:PORT` as hosts reach it):
     /// Acquire then gives each lease its tenant's namespace there and a
     /// login the token endpoint accepts while the lease is active. Needs
@@ -208,6 +217,12 @@ pub enum ConfigError {
     NoStoreKey,
     #[error("--leader-ttl must be between 1s and 10m")]
     BadLeaderTtl,
+    #[error("--asg-name needs --provider ec2 and --max-hosts (an elastic EC2 pool)")]
+    AsgNotElastic,
+    #[error("--asg-name {0:?} must be 1..=255 characters")]
+    BadAsgName(String),
+    #[error("--asg-interval must be at least 1s")]
+    BadAsgInterval,
 }
 
 /// The shortest `--host-cert-validity`: certificates are re-issued at 2/3
@@ -273,6 +288,17 @@ impl CoordinatorConfig {
                 return Err(ConfigError::BadPoolName(self.pool_name.clone()));
             }
         }
+        if let Some(name) = &self.asg_name {
+            if self.provider != Provider::Ec2 || self.max_hosts.is_none() {
+                return Err(ConfigError::AsgNotElastic);
+            }
+            if name.is_empty() || name.len() > 255 || name.chars().any(char::is_control) {
+                return Err(ConfigError::BadAsgName(name.clone()));
+            }
+            if self.asg_interval < Duration::from_secs(1) {
+                return Err(ConfigError::BadAsgInterval);
+            }
+        }
         if let Some(r) = &self.cache_registry {
             let ok = r.rsplit_once(':').is_some_and(|(host, port)| {
                 !host.is_empty()
@@ -302,6 +328,17 @@ impl CoordinatorConfig {
         })
     }
 
+    /// The Auto Scaling actuator's settings, when it runs.
+    pub fn group(&self) -> Option<crate::actuator::GroupConfig> {
+        let name = self.asg_name.clone()?;
+        (self.provider == Provider::Ec2 && self.max_hosts.is_some()).then_some(
+            crate::actuator::GroupConfig {
+                name,
+                interval: self.asg_interval,
+            },
+        )
+    }
+
     pub fn pool(&self) -> PoolConfig {
         PoolConfig {
             heartbeat_interval: self.heartbeat_interval,
@@ -320,6 +357,7 @@ impl CoordinatorConfig {
                 idle_target: self.idle_hosts,
                 scale_in_after: self.scale_in_after,
             }),
+            scale_in_by_group: self.group().is_some(),
             ..PoolConfig::default()
         }
     }
@@ -366,5 +404,38 @@ mod tests {
             berth_proto::local::HOST_RANGE
         );
         assert!(try_parse(&["--local-range", "127.0.0.0/8"]).is_err());
+    }
+
+    #[test]
+    fn an_auto_scaling_group_is_driven_only_by_an_elastic_ec2_pool() {
+        let ec2 = ["--provider", "ec2", "--pool-name", "p", "--asg-name", "g"];
+        let c = parse(&ec2);
+        assert_eq!(c.validate(), Err(ConfigError::AsgNotElastic));
+        let c = parse(&[&ec2[..], &["--max-hosts", "4"]].concat());
+        assert_eq!(c.validate(), Ok(()));
+        let g = c.group().unwrap();
+        assert_eq!((g.name.as_str(), g.interval), ("g", Duration::from_secs(5)));
+        assert!(c.pool().scale_in_by_group);
+        let local = parse(&["--asg-name", "g", "--max-hosts", "4"]);
+        assert_eq!(local.validate(), Err(ConfigError::AsgNotElastic));
+        assert!(local.group().is_none());
+        assert!(!local.pool().scale_in_by_group);
+        let c = parse(&[&ec2[..], &["--max-hosts", "4", "--asg-interval", "10ms"]].concat());
+        assert_eq!(c.validate(), Err(ConfigError::BadAsgInterval));
+        let long = "g".repeat(256);
+        let c = parse(&[
+            "--provider",
+            "ec2",
+            "--pool-name",
+            "p",
+            "--max-hosts",
+            "4",
+            "--asg-name",
+            &long,
+        ]);
+        assert!(matches!(c.validate(), Err(ConfigError::BadAsgName(_))));
+        // Without a group, an elastic EC2 pool drains retired hosts at once.
+        let c = parse(&["--provider", "ec2", "--pool-name", "p", "--max-hosts", "4"]);
+        assert!(!c.pool().scale_in_by_group);
     }
 }

@@ -14,7 +14,9 @@
 //! Who may join is decided by [`admission`] (every agent on the local
 //! provider; with `--provider ec2` the instance is verified with EC2), and
 //! on EC2 the [`sweeper`] ends pool instances whose agent never came or
-//! went away.
+//! went away. An elastic EC2 pool with `--asg-name` has its Auto Scaling
+//! group follow the pool's decisions ([`capacity`]) through the
+//! [`actuator`].
 //!
 //! Layout: [`api`] is the gRPC face (handlers, authentication), [`pool`]
 //! the state (hosts, leases, the queue) behind one lock, [`lease`] and
@@ -25,6 +27,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod actuator;
 pub mod admission;
 pub mod api;
 pub mod cache;
@@ -241,6 +244,12 @@ pub(crate) async fn serve_pool(
                 let sweeper =
                     sweeper::Sweeper::new(api.clone(), pool.clone(), cfg, metrics.clone());
                 tokio::spawn(sweeper.run(shutdown.clone()));
+            }
+            if let Some(cfg) = config.group() {
+                let asg = Arc::new(Box::pin(berth_aws::Asg::from_env()).await);
+                let actuator =
+                    actuator::GroupActuator::new(asg, pool.clone(), cfg, metrics.clone());
+                tokio::spawn(actuator.run(shutdown.clone()));
             }
             info!(pool = %config.pool_name, "EC2 pool: agents are verified with DescribeInstances");
             Arc::new(admission::Ec2Verifier::new(

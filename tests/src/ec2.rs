@@ -672,6 +672,19 @@ impl Ec2World {
     /// and returns once it printed its first line (`ready`: the READY line,
     /// or empty if it exited without one).
     pub fn spawn_agent(&mut self, coordinator: &Coordinator, extra: &[&str]) -> Agent {
+        let (netns, imds) = (self.netns_path.clone(), self.imds.url());
+        self.spawn_agent_in(coordinator, &netns, &imds, extra)
+    }
+
+    /// [`Ec2World::spawn_agent`] in the namespace at `netns_path` with the
+    /// fake IMDS at `imds_url` (another instance than the world's own).
+    pub fn spawn_agent_in(
+        &mut self,
+        coordinator: &Coordinator,
+        netns_path: &Path,
+        imds_url: &str,
+        extra: &[&str],
+    ) -> Agent {
         let n = self.children.len();
         let log_path = self.state_dir.join(format!("agent-{n}.log"));
         let log = std::fs::File::create(&log_path).unwrap();
@@ -685,7 +698,7 @@ impl Ec2World {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
         let mut cmd = Command::new("nsenter");
-        cmd.arg(format!("--net={}", self.netns_path.display()))
+        cmd.arg(format!("--net={}", netns_path.display()))
             .arg("--")
             .arg(bin("berth-agent"))
             .args(["--provider", "ec2"])
@@ -708,6 +721,7 @@ impl Ec2World {
             .stderr(log)
             .process_group(0);
         self.aws_env(&mut cmd);
+        cmd.env("AWS_EC2_METADATA_SERVICE_ENDPOINT", imds_url);
         let mut child = cmd.spawn().expect("start berth-agent");
         let stdout = child.stdout.take().unwrap();
         let pid = child.id();
@@ -806,8 +820,13 @@ impl Ec2World {
 
     /// Runs the `berth` CLI against `c`.
     pub fn berth(&self, c: &Coordinator, args: &[&str]) -> std::process::Output {
-        run(Command::new(bin("berth"))
-            .arg("--coordinator")
+        run(&mut self.berth_command(c, args))
+    }
+
+    /// The `berth` CLI command against `c`, to run or spawn.
+    pub fn berth_command(&self, c: &Coordinator, args: &[&str]) -> Command {
+        let mut cmd = Command::new(bin("berth"));
+        cmd.arg("--coordinator")
             .arg(c.addr.to_string())
             .env("BERTH_CA", &c.ca_pem)
             .env("BERTH_TOKEN_FILE", self.creds().cli_token)
@@ -815,7 +834,8 @@ impl Ec2World {
             .env_remove("BERTH_TOKEN")
             .env_remove("BERTH_LEASE_ID")
             .env_remove("DOCKER_CERT_PATH")
-            .args(args))
+            .args(args);
+        cmd
     }
 
     pub fn acquire(&self, c: &Coordinator, build: &str) -> berth_testkit::LeaseEnv {

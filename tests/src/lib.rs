@@ -2,7 +2,8 @@
 //! as a real process tree, the stock docker CLI pointed at a lease, guards
 //! that sweep what a test started) is `berth-testkit`; this crate adds the
 //! EC2 world of the EC2 tests ([`ec2`]: moto's server, a fake IMDSv2, a
-//! namespace standing for an instance), what the tests of a lease behaving
+//! namespace standing for an instance; [`asg`]: an Auto Scaling group in
+//! moto whose instances the test boots), what the tests of a lease behaving
 //! like any Docker host share ([`stock`]: an upstream server, the machine's
 //! network settings, images with the static docker CLI), an upstream
 //! registry in a namespace of its own ([`registry`]), and the benchmarks
@@ -11,6 +12,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod asg;
 pub mod bench;
 pub mod ec2;
 pub mod registry;

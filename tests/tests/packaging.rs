@@ -935,14 +935,19 @@ fn iam_policies_are_least_privilege() {
             assert_eq!(s["Effect"], "Allow", "{name}: only allows, nothing to undo");
             for a in actions(s) {
                 assert!(
-                    a.starts_with("ec2:") && !a.contains('*'),
+                    (a.starts_with("ec2:") || a.starts_with("autoscaling:")) && !a.contains('*'),
                     "{name}: broad action {a}"
                 );
             }
-            // Only DescribeInstances, which has no resource-level
+            // Only the describe calls, which have no resource-level
             // permissions, may name every resource.
             if s["Resource"] == "*" {
-                assert_eq!(actions(s), ["ec2:DescribeInstances"], "{name}: {s}");
+                let a = actions(s);
+                assert!(
+                    a == ["ec2:DescribeInstances"]
+                        || a == ["autoscaling:DescribeAutoScalingGroups"],
+                    "{name}: {s}"
+                );
             } else {
                 assert!(s["Condition"].is_object(), "{name}: unconditioned {s}");
             }
@@ -962,17 +967,40 @@ fn iam_policies_are_least_privilege() {
     );
 
     // The coordinator describes anything, but tags and terminates only
-    // instances of its pool, and terminates only those it marked orphaned.
+    // instances of its pool, and terminates only those it marked orphaned;
+    // it changes the capacity of its pool's group only.
     let coord = policy("coordinator-policy.json");
     let all: BTreeSet<_> = statements(&coord).iter().flat_map(actions).collect();
     assert_eq!(
         all,
         BTreeSet::from([
+            "autoscaling:DescribeAutoScalingGroups",
+            "autoscaling:SetDesiredCapacity",
+            "autoscaling:SetInstanceProtection",
+            "autoscaling:TerminateInstanceInAutoScalingGroup",
             "ec2:CreateTags",
             "ec2:DescribeInstances",
             "ec2:TerminateInstances"
         ])
     );
+    for a in [
+        "autoscaling:SetDesiredCapacity",
+        "autoscaling:SetInstanceProtection",
+        "autoscaling:TerminateInstanceInAutoScalingGroup",
+    ] {
+        let s = statement_for(&coord, a);
+        assert_eq!(
+            s["Condition"]["StringEquals"]["aws:ResourceTag/berth:pool"],
+            "${aws:PrincipalTag/berth:pool}",
+            "{a}"
+        );
+        assert!(
+            s["Resource"]
+                .as_str()
+                .is_some_and(|r| r.starts_with("arn:aws:autoscaling:")),
+            "{a}: {s}"
+        );
+    }
     let term = statement_for(&coord, "ec2:TerminateInstances");
     assert_eq!(
         term["Condition"]["StringEquals"]["aws:ResourceTag/berth:pool"],

@@ -292,6 +292,31 @@ impl Collector for PoolCollector {
                 "Tag, untag or terminate calls that failed",
                 e.sweep_action_errors,
             ),
+            (
+                "ec2_asg_scale_outs",
+                "Auto Scaling group desired capacity raised",
+                e.asg_scale_outs,
+            ),
+            (
+                "ec2_asg_scale_ins",
+                "Idle instances terminated through the Auto Scaling group with a decrement",
+                e.asg_scale_ins,
+            ),
+            (
+                "ec2_asg_instances_protected",
+                "Leased instances given scale-in protection",
+                e.asg_protected,
+            ),
+            (
+                "ec2_asg_instances_unprotected",
+                "Instances whose scale-in protection was cleared",
+                e.asg_unprotected,
+            ),
+            (
+                "ec2_asg_errors",
+                "Auto Scaling calls that failed",
+                e.asg_errors,
+            ),
         ] {
             counter(&mut encoder, name, help, v)?;
         }
@@ -399,6 +424,16 @@ pub struct Ec2Metrics {
     pub burned_terminated: AtomicU64,
     /// Tag, untag or terminate calls that failed.
     pub sweep_action_errors: AtomicU64,
+    /// Auto Scaling: SetDesiredCapacity calls that raised the group.
+    pub asg_scale_outs: AtomicU64,
+    /// Auto Scaling: idle instances terminated with a decrement.
+    pub asg_scale_ins: AtomicU64,
+    /// Auto Scaling: instances given scale-in protection (leased).
+    pub asg_protected: AtomicU64,
+    /// Auto Scaling: instances whose protection was cleared.
+    pub asg_unprotected: AtomicU64,
+    /// Auto Scaling calls that failed.
+    pub asg_errors: AtomicU64,
 }
 
 /// A copy of [`Ec2Metrics`] at one moment.
@@ -414,6 +449,11 @@ pub struct Ec2MetricsSnapshot {
     pub orphans_terminated: u64,
     pub burned_terminated: u64,
     pub sweep_action_errors: u64,
+    pub asg_scale_outs: u64,
+    pub asg_scale_ins: u64,
+    pub asg_protected: u64,
+    pub asg_unprotected: u64,
+    pub asg_errors: u64,
 }
 
 impl Ec2Metrics {
@@ -430,6 +470,11 @@ impl Ec2Metrics {
             orphans_terminated: r(&self.orphans_terminated),
             burned_terminated: r(&self.burned_terminated),
             sweep_action_errors: r(&self.sweep_action_errors),
+            asg_scale_outs: r(&self.asg_scale_outs),
+            asg_scale_ins: r(&self.asg_scale_ins),
+            asg_protected: r(&self.asg_protected),
+            asg_unprotected: r(&self.asg_unprotected),
+            asg_errors: r(&self.asg_errors),
         }
     }
 }

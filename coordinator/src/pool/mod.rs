@@ -105,6 +105,12 @@ pub struct PoolConfig {
     /// Elastic capacity (`--max-hosts`): the pool decides how many hosts
     /// it should have and retires idle ones (see `crate::capacity`).
     pub capacity: Option<crate::capacity::CapacityConfig>,
+    /// Scale-in goes through an Auto Scaling group (`--asg-name`): the idle
+    /// hosts the decision retires are held back (never offered) until the
+    /// actuator has terminated their instance with the group's desired
+    /// capacity decremented, and only then drained. Without it they are
+    /// drained at once (their agents end them).
+    pub scale_in_by_group: bool,
 }
 
 impl PoolConfig {
@@ -138,6 +144,7 @@ impl Default for PoolConfig {
             recycle: false,
             burned_retention: Duration::from_secs(7 * 24 * 3600),
             capacity: None,
+            scale_in_by_group: false,
         }
     }
 }
@@ -221,6 +228,10 @@ struct Inner {
     scaler: Option<crate::capacity::Scaler>,
     /// The last desired number of hosts decided (for the log).
     desired: Option<u32>,
+    /// Idle hosts scale-in chose, waiting for the Auto Scaling actuator to
+    /// terminate their instance (`PoolConfig::scale_in_by_group`), with
+    /// the reason; never offered meanwhile.
+    retiring: std::collections::BTreeMap<String, String>,
 }
 
 /// How long a call waits for its changes to reach the store before it

@@ -3,7 +3,10 @@
 //! for PoolStats, and the scale-in the tick carries out: the idle hosts the
 //! decision retires are drained (never a leased one), and their agents end
 //! them. The actuator that starts hosts (`berth up`, an Auto Scaling group)
-//! only follows the desired number.
+//! follows the desired number. With an Auto Scaling group
+//! (`PoolConfig::scale_in_by_group`) a retired host is first held back
+//! (`Pool::retiring`) until the actuator has terminated its instance with a
+//! decrement (`Pool::retired`), so the group does not replace it.
 
 use tracing::info;
 
@@ -25,7 +28,7 @@ impl Inner {
             if e.host.lease.is_some() {
                 i.leased += 1;
             }
-            if e.host.draining {
+            if e.host.draining || self.retiring.contains_key(id) {
                 continue;
             }
             i.hosts += 1;
@@ -83,7 +86,13 @@ impl Inner {
                     inputs.hosts,
                     decision.desired
                 );
-                self.host_step(cfg, &hid, HostEvent::Drained { reason }, now);
+                if cfg.scale_in_by_group {
+                    // Its instance leaves through the group first, so the
+                    // group does not replace it (`Pool::retired`).
+                    self.retiring.insert(hid, reason);
+                } else {
+                    self.host_step(cfg, &hid, HostEvent::Drained { reason }, now);
+                }
             }
         }
         Some(decision)
@@ -94,11 +103,44 @@ impl Pool {
     /// The hosts the pool should have now (booting ones included), when
     /// the pool is elastic.
     pub fn desired_hosts(&self, now: Now) -> Option<u32> {
+        self.capacity(now).map(|(_, desired)| desired)
+    }
+
+    /// What the decision sees now and the hosts it wants, when the pool is
+    /// elastic.
+    pub fn capacity(&self, now: Now) -> Option<(Inputs, u32)> {
         let g = self.lock();
         let cfg = self.cfg.capacity.as_ref()?;
-        Some(crate::capacity::desired(
-            cfg,
-            &g.capacity_inputs(&self.cfg, now),
-        ))
+        let inputs = g.capacity_inputs(&self.cfg, now);
+        Some((inputs, crate::capacity::desired(cfg, &inputs)))
+    }
+
+    /// The idle hosts scale-in chose whose instance the actuator has yet
+    /// to terminate (`PoolConfig::scale_in_by_group`), with the reason.
+    pub fn retiring(&self) -> Vec<(String, String)> {
+        self.lock()
+            .retiring
+            .iter()
+            .map(|(h, r)| (h.clone(), r.clone()))
+            .collect()
+    }
+
+    /// The group terminated `host_id`'s instance: the host is drained
+    /// (never offered again; its agent ends).
+    pub fn retired(&self, host_id: &str, now: Now) {
+        let mut g = self.lock();
+        if let Some(reason) = g.retiring.remove(host_id) {
+            g.host_step(&self.cfg, host_id, HostEvent::Drained { reason }, now);
+        }
+    }
+
+    /// The group could not terminate `host_id`'s instance: the host is
+    /// offered again (a later decision may choose it again).
+    pub fn keep(&self, host_id: &str, now: Now) {
+        let mut g = self.lock();
+        if g.retiring.remove(host_id).is_some() {
+            g.mark_idle_if_offerable(&self.cfg, host_id, now);
+            g.try_assign(&self.cfg, now);
+        }
     }
 }

@@ -191,11 +191,13 @@ impl Inner {
         None
     }
 
-    /// Whether `hid` may be offered: its state machine says so, and it has
+    /// Whether `hid` may be offered: its state machine says so, it has
     /// never held a lease (a burned host is not offered whatever its agent
-    /// says: after a lease nothing on it is trusted).
+    /// says: after a lease nothing on it is trusted), and scale-in has not
+    /// chosen it.
     pub(super) fn offerable(&self, cfg: &PoolConfig, hid: &str, now: Now) -> bool {
         !self.burned.contains_key(hid)
+            && !self.retiring.contains_key(hid)
             && self
                 .hosts
                 .get(hid)

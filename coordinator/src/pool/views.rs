@@ -78,7 +78,10 @@ impl Pool {
             *hosts.entry(name).or_default() += 1;
             s.hosts_connected += u32::from(e.host.connected());
             s.hosts_draining += u32::from(e.host.draining);
-            s.hosts_offerable += u32::from(e.host.offerable(now.mono, self.cfg.silence_limit()));
+            s.hosts_offerable += u32::from(
+                e.host.offerable(now.mono, self.cfg.silence_limit())
+                    && !g.retiring.contains_key(&e.reg.host_id),
+            );
         }
         let mut leases: BTreeMap<String, u32> = BTreeMap::new();
         for l in g.leases.values() {

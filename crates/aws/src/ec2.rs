@@ -123,18 +123,8 @@ impl Ec2 {
     /// A client from the SDK's standard settings (environment, profile,
     /// IMDS for region and credentials on an instance).
     pub async fn from_env() -> Self {
-        let config = aws_config::defaults(BehaviorVersion::latest())
-            .http_client(crate::https_client())
-            .retry_config(RetryConfig::disabled())
-            .timeout_config(
-                TimeoutConfig::builder()
-                    .connect_timeout(EC2_CONNECT_TIMEOUT)
-                    .build(),
-            )
-            .load()
-            .await;
         Ec2 {
-            client: aws_sdk_ec2::Client::new(&config),
+            client: aws_sdk_ec2::Client::new(&sdk_config().await),
         }
     }
 
@@ -143,14 +133,40 @@ impl Ec2 {
     }
 }
 
+/// The SDK's shared settings for every berth client: the standard
+/// environment, profile and IMDS chains, berth's HTTPS client, the SDK's own
+/// retries off (each call goes through [`crate::retry`]) and a connect
+/// timeout inside each attempt.
+pub(crate) async fn sdk_config() -> aws_config::SdkConfig {
+    aws_config::defaults(BehaviorVersion::latest())
+        .http_client(crate::https_client())
+        .retry_config(RetryConfig::disabled())
+        .timeout_config(
+            TimeoutConfig::builder()
+                .connect_timeout(EC2_CONNECT_TIMEOUT)
+                .build(),
+        )
+        .load()
+        .await
+}
+
 /// Sorts an SDK error into retry or final, keeping its full context.
 fn classify<E, R>(e: SdkError<E, R>) -> Outcome<String>
 where
     E: std::error::Error + ProvideErrorMetadata + Send + Sync + 'static,
     R: std::fmt::Debug + Send + Sync + 'static,
 {
+    classify_with(e, &RETRYABLE_CODES)
+}
+
+/// [`classify`] with the service's own list of codes worth retrying.
+pub(crate) fn classify_with<E, R>(e: SdkError<E, R>, retryable: &[&str]) -> Outcome<String>
+where
+    E: std::error::Error + ProvideErrorMetadata + Send + Sync + 'static,
+    R: std::fmt::Debug + Send + Sync + 'static,
+{
     let retry = match &e {
-        SdkError::ServiceError(s) => s.err().code().is_some_and(|c| RETRYABLE_CODES.contains(&c)),
+        SdkError::ServiceError(s) => s.err().code().is_some_and(|c| retryable.contains(&c)),
         // Timeouts, connection failures, unreadable responses.
         _ => true,
     };

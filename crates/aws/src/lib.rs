@@ -7,19 +7,25 @@
 //!   IMDSv2 (the [`Metadata`] trait, [`Imds`] over aws-config's client).
 //! - [`ec2`]: the EC2 calls berth makes (describe, tag, terminate) behind the
 //!   [`Ec2Api`] trait, [`Ec2`] over aws-sdk-ec2.
+//! - [`asg`]: the Auto Scaling calls the coordinator makes (describe a
+//!   group, set its desired capacity, terminate one instance with a
+//!   decrement, scale-in protection) behind the [`AsgApi`] trait, [`Asg`]
+//!   over aws-sdk-autoscaling.
 //! - [`retry`]: the bounded, jittered retry every call above goes through.
 //!
 //! Endpoints and credentials follow the SDK's standard settings, so tests
 //! point them at a fake IMDS and moto's server through the environment:
 //! `AWS_EC2_METADATA_SERVICE_ENDPOINT`, `AWS_ENDPOINT_URL_EC2` /
-//! `AWS_ENDPOINT_URL`, the default credential chain and region chain.
+//! `AWS_ENDPOINT_URL_AUTO_SCALING` / `AWS_ENDPOINT_URL`, the default credential chain and region chain.
 
 #![forbid(unsafe_code)]
 
+pub mod asg;
 pub mod ec2;
 pub mod imds;
 pub mod retry;
 
+pub use asg::{Asg, AsgApi, AsgError, GroupInfo, GroupInstance};
 pub use ec2::{Ec2, Ec2Api, Ec2Error, InstanceInfo};
 pub use imds::{
     Imds, ImdsError, InstanceIdentity, Interruption, InterruptionKind, Metadata, TargetLifecycle,
