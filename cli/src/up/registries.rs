@@ -498,6 +498,10 @@ pub struct Registries {
     bin: Option<PathBuf>,
     mirror: Option<SocketAddr>,
     cache: Option<SocketAddr>,
+    /// The debug (metrics) ports on 127.0.0.1 of the mirror and the cache,
+    /// chosen before the coordinator starts: it reads their counters.
+    mirror_debug: u16,
+    cache_debug: u16,
     /// The coordinator's state dir, where the pool CA is kept.
     ca_dir: PathBuf,
     stop: CancellationToken,
@@ -520,6 +524,8 @@ impl Registries {
             bin: None,
             mirror: None,
             cache: None,
+            mirror_debug: 0,
+            cache_debug: 0,
             ca_dir: ca_dir.to_owned(),
             stop: CancellationToken::new(),
             tasks: vec![],
@@ -533,22 +539,40 @@ impl Registries {
         me.bin = Some(find_bin(&args.registry_bin)?);
         let dir = registries_dir(state_dir);
         berth_tls::files::create_private_dir(&dir)?;
+        me.mirror_debug = free_local_port()?;
+        me.cache_debug = free_local_port()?;
         me.block = Some(take_block(state_dir).await?);
         Ok(me)
     }
 
     /// What the coordinator is told about the build cache: its registry
     /// and where to serve the token endpoint.
+    /// Also where each registry's counters are read (`berth status`,
+    /// the coordinator's `/metrics`).
     pub fn coordinator_args(&self, args: &RegistryArgs) -> Vec<String> {
-        match &self.block {
-            Some(b) if !args.no_build_cache => vec![
+        let Some(b) = &self.block else {
+            return vec![];
+        };
+        let mut out: Vec<String> = vec![];
+        if !args.no_mirror {
+            out.extend([
+                "--mirror-registry".into(),
+                SocketAddr::new(b.addr.into(), MIRROR_PORT).to_string(),
+                "--mirror-metrics".into(),
+                format!("127.0.0.1:{}", self.mirror_debug),
+            ]);
+        }
+        if !args.no_build_cache {
+            out.extend([
                 "--cache-registry".into(),
                 SocketAddr::new(b.addr.into(), CACHE_PORT).to_string(),
                 "--cache-token-listen".into(),
                 SocketAddr::new(b.addr.into(), CACHE_TOKEN_PORT).to_string(),
-            ],
-            _ => vec![],
+                "--cache-metrics".into(),
+                format!("127.0.0.1:{}", self.cache_debug),
+            ]);
         }
+        out
     }
 
     /// Starts what `args` ask for, once the coordinator runs (the pool CA
@@ -668,7 +692,11 @@ impl Registries {
         let data = dir.join("data");
         std::fs::create_dir_all(&data).map_err(io_err("cannot create", &data))?;
         let (cert, key) = self.issue_cert(&dir, addr)?;
-        let debug_port = free_local_port()?;
+        let debug_port = if kind == "mirror" {
+            self.mirror_debug
+        } else {
+            self.cache_debug
+        };
         let config = serde_json::json!({
             "version": "0.1",
             "log": { "level": "info", "formatter": "text", "fields": { "service": format!("berth-{kind}") } },
