@@ -198,6 +198,23 @@ impl Upstream {
         );
     }
 
+    /// Bytes of the blobs the upstream holds.
+    pub fn data_bytes(&self) -> u64 {
+        fn du(dir: &Path) -> u64 {
+            std::fs::read_dir(dir)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| match e.file_type() {
+                    Ok(t) if t.is_dir() => du(&e.path()),
+                    Ok(t) if t.is_file() => e.metadata().map_or(0, |m| m.len()),
+                    _ => 0,
+                })
+                .sum()
+        }
+        du(&self.registry_dir().join("data/docker/registry/v2/blobs"))
+    }
+
     /// The registry's log: every request it served, with the client address.
     pub fn registry_log(&self) -> String {
         std::fs::read_to_string(&self.registry_log).unwrap_or_default()
