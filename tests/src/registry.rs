@@ -198,6 +198,33 @@ impl Upstream {
         );
     }
 
+    /// Bytes the upstream's link has sent since it was shaped (the
+    /// qdisc's own counter).
+    pub fn link_bytes_sent(&self) -> u64 {
+        let o = run(Command::new("ip").args([
+            "netns",
+            "exec",
+            &self.block.name,
+            "tc",
+            "-s",
+            "qdisc",
+            "show",
+            "dev",
+            "eth0",
+        ]));
+        berth_testkit::stdout(&o)
+            .lines()
+            .find_map(|l| {
+                l.trim()
+                    .strip_prefix("Sent ")?
+                    .split(' ')
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or(0)
+    }
+
     /// Bytes of the blobs the upstream holds.
     pub fn data_bytes(&self) -> u64 {
         fn du(dir: &Path) -> u64 {

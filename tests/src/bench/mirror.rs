@@ -95,6 +95,8 @@ pub struct Report {
     pub warm: Summary,
     /// A pull of an image the host already has: the fixed cost of a pull.
     pub noop: Summary,
+    /// Bytes the upstream's link sent per cold pull (median), MiB.
+    pub cold_link_mib: f64,
     /// Whether no warm pull fetched anything from the upstream (the
     /// mirror's misses did not move).
     pub warm_from_mirror_only: bool,
@@ -196,9 +198,13 @@ pub fn run(opts: &Options) -> std::io::Result<Report> {
         let _ = pool.berth(&["release", "--lease", lease.lease_id()]);
         result
     };
+    let mut link = vec![];
     for (round, image) in images.iter().enumerate() {
         let first = pool.acquire(&format!("bench-mirror-{round}-a"), "1h", "2m");
+        let sent = upstream.link_bytes_sent();
         let (t, again) = pulls(&first, image)?;
+        #[allow(clippy::cast_precision_loss)]
+        link.push((upstream.link_bytes_sent() - sent) as f64 / f64::from(1u32 << 20));
         cold.push(t);
         noop.push(again);
         let misses = mirror_misses(&pool)?;
@@ -218,6 +224,7 @@ pub fn run(opts: &Options) -> std::io::Result<Report> {
         cold: sum(&cold)?,
         warm: sum(&warm)?,
         noop: sum(&noop)?,
+        cold_link_mib: sum(&link)?.median,
         warm_from_mirror_only,
     })
 }
@@ -253,7 +260,12 @@ impl fmt::Display for Report {
         }
         writeln!(
             f,
-            "\nwarm pulls fetched nothing from the upstream: {}",
+            "\nsent across the link per cold pull (median): {:.0} MiB",
+            self.cold_link_mib
+        )?;
+        writeln!(
+            f,
+            "warm pulls fetched nothing from the upstream: {}",
             self.warm_from_mirror_only
         )?;
         writeln!(
