@@ -25,7 +25,10 @@
 //! same bytes over the same shaped link, the mirror copying them as they
 //! come; what it adds is the mirror's hop on the machine. That the warm
 //! pull fetched nothing from the upstream is checked with the mirror's
-//! miss counter (`berth status`'s, from the coordinator).
+//! miss counter (`berth status`'s, from the coordinator). distribution
+//! 2.8's proxy fetches each missed blob twice (once streamed to the
+//! client, once into its storage), so the cold pull moves about twice the
+//! image across the link: the report counts those bytes (tc's counter).
 //!
 //! Timed: the whole `docker pull` command, as a CI step pays it. Right
 //! after each, the same pull again on the same host (the image is there:
