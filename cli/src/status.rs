@@ -160,6 +160,9 @@ pub fn describe(
             for (state, n) in leases {
                 let _ = writeln!(s, "  {state:<12} {n}");
             }
+            for r in &st.registries {
+                s.push_str(&registry_line(r));
+            }
         }
         Err(e) if e.code() == tonic::Code::PermissionDenied => {
             s.push_str("pool summary: needs an admin tenant's token\n");
@@ -169,6 +172,61 @@ pub fn describe(
         }
     }
     s
+}
+
+/// One line on a pool registry: does it answer, and its counters.
+fn registry_line(r: &pb::RegistryStatus) -> String {
+    let title = match r.name.as_str() {
+        "cache" => "build cache",
+        other => other,
+    };
+    let mut s = format!("{title:<12} {}: ", r.address);
+    if r.answering {
+        s.push_str("answers");
+    } else {
+        let _ = write!(s, "does not answer ({})", r.error);
+    }
+    if r.counters_read {
+        let _ = write!(
+            s,
+            "; {} requests, {} hits{}, {} misses, {} served",
+            r.requests,
+            r.hits,
+            ratio(r.hits, r.requests),
+            r.misses,
+            bytes(r.bytes_served)
+        );
+    } else if r.answering && !r.error.is_empty() {
+        let _ = write!(s, "; {}", r.error);
+    }
+    s.push('\n');
+    s
+}
+
+/// ` (75%)`, or nothing without requests.
+fn ratio(part: u64, whole: u64) -> String {
+    if whole == 0 {
+        return String::new();
+    }
+    #[allow(clippy::cast_precision_loss)]
+    let pct = part as f64 * 100.0 / whole as f64;
+    format!(" ({pct:.0}%)")
+}
+
+/// Bytes for people: `512 B`, `1.5 MiB`.
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    #[allow(clippy::cast_precision_loss)]
+    let mut v = n as f64 / 1024.0;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    format!("{v:.1} {}", UNITS[unit])
 }
 
 #[cfg(test)]
@@ -206,7 +264,48 @@ mod tests {
             "{out}"
         );
         assert!(out.contains("queue        4 builds waiting"), "{out}");
+        assert!(!out.contains("mirror"), "{out}");
         let denied = tonic::Status::permission_denied("x");
         assert!(describe("c", Err(&denied)).contains("needs an admin"));
+    }
+
+    #[test]
+    fn status_says_whether_the_registries_answer() {
+        let st = pb::PoolStatsResponse {
+            registries: vec![
+                pb::RegistryStatus {
+                    name: "mirror".into(),
+                    address: "198.18.0.1:5000".into(),
+                    answering: true,
+                    counters_read: true,
+                    requests: 4,
+                    hits: 3,
+                    misses: 1,
+                    bytes_served: 3 << 20,
+                    ..Default::default()
+                },
+                pb::RegistryStatus {
+                    name: "cache".into(),
+                    address: "198.18.0.1:5001".into(),
+                    error: "no answer within 2s".into(),
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        };
+        let out = describe("c", Ok(&st));
+        assert!(
+            out.contains(
+                "mirror       198.18.0.1:5000: answers; 4 requests, 3 hits (75%), 1 misses, \
+                 3.0 MiB served\n"
+            ),
+            "{out}"
+        );
+        assert!(
+            out.contains("build cache  198.18.0.1:5001: does not answer (no answer within 2s)\n"),
+            "{out}"
+        );
+        assert_eq!(bytes(0), "0 B");
+        assert_eq!(bytes(1536), "1.5 KiB");
     }
 }

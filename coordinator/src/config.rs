@@ -166,6 +166,19 @@ pub struct CoordinatorConfig {
     /// `auth.token.realm` is `https://ADDR/token`); reachable from hosts.
     #[arg(long, env = "BERTH_CACHE_TOKEN_LISTEN", requires = "cache_registry")]
     pub cache_token_listen: Option<SocketAddr>,
+    /// The pool's pull-through mirror (`HOST:PORT` as hosts reach it, TLS
+    /// with a pool CA certificate): `berth status` and `/metrics` show
+    /// whether it answers.
+    #[arg(long, env = "BERTH_MIRROR_REGISTRY")]
+    pub mirror_registry: Option<String>,
+    /// The mirror's debug listener (distribution's `http.debug.addr`):
+    /// its hit and byte counters are read there.
+    #[arg(long, env = "BERTH_MIRROR_METRICS", requires = "mirror_registry")]
+    pub mirror_metrics: Option<SocketAddr>,
+    /// The build cache registry's debug listener (distribution's
+    /// `http.debug.addr`, Prometheus enabled): its counters are read there.
+    #[arg(long, env = "BERTH_CACHE_METRICS", requires = "cache_registry")]
+    pub cache_metrics: Option<SocketAddr>,
     /// Where the pool's state lives: the embedded store under --state-dir
     /// (the default), or a PostgreSQL database (`postgres://USER@HOST/DB`,
     /// libpq's URL form) that several coordinators share: one leads, the
@@ -207,6 +220,8 @@ pub enum ConfigError {
     MinAboveMax { min: u32, max: u32 },
     #[error("--cache-registry {0:?} must be HOST:PORT")]
     BadCacheRegistry(String),
+    #[error("--mirror-registry {0:?} must be HOST:PORT")]
+    BadMirrorRegistry(String),
     #[error(
         "--store must be a postgres:// or postgresql:// URL (without it the embedded store is used)"
     )]
@@ -223,6 +238,17 @@ pub enum ConfigError {
     BadAsgName(String),
     #[error("--asg-interval must be at least 1s")]
     BadAsgInterval,
+}
+
+/// `HOST:PORT` with a DNS name or IPv4 address and a port above 0.
+fn host_port(r: &str) -> bool {
+    r.rsplit_once(':').is_some_and(|(host, port)| {
+        !host.is_empty()
+            && host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
+            && port.parse::<u16>().is_ok_and(|p| p != 0)
+    })
 }
 
 /// The shortest `--host-cert-validity`: certificates are re-issued at 2/3
@@ -299,19 +325,38 @@ impl CoordinatorConfig {
                 return Err(ConfigError::BadAsgInterval);
             }
         }
-        if let Some(r) = &self.cache_registry {
-            let ok = r.rsplit_once(':').is_some_and(|(host, port)| {
-                !host.is_empty()
-                    && host
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
-                    && port.parse::<u16>().is_ok_and(|p| p != 0)
-            });
-            if !ok {
-                return Err(ConfigError::BadCacheRegistry(r.clone()));
-            }
+        if let Some(r) = &self.cache_registry
+            && !host_port(r)
+        {
+            return Err(ConfigError::BadCacheRegistry(r.clone()));
+        }
+        if let Some(r) = &self.mirror_registry
+            && !host_port(r)
+        {
+            return Err(ConfigError::BadMirrorRegistry(r.clone()));
         }
         Ok(())
+    }
+
+    /// The pool's registries `berth status` and `/metrics` report on.
+    pub fn registry_targets(&self) -> Vec<crate::ops::registries::Target> {
+        use crate::ops::registries::{Kind, Target};
+        let mut out = vec![];
+        if let Some(addr) = &self.mirror_registry {
+            out.push(Target {
+                kind: Kind::Mirror,
+                addr: addr.clone(),
+                metrics: self.mirror_metrics,
+            });
+        }
+        if let Some(addr) = &self.cache_registry {
+            out.push(Target {
+                kind: Kind::Cache,
+                addr: addr.clone(),
+                metrics: self.cache_metrics,
+            });
+        }
+        out
     }
 
     /// The orphan sweeper's settings, when it runs.
@@ -437,5 +482,30 @@ mod tests {
         // Without a group, an elastic EC2 pool drains retired hosts at once.
         let c = parse(&["--provider", "ec2", "--pool-name", "p", "--max-hosts", "4"]);
         assert!(!c.pool().scale_in_by_group);
+    }
+
+    #[test]
+    fn registries_to_watch_are_host_and_port() {
+        let c = parse(&[
+            "--mirror-registry",
+            "198.18.0.1:5000",
+            "--mirror-metrics",
+            "127.0.0.1:9000",
+        ]);
+        assert_eq!(c.validate(), Ok(()));
+        let t = c.registry_targets();
+        assert_eq!(t.len(), 1);
+        assert_eq!(t[0].kind, crate::ops::registries::Kind::Mirror);
+        assert_eq!(t[0].metrics, Some("127.0.0.1:9000".parse().unwrap()));
+        for bad in ["198.18.0.1", "https://m:5000", "m:0", ":5000"] {
+            assert_eq!(
+                parse(&["--mirror-registry", bad]).validate(),
+                Err(ConfigError::BadMirrorRegistry(bad.into())),
+            );
+        }
+        // Counters without the registry they belong to mean nothing.
+        assert!(try_parse(&["--mirror-metrics", "127.0.0.1:9000"]).is_err());
+        assert!(try_parse(&["--cache-metrics", "127.0.0.1:9000"]).is_err());
+        assert!(parse(&[]).registry_targets().is_empty());
     }
 }

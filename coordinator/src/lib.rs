@@ -279,9 +279,19 @@ pub(crate) async fn serve_pool(
         }
         _ => None,
     };
+    let targets = config.registry_targets();
+    let registries = if targets.is_empty() {
+        None
+    } else {
+        let w =
+            Arc::new(ops::registries::Watch::new(targets, ca.cert_pem()).map_err(RunError::Ca)?);
+        tokio::spawn(w.clone().run(shutdown.clone()));
+        Some(w)
+    };
     let services = Services {
         pool: pool.clone(),
         cache,
+        registries: registries.clone(),
         ca,
         shutdown: shutdown.clone(),
         verifier,
@@ -344,7 +354,7 @@ pub(crate) async fn serve_pool(
     info!(addr = ?ops_addr, "ops endpoint serving /metrics and /healthz");
     let ops_task = tokio::spawn(ops::serve(
         ops_listener,
-        ops::metrics::registry(pool.clone(), ec2_metrics.clone()),
+        ops::metrics::registry(pool.clone(), ec2_metrics.clone(), registries),
         shutdown.clone(),
     ));
 

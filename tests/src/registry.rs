@@ -198,6 +198,50 @@ impl Upstream {
         );
     }
 
+    /// Bytes the upstream's link has sent since it was shaped (the
+    /// qdisc's own counter).
+    pub fn link_bytes_sent(&self) -> u64 {
+        let o = run(Command::new("ip").args([
+            "netns",
+            "exec",
+            &self.block.name,
+            "tc",
+            "-s",
+            "qdisc",
+            "show",
+            "dev",
+            "eth0",
+        ]));
+        berth_testkit::stdout(&o)
+            .lines()
+            .find_map(|l| {
+                l.trim()
+                    .strip_prefix("Sent ")?
+                    .split(' ')
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or(0)
+    }
+
+    /// Bytes of the blobs the upstream holds.
+    pub fn data_bytes(&self) -> u64 {
+        fn du(dir: &Path) -> u64 {
+            std::fs::read_dir(dir)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| match e.file_type() {
+                    Ok(t) if t.is_dir() => du(&e.path()),
+                    Ok(t) if t.is_file() => e.metadata().map_or(0, |m| m.len()),
+                    _ => 0,
+                })
+                .sum()
+        }
+        du(&self.registry_dir().join("data/docker/registry/v2/blobs"))
+    }
+
     /// The registry's log: every request it served, with the client address.
     pub fn registry_log(&self) -> String {
         std::fs::read_to_string(&self.registry_log).unwrap_or_default()

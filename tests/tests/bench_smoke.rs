@@ -10,7 +10,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use berth_testkit::preflight;
-use berth_tests::bench::{self, Scenario, Sizes, cache, sync, tls_front};
+use berth_tests::bench::{self, Scenario, Sizes, cache, mirror, sync, tls_front};
 
 fn figure<'a>(figures: &'a [bench::Figure], key: &str) -> &'a bench::Figure {
     figures.iter().find(|f| f.key == key).unwrap_or_else(|| {
@@ -206,7 +206,7 @@ fn benchmark_suite_smoke() {
     }
     let sizes = Sizes::smoke();
     let rt = tokio::runtime::Runtime::new().unwrap();
-    // The TLS front, sync and the build cache have tests of their own below.
+    // The TLS front, sync, the build cache and the mirror have tests of their own below.
     let scenarios = [
         Scenario::P1,
         Scenario::P2,
@@ -223,7 +223,8 @@ fn benchmark_suite_smoke() {
                 Scenario::TlsFront,
                 Scenario::Sync,
                 Scenario::Cache,
-                Scenario::Capacity
+                Scenario::Mirror,
+                Scenario::Capacity,
             ]
         ]
         .concat()
@@ -629,4 +630,40 @@ fn capacity_benchmark_measures_churn_burst_and_decisions_against_baselines() {
     with_baseline(decide);
     assert_eq!(decide.samples.len(), 10);
     assert_eq!(decide.checks.len(), 1);
+}
+
+#[test]
+fn mirror_benchmark_reports_pulls_across_the_link_and_from_the_warm_mirror() {
+    if !preflight() {
+        return;
+    }
+    let report = mirror::run(&mirror::Options::smoke()).expect("the benchmark runs");
+    println!("{report}");
+    assert_eq!(report.noop.n, 2);
+    for s in [report.cold, report.warm] {
+        assert_eq!(s.n, 1);
+        assert!(s.median.is_finite() && s.median > 0.0, "{s:?}");
+    }
+    // The image is what was asked for: two layers of 1 MiB and the busybox.
+    assert!(report.image_mib > 2.0, "{report}");
+    assert!(report.warm_from_mirror_only, "{report}");
+    let text = report.to_string();
+    for name in [
+        "pull across the link (cold mirror)",
+        "pull from the warm mirror",
+        "pull of an image already there (fixed cost)",
+    ] {
+        let row = text
+            .lines()
+            .find(|l| l.starts_with(&format!("  {name:<44} ")))
+            .unwrap_or_else(|| panic!("no row {name:?} in\n{text}"));
+        let v: Vec<f64> = row[47..].split_whitespace().map(number).collect();
+        assert!(v.len() == 3 && v.iter().all(|x| *x > 0.0), "{row}");
+    }
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("speedup"))
+        .unwrap_or_else(|| panic!("no speedup in\n{text}"));
+    let shown = number(line.rsplit(' ').next().unwrap());
+    assert!(shown_as(shown, report.speedup()), "{line}");
 }

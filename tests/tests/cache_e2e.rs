@@ -12,6 +12,7 @@
 
 use std::path::Path;
 use std::process::Command;
+use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
@@ -273,6 +274,140 @@ fn a_tenants_cache_serves_its_next_fresh_host_and_no_other_tenant() {
     ok(
         pool.berth(&["release", "--lease", a2.lease_id()]),
         "release a2",
+    );
+    ok(
+        run(pool
+            .berth_cmd()
+            .env("BERTH_TOKEN_FILE", &b_token_file)
+            .args(["release", "--lease", b.lease_id()])),
+        "release b",
+    );
+}
+
+/// The build cache's retention: tenant A pushes three tags of ~512 KiB of
+/// distinct data each, tenant B one; with a cap of 1100 KiB per tenant a
+/// retention pass (SIGUSR1 to `berth up`) removes A's least recently pushed
+/// tag alone, garbage-collects, and the store shrinks; A's other tags and
+/// B's tag still pull.
+#[test]
+fn a_tenant_over_its_cache_cap_loses_its_oldest_tags_and_no_other_tenant_anything() {
+    if !preflight() {
+        return;
+    }
+    let b_token = berth_tls::token::generate();
+    let pool = Pool::start_with(
+        "ccr-",
+        2,
+        &["--cache-tenant-cap", "1100KiB", "--cache-gc-interval", "0"],
+        |state| {
+            std::fs::write(
+                state.join("tenants"),
+                berth_tls::Tenants::line("teamb", &b_token, false),
+            )
+            .unwrap();
+        },
+    );
+    let b_token_file = pool.state_dir.join("teamb-token");
+    std::fs::write(&b_token_file, &b_token).unwrap();
+    let plain = |lease: &LeaseEnv| {
+        let mut c = lease.docker();
+        c.env("DOCKER_CONFIG", lease.get("DOCKER_CONFIG"));
+        c
+    };
+    // An image of one layer of 512 KiB that compresses to nothing less.
+    let push = |lease: &LeaseEnv, image: &str, seed: u64| {
+        let ctx = pool.state_dir.join(format!("ctx-{seed}"));
+        std::fs::create_dir_all(&ctx).unwrap();
+        std::fs::write(
+            ctx.join("blob"),
+            berth_tests::registry::pseudo_random(seed, 512 * 1024),
+        )
+        .unwrap();
+        std::fs::write(ctx.join("Dockerfile"), "FROM scratch\nCOPY blob /blob\n").unwrap();
+        ok(
+            run(plain(lease).args(["build", "-q", "-t", image]).arg(&ctx)),
+            "docker build",
+        );
+        ok(run(plain(lease).args(["push", image])), "docker push");
+    };
+
+    let a = pool.acquire("ret-a", "10m", "1m");
+    let repo_a = a.get("BERTH_CACHE_REPO").to_owned();
+    let a_tags: Vec<String> = (1..=3).map(|i| format!("{repo_a}/app:t{i}")).collect();
+    for (i, image) in a_tags.iter().enumerate() {
+        push(&a, image, i as u64 + 1);
+    }
+    let b = {
+        let o = ok(
+            run(pool
+                .berth_cmd()
+                .env("BERTH_TOKEN_FILE", &b_token_file)
+                .args([
+                    "acquire", "--build", "ret-b", "--ttl", "10m", "--wait", "1m",
+                ])),
+            "acquire as teamb",
+        );
+        LeaseEnv::parse(&stdout(&o))
+    };
+    let b_image = format!("{}/app:old", b.get("BERTH_CACHE_REPO"));
+    push(&b, &b_image, 4);
+
+    let data = pool.state_dir.join("registries/cache/data");
+    let du = || -> u64 {
+        let o = ok(run(Command::new("du").arg("-sb").arg(&data)), "du");
+        stdout(&o)
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let before = du();
+    let up = pool.up_pid().expect("berth up's pid");
+    nix::sys::signal::kill(up, nix::sys::signal::Signal::SIGUSR1).unwrap();
+    let line = wait_for("the retention pass", Duration::from_secs(120), || {
+        pool.log()
+            .lines()
+            .find(|l| l.contains("build cache retention: bytes per tenant"))
+            .map(str::to_owned)
+    });
+    assert!(line.contains("removed 1 tags [\"local/app:t1\"]"), "{line}");
+    assert!(line.contains("garbage-collected (ok)"), "{line}");
+    let after = du();
+    eprintln!("{line}\nstore: {before} -> {after} bytes");
+    assert!(
+        after + 400 * 1024 < before,
+        "the store did not shrink by A's oldest layer: {before} -> {after} bytes"
+    );
+
+    // A's oldest tag is gone, its newer ones and B's stay.
+    let gone = run(plain(&a).args(["pull", &a_tags[0]]));
+    assert!(!gone.status.success(), "A's oldest tag still pulls");
+    let why = stderr(&gone).to_lowercase();
+    assert!(
+        why.contains("not found") || why.contains("unknown"),
+        "{why}"
+    );
+    ok(run(plain(&a).args(["rmi", &a_tags[1], &a_tags[2]])), "rmi");
+    for image in &a_tags[1..] {
+        ok(
+            run(plain(&a).args(["pull", image])),
+            "pull of A's newer tag",
+        );
+    }
+    ok(run(plain(&b).args(["rmi", &b_image])), "rmi");
+    ok(run(plain(&b).args(["pull", &b_image])), "pull of B's tag");
+
+    // A pass with nothing over the cap stops nothing.
+    nix::sys::signal::kill(up, nix::sys::signal::Signal::SIGUSR1).unwrap();
+    wait_for("the second pass", Duration::from_secs(60), || {
+        pool.log()
+            .contains("build cache retention: nothing to reclaim")
+            .then_some(())
+    });
+    ok(
+        pool.berth(&["release", "--lease", a.lease_id()]),
+        "release a",
     );
     ok(
         run(pool

@@ -224,6 +224,264 @@ fn no_mirror_leaves_hosts_without_one() {
     ok(pool.berth(&["release", "--lease", a.lease_id()]), "release");
 }
 
+#[test]
+fn status_and_metrics_show_whether_the_registries_answer_and_what_they_served() {
+    if !preflight() {
+        return;
+    }
+    berth_tests::registry::registry_bin();
+    let mut upstream = Upstream::start(&test_prefix("ms-"));
+    let ctx = upstream.helper_socket().parent().unwrap().join("ctx");
+    layered_context(&ctx, LAYERS, 256);
+    upstream.push(&ctx, IMAGE);
+    upstream.stop_helper();
+    let upstream_url = format!("https://{}", upstream.addr);
+    let ca = upstream.ca_file.to_string_lossy().into_owned();
+    let pool = Pool::start(
+        "mst-",
+        1,
+        &[
+            "--mirror-upstream",
+            &upstream_url,
+            "--mirror-upstream-ca",
+            &ca,
+        ],
+    );
+    let mirror = mirror_addr(&pool);
+    let status = || stdout(&ok(pool.berth(&["status"]), "berth status"));
+    // Both answer before anything was pulled; no request counted yet.
+    let out = wait_for("both registries to answer", Duration::from_secs(60), || {
+        let out = status();
+        (registry_line(&out, "mirror").contains(": answers;")
+            && registry_line(&out, "build cache").contains(": answers;"))
+        .then_some(out)
+    });
+    assert!(
+        registry_line(&out, "mirror")
+            .starts_with(&format!("mirror       {mirror}: answers; 0 requests")),
+        "{out}"
+    );
+
+    // A pull through the mirror, a push to the tenant's cache, a pull of it
+    // back and a lookup of a tag that is not there.
+    let a = pool.acquire("mst-a", "10m", "1m");
+    ok(
+        run(a.docker().args(["pull", IMAGE])),
+        "pull through the mirror",
+    );
+    let repo = a.get("BERTH_CACHE_REPO").to_owned();
+    let cached = format!("{repo}/app:cache");
+    let docker = || {
+        let mut c = a.docker();
+        c.env("DOCKER_CONFIG", a.get("DOCKER_CONFIG"));
+        c
+    };
+    ok(run(docker().args(["tag", IMAGE, &cached])), "docker tag");
+    ok(
+        run(docker().args(["push", &cached])),
+        "push to the build cache",
+    );
+    ok(run(docker().args(["rmi", &cached, IMAGE])), "docker rmi");
+    ok(
+        run(docker().args(["pull", &cached])),
+        "pull from the build cache",
+    );
+    let o = run(docker().args(["pull", &format!("{repo}/app:absent")]));
+    assert!(!o.status.success(), "pulled a tag never pushed");
+
+    let out = status();
+    let m = counters(registry_line(&out, "mirror"));
+    // Every blob (the layers, the image config) came from the upstream:
+    // misses, no hit yet.
+    assert!(m.requests > LAYERS as u64, "{out}");
+    assert_eq!(m.misses, m.requests, "{out}");
+    assert!(m.served_kib > 0, "{out}");
+    let c = counters(registry_line(&out, "build cache"));
+    assert!(c.hits >= 1, "the cache counted no tag found: {out}");
+    assert!(c.misses >= 1, "the cache counted no tag missing: {out}");
+    assert!(c.served_kib > 0, "{out}");
+    // The same on berth's own /metrics.
+    let ops = std::fs::read_to_string(pool.state_dir.join("coordinator.ops.addr")).unwrap();
+    let metrics = || {
+        let (done, text) = curl(&[
+            "-s",
+            "--noproxy",
+            "*",
+            &format!("http://{}/metrics", ops.trim()),
+        ]);
+        assert!(done, "GET /metrics: {text}");
+        text
+    };
+    let text = metrics();
+    for series in [
+        "berth_registry_up{registry=\"mirror\"} 1",
+        "berth_registry_up{registry=\"cache\"} 1",
+    ] {
+        assert!(
+            text.lines().any(|l| l == series),
+            "{series} missing:\n{text}"
+        );
+    }
+    assert!(
+        sample(&text, "berth_registry_hits_total{registry=\"cache\"}") >= 1.0,
+        "{text}"
+    );
+    assert!(
+        sample(
+            &text,
+            "berth_registry_served_bytes_total{registry=\"mirror\"}"
+        ) > 0.0,
+        "{text}"
+    );
+    assert!(
+        sample(&text, "berth_registry_misses_total{registry=\"mirror\"}") > LAYERS as f64,
+        "{text}"
+    );
+
+    // A second pull through the mirror on a fresh host: hits move.
+    ok(
+        pool.berth(&["release", "--lease", a.lease_id()]),
+        "release a",
+    );
+    let b = pool.acquire("mst-b", "10m", "1m");
+    ok(
+        run(b.docker().args(["pull", IMAGE])),
+        "second pull through the mirror",
+    );
+    let out = status();
+    let m2 = counters(registry_line(&out, "mirror"));
+    assert!(
+        m2.hits >= m.hits + LAYERS as u64,
+        "before {m:?}, after: {out}"
+    );
+    assert_eq!(
+        m2.misses, m.misses,
+        "fetched again from the upstream: {out}"
+    );
+
+    // The build cache hangs (stopped): it does not answer, the mirror does.
+    let cache_pid = registry_pid(&pool, "cache");
+    let signal = |sig| nix::sys::signal::kill(cache_pid, sig).unwrap();
+    signal(nix::sys::signal::Signal::SIGSTOP);
+    let out = status();
+    let text = metrics();
+    signal(nix::sys::signal::Signal::SIGCONT);
+    assert!(
+        text.lines()
+            .any(|l| l == "berth_registry_up{registry=\"cache\"} 0"),
+        "{text}"
+    );
+    assert!(
+        registry_line(&out, "build cache").contains(": does not answer (no answer within"),
+        "{out}"
+    );
+    assert!(
+        registry_line(&out, "mirror").contains(": answers;"),
+        "{out}"
+    );
+    wait_for("the cache to answer again", Duration::from_secs(30), || {
+        registry_line(&status(), "build cache")
+            .contains(": answers;")
+            .then_some(())
+    });
+
+    // The mirror killed while its upstream is gone: it cannot start again
+    // (distribution asks the upstream at start), and status says so.
+    upstream.stop_registry();
+    let mirror_pid = registry_pid(&pool, "mirror");
+    nix::sys::signal::kill(mirror_pid, nix::sys::signal::Signal::SIGKILL).unwrap();
+    let out = wait_for(
+        "the mirror to be reported down",
+        Duration::from_secs(30),
+        || {
+            let out = status();
+            registry_line(&out, "mirror")
+                .contains(": does not answer (connect:")
+                .then_some(out)
+        },
+    );
+    assert!(
+        registry_line(&out, "build cache").contains(": answers;"),
+        "{out}"
+    );
+    ok(
+        pool.berth(&["release", "--lease", b.lease_id()]),
+        "release b",
+    );
+}
+
+/// The line of `berth status` on the registry titled `title`.
+fn registry_line<'a>(status: &'a str, title: &str) -> &'a str {
+    status
+        .lines()
+        .find(|l| l.starts_with(&format!("{title:<12} ")))
+        .unwrap_or_else(|| panic!("no {title} line in berth status:\n{status}"))
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    requests: u64,
+    hits: u64,
+    misses: u64,
+    /// Served, in KiB (at least 1 once anything was served).
+    served_kib: u64,
+}
+
+/// The counters of a registry line: `N requests, N hits (P%), N misses,
+/// X UNIT served`.
+fn counters(line: &str) -> Counters {
+    let before = |word: &str| -> u64 {
+        let (head, _) = line
+            .split_once(&format!(" {word}"))
+            .unwrap_or_else(|| panic!("no {word} in {line:?}"));
+        head.rsplit([' ', ';', ','])
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let served = {
+        let (head, _) = line.split_once(" served").unwrap();
+        let mut w = head.rsplit(' ');
+        let unit = w.next().unwrap();
+        let n: f64 = w.next().unwrap().parse().unwrap();
+        let kib = match unit {
+            "B" => n / 1024.0,
+            "KiB" => n,
+            "MiB" => n * 1024.0,
+            _ => n * 1024.0 * 1024.0,
+        };
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let k = kib.ceil() as u64;
+        k
+    };
+    Counters {
+        requests: before("requests"),
+        hits: before("hits"),
+        misses: before("misses"),
+        served_kib: served,
+    }
+}
+
+/// The value of one sample in Prometheus text.
+fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
+}
+
+/// The pid of the pool's `kind` registry (mirror, cache).
+fn registry_pid(pool: &Pool, kind: &str) -> nix::unistd::Pid {
+    let config = pool.state_dir.join(format!("registries/{kind}/config.yml"));
+    let found = processes_mentioning(&config.to_string_lossy());
+    let pid = found
+        .first()
+        .and_then(|l| l.split(':').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no {kind} registry process: {found:?}"));
+    nix::unistd::Pid::from_raw(pid)
+}
+
 /// Whether a distribution log line shows a request from `client` for a
 /// URI starting with `uri`.
 fn served(log: &str, client: &str, uri: &str) -> bool {

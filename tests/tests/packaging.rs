@@ -34,6 +34,7 @@ const PENDING_AGENT_FLAGS: &[&str] = &[];
 const MAX_EXPOSURE: &[(&str, f64)] = &[
     ("berth-agent.service", 9.2),
     ("berth-coordinator.service", 1.5),
+    ("berth-mirror.service", 1.5),
 ];
 
 /// Options a future "hardening" must not add to the agent's unit: each is
@@ -330,7 +331,14 @@ fn units() -> Vec<(String, String)> {
         .collect();
     units.sort();
     let names: Vec<_> = units.iter().map(|(n, _)| n.as_str()).collect();
-    assert_eq!(names, ["berth-agent.service", "berth-coordinator.service"]);
+    assert_eq!(
+        names,
+        [
+            "berth-agent.service",
+            "berth-coordinator.service",
+            "berth-mirror.service"
+        ]
+    );
     units
 }
 
@@ -338,9 +346,20 @@ fn units() -> Vec<(String, String)> {
 /// pointed at the one cargo just built, written into `dir` under its own
 /// name: `systemd-analyze verify` requires the binary to exist, and checks
 /// the unit as it is otherwise.
+/// A unit whose binary is not berth's (the mirror's distribution) must
+/// name it where its Debian package installs it, which must exist here.
 fn unit_with_built_binary(dir: &Path, name: &str, text: &str) -> PathBuf {
     let exec = unit_value(text, "ExecStart");
     let path = exec.split_whitespace().next().unwrap();
+    if !is_berth_binary(path) {
+        assert!(
+            Path::new(path).is_file(),
+            "{name}: ExecStart {path} does not exist (scripts/deps.sh installs it)"
+        );
+        let out = dir.join(name);
+        std::fs::write(&out, text).unwrap();
+        return out;
+    }
     let binary = path
         .strip_prefix("/usr/local/bin/")
         .unwrap_or_else(|| panic!("{name}: ExecStart {path} is not in /usr/local/bin"));
@@ -349,6 +368,40 @@ fn unit_with_built_binary(dir: &Path, name: &str, text: &str) -> PathBuf {
     let out = dir.join(name);
     std::fs::write(&out, rewritten).unwrap();
     out
+}
+
+/// berth's own daemons live in /usr/local/bin.
+fn is_berth_binary(path: &str) -> bool {
+    path.strip_prefix("/usr/local/bin/")
+        .is_some_and(|b| b.starts_with("berth"))
+}
+
+/// Whether the YAML `text` (block style, as systemd/berth-mirror.yml is
+/// written) has the nested key `path`.
+fn yaml_has(text: &str, path: &[&str]) -> bool {
+    let mut stack: Vec<(usize, String)> = vec![];
+    for line in text.lines() {
+        let trimmed = line.trim_start();
+        if trimmed.is_empty() || trimmed.starts_with('#') || trimmed.starts_with('-') {
+            continue;
+        }
+        let Some((key, _)) = trimmed.split_once(':') else {
+            continue;
+        };
+        let indent = line.len() - trimmed.len();
+        while stack.last().is_some_and(|(i, _)| *i >= indent) {
+            stack.pop();
+        }
+        stack.push((indent, key.to_owned()));
+        if stack
+            .iter()
+            .map(|(_, k)| k.as_str())
+            .eq(path.iter().copied())
+        {
+            return true;
+        }
+    }
+    false
 }
 
 /// `systemd-analyze verify`; Ok when it exits 0 and prints nothing on
@@ -809,10 +862,45 @@ fn systemd_units_verify_without_warnings() {
         if let Err(e) = verify(&unit) {
             panic!("systemd-analyze verify {name}: {e}");
         }
-        // Settings the unit passes through the environment must be env
-        // twins the binary knows: clap ignores unknown variables silently.
         let exec = unit_value(&text, "ExecStart");
         let binary = exec.split_whitespace().next().unwrap();
+        assert_eq!(unit_value(&text, "Restart"), "always", "{name}");
+        assert_eq!(
+            unit_value(&text, "After"),
+            "network-online.target",
+            "{name}"
+        );
+        assert_eq!(
+            unit_value(&text, "Wants"),
+            "network-online.target",
+            "{name}"
+        );
+        if !is_berth_binary(binary) {
+            // distribution: REGISTRY_A_B overrides the key a.b of its
+            // configuration, which must be there (an override of a key
+            // that does not exist is a typo no one would notice).
+            // docs/aws.md installs systemd/berth-mirror.yml there.
+            let config = exec.split_whitespace().last().unwrap();
+            assert_eq!(config, "/etc/berth/mirror.yml", "{name}");
+            let yml = std::fs::read_to_string(repo().join("systemd/berth-mirror.yml")).unwrap();
+            for env in unit_values(&text, "Environment") {
+                let (var, _) = env.split_once('=').unwrap();
+                let key = var.strip_prefix("REGISTRY_").unwrap_or_else(|| {
+                    panic!("{name} sets {var}: distribution reads REGISTRY_* only")
+                });
+                let key = key.to_lowercase();
+                let path: Vec<&str> = key.split('_').collect();
+                assert!(
+                    yaml_has(&yml, &path),
+                    "{name} sets {var}: no {} in {config}",
+                    path.join(".")
+                );
+            }
+            assert_eq!(unit_value(&text, "Type"), "exec", "{name}");
+            continue;
+        }
+        // Settings the unit passes through the environment must be env
+        // twins the binary knows: clap ignores unknown variables silently.
         let help = stdout(&run(
             Command::new(bin(binary.rsplit('/').next().unwrap())).arg("--help")
         ));
@@ -826,17 +914,6 @@ fn systemd_units_verify_without_warnings() {
         assert_eq!(unit_value(&text, "Type"), "notify", "{name}");
         // Both daemons ping the watchdog (systemd_e2e checks the pings).
         assert_eq!(unit_value(&text, "WatchdogSec"), "30s", "{name}");
-        assert_eq!(unit_value(&text, "Restart"), "always", "{name}");
-        assert_eq!(
-            unit_value(&text, "After"),
-            "network-online.target",
-            "{name}"
-        );
-        assert_eq!(
-            unit_value(&text, "Wants"),
-            "network-online.target",
-            "{name}"
-        );
     }
 
     // An unknown key: systemd-analyze exits 0 and only warns on stderr.
@@ -872,6 +949,40 @@ fn agent_unit_manages_dockerd_and_leaks_nothing_into_containers() {
     assert_eq!(unit_value(&coord, "User"), "berth");
     assert_eq!(unit_value(&coord, "StateDirectory"), "berth-coordinator");
     assert_eq!(unit_value(&coord, "CapabilityBoundingSet"), "");
+
+    // The mirror: unprivileged like the coordinator; its key handed over
+    // as a credential, its cache in its StateDirectory.
+    let (_, mirror) = units().into_iter().nth(2).unwrap();
+    assert_eq!(unit_value(&mirror, "DynamicUser"), "yes");
+    assert_eq!(unit_value(&mirror, "CapabilityBoundingSet"), "");
+    let state = unit_value(&mirror, "StateDirectory");
+    assert!(
+        unit_values(&mirror, "Environment").contains(&format!(
+            "REGISTRY_STORAGE_FILESYSTEM_ROOTDIRECTORY=%S/{state}"
+        )),
+        "the mirror's cache is not its StateDirectory"
+    );
+    let creds = unit_values(&mirror, "LoadCredential");
+    for (cred, var) in [
+        ("tls-cert", "REGISTRY_HTTP_TLS_CERTIFICATE"),
+        ("tls-key", "REGISTRY_HTTP_TLS_KEY"),
+    ] {
+        assert!(
+            creds
+                .iter()
+                .any(|c| c.starts_with(&format!("{cred}:/etc/berth/")))
+        );
+        assert!(
+            unit_values(&mirror, "Environment").contains(&format!("{var}=%d/{cred}")),
+            "{var} is not the {cred} credential"
+        );
+    }
+    let yml = std::fs::read_to_string(repo().join("systemd/berth-mirror.yml")).unwrap();
+    assert!(yaml_has(&yml, &["proxy", "remoteurl"]));
+    assert!(
+        yml.contains("addr: 127.0.0.1:5051"),
+        "metrics leave loopback"
+    );
 }
 
 #[test]

@@ -39,6 +39,7 @@
 pub mod elastic;
 pub mod launch;
 pub mod registries;
+pub mod retention;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

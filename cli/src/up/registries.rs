@@ -28,6 +28,10 @@
 //! address, which is why the address is taken before the coordinator
 //! starts), signs the tokens, and its token certificate is the registry's
 //! only trusted signer. Hosts trust it through the pool CA like the mirror.
+//! Its supervisor also runs the cache's retention passes (a size cap per
+//! tenant, then distribution's offline garbage collection with the
+//! registry stopped; see `super::retention`), every `--cache-gc-interval`
+//! and on SIGUSR1.
 //!
 //! ```text
 //! STATE_DIR/registries/            0700
@@ -105,6 +109,16 @@ pub struct RegistryArgs {
     /// configuration on this machine only, never to a host.
     #[arg(long, env = "BERTH_MIRROR_UPSTREAM_CREDENTIALS")]
     pub mirror_upstream_credentials: Option<PathBuf>,
+    /// The most a tenant's build cache may hold (the distinct blobs its
+    /// tags reference; B, KiB, MiB, GiB, TiB). Beyond it the tenant's least
+    /// recently pushed tags are removed and the store garbage-collected.
+    #[arg(long, env = "BERTH_CACHE_TENANT_CAP", default_value = "10GiB", value_parser = super::retention::parse_size)]
+    pub cache_tenant_cap: u64,
+    /// How often the build cache is checked against the cap; it is only
+    /// stopped and garbage-collected when there is something to reclaim.
+    /// 0: only when `berth up` gets SIGUSR1 (which also runs a pass now).
+    #[arg(long, env = "BERTH_CACHE_GC_INTERVAL", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub cache_gc_interval: Duration,
     /// The CNCF distribution binary (Debian's `docker-registry`).
     #[arg(long, env = "BERTH_REGISTRY_BIN", default_value = "docker-registry")]
     pub registry_bin: PathBuf,
@@ -431,7 +445,13 @@ impl Instance {
 
 /// Keeps `child` running until `stop` fires: restarted when it exits
 /// (with backoff while it crash-loops), stopped with SIGTERM at the end.
-async fn supervise(instance: Instance, mut child: Child, stop: CancellationToken) {
+/// With `upkeep`, also runs its retention passes (the build cache).
+async fn supervise(
+    instance: Instance,
+    mut child: Child,
+    stop: CancellationToken,
+    mut upkeep: Option<Upkeep>,
+) {
     let mut started = tokio::time::Instant::now();
     let mut backoff = Duration::from_millis(500);
     loop {
@@ -439,6 +459,20 @@ async fn supervise(instance: Instance, mut child: Child, stop: CancellationToken
             () = stop.cancelled() => {
                 terminate(instance.name, &mut child).await;
                 return;
+            }
+            () = upkeep_due(&mut upkeep) => {
+                let Some(u) = &upkeep else { continue };
+                match u.pass(&instance, child).await {
+                    Ok(c) => {
+                        child = c;
+                        started = tokio::time::Instant::now();
+                    }
+                    Err(e) => {
+                        warn!(registry = instance.name, error = %e, "cannot restart the registry");
+                        eprintln!("berth up: the {} registry could not be restarted after retention: {e}", instance.name);
+                        return;
+                    }
+                }
             }
             status = child.wait() => {
                 let status = status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
@@ -474,6 +508,145 @@ async fn supervise(instance: Instance, mut child: Child, stop: CancellationToken
     }
 }
 
+/// The build cache's retention: when a pass is due and what it does
+/// (`super::retention`).
+struct Upkeep {
+    /// distribution's `rootdirectory`.
+    data: PathBuf,
+    cap: u64,
+    every: Option<tokio::time::Interval>,
+    usr1: Option<tokio::signal::unix::Signal>,
+}
+
+/// Bound on one `registry garbage-collect`.
+const GC_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+
+impl Upkeep {
+    fn new(data: PathBuf, cap: u64, every: Duration) -> Self {
+        let every = (!every.is_zero()).then(|| {
+            let mut i = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            i
+        });
+        let usr1 =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1()).ok();
+        Upkeep {
+            data,
+            cap,
+            every,
+            usr1,
+        }
+    }
+
+    /// One pass: plans while the registry serves; stops it only when
+    /// something is to be reclaimed, removes the tags over the cap,
+    /// collects, starts it again.
+    async fn pass(&self, instance: &Instance, mut child: Child) -> Result<Child, RegistryError> {
+        let (data, cap) = (self.data.clone(), self.cap);
+        let plan = tokio::task::spawn_blocking(move || super::retention::plan(&data, cap))
+            .await
+            .unwrap_or_default();
+        if !plan.reclaims() {
+            eprintln!(
+                "berth up: build cache retention: nothing to reclaim (bytes per tenant: {:?}, cap {})",
+                plan.usage, self.cap
+            );
+            return Ok(child);
+        }
+        terminate(instance.name, &mut child).await;
+        let data = self.data.clone();
+        let (plan, before, untagged) = tokio::task::spawn_blocking(move || {
+            let before = super::retention::disk_usage(&data);
+            // Planned again: pushes may have landed since.
+            let plan = super::retention::plan(&data, cap);
+            let untagged = super::retention::untag(&plan);
+            (plan, before, untagged)
+        })
+        .await
+        .map_err(|e| RegistryError::Io {
+            action: "cannot plan retention in",
+            path: self.data.clone(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        if let Err(e) = untagged {
+            eprintln!("berth up: build cache retention: cannot remove a tag: {e}");
+        }
+        let collected = self.collect(instance).await;
+        let after = super::retention::disk_usage(&self.data);
+        let removed: Vec<_> = plan.remove.iter().map(|t| t.name.as_str()).collect();
+        eprintln!(
+            "berth up: build cache retention: bytes per tenant {:?}, cap {}: removed {} tags {removed:?}; \
+             garbage-collected ({}): store {before} -> {after} bytes",
+            plan.usage,
+            self.cap,
+            removed.len(),
+            match &collected {
+                Ok(()) => "ok".to_owned(),
+                Err(e) => e.clone(),
+            },
+        );
+        let mut child = instance.spawn()?;
+        instance.wait_ready(&mut child).await?;
+        Ok(child)
+    }
+
+    /// `registry garbage-collect --delete-untagged CONFIG`, its output
+    /// appended to the registry's log.
+    async fn collect(&self, instance: &Instance) -> Result<(), String> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&instance.log)
+            .map_err(|e| format!("{}: {e}", instance.log.display()))?;
+        let err = log.try_clone().map_err(|e| e.to_string())?;
+        let child = Command::new(&instance.bin)
+            .arg("garbage-collect")
+            .arg("--delete-untagged")
+            .arg(&instance.config)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(err)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        match tokio::time::timeout(GC_TIMEOUT, child.wait_with_output()).await {
+            Err(_) => Err(format!("timed out after {GC_TIMEOUT:?}")),
+            Ok(Err(e)) => Err(e.to_string()),
+            Ok(Ok(o)) if o.status.success() => Ok(()),
+            Ok(Ok(o)) => Err(format!("exited with {}", o.status)),
+        }
+    }
+}
+
+/// Resolves when a retention pass is due (never without `upkeep`).
+async fn upkeep_due(upkeep: &mut Option<Upkeep>) {
+    let Some(u) = upkeep else {
+        return std::future::pending().await;
+    };
+    let tick = async {
+        match &mut u.every {
+            Some(i) => {
+                i.tick().await;
+            }
+            None => std::future::pending().await,
+        }
+    };
+    let signal = async {
+        match &mut u.usr1 {
+            Some(s) => {
+                if s.recv().await.is_none() {
+                    std::future::pending::<()>().await;
+                }
+            }
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        () = tick => {}
+        () = signal => {}
+    }
+}
+
 async fn terminate(name: &str, child: &mut Child) {
     if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
         let _ = nix::sys::signal::kill(
@@ -498,6 +671,10 @@ pub struct Registries {
     bin: Option<PathBuf>,
     mirror: Option<SocketAddr>,
     cache: Option<SocketAddr>,
+    /// The debug (metrics) ports on 127.0.0.1 of the mirror and the cache,
+    /// chosen before the coordinator starts: it reads their counters.
+    mirror_debug: u16,
+    cache_debug: u16,
     /// The coordinator's state dir, where the pool CA is kept.
     ca_dir: PathBuf,
     stop: CancellationToken,
@@ -520,6 +697,8 @@ impl Registries {
             bin: None,
             mirror: None,
             cache: None,
+            mirror_debug: 0,
+            cache_debug: 0,
             ca_dir: ca_dir.to_owned(),
             stop: CancellationToken::new(),
             tasks: vec![],
@@ -533,22 +712,40 @@ impl Registries {
         me.bin = Some(find_bin(&args.registry_bin)?);
         let dir = registries_dir(state_dir);
         berth_tls::files::create_private_dir(&dir)?;
+        me.mirror_debug = free_local_port()?;
+        me.cache_debug = free_local_port()?;
         me.block = Some(take_block(state_dir).await?);
         Ok(me)
     }
 
     /// What the coordinator is told about the build cache: its registry
     /// and where to serve the token endpoint.
+    /// Also where each registry's counters are read (`berth status`,
+    /// the coordinator's `/metrics`).
     pub fn coordinator_args(&self, args: &RegistryArgs) -> Vec<String> {
-        match &self.block {
-            Some(b) if !args.no_build_cache => vec![
+        let Some(b) = &self.block else {
+            return vec![];
+        };
+        let mut out: Vec<String> = vec![];
+        if !args.no_mirror {
+            out.extend([
+                "--mirror-registry".into(),
+                SocketAddr::new(b.addr.into(), MIRROR_PORT).to_string(),
+                "--mirror-metrics".into(),
+                format!("127.0.0.1:{}", self.mirror_debug),
+            ]);
+        }
+        if !args.no_build_cache {
+            out.extend([
                 "--cache-registry".into(),
                 SocketAddr::new(b.addr.into(), CACHE_PORT).to_string(),
                 "--cache-token-listen".into(),
                 SocketAddr::new(b.addr.into(), CACHE_TOKEN_PORT).to_string(),
-            ],
-            _ => vec![],
+                "--cache-metrics".into(),
+                format!("127.0.0.1:{}", self.cache_debug),
+            ]);
         }
+        out
     }
 
     /// Starts what `args` ask for, once the coordinator runs (the pool CA
@@ -581,7 +778,7 @@ impl Registries {
                 self.mirror = Some(addr);
                 let stop = self.stop.clone();
                 self.tasks
-                    .push(tokio::spawn(supervise(instance, child, stop)));
+                    .push(tokio::spawn(supervise(instance, child, stop, None)));
             }
             if !args.no_build_cache {
                 let addr = SocketAddr::new(block.addr.into(), CACHE_PORT);
@@ -595,8 +792,13 @@ impl Registries {
                 info!(%addr, "build cache registry started");
                 self.cache = Some(addr);
                 let stop = self.stop.clone();
+                let upkeep = Upkeep::new(
+                    registries_dir(&self.state_dir).join("cache/data"),
+                    args.cache_tenant_cap,
+                    args.cache_gc_interval,
+                );
                 self.tasks
-                    .push(tokio::spawn(supervise(instance, child, stop)));
+                    .push(tokio::spawn(supervise(instance, child, stop, Some(upkeep))));
             }
             Ok(())
         }
@@ -668,7 +870,11 @@ impl Registries {
         let data = dir.join("data");
         std::fs::create_dir_all(&data).map_err(io_err("cannot create", &data))?;
         let (cert, key) = self.issue_cert(&dir, addr)?;
-        let debug_port = free_local_port()?;
+        let debug_port = if kind == "mirror" {
+            self.mirror_debug
+        } else {
+            self.cache_debug
+        };
         let config = serde_json::json!({
             "version": "0.1",
             "log": { "level": "info", "formatter": "text", "fields": { "service": format!("berth-{kind}") } },

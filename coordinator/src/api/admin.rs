@@ -45,6 +45,10 @@ impl AdminService for Services {
         &self,
         _req: Request<pb::PoolStatsRequest>,
     ) -> Result<Response<pb::PoolStatsResponse>, Status> {
-        Ok(Response::new(self.pool.stats(Now::system()).to_proto()))
+        let mut stats = self.pool.stats(Now::system()).to_proto();
+        if let Some(w) = &self.registries {
+            stats.registries = w.probe().await;
+        }
+        Ok(Response::new(stats))
     }
 }

@@ -36,6 +36,8 @@ pub struct Services {
     pub host_cert_validity: std::time::Duration,
     /// The tenants' build cache, when the pool runs one.
     pub cache: Option<Arc<crate::cache::BuildCache>>,
+    /// The pool's registries (mirror, build cache) PoolStats reports on.
+    pub registries: Option<Arc<crate::ops::registries::Watch>>,
 }
 
 /// A CSR problem is the caller's; anything else in signing is ours.

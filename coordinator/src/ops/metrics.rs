@@ -325,7 +325,11 @@ impl Collector for PoolCollector {
 }
 
 /// Everything `/metrics` shows, under the prefix `berth`.
-pub fn registry(pool: Arc<Pool>, ec2: Arc<Ec2Metrics>) -> Registry {
+pub fn registry(
+    pool: Arc<Pool>,
+    ec2: Arc<Ec2Metrics>,
+    registries: Option<Arc<crate::ops::registries::Watch>>,
+) -> Registry {
     let m = pool.metrics();
     let mut r = Registry::with_prefix("berth");
     r.register(
@@ -389,6 +393,9 @@ pub fn registry(pool: Arc<Pool>, ec2: Arc<Ec2Metrics>) -> Registry {
         m.interruption_notices.clone(),
     );
     r.register_collector(Box::new(PoolCollector { pool, ec2 }));
+    if let Some(w) = registries {
+        r.register_collector(Box::new(crate::ops::registries::RegistryCollector(w)));
+    }
     r
 }
 

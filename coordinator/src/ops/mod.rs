@@ -14,6 +14,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub mod metrics;
+pub mod registries;
 
 /// Default address of the ops endpoint.
 pub const DEFAULT_OPS_LISTEN: &str = berth_proto::ports::COORDINATOR_OPS_LOCAL;

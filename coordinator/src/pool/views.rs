@@ -40,6 +40,8 @@ impl PoolStats {
             queue_length: self.queue_length,
             elastic: self.desired_hosts.is_some(),
             desired_hosts: self.desired_hosts.unwrap_or(0),
+            // The pool holds no registry; AdminService adds them.
+            registries: vec![],
         }
     }
 }

@@ -14,6 +14,7 @@
 //! | sync | `berth sync` of a tree into a volume and back ([`sync`]) | `docker cp` of the same tree |
 //! | pg | P1 and P2 with the coordinator's store on PostgreSQL, and the failover time between two coordinators ([`pg`]; not in `all`) | the same on the embedded store, in the same run |
 //! | cache | a build on a fresh host with the tenant's build cache ([`cache`]) | the same build on a fresh host without it |
+//! | mirror | a pull on a fresh host from the warm registry mirror, the upstream behind a 100 Mbit/s link ([`mirror`]) | the pull of the same image across that link (through the cold mirror) |
 //! | capacity | single-use churn, a burst on the elastic pool, decisions per second at 10,000 hosts ([`capacity`]) | P3's boot, a pre-sized pool, 100 hosts (same run) |
 //!
 //! Everything runs as real processes: `berth-coordinator`, `berth-agent`
@@ -41,6 +42,7 @@ pub mod capacity;
 pub mod http;
 pub mod latency;
 pub mod loadgen;
+pub mod mirror;
 pub mod pg;
 pub mod procs;
 pub mod recycle;
@@ -284,6 +286,9 @@ pub enum Scenario {
     Pg,
     /// A build on a fresh host with the tenant's build cache vs without.
     Cache,
+    /// A pull on a fresh host from the warm mirror vs across a shaped
+    /// link.
+    Mirror,
     /// The elastic pool: churn waits vs P3's boot, a burst vs a pre-sized
     /// pool, decisions per second at 10,000 hosts vs 100.
     Capacity,
@@ -293,7 +298,9 @@ impl Scenario {
     pub fn expand(self) -> Vec<Scenario> {
         use Scenario::*;
         match self {
-            All => vec![P1, P2, P3, P4, P5, Idle, TlsFront, Sync, Cache, Capacity],
+            All => vec![
+                P1, P2, P3, P4, P5, Idle, TlsFront, Sync, Cache, Mirror, Capacity,
+            ],
             s => vec![s],
         }
     }
@@ -351,6 +358,7 @@ pub struct Sizes {
     /// Failover rounds of the `pg` scenario.
     pub failover_runs: usize,
     pub cache: cache::Options,
+    pub mirror: mirror::Options,
     pub capacity: capacity::Options,
 }
 
@@ -380,6 +388,7 @@ impl Sizes {
             sync: sync::Options::default(),
             failover_runs: 5,
             cache: cache::Options::default(),
+            mirror: mirror::Options::default(),
             capacity: capacity::Options::default(),
         }
     }
@@ -419,6 +428,7 @@ impl Sizes {
             },
             failover_runs: 1,
             cache: cache::Options::smoke(),
+            mirror: mirror::Options::smoke(),
             capacity: capacity::Options::smoke(),
         }
     }
@@ -472,6 +482,20 @@ pub async fn run(scenarios: &[Scenario], sizes: &Sizes) -> Result<Vec<Figure>> {
                         )
                     })?
                     .map_err(BenchError::io("the build cache benchmark"))?;
+                println!("{report}\n");
+                vec![]
+            }
+            Scenario::Mirror => {
+                let opts = sizes.mirror.clone();
+                let report = tokio::task::spawn_blocking(move || mirror::run(&opts))
+                    .await
+                    .map_err(|_| {
+                        BenchError::step(
+                            "the registry mirror benchmark",
+                            "it panicked (see the message above)",
+                        )
+                    })?
+                    .map_err(BenchError::io("the registry mirror benchmark"))?;
                 println!("{report}\n");
                 vec![]
             }

@@ -78,6 +78,12 @@ struct Args {
     /// Build cache: iterations of the costly step's shell loop.
     #[arg(long, env = "BERTH_BENCH_CACHE_LOOP")]
     cache_loop: Option<u64>,
+    /// Registry mirror: MiB of each data layer of the image.
+    #[arg(long, env = "BERTH_BENCH_MIRROR_LAYER_MIB")]
+    mirror_layer_mib: Option<usize>,
+    /// Registry mirror: the upstream link's rate (`tc` syntax, e.g. 100mbit).
+    #[arg(long, env = "BERTH_BENCH_MIRROR_RATE")]
+    mirror_rate: Option<String>,
     /// TLS front: sequential /_ping requests per path.
     #[arg(long, env = "BERTH_BENCH_REQUESTS")]
     requests: Option<usize>,
@@ -156,6 +162,15 @@ impl Args {
         }
         if let Some(v) = self.cache_loop {
             sizes.cache.loop_iterations = v;
+        }
+        if let Some(v) = self.rounds {
+            sizes.mirror.rounds = v;
+        }
+        if let Some(v) = self.mirror_layer_mib {
+            sizes.mirror.layer_mib = v;
+        }
+        if let Some(v) = &self.mirror_rate {
+            sizes.mirror.rate = v.clone();
         }
         sizes
     }
