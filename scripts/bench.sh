@@ -2,7 +2,7 @@
 # The benchmark command: installs what the benchmarks need (dockerd, the
 # docker CLI, busybox-static, iproute2), builds in release mode and runs
 # every scenario, printing each figure with its same-run baseline and ratio.
-# Usage: scripts/bench.sh [all|p1|p2|p3|p4|p5|idle|tls-front|sync|pg|cache|mirror ...] [--smoke] [berth-bench flags]
+# Usage: scripts/bench.sh [all|p1|p2|p3|p4|p5|idle|tls-front|sync|pg|cache|mirror|capacity ...] [--smoke] [berth-bench flags]
 # Needs root (network namespaces, dockerd). See BENCHMARKS.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -100,16 +100,10 @@ impl<A: AsgApi> GroupActuator<A> {
     /// A pass every interval until `shutdown` fires.
     pub async fn run(mut self, shutdown: CancellationToken) {
         info!(group = %self.cfg.name, interval = ?self.cfg.interval, "Auto Scaling actuator started");
-        let mut interval = tokio::time::interval(self.cfg.interval);
-        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                () = shutdown.cancelled() => return,
-                _ = interval.tick() => {}
-            }
-            tokio::select! {
-                () = shutdown.cancelled() => return,
-                () = self.pass() => {}
+        let mut every = berth_runtime::shutdown::Every::new(self.cfg.interval);
+        while every.tick(&shutdown).await {
+            if shutdown.run_until_cancelled(self.pass()).await.is_none() {
+                return;
             }
         }
     }

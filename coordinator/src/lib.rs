@@ -327,13 +327,9 @@ pub(crate) async fn serve_pool(
         let pool = pool.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
-            let mut interval = tokio::time::interval(TICK);
-            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = interval.tick() => pool.tick(Now::system()),
-                    () = shutdown.cancelled() => break,
-                }
+            let mut every = berth_runtime::shutdown::Every::new(TICK);
+            while every.tick(&shutdown).await {
+                pool.tick(Now::system());
             }
         })
     };

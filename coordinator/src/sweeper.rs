@@ -167,16 +167,10 @@ impl<A: Ec2Api> Sweeper<A> {
     /// A pass every interval until `shutdown` fires.
     pub async fn run(mut self, shutdown: CancellationToken) {
         info!(pool = %self.cfg.pool_name, interval = ?self.cfg.interval, unregistered_after = ?self.cfg.unregistered_after, gone_after = ?self.cfg.gone_after, "orphan sweeper started");
-        let mut interval = tokio::time::interval(self.cfg.interval);
-        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                () = shutdown.cancelled() => return,
-                _ = interval.tick() => {}
-            }
-            tokio::select! {
-                () = shutdown.cancelled() => return,
-                () = self.pass() => {}
+        let mut every = berth_runtime::shutdown::Every::new(self.cfg.interval);
+        while every.tick(&shutdown).await {
+            if shutdown.run_until_cancelled(self.pass()).await.is_none() {
+                return;
             }
         }
     }

@@ -167,6 +167,25 @@ fn check_table(figures: &[bench::Figure]) {
     }
 }
 
+/// A report's table (`bench::write_table`): each named row with three
+/// positive numbers; and its speedup line showing `speedup`.
+fn rows_and_speedup(text: &str, names: &[&str], speedup: f64) {
+    for name in names {
+        let row = text
+            .lines()
+            .find(|l| l.starts_with(&format!("  {name:<44} ")))
+            .unwrap_or_else(|| panic!("no row {name:?} in\n{text}"));
+        let v: Vec<f64> = row[47..].split_whitespace().map(number).collect();
+        assert!(v.len() == 3 && v.iter().all(|x| *x > 0.0), "{row}");
+    }
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("speedup"))
+        .unwrap_or_else(|| panic!("no speedup in\n{text}"));
+    let shown = number(line.rsplit(' ').next().unwrap());
+    assert!(shown_as(shown, speedup), "{line}");
+}
+
 /// Samples present, finite, ordered (and positive if `positive`), and
 /// printed as they are.
 fn sane(f: &bench::Figure, positive: bool) {
@@ -558,25 +577,15 @@ fn cache_benchmark_reports_builds_with_and_without_the_cache() {
     }
     // The build with the cache skipped the costly step.
     assert!(report.all_cached, "{report}");
-    let text = report.to_string();
-    for name in [
-        "build on a fresh host, no cache",
-        "push of the inline cache",
-        "build on a fresh host, tenant's cache",
-    ] {
-        let row = text
-            .lines()
-            .find(|l| l.starts_with(&format!("  {name:<44} ")))
-            .unwrap_or_else(|| panic!("no row {name:?} in\n{text}"));
-        let v: Vec<f64> = row[47..].split_whitespace().map(number).collect();
-        assert!(v.len() == 3 && v.iter().all(|x| *x > 0.0), "{row}");
-    }
-    let line = text
-        .lines()
-        .find(|l| l.starts_with("speedup"))
-        .unwrap_or_else(|| panic!("no speedup in\n{text}"));
-    let shown = number(line.rsplit(' ').next().unwrap());
-    assert!(shown_as(shown, report.speedup()), "{line}");
+    rows_and_speedup(
+        &report.to_string(),
+        &[
+            "build on a fresh host, no cache",
+            "push of the inline cache",
+            "build on a fresh host, tenant's cache",
+        ],
+        report.speedup(),
+    );
 }
 
 #[test]
@@ -647,23 +656,13 @@ fn mirror_benchmark_reports_pulls_across_the_link_and_from_the_warm_mirror() {
     // The image is what was asked for: two layers of 1 MiB and the busybox.
     assert!(report.image_mib > 2.0, "{report}");
     assert!(report.warm_from_mirror_only, "{report}");
-    let text = report.to_string();
-    for name in [
-        "pull across the link (cold mirror)",
-        "pull from the warm mirror",
-        "pull of an image already there (fixed cost)",
-    ] {
-        let row = text
-            .lines()
-            .find(|l| l.starts_with(&format!("  {name:<44} ")))
-            .unwrap_or_else(|| panic!("no row {name:?} in\n{text}"));
-        let v: Vec<f64> = row[47..].split_whitespace().map(number).collect();
-        assert!(v.len() == 3 && v.iter().all(|x| *x > 0.0), "{row}");
-    }
-    let line = text
-        .lines()
-        .find(|l| l.starts_with("speedup"))
-        .unwrap_or_else(|| panic!("no speedup in\n{text}"));
-    let shown = number(line.rsplit(' ').next().unwrap());
-    assert!(shown_as(shown, report.speedup()), "{line}");
+    rows_and_speedup(
+        &report.to_string(),
+        &[
+            "pull across the link (cold mirror)",
+            "pull from the warm mirror",
+            "pull of an image already there (fixed cost)",
+        ],
+        report.speedup(),
+    );
 }

@@ -144,12 +144,10 @@ impl Watch {
 
     /// Refreshes the snapshot every [`REFRESH_EVERY`] until `stop` fires.
     pub async fn run(self: Arc<Self>, stop: CancellationToken) {
-        let mut every = tokio::time::interval(REFRESH_EVERY);
-        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = every.tick() => { self.probe().await; }
-                () = stop.cancelled() => return,
+        let mut every = berth_runtime::shutdown::Every::new(REFRESH_EVERY);
+        while every.tick(&stop).await {
+            if stop.run_until_cancelled(self.probe()).await.is_none() {
+                return;
             }
         }
     }

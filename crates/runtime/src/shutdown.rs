@@ -35,3 +35,20 @@ pub fn on_signal(on_signal: impl FnOnce(&'static str) + Send + 'static) -> Cance
     });
     token
 }
+
+/// A periodic pass's clock: the first tick at once, a late pass delays
+/// the next rather than bunching them.
+pub struct Every(tokio::time::Interval);
+
+impl Every {
+    pub fn new(period: std::time::Duration) -> Self {
+        let mut ticks = tokio::time::interval(period);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Self(ticks)
+    }
+
+    /// Waits for the next tick: `false` once `shutdown` fires instead.
+    pub async fn tick(&mut self, shutdown: &CancellationToken) -> bool {
+        shutdown.run_until_cancelled(self.0.tick()).await.is_some()
+    }
+}

@@ -216,22 +216,14 @@ impl fmt::Display for Report {
             "project: multi-stage, a costly step of {} shell-loop iterations; {} rounds, each on two fresh hosts; seconds, whole command timed",
             self.options.loop_iterations, self.options.rounds
         )?;
-        writeln!(
+        super::write_table(
             f,
-            "\n  {:<44} {:>8} {:>8} {:>8}",
-            "", "min", "median", "max"
+            &[
+                ("build on a fresh host, no cache", &self.cold),
+                ("push of the inline cache", &self.push),
+                ("build on a fresh host, tenant's cache", &self.warm),
+            ],
         )?;
-        for (name, s) in [
-            ("build on a fresh host, no cache", &self.cold),
-            ("push of the inline cache", &self.push),
-            ("build on a fresh host, tenant's cache", &self.warm),
-        ] {
-            writeln!(
-                f,
-                "  {name:<44} {:>8.2} {:>8.2} {:>8.2}",
-                s.min, s.median, s.max
-            )?;
-        }
         writeln!(
             f,
             "\ncostly step cached in every build with the cache: {}",

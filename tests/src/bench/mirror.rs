@@ -245,22 +245,14 @@ impl fmt::Display for Report {
             self.options.rate,
             self.options.rounds
         )?;
-        writeln!(
+        super::write_table(
             f,
-            "\n  {:<44} {:>8} {:>8} {:>8}",
-            "", "min", "median", "max"
+            &[
+                ("pull across the link (cold mirror)", &self.cold),
+                ("pull from the warm mirror", &self.warm),
+                ("pull of an image already there (fixed cost)", &self.noop),
+            ],
         )?;
-        for (name, s) in [
-            ("pull across the link (cold mirror)", &self.cold),
-            ("pull from the warm mirror", &self.warm),
-            ("pull of an image already there (fixed cost)", &self.noop),
-        ] {
-            writeln!(
-                f,
-                "  {name:<44} {:>8.2} {:>8.2} {:>8.2}",
-                s.min, s.median, s.max
-            )?;
-        }
         writeln!(
             f,
             "\nsent across the link per cold pull (median): {:.0} MiB",

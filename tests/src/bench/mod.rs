@@ -548,6 +548,24 @@ pub fn summary_table(figures: &[Figure]) -> String {
     out
 }
 
+/// A table of summaries (min, median, max; two decimals) under a header,
+/// one row per name, as the reports of `cache` and `mirror` print them.
+pub fn write_table(f: &mut std::fmt::Formatter<'_>, rows: &[(&str, &Summary)]) -> std::fmt::Result {
+    writeln!(
+        f,
+        "\n  {:<44} {:>8} {:>8} {:>8}",
+        "", "min", "median", "max"
+    )?;
+    for (name, s) in rows {
+        writeln!(
+            f,
+            "  {name:<44} {:>8.2} {:>8.2} {:>8.2}",
+            s.min, s.median, s.max
+        )?;
+    }
+    Ok(())
+}
+
 /// Milliseconds of a duration, as a sample.
 pub fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
