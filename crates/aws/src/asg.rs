@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use aws_sdk_autoscaling::error::{ProvideErrorMetadata, SdkError};
 
-use crate::retry::{RetryError, RetryPolicy, with_retries};
+use crate::retry::{Outcome, RetryError, RetryPolicy, with_retries};
 
 /// Bounds on DescribeAutoScalingGroups (the actuator reads the group on
 /// every pass, so a slow answer only delays one pass).
@@ -123,12 +123,28 @@ impl Asg {
     }
 }
 
-fn classify<E, R>(e: SdkError<E, R>) -> crate::retry::Outcome<String>
+fn classify<E, R>(e: SdkError<E, R>) -> Outcome<String>
 where
     E: std::error::Error + ProvideErrorMetadata + Send + Sync + 'static,
     R: std::fmt::Debug + Send + Sync + 'static,
 {
     crate::ec2::classify_with(e, &RETRYABLE_CODES)
+}
+
+/// `op` retried under `policy`; a failure names the call and its target.
+async fn call<T, F, Fut>(
+    op: &'static str,
+    target: String,
+    policy: &RetryPolicy,
+    attempt: F,
+) -> Result<T, AsgError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, Outcome<String>>>,
+{
+    with_retries(op, policy, attempt)
+        .await
+        .map_err(|source| AsgError { op, target, source })
 }
 
 fn count(v: Option<i32>) -> u32 {
@@ -161,42 +177,44 @@ fn group(g: &aws_sdk_autoscaling::types::AutoScalingGroup) -> GroupInfo {
 impl AsgApi for Asg {
     #[tracing::instrument(skip(self), err)]
     async fn describe_group(&self, name: &str) -> Result<Option<GroupInfo>, AsgError> {
-        with_retries("DescribeAutoScalingGroups", &ASG_DESCRIBE_RETRY, || async {
-            self.client
-                .describe_auto_scaling_groups()
-                .auto_scaling_group_names(name)
-                .send()
-                .await
-                .map(|out| {
-                    out.auto_scaling_groups()
-                        .iter()
-                        .find(|g| g.auto_scaling_group_name() == Some(name))
-                        .map(group)
-                })
-                .map_err(classify)
-        })
+        let target = name.to_owned();
+        call(
+            "DescribeAutoScalingGroups",
+            target,
+            &ASG_DESCRIBE_RETRY,
+            || async {
+                self.client
+                    .describe_auto_scaling_groups()
+                    .auto_scaling_group_names(name)
+                    .send()
+                    .await
+                    .map(|out| {
+                        out.auto_scaling_groups()
+                            .iter()
+                            .find(|g| g.auto_scaling_group_name() == Some(name))
+                            .map(group)
+                    })
+                    .map_err(classify)
+            },
+        )
         .await
-        .map_err(|source| AsgError {
-            op: "DescribeAutoScalingGroups",
-            target: name.to_owned(),
-            source,
-        })
     }
 
     #[tracing::instrument(skip(self), err)]
     async fn set_desired(&self, name: &str, desired: u32) -> Result<(), AsgError> {
-        let err = |source| AsgError {
-            op: "SetDesiredCapacity",
-            target: format!("{name} to {desired}"),
-            source,
-        };
+        const OP: &str = "SetDesiredCapacity";
+        let target = format!("{name} to {desired}");
         let Ok(n) = i32::try_from(desired) else {
-            return Err(err(RetryError::Failed {
-                error: format!("desired capacity {desired} is out of range"),
-                attempts: 0,
-            }));
+            return Err(AsgError {
+                op: OP,
+                target,
+                source: RetryError::Failed {
+                    error: format!("desired capacity {desired} is out of range"),
+                    attempts: 0,
+                },
+            });
         };
-        with_retries("SetDesiredCapacity", &ASG_CHANGE_RETRY, || async {
+        call(OP, target, &ASG_CHANGE_RETRY, || async {
             self.client
                 .set_desired_capacity()
                 .auto_scaling_group_name(name)
@@ -208,13 +226,13 @@ impl AsgApi for Asg {
                 .map_err(classify)
         })
         .await
-        .map_err(err)
     }
 
     #[tracing::instrument(skip(self), err)]
     async fn terminate_and_decrement(&self, instance_id: &str) -> Result<(), AsgError> {
-        with_retries(
+        call(
             "TerminateInstanceInAutoScalingGroup",
+            instance_id.to_owned(),
             &ASG_CHANGE_RETRY,
             || async {
                 self.client
@@ -228,11 +246,6 @@ impl AsgApi for Asg {
             },
         )
         .await
-        .map_err(|source| AsgError {
-            op: "TerminateInstanceInAutoScalingGroup",
-            target: instance_id.to_owned(),
-            source,
-        })
     }
 
     #[tracing::instrument(skip(self), err)]
@@ -242,22 +255,23 @@ impl AsgApi for Asg {
         instance_ids: &[String],
         protected: bool,
     ) -> Result<(), AsgError> {
-        with_retries("SetInstanceProtection", &ASG_CHANGE_RETRY, || async {
-            self.client
-                .set_instance_protection()
-                .auto_scaling_group_name(name)
-                .set_instance_ids(Some(instance_ids.to_vec()))
-                .protected_from_scale_in(protected)
-                .send()
-                .await
-                .map(|_| ())
-                .map_err(classify)
-        })
+        let target = format!("{name} {instance_ids:?} to {protected}");
+        call(
+            "SetInstanceProtection",
+            target,
+            &ASG_CHANGE_RETRY,
+            || async {
+                self.client
+                    .set_instance_protection()
+                    .auto_scaling_group_name(name)
+                    .set_instance_ids(Some(instance_ids.to_vec()))
+                    .protected_from_scale_in(protected)
+                    .send()
+                    .await
+                    .map(|_| ())
+                    .map_err(classify)
+            },
+        )
         .await
-        .map_err(|source| AsgError {
-            op: "SetInstanceProtection",
-            target: format!("{name} {instance_ids:?} to {protected}"),
-            source,
-        })
     }
 }
