@@ -616,6 +616,14 @@ impl Pool {
         run(self.berth_cmd().args(args))
     }
 
+    /// Runs the `berth` CLI as the tenant whose token is in `token_file`.
+    pub fn berth_as(&self, token_file: &Path, args: &[&str]) -> Output {
+        run(self
+            .berth_cmd()
+            .env("BERTH_TOKEN_FILE", token_file)
+            .args(args))
+    }
+
     /// `berth acquire`, which must succeed.
     pub fn acquire(&self, build: &str, ttl: &str, wait: &str) -> LeaseEnv {
         let o = ok(

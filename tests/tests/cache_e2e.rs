@@ -155,12 +155,12 @@ fn a_tenants_cache_serves_its_next_fresh_host_and_no_other_tenant() {
     // Tenant B: a lease of its own, its own namespace.
     let b = {
         let o = ok(
-            run(pool
-                .berth_cmd()
-                .env("BERTH_TOKEN_FILE", &b_token_file)
-                .args([
+            pool.berth_as(
+                &b_token_file,
+                &[
                     "acquire", "--build", "cache-b", "--ttl", "10m", "--wait", "1m",
-                ])),
+                ],
+            ),
             "acquire as teamb",
         );
         LeaseEnv::parse(&stdout(&o))
@@ -276,10 +276,7 @@ fn a_tenants_cache_serves_its_next_fresh_host_and_no_other_tenant() {
         "release a2",
     );
     ok(
-        run(pool
-            .berth_cmd()
-            .env("BERTH_TOKEN_FILE", &b_token_file)
-            .args(["release", "--lease", b.lease_id()])),
+        pool.berth_as(&b_token_file, &["release", "--lease", b.lease_id()]),
         "release b",
     );
 }
@@ -339,12 +336,12 @@ fn a_tenant_over_its_cache_cap_loses_its_oldest_tags_and_no_other_tenant_anythin
     }
     let b = {
         let o = ok(
-            run(pool
-                .berth_cmd()
-                .env("BERTH_TOKEN_FILE", &b_token_file)
-                .args([
+            pool.berth_as(
+                &b_token_file,
+                &[
                     "acquire", "--build", "ret-b", "--ttl", "10m", "--wait", "1m",
-                ])),
+                ],
+            ),
             "acquire as teamb",
         );
         LeaseEnv::parse(&stdout(&o))
@@ -410,10 +407,7 @@ fn a_tenant_over_its_cache_cap_loses_its_oldest_tags_and_no_other_tenant_anythin
         "release a",
     );
     ok(
-        run(pool
-            .berth_cmd()
-            .env("BERTH_TOKEN_FILE", &b_token_file)
-            .args(["release", "--lease", b.lease_id()])),
+        pool.berth_as(&b_token_file, &["release", "--lease", b.lease_id()]),
         "release b",
     );
 }

@@ -41,9 +41,7 @@ fn a_later_tenant_is_served_in_turn_and_a_tenant_beyond_max_queued_is_refused() 
         p
     };
     let (a_file, b_file) = (token_file("a", &a_token), token_file("b", &b_token));
-    let as_tenant = |file: &PathBuf, args: &[&str]| {
-        run(pool.berth_cmd().env("BERTH_TOKEN_FILE", file).args(args))
-    };
+    let as_tenant = |file: &PathBuf, args: &[&str]| pool.berth_as(file, args);
 
     // The one host is held, so every build below queues.
     let hold = pool.acquire("hold", "10m", "1m");

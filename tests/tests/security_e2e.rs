@@ -450,7 +450,7 @@ fn the_coordinator_needs_the_right_token_and_keeps_tenants_apart() {
     // the admin API is closed to it.
     let theirs = pool.state_dir.join("team-b-token");
     std::fs::write(&theirs, &other_token).unwrap();
-    let as_b = |args: &[&str]| run(pool.berth_cmd().env("BERTH_TOKEN_FILE", &theirs).args(args));
+    let as_b = |args: &[&str]| pool.berth_as(&theirs, args);
     for cmd in ["get", "renew", "release"] {
         let o = as_b(&[cmd, "--lease", mine.lease_id()]);
         assert_eq!(o.status.code(), Some(4), "{cmd}: {}", stderr(&o));
