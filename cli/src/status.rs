@@ -130,6 +130,13 @@ pub fn progress_line(
             " (queue: {} builds waiting; {} hosts ready)",
             st.queue_length, st.hosts_offerable
         );
+        if !st.store_error.is_empty() {
+            let _ = write!(
+                s,
+                "; the coordinator's store is failing, no host is offered: {}",
+                st.store_error
+            );
+        }
     }
     s
 }
@@ -142,6 +149,13 @@ pub fn describe(
     let mut s = format!("coordinator  {coordinator}: reachable\n");
     match stats {
         Ok(st) => {
+            if !st.store_error.is_empty() {
+                let _ = writeln!(
+                    s,
+                    "store        FAILING: no host is offered until it works again ({})",
+                    st.store_error
+                );
+            }
             let hosts: u32 = st.hosts_by_state.values().sum();
             let _ = writeln!(
                 s,
@@ -265,6 +279,17 @@ mod tests {
         );
         assert!(out.contains("queue        4 builds waiting"), "{out}");
         assert!(!out.contains("mirror"), "{out}");
+        assert!(!out.contains("store"), "{out}");
+        let failing = pb::PoolStatsResponse {
+            store_error: "store commit: No space left on device".into(),
+            ..st
+        };
+        assert!(
+            describe("c", Ok(&failing)).contains(
+                "store        FAILING: no host is offered until it works again (store commit: No space left on device)"
+            ),
+            "{out}"
+        );
         let denied = tonic::Status::permission_denied("x");
         assert!(describe("c", Err(&denied)).contains("needs an admin"));
     }

@@ -101,6 +101,11 @@ pub enum Unavailable {
     /// The lease store did not confirm the change the answer reports.
     #[error(transparent)]
     Store(#[from] NotDurable),
+    /// The lease store fails to take commits: no host is offered.
+    #[error(
+        "no host is offered while the lease store fails ({0}); retry the acquire (the same build id is safe) once it works again"
+    )]
+    StoreFailing(String),
     /// EC2 did not answer whether the agent's instance belongs to the pool.
     #[error("cannot verify instance {host_id} now: {source}")]
     Ec2 {

@@ -351,6 +351,7 @@ pub(crate) async fn serve_pool(
     let ops_task = tokio::spawn(ops::serve(
         ops_listener,
         ops::metrics::registry(pool.clone(), ec2_metrics.clone(), registries),
+        pool.clone(),
         shutdown.clone(),
     ));
 

@@ -128,6 +128,47 @@ pub struct HostRecord {
 /// A host record to write, or `None` to delete the host's record.
 pub type HostChange = (String, Option<HostRecord>);
 
+/// What a load found: the records that decode, and the keys of those that
+/// do not. An unreadable record is left where it is (a newer coordinator,
+/// or a person, may still read it) and never restored: the pool
+/// quarantines it (`pool::persist::quarantine`) rather than refuse to start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Loaded<T> {
+    pub records: Vec<T>,
+    pub unreadable: Vec<Unreadable>,
+}
+
+impl<T> Default for Loaded<T> {
+    fn default() -> Self {
+        Self {
+            records: Vec::new(),
+            unreadable: Vec::new(),
+        }
+    }
+}
+
+impl<T: serde::de::DeserializeOwned> Loaded<T> {
+    /// Adds the record stored under `id`, or notes it as unreadable.
+    pub fn decode(&mut self, id: &str, bytes: &[u8]) {
+        match serde_json::from_slice(bytes) {
+            Ok(r) => self.records.push(r),
+            Err(e) => self.unreadable.push(Unreadable {
+                id: id.to_owned(),
+                error: e.to_string(),
+            }),
+        }
+    }
+}
+
+/// A stored record that does not decode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unreadable {
+    /// Its key: the lease id or host id it is stored under.
+    pub id: String,
+    /// Why it does not decode.
+    pub error: String,
+}
+
 /// One timeline step as kept on disk.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TimelineRecord {
@@ -164,10 +205,11 @@ pub trait LeaseStore: Send + Sync + 'static {
         delete: &[String],
         hosts: &[HostChange],
     ) -> Result<(), StoreError>;
-    /// Every stored lease record.
-    fn load(&self) -> Result<Vec<LeaseRecord>, StoreError>;
-    /// Every stored host record.
-    fn load_hosts(&self) -> Result<Vec<HostRecord>, StoreError>;
+    /// Every stored lease record; those that do not decode are listed
+    /// apart (an error only when the store cannot be read at all).
+    fn load(&self) -> Result<Loaded<LeaseRecord>, StoreError>;
+    /// Every stored host record; those that do not decode listed apart.
+    fn load_hosts(&self) -> Result<Loaded<HostRecord>, StoreError>;
     /// Stores a value that must outlive the process.
     fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), StoreError>;
     /// Reads a value stored with [`LeaseStore::put_meta`].
@@ -206,14 +248,20 @@ impl LeaseStore for MemStore {
         Ok(())
     }
 
-    fn load(&self) -> Result<Vec<LeaseRecord>, StoreError> {
+    fn load(&self) -> Result<Loaded<LeaseRecord>, StoreError> {
         let g = self.leases.lock().unwrap_or_else(|e| e.into_inner());
-        Ok(g.values().cloned().collect())
+        Ok(Loaded {
+            records: g.values().cloned().collect(),
+            unreadable: Vec::new(),
+        })
     }
 
-    fn load_hosts(&self) -> Result<Vec<HostRecord>, StoreError> {
+    fn load_hosts(&self) -> Result<Loaded<HostRecord>, StoreError> {
         let g = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
-        Ok(g.values().cloned().collect())
+        Ok(Loaded {
+            records: g.values().cloned().collect(),
+            unreadable: Vec::new(),
+        })
     }
 
     fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
@@ -229,9 +277,15 @@ impl LeaseStore for MemStore {
 }
 
 /// The embedded, on-disk store.
+///
+/// After an I/O error (a full disk) redb refuses every later transaction
+/// of the same `Database` (`PreviousIo`), so the store closes it and opens
+/// the file again at the next call: the pool's retried commit then goes
+/// through by itself once there is space again (redb repairs the file on
+/// opening if it must).
 pub struct RedbStore {
     path: PathBuf,
-    db: redb::Database,
+    db: Mutex<Option<redb::Database>>,
 }
 
 impl std::fmt::Debug for RedbStore {
@@ -247,25 +301,58 @@ impl RedbStore {
     /// redb repairs the file here, before the coordinator serves anything.
     pub fn open(state_dir: &Path) -> Result<Self, StoreError> {
         let path = state_dir.join(STORE_FILE);
-        let open_err = |e: redb::Error| StoreError::Open {
-            path: path.clone(),
-            source: Box::new(e),
-        };
-        let db = redb::Database::create(&path).map_err(|e| open_err(e.into()))?;
-        // Create every table up front so reads never meet a missing table.
-        let txn = db.begin_write().map_err(|e| open_err(e.into()))?;
-        {
-            txn.open_table(LEASES).map_err(|e| open_err(e.into()))?;
-            txn.open_table(HOSTS).map_err(|e| open_err(e.into()))?;
-            txn.open_table(META).map_err(|e| open_err(e.into()))?;
-        }
-        txn.commit().map_err(|e| open_err(e.into()))?;
-        Ok(Self { path, db })
+        let db = open_db(&path)?;
+        Ok(Self {
+            path,
+            db: Mutex::new(Some(db)),
+        })
     }
 
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// Runs `f` on the database, opening it again first if an I/O error
+    /// closed it; an I/O error of `f` closes it.
+    fn with_db<T>(
+        &self,
+        f: impl FnOnce(&redb::Database) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut g = self.db.lock().unwrap_or_else(|e| e.into_inner());
+        let db = match g.take() {
+            Some(db) => db,
+            None => {
+                let db = open_db(&self.path)?;
+                tracing::info!(path = %self.path.display(), "lease store opened again after an I/O error");
+                db
+            }
+        };
+        let r = f(&db);
+        let broken = matches!(&r, Err(StoreError::Db { source, .. })
+            if matches!(**source, redb::Error::Io(_) | redb::Error::PreviousIo));
+        if !broken {
+            *g = Some(db);
+        }
+        r
+    }
+}
+
+/// Opens (or creates) the redb file and every table.
+fn open_db(path: &Path) -> Result<redb::Database, StoreError> {
+    let open_err = |e: redb::Error| StoreError::Open {
+        path: path.to_owned(),
+        source: Box::new(e),
+    };
+    let db = redb::Database::create(path).map_err(|e| open_err(e.into()))?;
+    // Create every table up front so reads never meet a missing table.
+    let txn = db.begin_write().map_err(|e| open_err(e.into()))?;
+    {
+        txn.open_table(LEASES).map_err(|e| open_err(e.into()))?;
+        txn.open_table(HOSTS).map_err(|e| open_err(e.into()))?;
+        txn.open_table(META).map_err(|e| open_err(e.into()))?;
+    }
+    txn.commit().map_err(|e| open_err(e.into()))?;
+    Ok(db)
 }
 
 impl LeaseStore for RedbStore {
@@ -278,111 +365,106 @@ impl LeaseStore for RedbStore {
         if put.is_empty() && delete.is_empty() && hosts.is_empty() {
             return Ok(());
         }
-        let txn = self
-            .db
-            .begin_write()
-            .map_err(|e| db_err("begin write")(e.into()))?;
-        {
-            let mut t = txn
-                .open_table(LEASES)
-                .map_err(|e| db_err("open leases")(e.into()))?;
-            for r in put {
-                // Serialising a struct of strings and numbers cannot fail.
-                let bytes = serde_json::to_vec(r).unwrap_or_default();
-                t.insert(r.id.as_str(), bytes.as_slice())
-                    .map_err(|e| db_err("insert lease")(e.into()))?;
-            }
-            for id in delete {
-                t.remove(id.as_str())
-                    .map_err(|e| db_err("remove lease")(e.into()))?;
-            }
-            let mut h = txn
-                .open_table(HOSTS)
-                .map_err(|e| db_err("open hosts")(e.into()))?;
-            for (id, r) in hosts {
-                match r {
-                    Some(r) => {
-                        let bytes = serde_json::to_vec(r).unwrap_or_default();
-                        h.insert(id.as_str(), bytes.as_slice())
-                            .map_err(|e| db_err("insert host")(e.into()))?;
-                    }
-                    None => {
-                        h.remove(id.as_str())
-                            .map_err(|e| db_err("remove host")(e.into()))?;
+        self.with_db(|db| {
+            let txn = db
+                .begin_write()
+                .map_err(|e| db_err("begin write")(e.into()))?;
+            {
+                let mut t = txn
+                    .open_table(LEASES)
+                    .map_err(|e| db_err("open leases")(e.into()))?;
+                for r in put {
+                    // Serialising a struct of strings and numbers cannot fail.
+                    let bytes = serde_json::to_vec(r).unwrap_or_default();
+                    t.insert(r.id.as_str(), bytes.as_slice())
+                        .map_err(|e| db_err("insert lease")(e.into()))?;
+                }
+                for id in delete {
+                    t.remove(id.as_str())
+                        .map_err(|e| db_err("remove lease")(e.into()))?;
+                }
+                let mut h = txn
+                    .open_table(HOSTS)
+                    .map_err(|e| db_err("open hosts")(e.into()))?;
+                for (id, r) in hosts {
+                    match r {
+                        Some(r) => {
+                            let bytes = serde_json::to_vec(r).unwrap_or_default();
+                            h.insert(id.as_str(), bytes.as_slice())
+                                .map_err(|e| db_err("insert host")(e.into()))?;
+                        }
+                        None => {
+                            h.remove(id.as_str())
+                                .map_err(|e| db_err("remove host")(e.into()))?;
+                        }
                     }
                 }
             }
-        }
-        txn.commit().map_err(|e| db_err("commit")(e.into()))
+            txn.commit().map_err(|e| db_err("commit")(e.into()))
+        })
     }
 
-    fn load_hosts(&self) -> Result<Vec<HostRecord>, StoreError> {
-        let txn = self
-            .db
-            .begin_read()
-            .map_err(|e| db_err("begin read")(e.into()))?;
-        let t = txn
-            .open_table(HOSTS)
-            .map_err(|e| db_err("open hosts")(e.into()))?;
-        let mut out = Vec::new();
-        for item in t.iter().map_err(|e| db_err("iterate hosts")(e.into()))? {
-            let (k, v) = item.map_err(|e| db_err("read host")(e.into()))?;
-            let rec: HostRecord =
-                serde_json::from_slice(v.value()).map_err(|source| StoreError::Decode {
-                    id: k.value().to_owned(),
-                    source,
-                })?;
-            out.push(rec);
-        }
-        Ok(out)
+    fn load_hosts(&self) -> Result<Loaded<HostRecord>, StoreError> {
+        self.with_db(|db| {
+            let txn = db
+                .begin_read()
+                .map_err(|e| db_err("begin read")(e.into()))?;
+            let t = txn
+                .open_table(HOSTS)
+                .map_err(|e| db_err("open hosts")(e.into()))?;
+            let mut out = Loaded::default();
+            for item in t.iter().map_err(|e| db_err("iterate hosts")(e.into()))? {
+                let (k, v) = item.map_err(|e| db_err("read host")(e.into()))?;
+                out.decode(k.value(), v.value());
+            }
+            Ok(out)
+        })
     }
 
-    fn load(&self) -> Result<Vec<LeaseRecord>, StoreError> {
-        let txn = self
-            .db
-            .begin_read()
-            .map_err(|e| db_err("begin read")(e.into()))?;
-        let t = txn
-            .open_table(LEASES)
-            .map_err(|e| db_err("open leases")(e.into()))?;
-        let mut out = Vec::new();
-        for item in t.iter().map_err(|e| db_err("iterate leases")(e.into()))? {
-            let (k, v) = item.map_err(|e| db_err("read lease")(e.into()))?;
-            let rec: LeaseRecord =
-                serde_json::from_slice(v.value()).map_err(|source| StoreError::Decode {
-                    id: k.value().to_owned(),
-                    source,
-                })?;
-            out.push(rec);
-        }
-        Ok(out)
+    fn load(&self) -> Result<Loaded<LeaseRecord>, StoreError> {
+        self.with_db(|db| {
+            let txn = db
+                .begin_read()
+                .map_err(|e| db_err("begin read")(e.into()))?;
+            let t = txn
+                .open_table(LEASES)
+                .map_err(|e| db_err("open leases")(e.into()))?;
+            let mut out = Loaded::default();
+            for item in t.iter().map_err(|e| db_err("iterate leases")(e.into()))? {
+                let (k, v) = item.map_err(|e| db_err("read lease")(e.into()))?;
+                out.decode(k.value(), v.value());
+            }
+            Ok(out)
+        })
     }
 
     fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
-        let txn = self
-            .db
-            .begin_write()
-            .map_err(|e| db_err("begin write")(e.into()))?;
-        {
-            let mut t = txn
-                .open_table(META)
-                .map_err(|e| db_err("open meta")(e.into()))?;
-            t.insert(key, value)
-                .map_err(|e| db_err("insert meta")(e.into()))?;
-        }
-        txn.commit().map_err(|e| db_err("commit")(e.into()))
+        self.with_db(|db| {
+            let txn = db
+                .begin_write()
+                .map_err(|e| db_err("begin write")(e.into()))?;
+            {
+                let mut t = txn
+                    .open_table(META)
+                    .map_err(|e| db_err("open meta")(e.into()))?;
+                t.insert(key, value)
+                    .map_err(|e| db_err("insert meta")(e.into()))?;
+            }
+            txn.commit().map_err(|e| db_err("commit")(e.into()))
+        })
     }
 
     fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        let txn = self
-            .db
-            .begin_read()
-            .map_err(|e| db_err("begin read")(e.into()))?;
-        let t = txn
-            .open_table(META)
-            .map_err(|e| db_err("open meta")(e.into()))?;
-        let v = t.get(key).map_err(|e| db_err("read meta")(e.into()))?;
-        Ok(v.map(|v| v.value().to_vec()))
+        self.with_db(|db| {
+            let txn = db
+                .begin_read()
+                .map_err(|e| db_err("begin read")(e.into()))?;
+            let t = txn
+                .open_table(META)
+                .map_err(|e| db_err("open meta")(e.into()))?;
+            let v = t.get(key).map_err(|e| db_err("read meta")(e.into()))?;
+            Ok(v.map(|v| v.value().to_vec()))
+        })
     }
 }
 
@@ -458,14 +540,102 @@ pub(crate) mod tests {
             s.put_meta("ca", b"pem2").unwrap();
         }
         let s = open();
-        let all = s.load().unwrap();
+        let all = s.load().unwrap().records;
         assert_eq!(all, vec![rec("b", "released")]);
-        assert_eq!(s.load_hosts().unwrap(), vec![host("h2").1.unwrap()]);
+        assert_eq!(s.load_hosts().unwrap().records, vec![host("h2").1.unwrap()]);
         assert!(all[0].wipe_report().unwrap().verified);
         assert_eq!(s.get_meta("ca").unwrap().as_deref(), Some(&b"pem2"[..]));
         assert_eq!(s.get_meta("nope").unwrap(), None);
         // An empty commit is a no-op, not an error.
         s.commit(&[], &[], &[]).unwrap();
+    }
+
+    /// What every store does with records it cannot decode: `corrupt`
+    /// stores an undecodable lease record under `bad-lease` and an
+    /// undecodable host record under `h-bad`. They are listed apart, the
+    /// pool starts, serves the readable lease, treats the unreadable host
+    /// as burned, and leaves both records where they were.
+    pub(crate) fn unreadable_records_are_quarantined(
+        store: std::sync::Arc<dyn LeaseStore>,
+        corrupt: &dyn Fn(),
+    ) {
+        store
+            .commit(&[rec("a", "active")], &[], &[host("h2")])
+            .unwrap();
+        corrupt();
+        let leases = store.load().unwrap();
+        assert_eq!(leases.records, vec![rec("a", "active")]);
+        assert_eq!(
+            leases
+                .unreadable
+                .iter()
+                .map(|u| u.id.as_str())
+                .collect::<Vec<_>>(),
+            ["bad-lease"]
+        );
+        let hosts = store.load_hosts().unwrap();
+        assert_eq!(hosts.records, vec![host("h2").1.unwrap()]);
+        assert_eq!(hosts.unreadable.len(), 1);
+        assert_eq!(hosts.unreadable[0].id, "h-bad");
+
+        let now = crate::clock::Now::system();
+        let pool =
+            crate::pool::Pool::with_store(crate::pool::PoolConfig::default(), store.clone(), now)
+                .expect("the coordinator starts despite unreadable records");
+        assert_eq!(pool.quarantined(), 2);
+        assert_eq!(
+            pool.get("", "a").unwrap().state,
+            pb::LeaseState::Active as i32
+        );
+        let (tx, _rx) = tokio::sync::mpsc::channel(4);
+        let reg = |id: &str| crate::pool::Registration {
+            host_id: id.into(),
+            host_addr: "198.18.0.9".into(),
+            docker_host: "tcp://198.18.0.9:2376".into(),
+            provider: "test".into(),
+            resources: None,
+            agent_version: "t".into(),
+            docker_version: "t".into(),
+            state: pb::HostState::Ready,
+            lease_id: String::new(),
+            lease_deadline: None,
+            tls: crate::pool::RegisteredTls::default(),
+            key: None,
+            lease_key: None,
+        };
+        let refused = pool.register(reg("h-bad"), tx.clone(), now).unwrap_err();
+        assert!(refused.to_string().contains("h-bad"), "{refused}");
+        // A host with a readable record or none registers as usual.
+        pool.register(reg("h3"), tx, now).unwrap();
+        drop(pool);
+        // Left in place, still unreadable, for a person to look at.
+        assert_eq!(store.load().unwrap().unreadable.len(), 1);
+        assert_eq!(store.load_hosts().unwrap().unreadable.len(), 1);
+    }
+
+    #[test]
+    fn unreadable_records_in_the_file_are_quarantined() {
+        let dir = std::env::temp_dir().join(format!("berth-store-bad-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let store = std::sync::Arc::new(RedbStore::open(&dir).unwrap());
+        let db = store.clone();
+        unreadable_records_are_quarantined(store, &|| {
+            db.with_db(|db| {
+                let txn = db.begin_write().unwrap();
+                {
+                    let mut t = txn.open_table(LEASES).unwrap();
+                    t.insert("bad-lease", &[0xff, 0x00, 0x13, 0x37][..])
+                        .unwrap();
+                    let mut h = txn.open_table(HOSTS).unwrap();
+                    h.insert("h-bad", &b"{\"id\": 7}"[..]).unwrap();
+                }
+                txn.commit().unwrap();
+                Ok(())
+            })
+            .unwrap();
+        });
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
@@ -492,7 +662,7 @@ pub(crate) mod tests {
             &[("h1".into(), None)],
         )
         .unwrap();
-        assert_eq!(s.load().unwrap(), vec![rec("b", "released")]);
-        assert_eq!(s.load_hosts().unwrap(), vec![host("h2").1.unwrap()]);
+        assert_eq!(s.load().unwrap().records, vec![rec("b", "released")]);
+        assert_eq!(s.load_hosts().unwrap().records, vec![host("h2").1.unwrap()]);
     }
 }

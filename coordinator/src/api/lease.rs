@@ -73,7 +73,14 @@ impl Services {
             self.pool.check_key(&pending.lease_id, key)?;
             // Signed while the lease's records are being committed.
             let client_cert_pem = self.lease_cert(&lease, csr, Now::system())?;
-            self.pool.durable().await?;
+            if let Err(e) = self.pool.durable().await {
+                // Nobody gets this certificate: the lease must not keep
+                // its host (unless an earlier answer delivered it).
+                self.pool
+                    .undo_unanswered(&pending.lease_id, &e.to_string(), Now::system());
+                return Err(e);
+            }
+            self.pool.answering(&pending.lease_id)?;
             let build_cache = self
                 .cache
                 .as_ref()

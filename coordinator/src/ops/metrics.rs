@@ -56,6 +56,9 @@ pub struct PoolMetrics {
     pub hosts_retired: Counter,
     /// Interruption notices agents reported (spot, rebalance).
     pub interruption_notices: Counter,
+    /// Leases ended because the store could not record them before their
+    /// Acquire answer left (`Pool::undo_unanswered`).
+    pub unanswered_leases_ended: Counter,
 }
 
 impl Default for PoolMetrics {
@@ -77,6 +80,7 @@ impl Default for PoolMetrics {
             scale_outs: Counter::default(),
             hosts_retired: Counter::default(),
             interruption_notices: Counter::default(),
+            unanswered_leases_ended: Counter::default(),
         };
         // Every series exists from the start (at 0).
         for o in ["ok", "no-host", "error"] {
@@ -240,6 +244,24 @@ impl Collector for PoolCollector {
             "Builds waiting for a host",
             i64::from(s.queue_length),
         )?;
+        gauge(
+            &mut encoder,
+            "store_failing",
+            "1 while the lease store fails to take commits (no host is offered meanwhile), else 0",
+            i64::from(s.store_error.is_some()),
+        )?;
+        gauge(
+            &mut encoder,
+            "store_quarantined_records",
+            "Stored records that did not decode at start: left in the store, not restored",
+            i64::try_from(self.pool.quarantined()).unwrap_or(i64::MAX),
+        )?;
+        counter(
+            &mut encoder,
+            "store_commit_failures",
+            "Commits of the lease store that failed (each is retried)",
+            self.pool.store_failures(),
+        )?;
         let e = self.ec2.snapshot();
         for (name, help, v) in [
             (
@@ -391,6 +413,11 @@ pub fn registry(
         "interruption_notices",
         "Interruption notices agents reported (EC2 spot interruption, rebalance recommendation)",
         m.interruption_notices.clone(),
+    );
+    r.register(
+        "unanswered_leases_ended",
+        "Leases ended because the store could not record them before their Acquire answer left",
+        m.unanswered_leases_ended.clone(),
     );
     r.register_collector(Box::new(PoolCollector { pool, ec2 }));
     if let Some(w) = registries {

@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 use tokio_postgres::Client;
 
 use super::{connect, migrate, pg_err};
-use crate::store::{HostChange, HostRecord, LeaseRecord, LeaseStore, StoreError};
+use crate::store::{HostChange, HostRecord, LeaseRecord, LeaseStore, Loaded, StoreError};
 
 /// Bound on one call (a commit, a load); the connection is dropped and
 /// made again after a call that ran out.
@@ -59,8 +59,8 @@ impl Op {
 
 enum Reply {
     Done,
-    Leases(Vec<LeaseRecord>),
-    Hosts(Vec<HostRecord>),
+    Leases(Loaded<LeaseRecord>),
+    Hosts(Loaded<HostRecord>),
     Meta(Option<Vec<u8>>),
 }
 
@@ -185,17 +185,17 @@ impl LeaseStore for PgStore {
         .map(|_| ())
     }
 
-    fn load(&self) -> Result<Vec<LeaseRecord>, StoreError> {
+    fn load(&self) -> Result<Loaded<LeaseRecord>, StoreError> {
         match self.call(Op::Load)? {
             Reply::Leases(v) => Ok(v),
-            _ => Ok(Vec::new()),
+            _ => Ok(Loaded::default()),
         }
     }
 
-    fn load_hosts(&self) -> Result<Vec<HostRecord>, StoreError> {
+    fn load_hosts(&self) -> Result<Loaded<HostRecord>, StoreError> {
         match self.call(Op::LoadHosts)? {
             Reply::Hosts(v) => Ok(v),
-            _ => Ok(Vec::new()),
+            _ => Ok(Loaded::default()),
         }
     }
 
@@ -260,20 +260,14 @@ async fn run(
                 .query("SELECT id, record::text FROM berth_leases", &[])
                 .await
                 .map_err(pg_err("load leases"))?;
-            rows.iter()
-                .map(|r| decode::<LeaseRecord>(r.get(0), r.get(1)))
-                .collect::<Result<_, _>>()
-                .map(Reply::Leases)
+            Ok(Reply::Leases(decode_rows(&rows)))
         }
         Op::LoadHosts => {
             let rows = c
                 .query("SELECT id, record::text FROM berth_hosts", &[])
                 .await
                 .map_err(pg_err("load hosts"))?;
-            rows.iter()
-                .map(|r| decode::<HostRecord>(r.get(0), r.get(1)))
-                .collect::<Result<_, _>>()
-                .map(Reply::Hosts)
+            Ok(Reply::Hosts(decode_rows(&rows)))
         }
         Op::PutMeta(key, value) => c
             .execute(
@@ -309,8 +303,15 @@ async fn get_meta(c: &Client, key: &str) -> Result<Option<Vec<u8>>, StoreError> 
     )
 }
 
-fn decode<T: serde::de::DeserializeOwned>(id: String, json: String) -> Result<T, StoreError> {
-    serde_json::from_str(&json).map_err(|source| StoreError::Decode { id, source })
+/// Rows of (id, record as text): those whose JSON does not fit the record
+/// are listed apart, left in their table.
+fn decode_rows<T: serde::de::DeserializeOwned>(rows: &[tokio_postgres::Row]) -> Loaded<T> {
+    let mut out = Loaded::default();
+    for r in rows {
+        let (id, json): (String, String) = (r.get(0), r.get(1));
+        out.decode(&id, json.as_bytes());
+    }
+    out
 }
 
 /// Checks, under a share lock of the leader row, that `term` is the

@@ -46,6 +46,32 @@ fn records_survive_reopening_postgres() {
 }
 
 #[test]
+fn unreadable_rows_are_quarantined_postgres() {
+    let pg = Postgres::start();
+    let url = pg.create_db("quarantine");
+    let store = Arc::new(leading_store(&url));
+    crate::store::tests::unreadable_records_are_quarantined(store, &|| {
+        // Valid JSON (the column is jsonb) that is no record.
+        pg.sql(
+            "quarantine",
+            "INSERT INTO berth_leases (id, record) VALUES ('bad-lease', '[1, 2, 3]'::jsonb)",
+        );
+        pg.sql(
+            "quarantine",
+            "INSERT INTO berth_hosts (id, record) VALUES ('h-bad', '{\"id\": 7}'::jsonb)",
+        );
+    });
+    // Still in the tables.
+    assert_eq!(
+        pg.sql(
+            "quarantine",
+            "SELECT count(*) FROM berth_leases WHERE id = 'bad-lease'"
+        ),
+        "1"
+    );
+}
+
+#[test]
 fn restoring_keeps_live_leases_postgres() {
     let pg = Postgres::start();
     let url = pg.create_db("restore");
@@ -94,7 +120,7 @@ fn a_store_that_does_not_lead_cannot_write() {
     // The same store, once it leads, writes.
     let s = leading_store(&url);
     s.commit(&[rec("a", "active")], &[], &[host("h1")]).unwrap();
-    assert_eq!(s.load().unwrap().len(), 1);
+    assert_eq!(s.load().unwrap().records.len(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -143,6 +169,7 @@ async fn a_deposed_leaders_write_with_the_old_term_fails() {
     tokio::task::block_in_place(|| store_b.commit(&[rec("b", "active")], &[], &[])).unwrap();
     let mut states: Vec<(String, String)> = tokio::task::block_in_place(|| store_b.load())
         .unwrap()
+        .records
         .into_iter()
         .map(|r| (r.id, r.state))
         .collect();
@@ -154,6 +181,7 @@ async fn a_deposed_leaders_write_with_the_old_term_fails() {
     assert!(
         tokio::task::block_in_place(|| store_b.load_hosts())
             .unwrap()
+            .records
             .is_empty()
     );
     // A clean resign lets a standby take over at once.

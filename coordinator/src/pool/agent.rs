@@ -446,6 +446,8 @@ impl Inner {
                     // The agent knows whether it was used; the coordinator
                     // does not, so no retry may move it.
                     key_locked: true,
+                    // It may have been answered before the restart.
+                    answered: true,
                 };
                 self.leases.insert(lid.to_owned(), lease);
                 self.dirty.insert(lid.to_owned());

@@ -11,20 +11,77 @@
 //! while the pool's lock is held.
 //!
 //! A failed commit keeps its records (merged under anything newer for the
-//! same lease) and is retried; waiters keep waiting, up to their own limit.
+//! same lease) and is retried, with a growing pause, until one succeeds.
+//! Meanwhile the store counts as failing ([`Health`]): the pool offers no
+//! host, and a waiter whose changes were in a failed commit learns it at
+//! once ([`NotDurable::Failed`]) instead of waiting out its limit, so its
+//! caller can answer UNAVAILABLE and undo what was never confirmed.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use tokio::sync::watch;
-use tracing::{debug, error, info};
+use tracing::{debug, error, info, warn};
 
 use crate::store::{HostRecord, LeaseRecord, LeaseStore};
 
-/// Pause before retrying a failed commit.
+/// Pause before the first retry of a failed commit; it doubles with each
+/// failure in a row, up to [`RETRY_MAX`].
 const RETRY_AFTER: Duration = Duration::from_millis(200);
+/// Longest pause between two retries of a failing store.
+const RETRY_MAX: Duration = Duration::from_secs(2);
+
+/// Whether the store takes commits, as the pool and the ops endpoint see it.
+#[derive(Debug, Default)]
+pub struct Health {
+    failing: AtomicBool,
+    /// Why the last commit failed; `None` once one succeeds.
+    why: Mutex<Option<String>>,
+    /// Commits that failed since the start.
+    failures: AtomicU64,
+}
+
+impl Health {
+    /// Why the store is failing, or `None` while it takes commits.
+    pub fn failing(&self) -> Option<String> {
+        if !self.failing.load(Ordering::Acquire) {
+            return None;
+        }
+        self.why.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Cheap check, for the scheduler (called under the pool's lock).
+    pub fn is_failing(&self) -> bool {
+        self.failing.load(Ordering::Acquire)
+    }
+
+    /// Commits that failed since the start.
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
+    }
+
+    fn failed(&self, why: String) {
+        *self.why.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        self.failing.store(true, Ordering::Release);
+    }
+
+    fn works(&self) {
+        self.failing.store(false, Ordering::Release);
+        *self.why.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+}
+
+/// How far the committer got: what is durable, and the newest change a
+/// failed commit held (waiters up to it learn of the failure).
+#[derive(Debug, Clone, Copy, Default)]
+struct Progress {
+    durable: u64,
+    failed: u64,
+}
 
 #[derive(Default)]
 struct Batch {
@@ -44,8 +101,10 @@ struct Shared {
     batch: Mutex<Batch>,
     /// Wakes the committer when changes arrive.
     work: Condvar,
-    /// Highest sequence number known to be durable.
-    durable: watch::Sender<u64>,
+    /// Highest sequence number known to be durable, and the highest one
+    /// a failed commit held.
+    progress: watch::Sender<Progress>,
+    health: Arc<Health>,
     /// Wakes blocking waiters (`wait_blocking`) after a commit.
     done: Condvar,
 }
@@ -67,6 +126,12 @@ pub(crate) struct Committer {
 pub enum NotDurable {
     #[error("the lease store did not confirm a write within {0:?}: {1}")]
     Timeout(Duration, String),
+    /// The commit that held the change failed; it is retried, but the
+    /// answer that waited for it cannot be given.
+    #[error(
+        "the lease store cannot record this change now ({0}); retry the call (a retried acquire with the same build id is safe)"
+    )]
+    Failed(String),
     #[error("the lease store's committer has stopped")]
     Stopped,
 }
@@ -76,7 +141,8 @@ impl Committer {
         let shared = Arc::new(Shared {
             batch: Mutex::new(Batch::default()),
             work: Condvar::new(),
-            durable: watch::channel(0).0,
+            progress: watch::channel(Progress::default()).0,
+            health: Arc::new(Health::default()),
             done: Condvar::new(),
         });
         let s = shared.clone();
@@ -115,16 +181,31 @@ impl Committer {
         seq
     }
 
+    /// Whether the store takes commits.
+    pub(crate) fn health(&self) -> &Arc<Health> {
+        &self.shared.health
+    }
+
     /// The sequence number of the newest change enqueued so far.
     pub(crate) fn enqueued(&self) -> u64 {
         self.shared.batch().enqueued
     }
 
-    /// Waits until everything enqueued up to `seq` is durable.
+    /// Waits until everything enqueued up to `seq` is durable. Fails as
+    /// soon as a commit holding `seq` failed (the records stay pending and
+    /// are retried), or after `limit`.
     pub(crate) async fn wait(&self, seq: u64, limit: Duration) -> Result<(), NotDurable> {
-        let mut rx = self.shared.durable.subscribe();
-        match tokio::time::timeout(limit, rx.wait_for(|d| *d >= seq)).await {
-            Ok(Ok(_)) => Ok(()),
+        let mut rx = self.shared.progress.subscribe();
+        match tokio::time::timeout(limit, rx.wait_for(|p| p.durable >= seq || p.failed >= seq))
+            .await
+        {
+            Ok(Ok(p)) if p.durable >= seq => Ok(()),
+            Ok(Ok(_)) => Err(NotDurable::Failed(
+                self.shared
+                    .health
+                    .failing()
+                    .unwrap_or_else(|| "a commit failed".into()),
+            )),
             Ok(Err(_)) => Err(NotDurable::Stopped),
             Err(_) => {
                 let why = self
@@ -138,14 +219,24 @@ impl Committer {
         }
     }
 
-    /// [`Committer::wait`] for callers outside the runtime (start-up, tests).
-    pub(crate) fn wait_blocking(&self, seq: u64) {
+    /// [`Committer::wait`] for callers outside the runtime (start-up,
+    /// tests): waits at most `limit` for `seq` to be durable, however many
+    /// commits fail meanwhile; returns whether it is.
+    pub(crate) fn wait_blocking(&self, seq: u64, limit: Duration) -> bool {
+        let until = std::time::Instant::now() + limit;
         let mut b = self.shared.batch();
-        while *self.shared.durable.borrow() < seq && !b.closing {
+        loop {
+            if self.shared.progress.borrow().durable >= seq {
+                return true;
+            }
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            if b.closing || left.is_zero() {
+                return false;
+            }
             b = self
                 .shared
                 .done
-                .wait_timeout(b, RETRY_AFTER)
+                .wait_timeout(b, left.min(RETRY_AFTER))
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
@@ -164,6 +255,7 @@ impl Drop for Committer {
 }
 
 fn run(shared: &Shared, store: &dyn LeaseStore) {
+    let mut pause = RETRY_AFTER;
     loop {
         let (changes, hosts, seq) = {
             let mut b = shared.batch();
@@ -195,18 +287,29 @@ fn run(shared: &Shared, store: &dyn LeaseStore) {
                 debug!(seq, leases = changes.len(), took = ?started.elapsed(), "leases committed");
                 let mut b = shared.batch();
                 if b.failing.take().is_some() {
-                    info!("writing leases to the store works again");
+                    info!("writing leases to the store works again; hosts are offered again");
                 }
+                shared.health.works();
+                pause = RETRY_AFTER;
                 // Published under the batch lock: `wait_blocking` checks
                 // under it too, so its wake-up cannot be missed.
-                shared.durable.send_replace(seq);
+                shared.progress.send_modify(|p| p.durable = seq);
                 drop(b);
                 shared.done.notify_all();
             }
             Err(e) => {
-                error!(error = %e, leases = changes.len(), "writing leases to the store failed; will retry");
                 let mut b = shared.batch();
+                if b.failing.is_none() {
+                    error!(error = %e, leases = changes.len(), "writing leases to the store failed; no host is offered until a commit succeeds; retrying");
+                } else {
+                    // A reminder per retry, at most one per `RETRY_MAX`.
+                    warn!(error = %e, leases = changes.len(), retry_in = ?pause, "the lease store is still failing");
+                }
                 b.failing = Some(e.to_string());
+                shared.health.failed(e.to_string());
+                shared
+                    .progress
+                    .send_modify(|p| p.failed = p.failed.max(seq));
                 // Newer changes to the same lease win over the failed ones.
                 for (id, r) in changes {
                     b.changes.entry(id).or_insert(r);
@@ -220,14 +323,15 @@ fn run(shared: &Shared, store: &dyn LeaseStore) {
                     // Nobody will wait any longer; do not spin at exit.
                     return;
                 }
-                std::thread::sleep(RETRY_AFTER);
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(RETRY_MAX);
             }
         }
     }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::store::{MemStore, StoreError};
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -252,10 +356,12 @@ mod tests {
         }
     }
 
-    /// A store that fails its first `fail` commits and counts the others.
-    struct Flaky {
-        inner: MemStore,
+    /// A store that fails its first `fail` commits, and every commit while
+    /// `broken` (a full disk), and counts the others.
+    pub(crate) struct Flaky {
+        pub(crate) inner: MemStore,
         fail: AtomicUsize,
+        pub(crate) broken: std::sync::atomic::AtomicBool,
         commits: AtomicUsize,
     }
 
@@ -266,23 +372,26 @@ mod tests {
             delete: &[String],
             hosts: &[crate::store::HostChange],
         ) -> Result<(), StoreError> {
-            if self
-                .fail
-                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-                .is_ok()
+            if self.broken.load(Ordering::SeqCst)
+                || self
+                    .fail
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                    .is_ok()
             {
-                return Err(StoreError::Decode {
-                    id: "disk".into(),
-                    source: serde_json::from_str::<u8>("x").unwrap_err(),
+                return Err(StoreError::Db {
+                    op: "commit",
+                    source: Box::new(redb::Error::Io(std::io::Error::other(
+                        "No space left on disk",
+                    ))),
                 });
             }
             self.commits.fetch_add(1, Ordering::SeqCst);
             self.inner.commit(put, delete, hosts)
         }
-        fn load(&self) -> Result<Vec<LeaseRecord>, StoreError> {
+        fn load(&self) -> Result<crate::store::Loaded<LeaseRecord>, StoreError> {
             self.inner.load()
         }
-        fn load_hosts(&self) -> Result<Vec<HostRecord>, StoreError> {
+        fn load_hosts(&self) -> Result<crate::store::Loaded<HostRecord>, StoreError> {
             self.inner.load_hosts()
         }
         fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
@@ -293,10 +402,11 @@ mod tests {
         }
     }
 
-    fn flaky(fail: usize) -> Arc<Flaky> {
+    pub(crate) fn flaky(fail: usize) -> Arc<Flaky> {
         Arc::new(Flaky {
             inner: MemStore::default(),
             fail: AtomicUsize::new(fail),
+            broken: std::sync::atomic::AtomicBool::new(false),
             commits: AtomicUsize::new(0),
         })
     }
@@ -312,6 +422,7 @@ mod tests {
         let mut got: Vec<(String, String)> = store
             .load()
             .unwrap()
+            .records
             .into_iter()
             .map(|r| (r.id, r.state))
             .collect();
@@ -326,20 +437,33 @@ mod tests {
 
     #[tokio::test]
     async fn a_failed_commit_is_retried_and_waiters_learn_why_meanwhile() {
-        let store = flaky(3);
+        let store = flaky(0);
+        store.broken.store(true, Ordering::SeqCst);
         let c = Committer::start(store.clone());
+        assert_eq!(c.health().failing(), None);
         let seq = c.enqueue([rec("a", "active")], [], []);
-        let err = c.wait(seq, Duration::from_millis(50)).await.unwrap_err();
+        // The waiter hears of the failure at once, not after its limit.
+        let err = c.wait(seq, Duration::from_secs(60)).await.unwrap_err();
         assert!(
-            matches!(&err, NotDurable::Timeout(_, why) if why.contains("disk")),
+            matches!(&err, NotDurable::Failed(why) if why.contains("No space")),
             "{err}"
         );
-        // A newer change enqueued while failing is not overwritten by the retry.
+        assert!(c.health().failing().is_some_and(|w| w.contains("No space")));
+        // A newer change enqueued while failing: its commit fails too...
         let seq = c.enqueue([rec("a", "released")], [], []);
-        c.wait(seq, Duration::from_secs(5)).await.unwrap();
-        let stored = store.load().unwrap();
+        let err = c.wait(seq, Duration::from_secs(60)).await.unwrap_err();
+        assert!(matches!(&err, NotDurable::Failed(_)), "{err}");
+        assert!(c.health().failures() >= 2);
+        assert!(store.load().unwrap().records.is_empty());
+        // ...and once the store works the retry writes it, not the older one.
+        store.broken.store(false, Ordering::SeqCst);
+        assert!(c.wait_blocking(seq, Duration::from_secs(30)));
+        c.wait(seq, Duration::from_secs(1)).await.unwrap();
+        let stored = store.load().unwrap().records;
         assert_eq!(stored.len(), 1);
         assert_eq!(stored[0].state, "released");
+        // A success clears the failure.
+        assert_eq!(c.health().failing(), None);
     }
 
     #[test]
@@ -350,7 +474,7 @@ mod tests {
             c.enqueue([rec(&format!("l{i}"), "active")], [], []);
         }
         drop(c);
-        assert_eq!(store.load().unwrap().len(), 100);
+        assert_eq!(store.load().unwrap().records.len(), 100);
     }
 
     #[test]
@@ -358,8 +482,20 @@ mod tests {
         let store = flaky(1);
         let c = Committer::start(store.clone());
         let seq = c.enqueue([rec("a", "active")], [], []);
-        c.wait_blocking(seq);
-        assert_eq!(store.load().unwrap().len(), 1);
+        assert!(c.wait_blocking(seq, Duration::from_secs(30)));
+        assert_eq!(store.load().unwrap().records.len(), 1);
         assert!(c.enqueued() >= seq);
+    }
+
+    #[test]
+    fn blocking_wait_gives_up_after_its_limit_while_the_store_fails() {
+        let store = flaky(usize::MAX);
+        let c = Committer::start(store.clone());
+        let seq = c.enqueue([rec("a", "active")], [], []);
+        assert!(!c.wait_blocking(seq, Duration::from_millis(300)));
+        assert!(c.health().is_failing());
+        assert!(store.load().unwrap().records.is_empty());
+        // Dropping a committer whose store never works does not hang.
+        drop(c);
     }
 }

@@ -9,12 +9,12 @@ use std::time::Duration;
 use berth_proto::from_system_time;
 use berth_proto::v1 as pb;
 use tokio::sync::watch;
-use tracing::info;
+use tracing::{info, warn};
 
 use super::{Lease, Now, Pending, Pool};
 use berth_tls::KeyId;
 
-use crate::error::Error;
+use crate::error::{Error, Unavailable};
 use crate::lease::{LeaseEvent, LeaseState};
 use crate::timeline::{self, Step};
 
@@ -66,6 +66,12 @@ impl Pool {
                 state: l.watch.subscribe(),
             });
         }
+        if let Some(why) = g.store_health.failing() {
+            // Nothing is created: there is no host to give while the
+            // store cannot record that it was given.
+            info!(tenant, build_id, %why, "lease refused: the store is failing");
+            return Err(Error::Unavailable(Unavailable::StoreFailing(why)));
+        }
         let id = uuid::Uuid::new_v4().hyphenated().to_string();
         let (tx, rx) = watch::channel(LeaseState::Queued);
         let mut lease = Lease {
@@ -89,6 +95,7 @@ impl Pool {
             watch: tx,
             key: Some(client_key),
             key_locked: false,
+            answered: false,
         };
         timeline::record(
             &mut lease.timeline,
@@ -229,6 +236,45 @@ impl Pool {
             }),
             _ => Ok(()),
         }
+    }
+
+    /// Called once an Acquire answer's changes are durable, before it
+    /// leaves: from now on a failed commit no longer ends the lease. Fails
+    /// if the lease stopped holding its host meanwhile (another call for
+    /// the same build found the store failing and ended it).
+    pub fn answering(&self, lease_id: &str) -> Result<(), Error> {
+        let mut g = self.lock();
+        let l = g
+            .leases
+            .get_mut(lease_id)
+            .ok_or_else(|| Error::LeaseNotFound(lease_id.to_owned()))?;
+        if l.state != LeaseState::Active {
+            return Err(ended_error(l));
+        }
+        l.answered = true;
+        Ok(())
+    }
+
+    /// An Acquire answer for `lease_id` could not be made durable (`why`).
+    /// Unless an answer for the lease may have left before, the lease ends
+    /// now: no host stays held by a lease whose certificate nobody got. Its
+    /// host is wiped and not offered again, as after any lease; the build's
+    /// retry with the same build id starts a new lease.
+    pub fn undo_unanswered(&self, lease_id: &str, why: &str, now: Now) {
+        let mut g = self.lock();
+        let Some(l) = g.leases.get(lease_id) else {
+            return;
+        };
+        if l.answered || !l.state.holds_host() {
+            return;
+        }
+        warn!(lease_id, build_id = %l.build_id, %why, "acquire not answered: its lease could not be recorded; ending it");
+        g.metrics.unanswered_leases_ended.inc();
+        g.set_message(
+            lease_id,
+            format!("ended before its certificate was delivered: the lease store could not record it ({why}); retry the acquire"),
+        );
+        g.apply(&self.cfg, lease_id, LeaseEvent::Release, now);
     }
 
     /// Turns a settled lease state into the Acquire answer.

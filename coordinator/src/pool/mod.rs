@@ -191,6 +191,12 @@ struct Lease {
     /// The host's front admitted the lease's certificate: the key no longer
     /// moves, not even for a retried acquire of the same build.
     key_locked: bool,
+    /// An Acquire answer with the lease's certificate may have left: its
+    /// holding a host was durable when it did. A lease restored from the
+    /// store counts as answered (its record was durable). Until then a
+    /// failed commit ends the lease instead of leaving a host held by a
+    /// lease nobody was told of (`Pool::undo_unanswered`).
+    answered: bool,
 }
 
 #[derive(Default)]
@@ -232,11 +238,21 @@ struct Inner {
     /// terminate their instance (`PoolConfig::scale_in_by_group`), with
     /// the reason; never offered meanwhile.
     retiring: std::collections::BTreeMap<String, String>,
+    /// Whether the store takes commits: while it fails no host is offered.
+    store_health: Arc<commit::Health>,
+    /// Stored records that did not decode at start (`persist::quarantine`).
+    quarantined: usize,
 }
 
 /// How long a call waits for its changes to reach the store before it
-/// answers UNAVAILABLE (the change stays pending and is retried).
+/// answers UNAVAILABLE (the change stays pending and is retried). A commit
+/// that fails ends the wait at once.
 pub const STORE_WAIT: Duration = Duration::from_secs(10);
+
+/// How long start-up waits for what restoring changed (queued leases
+/// ended as failed) to be written before serving anyway, with the store
+/// counted as failing until a commit succeeds.
+pub const RESTORE_WRITE_WAIT: Duration = Duration::from_secs(10);
 
 /// The coordinator's view of the pool.
 pub struct Pool {
@@ -284,21 +300,30 @@ pub struct Pending {
 impl Pool {
     /// A pool that keeps its leases in memory only.
     pub fn new(cfg: PoolConfig) -> Self {
-        let store: Arc<dyn LeaseStore> = Arc::new(MemStore::default());
+        Self::with_empty_store(cfg, Arc::new(MemStore::default()))
+    }
+
+    /// A pool that starts empty whatever `store` holds (unit tests).
+    pub(crate) fn with_empty_store(cfg: PoolConfig, store: Arc<dyn LeaseStore>) -> Self {
+        let committer = commit::Committer::start(store.clone());
         let inner = Inner {
             scaler: cfg.capacity.map(crate::capacity::Scaler::new),
+            store_health: committer.health().clone(),
             ..Inner::default()
         };
         Self {
             cfg,
             inner: Mutex::new(inner),
-            committer: commit::Committer::start(store.clone()),
+            committer,
             store,
         }
     }
 
     /// A pool that writes every lease change through to `store`, starting
-    /// from what the store holds at `now` (see `persist::restore`).
+    /// from what the store holds at `now` (see `persist::restore`). Records
+    /// that cannot be decoded are quarantined (`persist::quarantine`), not
+    /// a reason to refuse to start; the wait for what restoring changed to
+    /// be written is bounded by [`RESTORE_WRITE_WAIT`].
     pub fn with_store(
         cfg: PoolConfig,
         store: Arc<dyn LeaseStore>,
@@ -306,21 +331,33 @@ impl Pool {
     ) -> Result<Self, StoreError> {
         let records = store.load()?;
         let hosts = store.load_hosts()?;
+        let committer = commit::Committer::start(store.clone());
         let mut inner = Inner {
             scaler: cfg.capacity.map(crate::capacity::Scaler::new),
+            store_health: committer.health().clone(),
             ..Inner::default()
         };
-        persist::restore_hosts(&mut inner, hosts);
-        persist::restore(&mut inner, &cfg, records, now);
+        persist::quarantine(&mut inner, &records.unreadable, &hosts.unreadable, now);
+        persist::restore_hosts(&mut inner, hosts.records);
+        persist::restore(&mut inner, &cfg, records.records, now);
         let pool = Self {
             cfg,
             inner: Mutex::new(inner),
-            committer: commit::Committer::start(store.clone()),
+            committer,
             store,
         };
         // Writes what restoring changed (queued leases that failed).
         drop(pool.lock());
-        pool.durable_blocking();
+        if !pool
+            .committer
+            .wait_blocking(pool.committer.enqueued(), RESTORE_WRITE_WAIT)
+        {
+            tracing::error!(
+                waited = ?RESTORE_WRITE_WAIT,
+                why = pool.store_failing().unwrap_or_default(),
+                "the store did not confirm what restoring changed in time; serving on (no host is offered while its commits fail)"
+            );
+        }
         Ok(pool)
     }
 
@@ -353,9 +390,20 @@ impl Pool {
             .map_err(Error::from)
     }
 
-    /// [`Pool::durable`] for callers outside the runtime (start-up).
-    fn durable_blocking(&self) {
-        self.committer.wait_blocking(self.committer.enqueued());
+    /// Why the store fails to take commits, or `None` while it works.
+    /// While it fails no host is offered (see `docs/guarantees.md`).
+    pub fn store_failing(&self) -> Option<String> {
+        self.committer.health().failing()
+    }
+
+    /// Stored records left aside at start because they do not decode.
+    pub fn quarantined(&self) -> usize {
+        self.lock().quarantined
+    }
+
+    /// Commits the store failed since the start (for `/metrics`).
+    pub fn store_failures(&self) -> u64 {
+        self.committer.health().failures()
     }
 
     /// What the pool's events are counted in.

@@ -88,6 +88,31 @@ fn host_record(g: &Inner, id: &str) -> Option<HostRecord> {
     })
 }
 
+/// Records that do not decode (a damaged file, a record written by a newer
+/// coordinator): each is logged with its key and left where it is in the
+/// store, not restored; the coordinator starts and serves the rest. The
+/// pool never writes those keys (lease ids are fresh UUIDs), so the record
+/// stays for a person (or a newer coordinator) to read. A host whose record
+/// is unreadable may have served a lease: it counts as burned (never
+/// offered) for as long as its record stays unreadable. A lease whose
+/// record is unreadable is unknown to the pool; if its agent comes back
+/// holding it, the agent's report is adopted as after any lost record.
+pub(super) fn quarantine(
+    g: &mut Inner,
+    leases: &[crate::store::Unreadable],
+    hosts: &[crate::store::Unreadable],
+    now: Now,
+) {
+    for u in leases {
+        warn!(lease_id = %u.id, error = %u.error, "stored lease record cannot be decoded; quarantined: left in the store, not restored");
+    }
+    for u in hosts {
+        warn!(host_id = %u.id, error = %u.error, "stored host record cannot be decoded; quarantined: left in the store, the host id counts as burned");
+        g.burned.insert(u.id.clone(), now.wall);
+    }
+    g.quarantined = leases.len() + hosts.len();
+}
+
 /// Rebuilds the hosts' keys and burned marks from their records.
 pub(super) fn restore_hosts(g: &mut Inner, records: Vec<HostRecord>) {
     let n = records.len();
@@ -187,6 +212,8 @@ pub(super) fn restore(g: &mut Inner, cfg: &PoolConfig, mut records: Vec<LeaseRec
             watch: tx,
             key: berth_tls::KeyId::parse_hex(&r.key),
             key_locked: r.key_locked,
+            // Its record was durable: an answer may have left with it.
+            answered: true,
         };
         if state.is_ended() {
             ended += 1;
@@ -315,7 +342,7 @@ pub(crate) mod tests {
             pb::LeaseState::Released as i32
         );
         // The failed queued lease was written back as failed.
-        let stored = store.load().unwrap();
+        let stored = store.load().unwrap().records;
         assert!(stored.iter().any(|x| x.id == q && x.state == "failed"));
         // The active lease's build is still idempotent; the queued one's is free.
         let retry = pool

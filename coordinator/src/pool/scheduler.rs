@@ -56,6 +56,11 @@ impl Inner {
     /// oldest lease first within a tenant, passing over tenants that hold
     /// their `max-active` hosts.
     pub(super) fn try_assign(&mut self, cfg: &PoolConfig, now: Now) {
+        if self.store_health.is_failing() {
+            // No host is given while the store cannot record the gift; the
+            // queue is served again once a commit succeeds (the next tick).
+            return;
+        }
         // Hosts held per tenant: counted only when some tenant has a cap.
         let mut held = cfg
             .tenants

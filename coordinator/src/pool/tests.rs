@@ -7,6 +7,8 @@ use super::*;
 use berth_proto::to_system_time;
 use pb::coordinator_message::Msg as Out;
 
+mod store_faults;
+
 const SECOND: Duration = Duration::from_secs(1);
 /// The tenant of every lease in these tests.
 const T: &str = "t1";

@@ -27,6 +27,9 @@ pub struct PoolStats {
     pub queue_length: u32,
     /// Elastic capacity: the hosts the pool should have now.
     pub desired_hosts: Option<u32>,
+    /// Why the lease store fails to take commits; `None` while it works.
+    /// Meanwhile no host is offered.
+    pub store_error: Option<String>,
 }
 
 impl PoolStats {
@@ -42,6 +45,7 @@ impl PoolStats {
             desired_hosts: self.desired_hosts.unwrap_or(0),
             // The pool holds no registry; AdminService adds them.
             registries: vec![],
+            store_error: self.store_error.clone().unwrap_or_default(),
         }
     }
 }
@@ -74,7 +78,10 @@ impl Pool {
     pub fn stats(&self, now: Now) -> PoolStats {
         let g = self.lock();
         let mut hosts: BTreeMap<String, u32> = BTreeMap::new();
-        let mut s = PoolStats::default();
+        let mut s = PoolStats {
+            store_error: g.store_health.failing(),
+            ..PoolStats::default()
+        };
         for e in g.listed_hosts() {
             let name = berth_proto::names::host_state(e.host.listed_state() as i32);
             *hosts.entry(name).or_default() += 1;
@@ -82,7 +89,8 @@ impl Pool {
             s.hosts_draining += u32::from(e.host.draining);
             s.hosts_offerable += u32::from(
                 e.host.offerable(now.mono, self.cfg.silence_limit())
-                    && !g.retiring.contains_key(&e.reg.host_id),
+                    && !g.retiring.contains_key(&e.reg.host_id)
+                    && s.store_error.is_none(),
             );
         }
         let mut leases: BTreeMap<String, u32> = BTreeMap::new();
@@ -162,8 +170,13 @@ impl Inner {
             .filter(|max| self.held_by_tenant().get(tenant).copied().unwrap_or(0) >= *max)
             .map(|max| format!("; tenant {tenant} holds its max-active {max} hosts"))
             .unwrap_or_default();
+        let store = self
+            .store_health
+            .failing()
+            .map(|why| format!("; no host is offered while the lease store fails: {why}"))
+            .unwrap_or_default();
         format!(
-            "no host became ready within {} ({total} hosts in the pool, {leased} leased, {ahead} builds of tenant {tenant} were waiting ahead, {others} of other tenants{at_cap})",
+            "no host became ready within {} ({total} hosts in the pool, {leased} leased, {ahead} builds of tenant {tenant} were waiting ahead, {others} of other tenants{at_cap}{store})",
             humantime::format_duration(waited)
         )
     }
