@@ -98,6 +98,10 @@ pub enum Command {
         /// prints its name).
         #[arg(long, env = "BERTH_FORMAT", value_enum, default_value_t = status::Format::Env)]
         format: status::Format,
+        /// How often to print a progress line on stderr while waiting (the
+        /// build's place in its tenant's queue).
+        #[arg(long, env = "BERTH_PROGRESS_EVERY", default_value = "5s", value_parser = status::parse_progress_every)]
+        progress_every: Duration,
     },
     /// Extend a lease; re-issues its client certificate for the same key.
     Renew {
@@ -121,10 +125,15 @@ pub enum Command {
         #[arg(long, env = "DOCKER_CERT_PATH")]
         cert_dir: Option<PathBuf>,
     },
-    /// Show one lease.
+    /// Show one lease (while it waits, its place in the queue).
     Get {
-        #[arg(long, env = "BERTH_LEASE_ID")]
-        lease: String,
+        #[arg(long, env = "BERTH_LEASE_ID", required_unless_present = "build")]
+        lease: Option<String>,
+        /// Show the lease of this build that has not ended (one still
+        /// waiting for a host has no lease id printed yet); takes the place
+        /// of --lease.
+        #[arg(long)]
+        build: Option<String>,
     },
     /// List the pool's hosts.
     Hosts,
@@ -569,6 +578,7 @@ pub async fn client_output(cli: &Cli) -> Result<String, CliError> {
             wait,
             cert_dir,
             format,
+            progress_every,
         } => {
             // Refused before a host is taken: a directory of the user's.
             if let Some(d) = cert_dir {
@@ -595,10 +605,15 @@ pub async fn client_output(cli: &Cli) -> Result<String, CliError> {
                 wait: Some(from_duration(*wait)),
                 csr_pem: key.csr_pem.clone(),
             };
+            let progress = Progress {
+                build,
+                every: *progress_every,
+                leases: leases.clone(),
+                admin: admin.clone(),
+                token: &token,
+            };
             let call = leases.acquire(request(req, *wait + CALL_TIMEOUT, &token)?);
-            let resp = with_progress(call, build, admin.clone(), &token)
-                .await?
-                .into_inner();
+            let resp = progress.wait_for(call).await?.into_inner();
             let lease = resp.lease.ok_or_else(|| {
                 CliError::Other("the coordinator answered without a lease".into())
             })?;
@@ -710,17 +725,37 @@ pub async fn client_output(cli: &Cli) -> Result<String, CliError> {
             }
             Ok(describe_lease(resp.lease.as_ref()))
         }
-        Command::Get { lease } => {
-            let resp = leases
-                .get(request(
-                    pb::GetRequest {
-                        lease_id: lease.clone(),
-                    },
-                    CALL_TIMEOUT,
-                    &token,
-                )?)
-                .await?;
-            Ok(describe_lease(resp.into_inner().lease.as_ref()))
+        Command::Get { lease, build } => {
+            let found = match (build, lease) {
+                (Some(build), _) => {
+                    leases
+                        .find(request(
+                            pb::FindRequest {
+                                build_id: build.clone(),
+                            },
+                            CALL_TIMEOUT,
+                            &token,
+                        )?)
+                        .await?
+                        .into_inner()
+                        .lease
+                }
+                (None, Some(lease)) => {
+                    leases
+                        .get(request(
+                            pb::GetRequest {
+                                lease_id: lease.clone(),
+                            },
+                            CALL_TIMEOUT,
+                            &token,
+                        )?)
+                        .await?
+                        .into_inner()
+                        .lease
+                }
+                (None, None) => return Err(CliError::Other("give --lease or --build".into())),
+            };
+            Ok(describe_lease(found.as_ref()))
         }
         Command::Hosts => {
             let resp = admin
@@ -839,44 +874,73 @@ pub async fn client_output(cli: &Cli) -> Result<String, CliError> {
     }
 }
 
-/// Waits for `call`, printing a progress line on stderr every
-/// [`status::PROGRESS_EVERY`] (stdout stays `eval`-able). The queue length
-/// comes from the admin API when the token may use it.
-async fn with_progress<F, T>(
-    call: F,
-    build: &str,
-    mut admin: AdminServiceClient<Channel>,
-    token: &str,
-) -> Result<T, CliError>
-where
-    F: std::future::Future<Output = Result<T, tonic::Status>>,
-{
-    let started = tokio::time::Instant::now();
-    let mut tick =
-        tokio::time::interval_at(started + status::PROGRESS_EVERY, status::PROGRESS_EVERY);
-    tokio::pin!(call);
-    let mut stats_allowed = true;
-    loop {
-        tokio::select! {
-            r = &mut call => return r.map_err(CliError::from),
-            _ = tick.tick() => {
-                let stats = if stats_allowed {
-                    match admin
-                        .pool_stats(request(pb::PoolStatsRequest {}, CALL_TIMEOUT, token)?)
-                        .await
-                    {
-                        Ok(r) => Some(r.into_inner()),
-                        Err(_) => {
-                            stats_allowed = false;
-                            None
+/// What `berth acquire` needs to report progress while it waits.
+struct Progress<'a> {
+    build: &'a str,
+    every: Duration,
+    leases: LeaseServiceClient<Channel>,
+    admin: AdminServiceClient<Channel>,
+    token: &'a str,
+}
+
+impl Progress<'_> {
+    /// Waits for `call`, printing a progress line on stderr every `every`
+    /// (stdout stays `eval`-able): the build's place in its tenant's queue
+    /// (LeaseService.Find) and, when the token may use the admin API, the
+    /// pool's queue and ready hosts. The pool's figures are not asked for
+    /// again once refused (a token without admin rights).
+    async fn wait_for<F, T>(mut self, call: F) -> Result<T, CliError>
+    where
+        F: std::future::Future<Output = Result<T, tonic::Status>>,
+    {
+        let started = tokio::time::Instant::now();
+        let mut tick = tokio::time::interval_at(started + self.every, self.every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tokio::pin!(call);
+        let (mut find_allowed, mut stats_allowed) = (true, true);
+        loop {
+            tokio::select! {
+                r = &mut call => return r.map_err(CliError::from),
+                _ = tick.tick() => {
+                    let lease = if find_allowed {
+                        match self.find().await {
+                            Ok(l) => l,
+                            Err(e) => {
+                                // A coordinator without Find is not asked
+                                // again; anything else (not queued yet, busy)
+                                // may pass by the next line.
+                                find_allowed = !matches!(&e, CliError::Status(s) if s.code() == tonic::Code::Unimplemented);
+                                None
+                            }
                         }
-                    }
-                } else {
-                    None
-                };
-                eprintln!("{}", status::progress_line(build, started.elapsed(), stats.as_ref()));
+                    } else {
+                        None
+                    };
+                    let stats = if stats_allowed {
+                        self.stats().await.map_err(|_| stats_allowed = false).ok()
+                    } else {
+                        None
+                    };
+                    eprintln!(
+                        "{}",
+                        status::progress_line(self.build, started.elapsed(), lease.as_ref(), stats.as_ref())
+                    );
+                }
             }
         }
+    }
+
+    async fn find(&mut self) -> Result<Option<pb::Lease>, CliError> {
+        let req = pb::FindRequest {
+            build_id: self.build.to_owned(),
+        };
+        let req = request(req, CALL_TIMEOUT, self.token)?;
+        Ok(self.leases.find(req).await?.into_inner().lease)
+    }
+
+    async fn stats(&mut self) -> Result<pb::PoolStatsResponse, CliError> {
+        let req = request(pb::PoolStatsRequest {}, CALL_TIMEOUT, self.token)?;
+        Ok(self.admin.pool_stats(req).await?.into_inner())
     }
 }
 
@@ -941,6 +1005,13 @@ fn describe_lease(l: Option<&pb::Lease>) -> String {
         l.docker_host,
         format_time(l.deadline.as_ref()),
     );
+    if l.queue_position > 0 {
+        let _ = writeln!(
+            s,
+            "  queue     position {} of {} in tenant {}'s queue",
+            l.queue_position, l.tenant_queued, l.tenant
+        );
+    }
     if !l.message.is_empty() {
         let _ = writeln!(s, "  note      {}", l.message);
     }

@@ -26,8 +26,6 @@ pub enum Format {
     DockerContext,
 }
 
-/// How often `acquire` reports that it is still waiting.
-pub const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 /// Bound on one `docker context` command.
 pub const DOCKER_CONTEXT_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -114,16 +112,41 @@ pub async fn remove_context(lease_id: &str) {
     }
 }
 
-/// One progress line for stderr while acquire waits.
+/// `--progress-every`: a duration of at least 100 ms.
+pub fn parse_progress_every(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d < Duration::from_millis(100) {
+        return Err(format!("{s}: must be at least 100ms"));
+    }
+    Ok(d)
+}
+
+/// One progress line for stderr while acquire waits: the build's lease as
+/// LeaseService.Find reports it, the pool at a glance if the token may see
+/// it.
 pub fn progress_line(
     build: &str,
     waited: Duration,
+    lease: Option<&pb::Lease>,
     stats: Option<&pb::PoolStatsResponse>,
 ) -> String {
     let mut s = format!(
         "berth: waiting for a host for build {build}: {}s",
         waited.as_secs()
     );
+    match lease {
+        Some(l) if l.queue_position > 0 => {
+            let _ = write!(
+                s,
+                "; position {} of {} in tenant {}'s queue",
+                l.queue_position, l.tenant_queued, l.tenant
+            );
+        }
+        Some(l) if l.state == pb::LeaseState::Assigned as i32 => {
+            let _ = write!(s, "; host {} chosen, waiting for its agent", l.host_id);
+        }
+        _ => {}
+    }
     if let Some(st) = stats {
         let _ = write!(
             s,
@@ -261,6 +284,47 @@ mod tests {
         assert_eq!(v["docker_host"], "tcp://198.18.0.2:2376");
         assert_eq!(v["docker_cert_path"], "/c/abc");
         assert_eq!(v["docker_context"], "berth-abc");
+    }
+
+    #[test]
+    fn the_progress_line_shows_the_builds_place_in_its_tenants_queue() {
+        let queued = pb::Lease {
+            state: pb::LeaseState::Queued as i32,
+            tenant: "ci".into(),
+            queue_position: 2,
+            tenant_queued: 5,
+            ..Default::default()
+        };
+        let stats = pb::PoolStatsResponse {
+            queue_length: 9,
+            hosts_offerable: 0,
+            ..Default::default()
+        };
+        let line = progress_line("b1", Duration::from_secs(7), Some(&queued), Some(&stats));
+        assert_eq!(
+            line,
+            "berth: waiting for a host for build b1: 7s; position 2 of 5 in tenant ci's queue (queue: 9 builds waiting; 0 hosts ready)"
+        );
+        let assigned = pb::Lease {
+            state: pb::LeaseState::Assigned as i32,
+            host_id: "h1".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            progress_line("b1", Duration::from_secs(8), Some(&assigned), None),
+            "berth: waiting for a host for build b1: 8s; host h1 chosen, waiting for its agent"
+        );
+        assert_eq!(
+            progress_line("b1", Duration::ZERO, None, None),
+            "berth: waiting for a host for build b1: 0s"
+        );
+        assert_eq!(
+            parse_progress_every("250ms"),
+            Ok(Duration::from_millis(250))
+        );
+        for bad in ["0s", "10ms", "soon"] {
+            assert!(parse_progress_every(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

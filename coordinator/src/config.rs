@@ -64,6 +64,12 @@ pub struct CoordinatorConfig {
     /// are in the tenants file.
     #[arg(long, env = "BERTH_MAX_QUEUED", default_value_t = crate::pool::DEFAULT_MAX_QUEUED)]
     pub max_queued: usize,
+    /// Most CI and operator calls served at once (an Acquire counts while
+    /// it waits); a call beyond it is refused (RESOURCE_EXHAUSTED) rather
+    /// than queued. Agents' streams are not counted. Default: --max-queued
+    /// plus 1000.
+    #[arg(long, env = "BERTH_MAX_REQUESTS")]
+    pub max_requests: Option<usize>,
     /// How long a disconnected host keeps its lease before it counts as lost.
     #[arg(long, env = "BERTH_LOST_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
     pub lost_grace: Duration,
@@ -218,6 +224,8 @@ pub enum ConfigError {
     HostCertValidity(Duration),
     #[error("--min-hosts {min} is above --max-hosts {max}")]
     MinAboveMax { min: u32, max: u32 },
+    #[error("--max-requests must be at least 1")]
+    NoRequests,
     #[error("--cache-registry {0:?} must be HOST:PORT")]
     BadCacheRegistry(String),
     #[error("--mirror-registry {0:?} must be HOST:PORT")]
@@ -275,6 +283,9 @@ impl CoordinatorConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.host_cert_validity < MIN_HOST_CERT_VALIDITY {
             return Err(ConfigError::HostCertValidity(self.host_cert_validity));
+        }
+        if self.max_requests == Some(0) {
+            return Err(ConfigError::NoRequests);
         }
         if let Some(max) = self.max_hosts
             && self.min_hosts > max
@@ -384,6 +395,14 @@ impl CoordinatorConfig {
         )
     }
 
+    /// `--max-requests`, or its default.
+    pub fn max_requests(&self) -> usize {
+        self.max_requests.unwrap_or(
+            self.max_queued
+                .saturating_add(crate::api::limit::DEFAULT_HEADROOM),
+        )
+    }
+
     pub fn pool(&self) -> PoolConfig {
         PoolConfig {
             heartbeat_interval: self.heartbeat_interval,
@@ -449,6 +468,21 @@ mod tests {
             berth_proto::local::HOST_RANGE
         );
         assert!(try_parse(&["--local-range", "127.0.0.0/8"]).is_err());
+        assert_eq!(
+            parse(&["--max-requests", "0"]).validate(),
+            Err(ConfigError::NoRequests)
+        );
+    }
+
+    #[test]
+    fn the_call_limit_leaves_room_above_the_queue_cap_by_default() {
+        assert_eq!(
+            parse(&[]).max_requests(),
+            crate::pool::DEFAULT_MAX_QUEUED + 1_000
+        );
+        assert_eq!(parse(&["--max-queued", "50"]).max_requests(), 1_050);
+        let c = parse(&["--max-requests", "64"]);
+        assert_eq!((c.validate(), c.max_requests()), (Ok(()), 64));
     }
 
     #[test]

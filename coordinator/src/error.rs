@@ -23,6 +23,14 @@ pub enum Error {
     LeaseNotFound(String),
     #[error("host {0} not found")]
     HostNotFound(String),
+    /// Find: the tenant has no lease of this build that has not ended.
+    #[error("no lease of build {0} is waiting or active")]
+    BuildNotFound(String),
+    /// The server's limit on calls served at once is reached.
+    #[error(
+        "the coordinator is serving its limit of {max} calls at once (--max-requests); retry later"
+    )]
+    TooManyRequests { max: usize },
     /// No host became ready for the lease; the message says why (the
     /// lease's own message, as stored).
     #[error("{0}")]
@@ -134,8 +142,10 @@ impl Error {
         match self {
             Self::InvalidArgument { .. } | Self::Protocol(_) => Code::InvalidArgument,
             Self::RegisterTimeout(_) => Code::DeadlineExceeded,
-            Self::LeaseNotFound(_) | Self::HostNotFound(_) => Code::NotFound,
-            Self::NoHost(_) => Code::ResourceExhausted,
+            Self::LeaseNotFound(_) | Self::HostNotFound(_) | Self::BuildNotFound(_) => {
+                Code::NotFound
+            }
+            Self::NoHost(_) | Self::TooManyRequests { .. } => Code::ResourceExhausted,
             Self::LeaseEnded { .. } => Code::FailedPrecondition,
             Self::ShuttingDown | Self::Unavailable(_) => Code::Unavailable,
             Self::Refused { .. } | Self::KeyPinned { .. } => Code::PermissionDenied,

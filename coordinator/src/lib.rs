@@ -297,6 +297,10 @@ pub(crate) async fn serve_pool(
         verifier,
         ec2_metrics: metrics,
         host_cert_validity: config.host_cert_validity,
+        requests: Arc::new(api::limit::RequestLimit::new(
+            config.max_requests(),
+            pool.metrics().request_limit_refusals.clone(),
+        )),
     };
     let tenant_auth = auth::TenantAuth {
         auth: auth.clone(),

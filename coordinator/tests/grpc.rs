@@ -528,3 +528,110 @@ async fn plaintext_grpc_is_refused() {
     assert!(r.is_err(), "connected while trusting another CA");
     s.stop().await;
 }
+
+/// Find as tenant `ci`.
+async fn find(s: &Server, build: &str) -> Result<pb::Lease, tonic::Status> {
+    s.leases()
+        .find(pb::FindRequest {
+            build_id: build.into(),
+        })
+        .await
+        .map(|r| r.into_inner().lease.unwrap())
+}
+
+#[tokio::test]
+async fn a_call_beyond_max_requests_is_refused_naming_it_and_agents_still_join() {
+    let s = Server::start_in(&support::fresh_dir("grpc-limit"), &["--max-requests", "2"]).await;
+    // Under the limit a call is served: Find of a build with no lease.
+    assert_eq!(find(&s, "w1").await.unwrap_err().code(), Code::NotFound);
+    let mut waits = vec![];
+    for build in ["w1", "w2"] {
+        let mut c = s.leases();
+        let req = acquire_req(build, 600, 60);
+        waits.push(tokio::spawn(async move { c.acquire(req).await }));
+        // w1 is queued before w2 asks; then both calls are in flight and a
+        // third call is refused.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match find(&s, build).await {
+                Ok(l) if build == "w1" => {
+                    assert_eq!((l.queue_position, l.tenant_queued), (1, 1));
+                    break;
+                }
+                Err(e) if build == "w2" && e.code() == Code::ResourceExhausted => break,
+                _ => {}
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{build} never queued"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    // Two builds wait: two calls in flight. A third call, of any tenant,
+    // is refused at once with the limit named.
+    let refused = find(&s, "w1").await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(
+        refused.message().contains("--max-requests") && refused.message().contains(" 2 "),
+        "{refused:?}"
+    );
+    let other = s
+        .leases_as(Some(&s.tokens.other))
+        .get(pb::GetRequest {
+            lease_id: uuid_like(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(other.code(), Code::ResourceExhausted, "{other:?}");
+
+    // An agent is not counted: it joins and takes the first waiting build.
+    let (tx, mut inbound) = s.join(register("fake-limit")).await;
+    assert!(matches!(
+        inbound.message().await.unwrap().unwrap().msg,
+        Some(pb::coordinator_message::Msg::Registered(_))
+    ));
+    let assign = match inbound.message().await.unwrap().unwrap().msg {
+        Some(pb::coordinator_message::Msg::AssignLease(a)) => a,
+        other => panic!("expected AssignLease, got {other:?}"),
+    };
+    assert_eq!(assign.build_id, "w1");
+    tx.send(pb::AgentMessage {
+        msg: Some(pb::agent_message::Msg::LeaseAccepted(pb::LeaseAccepted {
+            lease_id: assign.lease_id.clone(),
+        })),
+    })
+    .await
+    .unwrap();
+    let w1 = waits.remove(0).await.unwrap().unwrap().into_inner();
+    assert_eq!(w1.lease.unwrap().lease_id, assign.lease_id);
+
+    // One call in flight again: the same client is served, and sees where
+    // its waiting build stands (first and only one of tenant ci).
+    let w2 = find(&s, "w2").await.unwrap();
+    assert_eq!(w2.state, pb::LeaseState::Queued as i32);
+    assert_eq!((w2.queue_position, w2.tenant_queued), (1, 1));
+    // Another tenant does not find ci's build.
+    let hidden = s
+        .leases_as(Some(&s.tokens.other))
+        .find(pb::FindRequest {
+            build_id: "w2".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(hidden.code(), Code::NotFound, "{hidden:?}");
+    // Find validates its input.
+    let bad = s
+        .leases()
+        .find(pb::FindRequest {
+            build_id: "has space".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument, "{bad:?}");
+    for w in waits {
+        w.abort();
+    }
+    drop(tx);
+    s.stop().await;
+}

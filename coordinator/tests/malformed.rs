@@ -90,6 +90,11 @@ async fn oversized_messages_get_a_clean_status() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err}");
+    for build_id in ["f".repeat(2 << 20), String::new(), "\u{0}\u{ff}".into()] {
+        let err = c.find(pb::FindRequest { build_id }).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{err}");
+        assert!(err.message().contains("build_id") && err.message().len() < 200);
+    }
     assert_serving(&s).await;
     stop(s).await;
 }

@@ -4,8 +4,9 @@
 //! fake IMDS, a real agent and dockerd), and the real coordinator, with
 //! `--asg-name`, is the one party that changes the group's capacity:
 //!
-//! - a burst of queued acquires raises the desired capacity to the max and
-//!   the new instances serve the waiting builds;
+//! - a burst of 20 queued acquires raises the desired capacity to the max
+//!   (3) and the new instances serve the waiting builds (the builds left
+//!   waiting once five were served give up);
 //! - leased instances carry scale-in protection;
 //! - a released host's agent ends its instance without touching the
 //!   desired capacity, and the group replaces it;
@@ -28,6 +29,11 @@ use berth_tests::ec2::Coordinator;
 const AGENT_ARGS: &[&str] = &["--lifecycle-poll", "500ms"];
 const STEP_TIMEOUT: Duration = Duration::from_secs(120);
 const MAX: u32 = 3;
+/// Builds in the burst; only `MAX` agents boot for them at once.
+const BURST: usize = 20;
+/// Builds of the burst served before the rest give up: one per instance,
+/// then one on each of two replacements.
+const SERVED: usize = 5;
 
 /// The world, the coordinator, and every desired capacity seen.
 struct Run {
@@ -74,6 +80,21 @@ impl Run {
     /// The coordinator's log lines of one kind of Auto Scaling change.
     fn changes(&self, message: &str) -> Vec<serde_json::Value> {
         self.c.log_lines(message)
+    }
+
+    /// Builds waiting for a host, as `berth status` reports them.
+    fn queued(&self) -> usize {
+        let out = stdout(&ok(self.aw.w.berth(&self.c, &["status"]), "berth status"));
+        out.lines()
+            .find_map(|l| {
+                l.strip_prefix("queue")?
+                    .trim()
+                    .strip_suffix("builds waiting")?
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or_else(|| panic!("no queue line in\n{out}"))
     }
 }
 
@@ -187,11 +208,18 @@ fn the_group_follows_the_coordinator_out_to_max_and_back_in_through_idle_instanc
     });
     assert_eq!(r.aw.group().desired, 1);
 
-    // A burst of five builds: the coordinator raises the group to its max,
-    // and the new instances serve the waiting builds.
-    let mut waiting: Vec<Waiting> = (0..5)
+    // A burst of 20 builds: the first takes the idle instance and 19 queue
+    // (no instance boots until the test plays it); the coordinator raises
+    // the group to its max, and the new instances serve the waiting builds.
+    let mut waiting: Vec<Waiting> = (0..BURST)
         .map(|n| Waiting::spawn(&r, &format!("burst-{n}")))
         .collect();
+    wait_for("the burst to queue", STEP_TIMEOUT, || {
+        (r.queued() == BURST - 1).then_some(())
+    });
+    wait_for("the group to be raised to its max", STEP_TIMEOUT, || {
+        (r.aw.group().desired == MAX).then_some(())
+    });
     let mut leases: Vec<LeaseEnv> = Vec::new();
     r.drive("three builds to get a host", |_, _, _| {
         leases.extend(waiting.iter_mut().filter_map(Waiting::granted));
@@ -247,7 +275,18 @@ fn the_group_follows_the_coordinator_out_to_max_and_back_in_through_idle_instanc
         assert_ne!(next.get("BERTH_HOST_ID"), done);
         leases.push(next);
     }
-    assert!(waiting.iter().all(|w| w.child.is_none()));
+    // Five builds of the burst were served; the others give up (their
+    // acquires end) and leave the queue.
+    let (served, gave_up): (Vec<Waiting>, Vec<Waiting>) =
+        waiting.into_iter().partition(|w| w.child.is_none());
+    assert_eq!(served.len(), SERVED);
+    assert!(served.iter().all(|w| w.child.is_none()));
+    drop(gave_up);
+    wait_for(
+        "the builds that gave up to leave the queue",
+        STEP_TIMEOUT,
+        || (r.queued() == 0).then_some(()),
+    );
     assert!(r.changes("desired capacity decremented").is_empty());
 
     // The burst is over but for the first build, which holds its host.

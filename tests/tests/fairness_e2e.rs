@@ -3,11 +3,15 @@
 //! burst does not make another tenant's later builds wait for the whole
 //! burst (tenants take turns), and a tenant beyond its `max-queued` is
 //! refused with the limit named while the other tenant still queues.
+//! A waiting build sees its place in its own tenant's queue go down, in
+//! `berth acquire`'s progress line and in `berth get --build`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::io::BufRead;
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::process::{Child, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use berth_proto::v1 as pb;
@@ -136,4 +140,183 @@ fn a_later_tenant_is_served_in_turn_and_a_tenant_beyond_max_queued_is_refused() 
         as_tenant(&a_file, &["release", "--lease", lease.lease_id()]),
         "release",
     );
+}
+
+/// A `berth acquire` running in the background; its stderr (the progress
+/// lines) collected as it comes. Killed if dropped before it ended.
+struct Waiting {
+    child: Child,
+    stderr: Arc<Mutex<String>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Waiting {
+    fn start(pool: &Pool, token_file: &PathBuf, build: &str) -> Self {
+        let mut child = pool
+            .berth_cmd()
+            .env("BERTH_TOKEN_FILE", token_file)
+            .args([
+                "acquire",
+                "--build",
+                build,
+                "--ttl",
+                "5m",
+                "--wait",
+                "5m",
+                "--progress-every",
+                "200ms",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let pipe = child.stderr.take().unwrap();
+        let sink = stderr.clone();
+        let reader = std::thread::spawn(move || {
+            for line in std::io::BufReader::new(pipe).lines() {
+                let Ok(line) = line else { break };
+                let mut s = sink.lock().unwrap();
+                s.push_str(&line);
+                s.push('\n');
+            }
+        });
+        Self {
+            child,
+            stderr,
+            reader: Some(reader),
+        }
+    }
+
+    fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Waits for a progress line naming `position`.
+    fn wait_for_position(&self, position: &str) {
+        wait_for(position, Duration::from_secs(30), || {
+            self.stderr().contains(position).then_some(())
+        });
+    }
+
+    /// Waits for the acquire to end; its lease.
+    fn lease(mut self) -> LeaseEnv {
+        let mut stdout = String::new();
+        std::io::Read::read_to_string(self.child.stdout.as_mut().unwrap(), &mut stdout).unwrap();
+        let status = self.child.wait().unwrap();
+        if let Some(r) = self.reader.take() {
+            r.join().unwrap();
+        }
+        assert!(status.success(), "acquire failed: {}", self.stderr());
+        LeaseEnv::parse(&stdout)
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+#[test]
+fn a_waiting_build_sees_its_place_in_its_tenants_queue_go_down() {
+    if !preflight() {
+        return;
+    }
+    let (a_token, b_token) = (berth_tls::token::generate(), berth_tls::token::generate());
+    let pool = Pool::start_with("btqp-", 1, &[], |state| {
+        let mut tenants = berth_tls::Tenants::line("team-a", &a_token, false);
+        tenants.push_str(&berth_tls::Tenants::line("team-b", &b_token, false));
+        std::fs::write(state.join("tenants"), tenants).unwrap();
+    });
+    let token_file = |name: &str, token: &str| -> PathBuf {
+        let p = pool.state_dir.join(format!("{name}-token"));
+        std::fs::write(&p, token).unwrap();
+        p
+    };
+    let (a_file, b_file) = (token_file("a", &a_token), token_file("b", &b_token));
+    let get_build = |file: &PathBuf, build: &str| {
+        stdout(&ok(
+            pool.berth_as(file, &["get", "--build", build]),
+            "berth get --build",
+        ))
+    };
+    let release = |file: &PathBuf, lease: &LeaseEnv| {
+        ok(
+            pool.berth_as(file, &["release", "--lease", lease.lease_id()]),
+            "release",
+        );
+    };
+
+    // The one host is held, so every build below queues: team-a's a-1,
+    // a-2, a-3, then team-b's b-1, each queued before the next asks.
+    let hold = pool.acquire("hold", "10m", "1m");
+    let queued = |tenant: &str, n: usize| {
+        wait_for("the build to queue", Duration::from_secs(30), || {
+            (queued_of(&pool, tenant) == n).then_some(())
+        })
+    };
+    let a1 = Waiting::start(&pool, &a_file, "a-1");
+    queued("team-a", 1);
+    let a2 = Waiting::start(&pool, &a_file, "a-2");
+    queued("team-a", 2);
+    let a3 = Waiting::start(&pool, &a_file, "a-3");
+    queued("team-a", 3);
+    let b1 = Waiting::start(&pool, &b_file, "b-1");
+    queued("team-b", 1);
+
+    // Places count within the tenant: team-b's build does not count in
+    // team-a's queue, and is first of its own.
+    a3.wait_for_position("position 3 of 3 in tenant team-a's queue");
+    assert!(get_build(&a_file, "a-3").contains("queue     position 3 of 3"));
+    b1.wait_for_position("position 1 of 1 in tenant team-b's queue");
+    // A tenant sees only its own builds.
+    let o = pool.berth_as(&b_file, &["get", "--build", "a-3"]);
+    assert!(
+        !o.status.success() && stderr(&o).contains("no lease of build a-3"),
+        "{}",
+        stderr(&o)
+    );
+
+    // The held host is released: a-1 gets the next host; a-3 moves up.
+    release(&pool.token_path(), &hold);
+    let a1 = a1.lease();
+    a3.wait_for_position("position 2 of 2 in tenant team-a's queue");
+    assert!(get_build(&a_file, "a-3").contains("queue     position 2 of 2"));
+    // team-b's turn: b-1 is served, a-3's place does not move.
+    release(&a_file, &a1);
+    let b1 = b1.lease();
+    assert!(get_build(&a_file, "a-3").contains("queue     position 2 of 2"));
+    // team-a's turn again: a-2, then a-3 is next.
+    release(&b_file, &b1);
+    let a2 = a2.lease();
+    a3.wait_for_position("position 1 of 1 in tenant team-a's queue");
+    assert!(get_build(&a_file, "a-3").contains("queue     position 1 of 1"));
+    release(&a_file, &a2);
+    let progress = a3.stderr();
+    let a3 = a3.lease();
+    // The places the progress lines showed, in order: only ever down.
+    let mut places: Vec<u32> = progress
+        .lines()
+        .filter_map(|l| {
+            l.split("; position ")
+                .nth(1)?
+                .split(' ')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    places.dedup();
+    assert_eq!(places, [3, 2, 1], "{progress}");
+    // Once it has a host, the lease shows no place.
+    let shown = get_build(&a_file, "a-3");
+    assert!(
+        shown.contains("state     active") && !shown.contains("position"),
+        "{shown}"
+    );
+    release(&a_file, &a3);
 }

@@ -1,5 +1,6 @@
 //! `AdminService`, what operators call (an admin tenant only, see `auth`):
-//! list hosts and leases, drain a host, the pool at a glance.
+//! list hosts and leases, drain a host, the pool at a glance. Each call
+//! counts against `--max-requests` (see `limit`).
 
 use berth_proto::v1 as pb;
 use berth_proto::v1::admin_service_server::AdminService;
@@ -15,6 +16,7 @@ impl AdminService for Services {
         &self,
         _req: Request<pb::ListHostsRequest>,
     ) -> Result<Response<pb::ListHostsResponse>, Status> {
+        let _call = self.requests.enter()?;
         Ok(Response::new(pb::ListHostsResponse {
             hosts: self.pool.list_hosts(),
         }))
@@ -24,6 +26,7 @@ impl AdminService for Services {
         &self,
         req: Request<pb::ListLeasesRequest>,
     ) -> Result<Response<pb::ListLeasesResponse>, Status> {
+        let _call = self.requests.enter()?;
         Ok(Response::new(pb::ListLeasesResponse {
             leases: self.pool.list_leases(req.into_inner().include_ended),
         }))
@@ -33,6 +36,7 @@ impl AdminService for Services {
         &self,
         req: Request<pb::DrainHostRequest>,
     ) -> Result<Response<pb::DrainHostResponse>, Status> {
+        let _call = self.requests.enter()?;
         let req = req.into_inner();
         validate::id("host_id", &req.host_id)?;
         validate::text("reason", &req.reason, 1024)?;
@@ -45,6 +49,7 @@ impl AdminService for Services {
         &self,
         _req: Request<pb::PoolStatsRequest>,
     ) -> Result<Response<pb::PoolStatsResponse>, Status> {
+        let _call = self.requests.enter()?;
         let mut stats = self.pool.stats(Now::system()).to_proto();
         if let Some(w) = &self.registries {
             stats.registries = w.probe().await;

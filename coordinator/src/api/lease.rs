@@ -1,7 +1,9 @@
 //! `LeaseService`, what CI calls: Acquire (queue, wait for a host, sign the
-//! lease's client certificate), Renew, Release, Get. The caller's tenant
-//! comes from `auth`; every answer that reports a change waits until the
-//! change is durable (`Pool::durable`).
+//! lease's client certificate), Renew, Release, Get, Find (a build's lease
+//! by build id: where a waiting build stands in the queue). The caller's
+//! tenant comes from `auth`; every answer that reports a change waits until
+//! the change is durable (`Pool::durable`). Each call counts against
+//! `--max-requests` (see `limit`).
 
 use berth_tls::KeyId;
 use std::time::Duration;
@@ -104,6 +106,8 @@ impl LeaseService for Services {
         req: Request<pb::AcquireRequest>,
     ) -> Result<Response<pb::AcquireResponse>, Status> {
         let caller = auth::caller(&req)?;
+        // Held while the call waits for a host.
+        let _call = self.requests.enter()?;
         let req = req.into_inner();
         let cfg = self.pool.config();
         validate::id("build_id", &req.build_id)?;
@@ -144,6 +148,7 @@ impl LeaseService for Services {
         req: Request<pb::RenewRequest>,
     ) -> Result<Response<pb::RenewResponse>, Status> {
         let caller = auth::caller(&req)?;
+        let _call = self.requests.enter()?;
         let req = req.into_inner();
         let cfg = self.pool.config();
         let lid = validate::lease_id(&req.lease_id)?;
@@ -184,6 +189,7 @@ impl LeaseService for Services {
         req: Request<pb::ReleaseRequest>,
     ) -> Result<Response<pb::ReleaseResponse>, Status> {
         let caller = auth::caller(&req)?;
+        let _call = self.requests.enter()?;
         let lid = validate::lease_id(&req.into_inner().lease_id)?;
         let lease = self.pool.release(&caller.tenant, &lid, Now::system())?;
         self.pool.durable().await?;
@@ -192,8 +198,21 @@ impl LeaseService for Services {
 
     async fn get(&self, req: Request<pb::GetRequest>) -> Result<Response<pb::GetResponse>, Status> {
         let caller = auth::caller(&req)?;
+        let _call = self.requests.enter()?;
         let lid = validate::lease_id(&req.into_inner().lease_id)?;
         let lease = self.pool.get(&caller.tenant, &lid)?;
         Ok(Response::new(pb::GetResponse { lease: Some(lease) }))
+    }
+
+    async fn find(
+        &self,
+        req: Request<pb::FindRequest>,
+    ) -> Result<Response<pb::FindResponse>, Status> {
+        let caller = auth::caller(&req)?;
+        let _call = self.requests.enter()?;
+        let build_id = req.into_inner().build_id;
+        validate::id("build_id", &build_id)?;
+        let lease = self.pool.find(&caller.tenant, &build_id)?;
+        Ok(Response::new(pb::FindResponse { lease: Some(lease) }))
     }
 }

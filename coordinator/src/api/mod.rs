@@ -12,6 +12,7 @@ pub mod admin;
 pub mod agent;
 pub mod auth;
 pub mod lease;
+pub mod limit;
 
 use std::sync::Arc;
 
@@ -38,6 +39,8 @@ pub struct Services {
     pub cache: Option<Arc<crate::cache::BuildCache>>,
     /// The pool's registries (mirror, build cache) PoolStats reports on.
     pub registries: Option<Arc<crate::ops::registries::Watch>>,
+    /// CI and operator calls served at once (`--max-requests`).
+    pub requests: Arc<limit::RequestLimit>,
 }
 
 /// A CSR problem is the caller's; anything else in signing is ours.

@@ -50,6 +50,9 @@ pub struct PoolMetrics {
     /// Acquires refused because a queue limit (a tenant's `max-queued`, the
     /// pool's `--max-queued`) was reached.
     pub limit_refusals: Counter,
+    /// Calls refused because the server's `--max-requests` calls were in
+    /// flight.
+    pub request_limit_refusals: Counter,
     /// Elastic capacity: decisions that raised the desired number of hosts.
     pub scale_outs: Counter,
     /// Elastic capacity: idle hosts retired (drained) by a scale-in.
@@ -77,6 +80,7 @@ impl Default for PoolMetrics {
             agent_connects: Counter::default(),
             agent_disconnects: Counter::default(),
             limit_refusals: Counter::default(),
+            request_limit_refusals: Counter::default(),
             scale_outs: Counter::default(),
             hosts_retired: Counter::default(),
             interruption_notices: Counter::default(),
@@ -398,6 +402,11 @@ pub fn registry(
         "queue_limit_refusals",
         "Acquires refused because a queue limit was reached (a tenant's max-queued, --max-queued)",
         m.limit_refusals.clone(),
+    );
+    r.register(
+        "request_limit_refusals",
+        "Calls refused because the coordinator served --max-requests calls at once",
+        m.request_limit_refusals.clone(),
     );
     r.register(
         "scale_outs",

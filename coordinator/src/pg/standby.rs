@@ -70,6 +70,9 @@ impl LeaseService for Standby {
     async fn get(&self, _: Request<pb::GetRequest>) -> Answer<pb::GetResponse> {
         Err(self.unavailable())
     }
+    async fn find(&self, _: Request<pb::FindRequest>) -> Answer<pb::FindResponse> {
+        Err(self.unavailable())
+    }
 }
 
 #[tonic::async_trait]

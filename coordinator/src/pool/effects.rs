@@ -30,6 +30,11 @@ impl Inner {
             let (to, actions) = lease::next(from, event);
             l.state = to;
             let host = l.host.clone();
+            if from == LeaseState::Queued && to != LeaseState::Queued {
+                // Those queued behind it moved up (see `fair::FairQueue::place`).
+                let tenant = l.tenant.clone();
+                self.queue.touch(&tenant);
+            }
             self.dirty.insert(lid.clone());
             if from != to {
                 info!(

@@ -10,6 +10,13 @@
 //! stale entries with [`FairQueue::drop_front`], which charges no turn.
 //! Which tenants may be served at all (a tenant at its `max-active`) is the
 //! scheduler's call too, passed in as a predicate.
+//!
+//! Where a build stands in its tenant's queue ([`FairQueue::place`]) is
+//! what waiting builds poll for: the places of a tenant are counted in one
+//! pass and kept until its queue changes, so a poll costs one lookup however
+//! long the queue. A lease that stops waiting while still in the queue
+//! changes the places of the entries behind it: the pool says so with
+//! [`FairQueue::touch`].
 
 use std::collections::{HashMap, VecDeque};
 
@@ -18,6 +25,9 @@ struct TenantQueue {
     ids: VecDeque<String>,
     /// Assignments left in the tenant's current turn.
     credit: u32,
+    /// Places of the waiting entries (1 = next) and how many wait, counted
+    /// since the queue last changed; `None` once it has.
+    places: Option<(HashMap<String, u32>, u32)>,
 }
 
 /// Waiting lease ids, one FIFO per tenant, tenants served in turn.
@@ -33,14 +43,18 @@ pub(super) struct FairQueue {
 impl FairQueue {
     /// Queues `lid` last in `tenant`'s queue (a new request).
     pub(super) fn push_back(&mut self, tenant: &str, lid: &str, weight: u32) {
-        self.queue_of(tenant, weight).ids.push_back(lid.to_owned());
+        let q = self.queue_of(tenant, weight);
+        q.ids.push_back(lid.to_owned());
+        q.places = None;
         self.len += 1;
     }
 
     /// Queues `lid` first in `tenant`'s queue (a request handed back after
     /// an assignment failed: it keeps its place).
     pub(super) fn push_front(&mut self, tenant: &str, lid: &str, weight: u32) {
-        self.queue_of(tenant, weight).ids.push_front(lid.to_owned());
+        let q = self.queue_of(tenant, weight);
+        q.ids.push_front(lid.to_owned());
+        q.places = None;
         self.len += 1;
     }
 
@@ -53,6 +67,7 @@ impl FairQueue {
             .or_insert_with(|| TenantQueue {
                 ids: VecDeque::new(),
                 credit: weight.max(1),
+                places: None,
             })
     }
 
@@ -70,6 +85,7 @@ impl FairQueue {
         if let Some(q) = self.tenants.get_mut(tenant)
             && q.ids.pop_front().is_some()
         {
+            q.places = None;
             self.len -= 1;
         }
         self.forget_if_empty(tenant);
@@ -82,6 +98,7 @@ impl FairQueue {
             return;
         };
         if q.ids.pop_front().is_some() {
+            q.places = None;
             self.len -= 1;
         }
         q.credit = q.credit.saturating_sub(1);
@@ -94,6 +111,38 @@ impl FairQueue {
             }
         }
         self.forget_if_empty(tenant);
+    }
+
+    /// One of `tenant`'s entries stopped waiting (its lease left the
+    /// queued state) while still in the queue: the places behind it moved.
+    pub(super) fn touch(&mut self, tenant: &str) {
+        if let Some(q) = self.tenants.get_mut(tenant) {
+            q.places = None;
+        }
+    }
+
+    /// Where `lid` stands among `tenant`'s entries that are still
+    /// `waiting`: (place, 1 being the next; how many of the tenant wait).
+    /// `None` if `lid` is not one of them. Counted once per change of the
+    /// tenant's queue (see [`FairQueue::touch`]).
+    pub(super) fn place(
+        &mut self,
+        tenant: &str,
+        lid: &str,
+        waiting: impl Fn(&str) -> bool,
+    ) -> Option<(u32, u32)> {
+        let q = self.tenants.get_mut(tenant)?;
+        let (places, n) = q.places.get_or_insert_with(|| {
+            let mut places = HashMap::new();
+            let mut n = 0u32;
+            for id in q.ids.iter().filter(|id| waiting(id)) {
+                n = n.saturating_add(1);
+                // An id queued twice keeps its first (best) place.
+                places.entry(id.clone()).or_insert(n);
+            }
+            (places, n)
+        });
+        places.get(lid).map(|p| (*p, *n))
     }
 
     fn forget_if_empty(&mut self, tenant: &str) {
@@ -139,6 +188,7 @@ impl FairQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashSet;
 
     /// Serves `n` entries (every tenant eligible, weights from `weight`),
     /// returning the tenants served in order.
@@ -229,5 +279,44 @@ mod tests {
         assert_eq!(q.iter().count(), 1);
         q.drop_front("a");
         assert!(q.consistent() && q.len() == 0 && q.next(|_| true).is_none());
+    }
+
+    #[test]
+    fn places_count_only_waiting_entries_of_the_tenant_and_follow_every_change() {
+        let mut q = FairQueue::default();
+        for i in 0..3 {
+            q.push_back("a", &format!("a{i}"), 1);
+            q.push_back("b", &format!("b{i}"), 1);
+        }
+        let mut gone: HashSet<String> = HashSet::new();
+        let place = |q: &mut FairQueue, gone: &HashSet<String>, lid: &str| {
+            let tenant = &lid[..1];
+            q.place(tenant, lid, |id| !gone.contains(id))
+        };
+        // Per tenant: b's entries do not count in a's places.
+        assert_eq!(place(&mut q, &gone, "a0"), Some((1, 3)));
+        assert_eq!(place(&mut q, &gone, "a2"), Some((3, 3)));
+        assert_eq!(place(&mut q, &gone, "b1"), Some((2, 3)));
+        assert_eq!(place(&mut q, &gone, "zz"), None);
+        // Served: the ones behind move up.
+        q.served("a", 1);
+        assert_eq!(place(&mut q, &gone, "a0"), None);
+        assert_eq!(place(&mut q, &gone, "a2"), Some((2, 2)));
+        // A lease in the middle stops waiting (cancelled): the pool
+        // touches the tenant, the entry no longer counts though it stays.
+        gone.insert("b1".into());
+        q.touch("b");
+        assert_eq!(place(&mut q, &gone, "b2"), Some((2, 2)));
+        assert_eq!(place(&mut q, &gone, "b1"), None);
+        // A new request queues last; a handed-back one first.
+        q.push_back("a", "a3", 1);
+        q.push_front("a", "a9", 1);
+        assert_eq!(place(&mut q, &gone, "a9"), Some((1, 4)));
+        assert_eq!(place(&mut q, &gone, "a3"), Some((4, 4)));
+        // A stale front entry dropped: nothing moves for the waiting ones.
+        q.served("b", 1); // b0
+        q.drop_front("b"); // b1, stale
+        assert_eq!(place(&mut q, &gone, "b2"), Some((1, 1)));
+        assert!(q.consistent());
     }
 }

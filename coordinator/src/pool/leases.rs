@@ -11,7 +11,7 @@ use berth_proto::v1 as pb;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use super::{Lease, Now, Pending, Pool};
+use super::{Inner, Lease, Now, Pending, Pool};
 use berth_tls::KeyId;
 
 use crate::error::{Error, Unavailable};
@@ -212,18 +212,22 @@ impl Pool {
     /// exactly as if it did not exist, so lease ids of others cannot even be
     /// probed. A lease whose host was lost is an error (FAILED_PRECONDITION
     /// with the reason), so a build's next call learns its host is gone.
+    /// While the lease waits, the answer says where it stands in its
+    /// tenant's queue.
     pub fn get(&self, tenant: &str, lease_id: &str) -> Result<pb::Lease, Error> {
-        let g = self.lock();
-        let l = g
-            .leases
-            .get(lease_id)
-            .filter(|l| l.tenant == tenant)
-            .ok_or_else(|| Error::LeaseNotFound(lease_id.to_owned()))?;
-        if l.state == LeaseState::HostLost {
-            return Err(ended_error(l));
-        }
-        g.lease_view(lease_id)
-            .ok_or_else(|| Error::LeaseNotFound(lease_id.to_owned()))
+        get_in(&mut self.lock(), tenant, lease_id)
+    }
+
+    /// Reports `tenant`'s lease of `build_id` that has not ended (what a
+    /// waiting acquire polls for its place in the queue), as [`Pool::get`].
+    pub fn find(&self, tenant: &str, build_id: &str) -> Result<pb::Lease, Error> {
+        let mut g = self.lock();
+        let lid = g
+            .live_by_build
+            .get(&(tenant.to_owned(), build_id.to_owned()))
+            .cloned()
+            .ok_or_else(|| Error::BuildNotFound(build_id.to_owned()))?;
+        get_in(&mut g, tenant, &lid)
     }
 
     /// Fails unless `key` is the key lease `lease_id` is pinned to now.
@@ -292,6 +296,20 @@ impl Pool {
             _ => Err(ended_error(l)),
         }
     }
+}
+
+/// [`Pool::get`] under the lock.
+fn get_in(g: &mut Inner, tenant: &str, lease_id: &str) -> Result<pb::Lease, Error> {
+    let l = g
+        .leases
+        .get(lease_id)
+        .filter(|l| l.tenant == tenant)
+        .ok_or_else(|| Error::LeaseNotFound(lease_id.to_owned()))?;
+    if l.state == LeaseState::HostLost {
+        return Err(ended_error(l));
+    }
+    g.lease_view_placed(lease_id)
+        .ok_or_else(|| Error::LeaseNotFound(lease_id.to_owned()))
 }
 
 fn ended_error(l: &Lease) -> Error {

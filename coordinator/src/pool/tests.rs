@@ -1199,3 +1199,94 @@ async fn an_interruption_notice_marks_the_lease_and_the_host_is_never_offered_ag
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
     pool.check_invariants().unwrap();
 }
+
+/// (place, builds of its tenant waiting) as Find reports it for `build`.
+fn place(pool: &Pool, tenant: &str, build: &str) -> (u32, u32) {
+    let l = pool.find(tenant, build).unwrap();
+    assert_eq!(l.build_id, build);
+    (l.queue_position, l.tenant_queued)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_waiting_build_sees_its_place_in_its_tenants_queue_move_up() {
+    let pool = pool();
+    let now = start();
+    let mut waiting = vec![];
+    for b in ["a0", "a1", "a2", "a3"] {
+        waiting.push(ask(&pool, "a", b, now));
+    }
+    waiting.push(ask(&pool, "b", "b0", now));
+    // Per tenant: b's build is first of its own queue, a's do not see it.
+    assert_eq!(place(&pool, "a", "a0"), (1, 4));
+    assert_eq!(place(&pool, "a", "a3"), (4, 4));
+    assert_eq!(place(&pool, "b", "b0"), (1, 1));
+    // A tenant finds only its own builds; Get agrees with Find.
+    assert_eq!(
+        pool.find("b", "a0").unwrap_err().code(),
+        tonic::Code::NotFound
+    );
+    let a3 = pool.get("a", &waiting[3].lease_id).unwrap();
+    assert_eq!((a3.queue_position, a3.tenant_queued), (4, 4));
+
+    // Served: a0 gets a host, those behind it move up; a0 shows no place.
+    let mut h0 = Agent::join(&pool, "h0", now);
+    let assigned = h0.expect_assign();
+    assert_eq!(assigned.build_id, "a0");
+    assert_eq!(place(&pool, "a", "a0"), (0, 0));
+    assert_eq!(place(&pool, "a", "a3"), (3, 3));
+    h0.accept(&pool, &assigned.lease_id, now);
+    assert_eq!(place(&pool, "a", "a0"), (0, 0));
+
+    // Cancelled in the middle (released while queued): the one behind moves up.
+    pool.release("a", &waiting[2].lease_id, now).unwrap();
+    assert_eq!(place(&pool, "a", "a1"), (1, 2));
+    assert_eq!(place(&pool, "a", "a3"), (2, 2));
+
+    // b's turn: b0 is served; a's places do not move.
+    let mut h1 = Agent::join(&pool, "h1", now);
+    assert_eq!(h1.expect_assign().build_id, "b0");
+    assert_eq!(place(&pool, "a", "a3"), (2, 2));
+
+    // An assignment handed back keeps its place: first of its tenant again.
+    let mut h2 = Agent::join(&pool, "h2", now);
+    let l = h2.expect_assign();
+    assert_eq!(l.build_id, "a1");
+    assert_eq!(place(&pool, "a", "a3"), (1, 1));
+    h2.say(
+        &pool,
+        pb::agent_message::Msg::LeaseRejected(pb::LeaseRejected {
+            lease_id: l.lease_id.clone(),
+            reason: "busy".into(),
+        }),
+        now,
+    );
+    assert_eq!(place(&pool, "a", "a1"), (1, 2));
+    assert_eq!(place(&pool, "a", "a3"), (2, 2));
+
+    // The admin list shows the same places.
+    let mut listed: Vec<(String, u32, u32)> = pool
+        .list_leases(false)
+        .into_iter()
+        .filter(|l| l.state == pb::LeaseState::Queued as i32)
+        .map(|l| (l.build_id, l.queue_position, l.tenant_queued))
+        .collect();
+    listed.sort();
+    assert_eq!(listed, [("a1".to_owned(), 1, 2), ("a3".to_owned(), 2, 2)]);
+
+    // A wait that runs out leaves the queue: the one behind moves up.
+    let key = berth_tls::KeyId([0; 32]);
+    let _c0 = pool
+        .acquire("c", "c0", key, 60 * SECOND, SECOND, now)
+        .unwrap();
+    let _c1 = ask(&pool, "c", "c1", now);
+    assert_eq!(place(&pool, "c", "c1"), (2, 2));
+    pool.tick(now + 2 * SECOND);
+    assert_eq!(
+        pool.find("c", "c0").unwrap_err().code(),
+        tonic::Code::NotFound
+    );
+    assert_eq!(place(&pool, "c", "c1"), (1, 1));
+    assert_eq!(place(&pool, "a", "a3"), (2, 2));
+    drop(waiting);
+    pool.check_invariants().unwrap();
+}

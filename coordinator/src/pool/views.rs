@@ -59,12 +59,16 @@ impl Pool {
     }
 
     pub fn list_leases(&self, include_ended: bool) -> Vec<pb::Lease> {
-        let g = self.lock();
-        let mut leases: Vec<_> = g
+        let mut g = self.lock();
+        let ids: Vec<String> = g
             .leases
             .values()
             .filter(|l| include_ended || !l.state.is_ended())
-            .filter_map(|l| g.lease_view(&l.id))
+            .map(|l| l.id.clone())
+            .collect();
+        let mut leases: Vec<_> = ids
+            .iter()
+            .filter_map(|id| g.lease_view_placed(id))
             .collect();
         leases.sort_by(|a, b| {
             let key = |l: &pb::Lease| l.created_at.map(|t| (t.seconds, t.nanos));
@@ -142,6 +146,34 @@ impl Inner {
             wipe: l.wipe.clone(),
             tenant: l.tenant.clone(),
             timeline: timeline::to_proto(&l.timeline),
+            // Filled by `lease_view_placed` where the answer shows it.
+            queue_position: 0,
+            tenant_queued: 0,
+        })
+    }
+
+    /// [`Inner::lease_view`] with, while the lease waits, its place in its
+    /// tenant's queue.
+    pub(super) fn lease_view_placed(&mut self, lid: &str) -> Option<pb::Lease> {
+        let mut view = self.lease_view(lid)?;
+        if let Some((place, queued)) = self.queue_place(lid) {
+            view.queue_position = place;
+            view.tenant_queued = queued;
+        }
+        Some(view)
+    }
+
+    /// Where queued lease `lid` stands in its tenant's queue: (place, 1
+    /// being the next of its tenant; builds of its tenant waiting). `None`
+    /// unless it is queued.
+    pub(super) fn queue_place(&mut self, lid: &str) -> Option<(u32, u32)> {
+        let l = self.leases.get(lid)?;
+        if l.state != LeaseState::Queued {
+            return None;
+        }
+        let leases = &self.leases;
+        self.queue.place(&l.tenant, lid, |id| {
+            leases.get(id).map(|l| l.state) == Some(LeaseState::Queued)
         })
     }
 
