@@ -1,9 +1,14 @@
-//! Coordinator restarts in-process, over real sockets and the real on-disk
-//! store: a graceful stop (the shutdown token, as SIGTERM triggers it) ends
-//! the agent streams and returns; a new coordinator on the same state dir
-//! still knows the lease, takes the agent's re-registration as the truth,
-//! and serves Get/Renew/Release and an Acquire retry. A restored lease whose
-//! host never comes back ends as host-lost after the grace period.
+//! Coordinator restarts in-process, over real sockets and the real store: a
+//! graceful stop (the shutdown token, as SIGTERM triggers it) ends the agent
+//! streams and returns; a new coordinator on the same store still knows the
+//! lease, takes the agent's re-registration as the truth, and serves
+//! Get/Renew/Release and an Acquire retry. A restored lease whose host never
+//! comes back ends as host-lost after the grace period.
+//!
+//! Each runs twice ([`berth_testkit::on_each_store`]): on the embedded store
+//! (the new coordinator on the same state dir) and, as `postgres::NAME`, on
+//! a PostgreSQL cluster of the test's own (the new coordinator on the same
+//! database, with an empty state dir of its own).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -11,12 +16,43 @@ use std::time::Duration;
 
 use berth_proto::from_duration;
 use berth_proto::v1 as pb;
+use berth_testkit::{Store, on_each_store};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 
 mod support;
-use support::{Server, csr, fresh_dir, host_csr};
+use support::{Server, Site, csr, host_csr};
+
+on_each_store! { async
+    a_graceful_stop_and_a_new_coordinator_keep_the_lease => graceful_stop,
+    a_restored_lease_whose_host_never_returns_ends_as_host_lost => host_never_returns,
+}
+
+/// On PostgreSQL: coordinator `s` leads the pool from the database with
+/// `term`, and keeps no embedded store in its state dir. Nothing to check
+/// on the embedded store.
+fn assert_led_from_the_database(site: &Site, s: &Server, term: u64) {
+    if site.store == Store::Embedded {
+        return;
+    }
+    assert_eq!(
+        site.sql("SELECT term FROM berth_leader WHERE expires_at > now()"),
+        Some(term.to_string()),
+        "the coordinator does not lead with term {term}"
+    );
+    assert!(
+        !s.state_dir.join("coordinator.redb").exists(),
+        "the coordinator on PostgreSQL made an embedded store"
+    );
+}
+
+/// On PostgreSQL: a clean stop gave the lead up at once.
+fn assert_lead_given_up(site: &Site) {
+    if let Some(up) = site.sql("SELECT expires_at <= now() FROM berth_leader") {
+        assert_eq!(up, "t", "a clean stop kept the lead");
+    }
+}
 
 fn register(
     state: pb::HostState,
@@ -74,10 +110,11 @@ fn acquire(build: &str) -> pb::AcquireRequest {
     }
 }
 
-#[tokio::test]
-async fn a_graceful_stop_and_a_new_coordinator_keep_the_lease() {
-    let d = fresh_dir("restart-graceful");
-    let s = Server::start_in(&d, &[]).await;
+async fn graceful_stop(store: Store) {
+    let site = Site::new("restart-graceful", store);
+    let s = Server::start_at(&site, &[]).await;
+    assert_led_from_the_database(&site, &s, 1);
+    let ca_pem = s.ca_pem.clone();
     let (tx, mut inbound) = connect(&s, register(pb::HostState::Ready, "", None)).await;
     let mut leases = s.leases();
     let pending = tokio::spawn(async move { leases.acquire(acquire("r-1")).await });
@@ -92,6 +129,10 @@ async fn a_graceful_stop_and_a_new_coordinator_keep_the_lease() {
     .await
     .unwrap();
     let lease = pending.await.unwrap().unwrap().into_inner().lease.unwrap();
+    // The answer came once the lease was stored (on PostgreSQL: committed).
+    if let Some(state) = site.stored_state(&lease.lease_id) {
+        assert_eq!(state, "active");
+    }
 
     // Graceful stop: the agent's stream ends and serve returns.
     tokio::time::timeout(Duration::from_secs(15), s.stop_keep())
@@ -100,9 +141,13 @@ async fn a_graceful_stop_and_a_new_coordinator_keep_the_lease() {
     let end = tokio::time::timeout(Duration::from_secs(5), inbound.message()).await;
     assert!(matches!(end, Ok(Ok(None)) | Ok(Err(_))), "{end:?}");
     drop(tx);
+    assert_lead_given_up(&site);
 
-    // A new coordinator on the same state dir.
-    let s = Server::start_in(&d, &[]).await;
+    // A new coordinator on the same store: the same state dir, or the same
+    // database (and nothing else: its own state dir starts empty).
+    let s = Server::start_at(&site, &[]).await;
+    assert_led_from_the_database(&site, &s, 2);
+    assert_eq!(s.ca_pem, ca_pem, "the pool CA changed");
     let mut c = s.leases();
     let got = c
         .get(pb::GetRequest {
@@ -162,16 +207,19 @@ async fn a_graceful_stop_and_a_new_coordinator_keep_the_lease() {
         .lease
         .unwrap();
     assert_eq!(released.state, pb::LeaseState::Released as i32);
+    if let Some(state) = site.stored_state(&lease.lease_id) {
+        assert_eq!(state, "released");
+    }
     assert!(
         matches!(next(&mut inbound).await, Some(pb::coordinator_message::Msg::EndLease(e)) if e.lease_id == lease.lease_id)
     );
     s.stop().await;
 }
 
-#[tokio::test]
-async fn a_restored_lease_whose_host_never_returns_ends_as_host_lost() {
-    let d = fresh_dir("restart-lost");
-    let s = Server::start_in(&d, &["--lost-grace", "1s"]).await;
+async fn host_never_returns(store: Store) {
+    let site = Site::new("restart-lost", store);
+    let s = Server::start_at(&site, &["--lost-grace", "1s"]).await;
+    assert_led_from_the_database(&site, &s, 1);
     let (tx, mut inbound) = connect(&s, register(pb::HostState::Ready, "", None)).await;
     let mut leases = s.leases();
     let pending = tokio::spawn(async move { leases.acquire(acquire("r-2")).await });
@@ -186,10 +234,15 @@ async fn a_restored_lease_whose_host_never_returns_ends_as_host_lost() {
     .await
     .unwrap();
     let lease = pending.await.unwrap().unwrap().into_inner().lease.unwrap();
+    if let Some(state) = site.stored_state(&lease.lease_id) {
+        assert_eq!(state, "active");
+    }
     s.stop_keep().await;
     drop(tx);
+    assert_lead_given_up(&site);
 
-    let s = Server::start_in(&d, &["--lost-grace", "1s"]).await;
+    let s = Server::start_at(&site, &["--lost-grace", "1s"]).await;
+    assert_led_from_the_database(&site, &s, 2);
     let mut c = s.leases();
     let status = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
@@ -208,6 +261,18 @@ async fn a_restored_lease_whose_host_never_returns_ends_as_host_lost() {
     .expect("the lease outlived its lost host");
     assert_eq!(status.code(), Code::FailedPrecondition, "{status}");
     assert!(status.message().contains("host-lost"), "{status}");
+    // The end is stored too (its commit may follow the answer by a moment).
+    if site.store == Store::Postgres {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while site.stored_state(&lease.lease_id).as_deref() != Some("host-lost") {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the database still says {:?}",
+                site.stored_state(&lease.lease_id)
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
     // The build id is free again: a retry gets a new lease (and waits).
     let err = c
         .acquire(pb::AcquireRequest {

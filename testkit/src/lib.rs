@@ -364,20 +364,27 @@ pub enum Store {
 
 /// Defines each fault test twice from one body `fn(Store)`: `NAME` on the
 /// embedded store and `postgres::NAME` on the shared store
-/// ([`Pool::start_on`]).
+/// ([`Pool::start_on`]). With `async` first, the bodies are `async
+/// fn(Store)`, each run on a runtime of its own ([`block_on`]).
 ///
 /// ```ignore
 /// berth_testkit::on_each_store! {
 ///     coordinator_killed_mid_lease_restarts_and_the_lease_carries_on => coordinator_killed,
 /// }
+/// berth_testkit::on_each_store! { async
+///     a_graceful_stop_and_a_new_coordinator_keep_the_lease => graceful_stop,
+/// }
 /// ```
 #[macro_export]
 macro_rules! on_each_store {
-    ($($test:ident => $body:ident),* $(,)?) => {
+    (async $($test:ident => $body:ident),* $(,)?) => {
+        $crate::on_each_store!(@each $crate::block_on; $($test => $body),*);
+    };
+    (@each $run:path; $($test:ident => $body:ident),*) => {
         $(
             #[test]
             fn $test() {
-                $body($crate::Store::Embedded)
+                $run($body($crate::Store::Embedded))
             }
         )*
         /// The same tests with the pool's state on PostgreSQL.
@@ -385,11 +392,26 @@ macro_rules! on_each_store {
             $(
                 #[test]
                 fn $test() {
-                    super::$body($crate::Store::Postgres)
+                    $run(super::$body($crate::Store::Postgres))
                 }
             )*
         }
     };
+    ($($test:ident => $body:ident),* $(,)?) => {
+        $crate::on_each_store!(@each ::std::convert::identity; $($test => $body),*);
+    };
+}
+
+/// Runs `f` to the end on a fresh multi-threaded runtime (two workers, so
+/// a test may block one in `tokio::task::block_in_place`, e.g. to start
+/// PostgreSQL or run `psql`).
+pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f)
 }
 
 /// A pool started with `berth up` for one test. Dropping it stops the pool
@@ -458,6 +480,12 @@ impl Pool {
     /// The pool's PostgreSQL cluster, when it runs on [`Store::Postgres`].
     pub fn postgres(&self) -> Option<&postgres::Postgres> {
         self.postgres.as_ref()
+    }
+
+    /// The state of lease `id` as the pool's PostgreSQL holds it (`active`,
+    /// `released`, ...); `None` on the embedded store.
+    pub fn stored_state(&self, id: &str) -> Option<String> {
+        Some(self.postgres()?.lease_state(id))
     }
 
     /// [`Pool::start`], with `setup` run on the fresh state dir before

@@ -199,6 +199,15 @@ impl Postgres {
         String::from_utf8_lossy(&o.stdout).trim().to_owned()
     }
 
+    /// The state of lease `id` (`active`, `released`, ...) as database
+    /// [`POOL_DB`] holds it; empty if it has no such lease.
+    pub fn lease_state(&self, id: &str) -> String {
+        self.sql(
+            POOL_DB,
+            &format!("SELECT record->>'state' FROM berth_leases WHERE id = '{id}'"),
+        )
+    }
+
     /// Creates database `name` and returns its URL.
     pub fn create_db(&self, name: &str) -> String {
         self.sql("postgres", &format!("CREATE DATABASE \"{name}\""));

@@ -29,14 +29,6 @@ on_each_store! {
     idle_agent_killed_leaves_an_unknown_host_that_is_wiped_before_it_is_ready => idle_agent_killed,
 }
 
-/// The state of lease `id` as the pool's PostgreSQL holds it.
-fn stored_state(pg: &berth_testkit::postgres::Postgres, id: &str) -> String {
-    pg.sql(
-        berth_testkit::postgres::POOL_DB,
-        &format!("SELECT record->>'state' FROM berth_leases WHERE id = '{id}'"),
-    )
-}
-
 fn front(lease: &LeaseEnv) -> SocketAddr {
     lease
         .docker_host()
@@ -57,8 +49,8 @@ fn coordinator_killed_mid_lease(store: Store) {
         "volume create",
     );
     // On the shared store the answer came after PostgreSQL's commit.
-    if let Some(pg) = pool.postgres() {
-        assert_eq!(stored_state(pg, a.lease_id()), "active");
+    if let Some(state) = pool.stored_state(a.lease_id()) {
+        assert_eq!(state, "active");
     }
 
     let old = pool.coordinator_pid().expect("coordinator pid");
@@ -164,9 +156,9 @@ fn coordinator_killed_mid_lease(store: Store) {
         pool.berth(&["release", "--lease", b.lease_id()]),
         "release b",
     );
-    if let Some(pg) = pool.postgres() {
-        assert_eq!(stored_state(pg, a.lease_id()), "released");
-        assert_eq!(stored_state(pg, b.lease_id()), "released");
+    if pool.postgres().is_some() {
+        assert_eq!(pool.stored_state(a.lease_id()).unwrap(), "released");
+        assert_eq!(pool.stored_state(b.lease_id()).unwrap(), "released");
         // A clean stop gives the lead up at once.
         pool.stop();
         let pg = pool.postgres().unwrap();

@@ -1,6 +1,9 @@
 //! `berth up` as an operator uses it: Ctrl-C (SIGTERM) stops the whole pool
 //! and leaves no dockerd, network namespace, mount or cgroup behind, even
-//! with a lease active and containers running.
+//! with a lease active and containers running. It runs on the embedded
+//! store and, as `postgres::NAME`, with the pool's state on PostgreSQL
+//! ([`berth_testkit::on_each_store`]), where the stopped coordinator has
+//! also given its lead up.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -22,12 +25,15 @@ fn cgroups_with(prefix: &str) -> Vec<String> {
     found
 }
 
-#[test]
-fn ctrl_c_stops_the_pool_and_leaves_nothing_behind() {
+on_each_store! {
+    ctrl_c_stops_the_pool_and_leaves_nothing_behind => ctrl_c,
+}
+
+fn ctrl_c(store: Store) {
     if !preflight() {
         return;
     }
-    let mut pool = Pool::start("bte5-", 2, &[]);
+    let mut pool = Pool::start_on(store, "bte5-", 2, &[]);
     let prefix = &pool.prefix.clone();
     let lease = pool.acquire("up-1", "30m", "1m");
     let ctx = pool.state_dir.join("ctx");
@@ -62,4 +68,15 @@ fn ctrl_c_stops_the_pool_and_leaves_nothing_behind() {
     assert_eq!(mounts_under(Path::new(&state)), Vec::<String>::new());
     assert_eq!(mounts_under(Path::new(&run_dir)), Vec::<String>::new());
     assert_eq!(cgroups_with(prefix), Vec::<String>::new());
+    // On the shared store the lead is free at once for the next coordinator.
+    if let Some(pg) = pool.postgres() {
+        assert_eq!(
+            pg.sql(
+                berth_testkit::postgres::POOL_DB,
+                "SELECT expires_at <= now() FROM berth_leader"
+            ),
+            "t",
+            "the stopped coordinator kept the lead"
+        );
+    }
 }

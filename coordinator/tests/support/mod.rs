@@ -2,18 +2,22 @@
 //! TLS with its own pool CA, a tenants file (tenants `ci` and `other`, the
 //! admin `ops`) and a pool join token, all under one temp dir. Starting
 //! again in the same dir reuses the credentials and the lease store, as a
-//! restarted coordinator would.
+//! restarted coordinator would. A [`Site`] does the same on either store:
+//! the embedded one, or a PostgreSQL cluster of the test's own.
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use berth_coordinator::CoordinatorConfig;
 use berth_proto::v1 as pb;
 use berth_proto::v1::admin_service_client::AdminServiceClient;
 use berth_proto::v1::agent_service_client::AgentServiceClient;
 use berth_proto::v1::lease_service_client::LeaseServiceClient;
+use berth_testkit::Store;
+use berth_testkit::postgres::{self, Postgres};
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 use tonic::service::Interceptor;
@@ -101,6 +105,7 @@ impl Tokens {
 
 pub struct Server {
     pub dir: PathBuf,
+    pub state_dir: PathBuf,
     pub addr: std::net::SocketAddr,
     pub channel: Channel,
     pub ca_pem: String,
@@ -121,6 +126,88 @@ pub fn fresh_dir(name: &str) -> PathBuf {
     d
 }
 
+/// Where the test coordinators of one pool keep it: a fresh dir with the
+/// credentials (as [`Server::start_in`]) and, on [`Store::Postgres`], a
+/// PostgreSQL cluster of the test's own whose database
+/// [`postgres::POOL_DB`] holds the pool's state. Coordinators started on one
+/// site ([`Server::start_at`]) share the pool, as a restarted coordinator
+/// would: on the embedded store through the same state dir; on PostgreSQL
+/// through the database alone, each with an empty state dir of its own (as
+/// a coordinator on another machine would start). The cluster is stopped
+/// and the dir removed on drop.
+pub struct Site {
+    pub dir: PathBuf,
+    pub store: Store,
+    pg: Option<Postgres>,
+    started: AtomicUsize,
+}
+
+impl Site {
+    /// A fresh site for test `name`. Blocks while PostgreSQL starts: call it
+    /// from a multi-threaded runtime (it moves off the async workers).
+    pub fn new(name: &str, store: Store) -> Self {
+        let dir = fresh_dir(name);
+        let pg = (store == Store::Postgres).then(|| {
+            tokio::task::block_in_place(|| {
+                let pg = Postgres::start();
+                pg.create_db(postgres::POOL_DB);
+                pg
+            })
+        });
+        if pg.is_some() {
+            postgres::write_key(&dir.join("store.key"));
+        }
+        Self {
+            dir,
+            store,
+            pg,
+            started: AtomicUsize::new(0),
+        }
+    }
+
+    /// Runs `sql` in the pool's database; `None` on the embedded store.
+    pub fn sql(&self, sql: &str) -> Option<String> {
+        let pg = self.pg.as_ref()?;
+        Some(tokio::task::block_in_place(|| {
+            pg.sql(postgres::POOL_DB, sql)
+        }))
+    }
+
+    /// The state of lease `id` in the pool's database; `None` on the
+    /// embedded store.
+    pub fn stored_state(&self, id: &str) -> Option<String> {
+        let pg = self.pg.as_ref()?;
+        Some(tokio::task::block_in_place(|| pg.lease_state(id)))
+    }
+
+    /// The coordinator flags that put the pool on this site's store.
+    fn store_args(&self) -> Vec<String> {
+        let Some(pg) = &self.pg else {
+            return Vec::new();
+        };
+        vec![
+            format!("--store={}", pg.url(postgres::POOL_DB)),
+            format!("--store-key-file={}", self.dir.join("store.key").display()),
+            format!("--leader-ttl={}", postgres::LEADER_TTL),
+        ]
+    }
+
+    /// The state dir of the next coordinator started here.
+    fn next_state_dir(&self) -> PathBuf {
+        let n = self.started.fetch_add(1, Ordering::Relaxed);
+        match self.store {
+            Store::Embedded => self.dir.join("state"),
+            Store::Postgres => self.dir.join(format!("state-{n}")),
+        }
+    }
+}
+
+impl Drop for Site {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 impl Server {
     /// A coordinator in a fresh dir of its own.
     pub async fn start(name: &str) -> Self {
@@ -129,11 +216,25 @@ impl Server {
 
     /// A coordinator on `dir` (credentials and lease store), with extra flags.
     pub async fn start_in(dir: &Path, extra: &[&str]) -> Self {
+        Self::start_with(dir, &dir.join("state"), extra).await
+    }
+
+    /// A coordinator of the pool at `site` (see [`Site`]), with extra flags.
+    pub async fn start_at(site: &Site, extra: &[&str]) -> Self {
+        let store = site.store_args();
+        let mut args: Vec<&str> = store.iter().map(String::as_str).collect();
+        args.extend_from_slice(extra);
+        Self::start_with(&site.dir, &site.next_state_dir(), &args).await
+    }
+
+    /// A coordinator with the credentials in `dir` and the state dir
+    /// `state`, with extra flags.
+    async fn start_with(dir: &Path, state: &Path, extra: &[&str]) -> Self {
         std::fs::create_dir_all(dir).unwrap();
         let tokens = Tokens::in_dir(dir);
         let s = |p: PathBuf| p.to_string_lossy().into_owned();
-        let (state, tenants, join) = (
-            s(dir.join("state")),
+        let (state_arg, tenants, join) = (
+            s(state.to_owned()),
             s(dir.join("tenants")),
             s(dir.join("join.sha256")),
         );
@@ -146,7 +247,7 @@ impl Server {
             "--max-ttl",
             "2h",
             "--state-dir",
-            &state,
+            &state_arg,
             "--tenants",
             &tenants,
             "--join-token-hash-file",
@@ -165,7 +266,7 @@ impl Server {
                     .unwrap();
             }
         });
-        let ca_pem = std::fs::read_to_string(dir.join("state/ca.pem")).unwrap();
+        let ca_pem = std::fs::read_to_string(state.join("ca.pem")).unwrap();
         let channel = Channel::from_shared(format!("https://{addr}"))
             .unwrap()
             .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&ca_pem)))
@@ -175,6 +276,7 @@ impl Server {
             .unwrap();
         Self {
             dir: dir.to_owned(),
+            state_dir: state.to_owned(),
             addr,
             channel,
             ca_pem,
