@@ -368,9 +368,7 @@ pub(crate) async fn serve_pool(
         addr.map(|a| a.to_string()).unwrap_or_default()
     ));
     let incoming = listener::incoming(listener, tls, shutdown.clone());
-    let result = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(10)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+    let server = listener::server()
         .add_service(health_service)
         .add_service(reflection)
         .add_service(LeaseServiceServer::with_interceptor(
@@ -382,8 +380,8 @@ pub(crate) async fn serve_pool(
             agent_auth,
         ))
         .add_service(AdminServiceServer::with_interceptor(services, admin_auth))
-        .serve_with_incoming_shutdown(incoming, shutdown.cancelled())
-        .await;
+        .serve_with_incoming_shutdown(incoming, shutdown.cancelled());
+    let result = listener::until_drained(server, &shutdown).await;
     shutdown.cancel();
     let _ = ticker.await;
     let _ = rotation.await;

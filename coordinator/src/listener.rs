@@ -35,6 +35,41 @@ const READY_QUEUE: usize = 128;
 /// Pause after a failed accept (out of file descriptors) so the loop does
 /// not spin.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
+/// How long a stopping server waits for its connections to close. Every
+/// handler ends on shutdown (agent streams, waiting acquires), so only a
+/// connection whose peer vanished without a word (a destroyed host's
+/// network namespace) is still open by then; graceful shutdown would
+/// otherwise hold it until HTTP/2 keepalive gives up on it (20 s), and the
+/// coordinator (a deposed leader, whose restart `berth up` waits for)
+/// with it.
+pub const DRAIN_LIMIT: Duration = Duration::from_secs(3);
+
+/// The coordinator's gRPC server settings, for the leader and a standby:
+/// HTTP/2 pings find dead connections (a host gone without a FIN).
+pub fn server() -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+}
+
+/// Runs `server` (a tonic server future that stops on `shutdown`) to its
+/// end, but for at most [`DRAIN_LIMIT`] after `shutdown` fired.
+pub async fn until_drained<E>(
+    server: impl std::future::Future<Output = Result<(), E>>,
+    shutdown: &CancellationToken,
+) -> Result<(), E> {
+    tokio::pin!(server);
+    tokio::select! {
+        result = &mut server => result,
+        () = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(DRAIN_LIMIT).await;
+        } => {
+            warn!(limit = ?DRAIN_LIMIT, "connections still open after the drain limit: closing them");
+            Ok(())
+        }
+    }
+}
 
 /// What a handler learns about the connection its request came on
 /// (a request extension).

@@ -7,7 +7,6 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
 
 use berth_proto::v1 as pb;
 use berth_proto::v1::admin_service_server::{AdminService, AdminServiceServer};
@@ -133,15 +132,13 @@ pub async fn serve(
         .await;
     let standby = Standby { leader };
     let incoming = crate::listener::incoming(listener, tls, stop.clone());
-    let result = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(10)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+    let server = crate::listener::server()
         .add_service(health_service)
         .add_service(LeaseServiceServer::new(standby.clone()))
         .add_service(AgentServiceServer::new(standby.clone()))
         .add_service(AdminServiceServer::new(standby))
-        .serve_with_incoming_shutdown(incoming, stop.cancelled())
-        .await;
+        .serve_with_incoming_shutdown(incoming, stop.cancelled());
+    let result = crate::listener::until_drained(server, &stop).await;
     stop.cancel();
     let _ = rotation.await;
     Ok(result?)
