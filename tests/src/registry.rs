@@ -266,6 +266,8 @@ impl Upstream {
             netns: Some(self.block.path()),
             cgroup_parent: berth_agent::provider::cleanup::cgroup_name(&self.block.name),
             network: berth_agent::provider::hostnet::HostNetwork::Own,
+            // Like a pool host's: no resolver beyond the namespace.
+            dns: berth_agent::provider::hostnet::HostDns::OwnAddress(self.block.host_addr.into()),
             registries: Registries::new(&[], &[self.addr.to_string()], Some(ca)).unwrap(),
         };
         let child = self

@@ -16,7 +16,11 @@
 //!   /var/run/docker.sock:/var/run/docker.sock` and a static docker CLI
 //!   inside lists its own container on its own host's dockerd; nothing
 //!   appears at the machine's `/var/run/docker.sock`, no mount of the host
-//!   is visible on the machine, and nothing is left after the host ends.
+//!   is visible on the machine, and nothing is left after the host ends;
+//! - names: the host has no resolver beyond itself; dockerd and its
+//!   containers read a `resolv.conf` naming the host's own address, where a
+//!   lookup is refused at once (dockerd's error says so); the machine's
+//!   `/etc/resolv.conf` is untouched.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -443,4 +447,88 @@ fn a_container_mounting_var_run_docker_sock_reaches_its_own_host() {
     let left = processes_mentioning(&run_dir.to_string_lossy());
     assert!(left.is_empty(), "processes left: {left:#?}");
     assert_eq!(machine_socket(), socket_before);
+}
+
+/// The directives of a `resolv.conf` (comments and blank lines dropped).
+fn resolver_lines(conf: &str) -> Vec<String> {
+    conf.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#') && !l.starts_with(';'))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn a_local_hosts_lookups_go_to_its_own_address_and_are_refused_there() {
+    if !preflight() {
+        return;
+    }
+    let machine_conf = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    let pool = Pool::start("bdh4-", 1, &[]);
+    let lease = pool.acquire("ci-dns", "30m", "1m");
+    let host_id = lease.get("BERTH_HOST_ID").to_owned();
+    let host_addr = lease.host_addr().to_owned();
+    let expected = [
+        format!("nameserver {host_addr}"),
+        "options timeout:1 attempts:1".to_owned(),
+    ];
+
+    // dockerd's own view of /etc/resolv.conf (its mount namespace's).
+    let pid = pool.dockerd_pid(&host_id).expect("the host's dockerd");
+    let dockerd_conf = std::fs::read_to_string(format!("/proc/{pid}/root/etc/resolv.conf"))
+        .expect("dockerd's /etc/resolv.conf");
+    assert_eq!(resolver_lines(&dockerd_conf), expected, "{dockerd_conf}");
+
+    // A bridge container gets the same resolver.
+    let ctx = pool.state_dir.join("ctx-dns");
+    busybox_context(&ctx, "dns\n");
+    ok(
+        run(lease.docker().args(["build", "-q", "-t", "app"]).arg(&ctx)),
+        "docker build",
+    );
+    let container_conf = stdout(&ok(
+        run(lease
+            .docker()
+            .args(["run", "--rm", "app", "cat", "/etc/resolv.conf"])),
+        "a container's resolv.conf",
+    ));
+    assert_eq!(
+        resolver_lines(&container_conf),
+        expected,
+        "{container_conf}"
+    );
+
+    // dockerd's lookup of a name is asked of the host's own address and
+    // refused there (nothing answers on port 53), not left to time out
+    // against a resolver the host cannot reach.
+    let o = run(lease
+        .docker()
+        .args(["pull", "berth-no-such-registry.invalid/app:1"]));
+    assert!(
+        !o.status.success(),
+        "a pull from a name that cannot resolve"
+    );
+    let err = stderr(&o);
+    assert!(
+        err.contains(&format!(
+            "lookup berth-no-such-registry.invalid on {host_addr}:53"
+        )) && err.contains("connection refused"),
+        "the lookup was not refused at the host's address: {err}"
+    );
+
+    // The machine's own file is as it was.
+    assert_eq!(
+        std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
+        machine_conf,
+        "the machine's /etc/resolv.conf changed"
+    );
+    ok(
+        pool.berth(&["release", "--lease", lease.lease_id()]),
+        "berth release",
+    );
+    drop(pool);
+    assert_eq!(
+        std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
+        machine_conf
+    );
 }

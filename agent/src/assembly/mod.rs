@@ -115,6 +115,7 @@ pub async fn start<P: Provider>(
             netns: identity.netns.clone(),
             cgroup_parent: cleanup::cgroup_name(&identity.local_id),
             network: identity.network,
+            dns: identity.dns(),
             registries: boot.registries,
         },
         config.boot_timeout,

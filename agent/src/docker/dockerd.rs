@@ -18,7 +18,7 @@ use crate::docker::client::{BollardDocker, DaemonInfo, DockerError};
 use crate::docker::mountns::{self, MountNsError, RunView};
 use crate::docker::registries::Registries;
 use crate::provider::cleanup;
-use crate::provider::hostnet::{HostNetError, HostNetwork};
+use crate::provider::hostnet::{HostDns, HostNetError, HostNetwork};
 
 /// How often `/_ping` is tried while dockerd starts. Each try is a stat of
 /// the socket path until it exists, then one request: cheap next to the
@@ -84,6 +84,9 @@ pub struct HostPaths {
     /// `HOST_DIR/etc-docker`: dockerd's `/etc/docker` inside its mount
     /// namespace (`certs.d` for the pool's registries).
     pub etc_docker: PathBuf,
+    /// `HOST_DIR/resolv.conf`: dockerd's `/etc/resolv.conf` inside its
+    /// mount namespace, when the host does not use the machine's.
+    pub resolv_conf: PathBuf,
 }
 
 impl HostPaths {
@@ -95,6 +98,7 @@ impl HostPaths {
             log: host_dir.join("dockerd.log"),
             config_file: host_dir.join("daemon.json"),
             etc_docker: host_dir.join("etc-docker"),
+            resolv_conf: host_dir.join("resolv.conf"),
             // One letter: every byte counts below the exec root.
             exec_root: run_dir.join("x"),
             socket: run_dir.join("docker.sock"),
@@ -131,6 +135,9 @@ pub struct DockerdSpec {
     /// Whether the network dockerd runs in is the host's own (it then
     /// manages iptables and forwarding there) or the machine's.
     pub network: HostNetwork,
+    /// The resolver dockerd asks: the machine's, or a `resolv.conf` of the
+    /// host's own ([`HostPaths::resolv_conf`]).
+    pub dns: HostDns,
     /// The pool's registry mirror and registries (`daemon.json`, `certs.d`).
     pub registries: Registries,
 }
@@ -183,13 +190,18 @@ impl DockerdSpec {
             socket: self.paths.socket.clone(),
             host_dirs: vec![self.paths.run_dir.clone(), self.paths.host_dir.clone()],
             etc_docker: Some(self.paths.etc_docker.clone()),
+            resolv_conf: match self.dns {
+                HostDns::Machine => None,
+                HostDns::OwnAddress(_) => Some(self.paths.resolv_conf.clone()),
+            },
         }
     }
 
     /// Creates the directories, writes the host's daemon.json (only the
     /// registry mirrors, so a machine-wide /etc/docker/daemon.json cannot
-    /// add TCP hosts or other surprises) and its `/etc/docker` (`certs.d`
-    /// for the pool's registries), and starts dockerd in the host's
+    /// add TCP hosts or other surprises), its `/etc/docker` (`certs.d`
+    /// for the pool's registries) and its `resolv.conf` if it has one, and
+    /// starts dockerd in the host's
     /// namespaces with its output going to the log file.
     #[tracing::instrument(skip(self), fields(host_dir = %self.paths.host_dir.display()), err)]
     pub async fn spawn(&self) -> Result<Child, DockerdError> {
@@ -215,6 +227,14 @@ impl DockerdSpec {
                 path: p.etc_docker.clone(),
                 source,
             })?;
+        if let Some(conf) = self.dns.resolv_conf() {
+            tokio::fs::write(&p.resolv_conf, conf)
+                .await
+                .map_err(|source| DockerdError::Prepare {
+                    path: p.resolv_conf.clone(),
+                    source,
+                })?;
+        }
         let log = std::fs::File::create(&p.log).map_err(|source| DockerdError::Prepare {
             path: p.log.clone(),
             source,
@@ -335,6 +355,7 @@ mod tests {
             netns: netns.map(PathBuf::from),
             cgroup_parent: "berth-berth-1a2b".to_owned(),
             network: HostNetwork::Own,
+            dns: HostDns::Machine,
             registries: Registries::default(),
         }
     }
@@ -416,6 +437,15 @@ mod tests {
                 PathBuf::from("/run/berth/berth-1a2b"),
                 PathBuf::from("/var/lib/berth/hosts/berth-1a2b")
             ]
+        );
+        assert_eq!(v.resolv_conf, None, "the machine's resolver");
+        let own = DockerdSpec {
+            dns: HostDns::OwnAddress("198.18.0.6".parse().unwrap()),
+            ..spec(Some("/run/netns/berth-1a2b"))
+        };
+        assert_eq!(
+            own.run_view().resolv_conf,
+            Some(PathBuf::from("/var/lib/berth/hosts/berth-1a2b/resolv.conf"))
         );
     }
 

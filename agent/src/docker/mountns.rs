@@ -28,7 +28,12 @@
 //! and whose `/etc/docker` is the host's own directory (`HOST_DIR/
 //! etc-docker`, see [`registries`](crate::docker::registries)): the
 //! `certs.d` dockerd trusts the pool's registries through, and its
-//! `key.json`; the machine's `/etc/docker` stays out of its sight.
+//! `key.json`; the machine's `/etc/docker` stays out of its sight. A host
+//! with a resolver of its own (a local host in its own network namespace,
+//! see [`hostnet`](crate::provider::hostnet) rule 3) also gets its
+//! `HOST_DIR/resolv.conf` bound over `/etc/resolv.conf` (over the file it
+//! links to, if it is a link): what dockerd and the containers it starts
+//! read, while the machine's file stays as it is.
 //!
 //! The thread ends right after the spawn: `setns` and `unshare` change only
 //! the calling thread, whose namespaces the child inherits; no thread of
@@ -52,6 +57,8 @@ use tokio::process::{Child, Command};
 pub const DEFAULT_RUN: &str = "/run";
 /// dockerd's configuration directory: `certs.d`, `key.json`.
 pub const ETC_DOCKER: &str = "/etc/docker";
+/// The resolver configuration dockerd and its containers read.
+pub const RESOLV_CONF: &str = "/etc/resolv.conf";
 /// The socket name clients and containers look for under `/var/run`.
 pub const SOCKET_NAME: &str = "docker.sock";
 /// Top-level entries of the machine's `/run` that a host's dockerd must not
@@ -130,6 +137,8 @@ pub struct RunView {
     pub host_dirs: Vec<PathBuf>,
     /// The host's directory bound over `/etc/docker`, if any.
     pub etc_docker: Option<PathBuf>,
+    /// The host's file bound over `/etc/resolv.conf`, if any.
+    pub resolv_conf: Option<PathBuf>,
 }
 
 /// The kind of a top-level entry of the machine's `/run`.
@@ -243,6 +252,9 @@ fn spawn_here(
     if let Some(dir) = &view.etc_docker {
         bind_etc_docker(dir)?;
     }
+    if let Some(file) = &view.resolv_conf {
+        bind_resolv_conf(file)?;
+    }
     let program = cmd.as_std().get_program().to_owned();
     cmd.spawn()
         .map_err(|source| MountNsError::Spawn { program, source })
@@ -339,6 +351,29 @@ fn bind_etc_docker(dir: &Path) -> Result<(), MountNsError> {
         None,
         MsFlags::MS_BIND,
         "binding the host's /etc/docker",
+    )
+}
+
+/// Binds `file` over `/etc/resolv.conf`, or over what it links to (the
+/// kernel follows the link; a target under `/run` is in this namespace's
+/// own `/run` by now). A machine without the file (or with a dangling
+/// link) is left as it is: nothing may be created in the machine's `/etc`,
+/// and resolvers without a configuration ask the loopback address, which
+/// refuses at once in the host's namespace too.
+fn bind_resolv_conf(file: &Path) -> Result<(), MountNsError> {
+    let target = Path::new(RESOLV_CONF);
+    if !target.exists() {
+        tracing::warn!(
+            "the machine has no {RESOLV_CONF}: the host's resolver is the loopback address"
+        );
+        return Ok(());
+    }
+    mount(
+        Some(file),
+        target,
+        None,
+        MsFlags::MS_BIND,
+        "binding the host's resolv.conf",
     )
 }
 

@@ -33,12 +33,36 @@
 //!    covered: bridge networks get no IPv6 unless a lease creates one with
 //!    `--ipv6`.
 //!
+//! 3. **A local host in a namespace of its own has no DNS server, and says
+//!    so at once** ([`HostDns::OwnAddress`]). Its namespace reaches this
+//!    machine's addresses only (the machine forwards nothing for it), so the
+//!    machine's resolver is out of reach unless it listens on the machine's
+//!    loopback, which is another namespace's. With the machine's
+//!    `/etc/resolv.conf`, every name dockerd looks up waits for the
+//!    resolver's timeouts: a `docker pull` of a Docker Hub image looks up
+//!    `docker.io` first (A and AAAA) and waited two 5 s timeouts before it
+//!    went to the pool's mirror, on every pull. The host's dockerd gets a
+//!    `resolv.conf` of its own instead ([`resolv_conf`], bound over
+//!    `/etc/resolv.conf` in dockerd's mount namespace only) naming the
+//!    host's own address, where nothing answers on port 53: a lookup is
+//!    refused at once (ICMP port unreachable, inside the host's namespace)
+//!    and dockerd goes on, as it does on a machine whose resolver is
+//!    `127.0.0.53`. The pool's registries are named by address, so nothing
+//!    berth serves needs a name. Containers inherit that resolver (dockerd
+//!    copies the file into bridge containers; it is not a loopback address,
+//!    which dockerd would replace by public resolvers), and a DNS server a
+//!    lease holder publishes on the host's port 53 answers them and dockerd.
+//!    An EC2 instance and a `--no-netns` host keep the machine's resolver
+//!    ([`HostDns::Machine`]).
+//!
 //! Rule 1 is dockerd's command line ([`HostNetwork::dockerd_args`]); rule 2
-//! is [`apply`], called by the agent after dockerd answers. `iptables` runs
+//! is [`apply`], called by the agent after dockerd answers; rule 3 is the
+//! host's `resolv.conf` ([`HostDns`]), written when dockerd starts. `iptables` runs
 //! inside the host's namespace (through `nsenter --net`), bounded by
 //! [`IPTABLES_TIMEOUT`], and is idempotent: a rule already there (an agent
 //! taking over its host) is not added twice.
 
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -71,6 +95,42 @@ impl HostNetwork {
             HostNetwork::Shared => ["--iptables=false", "--ip-masq=false", "--ip-forward=false"],
         }
     }
+}
+
+/// Which resolver a host's dockerd (and its containers) asks (rule 3 of the
+/// module header).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostDns {
+    /// The machine's `/etc/resolv.conf`, as it is.
+    Machine,
+    /// A `resolv.conf` of the host's own naming this address (the host's
+    /// own, in its own namespace), where no resolver answers unless the
+    /// lease holder runs one.
+    OwnAddress(IpAddr),
+}
+
+impl HostDns {
+    /// The `resolv.conf` the host's dockerd gets, if not the machine's.
+    pub fn resolv_conf(self) -> Option<String> {
+        match self {
+            HostDns::Machine => None,
+            HostDns::OwnAddress(addr) => Some(resolv_conf(addr)),
+        }
+    }
+}
+
+/// A local host's `resolv.conf`: its own address as the only nameserver.
+/// One try, 1 s: should an answer not come back at once (the kernel rate
+/// limits the port-unreachable replies to containers), a lookup still
+/// fails within a second rather than ten.
+pub fn resolv_conf(addr: IpAddr) -> String {
+    format!(
+        "# berth: this host reaches no resolver (see the agent's hostnet rules).\n\
+         # Nothing answers here unless the lease runs a DNS server on the host:\n\
+         # lookups are refused at once instead of timing out.\n\
+         nameserver {addr}\n\
+         options timeout:1 attempts:1\n"
+    )
 }
 
 /// One iptables rule the host's network setup adds.
@@ -212,6 +272,21 @@ mod tests {
             HostNetwork::Shared.dockerd_args(),
             ["--iptables=false", "--ip-masq=false", "--ip-forward=false"]
         );
+    }
+
+    #[test]
+    fn a_local_host_names_its_own_address_as_its_only_resolver() {
+        let addr: IpAddr = "198.18.0.6".parse().unwrap();
+        let conf = HostDns::OwnAddress(addr).resolv_conf().unwrap();
+        let directives: Vec<&str> = conf
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .collect();
+        assert_eq!(
+            directives,
+            ["nameserver 198.18.0.6", "options timeout:1 attempts:1"]
+        );
+        assert_eq!(HostDns::Machine.resolv_conf(), None);
     }
 
     #[test]

@@ -59,6 +59,19 @@ pub struct Identity {
     pub zone: String,
 }
 
+impl Identity {
+    /// The resolver the host's dockerd gets (rule 3 of
+    /// [`hostnet`](crate::provider::hostnet)): a host in a network namespace
+    /// of its own on this machine has none beyond its own address; an EC2
+    /// instance and a host sharing the machine's network keep the machine's.
+    pub fn dns(&self) -> hostnet::HostDns {
+        match self.netns {
+            Some(_) => hostnet::HostDns::OwnAddress(self.host_addr),
+            None => hostnet::HostDns::Machine,
+        }
+    }
+}
+
 /// What a provider failed at.
 #[derive(Debug, thiserror::Error)]
 pub enum ProviderError {

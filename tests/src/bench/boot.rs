@@ -141,6 +141,7 @@ impl BareHost {
             netns: id.netns.clone(),
             cgroup_parent: berth_agent::provider::cleanup::cgroup_name(&id.host_id),
             network: id.network,
+            dns: id.dns(),
             registries: Default::default(),
         };
         let t = Instant::now();

@@ -32,14 +32,13 @@
 //!
 //! Timed: the whole `docker pull` command, as a CI step pays it. Right
 //! after each, the same pull again on the same host (the image is there:
-//! nothing is transferred) is timed too: what every pull costs on this
-//! machine before any transfer. Here that is about 10 s: dockerd in a host's
-//! namespace first asks the machine's DNS server, which the namespace
-//! cannot reach, and waits for two 5 s timeouts (seen with `strace` on the
-//! host's dockerd: two rounds of `connect(..., port 53)` 5 s apart, then
-//! the connection to the mirror). A pool whose hosts have DNS does not pay
-//! it, so the report shows the speedup both as measured and net of that
-//! fixed cost.
+//! nothing is transferred) is timed too: what every pull costs before any
+//! transfer (the client's round trips, dockerd's lookup of `docker.io`, the
+//! manifest from the mirror). The report shows the speedup both as
+//! measured and net of that fixed cost. Before local hosts had a resolver
+//! of their own (`provider::hostnet`, rule 3) that cost was about 10 s:
+//! dockerd's lookup of `docker.io` waited for two 5 s timeouts against the
+//! machine's resolver, which a host's namespace cannot reach.
 
 use std::fmt;
 use std::path::Path;

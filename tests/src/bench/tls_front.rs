@@ -568,6 +568,7 @@ impl ComparisonDockerd {
             cgroup_parent: berth_agent::provider::cleanup::cgroup_name(&block.name),
             // Its own namespace, like a pool host's.
             network: berth_agent::provider::hostnet::HostNetwork::Own,
+            dns: berth_agent::provider::hostnet::HostDns::OwnAddress(block.host_addr.into()),
             registries: Default::default(),
         };
         for d in [
