@@ -82,7 +82,7 @@ fn status_formats_progress_and_exit_codes() {
     let err = stderr(&o);
     assert!(
         err.contains(
-            "berth: waiting for a host for build cli-2: 5s (queue: 1 builds waiting; 0 hosts ready)"
+            "berth: waiting for a host for build cli-2: 5s; position 1 of 1 in tenant local's queue (queue: 1 builds waiting; 0 hosts ready)"
         ),
         "{err}"
     );
