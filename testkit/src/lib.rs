@@ -1046,7 +1046,7 @@ pub fn processes_mentioning(needle: &str) -> Vec<String> {
         }
         if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
             let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-            if cmd.contains(needle) {
+            if mentions(&cmd, needle) {
                 found.push(format!("{name}: {cmd}"));
             }
         }
@@ -1054,14 +1054,30 @@ pub fn processes_mentioning(needle: &str) -> Vec<String> {
     found
 }
 
-/// Mount points under `root`.
+/// Whether `text` names `needle` as a whole: followed by the end, a
+/// separator or (for a directory) a path below it, not by more of a name.
+/// Tests run side by side, and one test's directory (`/tmp/berth-t/bcl`)
+/// is a string prefix of another's (`/tmp/berth-t/bcl1`): a sweep or a
+/// leak check must not take the other's processes for its own.
+pub fn mentions(text: &str, needle: &str) -> bool {
+    text.match_indices(needle).any(|(at, _)| {
+        needle.ends_with('/')
+            || text[at + needle.len()..]
+                .chars()
+                .next()
+                .is_none_or(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+    })
+}
+
+/// Mount points at or under `root`.
 pub fn mounts_under(root: &Path) -> Vec<String> {
     let root = root.to_string_lossy().into_owned();
+    let below = format!("{}/", root.trim_end_matches('/'));
     std::fs::read_to_string("/proc/self/mountinfo")
         .unwrap_or_default()
         .lines()
         .filter_map(|l| l.split_whitespace().nth(4))
-        .filter(|m| m.starts_with(&root))
+        .filter(|m| *m == root || m.starts_with(&below))
         .map(str::to_owned)
         .collect()
 }
@@ -1112,4 +1128,22 @@ pub fn curl(args: &[&str]) -> (bool, String) {
         .args(["-sS", "--max-time", "10"])
         .args(args));
     (o.status.success(), format!("{}{}", stdout(&o), stderr(&o)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::mentions;
+
+    #[test]
+    fn a_directory_is_mentioned_only_as_a_whole_name() {
+        let cmd = "berth up --state-dir /tmp/berth-t/bcl1 --run-dir /run/berth-t/bcl1/x";
+        assert!(mentions(cmd, "/tmp/berth-t/bcl1"));
+        assert!(mentions(cmd, "/run/berth-t/bcl1"));
+        assert!(!mentions(cmd, "/tmp/berth-t/bcl"));
+        assert!(!mentions(cmd, "/run/berth-t/bcl"));
+        assert!(mentions("dockerd --data-root=/run/berth-t/bfc1/h/docker", "/run/berth-t/bfc1"));
+        assert!(!mentions("dockerd --data-root=/run/berth-t/bfc1p/h", "/run/berth-t/bfc1"));
+        assert!(mentions("x /run/berth-t/bfc1/", "/run/berth-t/bfc1/"));
+        assert!(mentions("x /run/berth-t/bfc1/h", "/run/berth-t/bfc1/"));
+    }
 }

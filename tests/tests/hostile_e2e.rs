@@ -519,17 +519,6 @@ fn busybox_image(lease: &LeaseEnv, scratch: &Path) -> String {
     tag.to_owned()
 }
 
-/// Mount points in this process's (the machine's) mount namespace at or
-/// below `dir`.
-fn mounts_under(dir: &Path) -> Vec<String> {
-    let dir = dir.to_string_lossy().into_owned();
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap()
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4).map(str::to_owned))
-        .filter(|p| p == &dir || p.starts_with(&format!("{dir}/")))
-        .collect()
-}
 
 /// Whether `pid` runs `sleep` (a pid reused by something else does not count).
 fn sleeping(pid: i32) -> bool {
