@@ -557,7 +557,38 @@ pub async fn run_client(cli: &Cli) -> Result<(), CliError> {
 }
 
 /// Runs one non-`up` subcommand and returns what it prints.
+///
+/// Given several coordinator addresses (a leader and its standbys), a
+/// call cut off because its coordinator went away (or that reached a
+/// standby) is made once more, with the coordinator that leads by then:
+/// every client call is safe to repeat (an Acquire retry of the same build
+/// gets the same lease, or a new one if the first was never recorded;
+/// Renew, Release and Drain of the same lease end in the same state), so a
+/// build sees a leader's loss as one slower call.
 pub async fn client_output(cli: &Cli) -> Result<String, CliError> {
+    match client_output_once(cli).await {
+        Err(e) if several_addresses(&cli.coordinator) && leader_lost(&e) => {
+            eprintln!("berth: {e}; repeating the call with the coordinator that leads");
+            client_output_once(cli).await
+        }
+        result => result,
+    }
+}
+
+/// Whether `addrs` names more than one coordinator.
+fn several_addresses(addrs: &str) -> bool {
+    addrs.split(',').filter(|a| !a.trim().is_empty()).count() > 1
+}
+
+/// Whether a call failed because its coordinator stopped answering or
+/// does not lead: UNAVAILABLE (a standby's answer, a refused or reset
+/// connection) or UNKNOWN (a connection closed mid-call; the coordinator
+/// itself never answers UNKNOWN).
+fn leader_lost(e: &CliError) -> bool {
+    matches!(e, CliError::Status(s) if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown))
+}
+
+async fn client_output_once(cli: &Cli) -> Result<String, CliError> {
     if matches!(
         cli.command,
         Command::Up(_) | Command::Sync(_) | Command::Forward(_)
@@ -1086,6 +1117,29 @@ pub fn host_state_name(s: i32) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn only_a_lost_or_standby_coordinator_repeats_a_call_and_only_with_several_addresses() {
+        use super::{CliError, leader_lost, several_addresses};
+        assert!(several_addresses("a:1,b:2"));
+        assert!(several_addresses(" a:1 , b:2 ,"));
+        assert!(!several_addresses("a:1"));
+        assert!(!several_addresses("a:1,"));
+        for code in [tonic::Code::Unavailable, tonic::Code::Unknown] {
+            assert!(leader_lost(&CliError::Status(tonic::Status::new(code, "x"))));
+        }
+        for code in [
+            tonic::Code::FailedPrecondition,
+            tonic::Code::ResourceExhausted,
+            tonic::Code::NotFound,
+            tonic::Code::PermissionDenied,
+            tonic::Code::InvalidArgument,
+            tonic::Code::DeadlineExceeded,
+        ] {
+            assert!(!leader_lost(&CliError::Status(tonic::Status::new(code, "x"))));
+        }
+        assert!(!leader_lost(&CliError::Usage("x".into())));
+    }
+
     use super::*;
 
     #[test]

@@ -16,6 +16,9 @@
 //!   while the new leader's releases and acquires are there. The failover
 //!   time (leader killed -> first acquire served by the new leader) is
 //!   printed.
+//! - A build waiting for a host when the leader is killed: its `berth
+//!   acquire` repeats the cut-off call once with the next leader and is
+//!   served there.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -420,4 +423,124 @@ fn the_standby_takes_over_when_the_leader_is_killed_and_leases_carry_on() {
         "the restarted old leader led: {log}"
     );
     drop(b);
+}
+
+/// A build waiting for a host when the leader is killed: its `berth
+/// acquire`, given both addresses, repeats the cut-off call once with the
+/// coordinator that leads by then and gets its host there, without the
+/// build doing anything.
+#[test]
+fn a_build_waiting_when_the_leader_dies_gets_its_host_from_the_next_leader() {
+    if !preflight() {
+        return;
+    }
+    let pg = Postgres::start();
+    let db = "wait";
+    let url = pg.create_db(db);
+    let base = "bpg3-";
+    let (state_dir, _) = dirs(&test_prefix(base));
+    let key = state_dir.join("store.key");
+    let (a_addr, b_addr) = (free_addr(), free_addr());
+    let both = format!("{a_addr},{b_addr}");
+    let mut args = pgkit::up_args(&url, &key);
+    args.extend([
+        format!("--listen={a_addr}"),
+        "--agent-arg".to_owned(),
+        format!("--coordinator=https://{a_addr},https://{b_addr}"),
+    ]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut pool = Pool::start_with(base, 1, &args, |dir| {
+        pgkit::write_key(&dir.join("store.key"));
+    });
+    let b = Standby::start(&state_dir.join("standby"), b_addr, &url, &key);
+    wait_for("B to stand by", Duration::from_secs(30), || {
+        let e = stderr(&berth_at(&pool, &b_addr.to_string(), &["leases"]));
+        e.contains(&format!("the leader is at {a_addr}")).then_some(())
+    });
+
+    // The only host is held; a second build waits for it.
+    let held = LeaseEnv::parse(&stdout(&ok(
+        berth_at(&pool, &both, &["acquire", "--build", "held", "--ttl", "10m"]),
+        "acquire the only host",
+    )));
+    let waiting = Command::new(bin("berth"))
+        .arg("--coordinator")
+        .arg(&both)
+        .args(["acquire", "--build", "waiting", "--ttl", "10m", "--wait", "2m"])
+        .env("BERTH_CA", pool.ca_pem_path())
+        .env("BERTH_TOKEN_FILE", pool.token_path())
+        .env("HOME", pool.state_dir.join("home"))
+        .env_remove("BERTH_TOKEN")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cannot start berth acquire");
+    let waiting = KillOnDrop(Some(waiting));
+    wait_for("the second build to queue", Duration::from_secs(30), || {
+        let o = berth_at(&pool, &both, &["get", "--build", "waiting"]);
+        stdout(&o).contains("position 1 of 1").then_some(())
+    });
+
+    // The leader dies mid-call (its supervisor restarts it; whichever
+    // coordinator claims the lead first serves on).
+    let old = pool.coordinator_pid().expect("coordinator pid");
+    kill(old, Signal::SIGKILL).unwrap();
+    // The held host is released through the new leader; its replacement
+    // serves the waiting build.
+    ok(
+        berth_at(&pool, &both, &["release", "--lease", held.lease_id()]),
+        "release the held host through the new leader",
+    );
+    let out = waiting_output(waiting);
+    let (out_s, err_s) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    assert!(out.status.success(), "the waiting build failed:\n{err_s}");
+    assert_eq!(
+        err_s.matches("repeating the call").count(),
+        1,
+        "one repeated call:\n{err_s}"
+    );
+    let served = LeaseEnv::parse(&out_s);
+    // Whichever coordinator leads now (B, or A restarted by `berth up`)
+    // is the one that serves `berth leases`.
+    pool.addr = wait_for("a coordinator to lead", Duration::from_secs(30), || {
+        [a_addr, b_addr]
+            .into_iter()
+            .find(|addr| berth_at(&pool, &addr.to_string(), &["leases"]).status.success())
+    });
+    let lease = pool.lease(served.lease_id());
+    assert_eq!(lease.state, pb::LeaseState::Active as i32, "{lease:?}");
+    assert_ne!(served.get("BERTH_HOST_ID"), held.get("BERTH_HOST_ID"));
+    ok(run(served.docker().arg("version")), "docker on the served host");
+    pool.assert_no_host_in_two_leases();
+    ok(
+        berth_at(&pool, &both, &["release", "--lease", served.lease_id()]),
+        "release the served build",
+    );
+    drop(b);
+}
+
+/// A child process killed if the test fails before it is waited for.
+struct KillOnDrop(Option<Child>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Waits for the `berth acquire` in `child` and returns what it printed.
+fn waiting_output(mut child: KillOnDrop) -> Output {
+    child
+        .0
+        .take()
+        .unwrap()
+        .wait_with_output()
+        .expect("berth acquire")
 }
