@@ -3,6 +3,8 @@
 //! own, inside a network namespace the test makes (standing for Docker Hub
 //! beyond the pool), and a helper dockerd in the same namespace that builds
 //! images `FROM scratch` and pushes them there with the stock docker CLI.
+//! A pool host reaches it through the pool's mirror, or straight through a
+//! link of its own ([`Upstream::link_host`]).
 //!
 //! Everything lives under the test's own prefix: the namespace
 //! (`PREFIX{hex4}`), its files under `TEST_STATE_ROOT`, the helper
@@ -11,7 +13,7 @@
 //! process inside the namespace (the registry, the helper dockerd) and
 //! removes the namespace, mounts, cgroups and directories.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -23,6 +25,8 @@ use berth_testkit::{ok, run, wait_for};
 
 /// The upstream's port inside its namespace.
 pub const UPSTREAM_PORT: u16 = 5000;
+/// The upstream's link to the machine (its namespace's end of the veth pair).
+const LINK_DEV: &str = "eth0";
 
 /// The registry binary the tests run (`BERTH_REGISTRY_BIN`, else
 /// `docker-registry` on PATH), which must exist.
@@ -201,6 +205,12 @@ impl Upstream {
     /// Bytes the upstream's link has sent since it was shaped (the
     /// qdisc's own counter).
     pub fn link_bytes_sent(&self) -> u64 {
+        self.link_bytes_sent_on(LINK_DEV)
+    }
+
+    /// Bytes the upstream has sent on its device `dev` since it was shaped
+    /// (the qdisc's own counter; 0 if the device is gone).
+    pub fn link_bytes_sent_on(&self, dev: &str) -> u64 {
         let o = run(Command::new("ip").args([
             "netns",
             "exec",
@@ -210,7 +220,7 @@ impl Upstream {
             "qdisc",
             "show",
             "dev",
-            "eth0",
+            dev,
         ]));
         berth_testkit::stdout(&o)
             .lines()
@@ -326,6 +336,11 @@ impl Upstream {
     /// Shapes what the upstream sends (its namespace's `eth0`) to `rate`
     /// with a token bucket (`tc qdisc ... tbf`): a WAN link's bandwidth.
     pub fn shape(&self, rate: &str) {
+        self.shape_dev(LINK_DEV, rate);
+    }
+
+    /// [`Upstream::shape`] on the upstream's device `dev`.
+    fn shape_dev(&self, dev: &str, rate: &str) {
         ok(
             run(Command::new("ip").args([
                 "netns",
@@ -335,7 +350,7 @@ impl Upstream {
                 "qdisc",
                 "replace",
                 "dev",
-                "eth0",
+                dev,
                 "root",
                 "tbf",
                 "rate",
@@ -348,6 +363,69 @@ impl Upstream {
             "tc qdisc tbf on the upstream's link",
         );
     }
+
+    /// Links a host's network namespace (`host_ns`, address `host_addr`)
+    /// straight to the upstream's, the way a machine outside the pool
+    /// reaches a registry on the internet: without this the host reaches
+    /// only the machine's own addresses (the machine forwards nothing
+    /// between namespaces, and its forwarding is not the test's to change).
+    ///
+    /// A veth pair named `dev` at both ends, one end in each namespace, no
+    /// addresses of its own: in the host, the upstream's own address is
+    /// routed over it (from the host's address), so the host names the
+    /// upstream exactly as the mirror does and its certificate matches; in
+    /// the upstream's namespace, the host's address is routed back over
+    /// it, and what the upstream sends there is shaped to `rate` like its
+    /// link to the machine ([`Upstream::shape`]; count it with
+    /// [`Upstream::link_bytes_sent_on`] `dev`). The host's other routes (the
+    /// pool's mirror, the coordinator) stay as they are. The pair goes
+    /// away with the host's namespace.
+    pub fn link_host(&self, host_ns: &str, host_addr: Ipv4Addr, dev: &str, rate: &str) {
+        let ip = |args: &[&str]| {
+            ok(
+                run(Command::new("ip").args(args)),
+                &format!("ip {}", args.join(" ")),
+            )
+        };
+        let up = self.block.name.as_str();
+        let (upstream_ip, host_ip) = (self.addr.ip().to_string(), host_addr.to_string());
+        ip(&[
+            "link", "add", dev, "netns", host_ns, "type", "veth", "peer", "name", dev, "netns", up,
+        ]);
+        ip(&["-n", up, "link", "set", dev, "up"]);
+        ip(&[
+            "-n",
+            up,
+            "route",
+            "add",
+            &format!("{host_ip}/32"),
+            "dev",
+            dev,
+        ]);
+        self.shape_dev(dev, rate);
+        ip(&["-n", host_ns, "link", "set", dev, "up"]);
+        ip(&[
+            "-n",
+            host_ns,
+            "route",
+            "add",
+            &format!("{upstream_ip}/32"),
+            "dev",
+            dev,
+            "src",
+            &host_ip,
+        ]);
+    }
+}
+
+/// Whether a distribution log shows a request from `client` (an address)
+/// for a URI starting with `uri`.
+pub fn served(log: &str, client: &str, uri: &str) -> bool {
+    log.lines().any(|l| {
+        l.contains(&format!("http.request.remoteaddr=\"{client}:"))
+            && (l.contains(&format!("http.request.uri=\"{uri}"))
+                || l.contains(&format!("http.request.uri={uri}")))
+    })
 }
 
 impl Drop for Upstream {

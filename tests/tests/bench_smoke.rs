@@ -648,21 +648,49 @@ fn mirror_benchmark_reports_pulls_across_the_link_and_from_the_warm_mirror() {
     }
     let report = mirror::run(&mirror::Options::smoke()).expect("the benchmark runs");
     println!("{report}");
-    assert_eq!(report.noop.n, 2);
-    for s in [report.cold, report.warm] {
+    // Each round: a direct, a cold and a warm pull, each pulled again.
+    assert_eq!(report.noop.n, 3);
+    for s in [report.direct, report.cold, report.warm] {
         assert_eq!(s.n, 1);
         assert!(s.median.is_finite() && s.median > 0.0, "{s:?}");
     }
     // The image is what was asked for: two layers of 1 MiB and the busybox.
     assert!(report.image_mib > 2.0, "{report}");
+    // The direct pull went straight to the upstream, not through the
+    // mirror, and carried the image across the shaped link of its own.
+    assert!(report.direct_without_mirror, "{report}");
+    assert!(report.direct_link_mib >= report.image_mib, "{report}");
     assert!(report.warm_from_mirror_only, "{report}");
+    let text = report.to_string();
     rows_and_speedup(
-        &report.to_string(),
+        &text,
         &[
-            "pull across the link (cold mirror)",
+            "pull straight from the upstream (no mirror)",
+            "pull through the cold mirror",
             "pull from the warm mirror",
             "pull of an image already there (fixed cost)",
         ],
         report.speedup(),
+    );
+    let verdict = if report.target_met() {
+        "MET"
+    } else {
+        "NOT MET"
+    };
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("target: >= 5x") && l.ends_with(&format!(": {verdict}"))),
+        "{text}"
+    );
+    let over_cold = text
+        .lines()
+        .find(|l| l.starts_with("over the cold mirror"))
+        .unwrap_or_else(|| panic!("no ratio over the cold mirror in\n{text}"));
+    assert!(
+        shown_as(
+            number(over_cold.rsplit(' ').next().unwrap()),
+            report.speedup_over_cold()
+        ),
+        "{over_cold}"
     );
 }

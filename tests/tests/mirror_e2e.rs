@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use berth_proto::v1 as pb;
 use berth_testkit::*;
-use berth_tests::registry::{Upstream, layered_context};
+use berth_tests::registry::{Upstream, layered_context, served};
 
 const IMAGE: &str = "berthtest/app:1";
 const LAYERS: usize = 3;
@@ -480,16 +480,6 @@ fn registry_pid(pool: &Pool, kind: &str) -> nix::unistd::Pid {
         .and_then(|p| p.parse().ok())
         .unwrap_or_else(|| panic!("no {kind} registry process: {found:?}"));
     nix::unistd::Pid::from_raw(pid)
-}
-
-/// Whether a distribution log line shows a request from `client` for a
-/// URI starting with `uri`.
-fn served(log: &str, client: &str, uri: &str) -> bool {
-    log.lines().any(|l| {
-        l.contains(&format!("http.request.remoteaddr=\"{client}:"))
-            && (l.contains(&format!("http.request.uri=\"{uri}"))
-                || l.contains(&format!("http.request.uri={uri}")))
-    })
 }
 
 /// The mirror's address, from `berth up`'s log line.

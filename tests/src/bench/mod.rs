@@ -14,7 +14,7 @@
 //! | sync | `berth sync` of a tree into a volume and back ([`sync`]) | `docker cp` of the same tree |
 //! | pg | P1 and P2 with the coordinator's store on PostgreSQL, and the failover time between two coordinators ([`pg`]; not in `all`) | the same on the embedded store, in the same run |
 //! | cache | a build on a fresh host with the tenant's build cache ([`cache`]) | the same build on a fresh host without it |
-//! | mirror | a pull on a fresh host from the warm registry mirror, the upstream behind a 100 Mbit/s link ([`mirror`]) | the pull of the same image across that link (through the cold mirror) |
+//! | mirror | a pull on a fresh host from the warm registry mirror, the upstream behind a 100 Mbit/s link ([`mirror`]) | the pull of the same image on a fresh host straight from the upstream across that link (no mirror); also through the cold mirror |
 //! | capacity | single-use churn, a burst on the elastic pool, decisions per second at 10,000 hosts ([`capacity`]) | P3's boot, a pre-sized pool, 100 hosts (same run) |
 //!
 //! Everything runs as real processes: `berth-coordinator`, `berth-agent`
@@ -286,8 +286,8 @@ pub enum Scenario {
     Pg,
     /// A build on a fresh host with the tenant's build cache vs without.
     Cache,
-    /// A pull on a fresh host from the warm mirror vs across a shaped
-    /// link.
+    /// A pull on a fresh host from the warm mirror vs straight from the
+    /// upstream across a shaped link (and through the cold mirror).
     Mirror,
     /// The elastic pool: churn waits vs P3's boot, a burst vs a pre-sized
     /// pool, decisions per second at 10,000 hosts vs 100.
