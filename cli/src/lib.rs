@@ -1125,7 +1125,9 @@ mod tests {
         assert!(!several_addresses("a:1"));
         assert!(!several_addresses("a:1,"));
         for code in [tonic::Code::Unavailable, tonic::Code::Unknown] {
-            assert!(leader_lost(&CliError::Status(tonic::Status::new(code, "x"))));
+            assert!(leader_lost(&CliError::Status(tonic::Status::new(
+                code, "x"
+            ))));
         }
         for code in [
             tonic::Code::FailedPrecondition,
@@ -1135,7 +1137,9 @@ mod tests {
             tonic::Code::InvalidArgument,
             tonic::Code::DeadlineExceeded,
         ] {
-            assert!(!leader_lost(&CliError::Status(tonic::Status::new(code, "x"))));
+            assert!(!leader_lost(&CliError::Status(tonic::Status::new(
+                code, "x"
+            ))));
         }
         assert!(!leader_lost(&CliError::Usage("x".into())));
     }

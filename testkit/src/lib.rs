@@ -1141,8 +1141,14 @@ mod tests {
         assert!(mentions(cmd, "/run/berth-t/bcl1"));
         assert!(!mentions(cmd, "/tmp/berth-t/bcl"));
         assert!(!mentions(cmd, "/run/berth-t/bcl"));
-        assert!(mentions("dockerd --data-root=/run/berth-t/bfc1/h/docker", "/run/berth-t/bfc1"));
-        assert!(!mentions("dockerd --data-root=/run/berth-t/bfc1p/h", "/run/berth-t/bfc1"));
+        assert!(mentions(
+            "dockerd --data-root=/run/berth-t/bfc1/h/docker",
+            "/run/berth-t/bfc1"
+        ));
+        assert!(!mentions(
+            "dockerd --data-root=/run/berth-t/bfc1p/h",
+            "/run/berth-t/bfc1"
+        ));
         assert!(mentions("x /run/berth-t/bfc1/", "/run/berth-t/bfc1/"));
         assert!(mentions("x /run/berth-t/bfc1/h", "/run/berth-t/bfc1/"));
     }

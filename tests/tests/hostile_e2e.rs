@@ -519,7 +519,6 @@ fn busybox_image(lease: &LeaseEnv, scratch: &Path) -> String {
     tag.to_owned()
 }
 
-
 /// Whether `pid` runs `sleep` (a pid reused by something else does not count).
 fn sleeping(pid: i32) -> bool {
     std::fs::read(format!("/proc/{pid}/cmdline"))

@@ -455,18 +455,25 @@ fn a_build_waiting_when_the_leader_dies_gets_its_host_from_the_next_leader() {
     let b = Standby::start(&state_dir.join("standby"), b_addr, &url, &key);
     wait_for("B to stand by", Duration::from_secs(30), || {
         let e = stderr(&berth_at(&pool, &b_addr.to_string(), &["leases"]));
-        e.contains(&format!("the leader is at {a_addr}")).then_some(())
+        e.contains(&format!("the leader is at {a_addr}"))
+            .then_some(())
     });
 
     // The only host is held; a second build waits for it.
     let held = LeaseEnv::parse(&stdout(&ok(
-        berth_at(&pool, &both, &["acquire", "--build", "held", "--ttl", "10m"]),
+        berth_at(
+            &pool,
+            &both,
+            &["acquire", "--build", "held", "--ttl", "10m"],
+        ),
         "acquire the only host",
     )));
     let waiting = Command::new(bin("berth"))
         .arg("--coordinator")
         .arg(&both)
-        .args(["acquire", "--build", "waiting", "--ttl", "10m", "--wait", "2m"])
+        .args([
+            "acquire", "--build", "waiting", "--ttl", "10m", "--wait", "2m",
+        ])
         .env("BERTH_CA", pool.ca_pem_path())
         .env("BERTH_TOKEN_FILE", pool.token_path())
         .env("HOME", pool.state_dir.join("home"))
@@ -507,14 +514,19 @@ fn a_build_waiting_when_the_leader_dies_gets_its_host_from_the_next_leader() {
     // Whichever coordinator leads now (B, or A restarted by `berth up`)
     // is the one that serves `berth leases`.
     pool.addr = wait_for("a coordinator to lead", Duration::from_secs(30), || {
-        [a_addr, b_addr]
-            .into_iter()
-            .find(|addr| berth_at(&pool, &addr.to_string(), &["leases"]).status.success())
+        [a_addr, b_addr].into_iter().find(|addr| {
+            berth_at(&pool, &addr.to_string(), &["leases"])
+                .status
+                .success()
+        })
     });
     let lease = pool.lease(served.lease_id());
     assert_eq!(lease.state, pb::LeaseState::Active as i32, "{lease:?}");
     assert_ne!(served.get("BERTH_HOST_ID"), held.get("BERTH_HOST_ID"));
-    ok(run(served.docker().arg("version")), "docker on the served host");
+    ok(
+        run(served.docker().arg("version")),
+        "docker on the served host",
+    );
     pool.assert_no_host_in_two_leases();
     ok(
         berth_at(&pool, &both, &["release", "--lease", served.lease_id()]),
