@@ -64,21 +64,9 @@ pub enum CacheError {
     },
 }
 
-/// The tenant's namespace in the registry. Tenant names allow upper case
-/// and `._-` where repository names do not: a name of only lower-case
-/// letters and digits is its own namespace, any other is `h-` and a hash
-/// (which has a `-`, so the two kinds never meet).
-pub fn namespace(tenant: &str) -> String {
-    if !tenant.is_empty()
-        && tenant
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
-    {
-        return tenant.to_owned();
-    }
-    let hash = berth_tls::TokenHash::of(&format!("berth cache namespace\0{tenant}")).to_hex();
-    format!("h-{}", &hash[..32])
-}
+/// The tenant's namespace in the registry (also `berth up`'s retention
+/// pass maps tenants to their namespaces with it).
+pub use berth_tls::cache_namespace as namespace;
 
 /// The cache's keys and where the registry is.
 pub struct BuildCache {

@@ -74,7 +74,8 @@ pub struct CoordinatorConfig {
     #[arg(long, env = "BERTH_LOST_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
     pub lost_grace: Duration,
     /// Tenants file: one `NAME SHA256_OF_TOKEN [admin] [max-active=N]
-    /// [max-queued=N] [weight=N]` per line. CI calls
+    /// [max-queued=N] [weight=N] [cache-cap=SIZE]` per line (`cache-cap` is
+    /// for `berth up`'s build cache retention). CI calls
     /// need one of these tenants' tokens; the admin API an `admin` tenant's.
     #[arg(long, env = "BERTH_TENANTS")]
     pub tenants: Option<PathBuf>,

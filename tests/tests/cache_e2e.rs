@@ -281,11 +281,12 @@ fn a_tenants_cache_serves_its_next_fresh_host_and_no_other_tenant() {
     );
 }
 
-/// The build cache's retention: tenant A pushes three tags of ~512 KiB of
-/// distinct data each, tenant B one; with a cap of 1100 KiB per tenant a
-/// retention pass (SIGUSR1 to `berth up`) removes A's least recently pushed
-/// tag alone, garbage-collects, and the store shrinks; A's other tags and
-/// B's tag still pull.
+/// The build cache's retention: tenants A and B push three tags of
+/// ~512 KiB of distinct data each; with a pool-wide cap of 1100 KiB, and
+/// B's own of 2 MiB in the tenants file (`cache-cap=2MiB`), a retention
+/// pass (SIGUSR1 to `berth up`) removes A's least recently pushed tag alone,
+/// garbage-collects, and the store shrinks; A's other tags and all of B's
+/// still pull.
 #[test]
 fn a_tenant_over_its_cache_cap_loses_its_oldest_tags_and_no_other_tenant_anything() {
     if !preflight() {
@@ -297,9 +298,11 @@ fn a_tenant_over_its_cache_cap_loses_its_oldest_tags_and_no_other_tenant_anythin
         2,
         &["--cache-tenant-cap", "1100KiB", "--cache-gc-interval", "0"],
         |state| {
+            // teamb has its own, larger cap.
+            let line = berth_tls::Tenants::line("teamb", &b_token, false);
             std::fs::write(
                 state.join("tenants"),
-                berth_tls::Tenants::line("teamb", &b_token, false),
+                format!("{} cache-cap=2MiB\n", line.trim_end()),
             )
             .unwrap();
         },
@@ -346,8 +349,13 @@ fn a_tenant_over_its_cache_cap_loses_its_oldest_tags_and_no_other_tenant_anythin
         );
         LeaseEnv::parse(&stdout(&o))
     };
-    let b_image = format!("{}/app:old", b.get("BERTH_CACHE_REPO"));
-    push(&b, &b_image, 4);
+    // teamb holds 1.5 MiB: over the pool-wide cap, under its own.
+    let b_images: Vec<String> = (4..=6)
+        .map(|i| format!("{}/app:b{i}", b.get("BERTH_CACHE_REPO")))
+        .collect();
+    for (i, image) in b_images.iter().enumerate() {
+        push(&b, image, i as u64 + 4);
+    }
 
     let data = pool.state_dir.join("registries/cache/data");
     let du = || -> u64 {
@@ -392,8 +400,10 @@ fn a_tenant_over_its_cache_cap_loses_its_oldest_tags_and_no_other_tenant_anythin
             "pull of A's newer tag",
         );
     }
-    ok(run(plain(&b).args(["rmi", &b_image])), "rmi");
-    ok(run(plain(&b).args(["pull", &b_image])), "pull of B's tag");
+    ok(run(plain(&b).arg("rmi").args(&b_images)), "rmi of B's tags");
+    for image in &b_images {
+        ok(run(plain(&b).args(["pull", image])), "pull of B's tag");
+    }
 
     // A pass with nothing over the cap stops nothing.
     nix::sys::signal::kill(up, nix::sys::signal::Signal::SIGUSR1).unwrap();

@@ -447,7 +447,7 @@ pub async fn run(
         eprintln!("berth up: coordinator metrics at http://{a}/metrics");
     }
 
-    if let Err(e) = regs.start(&args.registries).await {
+    if let Err(e) = regs.start(&args.registries, &creds.pool.tenants).await {
         let _ = coordinator_child.kill().await;
         return Err(e.into());
     }

@@ -110,9 +110,11 @@ pub struct RegistryArgs {
     #[arg(long, env = "BERTH_MIRROR_UPSTREAM_CREDENTIALS")]
     pub mirror_upstream_credentials: Option<PathBuf>,
     /// The most a tenant's build cache may hold (the distinct blobs its
-    /// tags reference; B, KiB, MiB, GiB, TiB). Beyond it the tenant's least
-    /// recently pushed tags are removed and the store garbage-collected.
-    #[arg(long, env = "BERTH_CACHE_TENANT_CAP", default_value = "10GiB", value_parser = super::retention::parse_size)]
+    /// tags reference; B, KiB, MiB, GiB, TiB), unless its line in the
+    /// tenants file sets its own (`cache-cap=SIZE`). Beyond it the tenant's
+    /// least recently pushed tags are removed and the store
+    /// garbage-collected.
+    #[arg(long, env = "BERTH_CACHE_TENANT_CAP", default_value = "10GiB", value_parser = berth_runtime::size::parse_size)]
     pub cache_tenant_cap: u64,
     /// How often the build cache is checked against the cap; it is only
     /// stopped and garbage-collected when there is something to reclaim.
@@ -513,7 +515,10 @@ async fn supervise(
 struct Upkeep {
     /// distribution's `rootdirectory`.
     data: PathBuf,
+    /// `--cache-tenant-cap`.
     cap: u64,
+    /// The tenants file, for the tenants' own caps (read at each pass).
+    tenants: PathBuf,
     every: Option<tokio::time::Interval>,
     usr1: Option<tokio::signal::unix::Signal>,
 }
@@ -522,7 +527,7 @@ struct Upkeep {
 const GC_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
 impl Upkeep {
-    fn new(data: PathBuf, cap: u64, every: Duration) -> Self {
+    fn new(data: PathBuf, cap: u64, tenants: PathBuf, every: Duration) -> Self {
         let every = (!every.is_zero()).then(|| {
             let mut i = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
             i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -533,32 +538,34 @@ impl Upkeep {
         Upkeep {
             data,
             cap,
+            tenants,
             every,
             usr1,
         }
     }
 
     /// One pass: plans while the registry serves; stops it only when
-    /// something is to be reclaimed, removes the tags over the cap,
-    /// collects, starts it again.
+    /// something is to be reclaimed, removes the tags over their tenant's
+    /// cap, collects, starts it again.
     async fn pass(&self, instance: &Instance, mut child: Child) -> Result<Child, RegistryError> {
-        let (data, cap) = (self.data.clone(), self.cap);
-        let plan = tokio::task::spawn_blocking(move || super::retention::plan(&data, cap))
+        let caps = super::retention::Caps::load(self.cap, &self.tenants);
+        let (data, planned) = (self.data.clone(), caps.clone());
+        let plan = tokio::task::spawn_blocking(move || super::retention::plan(&data, &planned))
             .await
             .unwrap_or_default();
         if !plan.reclaims() {
             eprintln!(
-                "berth up: build cache retention: nothing to reclaim (bytes per tenant: {:?}, cap {})",
-                plan.usage, self.cap
+                "berth up: build cache retention: nothing to reclaim (bytes per tenant: {:?}, cap {}, tenants' own caps {:?})",
+                plan.usage, caps.pool_wide, caps.own
             );
             return Ok(child);
         }
         terminate(instance.name, &mut child).await;
-        let data = self.data.clone();
+        let (data, planned) = (self.data.clone(), caps.clone());
         let (plan, before, untagged) = tokio::task::spawn_blocking(move || {
             let before = super::retention::disk_usage(&data);
             // Planned again: pushes may have landed since.
-            let plan = super::retention::plan(&data, cap);
+            let plan = super::retention::plan(&data, &planned);
             let untagged = super::retention::untag(&plan);
             (plan, before, untagged)
         })
@@ -575,10 +582,11 @@ impl Upkeep {
         let after = super::retention::disk_usage(&self.data);
         let removed: Vec<_> = plan.remove.iter().map(|t| t.name.as_str()).collect();
         eprintln!(
-            "berth up: build cache retention: bytes per tenant {:?}, cap {}: removed {} tags {removed:?}; \
-             garbage-collected ({}): store {before} -> {after} bytes",
+            "berth up: build cache retention: bytes per tenant {:?}, cap {}, tenants' own caps {:?}: \
+             removed {} tags {removed:?}; garbage-collected ({}): store {before} -> {after} bytes",
             plan.usage,
-            self.cap,
+            caps.pool_wide,
+            caps.own,
             removed.len(),
             match &collected {
                 Ok(()) => "ok".to_owned(),
@@ -751,7 +759,12 @@ impl Registries {
     /// Starts what `args` ask for, once the coordinator runs (the pool CA
     /// and the cache's token certificate exist), and waits until each
     /// accepts connections.
-    pub async fn start(&mut self, args: &RegistryArgs) -> Result<(), RegistryError> {
+    /// `tenants` is the tenants file (the tenants' own cache caps).
+    pub async fn start(
+        &mut self,
+        args: &RegistryArgs,
+        tenants: &Path,
+    ) -> Result<(), RegistryError> {
         let (Some(block), Some(bin)) = (self.block.clone(), self.bin.clone()) else {
             return Ok(());
         };
@@ -795,6 +808,7 @@ impl Registries {
                 let upkeep = Upkeep::new(
                     registries_dir(&self.state_dir).join("cache/data"),
                     args.cache_tenant_cap,
+                    tenants.to_owned(),
                     args.cache_gc_interval,
                 );
                 self.tasks

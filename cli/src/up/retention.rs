@@ -6,8 +6,9 @@
 //! filesystem storage (`docker/registry/v2/`: a tag is
 //! `repositories/NS/REPO/_manifests/tags/TAG/current/link`, whose content
 //! is the manifest's digest and whose modification time is when the tag
-//! was last pushed). Above the cap ([`plan`]), the tenant's least recently
-//! pushed tags go, one at a time, until its usage is within the cap: a tag
+//! was last pushed). Above its cap ([`plan`]; its own `cache-cap=SIZE` in
+//! the tenants file, else the pool-wide one: [`Caps`]), the tenant's least
+//! recently pushed tags go, one at a time, until its usage is within the cap: a tag
 //! is removed the way distribution's own tag deletion does, by removing
 //! its `_manifests/tags/TAG` directory. Blobs other tenants' tags reference
 //! are counted for each of them and stay as long as one does.
@@ -64,37 +65,6 @@ impl Plan {
     pub fn reclaims(&self) -> bool {
         !self.remove.is_empty() || self.untagged > 0
     }
-}
-
-/// Parses a size: a number with an optional unit `B`, `K`/`KiB`,
-/// `M`/`MiB`, `G`/`GiB`, `T`/`TiB` (all powers of 1024).
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?}: expected a size such as 10GiB"))?;
-    let unit_bytes = match unit.trim() {
-        "" | "B" => 1.0,
-        "K" | "KiB" => 1024.0,
-        "M" | "MiB" => 1024.0 * 1024.0,
-        "G" | "GiB" => 1024.0 * 1024.0 * 1024.0,
-        "T" | "TiB" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
-        other => {
-            return Err(format!(
-                "{s:?}: unknown unit {other:?} (B, KiB, MiB, GiB, TiB)"
-            ));
-        }
-    };
-    let bytes = n * unit_bytes;
-    if !(bytes.is_finite() && bytes < 1.8e19) {
-        return Err(format!("{s:?}: out of range"));
-    }
-    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-    Ok(bytes as u64)
 }
 
 /// The blob file of `digest` (`sha256:HEX`).
@@ -220,9 +190,65 @@ fn usage<'a>(tags: impl IntoIterator<Item = &'a Tag>) -> u64 {
     all.values().sum()
 }
 
-/// What a pass over the store under `root` does with each tenant capped at
-/// `cap` bytes.
-pub fn plan(root: &Path, cap: u64) -> Plan {
+/// Each tenant's cap, by namespace.
+#[derive(Debug, Clone, Default)]
+pub struct Caps {
+    /// `--cache-tenant-cap`: for the tenants without their own and the
+    /// namespaces no tenant of the file has.
+    pub pool_wide: u64,
+    /// The tenants' own (`cache-cap=SIZE`), by namespace.
+    pub own: BTreeMap<String, u64>,
+}
+
+impl Caps {
+    /// Every tenant capped at `pool_wide`.
+    pub fn uniform(pool_wide: u64) -> Self {
+        Caps {
+            pool_wide,
+            own: BTreeMap::new(),
+        }
+    }
+
+    /// The caps of the tenants file's `tenants`.
+    pub fn of(pool_wide: u64, tenants: &berth_tls::Tenants) -> Self {
+        let own = tenants
+            .iter()
+            .filter_map(|t| {
+                let cap = t.limits.cache_cap_or(0);
+                (cap > 0).then(|| (berth_tls::cache_namespace(&t.name), cap))
+            })
+            .collect();
+        Caps { pool_wide, own }
+    }
+
+    /// The caps of the tenants file at `path`, read now (an edit needs no
+    /// restart); the pool-wide cap for every tenant, with a warning, when
+    /// it cannot be read.
+    pub fn load(pool_wide: u64, path: &Path) -> Self {
+        let tenants = std::fs::read_to_string(path)
+            .map_err(|e| e.to_string())
+            .and_then(|t| berth_tls::Tenants::parse(&t).map_err(|e| e.to_string()));
+        match tenants {
+            Ok(t) => Self::of(pool_wide, &t),
+            Err(e) => {
+                eprintln!(
+                    "berth up: build cache retention: warning: {}: {e}; every tenant gets the pool-wide cap",
+                    path.display()
+                );
+                Self::uniform(pool_wide)
+            }
+        }
+    }
+
+    /// The cap of `namespace`.
+    pub fn cap(&self, namespace: &str) -> u64 {
+        self.own.get(namespace).copied().unwrap_or(self.pool_wide)
+    }
+}
+
+/// What a pass over the store under `root` does with each tenant capped
+/// as `caps` say.
+pub fn plan(root: &Path, caps: &Caps) -> Plan {
     let (tags, untagged) = scan(root);
     let mut by_ns: BTreeMap<String, Vec<Tag>> = BTreeMap::new();
     for t in tags {
@@ -233,6 +259,7 @@ pub fn plan(root: &Path, cap: u64) -> Plan {
         ..Plan::default()
     };
     for (ns, mut tags) in by_ns {
+        let cap = caps.cap(&ns);
         plan.usage.insert(ns, usage(&tags));
         // Oldest last, so the next to go is popped.
         tags.sort_by(|a, b| b.pushed.cmp(&a.pushed).then(b.name.cmp(&a.name)));
@@ -321,18 +348,6 @@ mod tests {
     }
 
     #[test]
-    fn sizes_parse() {
-        assert_eq!(parse_size("0").unwrap(), 0);
-        assert_eq!(parse_size("512B").unwrap(), 512);
-        assert_eq!(parse_size("1.5KiB").unwrap(), 1536);
-        assert_eq!(parse_size("10GiB").unwrap(), 10 << 30);
-        assert_eq!(parse_size("2T").unwrap(), 2 << 40);
-        for bad in ["", "GiB", "1 GB", "-1", "1e400"] {
-            assert!(parse_size(bad).is_err(), "{bad}");
-        }
-    }
-
-    #[test]
     fn a_tenant_over_its_cap_loses_its_oldest_tags_and_no_other_tenant_anything() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
@@ -343,7 +358,7 @@ mod tests {
         // The same layer as t3: counted once for teama.
         push(root, "teama/app", "t4", &kib(3), 400);
         push(root, "teamb/app", "old", &kib(4), 1);
-        let p = plan(root, 150 * 1024);
+        let p = plan(root, &Caps::uniform(150 * 1024));
         let removed: Vec<_> = p.remove.iter().map(|t| t.name.as_str()).collect();
         assert_eq!(removed, ["teama/app:t1", "teama/app:t2"]);
         assert!(p.usage["teama"] > 300 * 1024, "{:?}", p.usage);
@@ -361,8 +376,48 @@ mod tests {
         // t1's and t2's manifests are now untagged: the collector's work.
         assert_eq!(untagged, 2);
         // Nothing over the cap, nothing untagged: nothing to do.
-        let p = plan(root, 150 * 1024);
+        let p = plan(root, &Caps::uniform(150 * 1024));
         assert!(p.remove.is_empty());
+    }
+
+    #[test]
+    fn each_tenant_is_held_to_its_own_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let kib = |n: u8| vec![n; 100 * 1024];
+        // "small" is given 150 KiB, "Big.Team" 500 KiB, the rest the
+        // pool-wide 120 KiB.
+        let tenants = berth_tls::Tenants::parse(&format!(
+            "small {} cache-cap=150KiB\nBig.Team {} cache-cap=500KiB\nother {} cache-cap=0\n",
+            berth_tls::TokenHash::of("s").to_hex(),
+            berth_tls::TokenHash::of("b").to_hex(),
+            berth_tls::TokenHash::of("o").to_hex(),
+        ))
+        .unwrap();
+        let caps = Caps::of(120 * 1024, &tenants);
+        let big = berth_tls::cache_namespace("Big.Team");
+        assert_eq!(caps.cap("small"), 150 * 1024);
+        assert_eq!(caps.cap(&big), 500 * 1024);
+        assert_eq!(caps.cap("other"), 120 * 1024);
+        assert_eq!(caps.cap("gone"), 120 * 1024);
+
+        push(root, "small/app", "s1", &kib(1), 100);
+        push(root, "small/app", "s2", &kib(2), 200);
+        // Bigger than "small" and than the pool-wide cap, under its own.
+        push(root, &format!("{big}/app"), "b1", &kib(3), 1);
+        push(root, &format!("{big}/app"), "b2", &kib(4), 2);
+        push(root, &format!("{big}/app"), "b3", &kib(5), 3);
+        push(root, "other/app", "o1", &kib(6), 10);
+        push(root, "other/app", "o2", &kib(7), 20);
+        let p = plan(root, &caps);
+        assert!(p.usage[&big] > 300 * 1024, "{:?}", p.usage);
+        assert!(p.usage["small"] > 200 * 1024, "{:?}", p.usage);
+        let removed: Vec<_> = p.remove.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(removed, ["other/app:o1", "small/app:s1"]);
+        // The same store under the pool-wide cap alone: "Big.Team" too.
+        let p = plan(root, &Caps::uniform(120 * 1024));
+        assert_eq!(p.remove.len(), 4, "{:?}", p.remove);
+        assert!(p.remove.iter().any(|t| t.namespace == big));
     }
 
     #[test]
@@ -370,10 +425,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
         push(root, "t/app", "cache", b"one", 1);
-        let p = plan(root, u64::MAX);
+        let p = plan(root, &Caps::uniform(u64::MAX));
         assert!(!p.reclaims(), "{p:?}");
         push(root, "t/app", "cache", b"two", 2);
-        let p = plan(root, u64::MAX);
+        let p = plan(root, &Caps::uniform(u64::MAX));
         assert_eq!(p.untagged, 1);
         assert!(p.remove.is_empty());
         assert!(p.reclaims());

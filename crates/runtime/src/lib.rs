@@ -5,7 +5,7 @@
 //! telling systemd where a daemon is in its life ([`systemd`]), the
 //! daemons' plain-HTTP endpoints (`http`, feature `http`) and the
 //! optional TOML configuration file whose keys are the long flag names
-//! ([`config_file`]).
+//! ([`config_file`]) and sizes such as `10GiB` ([`size`]).
 //!
 //! Boundaries: no berth logic here; each binary decides when it is ready,
 //! which flags it has and what its shutdown does.
@@ -18,6 +18,7 @@ pub mod fs;
 #[cfg(feature = "http")]
 pub mod http;
 pub mod shutdown;
+pub mod size;
 pub mod systemd;
 pub mod telemetry;
 

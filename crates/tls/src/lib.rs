@@ -45,7 +45,7 @@ pub use lease::{
     PinnedKey, ServerIdentity, lease_client_config, lease_dns_name, lease_server_config,
 };
 pub use pool::PoolCredentials;
-pub use token::{Tenant, TenantLimits, Tenants, TokenHash};
+pub use token::{Tenant, TenantLimits, Tenants, TokenHash, cache_namespace};
 
 /// What went wrong with a certificate, key, CSR, token or their files.
 #[derive(Debug, thiserror::Error)]

@@ -78,7 +78,7 @@ pub struct Tenant {
     hash: TokenHash,
 }
 
-/// A tenant's share of the pool, from the optional `KEY=N` fields of its
+/// A tenant's share of the pool, from the optional `KEY=VALUE` fields of its
 /// line in the tenants file. The coordinator enforces them: waiting builds
 /// queue per tenant and tenants are served in turn, `weight` assignments per
 /// turn; a tenant holding `max_active` hosts gets no other until one ends
@@ -91,6 +91,10 @@ pub struct TenantLimits {
     pub max_queued: Option<u32>,
     /// `weight=N` (1 unless given): assignments per turn.
     pub weight: u32,
+    /// `cache-cap=SIZE` (`10GiB`, as `berth up --cache-tenant-cap`): the
+    /// most its build cache may hold. `berth up`'s retention pass enforces
+    /// it, not the coordinator; absent or 0: the pool-wide cap.
+    pub cache_cap: Option<u64>,
 }
 
 impl Default for TenantLimits {
@@ -99,6 +103,7 @@ impl Default for TenantLimits {
             max_active: None,
             max_queued: None,
             weight: 1,
+            cache_cap: None,
         }
     }
 }
@@ -107,37 +112,72 @@ impl Default for TenantLimits {
 pub const MAX_WEIGHT: u32 = 1000;
 
 impl TenantLimits {
-    /// Reads one `KEY=N` field into `self`.
-    fn set(&mut self, field: &str) -> Result<(), &'static str> {
+    /// Reads one `KEY=VALUE` field into `self`.
+    fn set(&mut self, field: &str) -> Result<(), String> {
+        const FIELDS: &str = "`max-active=N`, `max-queued=N`, `weight=N` or `cache-cap=SIZE`";
         let (key, value) = field
             .split_once('=')
-            .ok_or("after the hash: `admin`, `max-active=N`, `max-queued=N` or `weight=N`")?;
-        let n: u32 = value
-            .parse()
-            .map_err(|_| "a limit's value is a whole number")?;
+            .ok_or_else(|| format!("after the hash: `admin`, {FIELDS}"))?;
+        let whole = |v: &str| {
+            v.parse::<u32>()
+                .map_err(|_| "a limit's value is a whole number".to_owned())
+        };
         let slot = match key {
             "max-active" => &mut self.max_active,
             "max-queued" => &mut self.max_queued,
             "weight" => {
+                let n = whole(value)?;
                 if !(1..=MAX_WEIGHT).contains(&n) {
-                    return Err("weight is 1..=1000");
+                    return Err("weight is 1..=1000".into());
                 }
                 self.weight = n;
                 return Ok(());
             }
-            _ => {
-                return Err("unknown field: expected `max-active=N`, `max-queued=N` or `weight=N`");
+            "cache-cap" => {
+                let size = berth_runtime::size::parse_size(value)
+                    .map_err(|e| format!("cache-cap: {e}"))?;
+                if self.cache_cap.replace(size).is_some() {
+                    return Err("a limit given twice".into());
+                }
+                return Ok(());
             }
+            _ => return Err(format!("unknown field: expected {FIELDS}")),
         };
+        let n = whole(value)?;
         if slot.replace(n).is_some() {
-            return Err("a limit given twice");
+            return Err("a limit given twice".into());
         }
         Ok(())
     }
+
+    /// The cap on the tenant's build cache: its own, else `pool_wide`.
+    pub fn cache_cap_or(&self, pool_wide: u64) -> u64 {
+        match self.cache_cap {
+            Some(cap) if cap > 0 => cap,
+            _ => pool_wide,
+        }
+    }
+}
+
+/// The tenant's namespace in the build cache registry. Tenant names allow
+/// upper case and `._-` where repository names do not: a name of only
+/// lower-case letters and digits is its own namespace, any other is `h-`
+/// and a hash (which has a `-`, so the two kinds never meet).
+pub fn cache_namespace(tenant: &str) -> String {
+    if !tenant.is_empty()
+        && tenant
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+    {
+        return tenant.to_owned();
+    }
+    let hash = TokenHash::of(&format!("berth cache namespace\0{tenant}")).to_hex();
+    format!("h-{}", &hash[..32])
 }
 
 /// The tenants file: one tenant per line, `NAME SHA256_HEX [admin]
-/// [max-active=N] [max-queued=N] [weight=N]` (see [`TenantLimits`]); blank
+/// [max-active=N] [max-queued=N] [weight=N] [cache-cap=SIZE]` (see
+/// [`TenantLimits`]); blank
 /// lines and `#` comments are ignored.
 #[derive(Debug, Clone, Default)]
 pub struct Tenants {
@@ -159,7 +199,7 @@ impl Tenants {
             };
             let mut f = l.split_whitespace().peekable();
             let (Some(name), Some(hash)) = (f.next(), f.next()) else {
-                return Err(err("expected `NAME SHA256_HEX [admin] [KEY=N ...]`"));
+                return Err(err("expected `NAME SHA256_HEX [admin] [KEY=VALUE ...]`"));
             };
             let admin = f.next_if_eq(&"admin").is_some();
             let mut limits = TenantLimits::default();
@@ -167,7 +207,7 @@ impl Tenants {
                 if field == "admin" {
                     return Err(err("`admin` comes right after the hash"));
                 }
-                limits.set(field).map_err(err)?;
+                limits.set(field).map_err(|r| err(&r))?;
             }
             if name.len() > 64
                 || !name
@@ -285,7 +325,8 @@ mod tests {
                     TenantLimits {
                         max_active: Some(3),
                         max_queued: None,
-                        weight: 2
+                        weight: 2,
+                        cache_cap: None,
                     }
                 ),
                 (
@@ -293,7 +334,8 @@ mod tests {
                     TenantLimits {
                         max_active: None,
                         max_queued: Some(0),
-                        weight: 1
+                        weight: 1,
+                        cache_cap: None,
                     }
                 )
             ]
@@ -319,6 +361,18 @@ mod tests {
             (&format!("a {h} max-queued=1 max-queued=2"), "twice"),
             (&format!("a {h} weight=0"), "weight is"),
             (&format!("a {h} weight=1001"), "weight is"),
+            (
+                &format!("a {h} cache-cap=ten"),
+                "cache-cap: \"ten\": expected a size",
+            ),
+            (
+                &format!("a {h} cache-cap=1GB"),
+                "cache-cap: \"1GB\": unknown unit",
+            ),
+            (&format!("a {h} cache-cap="), "cache-cap"),
+            (&format!("a {h} cache-cap=-1G"), "cache-cap"),
+            (&format!("a {h} cache-cap=1G cache-cap=2G"), "twice"),
+            (&format!("a {h} cache_cap=1G"), "unknown field"),
             (&format!("a/b {h}"), "names"),
             (&format!("a {h}\na {h}"), "twice"),
             (&format!("a {h}\nb {h}"), "share"),
@@ -326,6 +380,54 @@ mod tests {
             let e = Tenants::parse(bad).unwrap_err().to_string();
             assert!(e.contains(needle), "{bad:?}: {e}");
         }
+    }
+
+    #[test]
+    fn cache_caps() {
+        let (x, y, z) = (
+            TokenHash::of("x").to_hex(),
+            TokenHash::of("y").to_hex(),
+            TokenHash::of("z").to_hex(),
+        );
+        let t = Tenants::parse(&format!(
+            "big {x} cache-cap=20GiB max-active=2\nzero {y} cache-cap=0\nplain {z} weight=3"
+        ))
+        .unwrap();
+        let caps: Vec<_> = t
+            .iter()
+            .map(|t| {
+                (
+                    t.name.as_str(),
+                    t.limits.cache_cap,
+                    t.limits.cache_cap_or(7),
+                )
+            })
+            .collect();
+        assert_eq!(
+            caps,
+            [
+                ("big", Some(20 << 30), 20 << 30),
+                // 0 and absent: the pool-wide cap.
+                ("zero", Some(0), 7),
+                ("plain", None, 7),
+            ]
+        );
+        assert_eq!(t.iter().next().unwrap().limits.max_active, Some(2));
+        // The error names the line.
+        let e = Tenants::parse(&format!("ok {x}\n\nbad {y} cache-cap=lots"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("tenants file line 3: cache-cap: "), "{e}");
+    }
+
+    #[test]
+    fn cache_namespaces() {
+        assert_eq!(cache_namespace("team7"), "team7");
+        for t in ["Team", "a-b", "a.b", ""] {
+            let n = cache_namespace(t);
+            assert!(n.starts_with("h-") && n.len() == 34, "{t}: {n}");
+        }
+        assert_ne!(cache_namespace("a-b"), cache_namespace("a_b"));
     }
 
     #[test]
