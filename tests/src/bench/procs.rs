@@ -439,11 +439,94 @@ impl Drop for Agent {
 
 /// Resident set size of a process in KiB (`VmRSS`).
 pub fn rss_kib(pid: i32) -> Option<f64> {
+    status_kib(pid, "VmRSS")
+}
+
+/// One `kB` field of `/proc/PID/status` (`VmRSS`, `RssAnon`, `RssFile`...).
+pub fn status_kib(pid: i32, field: &str) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
+/// Resident memory of a process by kind of mapping, from `/proc/PID/smaps`
+/// (KiB).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RssParts {
+    /// The executable's own code (its executable mappings).
+    pub exe_code: f64,
+    /// The same mappings' size (resident or not).
+    pub exe_code_mapped: f64,
+    /// The executable's other mappings (read-only data, unwind tables,
+    /// relocated data, `.data`).
+    pub exe_data: f64,
+    /// Of `exe_data`, the anonymous (written: relocated or `.data`) pages.
+    pub exe_data_anon: f64,
+    /// Every other file mapping (the C library, libm, ld.so...).
+    pub libraries: f64,
+    /// `[heap]`: the main malloc arena.
+    pub heap: f64,
+    /// Every other anonymous mapping: thread stacks (the main one
+    /// included), the other malloc arenas, large allocations.
+    pub other_anon: f64,
+}
+
+impl RssParts {
+    pub fn of(pid: i32) -> Option<Self> {
+        let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok()?;
+        let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
+        let mut parts = RssParts::default();
+        // The current mapping: its name, whether executable, its size.
+        let mut current: Option<(String, bool, f64)> = None;
+        for line in smaps.lines() {
+            let mut fields = line.split_whitespace();
+            let first = fields.next().unwrap_or_default();
+            if first.contains('-') && !first.ends_with(':') {
+                let perms = fields.next().unwrap_or_default();
+                let name = fields.nth(3).unwrap_or_default().to_owned();
+                let size = first
+                    .split_once('-')
+                    .and_then(|(a, b)| {
+                        let a = u64::from_str_radix(a, 16).ok()?;
+                        let b = u64::from_str_radix(b, 16).ok()?;
+                        Some(b.saturating_sub(a) as f64 / 1024.0)
+                    })
+                    .unwrap_or(0.0);
+                current = Some((name, perms.contains('x'), size));
+                continue;
+            }
+            let Some((name, exec, size)) = &current else {
+                continue;
+            };
+            let kib = |l: &str| -> f64 {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0.0)
+            };
+            let is_exe = Path::new(name) == exe;
+            if first == "Rss:" {
+                let rss = kib(line);
+                if is_exe && *exec {
+                    parts.exe_code += rss;
+                    parts.exe_code_mapped += size;
+                } else if is_exe {
+                    parts.exe_data += rss;
+                } else if name.starts_with('/') {
+                    parts.libraries += rss;
+                } else if name == "[heap]" {
+                    parts.heap += rss;
+                } else {
+                    parts.other_anon += rss;
+                }
+            } else if first == "Anonymous:" && is_exe && !*exec {
+                parts.exe_data_anon += kib(line);
+            }
+        }
+        Some(parts)
+    }
 }
 
 /// User + system CPU time a process has used so far.
@@ -570,5 +653,41 @@ impl Clients {
             }
             tokio::time::sleep(every).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The parts of this test process's RSS add up to its `VmRSS`, and the
+    /// kinds a dynamically linked Rust binary has are all found.
+    #[test]
+    fn rss_parts_add_up_to_the_rss() {
+        let pid = i32::try_from(std::process::id()).unwrap();
+        // Touch a heap allocation so that [heap] or an arena holds pages.
+        let block = std::hint::black_box(vec![1u8; 1 << 20]);
+        let parts = RssParts::of(pid).unwrap();
+        let rss = rss_kib(pid).unwrap();
+        let sum = parts.exe_code + parts.exe_data + parts.libraries + parts.heap + parts.other_anon;
+        assert!(
+            (sum - rss).abs() <= rss * 0.05,
+            "{parts:?} sum {sum} vs VmRSS {rss}"
+        );
+        assert!(
+            parts.exe_code > 0.0 && parts.exe_code <= parts.exe_code_mapped,
+            "{parts:?}"
+        );
+        assert!(
+            parts.exe_data > 0.0 && parts.exe_data_anon <= parts.exe_data,
+            "{parts:?}"
+        );
+        assert!(parts.libraries > 0.0, "{parts:?}");
+        assert!(parts.heap + parts.other_anon >= 1024.0, "{parts:?}");
+        let anon = status_kib(pid, "RssAnon").unwrap();
+        let file = status_kib(pid, "RssFile").unwrap();
+        assert!(anon > 0.0 && file > 0.0, "{anon} {file}");
+        assert!(status_kib(pid, "NoSuchField").is_none());
+        drop(block);
     }
 }
