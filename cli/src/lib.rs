@@ -575,6 +575,22 @@ pub async fn client_output(cli: &Cli) -> Result<String, CliError> {
     }
 }
 
+/// LeaseService.Get of `lease_id`: the lease as the coordinator has it.
+async fn get_lease(
+    leases: &mut LeaseServiceClient<Channel>,
+    lease_id: &str,
+    token: &str,
+) -> Result<Option<pb::Lease>, CliError> {
+    let req = request(
+        pb::GetRequest {
+            lease_id: lease_id.to_owned(),
+        },
+        CALL_TIMEOUT,
+        token,
+    )?;
+    Ok(leases.get(req).await?.into_inner().lease)
+}
+
 /// Whether `addrs` names more than one coordinator.
 fn several_addresses(addrs: &str) -> bool {
     addrs.split(',').filter(|a| !a.trim().is_empty()).count() > 1
@@ -719,17 +735,7 @@ async fn client_output_once(cli: &Cli) -> Result<String, CliError> {
             Ok(describe_lease(resp.lease.as_ref()))
         }
         Command::Release { lease, cert_dir } => {
-            let before = leases
-                .get(request(
-                    pb::GetRequest {
-                        lease_id: lease.clone(),
-                    },
-                    CALL_TIMEOUT,
-                    &token,
-                )?)
-                .await?
-                .into_inner()
-                .lease;
+            let before = get_lease(&mut leases, lease, &token).await?;
             let resp = leases
                 .release(request(
                     pb::ReleaseRequest {
@@ -771,19 +777,7 @@ async fn client_output_once(cli: &Cli) -> Result<String, CliError> {
                         .into_inner()
                         .lease
                 }
-                (None, Some(lease)) => {
-                    leases
-                        .get(request(
-                            pb::GetRequest {
-                                lease_id: lease.clone(),
-                            },
-                            CALL_TIMEOUT,
-                            &token,
-                        )?)
-                        .await?
-                        .into_inner()
-                        .lease
-                }
+                (None, Some(lease)) => get_lease(&mut leases, lease, &token).await?,
                 (None, None) => return Err(CliError::Other("give --lease or --build".into())),
             };
             Ok(describe_lease(found.as_ref()))

@@ -588,21 +588,7 @@ pub(crate) mod tests {
             pb::LeaseState::Active as i32
         );
         let (tx, _rx) = tokio::sync::mpsc::channel(4);
-        let reg = |id: &str| crate::pool::Registration {
-            host_id: id.into(),
-            host_addr: "198.18.0.9".into(),
-            docker_host: "tcp://198.18.0.9:2376".into(),
-            provider: "test".into(),
-            resources: None,
-            agent_version: "t".into(),
-            docker_version: "t".into(),
-            state: pb::HostState::Ready,
-            lease_id: String::new(),
-            lease_deadline: None,
-            tls: crate::pool::RegisteredTls::default(),
-            key: None,
-            lease_key: None,
-        };
+        let reg = |id: &str| crate::testing::reg(id, "198.18.0.9");
         let refused = pool.register(reg("h-bad"), tx.clone(), now).unwrap_err();
         assert!(refused.to_string().contains("h-bad"), "{refused}");
         // A host with a readable record or none registers as usual.

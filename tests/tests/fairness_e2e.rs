@@ -32,19 +32,7 @@ fn a_later_tenant_is_served_in_turn_and_a_tenant_beyond_max_queued_is_refused() 
     if !preflight() {
         return;
     }
-    let (a_token, b_token) = (berth_tls::token::generate(), berth_tls::token::generate());
-    let pool = Pool::start_with("btfa-", 1, &[], |state| {
-        let mut tenants = berth_tls::Tenants::line("team-a", &a_token, false);
-        tenants = tenants.replace('\n', &format!(" max-queued={A_BUILDS}\n"));
-        tenants.push_str(&berth_tls::Tenants::line("team-b", &b_token, false));
-        std::fs::write(state.join("tenants"), tenants).unwrap();
-    });
-    let token_file = |name: &str, token: &str| -> PathBuf {
-        let p = pool.state_dir.join(format!("{name}-token"));
-        std::fs::write(&p, token).unwrap();
-        p
-    };
-    let (a_file, b_file) = (token_file("a", &a_token), token_file("b", &b_token));
+    let (pool, a_file, b_file) = two_tenants("btfa-", &format!(" max-queued={A_BUILDS}"));
     let as_tenant = |file: &PathBuf, args: &[&str]| pool.berth_as(file, args);
 
     // The one host is held, so every build below queues.
@@ -226,18 +214,7 @@ fn a_waiting_build_sees_its_place_in_its_tenants_queue_go_down() {
     if !preflight() {
         return;
     }
-    let (a_token, b_token) = (berth_tls::token::generate(), berth_tls::token::generate());
-    let pool = Pool::start_with("btqp-", 1, &[], |state| {
-        let mut tenants = berth_tls::Tenants::line("team-a", &a_token, false);
-        tenants.push_str(&berth_tls::Tenants::line("team-b", &b_token, false));
-        std::fs::write(state.join("tenants"), tenants).unwrap();
-    });
-    let token_file = |name: &str, token: &str| -> PathBuf {
-        let p = pool.state_dir.join(format!("{name}-token"));
-        std::fs::write(&p, token).unwrap();
-        p
-    };
-    let (a_file, b_file) = (token_file("a", &a_token), token_file("b", &b_token));
+    let (pool, a_file, b_file) = two_tenants("btqp-", "");
     let get_build = |file: &PathBuf, build: &str| {
         stdout(&ok(
             pool.berth_as(file, &["get", "--build", build]),
@@ -319,4 +296,23 @@ fn a_waiting_build_sees_its_place_in_its_tenants_queue_go_down() {
         "{shown}"
     );
     release(&a_file, &a3);
+}
+
+/// A pool of one host whose tenants file lists `team-a` (its line ending
+/// in `a_limits`) and `team-b`, with the two tenants' token files.
+fn two_tenants(base: &str, a_limits: &str) -> (Pool, PathBuf, PathBuf) {
+    let (a_token, b_token) = (berth_tls::token::generate(), berth_tls::token::generate());
+    let pool = Pool::start_with(base, 1, &[], |state| {
+        let mut tenants = berth_tls::Tenants::line("team-a", &a_token, false);
+        tenants = tenants.replace('\n', &format!("{a_limits}\n"));
+        tenants.push_str(&berth_tls::Tenants::line("team-b", &b_token, false));
+        std::fs::write(state.join("tenants"), tenants).unwrap();
+    });
+    let token_file = |name: &str, token: &str| -> PathBuf {
+        let p = pool.state_dir.join(format!("{name}-token"));
+        std::fs::write(&p, token).unwrap();
+        p
+    };
+    let (a_file, b_file) = (token_file("a", &a_token), token_file("b", &b_token));
+    (pool, a_file, b_file)
 }
