@@ -355,6 +355,29 @@ fn open_db(path: &Path) -> Result<redb::Database, StoreError> {
     Ok(db)
 }
 
+impl RedbStore {
+    /// Every record of `table`, the undecodable ones set aside; `ops`
+    /// names the open, iterate and read steps in errors.
+    fn load_table<R: serde::de::DeserializeOwned>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        [open, iterate, read]: [&'static str; 3],
+    ) -> Result<Loaded<R>, StoreError> {
+        self.with_db(|db| {
+            let txn = db
+                .begin_read()
+                .map_err(|e| db_err("begin read")(e.into()))?;
+            let t = txn.open_table(table).map_err(|e| db_err(open)(e.into()))?;
+            let mut out = Loaded::default();
+            for item in t.iter().map_err(|e| db_err(iterate)(e.into()))? {
+                let (k, v) = item.map_err(|e| db_err(read)(e.into()))?;
+                out.decode(k.value(), v.value());
+            }
+            Ok(out)
+        })
+    }
+}
+
 impl LeaseStore for RedbStore {
     fn commit(
         &self,
@@ -405,37 +428,11 @@ impl LeaseStore for RedbStore {
     }
 
     fn load_hosts(&self) -> Result<Loaded<HostRecord>, StoreError> {
-        self.with_db(|db| {
-            let txn = db
-                .begin_read()
-                .map_err(|e| db_err("begin read")(e.into()))?;
-            let t = txn
-                .open_table(HOSTS)
-                .map_err(|e| db_err("open hosts")(e.into()))?;
-            let mut out = Loaded::default();
-            for item in t.iter().map_err(|e| db_err("iterate hosts")(e.into()))? {
-                let (k, v) = item.map_err(|e| db_err("read host")(e.into()))?;
-                out.decode(k.value(), v.value());
-            }
-            Ok(out)
-        })
+        self.load_table(HOSTS, ["open hosts", "iterate hosts", "read host"])
     }
 
     fn load(&self) -> Result<Loaded<LeaseRecord>, StoreError> {
-        self.with_db(|db| {
-            let txn = db
-                .begin_read()
-                .map_err(|e| db_err("begin read")(e.into()))?;
-            let t = txn
-                .open_table(LEASES)
-                .map_err(|e| db_err("open leases")(e.into()))?;
-            let mut out = Loaded::default();
-            for item in t.iter().map_err(|e| db_err("iterate leases")(e.into()))? {
-                let (k, v) = item.map_err(|e| db_err("read lease")(e.into()))?;
-                out.decode(k.value(), v.value());
-            }
-            Ok(out)
-        })
+        self.load_table(LEASES, ["open leases", "iterate leases", "read lease"])
     }
 
     fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
