@@ -112,6 +112,41 @@ fn berth_at(pool: &Pool, list: &str, args: &[&str]) -> Output {
         .env_remove("DOCKER_CERT_PATH"))
 }
 
+/// A pool of `hosts` on PostgreSQL (`url`) whose coordinator A is `berth
+/// up`'s, its agents given A's address and a second one B for a standby;
+/// returns the pool, A and B.
+fn two_coordinators(base: &str, hosts: u16, url: &str) -> (Pool, SocketAddr, SocketAddr) {
+    let (state_dir, _) = dirs(&test_prefix(base));
+    let (a_addr, b_addr) = (free_addr(), free_addr());
+    let mut args = pgkit::up_args(url, &state_dir.join("store.key"));
+    args.extend([
+        format!("--listen={a_addr}"),
+        // A fixed --listen port would give the ops endpoint its default
+        // port, which another test's pool may hold.
+        "--ops-listen=127.0.0.1:0".to_owned(),
+        "--agent-arg".to_owned(),
+        format!("--coordinator=https://{a_addr},https://{b_addr}"),
+    ]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let pool = Pool::start_with(base, hosts, &args, |dir| {
+        pgkit::write_key(&dir.join("store.key"));
+    });
+    (pool, a_addr, b_addr)
+}
+
+/// Starts coordinator B on `b_addr` (store `url`, the pool's key) and waits
+/// until it stands by naming A as the leader; returns it and its refusal.
+fn stand_by(pool: &Pool, url: &str, a_addr: SocketAddr, b_addr: SocketAddr) -> (Standby, String) {
+    let key = pool.state_dir.join("store.key");
+    let b = Standby::start(&pool.state_dir.join("standby"), b_addr, url, &key);
+    let refused = wait_for("B to stand by", Duration::from_secs(30), || {
+        let o = berth_at(pool, &b_addr.to_string(), &["leases"]);
+        let e = stderr(&o);
+        (!o.status.success() && e.contains(&format!("the leader is at {a_addr}"))).then_some(e)
+    });
+    (b, refused)
+}
+
 /// Records every row written to the pool's tables, with the writer's
 /// `application_name` (each coordinator's store URL names it), in
 /// `berth_audit`: what a coordinator wrote, and when (`seq`).
@@ -202,32 +237,12 @@ fn the_standby_takes_over_when_the_leader_is_killed_and_leases_carry_on() {
         format!("{url}?application_name=berth-a"),
         format!("{url}?application_name=berth-b"),
     );
-    let base = "bpg2-";
-    let (state_dir, _) = dirs(&test_prefix(base));
-    let key = state_dir.join("store.key");
-    let (a_addr, b_addr) = (free_addr(), free_addr());
-    let both = format!("{a_addr},{b_addr}");
-    let mut args = pgkit::up_args(&url_a, &key);
-    args.extend([
-        format!("--listen={a_addr}"),
-        "--agent-arg".to_owned(),
-        format!("--coordinator=https://{a_addr},https://{b_addr}"),
-    ]);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut pool = Pool::start_with(base, 2, &args, |dir| {
-        pgkit::write_key(&dir.join("store.key"));
-    });
+    let (mut pool, a_addr, b_addr) = two_coordinators("bpg2-", 2, &url_a);
     assert_eq!(pool.addr, a_addr);
     audit_writes(&pg, db);
-    let b = Standby::start(&state_dir.join("standby"), b_addr, &url_b, &key);
-
-    // B stands by and names A as the leader.
-    let refused = wait_for("B to stand by", Duration::from_secs(30), || {
-        let o = berth_at(&pool, &b_addr.to_string(), &["leases"]);
-        let e = stderr(&o);
-        (!o.status.success() && e.contains(&format!("the leader is at {a_addr}"))).then_some(e)
-    });
+    let (b, refused) = stand_by(&pool, &url_b, a_addr, b_addr);
     assert!(refused.contains("standby"), "{refused}");
+    let both = format!("{a_addr},{b_addr}");
     // The same CLI given both addresses is served (by A).
     let a_lease = LeaseEnv::parse(&stdout(&ok(
         berth_at(
@@ -437,27 +452,9 @@ fn a_build_waiting_when_the_leader_dies_gets_its_host_from_the_next_leader() {
     let pg = Postgres::start();
     let db = "wait";
     let url = pg.create_db(db);
-    let base = "bpg3-";
-    let (state_dir, _) = dirs(&test_prefix(base));
-    let key = state_dir.join("store.key");
-    let (a_addr, b_addr) = (free_addr(), free_addr());
+    let (mut pool, a_addr, b_addr) = two_coordinators("bpg3-", 1, &url);
+    let (b, _) = stand_by(&pool, &url, a_addr, b_addr);
     let both = format!("{a_addr},{b_addr}");
-    let mut args = pgkit::up_args(&url, &key);
-    args.extend([
-        format!("--listen={a_addr}"),
-        "--agent-arg".to_owned(),
-        format!("--coordinator=https://{a_addr},https://{b_addr}"),
-    ]);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut pool = Pool::start_with(base, 1, &args, |dir| {
-        pgkit::write_key(&dir.join("store.key"));
-    });
-    let b = Standby::start(&state_dir.join("standby"), b_addr, &url, &key);
-    wait_for("B to stand by", Duration::from_secs(30), || {
-        let e = stderr(&berth_at(&pool, &b_addr.to_string(), &["leases"]));
-        e.contains(&format!("the leader is at {a_addr}"))
-            .then_some(())
-    });
 
     // The only host is held; a second build waits for it.
     let held = LeaseEnv::parse(&stdout(&ok(
