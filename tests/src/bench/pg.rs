@@ -66,8 +66,7 @@ struct P1Pool {
 
 async fn p1_pool(env: &Env, agents: usize, extra: &[String]) -> Result<P1Pool> {
     let mut extra = extra.to_vec();
-    // Two pools side by side: each coordinator's ops endpoint on a port of its own.
-    extra.extend(["--recycle".into(), "--ops-listen=127.0.0.1:0".into()]);
+    extra.push("--recycle".into());
     let coordinator = Coordinator::start(env, "coordinator", &extra)?;
     let mut started = vec![];
     for i in 0..agents {
@@ -193,11 +192,7 @@ async fn failover(sizes: &Sizes) -> Result<Figure> {
     let base = sizes.prefix.trim_end_matches('-');
     let env = Env::new(&format!("{base}7f-"))?;
     let (pg, mut args) = cluster(&env)?;
-    args.extend([
-        "--recycle".into(),
-        "--ops-listen=127.0.0.1:0".into(),
-        format!("--leader-ttl={FAILOVER_TTL}"),
-    ]);
+    args.extend(["--recycle".into(), format!("--leader-ttl={FAILOVER_TTL}")]);
     let addrs = [free_addr()?, free_addr()?];
     let list = format!("{},{}", addrs[0], addrs[1]);
     let start = |i: usize| {

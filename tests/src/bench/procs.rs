@@ -245,6 +245,9 @@ impl Coordinator {
             .args(launch::coordinator_args(
                 &env.creds, state_dir, listen, &addr_file,
             ))
+            // Benchmarks (and their smoke tests) run side by side: each
+            // coordinator's ops endpoint on a port of its own.
+            .arg("--ops-listen=127.0.0.1:0")
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
