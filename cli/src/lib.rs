@@ -220,11 +220,7 @@ const FIND_LEADER_ROUND: Duration = Duration::from_millis(250);
 /// NOT_SERVING) is used, trying them in turn for up to
 /// [`FIND_LEADER_TIMEOUT`].
 pub async fn channel(addrs: &str, ca: &Path) -> Result<Channel, CliError> {
-    let list: Vec<&str> = addrs
-        .split(',')
-        .map(str::trim)
-        .filter(|a| !a.is_empty())
-        .collect();
+    let list = address_list(addrs);
     if list.len() < 2 {
         return channel_to(addrs.trim(), ca).await;
     }
@@ -591,9 +587,19 @@ async fn get_lease(
     Ok(leases.get(req).await?.into_inner().lease)
 }
 
+/// The coordinator addresses in `addrs` (one, or several separated by
+/// commas).
+fn address_list(addrs: &str) -> Vec<&str> {
+    addrs
+        .split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .collect()
+}
+
 /// Whether `addrs` names more than one coordinator.
 fn several_addresses(addrs: &str) -> bool {
-    addrs.split(',').filter(|a| !a.trim().is_empty()).count() > 1
+    address_list(addrs).len() > 1
 }
 
 /// Whether a call failed because its coordinator stopped answering or

@@ -99,9 +99,9 @@ fn free_addr() -> SocketAddr {
 }
 
 /// The `berth` CLI of `pool` given the coordinator addresses `list`.
-fn berth_at(pool: &Pool, list: &str, args: &[&str]) -> Output {
-    run(Command::new(bin("berth"))
-        .arg("--coordinator")
+fn berth_cmd_at(pool: &Pool, list: &str, args: &[&str]) -> Command {
+    let mut c = Command::new(bin("berth"));
+    c.arg("--coordinator")
         .arg(list)
         .args(args)
         .env("BERTH_CA", pool.ca_pem_path())
@@ -109,7 +109,13 @@ fn berth_at(pool: &Pool, list: &str, args: &[&str]) -> Output {
         .env("HOME", pool.state_dir.join("home"))
         .env_remove("BERTH_TOKEN")
         .env_remove("BERTH_LEASE_ID")
-        .env_remove("DOCKER_CERT_PATH"))
+        .env_remove("DOCKER_CERT_PATH");
+    c
+}
+
+/// [`berth_cmd_at`], run to its end.
+fn berth_at(pool: &Pool, list: &str, args: &[&str]) -> Output {
+    run(&mut berth_cmd_at(pool, list, args))
 }
 
 /// A pool of `hosts` on PostgreSQL (`url`) whose coordinator A is `berth
@@ -465,21 +471,18 @@ fn a_build_waiting_when_the_leader_dies_gets_its_host_from_the_next_leader() {
         ),
         "acquire the only host",
     )));
-    let waiting = Command::new(bin("berth"))
-        .arg("--coordinator")
-        .arg(&both)
-        .args([
+    let waiting = berth_cmd_at(
+        &pool,
+        &both,
+        &[
             "acquire", "--build", "waiting", "--ttl", "10m", "--wait", "2m",
-        ])
-        .env("BERTH_CA", pool.ca_pem_path())
-        .env("BERTH_TOKEN_FILE", pool.token_path())
-        .env("HOME", pool.state_dir.join("home"))
-        .env_remove("BERTH_TOKEN")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("cannot start berth acquire");
+        ],
+    )
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("cannot start berth acquire");
     let waiting = KillOnDrop(Some(waiting));
     wait_for("the second build to queue", Duration::from_secs(30), || {
         let o = berth_at(&pool, &both, &["get", "--build", "waiting"]);
