@@ -46,6 +46,7 @@ const HEARTBEAT_MS: u32 = 200;
 // The fake coordinator's side
 
 /// The docker CLI's view of one lease: where and with which certificate.
+#[derive(Clone)]
 struct Client {
     docker_host: String,
     cert_dir: PathBuf,
@@ -343,6 +344,26 @@ async fn expect_wipe_report(feed: &mut AgentFeed, lease_id: &str) -> WipeReport 
     report
 }
 
+/// A plaintext request to a front that listens with no lease admitted: the
+/// connection is held, then dropped; nothing reaches dockerd. Returns what
+/// came back (never an HTTP answer).
+async fn plaintext_probe(front: SocketAddr) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(front)
+        .await
+        .expect("an offered host's front listens");
+    s.write_all(b"GET /_ping HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = vec![];
+    let read = tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut got)).await;
+    assert!(
+        read.is_ok(),
+        "a connection without a lease was held forever"
+    );
+    got
+}
+
 /// The front must refuse (RST), not time out: the namespace is still there.
 async fn assert_front_refuses(front: SocketAddr) {
     let refused = tokio::net::TcpStream::connect(front)
@@ -427,12 +448,31 @@ async fn host_serves_one_lease_then_wipes_and_destroys_itself() {
     let hb = seen.next_heartbeat(Duration::from_secs(10)).await;
     assert_eq!(HostState::try_from(hb.state), Ok(HostState::Ready));
 
-    // No lease, no front.
-    assert_front_refuses(front).await;
-
+    // Offered, no lease: the front listens (a build may have its answer
+    // before the agent has its lease) and admits nobody.
+    let probe = tokio::spawn(plaintext_probe(front));
+    // The build's docker CLI is ahead of its lease: it waits in the front
+    // and gets in once the lease reaches the agent.
+    let client = Client::for_lease(&fake, &guard.base, &docker_host, "lease-1");
+    let early = tokio::spawn({
+        let client = client.clone();
+        async move { docker(&client, &["version", "--format", "{{.Server.Version}}"]).await }
+    });
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(
+        !early.is_finished(),
+        "answered before the lease reached the agent: {:?}",
+        early.await
+    );
     assign(&fake, "lease-1", Duration::from_secs(600)).await;
     expect_accepted(&mut seen, "lease-1").await;
-    let client = Client::for_lease(&fake, &guard.base, &docker_host, "lease-1");
+    let version = early.await.unwrap().expect("the early client got in");
+    assert_eq!(version, register.docker_version);
+    let answer = probe.await.unwrap();
+    assert!(
+        !String::from_utf8_lossy(&answer).contains("HTTP/"),
+        "plaintext reached dockerd: {answer:?}"
+    );
 
     // The stock CLI through the front.
     let version = docker(&client, &["version", "--format", "{{.Server.Version}}"])
@@ -646,9 +686,12 @@ async fn recycled_host_expires_a_lease_serves_another_and_cleans_up_on_sigterm()
     expect_state(&mut seen, HostState::Wiping).await;
     let report = expect_wipe_report(&mut seen, "lease-1").await;
     assert_eq!(report.volumes_removed, 1, "{report:?}");
-    // Recycle mode: a verified wipe makes the host Ready again.
+    // Recycle mode: a verified wipe makes the host Ready again, and its
+    // front listens again (before the Ready reached the coordinator).
     expect_state(&mut seen, HostState::Ready).await;
-    assert_front_refuses(front).await;
+    tokio::net::TcpStream::connect(front)
+        .await
+        .expect("the offered host's front listens");
 
     // The next lease rebinds the front at once and finds a clean host.
     assign(&fake, "lease-2", Duration::from_secs(600)).await;

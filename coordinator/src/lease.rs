@@ -11,7 +11,8 @@ pub enum LeaseState {
     /// `wait` runs out (-> `Failed`).
     Queued,
     /// A host was chosen and told; waiting for its agent to accept. Bounded
-    /// by `ASSIGN_TIMEOUT` in the pool, after which the lease is queued again.
+    /// by `ASSIGN_TIMEOUT` in the pool, after which the lease is queued again
+    /// (or, once its Acquire was answered, ends: see [`answered`]).
     Assigned,
     /// The agent accepted: its Docker endpoint is open to this lease until
     /// the deadline.
@@ -88,6 +89,9 @@ pub enum LeaseEvent {
     Abandoned,
     /// The agent ended the lease on its own (it enforces deadlines itself).
     EndedByAgent(pb::EndReason),
+    /// The host rejected the lease, did not accept it in time or was lost
+    /// after the build was answered with its address (see [`answered`]).
+    HostFailed,
 }
 
 /// What the pool must do after a transition.
@@ -120,6 +124,10 @@ pub fn next(state: LeaseState, event: LeaseEvent) -> (LeaseState, Vec<LeaseActio
         (S::Assigned, E::Accepted) => (S::Active, vec![]),
         (S::Assigned, E::Rejected | E::AssignTimedOut) => (S::Queued, vec![A::Requeue]),
         (S::Assigned, E::HostLost) => (S::Queued, vec![A::Requeue]),
+        (S::Assigned, E::HostFailed) => (
+            S::HostLost,
+            vec![A::SendEnd(pb::EndReason::HostLost), A::ReleaseHost],
+        ),
 
         (S::Assigned | S::Active, E::Release) => (
             S::Released,
@@ -143,6 +151,21 @@ pub fn next(state: LeaseState, event: LeaseEvent) -> (LeaseState, Vec<LeaseActio
 
         (s, E::Accepted) if s.is_ended() => (s, vec![A::SendEnd(end_reason(s))]),
         (s, _) => (s, vec![]),
+    }
+}
+
+/// The event a lease whose Acquire was answered sees instead of `event`.
+///
+/// The answer goes out once the assignment is durable, before the agent
+/// accepts: the build then holds a certificate and its host's address. A
+/// host that rejects the lease, does not accept it in time or is lost can
+/// no longer hand it to another host (the build would be talking to the
+/// wrong address), so the lease ends instead of going back to the queue.
+pub fn answered(state: LeaseState, event: LeaseEvent) -> LeaseEvent {
+    use LeaseEvent as E;
+    match (state, event) {
+        (LeaseState::Assigned, E::Rejected | E::AssignTimedOut | E::HostLost) => E::HostFailed,
+        _ => event,
     }
 }
 
@@ -172,7 +195,7 @@ mod tests {
         S::Failed,
     ];
 
-    const ALL_EVENTS: [E; 10] = [
+    const ALL_EVENTS: [E; 11] = [
         E::HostChosen,
         E::Accepted,
         E::Rejected,
@@ -183,6 +206,7 @@ mod tests {
         E::WaitExpired,
         E::Abandoned,
         E::EndedByAgent(pb::EndReason::Expired),
+        E::HostFailed,
     ];
 
     #[test]
@@ -198,6 +222,13 @@ mod tests {
             (S::Assigned, E::Rejected, S::Queued, &[A::Requeue]),
             (S::Assigned, E::AssignTimedOut, S::Queued, &[A::Requeue]),
             (S::Assigned, E::HostLost, S::Queued, &[A::Requeue]),
+            (
+                S::Assigned,
+                E::HostFailed,
+                S::HostLost,
+                &[A::SendEnd(pb::EndReason::HostLost), A::ReleaseHost],
+            ),
+            (S::Active, E::HostFailed, S::Active, &[]),
             (
                 S::Assigned,
                 E::Release,
@@ -290,6 +321,25 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    #[test]
+    fn an_answered_lease_never_goes_back_to_the_queue() {
+        for s in ALL_STATES {
+            for e in ALL_EVENTS {
+                let (to, actions) = next(s, answered(s, e));
+                assert!(
+                    !actions.contains(&A::Requeue) && (to != S::Queued || s == S::Queued),
+                    "{s:?} + {e:?} (answered) -> {to:?} {actions:?}"
+                );
+            }
+        }
+        // Unanswered, the same failures hand the lease to another host.
+        for e in [E::Rejected, E::AssignTimedOut, E::HostLost] {
+            assert_eq!(next(S::Assigned, e), (S::Queued, vec![A::Requeue]));
+            assert_eq!(answered(S::Assigned, e), E::HostFailed);
+            assert_eq!(answered(S::Active, e), e);
         }
     }
 }

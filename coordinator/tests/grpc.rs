@@ -208,6 +208,13 @@ async fn a_fake_agent_carries_a_lease_from_acquire_to_release() {
         other => panic!("expected AssignLease, got {other:?}"),
     };
     assert_eq!(assign.build_id, "ci-1");
+    // The answer does not wait for the agent: the assignment is recorded,
+    // and the agent's front holds the build's connection until it has the
+    // lease.
+    let resp = acquire.await.unwrap().unwrap().into_inner();
+    let lease = resp.lease.unwrap();
+    assert_eq!(lease.lease_id, assign.lease_id);
+    assert_eq!(lease.state, pb::LeaseState::Assigned as i32);
     tx.send(pb::AgentMessage {
         msg: Some(pb::agent_message::Msg::LeaseAccepted(pb::LeaseAccepted {
             lease_id: assign.lease_id.clone(),
@@ -215,9 +222,6 @@ async fn a_fake_agent_carries_a_lease_from_acquire_to_release() {
     })
     .await
     .unwrap();
-    let resp = acquire.await.unwrap().unwrap().into_inner();
-    let lease = resp.lease.unwrap();
-    assert_eq!(lease.lease_id, assign.lease_id);
     assert_eq!(lease.tenant, "ci");
     assert_eq!(resp.ca_pem, s.ca_pem);
 
@@ -275,7 +279,8 @@ async fn a_fake_agent_carries_a_lease_from_acquire_to_release() {
     }
     assert_eq!(lease.docker_host, "tcp://198.18.0.2:2376");
     assert_eq!(lease.host_addr, "198.18.0.2");
-    assert_eq!(lease.state, pb::LeaseState::Active as i32);
+    // The agent's acceptance made it active.
+    active_soon(&mut s.leases(), &lease.lease_id).await;
 
     // A retry of the same build (same key) gets the same lease at once.
     let again = s
@@ -480,13 +485,7 @@ async fn every_call_needs_the_right_credential_and_leases_belong_to_their_tenant
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted);
-    let mine = s
-        .leases()
-        .get(get(&lease.lease_id))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(mine.lease.unwrap().state, pb::LeaseState::Active as i32);
+    active_soon(&mut s.leases(), &lease.lease_id).await;
     drop(tx);
     s.stop().await;
 }
@@ -634,4 +633,31 @@ async fn a_call_beyond_max_requests_is_refused_naming_it_and_agents_still_join()
     }
     drop(tx);
     s.stop().await;
+}
+
+/// Waits until lease `lease_id` is active (its agent's acceptance reaches
+/// the coordinator after the answer); fails after 5 s.
+async fn active_soon<T>(leases: &mut LeaseServiceClient<T>, lease_id: &str)
+where
+    T: tonic::client::GrpcService<tonic::body::Body>,
+    T::Error: Into<tonic::codegen::StdError>,
+    T::ResponseBody: tonic::codegen::Body<Data = tonic::codegen::Bytes> + Send + 'static,
+    <T::ResponseBody as tonic::codegen::Body>::Error: Into<tonic::codegen::StdError> + Send,
+{
+    let mut state = None;
+    for _ in 0..250 {
+        let got = leases
+            .get(pb::GetRequest {
+                lease_id: lease_id.to_owned(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        state = got.lease.map(|l| l.state);
+        if state == Some(pb::LeaseState::Active as i32) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("lease {lease_id} not active after 5 s: state {state:?}");
 }

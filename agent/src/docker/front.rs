@@ -1,9 +1,9 @@
 //! The Docker front: the only way into a host's dockerd. A mutual-TLS
-//! listener on `HOST_ADDR:PORT` that exists only while a lease is active and,
-//! once a client is admitted, forwards bytes both ways to dockerd's unix
-//! socket. A byte-level proxy needs no knowledge of HTTP, so hijacked and
-//! upgraded connections (`run -it`, `attach`, `exec`, `build`) work as they
-//! are, inside TLS.
+//! listener on `HOST_ADDR:PORT` that listens while the host is offered or
+//! leased and, once a client is admitted, forwards bytes both ways to
+//! dockerd's unix socket. A byte-level proxy needs no knowledge of HTTP, so
+//! hijacked and upgraded connections (`run -it`, `attach`, `exec`, `build`)
+//! work as they are, inside TLS.
 //!
 //! Admission happens in the TLS handshake (`berth_tls::lease_server_config`):
 //! the client certificate must chain to the pool CA and name the lease the
@@ -14,19 +14,26 @@
 //! its key never leaves the agent. A renewed lease certificate names the same
 //! lease, so it is admitted without reopening anything.
 //!
-//! Each lease gets a `CancellationToken`; each connection a child token.
-//! Closing the front cancels the lease token: the listener is dropped (new
-//! connections are refused) and every open connection is cut, including a
-//! `docker logs -f` in the middle of streaming.
+//! The coordinator answers an Acquire once the assignment is recorded,
+//! without waiting for the agent, so a build may connect before its lease
+//! has reached the agent. The front therefore listens from the moment the
+//! host is offered ([`FrontControl::listen`]); a connection that arrives
+//! with no lease admitted waits, before any handshake, until the lease
+//! arrives ([`FrontControl::open`]) or [`LEASE_WAIT`] has passed, and is
+//! then dropped. Nothing is admitted without a lease.
+//!
+//! Closing the front at the end of a lease cancels one token: the listener
+//! is dropped (new connections are refused until the host is offered
+//! again) and every open connection is cut, including a `docker logs -f`
+//! in the middle of streaming and connections still waiting for a lease.
 //!
 //! The host address lives in the host's network namespace while the agent
 //! stays in the root namespace (to reach the coordinator on loopback). A
 //! socket belongs to the namespace it was created in, so the listener's
 //! socket is created on a short-lived thread that first joins the host's
 //! namespace. That thread and its `setns` cost milliseconds, so the socket
-//! for the next lease is made ahead of time ([`DockerFront::prepare`], and
-//! again after every close) and opening the front only binds and listens:
-//! an unbound socket accepts nothing, so nothing is open early.
+//! for the next listener is made ahead of time ([`DockerFront::prepare`],
+//! and again after every close), unbound until the host is offered.
 //!
 //! The accept -> handshake -> proxy seam is [`serve_connection`], generic
 //! over the client stream (a TLS stream in production, anything in tests).
@@ -64,6 +71,11 @@ pub const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Bound on one client's TLS handshake: a client that connects and says
 /// nothing must not hold a task.
 pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest a connection waits for a lease to reach the agent: a build
+/// gets its answer once its assignment is recorded, possibly before its
+/// agent has the lease. The coordinator's default time for an agent to
+/// accept an assignment; a lease not accepted by then has ended anyway.
+pub const LEASE_WAIT: Duration = Duration::from_secs(5);
 /// Longest opening a front waits for the coordinator to issue the host's
 /// server certificate. Only an agent that resumes a lease after a restart
 /// opens the front before its registration is answered.
@@ -155,6 +167,11 @@ pub enum FrontError {
 
 /// What the driver needs from a front; the fake in the driver tests records calls.
 pub trait FrontControl: Send + 'static {
+    /// Starts accepting connections ahead of a lease (the host is offered):
+    /// a client that learned of its lease before the agent did waits in
+    /// the handshake instead of finding the port closed. Nobody is admitted
+    /// until [`FrontControl::open`]. Does nothing when already listening.
+    fn listen(&mut self) -> impl std::future::Future<Output = Result<(), FrontError>> + Send;
     /// Starts serving `lease_id` to certificates that carry `key`; replaces
     /// any previous lease's front.
     fn open(
@@ -176,30 +193,51 @@ pub struct DockerFront {
     /// The front's private key; its certificate comes from the link.
     key_pem: String,
     link: watch::Receiver<LinkStatus>,
+    /// The listener and every connection task, while the front listens.
+    listening: Option<Listening>,
+    /// The lease connections are admitted for; a connection that arrives
+    /// first waits here (at most `lease_wait`).
+    gate: watch::Sender<Option<Gate>>,
     active: Option<Active>,
     /// A socket already in the host's namespace, not yet bound: the next
-    /// `open` binds it instead of paying for a thread and `setns`.
+    /// `listen` binds it instead of paying for a thread and `setns`.
     spare: Option<Socket>,
     /// Where the first admitted connection of a lease is reported (the
     /// driver's inbox), if anywhere.
     uses: Option<mpsc::Sender<Event>>,
+    /// How long a connection waits for a lease to reach the agent.
+    lease_wait: Duration,
 }
 
 impl std::fmt::Debug for DockerFront {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DockerFront")
             .field("addr", &self.addr)
+            .field("listening", &self.listening.is_some())
             .field("open", &self.active.is_some())
             .finish_non_exhaustive()
     }
 }
 
 #[derive(Debug)]
-struct Active {
+struct Listening {
+    /// Cancelled at close: stops the accept loop and cuts every connection.
     token: CancellationToken,
     tracker: TaskTracker,
+}
+
+#[derive(Debug)]
+struct Active {
     /// The key the open lease's certificates must carry.
     pinned: PinnedKey,
+}
+
+/// What a connection needs to be admitted for the current lease.
+#[derive(Clone)]
+struct Gate {
+    /// The lease's TLS configuration (a renewed server certificate replaces it).
+    acceptor: watch::Receiver<TlsAcceptor>,
+    first_use: Option<FirstUse>,
 }
 
 /// Reports a lease's first admitted connection once.
@@ -240,9 +278,12 @@ impl DockerFront {
             upstream,
             key_pem,
             link,
+            listening: None,
+            gate: watch::Sender::new(None),
             active: None,
             spare: None,
             uses: None,
+            lease_wait: LEASE_WAIT,
         }
     }
 
@@ -253,10 +294,17 @@ impl DockerFront {
         self
     }
 
-    /// Makes the socket for the next lease now, off the acquire path. A
-    /// failure is only logged: `open` then makes one itself and reports.
+    /// How long a connection that arrives before its lease waits for it
+    /// (default [`LEASE_WAIT`]).
+    pub fn with_lease_wait(mut self, wait: Duration) -> Self {
+        self.lease_wait = wait;
+        self
+    }
+
+    /// Makes the socket for the next listener now, off the acquire path. A
+    /// failure is only logged: `listen` then makes one itself and reports.
     pub async fn prepare(&mut self) {
-        if self.spare.is_some() {
+        if self.spare.is_some() || self.listening.is_some() {
             return;
         }
         match socket_in_netns(self.addr, self.netns.clone()).await {
@@ -265,21 +313,60 @@ impl DockerFront {
         }
     }
 
-    /// Whether a socket for the next lease is ready.
+    /// Whether a socket for the next listener is ready.
     pub fn is_prepared(&self) -> bool {
         self.spare.is_some()
     }
 
-    /// Whether a lease's listener is up.
+    /// Whether the front accepts connections.
+    pub fn is_listening(&self) -> bool {
+        self.listening.is_some()
+    }
+
+    /// Whether a lease is admitted.
     pub fn is_open(&self) -> bool {
         self.active.is_some()
     }
 }
 
 impl FrontControl for DockerFront {
+    async fn listen(&mut self) -> Result<(), FrontError> {
+        if self.listening.is_some() {
+            return Ok(());
+        }
+        let socket = match self.spare.take() {
+            Some(s) => s,
+            None => socket_in_netns(self.addr, self.netns.clone()).await?,
+        };
+        let std_listener = listen(socket, self.addr)?;
+        let listener = TcpListener::from_std(std_listener).map_err(|source| FrontError::Bind {
+            addr: self.addr,
+            source,
+        })?;
+        let token = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let span = tracing::info_span!("front", addr = %self.addr);
+        tracker.spawn(
+            accept_loop(
+                listener,
+                self.gate.subscribe(),
+                self.lease_wait,
+                self.upstream.clone(),
+                token.clone(),
+                tracker.clone(),
+            )
+            .instrument(span),
+        );
+        tracing::info!(addr = %self.addr, "docker front listening; no lease admitted yet");
+        self.listening = Some(Listening { token, tracker });
+        Ok(())
+    }
+
     #[tracing::instrument(skip(self), err)]
     async fn open(&mut self, lease_id: &str, key: KeyId) -> Result<(), FrontError> {
-        self.close().await;
+        if self.active.is_some() {
+            self.close().await;
+        }
         let mut link = self.link.clone();
         let issued = tokio::time::timeout(FRONT_CERT_WAIT, link.wait_for(|s| s.issued.is_some()))
             .await
@@ -304,52 +391,36 @@ impl FrontControl for DockerFront {
             }
         };
         let (acceptors, acceptor) = watch::channel(make_acceptor(&issued)?);
-        let socket = match self.spare.take() {
-            Some(s) => s,
-            None => socket_in_netns(self.addr, self.netns.clone()).await?,
+        // Normally listening since the host was offered; a resumed lease
+        // (agent restart) starts it here.
+        self.listen().await?;
+        let Some(listening) = &self.listening else {
+            return Err(FrontError::BindThread { addr: self.addr });
         };
-        let std_listener = listen(socket, self.addr)?;
-        let listener = TcpListener::from_std(std_listener).map_err(|source| FrontError::Bind {
-            addr: self.addr,
-            source,
-        })?;
-        let token = CancellationToken::new();
-        let tracker = TaskTracker::new();
         let span = tracing::info_span!("front", lease_id = %lease_id, addr = %self.addr);
-        let first_use = self.uses.clone().map(|inbox| FirstUse {
-            lease_id: lease_id.to_owned(),
-            inbox,
-            sent: Arc::new(AtomicBool::new(false)),
-        });
         // A certificate renewed while the lease is open (a long lease)
         // serves every handshake from then on.
-        tracker.spawn(
+        listening.tracker.spawn(
             follow_certificate(
                 self.link.clone(),
                 issued,
                 make_acceptor,
                 acceptors,
-                token.clone(),
-            )
-            .instrument(span.clone()),
-        );
-        tracker.spawn(
-            accept_loop(
-                listener,
-                acceptor,
-                self.upstream.clone(),
-                token.clone(),
-                tracker.clone(),
-                first_use,
+                listening.token.clone(),
             )
             .instrument(span),
         );
-        tracing::info!(lease_id, addr = %self.addr, "docker front open");
-        self.active = Some(Active {
-            token,
-            tracker,
-            pinned,
+        let first_use = self.uses.clone().map(|inbox| FirstUse {
+            lease_id: lease_id.to_owned(),
+            inbox,
+            sent: Arc::new(AtomicBool::new(false)),
         });
+        self.gate.send_replace(Some(Gate {
+            acceptor,
+            first_use,
+        }));
+        tracing::info!(lease_id, addr = %self.addr, "docker front open");
+        self.active = Some(Active { pinned });
         Ok(())
     }
 
@@ -361,12 +432,15 @@ impl FrontControl for DockerFront {
     }
 
     async fn close(&mut self) {
-        let Some(active) = self.active.take() else {
+        // No connection from now on is admitted, whatever is in flight.
+        self.gate.send_replace(None);
+        self.active = None;
+        let Some(listening) = self.listening.take() else {
             return;
         };
-        active.token.cancel();
-        active.tracker.close();
-        if tokio::time::timeout(FRONT_CLOSE_TIMEOUT, active.tracker.wait())
+        listening.token.cancel();
+        listening.tracker.close();
+        if tokio::time::timeout(FRONT_CLOSE_TIMEOUT, listening.tracker.wait())
             .await
             .is_err()
         {
@@ -479,11 +553,11 @@ async fn follow_certificate(
 
 async fn accept_loop(
     listener: TcpListener,
-    acceptor: watch::Receiver<TlsAcceptor>,
+    gate: watch::Receiver<Option<Gate>>,
+    lease_wait: Duration,
     upstream: PathBuf,
     token: CancellationToken,
     tracker: TaskTracker,
-    first_use: Option<FirstUse>,
 ) {
     let handshakes = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     let refusals = std::sync::Arc::new(RefusalLog::default());
@@ -506,12 +580,27 @@ async fn accept_loop(
                 let _ = stream.set_nodelay(true);
                 let child = token.child_token();
                 let upstream = upstream.clone();
-                let acceptor = acceptor.borrow().clone();
+                let mut gate = gate.clone();
                 let refusals = refusals.clone();
-                let first_use = first_use.clone();
                 let span = tracing::debug_span!("conn", %peer);
                 tracker.spawn(
                     async move {
+                        // The lease may still be on its way to the agent:
+                        // its holder can have the answer first.
+                        let waited = tokio::select! {
+                            _ = child.cancelled() => return,
+                            g = tokio::time::timeout(lease_wait, gate.wait_for(Option::is_some)) => g,
+                        };
+                        let Some(Gate { acceptor, first_use }) =
+                            waited.ok().and_then(|g| g.ok().map(|g| g.clone())).flatten()
+                        else {
+                            refusals.refused(
+                                "no lease reached the agent in time; connection dropped",
+                                &format_args!("{peer} waited {lease_wait:?}"),
+                            );
+                            return;
+                        };
+                        let acceptor = acceptor.borrow().clone();
                         let handshake =
                             tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream));
                         let tls = tokio::select! {
@@ -671,6 +760,19 @@ mod tests {
             DockerFront::new(addr, None, sock, self.key_pem.clone(), self.link.clone())
         }
 
+        /// A lease certificate for the build's key.
+        fn lease_cert(&self, lease: &str) -> String {
+            let now = std::time::SystemTime::now();
+            self.ca
+                .sign_lease(
+                    &self.client.csr_pem,
+                    lease,
+                    now,
+                    now + Duration::from_secs(60),
+                )
+                .unwrap()
+        }
+
         /// The key of the build these tests acquire for.
         fn key(&self) -> KeyId {
             KeyId::of_csr_pem(&self.client.csr_pem).unwrap()
@@ -767,6 +869,72 @@ mod tests {
         assert!(!front.is_prepared());
         assert!(pki.connect(addr, "l1").await.is_err());
         pki.connect(addr, "l2").await.unwrap();
+        front.close().await;
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_client_ahead_of_its_lease_waits_for_it_and_nobody_gets_in_without_one() {
+        let dir = temp_dir("ahead");
+        let sock = echo_daemon(&dir);
+        let addr = free_addr().await;
+        let pki = pki();
+        let mut front = pki
+            .front(addr, sock)
+            .with_lease_wait(Duration::from_millis(500));
+        front.listen().await.unwrap();
+        assert!(front.is_listening() && !front.is_open());
+
+        // No lease reaches the agent: the connection is dropped after the
+        // wait, without a handshake; plaintext never reaches dockerd.
+        let mut plain = TcpStream::connect(addr).await.unwrap();
+        plain
+            .write_all(b"GET /_ping HTTP/1.0\r\n\r\n")
+            .await
+            .unwrap();
+        let mut got = vec![];
+        let r = tokio::time::timeout(Duration::from_secs(5), plain.read_to_end(&mut got)).await;
+        assert!(r.is_ok(), "dropped once the wait ran out, not held");
+        assert!(got.is_empty(), "nothing answered without a lease: {got:?}");
+        assert!(pki.connect(addr, "l1").await.is_err());
+
+        // The build has its certificate before the agent has the lease: its
+        // handshake waits and goes through once the lease arrives.
+        let early = tokio::spawn({
+            let pki_client = (pki.ca.cert_pem().to_owned(), pki.lease_cert("l1"));
+            let key_pem = pki.client.key_pem.clone();
+            async move {
+                let cfg =
+                    berth_tls::lease_client_config(&pki_client.0, &pki_client.1, &key_pem).unwrap();
+                let tcp = TcpStream::connect(addr).await?;
+                let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+                let mut tls = tokio_rustls::TlsConnector::from(cfg)
+                    .connect(name, tcp)
+                    .await?;
+                tls.write_all(b"ping").await?;
+                let mut buf = [0u8; 4];
+                tls.read_exact(&mut buf).await?;
+                std::io::Result::Ok(buf)
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!early.is_finished(), "admitted before its lease arrived");
+        front.open("l1", pki.key()).await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(5), early)
+            .await
+            .expect("admitted once the lease arrived")
+            .unwrap()
+            .unwrap();
+        assert_eq!(&got, b"ping");
+        // Another lease's certificate still does not get in.
+        assert!(pki.connect(addr, "l2").await.is_err());
+
+        // The lease ends: the listener is gone until the host is offered again.
+        front.close().await;
+        assert!(!front.is_listening());
+        assert!(TcpStream::connect(addr).await.is_err());
+        front.listen().await.unwrap();
+        assert!(pki.connect(addr, "l1").await.is_err(), "the ended lease");
         front.close().await;
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -285,6 +285,15 @@ where
                     .timeout()
                     .map(|t| (self.host.state, Instant::now() + t));
             }
+            if self.host.state == HostState::Ready {
+                // Listening before anyone can learn that the host is offered
+                // (the status feeds the link): a build may have its answer
+                // before the agent has its lease, and the front holds the
+                // build's connection until then.
+                if let Err(e) = self.front.listen().await {
+                    tracing::warn!(error = %e, "docker front cannot listen yet; the lease opens it");
+                }
+            }
             self.status.send_replace(status_of(&self.host));
             self.save().await;
             for action in actions {
@@ -443,9 +452,17 @@ mod tests {
     struct FakeFront {
         log: Arc<Mutex<Vec<String>>>,
         fail: bool,
+        listening: Arc<std::sync::atomic::AtomicBool>,
     }
     impl FrontControl for FakeFront {
+        async fn listen(&mut self) -> Result<(), FrontError> {
+            if !self.listening.swap(true, Ordering::SeqCst) {
+                self.log.lock().unwrap().push("listen".into());
+            }
+            Ok(())
+        }
         async fn open(&mut self, lease_id: &str, _key: KeyId) -> Result<(), FrontError> {
+            self.listening.store(true, Ordering::SeqCst);
             self.log.lock().unwrap().push(format!("open {lease_id}"));
             if self.fail {
                 return Err(FrontError::BindTimeout {
@@ -455,6 +472,7 @@ mod tests {
             Ok(())
         }
         async fn close(&mut self) {
+            self.listening.store(false, Ordering::SeqCst);
             self.log.lock().unwrap().push("close".into());
         }
         fn set_key(&mut self, key: KeyId) {
@@ -612,7 +630,11 @@ mod tests {
         let reason = r.task.await.unwrap().unwrap();
         assert_eq!(reason, "lease over; single-use host");
         assert_eq!(r.provider.terminated.load(Ordering::SeqCst), 1);
-        assert_eq!(*r.front.log.lock().unwrap(), ["open l1", "close", "close"]);
+        // Offered: listening; leased: open; the lease over: closed for good.
+        assert_eq!(
+            *r.front.log.lock().unwrap(),
+            ["listen", "open l1", "close", "close"]
+        );
         assert!(
             r.docker.state.lock().unwrap().containers.is_empty(),
             "wipe ran against docker"
@@ -698,9 +720,10 @@ mod tests {
             next_names(&mut r.outbox, 2).await,
             ["state Leased", "accepted l2"]
         );
+        // Closed while wiping, listening again once offered again.
         assert_eq!(
             *r.front.log.lock().unwrap(),
-            ["open l1", "close", "open l2"]
+            ["listen", "open l1", "close", "listen", "open l2"]
         );
         assert_eq!(r.provider.terminated.load(Ordering::SeqCst), 0);
 
@@ -739,8 +762,12 @@ mod tests {
         assert_eq!(r.task.await.unwrap().unwrap(), "agent shutting down");
         assert_eq!(r.provider.terminated.load(Ordering::SeqCst), 1);
         assert_eq!(
-            r.front.log.lock().unwrap()[..2],
-            ["open l1".to_owned(), "close".to_owned()]
+            r.front.log.lock().unwrap()[..3],
+            [
+                "listen".to_owned(),
+                "open l1".to_owned(),
+                "close".to_owned()
+            ]
         );
     }
 

@@ -55,44 +55,55 @@ impl Services {
         let span = info_span!("acquire", lease_id = %pending.lease_id, build_id = %build_id);
         async {
             loop {
-                let state = *pending.state.borrow_and_update();
-                if !matches!(state, LeaseState::Queued | LeaseState::Assigned) {
-                    break;
-                }
-                tokio::select! {
-                    changed = pending.state.changed() => {
-                        if changed.is_err() {
-                            // The lease record was dropped from history.
-                            break;
-                        }
+                // Answered once a host is assigned and the assignment is
+                // durable, without waiting for the agent: its front holds
+                // a connection that arrives before the lease does.
+                loop {
+                    let state = *pending.state.borrow_and_update();
+                    if state != LeaseState::Queued {
+                        break;
                     }
-                    () = self.shutdown.cancelled() => return Err(Error::ShuttingDown),
+                    tokio::select! {
+                        changed = pending.state.changed() => {
+                            if changed.is_err() {
+                                // The lease record was dropped from history.
+                                break;
+                            }
+                        }
+                        () = self.shutdown.cancelled() => return Err(Error::ShuttingDown),
+                    }
                 }
+                let Some(lease) = self.pool.outcome(&pending.lease_id)? else {
+                    continue;
+                };
+                // A retry with another key may have moved the pin while this
+                // call waited: a certificate is issued only for the key in force.
+                self.pool.check_key(&pending.lease_id, key)?;
+                // Signed while the lease's records are being committed.
+                let client_cert_pem = self.lease_cert(&lease, csr, Now::system())?;
+                if let Err(e) = self.pool.durable().await {
+                    // Nobody gets this certificate: the lease must not keep
+                    // its host (unless an earlier answer delivered it).
+                    self.pool
+                        .undo_unanswered(&pending.lease_id, &e.to_string(), Now::system());
+                    return Err(e);
+                }
+                if !self.pool.answering(&pending.lease_id, &lease.host_id)? {
+                    // Its host turned it down before the answer left: it
+                    // is queued for another one.
+                    continue;
+                }
+                let build_cache = self
+                    .cache
+                    .as_ref()
+                    .map(|c| c.for_lease(tenant, &pending.lease_id));
+                return Ok(pb::AcquireResponse {
+                    lease: Some(lease),
+                    client_cert_pem,
+                    ca_pem: self.ca.cert_pem().to_owned(),
+                    build_cache,
+                });
             }
-            let lease = self.pool.outcome(&pending.lease_id)?;
-            // A retry with another key may have moved the pin while this
-            // call waited: a certificate is issued only for the key in force.
-            self.pool.check_key(&pending.lease_id, key)?;
-            // Signed while the lease's records are being committed.
-            let client_cert_pem = self.lease_cert(&lease, csr, Now::system())?;
-            if let Err(e) = self.pool.durable().await {
-                // Nobody gets this certificate: the lease must not keep
-                // its host (unless an earlier answer delivered it).
-                self.pool
-                    .undo_unanswered(&pending.lease_id, &e.to_string(), Now::system());
-                return Err(e);
-            }
-            self.pool.answering(&pending.lease_id)?;
-            let build_cache = self
-                .cache
-                .as_ref()
-                .map(|c| c.for_lease(tenant, &pending.lease_id));
-            Ok(pb::AcquireResponse {
-                lease: Some(lease),
-                client_cert_pem,
-                ca_pem: self.ca.cert_pem().to_owned(),
-                build_cache,
-            })
         }
         .instrument(span)
         .await

@@ -27,6 +27,22 @@ impl Inner {
                 continue;
             };
             let from = l.state;
+            let event = if l.answered {
+                let answered = lease::answered(from, event);
+                if answered != event {
+                    l.message = format!(
+                        "its host failed before it accepted the lease ({}), after the build had the host's address; acquire again",
+                        match event {
+                            LeaseEvent::Rejected => "rejected",
+                            LeaseEvent::AssignTimedOut => "no acceptance in time",
+                            _ => "host lost",
+                        }
+                    );
+                }
+                answered
+            } else {
+                event
+            };
             let (to, actions) = lease::next(from, event);
             l.state = to;
             let host = l.host.clone();

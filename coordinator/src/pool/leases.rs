@@ -243,20 +243,26 @@ impl Pool {
     }
 
     /// Called once an Acquire answer's changes are durable, before it
-    /// leaves: from now on a failed commit no longer ends the lease. Fails
-    /// if the lease stopped holding its host meanwhile (another call for
-    /// the same build found the store failing and ended it).
-    pub fn answering(&self, lease_id: &str) -> Result<(), Error> {
+    /// leaves: from now on a failed commit no longer ends the lease, and
+    /// the lease no longer moves to another host (see
+    /// [`crate::lease::answered`]). `Ok(false)` if the lease went back to
+    /// the queue or to another host than `host_id` meanwhile (the answer
+    /// must wait for its next host); an error if it ended (e.g. another
+    /// call for the same build found the store failing and ended it).
+    pub fn answering(&self, lease_id: &str, host_id: &str) -> Result<bool, Error> {
         let mut g = self.lock();
         let l = g
             .leases
             .get_mut(lease_id)
             .ok_or_else(|| Error::LeaseNotFound(lease_id.to_owned()))?;
-        if l.state != LeaseState::Active {
+        if l.state.is_ended() {
             return Err(ended_error(l));
         }
+        if !l.state.holds_host() || l.host.as_deref() != Some(host_id) {
+            return Ok(false);
+        }
         l.answered = true;
-        Ok(())
+        Ok(true)
     }
 
     /// An Acquire answer for `lease_id` could not be made durable (`why`).
@@ -281,16 +287,19 @@ impl Pool {
         g.apply(&self.cfg, lease_id, LeaseEvent::Release, now);
     }
 
-    /// Turns a settled lease state into the Acquire answer.
-    pub fn outcome(&self, lease_id: &str) -> Result<pb::Lease, Error> {
+    /// Turns a settled lease state into the Acquire answer; `None` while
+    /// the lease is (again) queued.
+    pub fn outcome(&self, lease_id: &str) -> Result<Option<pb::Lease>, Error> {
         let g = self.lock();
         let l = g
             .leases
             .get(lease_id)
             .ok_or_else(|| Error::LeaseNotFound(lease_id.to_owned()))?;
         match l.state {
-            LeaseState::Active => g
+            LeaseState::Queued => Ok(None),
+            LeaseState::Assigned | LeaseState::Active => g
                 .lease_view(lease_id)
+                .map(Some)
                 .ok_or_else(|| Error::LeaseNotFound(lease_id.to_owned())),
             LeaseState::Failed => Err(Error::NoHost(l.message.clone())),
             _ => Err(ended_error(l)),

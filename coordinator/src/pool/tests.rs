@@ -133,8 +133,8 @@ async fn two_builds_get_two_different_hosts() {
     assert!(l1.deadline.is_some());
     a.accept(&pool, &l1.lease_id, now);
     b.accept(&pool, &l2.lease_id, now);
-    let o1 = pool.outcome(&p1.lease_id).unwrap();
-    let o2 = pool.outcome(&p2.lease_id).unwrap();
+    let o1 = pool.outcome(&p1.lease_id).unwrap().unwrap();
+    let o2 = pool.outcome(&p2.lease_id).unwrap().unwrap();
     assert_eq!(o1.state, pb::LeaseState::Active as i32);
     assert_ne!(o1.host_id, o2.host_id);
     assert_eq!(o1.docker_host, "tcp://198.18.0.2:2376");
@@ -337,6 +337,70 @@ async fn rejected_or_unanswered_assignments_go_to_another_host() {
     assert_eq!(h3.expect_assign().lease_id, p.lease_id);
     h3.accept(&pool, &p.lease_id, later);
     assert_eq!(state_of(&p), LeaseState::Active);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_answered_lease_whose_host_fails_before_accepting_ends_instead_of_moving() {
+    let pool = pool();
+    let now = start();
+    let mut h1 = Agent::join(&pool, "h1", now);
+    let mut h2 = Agent::join(&pool, "h2", now);
+    let key = berth_tls::KeyId([0; 32]);
+    let rejected = pool
+        .acquire(T, "b1", key, 60 * SECOND, 30 * SECOND, now)
+        .unwrap();
+    let timed_out = pool
+        .acquire(T, "b2", key, 60 * SECOND, 30 * SECOND, now)
+        .unwrap();
+    let l1 = h1.expect_assign();
+    let l2 = h2.expect_assign();
+    assert_eq!(
+        (l1.lease_id.as_str(), l2.lease_id.as_str()),
+        (rejected.lease_id.as_str(), timed_out.lease_id.as_str())
+    );
+    // Both builds are answered with their hosts before the agents accept.
+    for (p, host) in [(&rejected, "h1"), (&timed_out, "h2")] {
+        let lease = pool.outcome(&p.lease_id).unwrap().unwrap();
+        assert_eq!(lease.state, pb::LeaseState::Assigned as i32);
+        assert_eq!(lease.host_id, host);
+        assert!(pool.answering(&p.lease_id, host).unwrap());
+        // An answer for another host than the one assigned is not given.
+        assert!(!pool.answering(&p.lease_id, "h9").unwrap());
+    }
+    h1.say(
+        &pool,
+        pb::agent_message::Msg::LeaseRejected(pb::LeaseRejected {
+            lease_id: l1.lease_id.clone(),
+            reason: "busy".into(),
+        }),
+        now,
+    );
+    pool.tick(now + 6 * SECOND);
+    let later = now + 6 * SECOND;
+    for (p, why) in [
+        (&rejected, "rejected"),
+        (&timed_out, "no acceptance in time"),
+    ] {
+        assert_eq!(state_of(p), LeaseState::HostLost, "{why}");
+        let err = pool.outcome(&p.lease_id).unwrap_err().to_string();
+        assert!(err.contains(why) && err.contains("acquire again"), "{err}");
+    }
+    // Neither lease went to another host, and the hosts that knew of them
+    // are not offered again.
+    let mut h3 = Agent::join(&pool, "h3", later);
+    assert!(
+        h3.next().is_none(),
+        "an answered lease moved to another host"
+    );
+    pool.check_invariants().unwrap();
+    let stats = pool.stats(later);
+    assert_eq!(stats.hosts_offerable, 1, "only h3: {stats:?}");
+    // The same build acquiring again gets a new lease on a fresh host.
+    let again = pool
+        .acquire(T, "b1", key, 60 * SECOND, 30 * SECOND, later)
+        .unwrap();
+    assert_ne!(again.lease_id, rejected.lease_id);
+    assert_eq!(h3.expect_assign().lease_id, again.lease_id);
 }
 
 #[tokio::test(start_paused = true)]
@@ -887,7 +951,7 @@ fn next_served(pool: &Pool, n: usize, now: Now) -> Option<String> {
     };
     a.accept(pool, &assign.lease_id, now);
     pool.check_invariants().unwrap();
-    Some(pool.outcome(&assign.lease_id).unwrap().tenant)
+    Some(pool.outcome(&assign.lease_id).unwrap()?.tenant)
 }
 
 #[tokio::test(start_paused = true)]
@@ -909,7 +973,10 @@ async fn a_tenant_that_queued_later_is_served_within_the_next_turns_not_after_th
     // Within a tenant, first come first served.
     let first_a = waiting.iter().find(|p| state_of(p) == LeaseState::Active);
     assert_eq!(
-        pool.outcome(&first_a.unwrap().lease_id).unwrap().build_id,
+        pool.outcome(&first_a.unwrap().lease_id)
+            .unwrap()
+            .unwrap()
+            .build_id,
         "a0"
     );
     assert_eq!(state_of(&waiting[5]), LeaseState::Queued); // a5
@@ -1161,7 +1228,7 @@ async fn an_interruption_notice_marks_the_lease_and_the_host_is_never_offered_ag
         notice("spot-interruption", "terminate", 1_893_553_445),
         now,
     );
-    let l = pool.outcome(&p.lease_id).unwrap();
+    let l = pool.outcome(&p.lease_id).unwrap().unwrap();
     // The build goes on, and hears of it.
     assert_eq!(l.state, pb::LeaseState::Active as i32);
     let step = l

@@ -43,12 +43,12 @@ async fn acquire_answered(
         let a = agent.expect_assign();
         agent.accept(pool, &a.lease_id, now);
     }
-    let lease = pool.outcome(&p.lease_id)?;
+    let lease = pool.outcome(&p.lease_id)?.expect("a host was assigned");
     if let Err(e) = pool.durable().await {
         pool.undo_unanswered(&p.lease_id, &e.to_string(), now);
         return Err(e);
     }
-    pool.answering(&p.lease_id)?;
+    assert!(pool.answering(&p.lease_id, &lease.host_id)?);
     Ok(lease)
 }
 
