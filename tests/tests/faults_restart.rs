@@ -48,9 +48,10 @@ fn coordinator_killed_mid_lease(store: Store) {
         run(a.docker().args(["volume", "create", "kept"])),
         "volume create",
     );
-    // On the shared store the answer came after PostgreSQL's commit.
+    // On the shared store the answer came after PostgreSQL's commit of the
+    // assignment (the agent's acceptance may be committed by now too).
     if let Some(state) = pool.stored_state(a.lease_id()) {
-        assert_eq!(state, "active");
+        assert!(["assigned", "active"].contains(&state.as_str()), "{state}");
     }
 
     let old = pool.coordinator_pid().expect("coordinator pid");

@@ -4,7 +4,7 @@
 //!
 //! | figure | what | baseline |
 //! |---|---|---|
-//! | P1 | Acquire latency with a Ready host, through the real agent's acceptance | a bare unary gRPC round trip (`grpc.health.v1.Health/Check`) to the same coordinator |
+//! | P1 | Acquire latency with a Ready host (answered once the assignment is durable), and the same up to the first `/_ping` through the lease's front | a bare unary gRPC round trip (`grpc.health.v1.Health/Check`) to the same coordinator |
 //! | P2 | coordinator with N agents heartbeating and CI clients doing acquire/release cycles at a fixed rate | the same load with fewer agents |
 //! | P3 | agent start to `READY` (and to Ready at the coordinator) | dockerd alone, same flags, start to `/_ping` |
 //! | P4 | the agent's wipe of a busy host | `docker rm -f $(docker ps -aq)` + `docker system prune -af --volumes` on the same host, populated the same way |

@@ -65,11 +65,15 @@ pub fn bins() -> &'static Bins {
 /// signs a certificate per call either way; generating one per call would
 /// measure the client, not berth.
 pub fn shared_csr() -> &'static str {
-    static CSR: OnceLock<berth_tls::KeyAndCsr> = OnceLock::new();
-    &CSR.get_or_init(|| {
+    &shared_key().csr_pem
+}
+
+/// The key pair behind [`shared_csr`] (a client of the lease's front needs it).
+pub fn shared_key() -> &'static berth_tls::KeyAndCsr {
+    static KEY: OnceLock<berth_tls::KeyAndCsr> = OnceLock::new();
+    KEY.get_or_init(|| {
         berth_tls::KeyAndCsr::generate("berth-bench").expect("generating a key pair and CSR")
     })
-    .csr_pem
 }
 
 /// A scenario's prefix, directories and pool credentials. Created swept;
@@ -570,21 +574,30 @@ impl Clients {
 
     /// Acquire with the shared CSR, as `berth acquire` sends one.
     pub async fn acquire(&mut self, build: &str, wait: Duration) -> Result<pb::Lease> {
+        self.acquire_answer(build, wait)
+            .await?
+            .lease
+            .ok_or_else(|| BenchError::step("Acquire", "answer without a lease"))
+    }
+
+    /// The whole Acquire answer (lease, certificate, CA).
+    pub async fn acquire_answer(
+        &mut self,
+        build: &str,
+        wait: Duration,
+    ) -> Result<pb::AcquireResponse> {
         let req = self.authed(pb::AcquireRequest {
             build_id: build.to_owned(),
             ttl: Some(berth_proto::from_duration(Duration::from_secs(600))),
             wait: Some(berth_proto::from_duration(wait)),
             csr_pem: shared_csr().to_owned(),
         });
-        let lease = self
+        Ok(self
             .lease
             .acquire(req)
             .await
             .map_err(BenchError::grpc("Acquire"))?
-            .into_inner()
-            .lease
-            .ok_or_else(|| BenchError::step("Acquire", "answer without a lease"))?;
-        Ok(lease)
+            .into_inner())
     }
 
     pub async fn release(&mut self, lease_id: &str) -> Result<pb::Lease> {
