@@ -524,11 +524,11 @@ fn a_build_waiting_when_the_leader_dies_gets_its_host_from_the_next_leader() {
         })
     });
     let lease = pool.lease(served.lease_id());
-    let held = [
+    let holding = [
         pb::LeaseState::Assigned as i32,
         pb::LeaseState::Active as i32,
     ];
-    assert!(held.contains(&lease.state), "{lease:?}");
+    assert!(holding.contains(&lease.state), "{lease:?}");
     assert_ne!(served.get("BERTH_HOST_ID"), held.get("BERTH_HOST_ID"));
     ok(
         run(served.docker().arg("version")),
