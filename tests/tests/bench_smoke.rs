@@ -255,7 +255,7 @@ fn benchmark_suite_smoke() {
 
     // Every scenario's figures, each once, and nothing else.
     let (small, big) = (sizes.p2_agents[0], sizes.p2_agents[1]);
-    let mut expected: Vec<String> = vec!["P1".into(), "P1 release".into()];
+    let mut expected: Vec<String> = vec!["P1".into(), "P1 release".into(), "P1 usable".into()];
     for n in [small, big] {
         for what in ["cycles/s", "acquire", "release", "rss/agent", "cpu"] {
             expected.push(format!("P2 {what} @{n}"));

@@ -398,11 +398,13 @@ fn dockerd_listens_on_no_tcp_port_in_any_host() {
             !listeners.iter().any(|l| l.contains("dockerd")),
             "dockerd listens on TCP in {ns}: {listeners:?}"
         );
-        // ss does see listeners here: the leased host's front is one.
+        // ss does see listeners here: the front is one, in the leased host
+        // and in the idle one (it listens while its host is offered, and
+        // admits only a current lease's certificate).
         let front = listeners
             .iter()
             .any(|l| l.contains(":2376") && l.contains("berth-agent"));
-        assert_eq!(front, ns == leased_ns, "{ns}: {listeners:?}");
+        assert!(front, "{ns} (leased: {}): {listeners:?}", ns == leased_ns);
     }
     ok(
         pool.berth(&["release", "--lease", lease.lease_id()]),
