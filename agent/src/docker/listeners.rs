@@ -12,10 +12,11 @@
 //! milliseconds each on a machine with much memory, however few sockets the
 //! namespace has), while `/proc/PID/net/unix` and `/proc/PID/net/netlink`
 //! list the namespace's own sockets only (microseconds). A booted dockerd
-//! holds unix and netlink sockets only: when every socket it holds is in
-//! those two tables, none of them is a TCP socket and the TCP tables are not
-//! read ([`tcp_listeners`]); any other socket (or a table that cannot be
-//! read) takes the full check.
+//! holds unix and netlink sockets only (for a few milliseconds after its
+//! first `/_ping` answer it also holds one of some other kind): when every
+//! socket it holds is in those two tables, none of them is a TCP socket and
+//! the TCP tables are not read ([`tcp_listeners`]); any other socket (or a
+//! table that cannot be read) takes the full check.
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
