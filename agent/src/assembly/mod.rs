@@ -432,10 +432,15 @@ async fn boot<P: Provider, D: Daemon>(
         _ = shutdown.cancelled() => None,
         // The outer bound also covers spawning; `wait_ready` gives the more
         // useful error (with dockerd's log tail) when it runs out first.
+        // The namespace is wired while dockerd starts.
         r = tokio::time::timeout(config.boot_timeout + BOOT_TIMEOUT_SLACK, async {
-            let running = if resuming { daemon.adopt().await } else { daemon.boot().await }?;
-            // The namespace was wired while dockerd started.
-            provider.network_ready().await.map_err(AgentError::Identity)?;
+            let (running, ()) = tokio::try_join!(
+                async {
+                    if resuming { daemon.adopt().await } else { daemon.boot().await }
+                        .map_err(AgentError::from)
+                },
+                async { provider.network_ready().await.map_err(AgentError::Identity) },
+            )?;
             Ok(running)
         }) => Some(match r {
             Err(_) => Err(AgentError::BootTimeout(config.boot_timeout)),

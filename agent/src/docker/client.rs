@@ -22,8 +22,9 @@ pub const DOCKER_CALL_TIMEOUT: Duration = Duration::from_secs(60);
 pub const PING_TIMEOUT: Duration = Duration::from_secs(1);
 /// API version the agent speaks. dockerd 20.10 (Debian 12) supports at most
 /// 1.41 and rejects every request with a higher version in its path, including
-/// `/_ping`; newer daemons still accept 1.41, and `negotiate_version` lowers it
-/// further for older ones.
+/// `/_ping`; newer daemons still accept 1.41. An older daemon refuses even
+/// the ping at this version, so a daemon that answered it speaks 1.41 (see
+/// `dockerd::wait_ping`): the agent needs dockerd 20.10 or newer.
 pub const DOCKER_API_VERSION: ClientVersion = ClientVersion {
     major_version: 1,
     minor_version: 41,
@@ -190,19 +191,6 @@ impl BollardDocker {
         call("ping", "", PING_TIMEOUT, self.docker.ping())
             .await
             .map(drop)
-    }
-
-    /// Lowers the API version if the daemon is older than ours.
-    pub async fn negotiate(self) -> Result<Self, DockerError> {
-        let socket = self.socket.clone();
-        let docker = call(
-            "negotiate version",
-            "",
-            DOCKER_CALL_TIMEOUT,
-            self.docker.negotiate_version(),
-        )
-        .await?;
-        Ok(BollardDocker { docker, socket })
     }
 
     /// The `info` self-check: the daemon must answer and name its version.

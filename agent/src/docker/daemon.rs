@@ -18,7 +18,6 @@ use std::time::Duration;
 use crate::docker::client::{BollardDocker, DaemonInfo, DockerOps};
 use crate::docker::dockerd::{self, DockerdError, DockerdSpec, HostPaths};
 use crate::docker::health::{DaemonProbe, Probe};
-use crate::docker::listeners;
 use crate::docker::reset::{OldRoot, Replacer};
 use crate::provider::hostnet;
 
@@ -139,20 +138,19 @@ impl Daemon for Dockerd {
 
     async fn boot(&self) -> Result<Running<BollardDocker, DaemonProbe>, DaemonError> {
         let spec = &self.spec;
+        let t = std::time::Instant::now();
         let mut child = spec.spawn().await?;
-        let (docker, info) =
-            dockerd::wait_ready(&mut child, &spec.paths, self.boot_timeout).await?;
-        // dockerd opens every `-H` listener before it answers /_ping, so a TCP
-        // listener, if any, is there by now.
-        let pid = dockerd::read_pid(&spec.paths.pidfile)
-            .or_else(|| child.id().and_then(|p| i32::try_from(p).ok()))
-            .ok_or_else(|| DockerdError::NoPid(spec.paths.pidfile.clone()))?;
-        listeners::ensure_no_tcp(pid).map_err(DockerdError::from)?;
-        tracing::info!(pid, "dockerd listens on no TCP port");
-        // dockerd made its chains; the host's own rules go in after them.
-        hostnet::apply(spec.network, spec.netns.as_deref())
-            .await
-            .map_err(DockerdError::from)?;
+        let spawned = t.elapsed();
+        let docker = dockerd::wait_ping(&mut child, &spec.paths, self.boot_timeout).await?;
+        let answered = t.elapsed();
+        let info = dockerd::checks(spec, &child, &docker).await?;
+        // Where a boot's time goes (BENCHMARKS.md, P3).
+        tracing::info!(
+            spawn_ms = dockerd::millis(spawned),
+            first_ping_ms = dockerd::millis(answered),
+            checks_ms = dockerd::millis(t.elapsed() - answered),
+            "dockerd booted"
+        );
         let replacer = Replacer::new(
             spec.clone(),
             self.boot_timeout,
@@ -191,7 +189,8 @@ impl Daemon for Dockerd {
             .ping()
             .await
             .map_err(|e| fail(format!("its dockerd does not answer: {e}")))?;
-        let docker = docker.negotiate().await.map_err(|e| fail(e.to_string()))?;
+        // The ping was at our API version: dockerd speaks it (see
+        // `dockerd::wait_ping`).
         let info = docker.info().await.map_err(|e| fail(e.to_string()))?;
         // The rules are checked (and put back if missing) on every take-over.
         hostnet::apply(self.spec.network, self.spec.netns.as_deref())

@@ -15,10 +15,11 @@ use std::time::Duration;
 use tokio::process::{Child, Command};
 
 use crate::docker::client::{BollardDocker, DaemonInfo, DockerError};
+use crate::docker::listeners;
 use crate::docker::mountns::{self, MountNsError, RunView};
 use crate::docker::registries::Registries;
 use crate::provider::cleanup;
-use crate::provider::hostnet::{HostDns, HostNetError, HostNetwork};
+use crate::provider::hostnet::{self, HostDns, HostNetError, HostNetwork};
 
 /// How often `/_ping` is tried while dockerd starts. Each try is a stat of
 /// the socket path until it exists, then one request: cheap next to the
@@ -272,6 +273,24 @@ pub async fn wait_ready(
     paths: &HostPaths,
     timeout: Duration,
 ) -> Result<(BollardDocker, DaemonInfo), DockerdError> {
+    let docker = wait_ping(child, paths, timeout).await?;
+    let info = self_check(&docker).await?;
+    Ok((docker, info))
+}
+
+/// Polls `/_ping` every [`PING_INTERVAL`] until dockerd answers; fails if it
+/// exits or `timeout` passes.
+///
+/// The client speaks [`DOCKER_API_VERSION`](crate::docker::client::DOCKER_API_VERSION),
+/// which is in the ping's path: dockerd refuses a version above its own, so
+/// an answer means it speaks ours, and asking `/version` to negotiate could
+/// not lower it (that call costs dockerd a `runc --version` and a
+/// `docker-init --version`).
+pub async fn wait_ping(
+    child: &mut Child,
+    paths: &HostPaths,
+    timeout: Duration,
+) -> Result<BollardDocker, DockerdError> {
     let deadline = tokio::time::Instant::now() + timeout;
     let mut last = String::from("socket not there yet");
     loop {
@@ -284,17 +303,7 @@ pub async fn wait_ready(
         if paths.socket.exists() {
             match BollardDocker::new(&paths.socket) {
                 Ok(docker) => match docker.ping().await {
-                    Ok(()) => {
-                        let docker = docker.negotiate().await?;
-                        let info = docker.info().await?;
-                        if info.server_version.is_empty() {
-                            return Err(DockerdError::SelfCheck(DockerError::NotFound {
-                                op: "info",
-                                target: "ServerVersion".to_owned(),
-                            }));
-                        }
-                        return Ok((docker, info));
-                    }
+                    Ok(()) => return Ok(docker),
                     Err(e) => last = e.to_string(),
                 },
                 Err(e) => last = e.to_string(),
@@ -309,6 +318,73 @@ pub async fn wait_ready(
         }
         tokio::time::sleep(PING_INTERVAL).await;
     }
+}
+
+/// The `info` self-check: dockerd answers `info` and names its version.
+pub async fn self_check(docker: &BollardDocker) -> Result<DaemonInfo, DockerdError> {
+    let info = docker.info().await?;
+    if info.server_version.is_empty() {
+        return Err(DockerdError::SelfCheck(DockerError::NotFound {
+            op: "info",
+            target: "ServerVersion".to_owned(),
+        }));
+    }
+    Ok(info)
+}
+
+/// Everything a dockerd of `spec` that answered its first `/_ping` must
+/// pass before the host is offered:
+///
+/// - the host's network rules ([`hostnet::apply`]): dockerd made its chains
+///   before it answered, and the rules go in after them;
+/// - meanwhile, the `info` self-check ([`self_check`]), then the proof that
+///   it listens on no TCP port ([`listeners::ensure_no_tcp`]): dockerd opens
+///   every `-H` listener before it answers `/_ping`, so a TCP listener, if
+///   any, is there by now. Checked once `info` has answered because right
+///   after its first ping dockerd briefly holds a socket of another kind,
+///   which sends the check to the TCP tables (milliseconds of CPU; see
+///   [`listeners`]), and because the check is synchronous: nothing else of
+///   the boot waits on it then.
+///
+/// The first failure fails the boot (the other part is dropped, its
+/// process killed).
+pub async fn checks(
+    spec: &DockerdSpec,
+    child: &Child,
+    docker: &BollardDocker,
+) -> Result<DaemonInfo, DockerdError> {
+    let paths = &spec.paths;
+    let t = std::time::Instant::now();
+    let rules = async {
+        hostnet::apply(spec.network, spec.netns.as_deref())
+            .await
+            .map_err(DockerdError::from)?;
+        Ok::<_, DockerdError>(t.elapsed())
+    };
+    let daemon = async {
+        let info = self_check(docker).await?;
+        let info_took = t.elapsed();
+        let pid = read_pid(&paths.pidfile)
+            .or_else(|| child.id().and_then(|p| i32::try_from(p).ok()))
+            .ok_or_else(|| DockerdError::NoPid(paths.pidfile.clone()))?;
+        listeners::ensure_no_tcp(pid)?;
+        Ok::<_, DockerdError>((info, pid, info_took, t.elapsed() - info_took))
+    };
+    // The rules' first process is under way before the `info` request.
+    let (rules_took, (info, pid, info_took, no_tcp_took)) = tokio::try_join!(rules, daemon)?;
+    tracing::info!(
+        pid,
+        info_ms = millis(info_took),
+        no_tcp_ms = millis(no_tcp_took),
+        rules_ms = millis(rules_took),
+        "dockerd answers `info`, listens on no TCP port and has the host's network rules"
+    );
+    Ok(info)
+}
+
+/// A duration in milliseconds, to a tenth, for the boot's timing logs.
+pub fn millis(d: Duration) -> f64 {
+    (d.as_secs_f64() * 10_000.0).round() / 10.0
 }
 
 /// Watches the child and resolves when it exits, with its status.

@@ -7,8 +7,18 @@
 //! (the host's, for a dockerd started in it); the LISTEN entries' inodes are
 //! matched against the `socket:[INODE]` links in `/proc/PID/fd`, so only
 //! sockets that dockerd itself holds count.
+//!
+//! Reading a TCP table walks the machine's whole TCP hash (a few
+//! milliseconds each on a machine with much memory, however few sockets the
+//! namespace has), while `/proc/PID/net/unix` and `/proc/PID/net/netlink`
+//! list the namespace's own sockets only (microseconds). A booted dockerd
+//! holds unix and netlink sockets only (for a few milliseconds after its
+//! first `/_ping` answer it also holds one of some other kind): when every
+//! socket it holds is in those two tables, none of them is a TCP socket and
+//! the TCP tables are not read ([`tcp_listeners`]); any other socket (or a
+//! table that cannot be read) takes the full check.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
@@ -106,10 +116,34 @@ fn listening_in_netns_of(
     Ok(listening)
 }
 
+/// Inodes of the unix and netlink sockets of `pid`'s network namespace;
+/// `None` if a table cannot be read.
+fn unix_and_netlink_inodes(proc_root: &Path, pid: i32) -> Option<HashSet<u64>> {
+    let mut inodes = HashSet::new();
+    // The column of the inode in each table.
+    for (table, column) in [("unix", 6), ("netlink", 9)] {
+        let path = proc_root.join(pid.to_string()).join("net").join(table);
+        let text = std::fs::read_to_string(path).ok()?;
+        inodes.extend(
+            text.lines()
+                .skip(1)
+                .filter_map(|l| l.split_whitespace().nth(column)?.parse::<u64>().ok()),
+        );
+    }
+    Some(inodes)
+}
+
 /// The TCP addresses `pid` listens on, in its own network namespace.
 pub fn tcp_listeners(proc_root: &Path, pid: i32) -> Result<Vec<SocketAddr>, ListenerError> {
+    let held = socket_inodes(proc_root, pid)?;
+    // Every socket it holds is a unix or netlink one: none is TCP.
+    if unix_and_netlink_inodes(proc_root, pid)
+        .is_some_and(|known| held.iter().all(|i| known.contains(i)))
+    {
+        return Ok(vec![]);
+    }
     let listening = listening_in_netns_of(proc_root, pid)?;
-    let mut addrs: Vec<SocketAddr> = socket_inodes(proc_root, pid)?
+    let mut addrs: Vec<SocketAddr> = held
         .into_iter()
         .filter_map(|i| listening.get(&i).copied())
         .collect();
@@ -194,6 +228,62 @@ mod tests {
         let _c = std::net::TcpStream::connect(a).unwrap();
         drop(server);
         assert!(!tcp_listeners(Path::new("/proc"), pid).unwrap().contains(&a));
+    }
+
+    /// A fake `/proc` with one process holding `fds` (socket inodes) and
+    /// its namespace's tables.
+    fn fake_proc(name: &str, fds: &[u64], unix: &str, netlink: &str, tcp: &str) -> PathBuf {
+        let root = std::env::temp_dir().join(format!("berth-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let (fd, net) = (root.join("7/fd"), root.join("7/net"));
+        std::fs::create_dir_all(&fd).unwrap();
+        std::fs::create_dir_all(&net).unwrap();
+        for (i, inode) in fds.iter().enumerate() {
+            std::os::unix::fs::symlink(format!("socket:[{inode}]"), fd.join(i.to_string()))
+                .unwrap();
+        }
+        std::os::unix::fs::symlink("/dev/null", fd.join("99")).unwrap();
+        std::fs::write(net.join("unix"), unix).unwrap();
+        std::fs::write(net.join("netlink"), netlink).unwrap();
+        std::fs::write(net.join("tcp"), tcp).unwrap();
+        root
+    }
+
+    const UNIX: &str = "Num       RefCount Protocol Flags    Type St Inode Path
+0000000000000000: 00000002 00000000 00010000 0001 01 100 /run/berth/h/docker.sock
+0000000000000000: 00000003 00000000 00000000 0001 03 101
+";
+    const NETLINK: &str =
+        "sk               Eth Pid        Groups   Rmem     Wmem     Dump  Locks    Drops    Inode
+00000000d35608b5 0   0          00000000 0        0        0     2        0        200
+";
+
+    #[test]
+    fn a_process_holding_only_unix_and_netlink_sockets_listens_on_no_tcp_port() {
+        // 4444 listens, but in another process's hands.
+        let root = fake_proc("lst-fast", &[100, 101, 200], UNIX, NETLINK, TCP);
+        assert_eq!(tcp_listeners(&root, 7).unwrap(), vec![]);
+        // Holding the listener: found, through the TCP tables.
+        let root = fake_proc("lst-tcp", &[100, 200, 4444], UNIX, NETLINK, TCP);
+        assert_eq!(
+            tcp_listeners(&root, 7).unwrap(),
+            vec!["0.0.0.0:2376".parse().unwrap()]
+        );
+        // A socket of another kind (UDP, say) that listens on no TCP port.
+        let root = fake_proc("lst-other", &[100, 555], UNIX, NETLINK, TCP);
+        assert_eq!(tcp_listeners(&root, 7).unwrap(), vec![]);
+        // Unreadable netlink table: the full check, which finds the listener.
+        let root = fake_proc("lst-nonl", &[100, 4444], UNIX, NETLINK, TCP);
+        std::fs::remove_file(root.join("7/net/netlink")).unwrap();
+        assert_eq!(tcp_listeners(&root, 7).unwrap().len(), 1);
+        // The tables' inodes alone do not count: the process must hold it.
+        let root = fake_proc("lst-none", &[], UNIX, NETLINK, TCP);
+        assert_eq!(tcp_listeners(&root, 7).unwrap(), vec![]);
+        for name in ["lst-fast", "lst-tcp", "lst-other", "lst-nonl", "lst-none"] {
+            let _ = std::fs::remove_dir_all(
+                std::env::temp_dir().join(format!("berth-{name}-{}", std::process::id())),
+            );
+        }
     }
 
     #[test]

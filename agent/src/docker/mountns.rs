@@ -35,6 +35,9 @@
 //! links to, if it is a link): what dockerd and the containers it starts
 //! read, while the machine's file stays as it is.
 //!
+//! [`spawn_in_netns`] does the same with the network namespace only (the
+//! host's `iptables` rules), where `nsenter --net` would cost a process.
+//!
 //! The thread ends right after the spawn: `setns` and `unshare` change only
 //! the calling thread, whose namespaces the child inherits; no thread of
 //! the agent is left in them (the tokio blocking pool reuses its threads,
@@ -209,16 +212,48 @@ pub async fn spawn_in_host(
     netns: Option<PathBuf>,
     view: RunView,
 ) -> Result<Child, MountNsError> {
+    on_own_thread(move || spawn_here(cmd, netns.as_deref(), &view)).await
+}
+
+/// Starts `cmd` in the network namespace `netns` only (the agent's mount
+/// namespace, as `nsenter --net` would, without the extra process).
+pub async fn spawn_in_netns(mut cmd: Command, netns: PathBuf) -> Result<Child, MountNsError> {
+    on_own_thread(move || {
+        enter_netns(&netns)?;
+        let program = cmd.as_std().get_program().to_owned();
+        cmd.spawn()
+            .map_err(|source| MountNsError::Spawn { program, source })
+    })
+    .await
+}
+
+/// Runs `work` on a thread of its own that ends with it (whatever
+/// namespaces it entered go with it), in the caller's runtime context.
+async fn on_own_thread(
+    work: impl FnOnce() -> Result<Child, MountNsError> + Send + 'static,
+) -> Result<Child, MountNsError> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     let handle = tokio::runtime::Handle::current();
     std::thread::Builder::new()
-        .name("berth-dockerd-ns".to_owned())
+        .name("berth-ns-spawn".to_owned())
         .spawn(move || {
             let _runtime = handle.enter();
-            let _ = tx.send(spawn_here(cmd, netns.as_deref(), &view));
+            let _ = tx.send(work());
         })
         .map_err(MountNsError::Thread)?;
     rx.await.map_err(|_| MountNsError::ThreadDied)?
+}
+
+/// Moves the calling thread into the network namespace at `path`.
+fn enter_netns(path: &Path) -> Result<(), MountNsError> {
+    let file = std::fs::File::open(path).map_err(|source| MountNsError::Netns {
+        path: path.to_owned(),
+        source,
+    })?;
+    nix::sched::setns(&file, CloneFlags::CLONE_NEWNET).map_err(|e| MountNsError::Netns {
+        path: path.to_owned(),
+        source: e.into(),
+    })
 }
 
 /// The thread's work: namespaces, the `/run` view, the spawn.
@@ -228,14 +263,7 @@ fn spawn_here(
     view: &RunView,
 ) -> Result<Child, MountNsError> {
     if let Some(path) = netns {
-        let file = std::fs::File::open(path).map_err(|source| MountNsError::Netns {
-            path: path.to_owned(),
-            source,
-        })?;
-        nix::sched::setns(&file, CloneFlags::CLONE_NEWNET).map_err(|e| MountNsError::Netns {
-            path: path.to_owned(),
-            source: e.into(),
-        })?;
+        enter_netns(path)?;
     }
     nix::sched::unshare(CloneFlags::CLONE_NEWNS).map_err(MountNsError::Unshare)?;
     // On a machine whose mounts are shared (systemd), mounts made here would

@@ -47,10 +47,9 @@ use tokio::sync::Notify;
 
 use crate::docker::client::{BollardDocker, DockerOps};
 use crate::docker::dockerd::{self, DockerdError, DockerdSpec};
-use crate::docker::listeners;
 use crate::docker::wipe;
 use crate::provider::cleanup::{self, Scope};
-use crate::provider::hostnet::{self, HostNetwork};
+use crate::provider::hostnet::HostNetwork;
 use crate::provider::netns;
 
 /// `WipeReport.method` of a wipe that replaced the data root.
@@ -277,14 +276,8 @@ impl Replacer {
         }
         let moved_ms = t.elapsed().as_millis();
         let mut child = self.spec.spawn().await?;
-        let (docker, _) = dockerd::wait_ready(&mut child, p, self.boot_timeout).await?;
-        let pid = dockerd::read_pid(&p.pidfile)
-            .or_else(|| child.id().and_then(|p| i32::try_from(p).ok()))
-            .ok_or_else(|| DockerdError::NoPid(p.pidfile.clone()))?;
-        listeners::ensure_no_tcp(pid).map_err(DockerdError::from)?;
-        hostnet::apply(self.spec.network, self.spec.netns.as_deref())
-            .await
-            .map_err(DockerdError::from)?;
+        let docker = dockerd::wait_ping(&mut child, p, self.boot_timeout).await?;
+        dockerd::checks(&self.spec, &child, &docker).await?;
         *self.child.lock().unwrap_or_else(|p| p.into_inner()) = Some(child);
         self.swapped.notify_one();
         tracing::info!(

@@ -58,16 +58,18 @@
 //! Rule 1 is dockerd's command line ([`HostNetwork::dockerd_args`]); rule 2
 //! is [`apply`], called by the agent after dockerd answers; rule 3 is the
 //! host's `resolv.conf` ([`HostDns`]), written when dockerd starts. `iptables` runs
-//! inside the host's namespace (through `nsenter --net`), bounded by
+//! inside the host's namespace (spawned from a thread that entered it), bounded by
 //! [`IPTABLES_TIMEOUT`], and is idempotent: a rule already there (an agent
 //! taking over its host) is not added twice.
 
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
 use tokio::process::Command;
+
+use crate::docker::mountns;
 
 /// Bound on one `iptables` invocation.
 pub const IPTABLES_TIMEOUT: Duration = Duration::from_secs(10);
@@ -207,37 +209,29 @@ pub async fn apply(network: HostNetwork, netns: Option<&Path>) -> Result<(), Hos
     Ok(())
 }
 
-/// The command that runs `iptables ARGS` in `netns` (or here).
-pub fn iptables_command(netns: Option<&Path>, args: &[String]) -> (PathBuf, Vec<String>) {
-    match netns {
-        Some(ns) => {
-            let mut all = vec![
-                format!("--net={}", ns.display()),
-                "--".to_owned(),
-                "iptables".to_owned(),
-            ];
-            all.extend(args.iter().cloned());
-            (PathBuf::from("nsenter"), all)
-        }
-        None => (PathBuf::from("iptables"), args.to_vec()),
-    }
-}
-
-/// Runs `iptables ARGS` in `netns`, bounded, with stderr in the error.
+/// Runs `iptables ARGS` in `netns` (or here), bounded, with stderr in the
+/// error. In a namespace it is spawned from a thread that entered it (what
+/// `nsenter --net` does, without the extra process on the boot's path).
 async fn iptables(netns: Option<&Path>, args: &[String]) -> Result<(), HostNetError> {
-    let (program, argv) = iptables_command(netns, args);
-    let command = format!("{} {}", program.display(), argv.join(" "));
-    let child = Command::new(&program)
-        .args(&argv)
+    let command = describe(netns, args);
+    let mut cmd = Command::new("iptables");
+    cmd.args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|source| HostNetError::Spawn {
+        .kill_on_drop(true);
+    let child = match netns {
+        Some(ns) => mountns::spawn_in_netns(cmd, ns.to_owned())
+            .await
+            .map_err(|e| HostNetError::Spawn {
+                command: command.clone(),
+                source: std::io::Error::other(e.to_string()),
+            })?,
+        None => cmd.spawn().map_err(|source| HostNetError::Spawn {
             command: command.clone(),
             source,
-        })?;
+        })?,
+    };
     let out = tokio::time::timeout(IPTABLES_TIMEOUT, child.wait_with_output())
         .await
         .map_err(|_| HostNetError::Timeout {
@@ -256,6 +250,19 @@ async fn iptables(netns: Option<&Path>, args: &[String]) -> Result<(), HostNetEr
             stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
         })
     }
+}
+
+/// How an `iptables ARGS` run in `netns` is named in errors and logs.
+pub fn describe(netns: Option<&Path>, args: &[String]) -> String {
+    let mut command = String::from("iptables");
+    for a in args {
+        command.push(' ');
+        command.push_str(a);
+    }
+    if let Some(ns) = netns {
+        command.push_str(&format!(" (in {})", ns.display()));
+    }
+    command
 }
 
 #[cfg(test)]
@@ -313,23 +320,24 @@ mod tests {
     }
 
     #[test]
-    fn iptables_runs_inside_the_hosts_namespace() {
+    fn an_iptables_command_names_the_namespace_it_runs_in() {
         let args = vec!["-S".to_owned(), "DOCKER-USER".to_owned()];
-        let (prog, argv) = iptables_command(Some(Path::new("/run/netns/bta-0001")), &args);
-        assert_eq!(prog, PathBuf::from("nsenter"));
         assert_eq!(
-            argv,
-            [
-                "--net=/run/netns/bta-0001",
-                "--",
-                "iptables",
-                "-S",
-                "DOCKER-USER"
-            ]
+            describe(Some(Path::new("/run/netns/bta-0001")), &args),
+            "iptables -S DOCKER-USER (in /run/netns/bta-0001)"
         );
-        let (prog, argv) = iptables_command(None, &args);
-        assert_eq!(prog, PathBuf::from("iptables"));
-        assert_eq!(argv, args);
+        assert_eq!(describe(None, &args), "iptables -S DOCKER-USER");
+    }
+
+    #[tokio::test]
+    async fn a_missing_namespace_fails_before_anything_runs() {
+        let err = iptables(Some(Path::new("/nonexistent/netns/x")), &["-S".to_owned()])
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, HostNetError::Spawn { command, .. } if command.contains("/nonexistent/netns/x")),
+            "{err}"
+        );
     }
 
     #[tokio::test]

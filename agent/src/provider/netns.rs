@@ -9,7 +9,7 @@
 //! another agent (of any prefix) holds it, and the agent picks another.
 //!
 //! Everything here shells out to `ip` (iproute2), bounded by [`IP_TIMEOUT`].
-//! [`create`] makes the veth pair and the namespace (two `ip` processes);
+//! [`create`] makes the veth pair and the namespace (one `ip -batch`);
 //! [`wire`] takes eight more `ip` commands, run as two `ip -batch`
 //! invocations (root side, then namespace side), because on a loaded 2-core
 //! machine each `ip` process costs milliseconds of a boot that should take
@@ -148,6 +148,10 @@ fn already_exists(e: &NetnsError) -> bool {
 /// Creates a namespace on a random free block with its veth pair; returns
 /// the block and the name of the veth's peer, which [`wire`] moves into the
 /// namespace and addresses (dockerd can start in the namespace meanwhile).
+///
+/// One `ip -batch` makes both (the agent's boot waits for it before dockerd
+/// can start): the veth first, as the lock on the block, then the
+/// namespace. The batch stops at the first failing line and names it.
 #[tracing::instrument(err)]
 pub async fn create(prefix: &str) -> Result<(Block, String), NetnsError> {
     for _ in 0..MAX_BLOCK_ATTEMPTS {
@@ -156,39 +160,42 @@ pub async fn create(prefix: &str) -> Result<(Block, String), NetnsError> {
         // The peer gets a temporary, equally unique name; it is renamed to
         // eth0 once inside the namespace.
         let peer = format!("{}p", block.veth);
-        match ip(&[
-            "link",
-            "add",
-            &block.veth,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &peer,
-        ])
-        .await
-        {
-            Ok(()) => {}
-            Err(e) if already_exists(&e) => continue,
-            Err(e) => return Err(e),
-        }
-        match ip(&["netns", "add", &block.name]).await {
-            Ok(()) => {}
-            Err(e) if already_exists(&e) => {
-                // A leftover namespace of a killed run holds this name: leave
-                // it to `sweep` and take another block.
+        let lines = [
+            format!("link add {} type veth peer name {peer}", block.veth),
+            format!("netns add {}", block.name),
+        ];
+        match ip_batch(None, &lines).await {
+            Ok(()) => return Ok((block, peer)),
+            // Line 1: another agent (of any prefix) holds the block.
+            Err(e) if failed_line(&e) == Some(1) && already_exists(&e) => continue,
+            // Line 2: a leftover namespace of a killed run holds this name:
+            // leave it to `sweep` and take another block.
+            Err(e) if failed_line(&e) == Some(2) && already_exists(&e) => {
                 tracing::warn!(netns = %block.name, "stale network namespace; trying another block");
-                let _ = ip(&["link", "del", &block.veth]).await;
-                continue;
+                delete_veth(&block.veth).await;
             }
             Err(e) => {
-                let _ = ip(&["link", "del", &block.veth]).await;
+                // Past line 1 the veth is ours: it goes with the failure.
+                if failed_line(&e).is_some_and(|n| n > 1) {
+                    delete_veth(&block.veth).await;
+                }
                 return Err(e);
             }
         }
-        return Ok((block, peer));
     }
     Err(NetnsError::Exhausted)
+}
+
+/// Which line of an `ip -batch` failed, from its stderr (`Command failed
+/// -:N`).
+fn failed_line(e: &NetnsError) -> Option<usize> {
+    let NetnsError::Failed { stderr, .. } = e else {
+        return None;
+    };
+    stderr
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Command failed -:"))
+        .and_then(|n| n.trim().parse().ok())
 }
 
 /// [`create`] and [`wire`] in one go (tests and benchmarks that need a
@@ -340,6 +347,24 @@ mod tests {
         assert_eq!(b.path(), PathBuf::from("/run/netns/p7fff"));
         // Interface names are limited to 15 bytes.
         assert!(format!("{}p", b.veth).len() <= 15);
+    }
+
+    #[test]
+    fn the_failing_line_of_a_batch_is_read_from_stderr() {
+        let failed = |stderr: &str| NetnsError::Failed {
+            args: "-batch -".into(),
+            stderr: stderr.into(),
+        };
+        let link = failed("RTNETLINK answers: File exists\nCommand failed -:1");
+        assert_eq!(failed_line(&link), Some(1));
+        assert!(already_exists(&link));
+        let ns = failed(
+            "Cannot create namespace file \"/run/netns/bta-0001\": File exists\nCommand failed -:2",
+        );
+        assert_eq!(failed_line(&ns), Some(2));
+        assert!(already_exists(&ns));
+        assert_eq!(failed_line(&failed("Cannot find device \"x\"")), None);
+        assert_eq!(failed_line(&NetnsError::Exhausted), None);
     }
 
     #[test]
