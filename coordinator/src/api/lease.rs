@@ -12,7 +12,7 @@ use berth_proto::v1 as pb;
 use berth_proto::v1::lease_service_server::LeaseService;
 use tokio::time::Instant;
 use tonic::{Request, Response, Status};
-use tracing::{Instrument, info_span};
+use tracing::{Instrument, debug, info_span};
 
 use super::{Services, auth, signing_error};
 use crate::clock::Now;
@@ -53,6 +53,7 @@ impl Services {
             .acquire(tenant, build_id, key, ttl, wait, Now::system())?;
 
         let span = info_span!("acquire", lease_id = %pending.lease_id, build_id = %build_id);
+        let started = Instant::now();
         async {
             loop {
                 // Answered once a host is assigned and the assignment is
@@ -76,11 +77,13 @@ impl Services {
                 let Some(lease) = self.pool.outcome(&pending.lease_id)? else {
                     continue;
                 };
+                let assigned = started.elapsed();
                 // A retry with another key may have moved the pin while this
                 // call waited: a certificate is issued only for the key in force.
                 self.pool.check_key(&pending.lease_id, key)?;
                 // Signed while the lease's records are being committed.
                 let client_cert_pem = self.lease_cert(&lease, csr, Now::system())?;
+                let signed = started.elapsed();
                 if let Err(e) = self.pool.durable().await {
                     // Nobody gets this certificate: the lease must not keep
                     // its host (unless an earlier answer delivered it).
@@ -93,6 +96,13 @@ impl Services {
                     // is queued for another one.
                     continue;
                 }
+                // Where an answer's time goes (`RUST_LOG=berth_coordinator::api=debug`).
+                debug!(
+                    assigned_us = assigned.as_micros(),
+                    signed_us = signed.as_micros(),
+                    durable_us = started.elapsed().as_micros(),
+                    "acquire answered"
+                );
                 let build_cache = self
                     .cache
                     .as_ref()
@@ -116,6 +126,7 @@ impl LeaseService for Services {
         &self,
         req: Request<pb::AcquireRequest>,
     ) -> Result<Response<pb::AcquireResponse>, Status> {
+        let received = Instant::now();
         let caller = auth::caller(&req)?;
         // Held while the call waits for a host.
         let _call = self.requests.enter()?;
@@ -141,6 +152,10 @@ impl LeaseService for Services {
             cfg.max_wait,
         )?;
         let started = Instant::now();
+        debug!(
+            checks_us = started.duration_since(received).as_micros(),
+            "acquire request checked"
+        );
         let pool_metrics = self.pool.metrics();
         let result = self
             .acquire_for(&caller.tenant, &req.build_id, &csr, key, ttl, wait)
