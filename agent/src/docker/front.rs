@@ -802,6 +802,19 @@ mod tests {
         }
     }
 
+    /// Sends a plaintext `/_ping`; whether the connection ended within 5 s,
+    /// and what came back meanwhile.
+    async fn plaintext_ping(addr: SocketAddr) -> (bool, Vec<u8>) {
+        let mut plain = TcpStream::connect(addr).await.unwrap();
+        plain
+            .write_all(b"GET /_ping HTTP/1.0\r\n\r\n")
+            .await
+            .unwrap();
+        let mut got = vec![];
+        let ended = tokio::time::timeout(Duration::from_secs(5), plain.read_to_end(&mut got)).await;
+        (ended.is_ok(), got)
+    }
+
     /// Connects with `cfg` and has one `ping` echoed; Err if refused.
     async fn ping_through(
         addr: SocketAddr,
@@ -838,13 +851,7 @@ mod tests {
         // Another lease's certificate and plaintext are refused; nothing
         // they send reaches dockerd.
         assert!(pki.connect(addr, "l2").await.is_err());
-        let mut plain = TcpStream::connect(addr).await.unwrap();
-        plain
-            .write_all(b"GET /_ping HTTP/1.0\r\n\r\n")
-            .await
-            .unwrap();
-        let mut got = vec![];
-        let _ = tokio::time::timeout(Duration::from_secs(5), plain.read_to_end(&mut got)).await;
+        let (_, got) = plaintext_ping(addr).await;
         assert!(
             !got.windows(4).any(|w| w == b"GET "),
             "plaintext was echoed"
@@ -892,14 +899,8 @@ mod tests {
 
         // No lease reaches the agent: the connection is dropped after the
         // wait, without a handshake; plaintext never reaches dockerd.
-        let mut plain = TcpStream::connect(addr).await.unwrap();
-        plain
-            .write_all(b"GET /_ping HTTP/1.0\r\n\r\n")
-            .await
-            .unwrap();
-        let mut got = vec![];
-        let r = tokio::time::timeout(Duration::from_secs(5), plain.read_to_end(&mut got)).await;
-        assert!(r.is_ok(), "dropped once the wait ran out, not held");
+        let (ended, got) = plaintext_ping(addr).await;
+        assert!(ended, "dropped once the wait ran out, not held");
         assert!(got.is_empty(), "nothing answered without a lease: {got:?}");
         assert!(pki.connect(addr, "l1").await.is_err());
 
