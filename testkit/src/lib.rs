@@ -86,6 +86,17 @@ pub fn which(tool: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// Whether a lease in `state` (a `pb::LeaseState` value) holds its host:
+/// assigned (an Acquire may be answered then) or active.
+pub fn holds_host(state: i32) -> bool {
+    state == pb::LeaseState::Assigned as i32 || state == pb::LeaseState::Active as i32
+}
+
+/// The same for a state as stored (the PostgreSQL store's state column).
+pub fn stored_state_holds_host(state: &str) -> bool {
+    matches!(state, "assigned" | "active")
+}
+
 /// The directory holding the workspace's binaries: `BERTH_BIN_DIR` if set,
 /// else the target directory of the running executable (a test in
 /// `target/debug/deps`, `berth-bench` in `target/release`).
@@ -750,9 +761,7 @@ impl Pool {
     pub fn assert_no_host_in_two_leases(&self) {
         let mut by_host: HashMap<String, Vec<String>> = HashMap::new();
         for l in self.all_leases() {
-            let live = l.state == pb::LeaseState::Active as i32
-                || l.state == pb::LeaseState::Assigned as i32;
-            if live && !l.host_id.is_empty() {
+            if holds_host(l.state) && !l.host_id.is_empty() {
                 by_host.entry(l.host_id).or_default().push(l.lease_id);
             }
         }

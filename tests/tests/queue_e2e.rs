@@ -29,16 +29,14 @@ fn waiters(store: Store) {
     let first = pool.acquire("q-first", "30m", "1m");
     // On the shared store each answer came after PostgreSQL's commit of
     // the assignment (the agent's acceptance may be committed by now too).
-    let stored = |id: &str, want: &[&str]| {
+    let stored = |id: &str, want: fn(&str) -> bool| {
         if let Some(state) = pool.stored_state(id) {
-            assert!(
-                want.contains(&state.as_str()),
-                "lease {id} in the database: {state}"
-            );
+            assert!(want(&state), "lease {id} in the database: {state}");
         }
     };
-    const HOLDS: &[&str] = &["assigned", "active"];
-    stored(first.lease_id(), HOLDS);
+    let holds = berth_testkit::stored_state_holds_host;
+    let released = |s: &str| s == "released";
+    stored(first.lease_id(), holds);
 
     let started = Instant::now();
     let o = pool.berth(&["acquire", "--build", "q-late", "--wait", "2s"]);
@@ -74,18 +72,14 @@ fn waiters(store: Store) {
             "the waiter got the released host instead of its replacement"
         );
         let l = pool.lease(got.lease_id());
-        let held = [
-            pb::LeaseState::Assigned as i32,
-            pb::LeaseState::Active as i32,
-        ];
-        assert!(held.contains(&l.state), "{l:?}");
-        stored(first.lease_id(), &["released"]);
-        stored(got.lease_id(), HOLDS);
+        assert!(berth_testkit::holds_host(l.state), "{l:?}");
+        stored(first.lease_id(), released);
+        stored(got.lease_id(), holds);
         ok(
             pool.berth(&["release", "--lease", got.lease_id()]),
             "release waiter",
         );
-        stored(got.lease_id(), &["released"]);
+        stored(got.lease_id(), released);
     });
 }
 
@@ -349,7 +343,7 @@ fn recycled_host(store: Store) {
     let b = pool.acquire("r-2", "30m", "1m");
     assert_eq!(b.get("BERTH_HOST_ID"), host);
     if let Some(state) = pool.stored_state(b.lease_id()) {
-        assert!(["assigned", "active"].contains(&state.as_str()), "{state}");
+        assert!(berth_testkit::stored_state_holds_host(&state), "{state}");
     }
     let out = stdout(&ok(run(b.docker().args(["ps", "-aq"])), "ps"));
     assert!(out.trim().is_empty());

@@ -411,11 +411,9 @@ fn the_standby_takes_over_when_the_leader_is_killed_and_leases_carry_on() {
     )));
     // Answered once its assignment was committed; the agent's acceptance
     // may not have reached the coordinator yet.
-    let held = [
-        pb::LeaseState::Assigned as i32,
-        pb::LeaseState::Active as i32,
-    ];
-    assert!(held.contains(&pool.lease(third.lease_id()).state));
+    assert!(berth_testkit::holds_host(
+        pool.lease(third.lease_id()).state
+    ));
     ok(
         berth_at(&pool, &both, &["release", "--lease", third.lease_id()]),
         "release c",
@@ -524,11 +522,7 @@ fn a_build_waiting_when_the_leader_dies_gets_its_host_from_the_next_leader() {
         })
     });
     let lease = pool.lease(served.lease_id());
-    let holding = [
-        pb::LeaseState::Assigned as i32,
-        pb::LeaseState::Active as i32,
-    ];
-    assert!(holding.contains(&lease.state), "{lease:?}");
+    assert!(berth_testkit::holds_host(lease.state), "{lease:?}");
     assert_ne!(served.get("BERTH_HOST_ID"), held.get("BERTH_HOST_ID"));
     ok(
         run(served.docker().arg("version")),

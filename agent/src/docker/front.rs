@@ -198,10 +198,9 @@ pub struct DockerFront {
     link: watch::Receiver<LinkStatus>,
     /// The listener and every connection task, while the front listens.
     listening: Option<Listening>,
-    /// The lease connections are admitted for; a connection that arrives
-    /// first waits here (at most `lease_wait`).
+    /// The lease connections are admitted for, if any; a connection that
+    /// arrives first waits here (at most `lease_wait`).
     gate: watch::Sender<Option<Gate>>,
-    active: Option<Active>,
     /// A socket already in the host's namespace, not yet bound: the next
     /// `listen` binds it instead of paying for a thread and `setns`.
     spare: Option<Socket>,
@@ -217,7 +216,7 @@ impl std::fmt::Debug for DockerFront {
         f.debug_struct("DockerFront")
             .field("addr", &self.addr)
             .field("listening", &self.listening.is_some())
-            .field("open", &self.active.is_some())
+            .field("open", &self.is_open())
             .finish_non_exhaustive()
     }
 }
@@ -229,17 +228,13 @@ struct Listening {
     tracker: TaskTracker,
 }
 
-#[derive(Debug)]
-struct Active {
-    /// The key the open lease's certificates must carry.
-    pinned: PinnedKey,
-}
-
 /// What a connection needs to be admitted for the current lease.
 #[derive(Clone)]
 struct Gate {
     /// The lease's TLS configuration (a renewed server certificate replaces it).
     acceptor: watch::Receiver<TlsAcceptor>,
+    /// The key the lease's certificates must carry.
+    pinned: PinnedKey,
     first_use: Option<FirstUse>,
 }
 
@@ -283,7 +278,6 @@ impl DockerFront {
             link,
             listening: None,
             gate: watch::Sender::new(None),
-            active: None,
             spare: None,
             uses: None,
             lease_wait: LEASE_WAIT,
@@ -328,15 +322,20 @@ impl DockerFront {
 
     /// Whether a lease is admitted.
     pub fn is_open(&self) -> bool {
-        self.active.is_some()
+        self.gate.borrow().is_some()
     }
-}
 
-impl FrontControl for DockerFront {
-    async fn listen(&mut self) -> Result<(), FrontError> {
-        if self.listening.is_some() {
-            return Ok(());
-        }
+    /// The listener, started now if the front is not listening yet.
+    async fn listening(&mut self) -> Result<&Listening, FrontError> {
+        let l = match self.listening.take() {
+            Some(l) => l,
+            None => self.start_listener().await?,
+        };
+        Ok(self.listening.insert(l))
+    }
+
+    /// Binds the spare socket (or a new one), listens and starts accepting.
+    async fn start_listener(&mut self) -> Result<Listening, FrontError> {
         let socket = match self.spare.take() {
             Some(s) => s,
             None => socket_in_netns(self.addr, self.netns.clone()).await?,
@@ -361,13 +360,18 @@ impl FrontControl for DockerFront {
             .instrument(span),
         );
         tracing::info!(addr = %self.addr, "docker front listening; no lease admitted yet");
-        self.listening = Some(Listening { token, tracker });
-        Ok(())
+        Ok(Listening { token, tracker })
+    }
+}
+
+impl FrontControl for DockerFront {
+    async fn listen(&mut self) -> Result<(), FrontError> {
+        self.listening().await.map(|_| ())
     }
 
     #[tracing::instrument(skip(self), err)]
     async fn open(&mut self, lease_id: &str, key: KeyId) -> Result<(), FrontError> {
-        if self.active.is_some() {
+        if self.is_open() {
             self.close().await;
         }
         let mut link = self.link.clone();
@@ -394,18 +398,16 @@ impl FrontControl for DockerFront {
             }
         };
         let (acceptors, acceptor) = watch::channel(make_acceptor(&issued)?);
+        let span = tracing::info_span!("front", lease_id = %lease_id, addr = %self.addr);
+        let link = self.link.clone();
         // Normally listening since the host was offered; a resumed lease
         // (agent restart) starts it here.
-        self.listen().await?;
-        let Some(listening) = &self.listening else {
-            return Err(FrontError::BindThread { addr: self.addr });
-        };
-        let span = tracing::info_span!("front", lease_id = %lease_id, addr = %self.addr);
+        let listening = self.listening().await?;
         // A certificate renewed while the lease is open (a long lease)
         // serves every handshake from then on.
         listening.tracker.spawn(
             follow_certificate(
-                self.link.clone(),
+                link,
                 issued,
                 make_acceptor,
                 acceptors,
@@ -420,24 +422,23 @@ impl FrontControl for DockerFront {
         });
         self.gate.send_replace(Some(Gate {
             acceptor,
+            pinned,
             first_use,
         }));
         tracing::info!(lease_id, addr = %self.addr, "docker front open");
-        self.active = Some(Active { pinned });
         Ok(())
     }
 
     fn set_key(&mut self, key: KeyId) {
-        if let Some(a) = &self.active {
+        if let Some(gate) = self.gate.borrow().as_ref() {
             tracing::info!(key = %key, "docker front: the lease's key moved");
-            a.pinned.set(key);
+            gate.pinned.set(key);
         }
     }
 
     async fn close(&mut self) {
         // No connection from now on is admitted, whatever is in flight.
         self.gate.send_replace(None);
-        self.active = None;
         let Some(listening) = self.listening.take() else {
             return;
         };
@@ -594,8 +595,13 @@ async fn accept_loop(
                             _ = child.cancelled() => return,
                             g = tokio::time::timeout(lease_wait, gate.wait_for(Option::is_some)) => g,
                         };
-                        let Some(Gate { acceptor, first_use }) =
-                            waited.ok().and_then(|g| g.ok().map(|g| g.clone())).flatten()
+                        // The lease's gate, or none: timed out, or the front closed.
+                        let gate = waited.ok().and_then(Result::ok).and_then(|g| g.clone());
+                        let Some(Gate {
+                            acceptor,
+                            first_use,
+                            ..
+                        }) = gate
                         else {
                             refusals.refused(
                                 "no lease reached the agent in time; connection dropped",

@@ -18,6 +18,7 @@ use super::{Services, auth, signing_error};
 use crate::clock::Now;
 use crate::error::Error;
 use crate::lease::LeaseState;
+use crate::pool::Pending;
 use crate::validate;
 
 impl Services {
@@ -38,6 +39,22 @@ impl Services {
             .map_err(signing_error)
     }
 
+    /// Waits until `pending` leaves the queue (or the coordinator stops).
+    async fn wait_while_queued(&self, pending: &mut Pending) -> Result<(), Error> {
+        while *pending.state.borrow_and_update() == LeaseState::Queued {
+            tokio::select! {
+                changed = pending.state.changed() => {
+                    if changed.is_err() {
+                        // The lease record was dropped from history.
+                        return Err(Error::LeaseNotFound(pending.lease_id.clone()));
+                    }
+                }
+                () = self.shutdown.cancelled() => return Err(Error::ShuttingDown),
+            }
+        }
+        Ok(())
+    }
+
     /// Acquire after validation: queue, wait for the outcome, sign.
     async fn acquire_for(
         &self,
@@ -48,32 +65,18 @@ impl Services {
         ttl: Duration,
         wait: Duration,
     ) -> Result<pb::AcquireResponse, Error> {
+        let started = Instant::now();
         let mut pending = self
             .pool
             .acquire(tenant, build_id, key, ttl, wait, Now::system())?;
 
         let span = info_span!("acquire", lease_id = %pending.lease_id, build_id = %build_id);
-        let started = Instant::now();
         async {
             loop {
                 // Answered once a host is assigned and the assignment is
                 // durable, without waiting for the agent: its front holds
                 // a connection that arrives before the lease does.
-                loop {
-                    let state = *pending.state.borrow_and_update();
-                    if state != LeaseState::Queued {
-                        break;
-                    }
-                    tokio::select! {
-                        changed = pending.state.changed() => {
-                            if changed.is_err() {
-                                // The lease record was dropped from history.
-                                break;
-                            }
-                        }
-                        () = self.shutdown.cancelled() => return Err(Error::ShuttingDown),
-                    }
-                }
+                self.wait_while_queued(&mut pending).await?;
                 let Some(lease) = self.pool.outcome(&pending.lease_id)? else {
                     continue;
                 };

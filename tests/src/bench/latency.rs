@@ -13,12 +13,11 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
 use super::procs::{Agent, Clients, Coordinator, Env, shared_key};
+use super::tls_front::Target;
 use super::{BenchError, Figure, Result, Sizes, ms};
 
 /// How often to look for a Ready host again between cycles (the released
@@ -73,11 +72,7 @@ pub async fn run(sizes: &Sizes) -> Result<Vec<Figure>> {
             .await?;
         let a = t.elapsed();
         let lease = answer.lease.clone().unwrap_or_default();
-        let held = [
-            berth_proto::v1::LeaseState::Assigned as i32,
-            berth_proto::v1::LeaseState::Active as i32,
-        ];
-        if !held.contains(&lease.state) {
+        if !berth_testkit::holds_host(lease.state) {
             return Err(BenchError::step(
                 "P1 acquire",
                 format!("lease does not hold its host: {lease:?}"),
@@ -150,23 +145,11 @@ async fn first_ping(answer: &berth_proto::v1::AcquireResponse) -> Result<()> {
         &shared_key().key_pem,
     )
     .map_err(|e| BenchError::step("P1 client TLS", e))?;
-    let io = BenchError::io("P1 first /_ping through the front");
-    let result: std::io::Result<String> = async {
-        let tcp = tokio::net::TcpStream::connect(addr).await?;
-        tcp.set_nodelay(true)?;
-        let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
-        let mut tls = tokio_rustls::TlsConnector::from(config)
-            .connect(name, tcp)
-            .await?;
-        tls.write_all(b"GET /_ping HTTP/1.1\r\nHost: docker\r\nConnection: close\r\n\r\n")
-            .await?;
-        let mut got = Vec::new();
-        tls.read_to_end(&mut got).await?;
-        Ok(String::from_utf8_lossy(&got).into_owned())
-    }
-    .await;
-    let reply = result.map_err(io)?;
-    if !(reply.starts_with("HTTP/1.1 200") && reply.ends_with("OK")) {
+    let target = Target::Tls { addr, config };
+    let reply = async { target.connect().await?.get("GET", "/_ping").await }
+        .await
+        .map_err(BenchError::io("P1 first /_ping through the front"))?;
+    if reply.status != 200 || reply.head != b"OK" {
         return Err(BenchError::step(
             "P1 first /_ping",
             format!("unexpected answer: {reply:?}"),

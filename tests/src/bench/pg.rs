@@ -99,11 +99,7 @@ async fn cycle(pool: &mut P1Pool, build: &str) -> Result<f64> {
     let t = Instant::now();
     let lease = pool.clients.acquire(build, Duration::from_secs(10)).await?;
     let took = ms(t.elapsed());
-    let held = [
-        berth_proto::v1::LeaseState::Assigned as i32,
-        berth_proto::v1::LeaseState::Active as i32,
-    ];
-    if !held.contains(&lease.state) {
+    if !berth_testkit::holds_host(lease.state) {
         return Err(BenchError::step(
             "acquire",
             format!("lease does not hold its host: {lease:?}"),

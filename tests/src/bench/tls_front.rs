@@ -121,7 +121,7 @@ pub const UNIX: &str = "unix socket";
 pub const FRONT: &str = "berth TLS front";
 pub const DOCKERD_TLS: &str = "dockerd --tlsverify";
 
-enum Target {
+pub(super) enum Target {
     Unix(PathBuf),
     Tls {
         addr: SocketAddr,
@@ -130,7 +130,7 @@ enum Target {
 }
 
 impl Target {
-    async fn connect(&self) -> std::io::Result<Conn<Box<dyn Stream>>> {
+    pub(super) async fn connect(&self) -> std::io::Result<Conn<Box<dyn Stream>>> {
         let stream: Box<dyn Stream> = match self {
             Target::Unix(p) => Box::new(UnixStream::connect(p).await?),
             Target::Tls { addr, config } => {
