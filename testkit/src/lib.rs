@@ -272,6 +272,11 @@ impl LeaseEnv {
         self.get("DOCKER_HOST")
     }
 
+    /// The address of the host's Docker front, from `DOCKER_HOST`.
+    pub fn front_addr(&self) -> Option<SocketAddr> {
+        front_addr(self.docker_host())
+    }
+
     /// The directory `berth acquire` wrote ca.pem, cert.pem and key.pem to.
     pub fn cert_dir(&self) -> &Path {
         Path::new(self.get("DOCKER_CERT_PATH"))
@@ -308,6 +313,12 @@ pub fn buildkit_docker_cli() -> &'static Path {
          docker CLI (package docker.io; scripts/test.sh installs it through scripts/deps.sh)"
     );
     p
+}
+
+/// The address in a lease's `DOCKER_HOST` (`tcp://ADDR:PORT`): where its
+/// host's Docker front listens.
+pub fn front_addr(docker_host: &str) -> Option<SocketAddr> {
+    docker_host.strip_prefix("tcp://")?.parse().ok()
 }
 
 /// The stock docker CLI with a clean config, pointed at `docker_host`.
@@ -1141,7 +1152,7 @@ pub fn curl(args: &[&str]) -> (bool, String) {
 
 #[cfg(test)]
 mod tests {
-    use super::mentions;
+    use super::{front_addr, mentions};
 
     #[test]
     fn a_directory_is_mentioned_only_as_a_whole_name() {
@@ -1160,5 +1171,20 @@ mod tests {
         ));
         assert!(mentions("x /run/berth-t/bfc1/", "/run/berth-t/bfc1/"));
         assert!(mentions("x /run/berth-t/bfc1/h", "/run/berth-t/bfc1/"));
+    }
+
+    #[test]
+    fn front_addr_reads_only_tcp_docker_hosts_with_a_port() {
+        assert_eq!(
+            front_addr("tcp://198.18.0.2:2376"),
+            Some("198.18.0.2:2376".parse().unwrap())
+        );
+        assert_eq!(
+            front_addr("tcp://[::1]:2376"),
+            Some("[::1]:2376".parse().unwrap())
+        );
+        assert_eq!(front_addr("unix:///run/docker.sock"), None);
+        assert_eq!(front_addr("tcp://198.18.0.2"), None);
+        assert_eq!(front_addr("198.18.0.2:2376"), None);
     }
 }

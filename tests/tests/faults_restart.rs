@@ -31,10 +31,8 @@ on_each_store! {
 
 fn front(lease: &LeaseEnv) -> SocketAddr {
     lease
-        .docker_host()
-        .trim_start_matches("tcp://")
-        .parse()
-        .unwrap()
+        .front_addr()
+        .unwrap_or_else(|| panic!("bad DOCKER_HOST {}", lease.docker_host()))
 }
 
 fn coordinator_killed_mid_lease(store: Store) {

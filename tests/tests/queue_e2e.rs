@@ -8,7 +8,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::time::{Duration, Instant, SystemTime};
 
 use berth_proto::v1 as pb;
@@ -156,11 +156,9 @@ fn expired_lease(store: Store) {
         "the lease was over before the coordinator was frozen"
     );
 
-    let front: SocketAddr = lease
-        .docker_host()
-        .trim_start_matches("tcp://")
-        .parse()
-        .unwrap();
+    let front = lease
+        .front_addr()
+        .unwrap_or_else(|| panic!("bad DOCKER_HOST {}", lease.docker_host()));
     ok(
         run(lease.docker().args(["volume", "create", "left-behind"])),
         "volume create",

@@ -42,7 +42,6 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use nix::sched::CloneFlags;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixStream};
@@ -492,13 +491,9 @@ pub async fn socket_in_netns(
 
 fn socket_blocking(addr: SocketAddr, netns: Option<&Path>) -> Result<Socket, FrontError> {
     if let Some(path) = netns {
-        let file = std::fs::File::open(path).map_err(|source| FrontError::Netns {
+        crate::provider::netns::enter(path).map_err(|source| FrontError::Netns {
             path: path.to_owned(),
             source,
-        })?;
-        nix::sched::setns(&file, CloneFlags::CLONE_NEWNET).map_err(|errno| FrontError::Netns {
-            path: path.to_owned(),
-            source: errno.into(),
         })?;
     }
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))

@@ -246,13 +246,9 @@ async fn on_own_thread(
 
 /// Moves the calling thread into the network namespace at `path`.
 fn enter_netns(path: &Path) -> Result<(), MountNsError> {
-    let file = std::fs::File::open(path).map_err(|source| MountNsError::Netns {
+    crate::provider::netns::enter(path).map_err(|source| MountNsError::Netns {
         path: path.to_owned(),
         source,
-    })?;
-    nix::sched::setns(&file, CloneFlags::CLONE_NEWNET).map_err(|e| MountNsError::Netns {
-        path: path.to_owned(),
-        source: e.into(),
     })
 }
 

@@ -18,7 +18,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
-use nix::sched::CloneFlags;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -155,8 +154,7 @@ impl NetnsDialer {
 /// stays in the namespace it was made in, and `setns` only moves the calling
 /// thread, so a fresh thread does it and ends.
 fn socket_in(netns: &std::path::Path, domain: Domain) -> std::io::Result<std::net::TcpStream> {
-    let file = std::fs::File::open(netns)?;
-    nix::sched::setns(&file, CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;
+    crate::provider::netns::enter(netns)?;
     let socket = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
     socket.set_nonblocking(true)?;
     Ok(socket.into())

@@ -98,6 +98,14 @@ pub fn netns_path(name: &str) -> PathBuf {
     PathBuf::from(NETNS_DIR).join(name)
 }
 
+/// Moves the calling thread into the network namespace at `path`. Only
+/// that thread moves: callers run this on a thread of their own, and a
+/// socket made there afterwards stays in the namespace.
+pub fn enter(path: &std::path::Path) -> std::io::Result<()> {
+    let file = std::fs::File::open(path)?;
+    nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)
+}
+
 /// The block a host id (`{prefix}{hex4}`) stands for, if it is one.
 pub fn block_of(prefix: &str, host_id: &str) -> Option<u32> {
     let hex = host_id.strip_prefix(prefix)?;

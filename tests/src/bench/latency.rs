@@ -10,7 +10,6 @@
 //! same HTTP/2 connection, one right before each acquire, so both see the
 //! same machine at the same moment.
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use tonic_health::pb::HealthCheckRequest;
@@ -134,11 +133,9 @@ pub async fn run(sizes: &Sizes) -> Result<Vec<Figure>> {
 /// with the certificate from `answer`; fails unless dockerd answers OK.
 async fn first_ping(answer: &berth_proto::v1::AcquireResponse) -> Result<()> {
     let lease = answer.lease.clone().unwrap_or_default();
-    let addr: SocketAddr = lease
-        .docker_host
-        .trim_start_matches("tcp://")
-        .parse()
-        .map_err(|e| BenchError::step("P1 front address", format!("{}: {e}", lease.docker_host)))?;
+    let addr = berth_testkit::front_addr(&lease.docker_host).ok_or_else(|| {
+        BenchError::step("P1 front address", format!("bad {}", lease.docker_host))
+    })?;
     let config = berth_tls::lease_client_config(
         &answer.ca_pem,
         &answer.client_cert_pem,

@@ -298,10 +298,8 @@ fn front_target(lease: &LeaseEnv) -> std::io::Result<Target> {
         berth_tls::lease_client_config(&read("ca.pem")?, &read("cert.pem")?, &read("key.pem")?)
             .map_err(|e| io_err(e.to_string()))?;
     let addr = lease
-        .docker_host()
-        .trim_start_matches("tcp://")
-        .parse()
-        .map_err(|_| io_err(format!("bad DOCKER_HOST {}", lease.docker_host())))?;
+        .front_addr()
+        .ok_or_else(|| io_err(format!("bad DOCKER_HOST {}", lease.docker_host())))?;
     Ok(Target::Tls { addr, config })
 }
 
