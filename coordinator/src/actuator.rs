@@ -380,8 +380,7 @@ mod tests {
         }))
     }
 
-    type Rx =
-        tokio::sync::mpsc::Receiver<Result<berth_proto::v1::CoordinatorMessage, tonic::Status>>;
+    type Rx = tokio::sync::mpsc::Receiver<Box<berth_proto::v1::CoordinatorMessage>>;
 
     struct World {
         pool: Arc<Pool>,

@@ -36,7 +36,7 @@ pub const OPS: u8 = 14;
 struct Agent {
     conn: u64,
     // Kept so the pool's sends succeed; drained to keep them bounded.
-    rx: mpsc::Receiver<Result<pb::CoordinatorMessage, tonic::Status>>,
+    rx: mpsc::Receiver<Box<pb::CoordinatorMessage>>,
 }
 
 /// A lease the script acquired, with the tenant it belongs to.

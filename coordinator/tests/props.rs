@@ -223,7 +223,7 @@ fn op() -> impl Strategy<Value = Op> {
 /// A simulated agent: it does what the real one does with each message.
 struct Agent {
     conn: u64,
-    rx: mpsc::Receiver<Result<pb::CoordinatorMessage, tonic::Status>>,
+    rx: mpsc::Receiver<Box<pb::CoordinatorMessage>>,
     state: pb::HostState,
     lease: Option<String>,
     gone: bool,
@@ -411,7 +411,7 @@ impl Sim {
                 if let Some(a) = self.agents.get_mut(&k) {
                     rejected_before = a.rejected.is_some();
                     while let Ok(m) = a.rx.try_recv() {
-                        if let Ok(pb::CoordinatorMessage { msg: Some(m) }) = m {
+                        if let pb::CoordinatorMessage { msg: Some(m) } = *m {
                             inbox.push(m);
                         }
                     }

@@ -355,7 +355,7 @@ impl Inner {
             return false;
         };
         let out = pb::CoordinatorMessage { msg: Some(msg) };
-        match tx.try_send(Ok(out)) {
+        match tx.try_send(Box::new(out)) {
             Ok(()) => true,
             Err(err) => {
                 warn!(host_id = hid, error = %err, "agent stream not accepting messages; dropping it");

@@ -32,7 +32,6 @@ use std::time::{Duration, SystemTime};
 use berth_proto::v1 as pb;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
-use tonic::Status;
 
 use berth_tls::{KeyId, TenantLimits};
 
@@ -67,8 +66,10 @@ pub use registration::{RegisteredTls, Registration};
 pub use sweep::Presence;
 pub use views::PoolStats;
 
-/// What the coordinator sends down an agent's stream.
-pub type AgentTx = mpsc::Sender<Result<pb::CoordinatorMessage, Status>>;
+/// What the coordinator sends down an agent's stream. Boxed: a channel
+/// allocates room for 32 messages when it is made, and every connected
+/// agent has one; 32 pointers take a tenth of 32 messages.
+pub type AgentTx = mpsc::Sender<Box<pb::CoordinatorMessage>>;
 
 /// Tunables of the pool. Defaults suit `berth up` on one machine.
 #[derive(Debug, Clone)]

@@ -16,7 +16,7 @@ const T: &str = "t1";
 struct Agent {
     id: String,
     conn: u64,
-    rx: mpsc::Receiver<Result<pb::CoordinatorMessage, Status>>,
+    rx: mpsc::Receiver<Box<pb::CoordinatorMessage>>,
 }
 
 impl Agent {
@@ -48,11 +48,7 @@ impl Agent {
     }
 
     fn next(&mut self) -> Option<Out> {
-        self.rx
-            .try_recv()
-            .ok()
-            .and_then(|m| m.ok())
-            .and_then(|m| m.msg)
+        self.rx.try_recv().ok().and_then(|m| m.msg)
     }
 
     fn expect_assign(&mut self) -> pb::AssignLease {
