@@ -231,8 +231,8 @@ impl fmt::Display for Report {
         )?;
         writeln!(
             f,
-            "speedup (medians, no cache / cache): {:.2}x",
-            self.speedup()
+            "speedup (medians, no cache / cache): {}x",
+            super::fmt(self.speedup())
         )
     }
 }
