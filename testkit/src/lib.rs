@@ -272,9 +272,11 @@ impl LeaseEnv {
         self.get("DOCKER_HOST")
     }
 
-    /// The address of the host's Docker front, from `DOCKER_HOST`.
-    pub fn front_addr(&self) -> Option<SocketAddr> {
+    /// The address of the host's Docker front, from `DOCKER_HOST`; panics
+    /// like [`LeaseEnv::get`] when `berth acquire` wrote no such address.
+    pub fn front_addr(&self) -> SocketAddr {
         front_addr(self.docker_host())
+            .unwrap_or_else(|| panic!("DOCKER_HOST {} is no tcp://ADDR:PORT", self.docker_host()))
     }
 
     /// The directory `berth acquire` wrote ca.pem, cert.pem and key.pem to.

@@ -15,7 +15,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use berth_proto::v1 as pb;
@@ -27,12 +26,6 @@ on_each_store! {
     agent_killed_mid_lease_is_restarted_on_the_same_host_and_the_lease_resumes => agent_killed_mid_lease,
     agent_killed_and_back_after_the_deadline_wipes_and_destroys_the_host => agent_back_after_the_deadline,
     idle_agent_killed_leaves_an_unknown_host_that_is_wiped_before_it_is_ready => idle_agent_killed,
-}
-
-fn front(lease: &LeaseEnv) -> SocketAddr {
-    lease
-        .front_addr()
-        .unwrap_or_else(|| panic!("bad DOCKER_HOST {}", lease.docker_host()))
 }
 
 fn coordinator_killed_mid_lease(store: Store) {
@@ -199,7 +192,7 @@ fn agent_killed_mid_lease(store: Store) {
     kill(agent, Signal::SIGKILL).unwrap();
     // The front dies with the agent...
     wait_for("the front to go down", Duration::from_secs(10), || {
-        std::net::TcpStream::connect_timeout(&front(&a), Duration::from_millis(500))
+        std::net::TcpStream::connect_timeout(&a.front_addr(), Duration::from_millis(500))
             .is_err()
             .then_some(())
     });
