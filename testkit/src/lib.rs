@@ -21,9 +21,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod background;
 pub mod fake_coordinator;
 pub mod postgres;
 
+pub use background::Background;
 pub use fake_coordinator::{AgentFeed, FakeCoordinator};
 
 use std::collections::HashMap;

@@ -17,8 +17,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::Read;
-use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use berth_proto::v1 as pb;
@@ -101,63 +99,26 @@ impl Run {
 /// A `berth acquire` waiting in the background.
 struct Waiting {
     build: String,
-    child: Option<Child>,
+    run: Background,
 }
 
 impl Waiting {
     fn spawn(r: &Run, build: &str) -> Self {
-        let child =
-            r.aw.w
-                .berth_command(
-                    &r.c,
-                    &["acquire", "--build", build, "--ttl", "10m", "--wait", "4m"],
-                )
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .expect("spawn berth acquire");
+        let cmd = r.aw.w.berth_command(
+            &r.c,
+            &["acquire", "--build", build, "--ttl", "10m", "--wait", "4m"],
+        );
         Waiting {
             build: build.to_owned(),
-            child: Some(child),
+            run: Background::spawn("berth acquire", cmd),
         }
     }
 
     /// The lease, once the acquire has one.
     fn granted(&mut self) -> Option<LeaseEnv> {
-        let child = self.child.as_mut()?;
-        let status = child.try_wait().unwrap()?;
-        let mut child = self.child.take().unwrap();
-        let (mut out, mut err) = (String::new(), String::new());
-        child
-            .stdout
-            .take()
-            .unwrap()
-            .read_to_string(&mut out)
-            .unwrap();
-        child
-            .stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut err)
-            .unwrap();
-        // Exited already: this only reaps it.
-        let _ = child.wait();
-        assert!(
-            status.success(),
-            "berth acquire {} failed: {status}\n{err}",
-            self.build
-        );
-        Some(LeaseEnv::parse(&out))
-    }
-}
-
-impl Drop for Waiting {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        let out = self.run.try_output()?;
+        let what = format!("berth acquire {}", self.build);
+        Some(LeaseEnv::parse(&stdout(&ok(out, &what))))
     }
 }
 
@@ -278,9 +239,8 @@ fn the_group_follows_the_coordinator_out_to_max_and_back_in_through_idle_instanc
     // Five builds of the burst were served; the others give up (their
     // acquires end) and leave the queue.
     let (served, gave_up): (Vec<Waiting>, Vec<Waiting>) =
-        waiting.into_iter().partition(|w| w.child.is_none());
+        waiting.into_iter().partition(|w| w.run.taken());
     assert_eq!(served.len(), SERVED);
-    assert!(served.iter().all(|w| w.child.is_none()));
     drop(gave_up);
     wait_for(
         "the builds that gave up to leave the queue",

@@ -8,10 +8,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::BufRead;
 use std::path::PathBuf;
-use std::process::{Child, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use berth_proto::v1 as pb;
@@ -130,82 +128,39 @@ fn a_later_tenant_is_served_in_turn_and_a_tenant_beyond_max_queued_is_refused() 
     );
 }
 
-/// A `berth acquire` running in the background; its stderr (the progress
-/// lines) collected as it comes. Killed if dropped before it ended.
-struct Waiting {
-    child: Child,
-    stderr: Arc<Mutex<String>>,
-    reader: Option<std::thread::JoinHandle<()>>,
-}
+/// A `berth acquire` running in the background, printing its place in
+/// the queue every 200 ms.
+struct Waiting(Background);
 
 impl Waiting {
     fn start(pool: &Pool, token_file: &PathBuf, build: &str) -> Self {
-        let mut child = pool
-            .berth_cmd()
-            .env("BERTH_TOKEN_FILE", token_file)
-            .args([
-                "acquire",
-                "--build",
-                build,
-                "--ttl",
-                "5m",
-                "--wait",
-                "5m",
-                "--progress-every",
-                "200ms",
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let pipe = child.stderr.take().unwrap();
-        let sink = stderr.clone();
-        let reader = std::thread::spawn(move || {
-            for line in std::io::BufReader::new(pipe).lines() {
-                let Ok(line) = line else { break };
-                let mut s = sink.lock().unwrap();
-                s.push_str(&line);
-                s.push('\n');
-            }
-        });
-        Self {
-            child,
-            stderr,
-            reader: Some(reader),
-        }
+        let mut cmd = pool.berth_cmd();
+        cmd.env("BERTH_TOKEN_FILE", token_file).args([
+            "acquire",
+            "--build",
+            build,
+            "--ttl",
+            "5m",
+            "--wait",
+            "5m",
+            "--progress-every",
+            "200ms",
+        ]);
+        Self(Background::spawn(&format!("berth acquire {build}"), cmd))
     }
 
     fn stderr(&self) -> String {
-        self.stderr.lock().unwrap().clone()
+        self.0.stderr()
     }
 
     /// Waits for a progress line naming `position`.
     fn wait_for_position(&self, position: &str) {
-        wait_for(position, Duration::from_secs(30), || {
-            self.stderr().contains(position).then_some(())
-        });
+        self.0.wait_for_stderr(position, Duration::from_secs(30));
     }
 
     /// Waits for the acquire to end; its lease.
-    fn lease(mut self) -> LeaseEnv {
-        let mut stdout = String::new();
-        std::io::Read::read_to_string(self.child.stdout.as_mut().unwrap(), &mut stdout).unwrap();
-        let status = self.child.wait().unwrap();
-        if let Some(r) = self.reader.take() {
-            r.join().unwrap();
-        }
-        assert!(status.success(), "acquire failed: {}", self.stderr());
-        LeaseEnv::parse(&stdout)
-    }
-}
-
-impl Drop for Waiting {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+    fn lease(self) -> LeaseEnv {
+        LeaseEnv::parse(&stdout(&ok(self.0.output(), "acquire")))
     }
 }
 

@@ -472,19 +472,16 @@ fn a_build_waiting_when_the_leader_dies_gets_its_host_from_the_next_leader() {
         ),
         "acquire the only host",
     )));
-    let waiting = berth_cmd_at(
-        &pool,
-        &both,
-        &[
-            "acquire", "--build", "waiting", "--ttl", "10m", "--wait", "2m",
-        ],
-    )
-    .stdin(Stdio::null())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .spawn()
-    .expect("cannot start berth acquire");
-    let waiting = KillOnDrop(Some(waiting));
+    let waiting = Background::spawn(
+        "berth acquire --build waiting",
+        berth_cmd_at(
+            &pool,
+            &both,
+            &[
+                "acquire", "--build", "waiting", "--ttl", "10m", "--wait", "2m",
+            ],
+        ),
+    );
     wait_for("the second build to queue", Duration::from_secs(30), || {
         let o = berth_at(&pool, &both, &["get", "--build", "waiting"]);
         stdout(&o).contains("position 1 of 1").then_some(())
@@ -500,7 +497,7 @@ fn a_build_waiting_when_the_leader_dies_gets_its_host_from_the_next_leader() {
         berth_at(&pool, &both, &["release", "--lease", held.lease_id()]),
         "release the held host through the new leader",
     );
-    let out = waiting_output(waiting);
+    let out = waiting.output();
     let (out_s, err_s) = (
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -534,26 +531,4 @@ fn a_build_waiting_when_the_leader_dies_gets_its_host_from_the_next_leader() {
         "release the served build",
     );
     drop(b);
-}
-
-/// A child process killed if the test fails before it is waited for.
-struct KillOnDrop(Option<Child>);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-/// Waits for the `berth acquire` in `child` and returns what it printed.
-fn waiting_output(mut child: KillOnDrop) -> Output {
-    child
-        .0
-        .take()
-        .unwrap()
-        .wait_with_output()
-        .expect("berth acquire")
 }
