@@ -351,13 +351,66 @@ fn read_credentials(path: &Path) -> Result<(String, String), RegistryError> {
     }
 }
 
-/// A free port on 127.0.0.1 (for a registry's metrics endpoint).
+/// Where the kernel hands out ports to `connect` and `bind(0)` when
+/// `/proc/sys/net/ipv4/ip_local_port_range` cannot be read: its default.
+const DEFAULT_EPHEMERAL: (u16, u16) = (32768, 60999);
+/// The lowest port a registry's metrics endpoint is given.
+const LOWEST_DEBUG_PORT: u16 = 10000;
+/// How many random candidates are tried before giving up.
+const PORT_ATTEMPTS: usize = 64;
+
+/// The kernel's ephemeral port range, from `text` (the contents of
+/// `ip_local_port_range`), or the default.
+fn ephemeral_range(text: Option<&str>) -> (u16, u16) {
+    let mut parts = text.unwrap_or("").split_whitespace().map(str::parse::<u16>);
+    match (parts.next(), parts.next()) {
+        (Some(Ok(lo)), Some(Ok(hi))) if lo <= hi => (lo, hi),
+        _ => DEFAULT_EPHEMERAL,
+    }
+}
+
+/// The ports a registry's metrics endpoint is picked from: outside the
+/// ephemeral range, so no outgoing connection of this machine takes the
+/// port between the check and the registry's own bind.
+fn debug_port_candidates(ephemeral: (u16, u16)) -> std::ops::RangeInclusive<u16> {
+    if ephemeral.0 > LOWEST_DEBUG_PORT + 1000 {
+        LOWEST_DEBUG_PORT..=ephemeral.0 - 1
+    } else {
+        ephemeral.1.saturating_add(1).max(LOWEST_DEBUG_PORT)..=u16::MAX
+    }
+}
+
+/// A free port on 127.0.0.1 for a registry's metrics endpoint (see
+/// [`debug_port_candidates`]).
 fn free_local_port() -> Result<u16, RegistryError> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0")
-        .map_err(io_err("cannot bind", Path::new("127.0.0.1:0")))?;
-    l.local_addr()
-        .map(|a| a.port())
-        .map_err(io_err("cannot bind", Path::new("127.0.0.1:0")))
+    let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok();
+    let candidates = debug_port_candidates(ephemeral_range(text.as_deref()));
+    let mut rng = rand::rng();
+    let mut last = None;
+    for _ in 0..PORT_ATTEMPTS {
+        let port = rng.random_range(candidates.clone());
+        match std::net::TcpListener::bind(("127.0.0.1", port)) {
+            Ok(_) => return Ok(port),
+            Err(e) => last = Some(e),
+        }
+    }
+    let e = last.unwrap_or_else(|| std::io::Error::other("no candidate port"));
+    Err(io_err("cannot bind", Path::new("127.0.0.1"))(e))
+}
+
+/// How many of a registry's last log lines a start failure quotes.
+const START_LOG_LINES: usize = 5;
+
+/// The last `n` lines of the log at `path` (what a registry said before it
+/// exited), or why it cannot be read.
+fn log_tail(path: &Path, n: usize) -> String {
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(n)..].join("\n")
+        }
+        Err(e) => format!("(its log {}: {e})", path.display()),
+    }
 }
 
 fn random_hex() -> String {
@@ -421,7 +474,8 @@ impl Instance {
         let deadline = tokio::time::Instant::now() + START_TIMEOUT;
         loop {
             if let Ok(Some(status)) = child.try_wait() {
-                return Err(self.start_error(format!("it exited with {status}")));
+                let said = log_tail(&self.log, START_LOG_LINES);
+                return Err(self.start_error(format!("it exited with {status}, saying:\n{said}")));
             }
             if tokio::net::TcpStream::connect(self.addr).await.is_ok() {
                 return Ok(());
@@ -1031,6 +1085,44 @@ fn find_bin(bin: &Path) -> Result<PathBuf, RegistryError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn metrics_ports_are_picked_outside_the_ephemeral_range() {
+        assert_eq!(ephemeral_range(Some("32768\t60999\n")), (32768, 60999));
+        assert_eq!(ephemeral_range(Some("1024 65000")), (1024, 65000));
+        assert_eq!(ephemeral_range(Some("garbage")), DEFAULT_EPHEMERAL);
+        assert_eq!(ephemeral_range(None), DEFAULT_EPHEMERAL);
+        assert_eq!(debug_port_candidates((32768, 60999)), 10000..=32767);
+        assert_eq!(debug_port_candidates((1024, 50000)), 50001..=u16::MAX);
+        let port = free_local_port().unwrap();
+        let (lo, hi) = ephemeral_range(
+            std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+                .ok()
+                .as_deref(),
+        );
+        assert!(!(lo..=hi).contains(&port), "{port} is in {lo}..={hi}");
+        // Free: the registry can bind it.
+        std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    }
+
+    #[test]
+    fn a_start_failure_quotes_the_end_of_the_log() {
+        let dir = std::env::temp_dir().join(format!("berth-logtail-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("cache.log");
+        std::fs::write(
+            &log,
+            "one\ntwo\nthree\nlisten tcp 127.0.0.1:5001: bind: address already in use\n",
+        )
+        .unwrap();
+        assert_eq!(
+            log_tail(&log, 2),
+            "three\nlisten tcp 127.0.0.1:5001: bind: address already in use"
+        );
+        assert_eq!(log_tail(&log, 10).lines().count(), 4);
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(log_tail(&log, 2).contains("its log"));
+    }
 
     #[test]
     fn blocks_follow_the_agents_layout() {
