@@ -101,6 +101,38 @@ async fn next(inbound: &mut Inbound) -> Option<pb::coordinator_message::Msg> {
         .and_then(|m| m.msg)
 }
 
+/// Waits until the coordinator has taken the agent's acceptance of
+/// `lease_id`: the Acquire answer leaves at the durable assignment, which
+/// may be before the acceptance. An Active lease is stored (on PostgreSQL:
+/// committed) before it is visible as Active.
+async fn accepted(s: &Server, site: &Site, lease_id: &str) {
+    let mut c = s.leases();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let lease = c
+            .get(pb::GetRequest {
+                lease_id: lease_id.to_owned(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .lease
+            .unwrap();
+        if lease.state == pb::LeaseState::Active as i32 {
+            break;
+        }
+        assert_eq!(lease.state, pb::LeaseState::Assigned as i32, "{lease:?}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the acceptance of {lease_id} was not taken"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if let Some(state) = site.stored_state(lease_id) {
+        assert_eq!(state, "active");
+    }
+}
+
 fn acquire(build: &str) -> pb::AcquireRequest {
     pb::AcquireRequest {
         csr_pem: csr(),
@@ -129,10 +161,7 @@ async fn graceful_stop(store: Store) {
     .await
     .unwrap();
     let lease = pending.await.unwrap().unwrap().into_inner().lease.unwrap();
-    // The answer came once the lease was stored (on PostgreSQL: committed).
-    if let Some(state) = site.stored_state(&lease.lease_id) {
-        assert_eq!(state, "active");
-    }
+    accepted(&s, &site, &lease.lease_id).await;
 
     // Graceful stop: the agent's stream ends and serve returns.
     tokio::time::timeout(Duration::from_secs(15), s.stop_keep())
@@ -234,9 +263,7 @@ async fn host_never_returns(store: Store) {
     .await
     .unwrap();
     let lease = pending.await.unwrap().unwrap().into_inner().lease.unwrap();
-    if let Some(state) = site.stored_state(&lease.lease_id) {
-        assert_eq!(state, "active");
-    }
+    accepted(&s, &site, &lease.lease_id).await;
     s.stop_keep().await;
     drop(tx);
     assert_lead_given_up(&site);
