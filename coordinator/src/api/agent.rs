@@ -89,8 +89,12 @@ impl AgentService for Services {
                         () = tokio::time::sleep_until(renew_at) => {
                             let now = Now::system();
                             renew_at = match ca.sign_host_for(&csr_pem, &host_id, addr, now.wall, validity) {
-                                Ok(pem) => {
-                                    if !pool.renew_host_cert(&host_id, conn_id, pem, now) {
+                                Ok(server_cert_pem) => {
+                                    let tls = RegisteredTls {
+                                        server_cert_pem,
+                                        ca_pem: ca.cert_pem().to_owned(),
+                                    };
+                                    if !pool.renew_host_cert(&host_id, conn_id, tls, now) {
                                         break;
                                     }
                                     tokio::time::Instant::now() + renew_every

@@ -12,7 +12,7 @@ use berth_proto::v1 as pb;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use super::{AgentTx, HostEntry, Inner, Lease, Now, Pool, PoolConfig, Registration};
+use super::{AgentTx, HostEntry, Inner, Lease, Now, Pool, PoolConfig, RegisteredTls, Registration};
 use crate::error::{Error, Protocol, Refusal};
 use crate::host::{self, Event as HostEvent};
 use crate::lease::{self, LeaseEvent, LeaseState};
@@ -36,7 +36,7 @@ impl Pool {
     /// Records a (re-)registering agent and returns its connection id; the
     /// previous stream of the same host, if any, is dropped. Refused when
     /// the orphan sweeper is ending this host.
-    pub fn register(&self, reg: Registration, tx: AgentTx, now: Now) -> Result<u64, Error> {
+    pub fn register(&self, mut reg: Registration, tx: AgentTx, now: Now) -> Result<u64, Error> {
         let mut g = self.lock();
         let host_id = reg.host_id.clone();
         if let Some(reason) = g.refusal(&reg) {
@@ -90,7 +90,7 @@ impl Pool {
         let agent_lease = (!reg.lease_id.is_empty()).then(|| reg.lease_id.clone());
         let agent_deadline = reg.lease_deadline;
         let agent_lease_key = reg.lease_key;
-        let registered = registered_message(&self.cfg, &reg.tls);
+        let registered = registered_message(&self.cfg, std::mem::take(&mut reg.tls));
         if let Some(e) = g.hosts.get_mut(&host_id) {
             e.reg = reg;
             e.tx = Some(tx);
@@ -290,7 +290,13 @@ impl Pool {
     /// Hands the agent on stream `conn_id` a fresh server certificate (a
     /// `Registered` on the live stream; the agent's front takes it without
     /// reconnecting). False when that stream is no longer the host's.
-    pub fn renew_host_cert(&self, host_id: &str, conn_id: u64, cert_pem: String, now: Now) -> bool {
+    pub fn renew_host_cert(
+        &self,
+        host_id: &str,
+        conn_id: u64,
+        tls: RegisteredTls,
+        now: Now,
+    ) -> bool {
         let mut g = self.lock();
         let Some(e) = g.hosts.get_mut(host_id) else {
             return false;
@@ -298,8 +304,7 @@ impl Pool {
         if e.host.conn() != Some(conn_id) {
             return false;
         }
-        e.reg.tls.server_cert_pem = cert_pem;
-        let msg = registered_message(&self.cfg, &e.reg.tls);
+        let msg = registered_message(&self.cfg, tls);
         info!(host_id, conn_id, "agent's server certificate re-issued");
         g.send(host_id, msg, now);
         true
@@ -463,15 +468,12 @@ impl Inner {
 
 /// What tells an agent it is registered: the heartbeat interval and its
 /// TLS material (sent again, mid-stream, when its certificate is renewed).
-fn registered_message(
-    cfg: &PoolConfig,
-    tls: &super::RegisteredTls,
-) -> pb::coordinator_message::Msg {
+fn registered_message(cfg: &PoolConfig, tls: RegisteredTls) -> pb::coordinator_message::Msg {
     let hb = cfg.heartbeat_interval;
     pb::coordinator_message::Msg::Registered(pb::Registered {
         heartbeat_interval_ms: u32::try_from(hb.as_millis()).unwrap_or(u32::MAX),
-        server_cert_pem: tls.server_cert_pem.clone(),
-        ca_pem: tls.ca_pem.clone(),
+        server_cert_pem: tls.server_cert_pem,
+        ca_pem: tls.ca_pem,
     })
 }
 

@@ -33,7 +33,8 @@ pub struct Registration {
     /// With `lease_id`: the key the agent's lease is pinned to.
     pub lease_key: Option<KeyId>,
     /// What `Registered` hands back: the front's server certificate and the
-    /// pool CA (signed by the service before the host joins the pool).
+    /// pool CA (signed by the service before the host joins the pool). Sent
+    /// once and not kept: the pool's copy of a registration holds it empty.
     pub tls: RegisteredTls,
 }
 
