@@ -93,7 +93,7 @@ where
             final_flush_done: false,
             encoder: Encoder {
                 hpack: hpack::Encoder::default(),
-                buf: Cursor::new(BytesMut::with_capacity(DEFAULT_BUFFER_CAPACITY)),
+                buf: Cursor::new(BytesMut::new()),
                 next: None,
                 last_data_frame: None,
                 max_frame_size: frame::DEFAULT_MAX_FRAME_SIZE,
@@ -197,9 +197,9 @@ where
     B: Buf,
 {
     fn unset_frame(&mut self) -> ControlFlow {
-        // Clear internal buffer
+        // Release the internal buffer: an idle connection holds none.
         self.buf.set_position(0);
-        self.buf.get_mut().clear();
+        *self.buf.get_mut() = BytesMut::new();
 
         // The data frame has been written, so unset it
         match self.next.take() {
@@ -210,6 +210,7 @@ where
             }
             Some(Next::Continuation(frame)) => {
                 // Buffer the continuation frame, then try to write again
+                self.buf.get_mut().reserve(DEFAULT_BUFFER_CAPACITY);
                 let mut buf = limited_write_buf!(self);
                 if let Some(continuation) = frame.encode(&mut buf) {
                     self.next = Some(Next::Continuation(continuation));
@@ -227,6 +228,10 @@ where
         let _e = span.enter();
 
         tracing::debug!(frame = ?item, "send");
+
+        if self.buf.get_ref().capacity() == 0 {
+            self.buf.get_mut().reserve(DEFAULT_BUFFER_CAPACITY);
+        }
 
         match item {
             Frame::Data(mut v) => {
@@ -308,8 +313,9 @@ where
 
     fn has_capacity(&self) -> bool {
         self.next.is_none()
-            && (self.buf.get_ref().capacity() - self.buf.get_ref().len()
-                >= self.min_buffer_capacity)
+            && (self.buf.get_ref().capacity() == 0
+                || self.buf.get_ref().capacity() - self.buf.get_ref().len()
+                    >= self.min_buffer_capacity)
     }
 
     fn is_empty(&self) -> bool {

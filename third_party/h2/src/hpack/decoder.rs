@@ -158,7 +158,7 @@ impl Decoder {
             max_size_update: None,
             last_max_update: size,
             table: Table::new(size),
-            buffer: BytesMut::with_capacity(4096),
+            buffer: BytesMut::new(),
         }
     }
 
@@ -175,6 +175,20 @@ impl Decoder {
 
     /// Decodes the headers found in the given buffer.
     pub fn decode<F>(
+        &mut self,
+        src: &mut Cursor<&mut BytesMut>,
+        f: F,
+    ) -> Result<(), DecoderError>
+    where
+        F: FnMut(Header) -> ControlFlow<()>,
+    {
+        let r = self.decode_block(src, f);
+        // The decoded strings keep their own parts; an idle connection keeps no scratch space.
+        self.buffer = BytesMut::new();
+        r
+    }
+
+    fn decode_block<F>(
         &mut self,
         src: &mut Cursor<&mut BytesMut>,
         mut f: F,

@@ -409,7 +409,12 @@ impl<T> Stream for Streaming<T> {
                 return Poll::Ready(Some(Ok(item)));
             }
 
-            if ready!(self.inner.poll_frame(cx))?.is_none() {
+            let polled = self.inner.poll_frame(cx);
+            if polled.is_pending() && self.inner.buf.is_empty() {
+                // Waiting for the peer with nothing buffered: hold no buffer.
+                self.inner.buf = BytesMut::new();
+            }
+            if ready!(polled)?.is_none() {
                 match self.inner.response() {
                     Ok(()) => return Poll::Ready(None),
                     Err(err) => self.inner.state = State::Error(Some(err)),

@@ -40,7 +40,8 @@ impl<T: Encoder, U: Stream> EncodedBytes<T, U> {
         max_message_size: Option<usize>,
     ) -> Self {
         let buffer_settings = encoder.buffer_settings();
-        let buf = BytesMut::with_capacity(buffer_settings.buffer_size);
+        // Allocated when a message is encoded; an idle stream holds none.
+        let buf = BytesMut::new();
 
         let compression_encoding =
             if compression_override == SingleMessageCompressionOverride::Disable {
@@ -99,7 +100,7 @@ where
                     return Poll::Ready(None);
                 }
                 Poll::Pending | Poll::Ready(None) => {
-                    return Poll::Ready(Some(Ok(buf.split_to(buf.len()).freeze())));
+                    return Poll::Ready(Some(Ok(std::mem::take(buf).freeze())));
                 }
                 Poll::Ready(Some(Ok(item))) => {
                     if let Err(status) = encode_item(
@@ -115,7 +116,7 @@ where
                     }
 
                     if buf.len() >= buffer_settings.yield_threshold {
-                        return Poll::Ready(Some(Ok(buf.split_to(buf.len()).freeze())));
+                        return Poll::Ready(Some(Ok(std::mem::take(buf).freeze())));
                     }
                 }
                 Poll::Ready(Some(Err(status))) => {
@@ -123,7 +124,7 @@ where
                         return Poll::Ready(Some(Err(status)));
                     }
                     *error = Some(status);
-                    return Poll::Ready(Some(Ok(buf.split_to(buf.len()).freeze())));
+                    return Poll::Ready(Some(Ok(std::mem::take(buf).freeze())));
                 }
             }
         }
@@ -144,6 +145,9 @@ where
 {
     let offset = buf.len();
 
+    if buf.capacity() == 0 {
+        buf.reserve(buffer_settings.buffer_size);
+    }
     buf.reserve(HEADER_SIZE);
     unsafe {
         buf.advance_mut(HEADER_SIZE);
