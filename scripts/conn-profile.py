@@ -12,7 +12,7 @@ allocation whose pages were never written costs nothing: that is the
 difference between the "allocated" and "resident" columns.
 
 Usage (as root, after a release build of the bench and daemons):
-    scripts/conn-profile.py [--min-rss-mib 100] [-- BERTH-BENCH P2 ARGS...]
+    scripts/conn-profile.py [--min-rss-mib 60] [-- BERTH-BENCH P2 ARGS...]
 Default bench arguments: p2 --p2-agents 10000 --p2-seconds 1 --p2-no-memory-store
 Installs Debian's heaptrack if it is missing. Work files go to
 /tmp/berth-conn-profile (a few hundred MB; removed at the end).
@@ -192,7 +192,7 @@ def analyze(raw, snap):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--min-rss-mib", type=int, default=100)
+    ap.add_argument("--min-rss-mib", type=int, default=60)
     ap.add_argument("bench", nargs="*")
     args = ap.parse_args()
     bench = args.bench or ["p2", "--p2-agents", "10000", "--p2-seconds", "1", "--p2-no-memory-store"]
