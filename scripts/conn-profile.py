@@ -42,7 +42,10 @@ CATEGORIES = [
     ("h2 HPACK decoder scratch buffer (4 KiB)", r"FrameDecoder>::new|FrameDecoder::new"),
     ("rustls record read buffer (4 KiB)", r"DeframerVecBuffer"),
     ("rustls connection state, keys", r"rustls"),
-    ("connection task (tonic: hyper + h2 + TLS stream)", r"serve_connection.*bind_new_task"),
+    # The second form: the size-optimised release build inlines tonic's
+    # accept loop into serve_pool, which boxes each connection's task.
+    ("connection task (tonic: hyper + h2 + TLS stream)",
+     r"serve_connection.*bind_new_task|serve_pool[^;]*;[^;]*PollFn[^;]*;[^;]*;[^;]*box_new_uninit"),
     ("h2 HPACK tables", r"hpack"),
     ("h2 stream store and frame queues", r"h2::proto::streams"),
     ("h2 other", r"h2::"),
@@ -52,6 +55,7 @@ CATEGORIES = [
     ("tonic (per-stream codec buffers, handler)", r"tonic"),
     ("hyper (per-stream task)", r"hyper"),
     ("tokio (socket registration, timers)", r"tokio"),
+    ("redb page cache (the lease store)", r"redb::"),
     ("other", r"."),
 ]
 
@@ -135,7 +139,7 @@ def watch(exe, min_kib, stop, snaps):
         time.sleep(0.1)
 
 
-def analyze(raw, snap):
+def analyze(raw, snap, show_other=0):
     interpreted = raw + ".int"
     with open(raw) as src, open(interpreted, "w") as dst:
         subprocess.run([INTERPRET], stdin=src, stdout=dst, check=True)
@@ -157,12 +161,7 @@ def analyze(raw, snap):
 
     def category(t):
         if t not in cache:
-            frames, n = [], t
-            while n:
-                ip, parent = traces[n]
-                frames.extend(reversed([names[i] if i else "?" for i in ips[ip]] if ip < len(ips) else []))
-                n = parent
-            stack = ";".join(reversed(frames))
+            stack = ";".join(stack_of(traces, ips, names, t))
             cache[t] = next(name for name, rx in CATEGORIES if re.search(rx, stack))
         return cache[t]
 
@@ -179,20 +178,38 @@ def analyze(raw, snap):
                 break
     resident_pages = set(snap["pages"])
     allocated, resident = collections.Counter(), collections.Counter()
+    by_trace = collections.Counter()
     for ptr, (size, trace) in live.items():
         c = category(trace)
         allocated[c] += size
         page, end = ptr >> 12, ptr + size
         while (page << 12) < end:
             if page in resident_pages:
-                resident[c] += min(end, (page + 1) << 12) - max(ptr, page << 12)
+                n = min(end, (page + 1) << 12) - max(ptr, page << 12)
+                resident[c] += n
+                if c == "other":
+                    by_trace[trace] += n
             page += 1
-    return allocated, resident, len(resident_pages) * 4096
+    # The biggest stacks nothing above claims, innermost frames last: what a
+    # new category should match.
+    others = [(n, stack_of(traces, ips, names, t)) for t, n in by_trace.most_common(show_other)]
+    return allocated, resident, len(resident_pages) * 4096, others
+
+
+def stack_of(traces, ips, names, t):
+    frames, n = [], t
+    while n:
+        ip, parent = traces[n]
+        frames.extend(reversed([names[i] if i else "?" for i in ips[ip]] if ip < len(ips) else []))
+        n = parent
+    return list(reversed(frames))
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--min-rss-mib", type=int, default=60)
+    ap.add_argument("--show-other", type=int, default=0, metavar="N",
+                    help="print the N stacks with the most resident bytes in 'other'")
     ap.add_argument("bench", nargs="*")
     args = ap.parse_args()
     bench = args.bench or ["p2", "--p2-agents", "10000", "--p2-seconds", "1", "--p2-no-memory-store"]
@@ -222,8 +239,12 @@ def main():
         if "--p2-agents" in bench else 10000
     results = []
     for snap in sorted(snaps, key=lambda s: s["pid"]):
-        a, r, pages = analyze(os.path.join(WORK, f"heap.{snap['pid']}"), snap)
+        a, r, pages, others = analyze(os.path.join(WORK, f"heap.{snap['pid']}"), snap, args.show_other)
         results.append((snap, a, r, pages))
+        for n, stack in others:
+            print(f"\n'other' in coordinator {snap['pid']}: {n} resident bytes from")
+            for frame in stack[-16:]:
+                print(f"    {frame[:160]}")
     shutil.rmtree(WORK, ignore_errors=True)
     if len(results) != 2:
         sys.exit(f"expected two snapshots (multiplexed, one connection each), got {len(results)}")
