@@ -398,7 +398,8 @@ mod tests {
         let mut rxs = Vec::new();
         for (h, ip) in [(A, "10.0.0.1"), (B, "10.0.0.2"), (C, "10.0.0.3")] {
             let (tx, rx) = tokio::sync::mpsc::channel(16);
-            pool.register(reg(h, ip), tx, Now::system()).unwrap();
+            pool.register(reg(h, ip), Default::default(), tx, Now::system())
+                .unwrap();
             rxs.push(rx);
         }
         let api = Arc::new(FakeAsg::new(&[A, B, C], 3, fail_terminate));

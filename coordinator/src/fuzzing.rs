@@ -270,7 +270,7 @@ fn register(pool: &Pool, agents: &mut HashMap<u8, Agent>, host: u8, mut r: pb::R
         return;
     };
     let (tx, rx) = mpsc::channel(crate::api::agent::AGENT_CHANNEL_DEPTH);
-    if let Ok(conn) = pool.register(reg, tx, now) {
+    if let Ok(conn) = pool.register(reg, Default::default(), tx, now) {
         agents.insert(host, Agent { conn, rx });
     }
 }

@@ -586,10 +586,13 @@ pub(crate) mod tests {
         );
         let (tx, _rx) = tokio::sync::mpsc::channel(4);
         let reg = |id: &str| crate::testing::reg(id, "198.18.0.9");
-        let refused = pool.register(reg("h-bad"), tx.clone(), now).unwrap_err();
+        let refused = pool
+            .register(reg("h-bad"), Default::default(), tx.clone(), now)
+            .unwrap_err();
         assert!(refused.to_string().contains("h-bad"), "{refused}");
         // A host with a readable record or none registers as usual.
-        pool.register(reg("h3"), tx, now).unwrap();
+        pool.register(reg("h3"), Default::default(), tx, now)
+            .unwrap();
         drop(pool);
         // Left in place, still unreadable, for a person to look at.
         assert_eq!(store.load().unwrap().unreadable.len(), 1);

@@ -409,7 +409,8 @@ mod tests {
         let pool = Arc::new(Pool::new(PoolConfig::default()));
         let now = Now::system();
         let (tx_a, _rx_a) = tokio::sync::mpsc::channel(16);
-        pool.register(reg(A, "10.0.0.5"), tx_a, now).unwrap();
+        pool.register(reg(A, "10.0.0.5"), Default::default(), tx_a, now)
+            .unwrap();
         let lease = pool
             .acquire(
                 "ci",
@@ -422,7 +423,9 @@ mod tests {
             .unwrap();
         assert_eq!(pool.presences()[A], Presence::Leased);
         let (tx_c, _rx_c) = tokio::sync::mpsc::channel(16);
-        let conn_c = pool.register(reg(C, "10.0.0.7"), tx_c, now).unwrap();
+        let conn_c = pool
+            .register(reg(C, "10.0.0.7"), Default::default(), tx_c, now)
+            .unwrap();
 
         let metrics = Arc::new(Ec2Metrics::default());
         let cfg = SweepConfig {
@@ -448,7 +451,7 @@ mod tests {
         sweeper.pass().await;
         assert_eq!(ec2.state(C).0, "terminated");
         let (tx, _rx) = tokio::sync::mpsc::channel(16);
-        let late = pool.register(reg(C, "10.0.0.7"), tx, Now::system());
+        let late = pool.register(reg(C, "10.0.0.7"), Default::default(), tx, Now::system());
         assert_eq!(late.unwrap_err().code(), tonic::Code::PermissionDenied);
 
         // A, leased all along, was never touched; nor was the other pool's instance.
@@ -481,7 +484,7 @@ mod tests {
         sweeper.pass().await;
         assert!(ec2.state(B).1);
         let (tx, _rx) = tokio::sync::mpsc::channel(16);
-        pool.register(reg(B, "10.0.0.6"), tx, Now::system())
+        pool.register(reg(B, "10.0.0.6"), Default::default(), tx, Now::system())
             .unwrap();
         sweeper.pass().await;
         assert_eq!(ec2.state(B), ("running".into(), false));

@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime};
 use berth_aws::{Ec2Api, Ec2Error, InstanceInfo, POOL_TAG};
 use berth_proto::v1 as pb;
 
-use crate::pool::{RegisteredTls, Registration};
+use crate::pool::Registration;
 use crate::sweeper::ORPHAN_TAG;
 
 const SECOND: Duration = Duration::from_secs(1);
@@ -113,7 +113,6 @@ pub fn reg(id: &str, addr: &str) -> Registration {
         state: pb::HostState::Ready,
         lease_id: String::new(),
         lease_deadline: None,
-        tls: RegisteredTls::default(),
         key: None,
         lease_key: None,
     }

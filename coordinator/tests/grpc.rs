@@ -280,7 +280,7 @@ async fn a_fake_agent_carries_a_lease_from_acquire_to_release() {
     assert_eq!(lease.docker_host, "tcp://198.18.0.2:2376");
     assert_eq!(lease.host_addr, "198.18.0.2");
     // The agent's acceptance made it active.
-    active_soon(&mut s.leases(), &lease.lease_id).await;
+    s.active_soon(&lease.lease_id).await;
 
     // A retry of the same build (same key) gets the same lease at once.
     let again = s
@@ -485,7 +485,7 @@ async fn every_call_needs_the_right_credential_and_leases_belong_to_their_tenant
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted);
-    active_soon(&mut s.leases(), &lease.lease_id).await;
+    s.active_soon(&lease.lease_id).await;
     drop(tx);
     s.stop().await;
 }
@@ -633,31 +633,4 @@ async fn a_call_beyond_max_requests_is_refused_naming_it_and_agents_still_join()
     }
     drop(tx);
     s.stop().await;
-}
-
-/// Waits until lease `lease_id` is active (its agent's acceptance reaches
-/// the coordinator after the answer); fails after 5 s.
-async fn active_soon<T>(leases: &mut LeaseServiceClient<T>, lease_id: &str)
-where
-    T: tonic::client::GrpcService<tonic::body::Body>,
-    T::Error: Into<tonic::codegen::StdError>,
-    T::ResponseBody: tonic::codegen::Body<Data = tonic::codegen::Bytes> + Send + 'static,
-    <T::ResponseBody as tonic::codegen::Body>::Error: Into<tonic::codegen::StdError> + Send,
-{
-    let mut state = None;
-    for _ in 0..250 {
-        let got = leases
-            .get(pb::GetRequest {
-                lease_id: lease_id.to_owned(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        state = got.lease.map(|l| l.state);
-        if state == Some(pb::LeaseState::Active as i32) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("lease {lease_id} not active after 5 s: state {state:?}");
 }

@@ -297,7 +297,6 @@ impl Sim {
             None => (pb::HostState::Ready, None, false, false),
         };
         let reg = Registration {
-            tls: Default::default(),
             host_id: self.host_id(k),
             host_addr: "198.18.0.2".into(),
             docker_host: "tcp://198.18.0.2:2376".into(),
@@ -313,7 +312,7 @@ impl Sim {
             key: Some(berth_tls::KeyId([k; 32])),
             lease_key: lease.as_ref().map(|_| berth_tls::KeyId([0; 32])),
         };
-        let conn = match self.pool.register(reg, tx, self.now) {
+        let conn = match self.pool.register(reg, Default::default(), tx, self.now) {
             Ok(conn) => conn,
             // A host that held a lease (served it, or was assigned one that
             // ended) is refused when it comes back; the real agent then

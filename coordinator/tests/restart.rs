@@ -102,32 +102,9 @@ async fn next(inbound: &mut Inbound) -> Option<pb::coordinator_message::Msg> {
 }
 
 /// Waits until the coordinator has taken the agent's acceptance of
-/// `lease_id`: the Acquire answer leaves at the durable assignment, which
-/// may be before the acceptance. An Active lease is stored (on PostgreSQL:
-/// committed) before it is visible as Active.
+/// `lease_id`; an Active lease is stored (on PostgreSQL: committed).
 async fn accepted(s: &Server, site: &Site, lease_id: &str) {
-    let mut c = s.leases();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let lease = c
-            .get(pb::GetRequest {
-                lease_id: lease_id.to_owned(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .lease
-            .unwrap();
-        if lease.state == pb::LeaseState::Active as i32 {
-            break;
-        }
-        assert_eq!(lease.state, pb::LeaseState::Assigned as i32, "{lease:?}");
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the acceptance of {lease_id} was not taken"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    s.active_soon(lease_id).await;
     if let Some(state) = site.stored_state(lease_id) {
         assert_eq!(state, "active");
     }

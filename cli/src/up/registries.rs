@@ -380,22 +380,32 @@ fn debug_port_candidates(ephemeral: (u16, u16)) -> std::ops::RangeInclusive<u16>
     }
 }
 
-/// A free port on 127.0.0.1 for a registry's metrics endpoint (see
-/// [`debug_port_candidates`]).
-fn free_local_port() -> Result<u16, RegistryError> {
+/// `N` different free ports on 127.0.0.1 for the registries' metrics
+/// endpoints (see [`debug_port_candidates`]); each is held while the next
+/// is picked, so no two are the same.
+fn free_local_ports<const N: usize>() -> Result<[u16; N], RegistryError> {
     let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok();
     let candidates = debug_port_candidates(ephemeral_range(text.as_deref()));
     let mut rng = rand::rng();
-    let mut last = None;
-    for _ in 0..PORT_ATTEMPTS {
-        let port = rng.random_range(candidates.clone());
-        match std::net::TcpListener::bind(("127.0.0.1", port)) {
-            Ok(_) => return Ok(port),
-            Err(e) => last = Some(e),
+    let mut pick = || {
+        let mut last = std::io::Error::other("no candidate port");
+        for _ in 0..PORT_ATTEMPTS {
+            let port = rng.random_range(candidates.clone());
+            match std::net::TcpListener::bind(("127.0.0.1", port)) {
+                Ok(l) => return Ok((port, l)),
+                Err(e) => last = e,
+            }
         }
+        Err(io_err("cannot bind", Path::new("127.0.0.1"))(last))
+    };
+    let mut held = Vec::with_capacity(N);
+    let mut ports = [0; N];
+    for port in &mut ports {
+        let (p, listener) = pick()?;
+        held.push(listener);
+        *port = p;
     }
-    let e = last.unwrap_or_else(|| std::io::Error::other("no candidate port"));
-    Err(io_err("cannot bind", Path::new("127.0.0.1"))(e))
+    Ok(ports)
 }
 
 /// How many of a registry's last log lines a start failure quotes.
@@ -774,8 +784,7 @@ impl Registries {
         me.bin = Some(find_bin(&args.registry_bin)?);
         let dir = registries_dir(state_dir);
         berth_tls::files::create_private_dir(&dir)?;
-        me.mirror_debug = free_local_port()?;
-        me.cache_debug = free_local_port()?;
+        [me.mirror_debug, me.cache_debug] = free_local_ports()?;
         me.block = Some(take_block(state_dir).await?);
         Ok(me)
     }
@@ -1094,15 +1103,18 @@ mod tests {
         assert_eq!(ephemeral_range(None), DEFAULT_EPHEMERAL);
         assert_eq!(debug_port_candidates((32768, 60999)), 10000..=32767);
         assert_eq!(debug_port_candidates((1024, 50000)), 50001..=u16::MAX);
-        let port = free_local_port().unwrap();
+        let ports: [u16; 2] = free_local_ports().unwrap();
+        assert_ne!(ports[0], ports[1]);
         let (lo, hi) = ephemeral_range(
             std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
                 .ok()
                 .as_deref(),
         );
-        assert!(!(lo..=hi).contains(&port), "{port} is in {lo}..={hi}");
-        // Free: the registry can bind it.
-        std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+        for port in ports {
+            assert!(!(lo..=hi).contains(&port), "{port} is in {lo}..={hi}");
+            // Free: the registry can bind it.
+            std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+        }
     }
 
     #[test]

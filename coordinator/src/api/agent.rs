@@ -46,7 +46,7 @@ impl AgentService for Services {
         let first = tokio::time::timeout(REGISTER_TIMEOUT, inbound.message())
             .await
             .map_err(|_| Error::RegisterTimeout(REGISTER_TIMEOUT))??;
-        let (mut reg, csr_pem) = match first.and_then(|m| m.msg) {
+        let (reg, csr_pem) = match first.and_then(|m| m.msg) {
             Some(pb::agent_message::Msg::Register(r)) => {
                 let csr_pem = r.csr_pem.clone();
                 (Registration::from_proto(r)?, csr_pem)
@@ -64,13 +64,10 @@ impl AgentService for Services {
             .ca
             .sign_host_for(&csr_pem, &reg.host_id, addr, Now::system().wall, validity)
             .map_err(signing_error)?;
-        reg.tls = RegisteredTls {
-            server_cert_pem,
-            ca_pem: self.ca.cert_pem().to_owned(),
-        };
+        let tls = registered_tls(&self.ca, server_cert_pem);
         let host_id = reg.host_id.clone();
         let (tx, rx) = mpsc::channel(AGENT_CHANNEL_DEPTH);
-        let conn_id = self.pool.register(reg, tx, Now::system())?;
+        let conn_id = self.pool.register(reg, tls, tx, Now::system())?;
         let pool = self.pool.clone();
         let shutdown = self.shutdown.clone();
         let ca = self.ca.clone();
@@ -89,11 +86,8 @@ impl AgentService for Services {
                         () = tokio::time::sleep_until(renew_at) => {
                             let now = Now::system();
                             renew_at = match ca.sign_host_for(&csr_pem, &host_id, addr, now.wall, validity) {
-                                Ok(server_cert_pem) => {
-                                    let tls = RegisteredTls {
-                                        server_cert_pem,
-                                        ca_pem: ca.cert_pem().to_owned(),
-                                    };
+                                Ok(pem) => {
+                                    let tls = registered_tls(&ca, pem);
                                     if !pool.renew_host_cert(&host_id, conn_id, tls, now) {
                                         break;
                                     }
@@ -134,5 +128,14 @@ impl AgentService for Services {
         Ok(Response::new(Box::pin(
             ReceiverStream::new(rx).map(|m| Ok(*m)),
         )))
+    }
+}
+
+/// What `Registered` carries for an agent whose front certificate is
+/// `server_cert_pem`: that and the pool CA.
+fn registered_tls(ca: &berth_tls::Ca, server_cert_pem: String) -> RegisteredTls {
+    RegisteredTls {
+        server_cert_pem,
+        ca_pem: ca.cert_pem().to_owned(),
     }
 }

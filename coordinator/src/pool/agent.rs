@@ -34,9 +34,16 @@ impl Pool {
     }
 
     /// Records a (re-)registering agent and returns its connection id; the
-    /// previous stream of the same host, if any, is dropped. Refused when
+    /// previous stream of the same host, if any, is dropped; `tls` goes to
+    /// the agent in `Registered`, the first message on `tx`. Refused when
     /// the orphan sweeper is ending this host.
-    pub fn register(&self, mut reg: Registration, tx: AgentTx, now: Now) -> Result<u64, Error> {
+    pub fn register(
+        &self,
+        reg: Registration,
+        tls: RegisteredTls,
+        tx: AgentTx,
+        now: Now,
+    ) -> Result<u64, Error> {
         let mut g = self.lock();
         let host_id = reg.host_id.clone();
         if let Some(reason) = g.refusal(&reg) {
@@ -90,7 +97,7 @@ impl Pool {
         let agent_lease = (!reg.lease_id.is_empty()).then(|| reg.lease_id.clone());
         let agent_deadline = reg.lease_deadline;
         let agent_lease_key = reg.lease_key;
-        let registered = registered_message(&self.cfg, std::mem::take(&mut reg.tls));
+        let registered = registered_message(&self.cfg, tls);
         if let Some(e) = g.hosts.get_mut(&host_id) {
             e.reg = reg;
             e.tx = Some(tx);

@@ -32,13 +32,11 @@ pub struct Registration {
     pub key: Option<KeyId>,
     /// With `lease_id`: the key the agent's lease is pinned to.
     pub lease_key: Option<KeyId>,
-    /// What `Registered` hands back: the front's server certificate and the
-    /// pool CA (signed by the service before the host joins the pool). Sent
-    /// once and not kept: the pool's copy of a registration holds it empty.
-    pub tls: RegisteredTls,
 }
 
-/// The TLS part of `Registered`.
+/// The TLS part of `Registered`: the front's server certificate and the
+/// pool CA (signed by the service before the host joins the pool). Sent to
+/// the agent, not kept.
 #[derive(Debug, Clone, Default)]
 pub struct RegisteredTls {
     pub server_cert_pem: String,
@@ -88,7 +86,6 @@ impl Registration {
             lease_deadline,
             key: Some(key),
             lease_key,
-            tls: RegisteredTls::default(),
         })
     }
 
@@ -108,7 +105,6 @@ impl Registration {
             lease_deadline: None,
             key: None,
             lease_key: None,
-            tls: RegisteredTls::default(),
         }
     }
 }

@@ -33,11 +33,10 @@ impl Agent {
             state: pb::HostState::Ready,
             lease_id: String::new(),
             lease_deadline: None,
-            tls: RegisteredTls::default(),
             key: None,
             lease_key: None,
         };
-        let conn = pool.register(reg, tx, now).unwrap();
+        let conn = pool.register(reg, Default::default(), tx, now).unwrap();
         let mut a = Self {
             id: id.into(),
             conn,
@@ -611,10 +610,10 @@ async fn a_reconnecting_agent_keeps_its_lease() {
             state: pb::HostState::Leased,
             lease_id: p.lease_id.clone(),
             lease_deadline: assign.deadline.as_ref().and_then(to_system_time),
-            tls: RegisteredTls::default(),
             key: None,
             lease_key: None,
         },
+        Default::default(),
         tx,
         now + SECOND,
     )
@@ -701,7 +700,7 @@ async fn a_condemned_host_is_listed_until_its_grace_passes_and_refused_until_ec2
         let (tx, _rx) = mpsc::channel(16);
         let mut reg = Registration::placeholder(id);
         reg.host_addr = "198.18.0.2".into();
-        pool.register(reg, tx, at).unwrap_err()
+        pool.register(reg, Default::default(), tx, at).unwrap_err()
     };
     let err = refused(&pool, "h1", now + SECOND);
     assert_eq!(err.code(), tonic::Code::PermissionDenied);
@@ -755,7 +754,6 @@ fn registration(id: &str, key: berth_tls::KeyId, state: pb::HostState) -> Regist
         state,
         lease_id: String::new(),
         lease_deadline: None,
-        tls: RegisteredTls::default(),
         key: Some(key),
         lease_key: None,
     }
@@ -769,7 +767,12 @@ async fn a_host_that_served_a_lease_is_never_offered_again_across_a_restart() {
     let pool = Pool::with_store(PoolConfig::default(), store.clone(), now).unwrap();
     let (tx, rx) = mpsc::channel(16);
     let conn = pool
-        .register(registration("h1", K1, pb::HostState::Ready), tx, now)
+        .register(
+            registration("h1", K1, pb::HostState::Ready),
+            Default::default(),
+            tx,
+            now,
+        )
         .unwrap();
     let mut h1 = Agent {
         id: "h1".into(),
@@ -798,7 +801,12 @@ async fn a_host_that_served_a_lease_is_never_offered_again_across_a_restart() {
     pool.disconnect("h1", h1.conn, now);
     let (tx, _rx) = mpsc::channel(16);
     let e = pool
-        .register(registration("h1", K1, pb::HostState::Ready), tx, now)
+        .register(
+            registration("h1", K1, pb::HostState::Ready),
+            Default::default(),
+            tx,
+            now,
+        )
         .unwrap_err();
     assert!(
         matches!(
@@ -816,15 +824,25 @@ async fn a_host_that_served_a_lease_is_never_offered_again_across_a_restart() {
     let pool = Pool::with_store(PoolConfig::default(), store, now).unwrap();
     let (tx, _rx) = mpsc::channel(16);
     let e = pool
-        .register(registration("h1", K1, pb::HostState::Ready), tx, now)
+        .register(
+            registration("h1", K1, pb::HostState::Ready),
+            Default::default(),
+            tx,
+            now,
+        )
         .unwrap_err();
     assert!(e.to_string().contains("has held a lease"), "{e}");
     // After the retention the id is let go (a local id may be a new host).
     let later = now + PoolConfig::default().burned_retention;
     pool.tick(later);
     let (tx, _rx) = mpsc::channel(16);
-    pool.register(registration("h1", K2, pb::HostState::Ready), tx, later)
-        .unwrap();
+    pool.register(
+        registration("h1", K2, pb::HostState::Ready),
+        Default::default(),
+        tx,
+        later,
+    )
+    .unwrap();
 }
 
 #[tokio::test(start_paused = true)]
@@ -833,7 +851,12 @@ async fn a_second_registration_without_the_hosts_key_is_refused_and_the_host_kee
     let now = start();
     let (tx, rx) = mpsc::channel(16);
     let conn = pool
-        .register(registration("h1", K1, pb::HostState::Ready), tx, now)
+        .register(
+            registration("h1", K1, pb::HostState::Ready),
+            Default::default(),
+            tx,
+            now,
+        )
         .unwrap();
     let mut h1 = Agent {
         id: "h1".into(),
@@ -844,7 +867,12 @@ async fn a_second_registration_without_the_hosts_key_is_refused_and_the_host_kee
     // Someone with the join token claims to be h1, with another key.
     let (tx, mut intruder) = mpsc::channel(16);
     let e = pool
-        .register(registration("h1", K2, pb::HostState::Ready), tx, now)
+        .register(
+            registration("h1", K2, pb::HostState::Ready),
+            Default::default(),
+            tx,
+            now,
+        )
         .unwrap_err();
     assert!(
         matches!(
@@ -868,7 +896,7 @@ async fn a_second_registration_without_the_hosts_key_is_refused_and_the_host_kee
     let (tx, _rx) = mpsc::channel(16);
     let mut back = registration("h1", K1, pb::HostState::Leased);
     back.lease_id = p.lease_id.clone();
-    pool.register(back, tx, now).unwrap();
+    pool.register(back, Default::default(), tx, now).unwrap();
 }
 
 #[tokio::test(start_paused = true)]

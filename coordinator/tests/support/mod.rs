@@ -10,6 +10,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use berth_coordinator::CoordinatorConfig;
 use berth_proto::v1 as pb;
@@ -293,6 +294,34 @@ impl Server {
     /// LeaseService as tenant `ci`.
     pub fn leases(&self) -> LeaseServiceClient<Authed> {
         LeaseServiceClient::new(self.authed(Some(&self.tokens.ci)))
+    }
+
+    /// Waits until lease `lease_id` is active: the Acquire answer leaves at
+    /// the durable assignment, and the agent's acceptance may come after it.
+    /// Fails if the lease is anything but assigned meanwhile, or after 10 s.
+    pub async fn active_soon(&self, lease_id: &str) {
+        let mut c = self.leases();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let lease = c
+                .get(pb::GetRequest {
+                    lease_id: lease_id.to_owned(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .lease
+                .unwrap();
+            if lease.state == pb::LeaseState::Active as i32 {
+                return;
+            }
+            assert_eq!(lease.state, pb::LeaseState::Assigned as i32, "{lease:?}");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "lease {lease_id} not active after 10 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     pub fn leases_as(&self, token: Option<&str>) -> LeaseServiceClient<Authed> {

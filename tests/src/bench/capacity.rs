@@ -16,7 +16,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use berth_coordinator::capacity::CapacityConfig;
 use berth_coordinator::clock::Now;
-use berth_coordinator::pool::{Pool as CoordinatorPool, PoolConfig, RegisteredTls, Registration};
+use berth_coordinator::pool::{Pool as CoordinatorPool, PoolConfig, Registration};
 use berth_proto::v1 as pb;
 use berth_testkit::{Pool, ok, run as run_cmd};
 
@@ -272,7 +272,7 @@ fn decide(opts: &Options) -> Result<Figure> {
         let mut streams = Vec::with_capacity(hosts);
         for i in 0..hosts {
             let (tx, rx) = tokio::sync::mpsc::channel(16);
-            pool.register(registration(i), tx, now)
+            pool.register(registration(i), Default::default(), tx, now)
                 .map_err(|e| BenchError::step("registering a host", e))?;
             streams.push(rx);
         }
@@ -328,7 +328,6 @@ fn registration(i: usize) -> Registration {
         state: pb::HostState::Ready,
         lease_id: String::new(),
         lease_deadline: None,
-        tls: RegisteredTls::default(),
         key: None,
         lease_key: None,
     }
