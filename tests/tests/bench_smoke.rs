@@ -255,7 +255,12 @@ fn benchmark_suite_smoke() {
 
     // Every scenario's figures, each once, and nothing else.
     let (small, big) = (sizes.p2_agents[0], sizes.p2_agents[1]);
-    let mut expected: Vec<String> = vec!["P1".into(), "P1 release".into(), "P1 usable".into()];
+    let mut expected: Vec<String> = vec![
+        "P1".into(),
+        "P1 release".into(),
+        "P1 usable".into(),
+        "P1 vs one commit".into(),
+    ];
     for n in [small, big] {
         for what in ["cycles/s", "acquire", "release", "rss/agent", "cpu"] {
             expected.push(format!("P2 {what} @{n}"));
@@ -293,6 +298,19 @@ fn benchmark_suite_smoke() {
     with_baseline(p1);
     assert_eq!(p1.samples.len(), sizes.p1_cycles);
     assert_eq!(p1.checks.len(), 2);
+    // Its floor: the same cycles, each baseline sample a round trip plus a
+    // commit, so above the round trip alone.
+    let floor = figure(&figures, "P1 vs one commit");
+    with_baseline(floor);
+    assert_eq!(floor.samples, p1.samples);
+    let (rtt, commit) = (
+        &p1.baseline.as_ref().unwrap().samples,
+        &floor.baseline.as_ref().unwrap().samples,
+    );
+    assert!(
+        rtt.iter().zip(commit).all(|(r, c)| c > r),
+        "round trip {rtt:?} vs round trip + commit {commit:?}"
+    );
 
     // P2: both agent counts ran the load without errors.
     for n in [small, big] {

@@ -8,12 +8,18 @@
 //!
 //! Baseline: `grpc.health.v1.Health/Check` to the same coordinator over the
 //! same HTTP/2 connection, one right before each acquire, so both see the
-//! same machine at the same moment.
+//! same machine at the same moment. A second figure compares the acquire
+//! with its floor when every answer is durable: that round trip plus one
+//! commit of the coordinator's own store (`RedbStore`, a lease-sized
+//! record, fsync'd) in a file beside the coordinator's, timed in the same
+//! cycle.
 
 use std::time::{Duration, Instant};
 
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
+
+use berth_coordinator::store::{LeaseRecord, LeaseStore, RedbStore, TimelineRecord};
 
 use super::procs::{Agent, Clients, Coordinator, Env, shared_key};
 use super::tls_front::Target;
@@ -49,10 +55,18 @@ pub async fn run(sizes: &Sizes) -> Result<Vec<Figure>> {
         .wait_ready_hosts(sizes.p1_agents, Duration::from_millis(20), READY_TIMEOUT)
         .await?;
 
+    // A store of its own on the coordinator's disk: one commit per cycle.
+    let probe_dir = env.state_dir.join("commit-probe");
+    std::fs::create_dir_all(&probe_dir)
+        .map_err(BenchError::io(format!("creating {}", probe_dir.display())))?;
+    let probe = RedbStore::open(&probe_dir)
+        .map_err(|e| BenchError::step("opening the commit probe's store", e))?;
+
     let mut acquire = vec![];
     let mut usable = vec![];
     let mut release = vec![];
     let mut bare = vec![];
+    let mut floor = vec![];
     for i in 0..WARMUP + sizes.p1_cycles {
         clients
             .wait_ready_hosts(1, READY_POLL, READY_TIMEOUT)
@@ -77,6 +91,14 @@ pub async fn run(sizes: &Sizes) -> Result<Vec<Figure>> {
                 format!("lease does not hold its host: {lease:?}"),
             ));
         }
+        // A new record per cycle, as an acquire adds one: the probe's tree
+        // grows like the coordinator's.
+        let r = probe_record(&lease);
+        let t = Instant::now();
+        probe
+            .commit(std::slice::from_ref(&r), &[], &[])
+            .map_err(|e| BenchError::step("the commit probe's commit", e))?;
+        let c = t.elapsed();
         first_ping(&answer).await?;
         let u = t.elapsed();
         let t = Instant::now();
@@ -86,9 +108,11 @@ pub async fn run(sizes: &Sizes) -> Result<Vec<Figure>> {
             acquire.push(ms(a));
             usable.push(ms(u));
             bare.push(ms(b));
+            floor.push(ms(b + c));
             release.push(ms(r));
         }
     }
+    drop(probe);
     drop(agents);
     drop(coordinator);
     drop(env);
@@ -98,7 +122,7 @@ pub async fn run(sizes: &Sizes) -> Result<Vec<Figure>> {
         "Acquire latency, Ready host waiting, answered once the assignment is durable (loopback)",
         "ms",
     )
-    .samples(acquire)
+    .samples(acquire.clone())
     .baseline("unary gRPC round trip (Health/Check)", bare.clone())
     .note(format!(
         "{} agents with real dockerds in --recycle mode; one HTTP/2 connection; {WARMUP} warm-up cycles dropped",
@@ -126,7 +150,45 @@ pub async fn run(sizes: &Sizes) -> Result<Vec<Figure>> {
         "ms",
     )
     .samples(release);
-    Ok(vec![p1, first, rel])
+    let durable = Figure::new(
+        "P1 vs one commit",
+        "Acquire latency (as P1) against its floor when every answer is durable",
+        "ms",
+    )
+    .samples(acquire)
+    .baseline(
+        "unary round trip + one fsync'd commit of the coordinator's store, same cycle",
+        floor,
+    )
+    .note("the commit: a lease record into a RedbStore of its own beside the coordinator's, on the same disk");
+    Ok(vec![p1, durable, first, rel])
+}
+
+/// A record shaped like the one the coordinator writes for `lease`.
+fn probe_record(lease: &berth_proto::v1::Lease) -> LeaseRecord {
+    LeaseRecord {
+        id: format!("probe-{}", lease.lease_id),
+        build_id: lease.build_id.clone(),
+        tenant: "bench".into(),
+        state: "active".into(),
+        host_id: lease.host_id.clone(),
+        host_addr: lease.host_addr.clone(),
+        docker_host: lease.docker_host.clone(),
+        ttl_ns: 600_000_000_000,
+        deadline_ns: Some(1),
+        created_ns: 1,
+        message: String::new(),
+        wipe: None,
+        timeline: ["queued", "assigned"]
+            .map(|step| TimelineRecord {
+                step: step.into(),
+                at_ns: 1,
+                detail: String::new(),
+            })
+            .into(),
+        key: "0".repeat(64),
+        key_locked: false,
+    }
 }
 
 /// One `/_ping` through the lease's front, on a new mutual-TLS connection

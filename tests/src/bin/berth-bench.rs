@@ -32,6 +32,10 @@ struct Args {
     /// Repeat P1 this many times (overrides the size).
     #[arg(long, env = "BERTH_BENCH_P1_CYCLES")]
     p1_cycles: Option<usize>,
+    /// Agents (Ready hosts) in P1's pool; with one, every acquire waits
+    /// until the host is back from the previous lease's wipe.
+    #[arg(long, env = "BERTH_BENCH_P1_AGENTS", value_parser = clap::value_parser!(u16).range(1..))]
+    p1_agents: Option<u16>,
     /// Agent counts for P2, the first being the baseline (e.g. 100,1,10000).
     #[arg(long, env = "BERTH_BENCH_P2_AGENTS", value_delimiter = ',')]
     p2_agents: Option<Vec<usize>>,
@@ -101,6 +105,9 @@ impl Args {
         };
         if let Some(n) = self.p1_cycles {
             sizes.p1_cycles = n;
+        }
+        if let Some(n) = self.p1_agents {
+            sizes.p1_agents = usize::from(n);
         }
         if let Some(a) = &self.p2_agents {
             sizes.p2_agents = a.clone();
