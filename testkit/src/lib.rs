@@ -978,6 +978,33 @@ impl Drop for Pool {
             let _ = killpg(pgid, Signal::SIGKILL);
         }
         sweep(&self.prefix);
+        // A test that passed leaves no files behind either; a failing one
+        // keeps its directories (`up.log`, the daemons' logs) for whoever
+        // reads the failure, until the next run with its prefix.
+        if !std::thread::panicking() {
+            for dir in [&self.state_dir, &self.run_dir] {
+                remove_unmounted(dir);
+            }
+        }
+    }
+}
+
+/// Removes `dir` and everything in it, unless something is still mounted
+/// under it (removing would reach into the mounted file system): then it
+/// stays for the next run's sweep.
+fn remove_unmounted(dir: &Path) {
+    let mounted = mounts_under(dir);
+    if !mounted.is_empty() {
+        eprintln!(
+            "leaving {}: still mounted under it: {mounted:?}",
+            dir.display()
+        );
+        return;
+    }
+    if let Err(e) = std::fs::remove_dir_all(dir)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        eprintln!("removing {}: {e}", dir.display());
     }
 }
 
