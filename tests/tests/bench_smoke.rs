@@ -311,6 +311,15 @@ fn benchmark_suite_smoke() {
         rtt.iter().zip(commit).all(|(r, c)| c > r),
         "round trip {rtt:?} vs round trip + commit {commit:?}"
     );
+    // Usable: each cycle's acquire and then the first /_ping, so longer
+    // than that acquire alone.
+    let usable = figure(&figures, "P1 usable");
+    assert!(
+        usable.samples.iter().zip(&p1.samples).all(|(u, a)| u > a),
+        "usable {:?} vs acquire {:?}",
+        usable.samples,
+        p1.samples
+    );
 
     // P2: both agent counts ran the load without errors.
     for n in [small, big] {
