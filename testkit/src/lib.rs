@@ -982,16 +982,22 @@ impl Drop for Pool {
         // keeps its directories (`up.log`, the daemons' logs) for whoever
         // reads the failure, until the next run with its prefix.
         if !std::thread::panicking() {
-            for dir in [&self.state_dir, &self.run_dir] {
-                remove_unmounted(dir);
-            }
+            remove_test_dirs(&[&self.state_dir, &self.run_dir]);
         }
     }
 }
 
-/// Removes `dir` and everything in it, unless something is still mounted
-/// under it (removing would reach into the mounted file system): then it
-/// stays for the next run's sweep.
+/// What a passing test's guard does last: removes each of `dirs` and
+/// everything in it, unless something is still mounted under it (removing
+/// would reach into the mounted file system): then it stays for the next
+/// run's sweep. A failing test's guard does not call it, so its logs stay
+/// for whoever reads the failure.
+pub fn remove_test_dirs(dirs: &[&Path]) {
+    for dir in dirs {
+        remove_unmounted(dir);
+    }
+}
+
 fn remove_unmounted(dir: &Path) {
     let mounted = mounts_under(dir);
     if !mounted.is_empty() {

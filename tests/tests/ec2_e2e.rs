@@ -163,6 +163,13 @@ fn in_service_instance_serves_a_lease_and_ends_itself_while_the_sweeper_ends_an_
         !w.poweroff_marker().exists(),
         "powered off although TerminateInstances worked"
     );
+    // The world of a test that passed takes its files with it.
+    let dirs = [w.state_dir.clone(), w.run_dir.clone()];
+    drop(agent);
+    drop(w);
+    for dir in &dirs {
+        assert!(!dir.exists(), "{} left behind", dir.display());
+    }
 }
 
 #[test]
