@@ -85,7 +85,10 @@ impl Drop for HttpServer {
 /// A listening socket made inside `netns`: `setns` moves only the calling
 /// thread, and a socket stays in the namespace it was made in, so a
 /// short-lived thread makes it.
-fn listen_in(netns: Option<&Path>, addr: SocketAddr) -> TcpListener {
+/// A listener on `addr` made inside `netns` (a `/run/netns/NAME` path), or
+/// in the caller's namespace: the socket stays in the namespace it was
+/// made in, whichever thread uses it afterwards.
+pub fn listen_in(netns: Option<&Path>, addr: SocketAddr) -> TcpListener {
     let netns = netns.map(Path::to_owned);
     std::thread::spawn(move || {
         if let Some(path) = netns {

@@ -411,7 +411,12 @@ fn tls_front_benchmark_produces_figures_for_every_path() {
     let names: Vec<&str> = report.paths.iter().map(|p| p.name).collect();
     assert_eq!(
         names,
-        [tls_front::UNIX, tls_front::FRONT, tls_front::DOCKERD_TLS]
+        [
+            tls_front::UNIX,
+            tls_front::FRONT,
+            tls_front::DOCKERD_TLS,
+            tls_front::PLAIN
+        ]
     );
     for p in &report.paths {
         assert_eq!(p.load.n, opts.rounds, "{}", p.name);
@@ -446,12 +451,18 @@ fn tls_front_benchmark_produces_figures_for_every_path() {
         }
     }
     // The ratios of the medians, as computed from the report.
-    let (u, fr, d) = (
+    let (u, fr, d, p) = (
         report.path(tls_front::UNIX).unwrap(),
         report.path(tls_front::FRONT).unwrap(),
         report.path(tls_front::DOCKERD_TLS).unwrap(),
+        report.path(tls_front::PLAIN).unwrap(),
     );
-    for (label, base) in [("front / unix socket:", u), ("front / dockerd TLS:", d)] {
+    for (label, top, base) in [
+        ("front / unix socket:", fr, u),
+        ("front / dockerd TLS:", fr, d),
+        ("front / plain TCP proxy:", fr, p),
+        ("plain TCP proxy / unix:", p, u),
+    ] {
         let line = text
             .lines()
             .find(|l| l.trim_start().starts_with(label))
@@ -466,8 +477,8 @@ fn tls_front_benchmark_produces_figures_for_every_path() {
             .map(number)
             .collect();
         let want = [
-            fr.load.median / base.load.median,
-            fr.save.median / base.save.median,
+            top.load.median / base.load.median,
+            top.save.median / base.save.median,
         ];
         assert_eq!(shown.len(), 2, "{line}");
         for (s, w) in shown.iter().zip(want) {
@@ -486,8 +497,10 @@ fn tls_front_benchmark_produces_figures_for_every_path() {
         [
             "TLS front load vs unix",
             "TLS front load vs dockerd TLS",
+            "TLS front load vs plain TCP",
             "TLS front save vs unix",
             "TLS front save vs dockerd TLS",
+            "TLS front save vs plain TCP",
             "TLS front /_ping",
             "TLS front connect+/_ping",
         ]

@@ -8,6 +8,13 @@
 //! - **dockerd --tlsverify**: a separate dockerd started here just for the
 //!   comparison, in its own network namespace, listening with its own TLS
 //!   (Go's crypto/tls) on TCP; torn down afterwards.
+//! - **plain TCP proxy**: the front's copy without TLS: a forwarder the
+//!   benchmark runs on threads of its own, listening in the host's network
+//!   namespace on the front's address and copying each connection to the
+//!   same dockerd's socket as the front does (tokio's bidirectional copy,
+//!   64 KiB each way). Against it the front's figure is what TLS costs;
+//!   against the unix socket it is what the network path and one proxy hop
+//!   cost without TLS.
 //!
 //! Figures: bulk transfer both ways with an image made of random (so
 //! incompressible) layers — upload with `POST /images/load` (what `docker
@@ -120,9 +127,11 @@ impl Report {
 pub const UNIX: &str = "unix socket";
 pub const FRONT: &str = "berth TLS front";
 pub const DOCKERD_TLS: &str = "dockerd --tlsverify";
+pub const PLAIN: &str = "plain TCP proxy";
 
 pub(super) enum Target {
     Unix(PathBuf),
+    Tcp(SocketAddr),
     Tls {
         addr: SocketAddr,
         config: Arc<rustls::ClientConfig>,
@@ -133,6 +142,11 @@ impl Target {
     pub(super) async fn connect(&self) -> std::io::Result<Conn<Box<dyn Stream>>> {
         let stream: Box<dyn Stream> = match self {
             Target::Unix(p) => Box::new(UnixStream::connect(p).await?),
+            Target::Tcp(addr) => {
+                let tcp = TcpStream::connect(addr).await?;
+                tcp.set_nodelay(true)?;
+                Box::new(tcp)
+            }
             Target::Tls { addr, config } => {
                 let tcp = TcpStream::connect(addr).await?;
                 tcp.set_nodelay(true)?;
@@ -162,16 +176,26 @@ pub fn run(opts: &Options) -> std::io::Result<Report> {
     let image_bytes = write_image_tar(&tar, opts.bulk_mib * 1024 * 1024, opts.layers)?;
 
     let front = front_target(&lease)?;
-    let unix = Target::Unix(pool.docker_socket(lease.get("BERTH_HOST_ID")));
+    let host_id = lease.get("BERTH_HOST_ID");
+    let socket = pool.docker_socket(host_id);
+    let unix = Target::Unix(socket.clone());
     let cmp = ComparisonDockerd::start(&test_prefix("bmd-"))?;
+    let netns = berth_agent::provider::netns::netns_path(host_id);
+    let plain = PlainProxy::start(&netns, lease.front_addr().ip(), &socket)?;
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let targets = [(UNIX, unix), (FRONT, front), (DOCKERD_TLS, cmp.target()?)];
+    let targets = [
+        (UNIX, unix),
+        (FRONT, front),
+        (DOCKERD_TLS, cmp.target()?),
+        (PLAIN, Target::Tcp(plain.addr)),
+    ];
     let measured = rt.block_on(measure(&targets, &tar, image_bytes, opts));
     drop(rt);
+    drop(plain);
     drop(cmp);
     let (paths, docker_version) = measured?;
     let _ = std::fs::remove_file(&tar);
@@ -213,10 +237,11 @@ const ADDED_PING_MS: f64 = 0.3;
 
 /// The report as suite figures: the front against each baseline.
 pub fn figures(report: &Report) -> Vec<Figure> {
-    let (Some(u), Some(fr), Some(d)) = (
+    let (Some(u), Some(fr), Some(d), Some(p)) = (
         report.path(UNIX),
         report.path(FRONT),
         report.path(DOCKERD_TLS),
+        report.path(PLAIN),
     ) else {
         return vec![];
     };
@@ -246,7 +271,11 @@ pub fn figures(report: &Report) -> Vec<Figure> {
             format!(">= {BULK_VS_DOCKERD_TLS}x dockerd's TLS"),
             r.is_some_and(|r| r >= BULK_VS_DOCKERD_TLS),
         );
-        [vs_unix, vs_tls]
+        // What TLS and the lease check cost over the same copy without them.
+        let vs_plain = Figure::new(format!("{key} vs plain TCP"), what.to_owned(), "MiB/s")
+            .samples(pick(&fr.samples).clone())
+            .baseline(PLAIN, pick(&p.samples).clone());
+        [vs_unix, vs_tls, vs_plain]
     };
     let mut out = vec![];
     out.extend(bulk(
@@ -532,6 +561,58 @@ impl<W: std::io::Write> std::io::Write for HashingWriter<'_, W> {
 }
 
 // ---------------------------------------------------------------------------
+// The plain TCP proxy.
+
+/// Copy buffer of each direction, as the front's (`agent/src/docker/front.rs`).
+const PLAIN_COPY_BUFFER: usize = 64 * 1024;
+
+/// The front's copy without TLS: listens in the host's network namespace
+/// on the front's address (another port) and copies each connection to
+/// dockerd's socket, on a runtime of its own (two workers, like the
+/// agent's on this machine). Dropping it stops the runtime, which closes
+/// the listener and every connection.
+struct PlainProxy {
+    addr: SocketAddr,
+    _rt: tokio::runtime::Runtime,
+}
+
+impl PlainProxy {
+    fn start(netns: &Path, ip: std::net::IpAddr, socket: &Path) -> std::io::Result<Self> {
+        let listener = crate::stock::listen_in(Some(netns), SocketAddr::new(ip, 0));
+        listener.set_nonblocking(true)?;
+        let addr = listener.local_addr()?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("berth-bench-plain-proxy")
+            .enable_all()
+            .build()?;
+        let socket = socket.to_owned();
+        rt.spawn(async move {
+            let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
+                return;
+            };
+            while let Ok((mut client, _)) = listener.accept().await {
+                let socket = socket.clone();
+                tokio::spawn(async move {
+                    let _ = client.set_nodelay(true);
+                    let Ok(mut daemon) = UnixStream::connect(&socket).await else {
+                        return;
+                    };
+                    let _ = tokio::io::copy_bidirectional_with_sizes(
+                        &mut client,
+                        &mut daemon,
+                        PLAIN_COPY_BUFFER,
+                        PLAIN_COPY_BUFFER,
+                    )
+                    .await;
+                });
+            }
+        });
+        Ok(Self { addr, _rt: rt })
+    }
+}
+
+// ---------------------------------------------------------------------------
 // The comparison dockerd.
 
 /// A dockerd with its own TLS TCP listener in a network namespace of its
@@ -667,6 +748,11 @@ impl ComparisonDockerd {
 impl Drop for ComparisonDockerd {
     fn drop(&mut self) {
         sweep(&self.state_root, &self.run_root, &self.prefix);
+        // Its directories hold nothing the report needs (a failed start
+        // quotes its log in the error); a panic keeps them for reading.
+        if !std::thread::panicking() {
+            berth_testkit::remove_test_dirs(&[&self.state_root, &self.run_root]);
+        }
     }
 }
 
@@ -748,22 +834,26 @@ impl fmt::Display for Report {
             3,
         )?;
         table(f, "new connection + GET /_ping, ms", &|p| p.connect_ping, 3)?;
-        if let (Some(u), Some(fr), Some(d)) =
-            (self.path(UNIX), self.path(FRONT), self.path(DOCKERD_TLS))
-        {
+        if let (Some(u), Some(fr), Some(d), Some(p)) = (
+            self.path(UNIX),
+            self.path(FRONT),
+            self.path(DOCKERD_TLS),
+            self.path(PLAIN),
+        ) {
             writeln!(f, "\nratios (medians)")?;
-            writeln!(
-                f,
-                "  front / unix socket:     load {:.2}x, save {:.2}x",
-                fr.load.median / u.load.median,
-                fr.save.median / u.save.median
-            )?;
-            writeln!(
-                f,
-                "  front / dockerd TLS:     load {:.2}x, save {:.2}x",
-                fr.load.median / d.load.median,
-                fr.save.median / d.save.median
-            )?;
+            for (label, top, base) in [
+                ("front / unix socket:", fr, u),
+                ("front / dockerd TLS:", fr, d),
+                ("front / plain TCP proxy:", fr, p),
+                ("plain TCP proxy / unix:", p, u),
+            ] {
+                writeln!(
+                    f,
+                    "  {label:<24} load {:.2}x, save {:.2}x",
+                    top.load.median / base.load.median,
+                    top.save.median / base.save.median
+                )?;
+            }
             writeln!(
                 f,
                 "  added p50 latency per /_ping over the unix socket: front {:+.3} ms, dockerd TLS {:+.3} ms",
