@@ -171,7 +171,7 @@ pub fn lease_server_config(
         lease_name,
         key: pinned,
     });
-    let config = ServerConfig::builder_with_provider(provider)
+    let mut config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::cert("protocol versions", e))?
         .with_client_cert_verifier(verifier)
@@ -180,6 +180,12 @@ pub fn lease_server_config(
             key(&identity.key_pem)?,
         )
         .map_err(|e| TlsError::cert("server certificate", e))?;
+    // No session resumption: a resumed session skips the client
+    // certificate's verification, so a key that got in once would keep
+    // getting in after the pin moved. Every connection runs the full
+    // check. (The docker CLI keeps no sessions between invocations anyway.)
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
     Ok(Arc::new(config))
 }
 
@@ -207,6 +213,19 @@ pub fn handshake_in_memory(
     client: Arc<ClientConfig>,
     server_name: &str,
 ) -> Result<(), String> {
+    in_memory(server, client, server_name).map(|_| ())
+}
+
+/// [`handshake_in_memory`], returning how the server ran the handshake
+/// (full, or a resumed session). What the server sends after its last
+/// handshake message (TLS 1.3 session tickets) reaches the client in the
+/// same exchange, so a later handshake with the same client configuration
+/// can offer that session.
+fn in_memory(
+    server: Arc<ServerConfig>,
+    client: Arc<ClientConfig>,
+    server_name: &str,
+) -> Result<rustls::HandshakeKind, String> {
     let name = ServerName::try_from(server_name.to_owned()).map_err(|e| e.to_string())?;
     let mut c = rustls::ClientConnection::new(client, name).map_err(|e| e.to_string())?;
     let mut s = rustls::ServerConnection::new(server).map_err(|e| e.to_string())?;
@@ -222,7 +241,7 @@ pub fn handshake_in_memory(
         c.process_new_packets()
             .map_err(|e| format!("client: {e}"))?;
         if !c.is_handshaking() && !s.is_handshaking() {
-            return Ok(());
+            return s.handshake_kind().ok_or_else(|| "no handshake kind".into());
         }
     }
     Err("handshake did not finish".into())
@@ -361,5 +380,28 @@ mod tests {
         pin.set(KeyId::of_csr_pem(&thief.csr_pem).unwrap());
         handshake(server.clone(), stolen).unwrap();
         assert!(handshake(server, client_for(&r.ca, "lease-a", now, now + hour)).is_err());
+    }
+
+    #[test]
+    fn no_session_is_resumed_so_a_key_that_got_in_is_refused_once_the_pin_moves() {
+        let r = rig();
+        let now = SystemTime::now();
+        let hour = Duration::from_secs(3600);
+        let pin = pinned();
+        let server = lease_server_config(&r.server, "lease-a", pin.clone()).unwrap();
+        // One client configuration: it keeps whatever session the front
+        // offers, and offers it again on its next connection.
+        let client = client_for(&r.ca, "lease-a", now - hour, now + hour);
+        let name = "198.18.0.2";
+        for _ in 0..2 {
+            let kind = in_memory(server.clone(), client.clone(), name).unwrap();
+            assert_eq!(kind, rustls::HandshakeKind::Full);
+        }
+        // The pin moved (a retried acquire with another key): the same
+        // client, with everything it kept, no longer gets in.
+        let retry = KeyAndCsr::generate("retry").unwrap();
+        pin.set(KeyId::of_csr_pem(&retry.csr_pem).unwrap());
+        let e = in_memory(server, client, name).unwrap_err();
+        assert!(e.contains("server"), "{e}");
     }
 }
