@@ -126,6 +126,21 @@ fn a_lease_key_cannot_be_swapped_once_its_certificate_is_in_use() {
         "k1's certificate after the key moved to k2",
         docker_version(&lease.docker_host, &c1),
     );
+    // The front reports the key's first use over the agent's stream; the
+    // coordinator fixes the key when the report arrives. A retry that
+    // reaches the coordinator before the report could still move the key
+    // (a window of one report's delivery, milliseconds unless the agent
+    // is slow), so k3 is tried once the coordinator knows.
+    wait_for(
+        "the coordinator to learn that the key is in use",
+        Duration::from_secs(10),
+        || {
+            pool.coordinator_log()
+                .lines()
+                .any(|l| l.contains("its key is fixed") && l.contains(&lease.lease_id))
+                .then_some(())
+        },
+    );
 
     // In use now: neither a retried Acquire nor a Renew may bring k3.
     let refused = acquire("pin-retry", &k3).expect_err("retried acquire with k3 after use");
