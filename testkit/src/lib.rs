@@ -981,18 +981,19 @@ impl Drop for Pool {
         // A test that passed leaves no files behind either; a failing one
         // keeps its directories (`up.log`, the daemons' logs) for whoever
         // reads the failure, until the next run with its prefix.
-        if !std::thread::panicking() {
-            remove_test_dirs(&[&self.state_dir, &self.run_dir]);
-        }
+        remove_dirs_if_passed(&[&self.state_dir, &self.run_dir]);
     }
 }
 
-/// What a passing test's guard does last: removes each of `dirs` and
-/// everything in it, unless something is still mounted under it (removing
-/// would reach into the mounted file system): then it stays for the next
-/// run's sweep. A failing test's guard does not call it, so its logs stay
-/// for whoever reads the failure.
-pub fn remove_test_dirs(dirs: &[&Path]) {
+/// What a guard does last: unless its thread is panicking (a failing
+/// test keeps its files, the daemons' logs among them, for whoever reads
+/// the failure), removes each of `dirs` and everything in it, unless
+/// something is still mounted under it (removing would reach into the
+/// mounted file system): then it stays for the next run's sweep.
+pub fn remove_dirs_if_passed(dirs: &[&Path]) {
+    if std::thread::panicking() {
+        return;
+    }
     for dir in dirs {
         remove_unmounted(dir);
     }

@@ -82,12 +82,10 @@ impl Drop for HttpServer {
     }
 }
 
-/// A listening socket made inside `netns`: `setns` moves only the calling
+/// A listening socket on `addr` made inside `netns` (a `/run/netns/NAME`
+/// path), or in the caller's namespace: `setns` moves only the calling
 /// thread, and a socket stays in the namespace it was made in, so a
-/// short-lived thread makes it.
-/// A listener on `addr` made inside `netns` (a `/run/netns/NAME` path), or
-/// in the caller's namespace: the socket stays in the namespace it was
-/// made in, whichever thread uses it afterwards.
+/// short-lived thread makes it and any thread may use it afterwards.
 pub fn listen_in(netns: Option<&Path>, addr: SocketAddr) -> TcpListener {
     let netns = netns.map(Path::to_owned);
     std::thread::spawn(move || {

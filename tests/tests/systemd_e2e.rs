@@ -71,11 +71,8 @@ impl Drop for Guard {
             let _ = c.wait();
         }
         sweep(&self.prefix);
-        // A passing test leaves no files; a failing one keeps its logs.
-        if !std::thread::panicking() {
-            let (state, run) = dirs(&self.prefix);
-            remove_test_dirs(&[&state, &run]);
-        }
+        let (state, run) = dirs(&self.prefix);
+        remove_dirs_if_passed(&[&state, &run]);
     }
 }
 

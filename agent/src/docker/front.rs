@@ -81,7 +81,7 @@ pub const LEASE_WAIT: Duration = Duration::from_secs(5);
 pub const FRONT_CERT_WAIT: Duration = Duration::from_secs(30);
 /// Copy buffer per direction: bulk transfers (`docker load`, build contexts)
 /// go through the front, and TLS records hold up to 16 KiB.
-const COPY_BUFFER: usize = 64 * 1024;
+pub const COPY_BUFFER: usize = 64 * 1024;
 /// Bytes read from a client's socket at once, ahead of the TLS layer (two
 /// full TLS records).
 const READ_AHEAD: usize = 32 * 1024;

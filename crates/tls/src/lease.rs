@@ -206,22 +206,13 @@ pub fn lease_client_config(
 }
 
 /// Runs one TLS handshake in memory between `server` and `client`, the
-/// client expecting `server_name`; Ok once both sides complete. For tests
-/// and diagnostics: what the front would admit, without a socket.
+/// client expecting `server_name`; once both sides complete, how the
+/// server ran it (full, or a resumed session). What the server sends after
+/// its last handshake message (TLS 1.3 session tickets) reaches the client
+/// in the same exchange, so a later handshake with the same client
+/// configuration can offer that session. For tests and diagnostics: what
+/// the front would admit, without a socket.
 pub fn handshake_in_memory(
-    server: Arc<ServerConfig>,
-    client: Arc<ClientConfig>,
-    server_name: &str,
-) -> Result<(), String> {
-    in_memory(server, client, server_name).map(|_| ())
-}
-
-/// [`handshake_in_memory`], returning how the server ran the handshake
-/// (full, or a resumed session). What the server sends after its last
-/// handshake message (TLS 1.3 session tickets) reaches the client in the
-/// same exchange, so a later handshake with the same client configuration
-/// can offer that session.
-fn in_memory(
     server: Arc<ServerConfig>,
     client: Arc<ClientConfig>,
     server_name: &str,
@@ -251,7 +242,10 @@ fn in_memory(
 mod tests {
     use super::*;
 
-    fn handshake(server: Arc<ServerConfig>, client: Arc<ClientConfig>) -> Result<(), String> {
+    fn handshake(
+        server: Arc<ServerConfig>,
+        client: Arc<ClientConfig>,
+    ) -> Result<rustls::HandshakeKind, String> {
         handshake_in_memory(server, client, "198.18.0.2")
     }
     use crate::{Ca, KeyAndCsr};
@@ -392,16 +386,15 @@ mod tests {
         // One client configuration: it keeps whatever session the front
         // offers, and offers it again on its next connection.
         let client = client_for(&r.ca, "lease-a", now - hour, now + hour);
-        let name = "198.18.0.2";
         for _ in 0..2 {
-            let kind = in_memory(server.clone(), client.clone(), name).unwrap();
+            let kind = handshake(server.clone(), client.clone()).unwrap();
             assert_eq!(kind, rustls::HandshakeKind::Full);
         }
         // The pin moved (a retried acquire with another key): the same
         // client, with everything it kept, no longer gets in.
         let retry = KeyAndCsr::generate("retry").unwrap();
         pin.set(KeyId::of_csr_pem(&retry.csr_pem).unwrap());
-        let e = in_memory(server, client, name).unwrap_err();
+        let e = handshake(server, client).unwrap_err();
         assert!(e.contains("server"), "{e}");
     }
 }

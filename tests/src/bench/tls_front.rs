@@ -37,6 +37,7 @@ use tokio::net::{TcpStream, UnixStream};
 
 use super::http::{Conn, Stream};
 use super::{BenchError, Figure, Summary, ms};
+use berth_agent::docker::front::COPY_BUFFER;
 use berth_testkit::{LeaseEnv, Pool, test_prefix};
 
 /// Tag of the image the benchmark loads and saves.
@@ -563,9 +564,6 @@ impl<W: std::io::Write> std::io::Write for HashingWriter<'_, W> {
 // ---------------------------------------------------------------------------
 // The plain TCP proxy.
 
-/// Copy buffer of each direction, as the front's (`agent/src/docker/front.rs`).
-const PLAIN_COPY_BUFFER: usize = 64 * 1024;
-
 /// The front's copy without TLS: listens in the host's network namespace
 /// on the front's address (another port) and copies each connection to
 /// dockerd's socket, on a runtime of its own (two workers, like the
@@ -601,8 +599,8 @@ impl PlainProxy {
                     let _ = tokio::io::copy_bidirectional_with_sizes(
                         &mut client,
                         &mut daemon,
-                        PLAIN_COPY_BUFFER,
-                        PLAIN_COPY_BUFFER,
+                        COPY_BUFFER,
+                        COPY_BUFFER,
                     )
                     .await;
                 });
@@ -749,10 +747,8 @@ impl Drop for ComparisonDockerd {
     fn drop(&mut self) {
         sweep(&self.state_root, &self.run_root, &self.prefix);
         // Its directories hold nothing the report needs (a failed start
-        // quotes its log in the error); a panic keeps them for reading.
-        if !std::thread::panicking() {
-            berth_testkit::remove_test_dirs(&[&self.state_root, &self.run_root]);
-        }
+        // quotes its log in the error).
+        berth_testkit::remove_dirs_if_passed(&[&self.state_root, &self.run_root]);
     }
 }
 
