@@ -65,7 +65,10 @@ fn event() -> impl Strategy<Value = Event> {
             lease_id: l,
             key: k.map(|k| berth_tls::KeyId([k; 32])),
         }),
-        lease_id().prop_map(|l| Event::FrontInUse { lease_id: l }),
+        (lease_id(), any::<u8>()).prop_map(|(l, k)| Event::FrontInUse {
+            lease_id: l,
+            key: berth_tls::KeyId([k; 32]),
+        }),
         (lease_id(), proptest::option::of(0u64..100)).prop_map(|(l, d)| Event::Renew {
             lease_id: l,
             deadline: d.map(t),
@@ -140,6 +143,12 @@ proptest! {
             // Never two leases: a held lease is only replaced after it ended.
             if let (Some(b), Some(a)) = (&before.lease, &after.lease) {
                 prop_assert!(b.id == a.id || before.state == HostState::Booting, "{}", ctx);
+                // One lease, one key in use: once its certificate was
+                // admitted, no event moves the key or forgets the use.
+                if b.id == a.id && b.in_use {
+                    prop_assert!(a.in_use, "{}", ctx);
+                    prop_assert_eq!(a.key, b.key, "{}", ctx);
+                }
             }
             for a in &actions {
                 match a {
@@ -148,7 +157,7 @@ proptest! {
                         prop_assert_eq!(after.lease_id(), Some(acc.lease_id.as_str()), "{}", ctx);
                         prop_assert!(after.lease.as_ref().is_some_and(|l| l.accepted), "{}", ctx);
                     }
-                    Action::OpenFront { lease_id, key } => {
+                    Action::OpenFront { lease_id, key, .. } => {
                         prop_assert_eq!(after.lease.as_ref().and_then(|l| l.key), Some(*key), "{}", ctx);
                         prop_assert_eq!(after.lease_id(), Some(lease_id.as_str()), "{}", ctx);
                         prop_assert_eq!(after.state, HostState::Leased, "{}", ctx);

@@ -136,7 +136,11 @@ pub fn agent_stream(data: &[u8]) {
                 // bytes would never hit one), on the host's stream.
                 let lease_id = leases[usize::from(arg / HOSTS) % leases.len()].id.clone();
                 let msg = match (op % OPS, b(0) % 4) {
-                    (6, 0) => pb::agent_message::Msg::LeaseInUse(pb::LeaseInUse { lease_id }),
+                    (6, 0) => pb::agent_message::Msg::LeaseInUse(pb::LeaseInUse {
+                        lease_id,
+                        // Empty, a key, or a wrong length.
+                        client_key_sha256: vec![b(1); usize::from(b(2) % 3) * 16],
+                    }),
                     (6, _) => pb::agent_message::Msg::LeaseAccepted(pb::LeaseAccepted { lease_id }),
                     (_, 0) => pb::agent_message::Msg::LeaseRejected(pb::LeaseRejected {
                         lease_id,

@@ -317,6 +317,57 @@ async fn a_fake_agent_carries_a_lease_from_acquire_to_release() {
         }
         other => panic!("expected LeaseKey, got {other:?}"),
     }
+    // That move crossed the front's first connection, with `ci_key`: the
+    // front fixed `ci_key`, refused the move, and says so. The pin follows
+    // the front: the key in use renews, the retry's key no longer does.
+    tx.send(pb::AgentMessage {
+        msg: Some(pb::agent_message::Msg::LeaseInUse(pb::LeaseInUse {
+            lease_id: lease.lease_id.clone(),
+            client_key_sha256: berth_tls::KeyId::of_csr_pem(&ci_key.csr_pem)
+                .unwrap()
+                .0
+                .to_vec(),
+        })),
+    })
+    .await
+    .unwrap();
+    let renew = |csr_pem: String| {
+        let mut leases = s.leases();
+        let lease_id = lease.lease_id.clone();
+        async move {
+            leases
+                .renew(pb::RenewRequest {
+                    lease_id,
+                    ttl: Some(from_duration(Duration::from_secs(1200))),
+                    csr_pem,
+                })
+                .await
+        }
+    };
+    // The report travels on the agent's stream: poll until it is applied.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while let Err(e) = renew(ci_key.csr_pem.clone()).await {
+        assert_eq!(e.code(), Code::PermissionDenied, "{e}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the pin did not follow the key in use: {e}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let e = renew(csr()).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e}");
+    let e = s
+        .leases()
+        .acquire(acquire_req("ci-1", 600, 5))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e}");
+    assert!(e.message().contains("in use"), "{e}");
+    // The one renewal that succeeded, and no LeaseKey: nothing moved.
+    match inbound.message().await.unwrap().unwrap().msg {
+        Some(pb::coordinator_message::Msg::RenewLease(r)) => assert_eq!(r.lease_id, lease.lease_id),
+        other => panic!("expected RenewLease, got {other:?}"),
+    }
 
     s.leases()
         .release(pb::ReleaseRequest {

@@ -7,6 +7,9 @@
 //! - a lease's key is pinned: neither `Renew` nor a retried `Acquire` can
 //!   bring another key once the lease's certificate has opened its host,
 //!   and a certificate for another key never opens it, however it was made;
+//!   a retried `Acquire` whose new key crosses the certificate's first use
+//!   (the agent stalled meanwhile) leaves one key opening the host, and the
+//!   coordinator pins that key;
 //! - a host id is bound to its key: a second registration with the join
 //!   token but without the host's key is refused, the live host keeps
 //!   serving;
@@ -128,9 +131,9 @@ fn a_lease_key_cannot_be_swapped_once_its_certificate_is_in_use() {
     );
     // The front reports the key's first use over the agent's stream; the
     // coordinator fixes the key when the report arrives. A retry that
-    // reaches the coordinator before the report could still move the key
-    // (a window of one report's delivery, milliseconds unless the agent
-    // is slow), so k3 is tried once the coordinator knows.
+    // reaches the coordinator before the report is still answered, with a
+    // certificate the front refuses (the stalled-agent test below), so the
+    // refusal asserted here needs the report: k3 is tried once it is in.
     wait_for(
         "the coordinator to learn that the key is in use",
         Duration::from_secs(10),
@@ -234,6 +237,236 @@ fn a_lease_key_cannot_be_swapped_once_its_certificate_is_in_use() {
         pool.berth(&["release", "--lease", &lease.lease_id]),
         "release",
     );
+}
+
+/// A lease client of its own (runtime and channel), so one call can wait
+/// in a thread while the test goes on.
+struct LeaseClient {
+    rt: tokio::runtime::Runtime,
+    client: LeaseServiceClient<tonic::transport::Channel>,
+}
+
+impl LeaseClient {
+    fn connect(pool: &Pool) -> Self {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let client = LeaseServiceClient::new(rt.block_on(pool.endpoint().connect()).unwrap());
+        Self { rt, client }
+    }
+
+    fn acquire(
+        &mut self,
+        pool: &Pool,
+        build: &str,
+        key: &berth_tls::KeyAndCsr,
+    ) -> Result<pb::AcquireResponse, tonic::Status> {
+        let req = pool.authed(pb::AcquireRequest {
+            build_id: build.into(),
+            ttl: Some(minutes(30)),
+            wait: Some(minutes(1)),
+            csr_pem: key.csr_pem.clone(),
+        });
+        self.rt
+            .block_on(self.client.acquire(req))
+            .map(tonic::Response::into_inner)
+    }
+
+    fn renew(
+        &mut self,
+        pool: &Pool,
+        lease_id: &str,
+        key: &berth_tls::KeyAndCsr,
+    ) -> Result<pb::RenewResponse, tonic::Status> {
+        let req = pool.authed(pb::RenewRequest {
+            lease_id: lease_id.to_owned(),
+            ttl: Some(minutes(40)),
+            csr_pem: key.csr_pem.clone(),
+        });
+        self.rt
+            .block_on(self.client.renew(req))
+            .map(tonic::Response::into_inner)
+    }
+}
+
+/// A lease acquired with `key` for `build`, once its host's agent has it:
+/// the lease, its certificate's directory, and the host's id.
+fn active_lease(
+    pool: &Pool,
+    client: &mut LeaseClient,
+    build: &str,
+    key: &berth_tls::KeyAndCsr,
+) -> (pb::Lease, PathBuf, String) {
+    let scratch = pool.state_dir.join("scratch");
+    let ca_pem = std::fs::read_to_string(pool.ca_pem_path()).unwrap();
+    let first = client.acquire(pool, build, key).expect("acquire");
+    let lease = first.lease.clone().unwrap();
+    let dir = cert_dir(
+        &scratch,
+        &format!("{build}-1"),
+        &ca_pem,
+        &first.client_cert_pem,
+        &key.key_pem,
+    );
+    let host_id = wait_for("the lease to be active", Duration::from_secs(30), || {
+        let l = pool.lease(&lease.lease_id);
+        (l.state == pb::LeaseState::Active as i32).then_some(l.host_id)
+    });
+    (lease, dir, host_id)
+}
+
+/// After a race between a lease's first connection and a retried acquire
+/// with another key: once the coordinator has the front's report, `used`
+/// opens the host and `other` does not, and the coordinator pins `used`
+/// (it renews; `other` neither renews nor moves the key again).
+fn only_the_key_in_use_counts(
+    pool: &Pool,
+    client: &mut LeaseClient,
+    lease: &pb::Lease,
+    (used, used_dir): (&berth_tls::KeyAndCsr, &Path),
+    (other, other_dir): (&berth_tls::KeyAndCsr, &Path),
+) {
+    wait_for(
+        "the coordinator to learn that the key is in use",
+        Duration::from_secs(10),
+        || {
+            pool.coordinator_log()
+                .lines()
+                .any(|l| l.contains("its key is fixed") && l.contains(&lease.lease_id))
+                .then_some(())
+        },
+    );
+    docker_version(&lease.docker_host, used_dir).expect("the key in use");
+    assert_refused(
+        "the key not in use",
+        docker_version(&lease.docker_host, other_dir),
+    );
+    client
+        .renew(pool, &lease.lease_id, used)
+        .expect("renew with the key in use");
+    let refused = client
+        .renew(pool, &lease.lease_id, other)
+        .expect_err("renew with the other key");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused}");
+    let refused = client
+        .acquire(pool, &lease.build_id, other)
+        .expect_err("a retry with the other key");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused}");
+    assert_refused(
+        "the key not in use, after the renewals",
+        docker_version(&lease.docker_host, other_dir),
+    );
+    docker_version(&lease.docker_host, used_dir).expect("the key in use, after the renewals");
+    ok(
+        pool.berth(&["release", "--lease", &lease.lease_id]),
+        "release",
+    );
+}
+
+/// A TLS connection to a lease's front whose handshake the test steps by
+/// hand: the client's last flight (its certificate, the signature that
+/// proves its key, Finished) is held back until [`HeldHandshake::finish`].
+struct HeldHandshake {
+    conn: rustls::ClientConnection,
+    tcp: std::net::TcpStream,
+}
+
+impl HeldHandshake {
+    /// Connects with the certificate in `dir` and reads the front's whole
+    /// flight; the client's answer is not sent yet.
+    fn start(docker_host: &str, dir: &Path) -> Self {
+        let addr: std::net::SocketAddr = docker_host.trim_start_matches("tcp://").parse().unwrap();
+        let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap();
+        let cfg =
+            berth_tls::lease_client_config(&read("ca.pem"), &read("cert.pem"), &read("key.pem"))
+                .unwrap();
+        let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+        let mut conn = rustls::ClientConnection::new(cfg, name).unwrap();
+        let mut tcp = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10)).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        while conn.wants_write() {
+            conn.write_tls(&mut tcp).unwrap();
+        }
+        while conn.is_handshaking() {
+            let n = conn.read_tls(&mut tcp).unwrap();
+            assert!(n > 0, "the front closed the connection in the handshake");
+            conn.process_new_packets().unwrap();
+        }
+        assert!(conn.wants_write(), "no last flight to hold back");
+        Self { conn, tcp }
+    }
+
+    /// Sends the held flight and a `/_ping`: dockerd's answer, or why there
+    /// was none.
+    fn finish(mut self) -> Result<String, String> {
+        use std::io::{Read, Write};
+        let mut s = rustls::Stream::new(&mut self.conn, &mut self.tcp);
+        s.write_all(b"GET /_ping HTTP/1.1\r\nHost: docker\r\nConnection: close\r\n\r\n")
+            .map_err(|e| e.to_string())?;
+        let mut got = Vec::new();
+        let ended = s.read_to_end(&mut got);
+        let got = String::from_utf8_lossy(&got).into_owned();
+        match ended {
+            _ if got.starts_with("HTTP/1.1 200 OK") => Ok(got),
+            Ok(_) => Err(format!("no answer: {got:?}")),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+}
+
+#[test]
+fn a_key_move_that_crosses_the_first_connection_in_a_stalled_agent_leaves_one_key_in_use() {
+    if !preflight() {
+        return;
+    }
+    let pool = Pool::start("bth6-", 1, &[]);
+    let scratch = pool.state_dir.join("scratch");
+    let ca_pem = std::fs::read_to_string(pool.ca_pem_path()).unwrap();
+    let mut client = LeaseClient::connect(&pool);
+    let (k1, k2) = (new_key(), new_key());
+    let (lease, c1, host_id) = active_lease(&pool, &mut client, "pin-stall", &k1);
+
+    // The holder's first connection is one flight from done (the front
+    // has sent its part; the client's certificate and proof are next)
+    // when the agent stalls (a loaded machine, a paused VM). Meanwhile a
+    // retried acquire with another key reaches the coordinator, which has
+    // heard of no use: it moves the key and answers with a certificate.
+    // When the agent runs again, the holder's last flight and the move are
+    // both waiting for it.
+    let holder = HeldHandshake::start(&lease.docker_host, &c1);
+    let agent = pool.agent_pid(&host_id).expect("the host's agent");
+    let frozen = Frozen::stop(agent);
+    let holder = std::thread::spawn(move || holder.finish());
+    let retried = client
+        .acquire(&pool, &lease.build_id, &k2)
+        .expect("a retry before any reported use");
+    assert_eq!(retried.lease.as_ref().unwrap().lease_id, lease.lease_id);
+    let c2 = cert_dir(
+        &scratch,
+        "pin-stall-2",
+        &ca_pem,
+        &retried.client_cert_pem,
+        &k2.key_pem,
+    );
+    // The move on its way to the agent's socket.
+    std::thread::sleep(Duration::from_millis(300));
+    drop(frozen);
+
+    // Whichever the agent took first, the key that got in is the lease's
+    // for good: the front fixed it at that connection and refuses the move
+    // after it, and its report puts the coordinator's pin back.
+    match holder.join().unwrap() {
+        Ok(_) => {
+            eprintln!("the holder's connection came first; the front refused the move");
+            only_the_key_in_use_counts(&pool, &mut client, &lease, (&k1, &c1), (&k2, &c2));
+        }
+        Err(e) => {
+            eprintln!("the move came first; the holder's connection was refused: {e}");
+            docker_version(&lease.docker_host, &c2).expect("the moved key's certificate");
+            only_the_key_in_use_counts(&pool, &mut client, &lease, (&k2, &c2), (&k1, &c1));
+        }
+    }
 }
 
 #[test]

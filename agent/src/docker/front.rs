@@ -175,14 +175,18 @@ pub trait FrontControl: Send + 'static {
     /// until [`FrontControl::open`]. Does nothing when already listening.
     fn listen(&mut self) -> impl std::future::Future<Output = Result<(), FrontError>> + Send;
     /// Starts serving `lease_id` to certificates that carry `key`; replaces
-    /// any previous lease's front.
+    /// any previous lease's front. `in_use`: the lease's certificate was
+    /// admitted before (an agent that restarted), so `key` is fixed.
     fn open(
         &mut self,
         lease_id: &str,
         key: KeyId,
+        in_use: bool,
     ) -> impl std::future::Future<Output = Result<(), FrontError>> + Send;
-    /// From the next handshake on, admits only certificates carrying `key`.
-    fn set_key(&mut self, key: KeyId);
+    /// From the next handshake on, admits only certificates carrying `key`,
+    /// unless the lease's key is fixed (a connection was admitted): whether
+    /// the front now admits `key`.
+    fn set_key(&mut self, key: KeyId) -> bool;
     /// Stops accepting and cuts every connection; returns once they are gone.
     fn close(&mut self) -> impl std::future::Future<Output = ()> + Send;
 }
@@ -246,12 +250,15 @@ struct FirstUse {
 }
 
 impl FirstUse {
-    async fn report(&self) {
+    /// `key`: the key the admitted certificate carried, which the front
+    /// fixed.
+    async fn report(&self, key: KeyId) {
         if !self.sent.swap(true, Ordering::SeqCst) {
             let _ = self
                 .inbox
                 .send(Event::FrontInUse {
                     lease_id: self.lease_id.clone(),
+                    key,
                 })
                 .await;
         }
@@ -369,7 +376,7 @@ impl FrontControl for DockerFront {
     }
 
     #[tracing::instrument(skip(self), err)]
-    async fn open(&mut self, lease_id: &str, key: KeyId) -> Result<(), FrontError> {
+    async fn open(&mut self, lease_id: &str, key: KeyId, in_use: bool) -> Result<(), FrontError> {
         if self.is_open() {
             self.close().await;
         }
@@ -379,7 +386,11 @@ impl FrontControl for DockerFront {
             .ok()
             .and_then(|r| r.ok().and_then(|s| s.issued.clone()))
             .ok_or(FrontError::NoCertificate)?;
-        let pinned = PinnedKey::new(key);
+        let pinned = if in_use {
+            PinnedKey::fixed(key)
+        } else {
+            PinnedKey::new(key)
+        };
         let make_acceptor = {
             let (key_pem, lease_id, pinned) =
                 (self.key_pem.clone(), lease_id.to_owned(), pinned.clone());
@@ -417,7 +428,8 @@ impl FrontControl for DockerFront {
         let first_use = self.uses.clone().map(|inbox| FirstUse {
             lease_id: lease_id.to_owned(),
             inbox,
-            sent: Arc::new(AtomicBool::new(false)),
+            // A lease in use before a restart was reported then.
+            sent: Arc::new(AtomicBool::new(in_use)),
         });
         self.gate.send_replace(Some(Gate {
             acceptor,
@@ -428,11 +440,19 @@ impl FrontControl for DockerFront {
         Ok(())
     }
 
-    fn set_key(&mut self, key: KeyId) {
-        if let Some(gate) = self.gate.borrow().as_ref() {
+    fn set_key(&mut self, key: KeyId) -> bool {
+        let Some(gate) = self.gate.borrow().as_ref().cloned() else {
+            return false;
+        };
+        let moved = gate.pinned.set(key);
+        if moved {
             tracing::info!(key = %key, "docker front: the lease's key moved");
-            gate.pinned.set(key);
+        } else {
+            // The first connection was admitted (its report is on its way
+            // to the coordinator): one lease, one key in use.
+            tracing::warn!(key = %key, fixed = %gate.pinned.get(), "docker front: the lease's key is fixed by its use; the move is refused");
         }
+        moved
     }
 
     async fn close(&mut self) {
@@ -594,8 +614,8 @@ async fn accept_loop(
                         let gate = waited.ok().and_then(Result::ok).and_then(|g| g.clone());
                         let Some(Gate {
                             acceptor,
+                            pinned,
                             first_use,
-                            ..
                         }) = gate
                         else {
                             refusals.refused(
@@ -628,10 +648,27 @@ async fn accept_loop(
                                 Ok(Ok(tls)) => tls,
                             },
                         };
+                        // The key the certificate carried is fixed from now on,
+                        // unless the pin moved while this handshake ran (a
+                        // retried acquire's new key): then this connection
+                        // is not the lease holder's any more.
+                        let key = tls
+                            .get_ref()
+                            .1
+                            .peer_certificates()
+                            .and_then(|c| c.first())
+                            .and_then(|c| KeyId::of_cert_der(c).ok());
+                        let Some(key) = key.filter(|k| pinned.fix(*k)) else {
+                            refusals.refused(
+                                "the lease's key moved during the TLS handshake; connection dropped",
+                                &format_args!("{peer}"),
+                            );
+                            return;
+                        };
                         // Admitted: it no longer counts against the cap.
                         drop(permit);
                         if let Some(f) = &first_use {
-                            f.report().await;
+                            f.report(key).await;
                         }
                         match serve_connection(tls, &upstream, child).await {
                             Ok(()) => tracing::debug!("connection closed"),
@@ -845,7 +882,7 @@ mod tests {
         // Closed: nothing listens.
         assert!(TcpStream::connect(addr).await.is_err());
 
-        front.open("l1", pki.key()).await.unwrap();
+        front.open("l1", pki.key(), false).await.unwrap();
         assert!(front.is_open());
         let mut conn = pki.connect(addr, "l1").await.unwrap();
 
@@ -878,7 +915,7 @@ mod tests {
 
         // Reopen at once on the same port (recycle mode) for the next lease,
         // with that socket: the previous lease's certificate no longer gets in.
-        front.open("l2", pki.key()).await.unwrap();
+        front.open("l2", pki.key(), false).await.unwrap();
         assert!(!front.is_prepared());
         assert!(pki.connect(addr, "l1").await.is_err());
         pki.connect(addr, "l2").await.unwrap();
@@ -916,7 +953,7 @@ mod tests {
         let early = tokio::spawn(ping_through(addr, cfg));
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert!(!early.is_finished(), "admitted before its lease arrived");
-        front.open("l1", pki.key()).await.unwrap();
+        front.open("l1", pki.key(), false).await.unwrap();
         tokio::time::timeout(Duration::from_secs(5), early)
             .await
             .expect("admitted once the lease arrived")
@@ -940,7 +977,7 @@ mod tests {
         let (_tx, rx) = watch::channel(LinkStatus::default());
         let addr = free_addr().await;
         let mut front = DockerFront::new(addr, None, "/nonexistent".into(), String::new(), rx);
-        let r = front.open("l1", KeyId([1; 32])).await;
+        let r = front.open("l1", KeyId([1; 32]), false).await;
         assert!(matches!(r, Err(FrontError::NoCertificate)), "{r:?}");
         assert!(TcpStream::connect(addr).await.is_err());
     }
@@ -1002,18 +1039,26 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn only_the_leases_pinned_key_gets_in_and_first_use_is_reported_once() {
+    async fn only_the_leases_pinned_key_gets_in_and_its_first_use_fixes_it() {
         let dir = temp_dir("pinned");
         let sock = echo_daemon(&dir);
         let addr = free_addr().await;
         let pki = pki();
         let (inbox, mut events) = mpsc::channel(8);
         let mut front = pki.front(addr, sock).reporting_use_to(inbox);
-        front.open("l1", pki.key()).await.unwrap();
+        front.open("l1", pki.key(), false).await.unwrap();
         // A certificate of the lease, signed by the pool CA, with another key.
         let thief = berth_tls::KeyAndCsr::generate("thief").unwrap();
         assert!(pki.connect_with(addr, "l1", &thief).await.is_err());
         assert!(events.try_recv().is_err(), "a refused client is no use");
+        // Before the first use the pin follows the coordinator (a retried
+        // acquire with a new key): the new key gets in, the old one not.
+        let retry = berth_tls::KeyAndCsr::generate("retry").unwrap();
+        let retry_key = KeyId::of_csr_pem(&retry.csr_pem).unwrap();
+        assert!(front.set_key(retry_key));
+        assert!(pki.connect(addr, "l1").await.is_err());
+        assert!(events.try_recv().is_err(), "a refused client is no use");
+        assert!(front.set_key(pki.key()));
         let _c1 = pki.connect(addr, "l1").await.unwrap();
         let _c2 = pki.connect(addr, "l1").await.unwrap();
         let used = tokio::time::timeout(Duration::from_secs(5), events.recv())
@@ -1022,14 +1067,25 @@ mod tests {
         assert_eq!(
             used,
             Some(Event::FrontInUse {
-                lease_id: "l1".into()
+                lease_id: "l1".into(),
+                key: pki.key(),
             })
         );
         assert!(events.try_recv().is_err(), "reported once");
-        // The coordinator moved the pin (before first use, in real life).
-        front.set_key(KeyId::of_csr_pem(&thief.csr_pem).unwrap());
-        pki.connect_with(addr, "l1", &thief).await.unwrap();
-        assert!(pki.connect(addr, "l1").await.is_err());
+        // In use, the key is fixed: a move that crossed the report (the
+        // coordinator had not heard of the use yet) is refused, and the
+        // key in use keeps the host.
+        assert!(!front.set_key(retry_key), "the pin moved after first use");
+        assert!(pki.connect_with(addr, "l1", &retry).await.is_err());
+        pki.connect(addr, "l1").await.unwrap();
+        front.close().await;
+        // Opened again for a lease that was in use before the agent
+        // restarted: fixed from the start, and not reported again.
+        front.open("l1", pki.key(), true).await.unwrap();
+        assert!(!front.set_key(retry_key), "a resumed lease's pin moved");
+        assert!(pki.connect_with(addr, "l1", &retry).await.is_err());
+        pki.connect(addr, "l1").await.unwrap();
+        assert!(events.try_recv().is_err(), "a resumed lease reported again");
         front.close().await;
         std::fs::remove_dir_all(&dir).unwrap();
     }
@@ -1041,7 +1097,7 @@ mod tests {
         let addr = free_addr().await;
         let pki = pki();
         let mut front = pki.front(addr, sock);
-        front.open("l1", pki.key()).await.unwrap();
+        front.open("l1", pki.key(), false).await.unwrap();
         // Connections that never say hello hold every handshake slot.
         let mut stalled = Vec::new();
         for _ in 0..MAX_HANDSHAKES {

@@ -321,9 +321,17 @@ where
         queue: &mut VecDeque<Event>,
     ) -> Option<Result<String, DriverError>> {
         match action {
-            Action::SetFrontKey { key } => self.front.set_key(key),
-            Action::OpenFront { lease_id, key } => {
-                let event = match self.front.open(&lease_id, key).await {
+            Action::SetFrontKey { key } => {
+                // Refused once the front's first connection fixed the key;
+                // its `FrontInUse` (with that key) is then on its way.
+                self.front.set_key(key);
+            }
+            Action::OpenFront {
+                lease_id,
+                key,
+                in_use,
+            } => {
+                let event = match self.front.open(&lease_id, key, in_use).await {
                     Ok(()) => Event::FrontOpened { lease_id },
                     Err(e) => {
                         tracing::error!(%lease_id, error = %e, "docker front failed to open");
@@ -461,7 +469,12 @@ mod tests {
             }
             Ok(())
         }
-        async fn open(&mut self, lease_id: &str, _key: KeyId) -> Result<(), FrontError> {
+        async fn open(
+            &mut self,
+            lease_id: &str,
+            _key: KeyId,
+            _in_use: bool,
+        ) -> Result<(), FrontError> {
             self.listening.store(true, Ordering::SeqCst);
             self.log.lock().unwrap().push(format!("open {lease_id}"));
             if self.fail {
@@ -475,11 +488,12 @@ mod tests {
             self.listening.store(false, Ordering::SeqCst);
             self.log.lock().unwrap().push("close".into());
         }
-        fn set_key(&mut self, key: KeyId) {
+        fn set_key(&mut self, key: KeyId) -> bool {
             self.log
                 .lock()
                 .unwrap()
                 .push(format!("key {}", &key.to_hex()[..4]));
+            true
         }
     }
 

@@ -181,8 +181,10 @@ pub enum Event {
         lease_id: String,
         key: Option<KeyId>,
     },
-    /// The front admitted this lease's certificate for the first time.
-    FrontInUse { lease_id: String },
+    /// The front admitted this lease's certificate for the first time and
+    /// fixed `key`, the key it carried (a move that crossed that connection
+    /// was refused by the front).
+    FrontInUse { lease_id: String, key: KeyId },
     /// The coordinator refuses this host for good (it served a lease, or is
     /// not the host its id was bound to): it can never serve, so it ends.
     Refused { reason: String },
@@ -270,9 +272,16 @@ impl Event {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
     /// Bind the Docker front for this lease, admitting only certificates
-    /// that carry `key`; answer with `FrontOpened` or `FrontFailed`.
-    OpenFront { lease_id: String, key: KeyId },
-    /// The open front admits only certificates that carry `key` from now on.
+    /// that carry `key` (fixed when `in_use`: the lease was used before the
+    /// agent restarted); answer with `FrontOpened` or `FrontFailed`.
+    OpenFront {
+        lease_id: String,
+        key: KeyId,
+        in_use: bool,
+    },
+    /// The open front admits only certificates that carry `key` from now on,
+    /// unless its first connection fixed the key (then `FrontInUse` follows
+    /// with the key that stays).
     SetFrontKey { key: KeyId },
     /// Drop the front's listener and cut every open connection.
     CloseFront,
@@ -433,7 +442,14 @@ pub fn next(host: Host, event: Event) -> (Host, Vec<Action>) {
                 lease: Some(lease),
                 ..host
             };
-            (host, vec![Action::OpenFront { lease_id, key }])
+            (
+                host,
+                vec![Action::OpenFront {
+                    lease_id,
+                    key,
+                    in_use: false,
+                }],
+            )
         }
         (S::Leased, Event::LeaseKey { lease_id, key }) if holds(&host, &lease_id) => {
             let mut host = host;
@@ -447,14 +463,20 @@ pub fn next(host: Host, event: Event) -> (Host, Vec<Action>) {
                 _ => (host, vec![]),
             }
         }
-        (S::Leased, Event::FrontInUse { lease_id }) if holds(&host, &lease_id) => {
+        (S::Leased, Event::FrontInUse { lease_id, key }) if holds(&host, &lease_id) => {
             let mut host = host;
             match host.lease.as_mut() {
                 Some(lease) if !lease.in_use => {
                     lease.in_use = true;
+                    // The key the front fixed, which is the one a move that
+                    // crossed the first connection did not get to replace.
+                    lease.key = Some(key);
                     (
                         host,
-                        vec![Action::Send(Msg::LeaseInUse(LeaseInUse { lease_id }))],
+                        vec![Action::Send(Msg::LeaseInUse(LeaseInUse {
+                            lease_id,
+                            client_key_sha256: key.0.to_vec(),
+                        }))],
                     )
                 }
                 _ => (host, vec![]),
@@ -624,6 +646,7 @@ fn resume(
                 );
             };
             let lease_id = lease.id.clone();
+            let in_use = lease.in_use;
             let host = Host {
                 state: S::Leased,
                 lease: Some(Lease {
@@ -632,7 +655,14 @@ fn resume(
                 }),
                 ..host
             };
-            (host, vec![Action::OpenFront { lease_id, key }])
+            (
+                host,
+                vec![Action::OpenFront {
+                    lease_id,
+                    key,
+                    in_use,
+                }],
+            )
         }
         (Some(S::Leased), Some(lease)) => {
             let ended = LeaseEnded {
@@ -1051,6 +1081,7 @@ mod tests {
                 vec![Action::OpenFront {
                     lease_id: L.into(),
                     key: K,
+                    in_use: false,
                 }],
             ),
             (
@@ -1095,10 +1126,27 @@ mod tests {
             (
                 "first admitted connection: the lease is in use",
                 host(S::Leased),
-                Event::FrontInUse { lease_id: L.into() },
+                Event::FrontInUse {
+                    lease_id: L.into(),
+                    key: K,
+                },
                 S::Leased,
                 vec![Action::Send(Msg::LeaseInUse(LeaseInUse {
                     lease_id: L.into(),
+                    client_key_sha256: K.0.to_vec(),
+                }))],
+            ),
+            (
+                "first use with the key the front fixed, though a move crossed it",
+                host(S::Leased),
+                Event::FrontInUse {
+                    lease_id: L.into(),
+                    key: K2,
+                },
+                S::Leased,
+                vec![Action::Send(Msg::LeaseInUse(LeaseInUse {
+                    lease_id: L.into(),
+                    client_key_sha256: K2.0.to_vec(),
                 }))],
             ),
             (
@@ -1141,7 +1189,10 @@ mod tests {
                     lease: host(S::Leased).lease.map(|l| Lease { in_use: true, ..l }),
                     ..host(S::Leased)
                 },
-                Event::FrontInUse { lease_id: L.into() },
+                Event::FrontInUse {
+                    lease_id: L.into(),
+                    key: K,
+                },
                 S::Leased,
                 vec![],
             ),
@@ -1515,6 +1566,7 @@ mod tests {
                 vec![Action::OpenFront {
                     lease_id: L.into(),
                     key: K,
+                    in_use: false,
                 }],
             ),
             (

@@ -9,6 +9,7 @@
 use std::time::SystemTime;
 
 use berth_proto::v1 as pb;
+use berth_tls::KeyId;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
@@ -189,6 +190,13 @@ impl Pool {
             }
             Msg::LeaseInUse(u) => {
                 let lid = validate::lease_id(&u.lease_id)?;
+                let used = if u.client_key_sha256.is_empty() {
+                    None
+                } else {
+                    Some(KeyId::from_slice(&u.client_key_sha256).ok_or_else(|| {
+                        Error::invalid("client_key_sha256", "must be 32 bytes (a SHA-256)")
+                    })?)
+                };
                 if let Some(l) = g
                     .leases
                     .get_mut(&lid)
@@ -197,6 +205,17 @@ impl Pool {
                 {
                     // From now on no retried acquire may move the key.
                     l.key_locked = true;
+                    if let Some(used) = used
+                        && l.key != Some(used)
+                    {
+                        // A retried acquire moved the key while this report
+                        // was on its way; the front had fixed the key of the
+                        // first connection and refused the move. The pin
+                        // follows the front: the retry's certificate never
+                        // opens the host, so it may not renew either.
+                        warn!(host_id, lease_id = %lid, key = %used, "the lease's key moved while its first use was being reported; it stays at the key in use");
+                        l.key = Some(used);
+                    }
                     g.dirty.insert(lid.clone());
                     info!(host_id, lease_id = %lid, "lease certificate in use; its key is fixed");
                 }

@@ -932,6 +932,7 @@ async fn a_leases_key_is_pinned_renewals_and_retries_with_another_key_are_refuse
         &pool,
         pb::agent_message::Msg::LeaseInUse(pb::LeaseInUse {
             lease_id: p.lease_id.clone(),
+            client_key_sha256: K2.0.to_vec(),
         }),
         now,
     );
@@ -943,6 +944,56 @@ async fn a_leases_key_is_pinned_renewals_and_retries_with_another_key_are_refuse
     assert!(h1.next().is_none(), "the host was told to move the key");
     // The same key joins the lease as any retry does.
     pool.acquire(T, "b1", K2, 60 * SECOND, SECOND, now).unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_key_move_that_crossed_the_first_use_report_gives_way_to_the_key_in_use() {
+    let pool = pool();
+    let now = start();
+    let mut h1 = Agent::join(&pool, "h1", now);
+    let p = pool.acquire(T, "b1", K1, 60 * SECOND, SECOND, now).unwrap();
+    h1.expect_assign();
+    h1.accept(&pool, &p.lease_id, now);
+    // The front admits K1's certificate and fixes K1; before its report
+    // arrives, a retried acquire brings K2: the coordinator, not knowing
+    // of the use, moves the key (the front will refuse the move).
+    pool.acquire(T, "b1", K2, 60 * SECOND, SECOND, now).unwrap();
+    assert!(matches!(h1.next(), Some(Out::LeaseKey(_))));
+    pool.check_key(&p.lease_id, K2).unwrap();
+    // The report names the key the front fixed: the pin follows it.
+    h1.say(
+        &pool,
+        pb::agent_message::Msg::LeaseInUse(pb::LeaseInUse {
+            lease_id: p.lease_id.clone(),
+            client_key_sha256: K1.0.to_vec(),
+        }),
+        now,
+    );
+    pool.check_key(&p.lease_id, K1).unwrap();
+    assert!(pool.check_key(&p.lease_id, K2).is_err());
+    // The holder of the key in use renews; the retry's key may neither
+    // renew nor move the key again.
+    pool.renew(T, &p.lease_id, Some(K1), 60 * SECOND, now)
+        .unwrap();
+    let e = pool
+        .renew(T, &p.lease_id, Some(K2), 60 * SECOND, now)
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+    let e = pool
+        .acquire(T, "b1", K2, 60 * SECOND, SECOND, now)
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+    // A second report (it cannot come from an honest agent) moves nothing.
+    h1.say(
+        &pool,
+        pb::agent_message::Msg::LeaseInUse(pb::LeaseInUse {
+            lease_id: p.lease_id.clone(),
+            client_key_sha256: K2.0.to_vec(),
+        }),
+        now,
+    );
+    pool.check_key(&p.lease_id, K1).unwrap();
+    pool.check_invariants().unwrap();
 }
 
 /// A pool with these tenants' shares.

@@ -70,20 +70,66 @@ pub fn roots(ca_pem: &str) -> Result<RootCertStore, TlsError> {
 /// The key a lease's client certificate must carry. Shared with the open
 /// front, so a pin the coordinator moves (an acquire retried with a new key
 /// before the lease was first used) takes effect at the next handshake.
+///
+/// The front fixes the pin at the key of the first connection it admits
+/// ([`PinnedKey::fix`]); from then on it never moves, whatever the
+/// coordinator asks: one lease, one key in use. Checking the key and fixing
+/// it happen under one lock, so a move that races the first connection
+/// either comes first (and that connection is refused) or is refused.
 #[derive(Debug, Clone)]
-pub struct PinnedKey(Arc<std::sync::RwLock<KeyId>>);
+pub struct PinnedKey(Arc<std::sync::RwLock<Pin>>);
+
+#[derive(Debug, Clone, Copy)]
+struct Pin {
+    key: KeyId,
+    fixed: bool,
+}
 
 impl PinnedKey {
+    /// A pin that may still move.
     pub fn new(key: KeyId) -> Self {
-        Self(Arc::new(std::sync::RwLock::new(key)))
+        Self(Arc::new(std::sync::RwLock::new(Pin { key, fixed: false })))
     }
 
-    pub fn get(&self) -> KeyId {
+    /// A pin fixed at `key` from the start (a lease that was in use before
+    /// its agent restarted).
+    pub fn fixed(key: KeyId) -> Self {
+        Self(Arc::new(std::sync::RwLock::new(Pin { key, fixed: true })))
+    }
+
+    fn pin(&self) -> Pin {
         *self.0.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn set(&self, key: KeyId) {
-        *self.0.write().unwrap_or_else(|e| e.into_inner()) = key;
+    pub fn get(&self) -> KeyId {
+        self.pin().key
+    }
+
+    /// Whether the pin is fixed (a connection with its key was admitted).
+    pub fn is_fixed(&self) -> bool {
+        self.pin().fixed
+    }
+
+    /// Moves the pin to `key`, unless it is fixed; whether it now pins `key`.
+    #[must_use]
+    pub fn set(&self, key: KeyId) -> bool {
+        let mut pin = self.0.write().unwrap_or_else(|e| e.into_inner());
+        if !pin.fixed {
+            pin.key = key;
+        }
+        pin.key == key
+    }
+
+    /// Fixes the pin at `key` if that is the key it pins; whether it is now
+    /// fixed at `key`. `false` means the pin moved after the connection
+    /// carrying `key` was checked: that connection must be dropped.
+    #[must_use]
+    pub fn fix(&self, key: KeyId) -> bool {
+        let mut pin = self.0.write().unwrap_or_else(|e| e.into_inner());
+        if pin.key == key {
+            pin.fixed = true;
+        }
+        pin.key == key
     }
 }
 
@@ -371,7 +417,7 @@ mod tests {
         .unwrap();
         // The coordinator moved the pin (a retried acquire before first use):
         // the new key gets in, the old one no longer does.
-        pin.set(KeyId::of_csr_pem(&thief.csr_pem).unwrap());
+        assert!(pin.set(KeyId::of_csr_pem(&thief.csr_pem).unwrap()));
         handshake(server.clone(), stolen).unwrap();
         assert!(handshake(server, client_for(&r.ca, "lease-a", now, now + hour)).is_err());
     }
@@ -393,8 +439,48 @@ mod tests {
         // The pin moved (a retried acquire with another key): the same
         // client, with everything it kept, no longer gets in.
         let retry = KeyAndCsr::generate("retry").unwrap();
-        pin.set(KeyId::of_csr_pem(&retry.csr_pem).unwrap());
+        assert!(pin.set(KeyId::of_csr_pem(&retry.csr_pem).unwrap()));
         let e = handshake(server, client).unwrap_err();
         assert!(e.contains("server"), "{e}");
+    }
+
+    #[test]
+    fn a_fixed_pin_does_not_move_and_only_its_own_key_fixes_it() {
+        let r = rig();
+        let now = SystemTime::now();
+        let hour = Duration::from_secs(3600);
+        let pin = pinned();
+        let ours = KeyId::of_csr_pem(&lease_key().csr_pem).unwrap();
+        let retry = KeyAndCsr::generate("retry").unwrap();
+        let theirs = KeyId::of_csr_pem(&retry.csr_pem).unwrap();
+        let server = lease_server_config(&r.server, "lease-a", pin.clone()).unwrap();
+        // A connection checked against a key the pin no longer holds cannot
+        // fix it (the pin moved during its handshake).
+        assert!(!pin.fix(theirs));
+        assert!(!pin.is_fixed());
+        // The first admitted connection fixes the key it carried ...
+        handshake(
+            server.clone(),
+            client_for(&r.ca, "lease-a", now - hour, now + hour),
+        )
+        .unwrap();
+        assert!(pin.fix(ours));
+        assert!(pin.is_fixed());
+        // ... and from then on no move takes: the retried acquire's key
+        // stays out, the key in use stays in.
+        assert!(!pin.set(theirs), "a fixed pin moved");
+        assert_eq!(pin.get(), ours);
+        let moved = client_with(&r.ca, &retry, "lease-a", now - hour, now + hour);
+        assert!(handshake(server.clone(), moved).is_err());
+        handshake(server, client_for(&r.ca, "lease-a", now - hour, now + hour)).unwrap();
+        // Fixing again at the same key is fine (every admitted connection
+        // asks); at another, refused.
+        assert!(pin.fix(ours));
+        assert!(!pin.fix(theirs));
+        // A pin made fixed (a resumed lease that was in use) is the same.
+        let resumed = PinnedKey::fixed(ours);
+        assert!(resumed.is_fixed());
+        assert!(!resumed.set(theirs));
+        assert_eq!(resumed.get(), ours);
     }
 }
