@@ -88,29 +88,18 @@ fn a_lease_key_cannot_be_swapped_once_its_certificate_is_in_use() {
     let pool = Pool::start("bth1-", 2, &[]);
     let scratch = pool.state_dir.join("scratch");
     let ca_pem = std::fs::read_to_string(pool.ca_pem_path()).unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let mut client = LeaseServiceClient::new(rt.block_on(pool.endpoint().connect()).unwrap());
-    let mut acquire = |build: &str, key: &berth_tls::KeyAndCsr| {
-        rt.block_on(client.acquire(pool.authed(pb::AcquireRequest {
-            build_id: build.into(),
-            ttl: Some(minutes(30)),
-            wait: Some(minutes(1)),
-            csr_pem: key.csr_pem.clone(),
-        })))
-        .map(tonic::Response::into_inner)
-    };
+    let mut client = LeaseClient::connect(&pool);
 
     // A retried acquire (its first answer was lost, say) may bring another
     // key while the certificate has not been used: the key moves, and the
     // first certificate stops opening the host.
     let (k1, k2, k3) = (new_key(), new_key(), new_key());
-    let first = acquire("pin-retry", &k1).expect("acquire");
+    let first = client.acquire(&pool, "pin-retry", &k1).expect("acquire");
     let lease = first.lease.clone().unwrap();
     let c1 = cert_dir(&scratch, "k1", &ca_pem, &first.client_cert_pem, &k1.key_pem);
-    let retried = acquire("pin-retry", &k2).expect("a retried acquire with another key");
+    let retried = client
+        .acquire(&pool, "pin-retry", &k2)
+        .expect("a retried acquire with another key");
     assert_eq!(retried.lease.as_ref().unwrap().lease_id, lease.lease_id);
     let c2 = cert_dir(
         &scratch,
@@ -134,27 +123,16 @@ fn a_lease_key_cannot_be_swapped_once_its_certificate_is_in_use() {
     // reaches the coordinator before the report is still answered, with a
     // certificate the front refuses (the stalled-agent test below), so the
     // refusal asserted here needs the report: k3 is tried once it is in.
-    wait_for(
-        "the coordinator to learn that the key is in use",
-        Duration::from_secs(10),
-        || {
-            pool.coordinator_log()
-                .lines()
-                .any(|l| l.contains("its key is fixed") && l.contains(&lease.lease_id))
-                .then_some(())
-        },
-    );
+    wait_key_fixed(&pool, &lease.lease_id);
 
     // In use now: neither a retried Acquire nor a Renew may bring k3.
-    let refused = acquire("pin-retry", &k3).expect_err("retried acquire with k3 after use");
+    let refused = client
+        .acquire(&pool, "pin-retry", &k3)
+        .expect_err("retried acquire with k3 after use");
     assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused}");
     assert!(refused.message().contains("in use"), "{refused}");
-    let refused = rt
-        .block_on(client.renew(pool.authed(pb::RenewRequest {
-            lease_id: lease.lease_id.clone(),
-            ttl: Some(minutes(40)),
-            csr_pem: k3.csr_pem.clone(),
-        })))
+    let refused = client
+        .renew(&pool, &lease.lease_id, &k3)
         .expect_err("renew with k3");
     assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused}");
 
@@ -206,20 +184,10 @@ fn a_lease_key_cannot_be_swapped_once_its_certificate_is_in_use() {
     // The holder is unaffected: its certificate works, it renews with its
     // own key, and the renewed certificate works too.
     docker_version(&lease.docker_host, &c2).expect("the holder's certificate");
-    let renewed = rt
-        .block_on(
-            client.renew(
-                pool.authed(pb::RenewRequest {
-                    lease_id: lease.lease_id.clone(),
-                    ttl: Some(minutes(40)),
-                    csr_pem: berth_tls::KeyAndCsr::for_key(&k2.key_pem, "renew")
-                        .unwrap()
-                        .csr_pem,
-                }),
-            ),
-        )
-        .expect("renew with the lease's own key")
-        .into_inner();
+    let same_key = berth_tls::KeyAndCsr::for_key(&k2.key_pem, "renew").unwrap();
+    let renewed = client
+        .renew(&pool, &lease.lease_id, &same_key)
+        .expect("renew with the lease's own key");
     let c2r = cert_dir(
         &scratch,
         "k2r",
@@ -236,6 +204,21 @@ fn a_lease_key_cannot_be_swapped_once_its_certificate_is_in_use() {
     ok(
         pool.berth(&["release", "--lease", &lease.lease_id]),
         "release",
+    );
+}
+
+/// Waits until the coordinator has the front's report that the lease's
+/// certificate is in use (its key is fixed from then on).
+fn wait_key_fixed(pool: &Pool, lease_id: &str) {
+    wait_for(
+        "the coordinator to learn that the key is in use",
+        Duration::from_secs(10),
+        || {
+            pool.coordinator_log()
+                .lines()
+                .any(|l| l.contains("its key is fixed") && l.contains(lease_id))
+                .then_some(())
+        },
     );
 }
 
@@ -327,16 +310,7 @@ fn only_the_key_in_use_counts(
     (used, used_dir): (&berth_tls::KeyAndCsr, &Path),
     (other, other_dir): (&berth_tls::KeyAndCsr, &Path),
 ) {
-    wait_for(
-        "the coordinator to learn that the key is in use",
-        Duration::from_secs(10),
-        || {
-            pool.coordinator_log()
-                .lines()
-                .any(|l| l.contains("its key is fixed") && l.contains(&lease.lease_id))
-                .then_some(())
-        },
-    );
+    wait_key_fixed(pool, &lease.lease_id);
     docker_version(&lease.docker_host, used_dir).expect("the key in use");
     assert_refused(
         "the key not in use",

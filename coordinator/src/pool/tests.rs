@@ -61,6 +61,18 @@ impl Agent {
         pool.agent_message(&self.id, self.conn, msg, now).unwrap();
     }
 
+    /// The front's report that the lease's certificate got in with `key`.
+    fn in_use(&self, pool: &Pool, lease_id: &str, key: berth_tls::KeyId, now: Now) {
+        self.say(
+            pool,
+            pb::agent_message::Msg::LeaseInUse(pb::LeaseInUse {
+                lease_id: lease_id.into(),
+                client_key_sha256: key.0.to_vec(),
+            }),
+            now,
+        );
+    }
+
     fn accept(&self, pool: &Pool, lease_id: &str, now: Now) {
         self.say(
             pool,
@@ -928,14 +940,7 @@ async fn a_leases_key_is_pinned_renewals_and_retries_with_another_key_are_refuse
     assert!(pool.check_key(&p.lease_id, K1).is_err());
     pool.check_key(&p.lease_id, K2).unwrap();
     // Once the front admitted it, the key no longer moves.
-    h1.say(
-        &pool,
-        pb::agent_message::Msg::LeaseInUse(pb::LeaseInUse {
-            lease_id: p.lease_id.clone(),
-            client_key_sha256: K2.0.to_vec(),
-        }),
-        now,
-    );
+    h1.in_use(&pool, &p.lease_id, K2, now);
     let e = pool
         .acquire(T, "b1", K1, 60 * SECOND, SECOND, now)
         .unwrap_err();
@@ -961,14 +966,7 @@ async fn a_key_move_that_crossed_the_first_use_report_gives_way_to_the_key_in_us
     assert!(matches!(h1.next(), Some(Out::LeaseKey(_))));
     pool.check_key(&p.lease_id, K2).unwrap();
     // The report names the key the front fixed: the pin follows it.
-    h1.say(
-        &pool,
-        pb::agent_message::Msg::LeaseInUse(pb::LeaseInUse {
-            lease_id: p.lease_id.clone(),
-            client_key_sha256: K1.0.to_vec(),
-        }),
-        now,
-    );
+    h1.in_use(&pool, &p.lease_id, K1, now);
     pool.check_key(&p.lease_id, K1).unwrap();
     assert!(pool.check_key(&p.lease_id, K2).is_err());
     // The holder of the key in use renews; the retry's key may neither
@@ -984,14 +982,7 @@ async fn a_key_move_that_crossed_the_first_use_report_gives_way_to_the_key_in_us
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
     // A second report (it cannot come from an honest agent) moves nothing.
-    h1.say(
-        &pool,
-        pb::agent_message::Msg::LeaseInUse(pb::LeaseInUse {
-            lease_id: p.lease_id.clone(),
-            client_key_sha256: K2.0.to_vec(),
-        }),
-        now,
-    );
+    h1.in_use(&pool, &p.lease_id, K2, now);
     pool.check_key(&p.lease_id, K1).unwrap();
     pool.check_invariants().unwrap();
 }
