@@ -11,16 +11,29 @@ use std::process::Command;
 
 use berth_testkit::*;
 
-fn dir() -> PathBuf {
-    let d = Path::new(TEST_STATE_ROOT).join(test_prefix("cfg"));
-    std::fs::create_dir_all(&d).unwrap();
-    d
+/// A test's own directory of configuration files, removed when the test
+/// passed (a failing one keeps it for whoever reads the failure).
+struct Files(PathBuf);
+
+impl Files {
+    fn new(name: &str) -> Self {
+        let d = Path::new(TEST_STATE_ROOT).join(test_prefix(name));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        Self(d)
+    }
+
+    fn file(&self, name: &str, text: &str) -> PathBuf {
+        let p = self.0.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
 }
 
-fn file(name: &str, text: &str) -> PathBuf {
-    let p = dir().join(name);
-    std::fs::write(&p, text).unwrap();
-    p
+impl Drop for Files {
+    fn drop(&mut self) {
+        remove_dirs_if_passed(&[&self.0]);
+    }
 }
 
 /// Runs `cmd` with no BERTH_* from the test's environment; expects exit 2
@@ -44,35 +57,38 @@ fn agent() -> Command {
     Command::new(bin("berth-agent"))
 }
 
-fn coordinator() -> Command {
+/// The coordinator, with a state dir (under `files`) that a refused start
+/// must not create.
+fn coordinator(files: &Files) -> Command {
     let mut c = Command::new(bin("berth-coordinator"));
-    c.arg("--state-dir").arg(dir().join("never-created"));
+    c.arg("--state-dir").arg(files.0.join("never-created"));
     c
 }
 
 #[test]
 fn bad_agent_configuration_is_one_line_and_exit_2() {
+    let files = Files::new("cfga");
     let mut c = agent();
     c.args(["--config", "/nonexistent/agent.toml"]);
     refused(c, &["/nonexistent/agent.toml", "cannot read it"]);
 
-    let f = file("agent-port.toml", "front-port = \"twenty\"\n");
+    let f = files.file("agent-port.toml", "front-port = \"twenty\"\n");
     let mut c = agent();
     c.arg("--config").arg(&f);
     refused(c, &["front-port", "twenty", &f.display().to_string()]);
 
-    let f = file("agent-key.toml", "frontport = 2376\n");
+    let f = files.file("agent-key.toml", "frontport = 2376\n");
     let mut c = agent();
     c.arg("--config").arg(&f);
     refused(c, &["unknown setting \"frontport\""]);
 
-    let f = file("agent-bool.toml", "recycle = \"yes\"\n");
+    let f = files.file("agent-bool.toml", "recycle = \"yes\"\n");
     let mut c = agent();
     c.arg("--config").arg(&f);
     refused(c, &["recycle", "true or false"]);
 
     // Parses, but is not a safe prefix: the agent's own validation.
-    let f = file("agent-prefix.toml", "prefix = \"a b\"\n");
+    let f = files.file("agent-prefix.toml", "prefix = \"a b\"\n");
     let mut c = agent();
     c.arg("--config").arg(&f);
     refused(c, &["invalid configuration", "prefix \"a b\""]);
@@ -83,7 +99,7 @@ fn bad_agent_configuration_is_one_line_and_exit_2() {
     refused(c, &["--status-listen", "nowhere"]);
 
     // Through BERTH_CONFIG too.
-    let f = file("agent-coord.toml", "coordinator = \"http://x:1\"\n");
+    let f = files.file("agent-coord.toml", "coordinator = \"http://x:1\"\n");
     let mut c = agent();
     c.env("BERTH_CONFIG", &f);
     refused(
@@ -94,31 +110,32 @@ fn bad_agent_configuration_is_one_line_and_exit_2() {
 
 #[test]
 fn bad_coordinator_configuration_is_one_line_and_exit_2() {
-    let f = file("coord-listen.toml", "listen = \"nowhere\"\n");
-    let mut c = coordinator();
+    let files = Files::new("cfgc");
+    let f = files.file("coord-listen.toml", "listen = \"nowhere\"\n");
+    let mut c = coordinator(&files);
     c.arg("--config").arg(&f);
     refused(c, &["listen", "nowhere"]);
 
-    let f = file("coord-toml.toml", "listen = \n");
-    let mut c = coordinator();
+    let f = files.file("coord-toml.toml", "listen = \n");
+    let mut c = coordinator(&files);
     c.arg("--config").arg(&f);
     refused(c, &["not valid TOML"]);
 
-    let f = file(
+    let f = files.file(
         "coord-list.toml",
         "tls-san = [\"a\", 1]\nmax-ttl = [\"1h\"]\n",
     );
-    let mut c = coordinator();
+    let mut c = coordinator(&files);
     c.arg("--config").arg(&f);
     refused(c, &["max-ttl", "takes one value"]);
 
     // The file says max-ttl = "forever" (bad), but the environment twin
     // overrides it, so what fails is the next problem: ec2 without a pool.
-    let f = file(
+    let f = files.file(
         "coord-override.toml",
         "max-ttl = \"forever\"\nprovider = \"ec2\"\n",
     );
-    let mut c = coordinator();
+    let mut c = coordinator(&files);
     c.arg("--config").arg(&f).env("BERTH_MAX_TTL", "1h");
     for (k, _) in std::env::vars() {
         if k.starts_with("BERTH_") && k != "BERTH_TEST_TAG" {
@@ -134,11 +151,11 @@ fn bad_coordinator_configuration_is_one_line_and_exit_2() {
         stderr(&o)
     );
     // And a flag overrides the file.
-    let mut c = coordinator();
+    let mut c = coordinator(&files);
     c.arg("--config").arg(&f).args(["--max-ttl", "2h"]);
     refused(c, &["--provider ec2 needs --pool-name"]);
     assert!(
-        !dir().join("never-created").exists(),
+        !files.0.join("never-created").exists(),
         "a refused start created its state dir"
     );
 }
