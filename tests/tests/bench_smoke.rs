@@ -570,6 +570,48 @@ fn sync_benchmark_produces_figures_for_both_tools() {
 }
 
 #[test]
+fn p1_with_the_hosts_in_memory_names_its_figures_so_and_leaves_no_memory_behind() {
+    if !preflight() {
+        return;
+    }
+    let sizes = Sizes {
+        // Beside benchmark_suite_smoke's P1 (`bns1-`), not in its way.
+        prefix: "bnm-",
+        p1_hosts_in_memory: true,
+        ..Sizes::smoke()
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let figures = rt
+        .block_on(bench::run(&[Scenario::P1], &sizes))
+        .unwrap_or_else(|e| panic!("P1 with the hosts in memory failed: {e}"));
+    println!("{}", bench::summary_table(&figures));
+    let mut keys: Vec<String> = figures.iter().map(|f| f.key.clone()).collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        [
+            "P1 (hosts in memory)",
+            "P1 release (hosts in memory)",
+            "P1 usable (hosts in memory)",
+            "P1 vs one commit (hosts in memory)",
+        ]
+    );
+    let p1 = figure(&figures, "P1 (hosts in memory)");
+    with_baseline(p1);
+    assert_eq!(p1.samples.len(), sizes.p1_cycles);
+    assert!(
+        p1.notes.iter().any(|n| n.contains("on tmpfs")),
+        "{:?}",
+        p1.notes
+    );
+    // The hosts' directories were on tmpfs, and went with the run.
+    let memory =
+        std::path::Path::new(bench::procs::MEMORY_ROOT).join(berth_testkit::test_prefix("bnm1"));
+    assert!(!memory.exists(), "{} is left", memory.display());
+    check_table(&figures);
+}
+
+#[test]
 fn postgres_store_benchmark_produces_its_figures() {
     if !preflight() {
         return;

@@ -13,6 +13,11 @@
 //! commit of the coordinator's own store (`RedbStore`, a lease-sized
 //! record, fsync'd) in a file beside the coordinator's, timed in the same
 //! cycle.
+//!
+//! With `--p1-hosts-in-memory` the hosts' directories (data roots, agent
+//! state files) are on tmpfs: the store's disk then carries only the
+//! coordinator's and the probe's writes, as when the hosts are other
+//! machines; the figures say so in their names.
 
 use std::time::{Duration, Instant};
 
@@ -34,6 +39,18 @@ const WARMUP: usize = 5;
 
 pub async fn run(sizes: &Sizes) -> Result<Vec<Figure>> {
     let env = Env::new(&format!("{}1-", sizes.prefix.trim_end_matches('-')))?;
+    let env = if sizes.p1_hosts_in_memory {
+        env.hosts_in_memory()?
+    } else {
+        env
+    };
+    let named = |n: &str| {
+        if sizes.p1_hosts_in_memory {
+            format!("{n} (hosts in memory)")
+        } else {
+            n.to_owned()
+        }
+    };
     // The agents recycle their hosts: one pool serves every round.
     let coordinator = Coordinator::start(&env, "coordinator", &["--recycle".into()])?;
     let mut agents = vec![];
@@ -118,7 +135,7 @@ pub async fn run(sizes: &Sizes) -> Result<Vec<Figure>> {
     drop(env);
 
     let p1 = Figure::new(
-        "P1",
+        named("P1"),
         "Acquire latency, Ready host waiting, answered once the assignment is durable (loopback)",
         "ms",
     )
@@ -127,7 +144,12 @@ pub async fn run(sizes: &Sizes) -> Result<Vec<Figure>> {
     .note(format!(
         "{} agents with real dockerds in --recycle mode; one HTTP/2 connection; {WARMUP} warm-up cycles dropped",
         sizes.p1_agents
-    ));
+    ))
+    .note(if sizes.p1_hosts_in_memory {
+        "hosts' directories (data roots, agent state files) on tmpfs: the coordinator's store has the disk to itself, as when the hosts are other machines"
+    } else {
+        "hosts' directories on the same disk as the coordinator's store"
+    });
     let s = p1.summary();
     let ratio = p1.ratio();
     let p1 = p1
@@ -137,7 +159,7 @@ pub async fn run(sizes: &Sizes) -> Result<Vec<Figure>> {
         )
         .check("p99 <= 3 ms", s.is_some_and(|s| s.p99 <= 3.0));
     let first = Figure::new(
-        "P1 usable",
+        named("P1 usable"),
         "Acquire, then the lease's first docker call: a new mutual-TLS connection to the host's front and /_ping answered by dockerd",
         "ms",
     )
@@ -145,13 +167,13 @@ pub async fn run(sizes: &Sizes) -> Result<Vec<Figure>> {
     .baseline("unary gRPC round trip (Health/Check)", bare)
     .note("what a build waits for before its first docker command; includes a TLS handshake with client certificate to the front");
     let rel = Figure::new(
-        "P1 release",
+        named("P1 release"),
         "Release latency (returns before the wipe)",
         "ms",
     )
     .samples(release);
     let durable = Figure::new(
-        "P1 vs one commit",
+        named("P1 vs one commit"),
         "Acquire latency (as P1) against its floor when every answer is durable",
         "ms",
     )

@@ -334,6 +334,10 @@ pub struct Sizes {
     pub prefix: &'static str,
     pub p1_cycles: usize,
     pub p1_agents: usize,
+    /// P1's hosts keep their directories (data roots, state files) on
+    /// tmpfs, so the coordinator's store has its disk to itself, as when
+    /// the hosts are other machines.
+    pub p1_hosts_in_memory: bool,
     /// Agent counts for P2; the first is the baseline.
     pub p2_agents: Vec<usize>,
     /// Also run this many agents with one TCP (TLS) connection each.
@@ -369,6 +373,7 @@ impl Sizes {
             prefix: "bn-",
             p1_cycles: 300,
             p1_agents: 3,
+            p1_hosts_in_memory: false,
             p2_agents: vec![100, 1, 10_000],
             p2_conn_per_agent: Some(10_000),
             p2_memory_store: true,
@@ -399,6 +404,7 @@ impl Sizes {
             prefix: "bns-",
             p1_cycles: 10,
             p1_agents: 1,
+            p1_hosts_in_memory: false,
             p2_agents: vec![5, 50],
             p2_conn_per_agent: None,
             p2_memory_store: true,

@@ -84,6 +84,8 @@ pub struct Env {
     pub prefix: String,
     pub state_dir: PathBuf,
     pub run_dir: PathBuf,
+    /// The agents' `--state-dir` (their hosts' data roots and state files).
+    hosts: PathBuf,
     /// The pool's credentials under `state_dir`.
     pub creds: PoolCredentials,
     /// The admin tenant's token (`authorization: Bearer`).
@@ -100,6 +102,7 @@ impl Env {
         let state_dir = Path::new(STATE_ROOT).join(name);
         let mut env = Env {
             creds: PoolCredentials::paths(&state_dir),
+            hosts: state_dir.join("hosts"),
             state_dir,
             run_dir: Path::new(RUN_ROOT).join(name),
             prefix,
@@ -121,7 +124,17 @@ impl Env {
     }
 
     pub fn hosts_dir(&self) -> PathBuf {
-        self.state_dir.join("hosts")
+        self.hosts.clone()
+    }
+
+    /// The same env with its hosts' directories on tmpfs (under
+    /// [`Env::memory_dir`], removed with the env): their writes and syncs
+    /// no longer share a file system with the coordinator's store.
+    pub fn hosts_in_memory(mut self) -> Result<Self> {
+        self.hosts = self.memory_dir().join("hosts");
+        std::fs::create_dir_all(&self.hosts)
+            .map_err(BenchError::io(format!("creating {}", self.hosts.display())))?;
+        Ok(self)
     }
 
     /// A directory of this env on tmpfs; removed with the env.
@@ -132,11 +145,13 @@ impl Env {
     /// Kills what still runs from this env's directories, then lets the
     /// agent's own sweep remove dockerds, namespaces, mounts and cgroups.
     pub fn sweep(&self) {
-        let needle = self.state_dir.to_string_lossy().into_owned();
+        // Hosts' directories are on disk, or in memory (`hosts_in_memory`).
+        let roots = [self.state_dir.clone(), self.memory_dir()];
         let deadline = Instant::now() + STOP_TIMEOUT;
         loop {
-            let left: Vec<i32> = berth_testkit::processes_mentioning(&needle)
+            let left: Vec<i32> = roots
                 .iter()
+                .flat_map(|r| berth_testkit::processes_mentioning(&r.to_string_lossy()))
                 .filter_map(|l| l.split(':').next()?.parse().ok())
                 .collect();
             if left.is_empty() || Instant::now() > deadline {
@@ -147,10 +162,20 @@ impl Env {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+        // The agent's sweep also removes what carries the prefix alone
+        // (namespaces, dockerds, mounts): always once, on the disk's dir.
+        self.sweep_hosts(&self.state_dir.join("hosts"));
+        let in_memory = self.memory_dir().join("hosts");
+        if in_memory.exists() {
+            self.sweep_hosts(&in_memory);
+        }
+    }
+
+    fn sweep_hosts(&self, hosts: &Path) {
         let out = Command::new(&bins().agent)
             .arg("sweep")
             .arg("--state-dir")
-            .arg(self.hosts_dir())
+            .arg(hosts)
             .arg("--run-dir")
             .arg(&self.run_dir)
             .arg("--prefix")

@@ -36,6 +36,12 @@ struct Args {
     /// until the host is back from the previous lease's wipe.
     #[arg(long, env = "BERTH_BENCH_P1_AGENTS", value_parser = clap::value_parser!(u16).range(1..))]
     p1_agents: Option<u16>,
+    /// P1's hosts keep their directories (data roots, agent state files)
+    /// on tmpfs: the coordinator's store then has the disk to itself, as
+    /// when the hosts are other machines. Its figures are named
+    /// "... (hosts in memory)".
+    #[arg(long, env = "BERTH_BENCH_P1_HOSTS_IN_MEMORY")]
+    p1_hosts_in_memory: bool,
     /// Agent counts for P2, the first being the baseline (e.g. 100,1,10000).
     #[arg(long, env = "BERTH_BENCH_P2_AGENTS", value_delimiter = ',')]
     p2_agents: Option<Vec<usize>>,
@@ -109,6 +115,7 @@ impl Args {
         if let Some(n) = self.p1_agents {
             sizes.p1_agents = usize::from(n);
         }
+        sizes.p1_hosts_in_memory |= self.p1_hosts_in_memory;
         if let Some(a) = &self.p2_agents {
             sizes.p2_agents = a.clone();
         }
