@@ -146,7 +146,7 @@ pub async fn run(sizes: &Sizes) -> Result<Vec<Figure>> {
         sizes.p1_agents
     ))
     .note(if sizes.p1_hosts_in_memory {
-        "hosts' directories (data roots, agent state files) on tmpfs: the coordinator's store has the disk to itself, as when the hosts are other machines"
+        "hosts' directories (data roots, agent state files) on tmpfs: no host writes to the store's disk (the agents' and the coordinator's logs still do), as when the hosts are other machines"
     } else {
         "hosts' directories on the same disk as the coordinator's store"
     });

@@ -335,7 +335,7 @@ pub struct Sizes {
     pub p1_cycles: usize,
     pub p1_agents: usize,
     /// P1's hosts keep their directories (data roots, state files) on
-    /// tmpfs, so the coordinator's store has its disk to itself, as when
+    /// tmpfs, so no host writes to the store's disk (logs aside), as when
     /// the hosts are other machines.
     pub p1_hosts_in_memory: bool,
     /// Agent counts for P2; the first is the baseline.

@@ -37,7 +37,7 @@ struct Args {
     #[arg(long, env = "BERTH_BENCH_P1_AGENTS", value_parser = clap::value_parser!(u16).range(1..))]
     p1_agents: Option<u16>,
     /// P1's hosts keep their directories (data roots, agent state files)
-    /// on tmpfs: the coordinator's store then has the disk to itself, as
+    /// on tmpfs: no host then writes to the store's disk (logs aside), as
     /// when the hosts are other machines. Its figures are named
     /// "... (hosts in memory)".
     #[arg(long, env = "BERTH_BENCH_P1_HOSTS_IN_MEMORY")]
