@@ -38,19 +38,26 @@ def bin_dir():
     return os.path.join(target, "release")
 
 
+def pids_of(binary, state_dir):
+    """The processes of `binary` whose command line names `state_dir`."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if cmd and cmd[0].endswith(binary.encode()) and \
+                any(state_dir.encode() in a for a in cmd):
+            pids.append(int(pid))
+    return pids
+
+
 def coordinator_pid(state_dir, deadline):
     """The coordinator whose command line names P1's state directory."""
     while time.monotonic() < deadline:
-        for pid in os.listdir("/proc"):
-            if not pid.isdigit():
-                continue
-            try:
-                cmd = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
-            except OSError:
-                continue
-            if cmd and cmd[0].endswith(b"berth-coordinator") and \
-                    any(state_dir.encode() in a for a in cmd):
-                return int(pid)
+        pids = pids_of("berth-coordinator", state_dir)
+        if pids:
+            return pids[0]
         time.sleep(0.05)
     return None
 

@@ -28,19 +28,6 @@ profile = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(profile)
 
 
-def agent_pids(state_dir):
-    """The berth-agent processes whose command line names `state_dir`."""
-    pids = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmd = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
-        except OSError:
-            continue
-        if cmd and cmd[0].endswith(b"berth-agent") and any(state_dir.encode() in a for a in cmd):
-            pids.append(int(pid))
-    return pids
-
-
 def main():
     args = sys.argv[1:]
     if args[:1] == ["--"]:
@@ -60,7 +47,7 @@ def main():
         sys.exit(f"p1-pinned: no berth-coordinator with {state_dir} on its command line within 120 s")
     agents = int(bench[bench.index("--p1-agents") + 1]) if "--p1-agents" in bench else 3
     deadline = time.monotonic() + 120
-    while len(agent_pids(state_dir)) < agents:
+    while len(profile.pids_of("berth-agent", state_dir)) < agents:
         if time.monotonic() > deadline or run.poll() is not None:
             run.kill()
             sys.exit(f"p1-pinned: {agents} berth-agent processes did not start")

@@ -103,6 +103,17 @@ pub fn text(field: &'static str, value: &str, max: usize) -> Result<(), Error> {
     Ok(())
 }
 
+/// A key fingerprint (SHA-256 of a SubjectPublicKeyInfo) that a message
+/// may leave empty: `None` when empty, an error unless 32 bytes.
+pub fn optional_key(field: &'static str, value: &[u8]) -> Result<Option<berth_tls::KeyId>, Error> {
+    if value.is_empty() {
+        return Ok(None);
+    }
+    berth_tls::KeyId::from_slice(value)
+        .map(Some)
+        .ok_or_else(|| Error::invalid(field, "must be 32 bytes (a SHA-256)"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -739,6 +739,42 @@ impl Pool {
     }
 
     /// `Get` of a lease, with the status on failure.
+    /// `Acquire` over gRPC as the CLI's tenant: `build` with the key of
+    /// `csr_pem`, a TTL of 30 minutes, waiting up to a minute for a host.
+    pub fn acquire_csr(
+        &self,
+        build: &str,
+        csr_pem: &str,
+    ) -> Result<pb::AcquireResponse, tonic::Status> {
+        let req = self.authed(pb::AcquireRequest {
+            build_id: build.to_owned(),
+            ttl: Some(berth_proto::from_duration(Duration::from_secs(30 * 60))),
+            wait: Some(berth_proto::from_duration(Duration::from_secs(60))),
+            csr_pem: csr_pem.to_owned(),
+        });
+        self.rt
+            .block_on(LeaseServiceClient::new(self.channel()).acquire(req))
+            .map(tonic::Response::into_inner)
+    }
+
+    /// `Renew` over gRPC as the CLI's tenant: `ttl` from now, certifying
+    /// the key of `csr_pem`.
+    pub fn renew_csr(
+        &self,
+        lease_id: &str,
+        csr_pem: &str,
+        ttl: Duration,
+    ) -> Result<pb::RenewResponse, tonic::Status> {
+        let req = self.authed(pb::RenewRequest {
+            lease_id: lease_id.to_owned(),
+            ttl: Some(berth_proto::from_duration(ttl)),
+            csr_pem: csr_pem.to_owned(),
+        });
+        self.rt
+            .block_on(LeaseServiceClient::new(self.channel()).renew(req))
+            .map(tonic::Response::into_inner)
+    }
+
     pub fn try_lease(&self, lease_id: &str) -> Result<pb::Lease, tonic::Status> {
         let ch = self.channel();
         self.rt

@@ -32,15 +32,7 @@ use std::time::{Duration, SystemTime};
 
 use berth_proto::v1 as pb;
 use berth_proto::v1::agent_service_client::AgentServiceClient;
-use berth_proto::v1::lease_service_client::LeaseServiceClient;
 use berth_testkit::*;
-
-fn minutes(m: i64) -> prost_types::Duration {
-    prost_types::Duration {
-        seconds: m * 60,
-        nanos: 0,
-    }
-}
 
 /// A certificate directory as the docker CLI reads it.
 fn cert_dir(root: &Path, name: &str, ca_pem: &str, cert_pem: &str, key_pem: &str) -> PathBuf {
@@ -76,6 +68,9 @@ fn assert_refused(what: &str, r: Result<String, String>) {
     }
 }
 
+/// The time to live the renewals of these tests ask for.
+const RENEW_TTL: Duration = Duration::from_secs(40 * 60);
+
 fn new_key() -> berth_tls::KeyAndCsr {
     berth_tls::KeyAndCsr::generate("hostile test").unwrap()
 }
@@ -88,17 +83,16 @@ fn a_lease_key_cannot_be_swapped_once_its_certificate_is_in_use() {
     let pool = Pool::start("bth1-", 2, &[]);
     let scratch = pool.state_dir.join("scratch");
     let ca_pem = std::fs::read_to_string(pool.ca_pem_path()).unwrap();
-    let mut client = LeaseClient::connect(&pool);
 
     // A retried acquire (its first answer was lost, say) may bring another
     // key while the certificate has not been used: the key moves, and the
     // first certificate stops opening the host.
     let (k1, k2, k3) = (new_key(), new_key(), new_key());
-    let first = client.acquire(&pool, "pin-retry", &k1).expect("acquire");
+    let first = pool.acquire_csr("pin-retry", &k1.csr_pem).expect("acquire");
     let lease = first.lease.clone().unwrap();
     let c1 = cert_dir(&scratch, "k1", &ca_pem, &first.client_cert_pem, &k1.key_pem);
-    let retried = client
-        .acquire(&pool, "pin-retry", &k2)
+    let retried = pool
+        .acquire_csr("pin-retry", &k2.csr_pem)
         .expect("a retried acquire with another key");
     assert_eq!(retried.lease.as_ref().unwrap().lease_id, lease.lease_id);
     let c2 = cert_dir(
@@ -126,13 +120,13 @@ fn a_lease_key_cannot_be_swapped_once_its_certificate_is_in_use() {
     wait_key_fixed(&pool, &lease.lease_id);
 
     // In use now: neither a retried Acquire nor a Renew may bring k3.
-    let refused = client
-        .acquire(&pool, "pin-retry", &k3)
+    let refused = pool
+        .acquire_csr("pin-retry", &k3.csr_pem)
         .expect_err("retried acquire with k3 after use");
     assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused}");
     assert!(refused.message().contains("in use"), "{refused}");
-    let refused = client
-        .renew(&pool, &lease.lease_id, &k3)
+    let refused = pool
+        .renew_csr(&lease.lease_id, &k3.csr_pem, RENEW_TTL)
         .expect_err("renew with k3");
     assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused}");
 
@@ -185,8 +179,8 @@ fn a_lease_key_cannot_be_swapped_once_its_certificate_is_in_use() {
     // own key, and the renewed certificate works too.
     docker_version(&lease.docker_host, &c2).expect("the holder's certificate");
     let same_key = berth_tls::KeyAndCsr::for_key(&k2.key_pem, "renew").unwrap();
-    let renewed = client
-        .renew(&pool, &lease.lease_id, &same_key)
+    let renewed = pool
+        .renew_csr(&lease.lease_id, &same_key.csr_pem, RENEW_TTL)
         .expect("renew with the lease's own key");
     let c2r = cert_dir(
         &scratch,
@@ -222,68 +216,16 @@ fn wait_key_fixed(pool: &Pool, lease_id: &str) {
     );
 }
 
-/// A lease client of its own (runtime and channel), so one call can wait
-/// in a thread while the test goes on.
-struct LeaseClient {
-    rt: tokio::runtime::Runtime,
-    client: LeaseServiceClient<tonic::transport::Channel>,
-}
-
-impl LeaseClient {
-    fn connect(pool: &Pool) -> Self {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let client = LeaseServiceClient::new(rt.block_on(pool.endpoint().connect()).unwrap());
-        Self { rt, client }
-    }
-
-    fn acquire(
-        &mut self,
-        pool: &Pool,
-        build: &str,
-        key: &berth_tls::KeyAndCsr,
-    ) -> Result<pb::AcquireResponse, tonic::Status> {
-        let req = pool.authed(pb::AcquireRequest {
-            build_id: build.into(),
-            ttl: Some(minutes(30)),
-            wait: Some(minutes(1)),
-            csr_pem: key.csr_pem.clone(),
-        });
-        self.rt
-            .block_on(self.client.acquire(req))
-            .map(tonic::Response::into_inner)
-    }
-
-    fn renew(
-        &mut self,
-        pool: &Pool,
-        lease_id: &str,
-        key: &berth_tls::KeyAndCsr,
-    ) -> Result<pb::RenewResponse, tonic::Status> {
-        let req = pool.authed(pb::RenewRequest {
-            lease_id: lease_id.to_owned(),
-            ttl: Some(minutes(40)),
-            csr_pem: key.csr_pem.clone(),
-        });
-        self.rt
-            .block_on(self.client.renew(req))
-            .map(tonic::Response::into_inner)
-    }
-}
-
 /// A lease acquired with `key` for `build`, once its host's agent has it:
 /// the lease, its certificate's directory, and the host's id.
 fn active_lease(
     pool: &Pool,
-    client: &mut LeaseClient,
     build: &str,
     key: &berth_tls::KeyAndCsr,
 ) -> (pb::Lease, PathBuf, String) {
     let scratch = pool.state_dir.join("scratch");
     let ca_pem = std::fs::read_to_string(pool.ca_pem_path()).unwrap();
-    let first = client.acquire(pool, build, key).expect("acquire");
+    let first = pool.acquire_csr(build, &key.csr_pem).expect("acquire");
     let lease = first.lease.clone().unwrap();
     let dir = cert_dir(
         &scratch,
@@ -305,7 +247,6 @@ fn active_lease(
 /// (it renews; `other` neither renews nor moves the key again).
 fn only_the_key_in_use_counts(
     pool: &Pool,
-    client: &mut LeaseClient,
     lease: &pb::Lease,
     (used, used_dir): (&berth_tls::KeyAndCsr, &Path),
     (other, other_dir): (&berth_tls::KeyAndCsr, &Path),
@@ -316,15 +257,14 @@ fn only_the_key_in_use_counts(
         "the key not in use",
         docker_version(&lease.docker_host, other_dir),
     );
-    client
-        .renew(pool, &lease.lease_id, used)
+    pool.renew_csr(&lease.lease_id, &used.csr_pem, RENEW_TTL)
         .expect("renew with the key in use");
-    let refused = client
-        .renew(pool, &lease.lease_id, other)
+    let refused = pool
+        .renew_csr(&lease.lease_id, &other.csr_pem, RENEW_TTL)
         .expect_err("renew with the other key");
     assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused}");
-    let refused = client
-        .acquire(pool, &lease.build_id, other)
+    let refused = pool
+        .acquire_csr(&lease.build_id, &other.csr_pem)
         .expect_err("a retry with the other key");
     assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused}");
     assert_refused(
@@ -397,9 +337,8 @@ fn a_key_move_that_crosses_the_first_connection_in_a_stalled_agent_leaves_one_ke
     let pool = Pool::start("bth6-", 1, &[]);
     let scratch = pool.state_dir.join("scratch");
     let ca_pem = std::fs::read_to_string(pool.ca_pem_path()).unwrap();
-    let mut client = LeaseClient::connect(&pool);
     let (k1, k2) = (new_key(), new_key());
-    let (lease, c1, host_id) = active_lease(&pool, &mut client, "pin-stall", &k1);
+    let (lease, c1, host_id) = active_lease(&pool, "pin-stall", &k1);
 
     // The holder's first connection is one flight from done (the front
     // has sent its part; the client's certificate and proof are next)
@@ -412,8 +351,8 @@ fn a_key_move_that_crosses_the_first_connection_in_a_stalled_agent_leaves_one_ke
     let agent = pool.agent_pid(&host_id).expect("the host's agent");
     let frozen = Frozen::stop(agent);
     let holder = std::thread::spawn(move || holder.finish());
-    let retried = client
-        .acquire(&pool, &lease.build_id, &k2)
+    let retried = pool
+        .acquire_csr(&lease.build_id, &k2.csr_pem)
         .expect("a retry before any reported use");
     assert_eq!(retried.lease.as_ref().unwrap().lease_id, lease.lease_id);
     let c2 = cert_dir(
@@ -433,12 +372,12 @@ fn a_key_move_that_crosses_the_first_connection_in_a_stalled_agent_leaves_one_ke
     match holder.join().unwrap() {
         Ok(_) => {
             eprintln!("the holder's connection came first; the front refused the move");
-            only_the_key_in_use_counts(&pool, &mut client, &lease, (&k1, &c1), (&k2, &c2));
+            only_the_key_in_use_counts(&pool, &lease, (&k1, &c1), (&k2, &c2));
         }
         Err(e) => {
             eprintln!("the move came first; the holder's connection was refused: {e}");
             docker_version(&lease.docker_host, &c2).expect("the moved key's certificate");
-            only_the_key_in_use_counts(&pool, &mut client, &lease, (&k2, &c2), (&k1, &c1));
+            only_the_key_in_use_counts(&pool, &lease, (&k2, &c2), (&k1, &c1));
         }
     }
 }

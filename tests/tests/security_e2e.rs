@@ -794,7 +794,6 @@ fn greedy_csr(other_lease: &str) -> (String, String) {
 
 #[test]
 fn the_lease_certificate_is_what_the_ca_decides_not_what_the_csr_asks() {
-    use berth_proto::v1::lease_service_client::LeaseServiceClient;
     if !preflight() {
         return;
     }
@@ -822,25 +821,10 @@ fn the_lease_certificate_is_what_the_ca_decides_not_what_the_csr_asks() {
     );
 
     // Acquire and Renew through the API with a CSR that asks for more.
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let mut client = LeaseServiceClient::new(rt.block_on(pool.endpoint().connect()).unwrap());
     let (key_pem, csr_pem) = greedy_csr(a.lease_id());
-    let minutes = |m: i64| prost_types::Duration {
-        seconds: m * 60,
-        nanos: 0,
-    };
-    let got = rt
-        .block_on(client.acquire(pool.authed(pb::AcquireRequest {
-            build_id: "cert-greedy".into(),
-            ttl: Some(minutes(30)),
-            wait: Some(minutes(1)),
-            csr_pem: csr_pem.clone(),
-        })))
-        .expect("Acquire with a greedy CSR")
-        .into_inner();
+    let got = pool
+        .acquire_csr("cert-greedy", &csr_pem)
+        .expect("Acquire with a greedy CSR");
     let lease = got.lease.unwrap();
     assert_eq!(got.ca_pem, ca_pem);
     check_lease_cert(
@@ -861,14 +845,9 @@ fn the_lease_certificate_is_what_the_ca_decides_not_what_the_csr_asks() {
     );
     docker_version(&lease.docker_host, &dir).expect("the greedy lease's certificate");
 
-    let renewed = rt
-        .block_on(client.renew(pool.authed(pb::RenewRequest {
-            lease_id: lease.lease_id.clone(),
-            ttl: Some(minutes(45)),
-            csr_pem,
-        })))
-        .expect("Renew with a greedy CSR")
-        .into_inner();
+    let renewed = pool
+        .renew_csr(&lease.lease_id, &csr_pem, Duration::from_secs(45 * 60))
+        .expect("Renew with a greedy CSR");
     let new_deadline = renewed.lease.unwrap().deadline.unwrap().seconds;
     assert!(new_deadline > lease.deadline.unwrap().seconds);
     check_lease_cert(
@@ -889,13 +868,8 @@ fn the_lease_certificate_is_what_the_ca_decides_not_what_the_csr_asks() {
         vec![0x30, 0x03, 0x01, 0x01, 0xff],
     )];
     let ca_csr = p.serialize_request(&key).unwrap().pem().unwrap();
-    let refused = rt
-        .block_on(client.acquire(pool.authed(pb::AcquireRequest {
-            build_id: "cert-ca".into(),
-            ttl: Some(minutes(30)),
-            wait: Some(minutes(1)),
-            csr_pem: ca_csr,
-        })))
+    let refused = pool
+        .acquire_csr("cert-ca", &ca_csr)
         .expect_err("Acquire with a CSR asking to be a CA");
     assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused}");
     assert!(refused.message().contains("csr_pem"), "{refused}");

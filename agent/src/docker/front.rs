@@ -51,10 +51,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-
-use berth_tls::{KeyId, PinnedKey};
+use berth_tls::{Fix, KeyId, PinnedKey};
 use tokio::sync::mpsc;
 
 use crate::host::state::Event;
@@ -241,27 +238,25 @@ struct Gate {
     first_use: Option<FirstUse>,
 }
 
-/// Reports a lease's first admitted connection once.
+/// Where a lease's first admitted connection is reported (the connection
+/// that fixed its pin: [`Fix::First`], once per lease).
 #[derive(Debug, Clone)]
 struct FirstUse {
     lease_id: String,
     inbox: mpsc::Sender<Event>,
-    sent: Arc<AtomicBool>,
 }
 
 impl FirstUse {
     /// `key`: the key the admitted certificate carried, which the front
     /// fixed.
     async fn report(&self, key: KeyId) {
-        if !self.sent.swap(true, Ordering::SeqCst) {
-            let _ = self
-                .inbox
-                .send(Event::FrontInUse {
-                    lease_id: self.lease_id.clone(),
-                    key,
-                })
-                .await;
-        }
+        let _ = self
+            .inbox
+            .send(Event::FrontInUse {
+                lease_id: self.lease_id.clone(),
+                key,
+            })
+            .await;
     }
 }
 
@@ -425,11 +420,11 @@ impl FrontControl for DockerFront {
             )
             .instrument(span),
         );
+        // A lease in use before a restart has its pin fixed from the
+        // start, so no connection is its first use again.
         let first_use = self.uses.clone().map(|inbox| FirstUse {
             lease_id: lease_id.to_owned(),
             inbox,
-            // A lease in use before a restart was reported then.
-            sent: Arc::new(AtomicBool::new(in_use)),
         });
         self.gate.send_replace(Some(Gate {
             acceptor,
@@ -441,7 +436,8 @@ impl FrontControl for DockerFront {
     }
 
     fn set_key(&mut self, key: KeyId) -> bool {
-        let Some(gate) = self.gate.borrow().as_ref().cloned() else {
+        let gate = self.gate.borrow();
+        let Some(gate) = gate.as_ref() else {
             return false;
         };
         let moved = gate.pinned.set(key);
@@ -658,16 +654,20 @@ async fn accept_loop(
                             .peer_certificates()
                             .and_then(|c| c.first())
                             .and_then(|c| KeyId::of_cert_der(c).ok());
-                        let Some(key) = key.filter(|k| pinned.fix(*k)) else {
-                            refusals.refused(
-                                "the lease's key moved during the TLS handshake; connection dropped",
-                                &format_args!("{peer}"),
-                            );
-                            return;
+                        let fixed = key.map(|k| (k, pinned.fix(k)));
+                        let (key, fixed) = match fixed {
+                            Some((k, f @ (Fix::First | Fix::Again))) => (k, f),
+                            _ => {
+                                refusals.refused(
+                                    "the lease's key moved during the TLS handshake; connection dropped",
+                                    &format_args!("{peer}"),
+                                );
+                                return;
+                            }
                         };
                         // Admitted: it no longer counts against the cap.
                         drop(permit);
-                        if let Some(f) = &first_use {
+                        if let (Fix::First, Some(f)) = (fixed, &first_use) {
                             f.report(key).await;
                         }
                         match serve_connection(tls, &upstream, child).await {
@@ -728,6 +728,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpStream, UnixListener};
 

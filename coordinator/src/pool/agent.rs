@@ -9,7 +9,6 @@
 use std::time::SystemTime;
 
 use berth_proto::v1 as pb;
-use berth_tls::KeyId;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
@@ -190,13 +189,7 @@ impl Pool {
             }
             Msg::LeaseInUse(u) => {
                 let lid = validate::lease_id(&u.lease_id)?;
-                let used = if u.client_key_sha256.is_empty() {
-                    None
-                } else {
-                    Some(KeyId::from_slice(&u.client_key_sha256).ok_or_else(|| {
-                        Error::invalid("client_key_sha256", "must be 32 bytes (a SHA-256)")
-                    })?)
-                };
+                let used = validate::optional_key("client_key_sha256", &u.client_key_sha256)?;
                 if let Some(l) = g
                     .leases
                     .get_mut(&lid)

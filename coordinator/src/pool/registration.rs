@@ -66,13 +66,7 @@ impl Registration {
         let lease_deadline = r.lease_deadline.as_ref().and_then(to_system_time);
         let key =
             KeyId::of_csr_pem(&r.csr_pem).map_err(|e| Error::invalid("csr_pem", e.to_string()))?;
-        let lease_key = if r.lease_key_sha256.is_empty() {
-            None
-        } else {
-            Some(KeyId::from_slice(&r.lease_key_sha256).ok_or_else(|| {
-                Error::invalid("lease_key_sha256", "must be 32 bytes (a SHA-256)")
-            })?)
-        };
+        let lease_key = validate::optional_key("lease_key_sha256", &r.lease_key_sha256)?;
         Ok(Self {
             host_id: r.host_id,
             host_addr: r.host_addr,

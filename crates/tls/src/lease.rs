@@ -106,7 +106,8 @@ impl PinnedKey {
     }
 
     /// Whether the pin is fixed (a connection with its key was admitted).
-    pub fn is_fixed(&self) -> bool {
+    #[cfg(test)]
+    fn is_fixed(&self) -> bool {
         self.pin().fixed
     }
 
@@ -120,17 +121,32 @@ impl PinnedKey {
         pin.key == key
     }
 
-    /// Fixes the pin at `key` if that is the key it pins; whether it is now
-    /// fixed at `key`. `false` means the pin moved after the connection
-    /// carrying `key` was checked: that connection must be dropped.
+    /// Fixes the pin at `key` if that is the key it pins (every admitted
+    /// connection asks, with the key its certificate carried).
     #[must_use]
-    pub fn fix(&self, key: KeyId) -> bool {
+    pub fn fix(&self, key: KeyId) -> Fix {
         let mut pin = self.0.write().unwrap_or_else(|e| e.into_inner());
-        if pin.key == key {
+        if pin.key != key {
+            Fix::Moved
+        } else if pin.fixed {
+            Fix::Again
+        } else {
             pin.fixed = true;
+            Fix::First
         }
-        pin.key == key
     }
+}
+
+/// What [`PinnedKey::fix`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fix {
+    /// This call fixed the key: the lease's first use.
+    First,
+    /// The key was fixed before, at this key.
+    Again,
+    /// The pin holds another key: it moved after the connection carrying
+    /// this one was checked, and that connection must be dropped.
+    Moved,
 }
 
 /// Checks the chain with webpki, then that the certificate names the lease
@@ -456,7 +472,7 @@ mod tests {
         let server = lease_server_config(&r.server, "lease-a", pin.clone()).unwrap();
         // A connection checked against a key the pin no longer holds cannot
         // fix it (the pin moved during its handshake).
-        assert!(!pin.fix(theirs));
+        assert_eq!(pin.fix(theirs), Fix::Moved);
         assert!(!pin.is_fixed());
         // The first admitted connection fixes the key it carried ...
         handshake(
@@ -464,7 +480,7 @@ mod tests {
             client_for(&r.ca, "lease-a", now - hour, now + hour),
         )
         .unwrap();
-        assert!(pin.fix(ours));
+        assert_eq!(pin.fix(ours), Fix::First);
         assert!(pin.is_fixed());
         // ... and from then on no move takes: the retried acquire's key
         // stays out, the key in use stays in.
@@ -475,11 +491,16 @@ mod tests {
         handshake(server, client_for(&r.ca, "lease-a", now - hour, now + hour)).unwrap();
         // Fixing again at the same key is fine (every admitted connection
         // asks); at another, refused.
-        assert!(pin.fix(ours));
-        assert!(!pin.fix(theirs));
+        assert_eq!(pin.fix(ours), Fix::Again);
+        assert_eq!(pin.fix(theirs), Fix::Moved);
         // A pin made fixed (a resumed lease that was in use) is the same.
         let resumed = PinnedKey::fixed(ours);
         assert!(resumed.is_fixed());
+        assert_eq!(
+            resumed.fix(ours),
+            Fix::Again,
+            "a resumed lease's use is not new"
+        );
         assert!(!resumed.set(theirs));
         assert_eq!(resumed.get(), ours);
     }

@@ -42,7 +42,7 @@ pub use ca::Ca;
 pub use csr::KeyAndCsr;
 pub use keyid::KeyId;
 pub use lease::{
-    PinnedKey, ServerIdentity, lease_client_config, lease_dns_name, lease_server_config,
+    Fix, PinnedKey, ServerIdentity, lease_client_config, lease_dns_name, lease_server_config,
 };
 pub use pool::PoolCredentials;
 pub use token::{Tenant, TenantLimits, Tenants, TokenHash, cache_namespace};
