@@ -12,6 +12,26 @@
 use berth_testkit::preflight;
 use berth_tests::bench::{self, Scenario, Sizes, cache, mirror, sync, tls_front};
 
+/// Removes the state directories (stores, CA keys, logs) a passing run
+/// left under the bench's state root: `berth-bench` keeps them to be read
+/// after a run, a test that passed has no use for them, and with a new
+/// `BERTH_TEST_TAG` per run nothing else would remove them. Each test that
+/// calls this has a prefix of its own, so it removes only its own; that
+/// there was something to remove shows the prefix still matches.
+fn remove_state(prefix: &str) {
+    let stem = berth_testkit::test_prefix(prefix.trim_end_matches('-'));
+    let root = std::path::Path::new(bench::procs::STATE_ROOT);
+    let mut removed = 0;
+    for entry in std::fs::read_dir(root).unwrap().flatten() {
+        if entry.file_name().to_string_lossy().starts_with(&stem) {
+            std::fs::remove_dir_all(entry.path())
+                .unwrap_or_else(|e| panic!("removing {}: {e}", entry.path().display()));
+            removed += 1;
+        }
+    }
+    assert!(removed > 0, "no {stem}* under {} to remove", root.display());
+}
+
 fn figure<'a>(figures: &'a [bench::Figure], key: &str) -> &'a bench::Figure {
     figures.iter().find(|f| f.key == key).unwrap_or_else(|| {
         panic!(
@@ -398,6 +418,7 @@ fn benchmark_suite_smoke() {
         rss.samples
     );
     sane(figure(&figures, "idle CPU"), false);
+    remove_state(sizes.prefix);
 }
 
 #[test]
@@ -609,6 +630,7 @@ fn p1_with_the_hosts_in_memory_names_its_figures_so_and_leaves_no_memory_behind(
         std::path::Path::new(bench::procs::MEMORY_ROOT).join(berth_testkit::test_prefix("bnm1"));
     assert!(!memory.exists(), "{} is left", memory.display());
     check_table(&figures);
+    remove_state(sizes.prefix);
 }
 
 #[test]
@@ -616,7 +638,11 @@ fn postgres_store_benchmark_produces_its_figures() {
     if !preflight() {
         return;
     }
-    let sizes = Sizes::smoke();
+    let sizes = Sizes {
+        // Its own, so that `remove_state` takes only this test's.
+        prefix: "bnq-",
+        ..Sizes::smoke()
+    };
     let rt = tokio::runtime::Runtime::new().unwrap();
     let figures = rt
         .block_on(bench::run(&[Scenario::Pg], &sizes))
@@ -644,6 +670,7 @@ fn postgres_store_benchmark_produces_its_figures() {
     sane(f, true);
     assert_eq!(f.samples.len(), sizes.failover_runs);
     check_table(&figures);
+    remove_state(sizes.prefix);
 }
 
 #[test]
