@@ -702,7 +702,12 @@ fn capacity_benchmark_measures_churn_burst_and_decisions_against_baselines() {
     if !preflight() {
         return;
     }
-    let sizes = Sizes::smoke();
+    let sizes = Sizes {
+        // Its own (its P3 baseline would be `bns3`, benchmark_suite_smoke's),
+        // so that `remove_state` takes only this test's.
+        prefix: "bnc-",
+        ..Sizes::smoke()
+    };
     let opts = &sizes.capacity;
     let rt = tokio::runtime::Runtime::new().unwrap();
     let figures = rt
@@ -748,6 +753,7 @@ fn capacity_benchmark_measures_churn_burst_and_decisions_against_baselines() {
     with_baseline(decide);
     assert_eq!(decide.samples.len(), 10);
     assert_eq!(decide.checks.len(), 1);
+    remove_state(sizes.prefix);
 }
 
 #[test]
