@@ -17,19 +17,25 @@ use berth_tests::bench::{self, Scenario, Sizes, cache, mirror, sync, tls_front};
 /// after a run, a test that passed has no use for them, and with a new
 /// `BERTH_TEST_TAG` per run nothing else would remove them. Each test that
 /// calls this has a prefix of its own, so it removes only its own; that
-/// there was something to remove shows the prefix still matches.
+/// there was something to remove shows the prefix still matches. The
+/// removal is the testkit guards' (`remove_dirs_if_passed`): a directory
+/// with something still mounted under it stays for the next sweep.
 fn remove_state(prefix: &str) {
     let stem = berth_testkit::test_prefix(prefix.trim_end_matches('-'));
     let root = std::path::Path::new(bench::procs::STATE_ROOT);
-    let mut removed = 0;
-    for entry in std::fs::read_dir(root).unwrap().flatten() {
-        if entry.file_name().to_string_lossy().starts_with(&stem) {
-            std::fs::remove_dir_all(entry.path())
-                .unwrap_or_else(|e| panic!("removing {}: {e}", entry.path().display()));
-            removed += 1;
-        }
-    }
-    assert!(removed > 0, "no {stem}* under {} to remove", root.display());
+    let dirs: Vec<std::path::PathBuf> = std::fs::read_dir(root)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&stem))
+        .map(|e| e.path())
+        .collect();
+    assert!(
+        !dirs.is_empty(),
+        "no {stem}* under {} to remove",
+        root.display()
+    );
+    let dirs: Vec<&std::path::Path> = dirs.iter().map(|d| d.as_path()).collect();
+    berth_testkit::remove_dirs_if_passed(&dirs);
 }
 
 fn figure<'a>(figures: &'a [bench::Figure], key: &str) -> &'a bench::Figure {
